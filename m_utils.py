@@ -56,7 +56,7 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
 # Atomic writes: a file either has its complete new content or does not exist under its name.
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -72,17 +72,17 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: s
 
 
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    _atomic_write(path, lambda handle: np.save(handle, array))
+    atomic_write(path, lambda handle: np.save(handle, array))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(path, lambda handle: handle.write(text), mode="w")
+    atomic_write(path, lambda handle: handle.write(text), mode="w")
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
-    _atomic_write(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

@@ -1,0 +1,193 @@
+"""Training objectives, chosen by name with `trainfunc:`.
+
+Each loss is called as `loss(x, batch) -> (value, accuracy)`, x the network outputs (B, nOut) and
+`batch` the m_DataLoader.Batch they came from (targets, labels, others, DA pairs). `list_kind` says
+which list file it trains on; `normalize_for_test` says whether outputs are L2-normalised before
+trials are scored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m_utils import UserError, unknown_name
+
+
+def mean_cosine(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the cosine similarity of each row of x with the same row of t."""
+    return F.cosine_similarity(x, t, dim=1).mean()
+
+
+def zero(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(())
+
+
+class EnhancementLoss(nn.Module):
+    list_kind = "normal"
+    normalize_for_test = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+
+
+class MSE(EnhancementLoss):
+    """mse(x, t)."""
+
+    def forward(self, x, batch):
+        return F.mse_loss(x, batch.targets), zero(x)
+
+
+class MAE(EnhancementLoss):
+    """l1(x, t)."""
+
+    def forward(self, x, batch):
+        return F.l1_loss(x, batch.targets), zero(x)
+
+
+class CS(EnhancementLoss):
+    """1 - mean cos(x, t)."""
+
+    normalize_for_test = True
+
+    def forward(self, x, batch):
+        return 1 - mean_cosine(x, batch.targets), zero(x)
+
+
+class MSE_CS(EnhancementLoss):
+    """1 - mean cos(x, t) + mse(x, t)."""
+
+    normalize_for_test = True
+
+    def forward(self, x, batch):
+        return 1 - mean_cosine(x, batch.targets) + F.mse_loss(x, batch.targets), zero(x)
+
+
+class Softmax(EnhancementLoss):
+    """A linear layer nOut -> nClasses and cross-entropy on the speaker index; accuracy in %.
+
+    `softmax_init` names an extractor checkpoint whose `__L__.softmax.fc.*` initialise the layer
+    (as the original did); without it the layer starts at random.
+    """
+
+    def __init__(self, nOut: int = 512, nClasses: int = 5994, softmax_init: str | None = None,
+                 **kwargs):
+        super().__init__()
+        self.fc = nn.Linear(nOut, nClasses)
+        if softmax_init:
+            self.fc.load_state_dict(classifier_from_checkpoint(softmax_init, self.fc))
+
+    def forward(self, x, batch):
+        labelled = batch.labels >= 0
+        if not bool(labelled.any()):
+            return zero(x), zero(x)
+        logits = self.fc(x[labelled])
+        labels = batch.labels[labelled]
+        accuracy = (logits.argmax(dim=1) == labels).float().mean() * 100
+        return F.cross_entropy(logits, labels), accuracy.detach()
+
+
+class MSE_Softmax(Softmax):
+    """Softmax + mse(x, t)."""
+
+    def forward(self, x, batch):
+        value, accuracy = super().forward(x, batch)
+        return value + F.mse_loss(x, batch.targets), accuracy
+
+
+class MyTriplet_CS(EnhancementLoss):
+    """1 - mean cos(x, t) + mean cos(x, t_other), t_other another speaker's embedding."""
+
+    list_kind = "triplet"
+    normalize_for_test = True
+
+    def forward(self, x, batch):
+        return 1 - mean_cosine(x, batch.targets) + mean_cosine(x, batch.others), zero(x)
+
+
+class DA(EnhancementLoss):
+    """MMD^2 between same- and different-category pair distances, per speaker, plus 1 - mean cos.
+
+    Pair p is rows (2p, 2p+1) of x; its distance is 1 - cos. The RBF kernel is
+    exp(-(a-b)^2 / (2 sigma^2)). A speaker without both kinds of pair adds no MMD term; the MMD is
+    averaged over the speakers of the batch and reported in the accuracy column.
+    """
+
+    list_kind = "distribution"
+    normalize_for_test = True
+
+    def __init__(self, sigma: float = 1.0, **kwargs):
+        super().__init__()
+        self.sigma = float(sigma)
+
+    def pair_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 1 - F.cosine_similarity(a, b, dim=1)
+
+    def rbf_mean(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-(a[:, None] - b[None, :]) ** 2 / (2 * self.sigma ** 2)).mean()
+
+    def mmd(self, x: torch.Tensor, batch) -> torch.Tensor:
+        distance = self.pair_distance(x[0::2], x[1::2])
+        terms = []
+        for speaker in torch.unique(batch.pair_speaker):
+            mine = batch.pair_speaker == speaker
+            same, other = distance[mine & batch.pair_same], distance[mine & ~batch.pair_same]
+            if len(same) and len(other):
+                terms.append(self.rbf_mean(same, same) + self.rbf_mean(other, other)
+                             - 2 * self.rbf_mean(same, other))
+        return torch.stack(terms).mean() if terms else zero(x)
+
+    def target_term(self, x: torch.Tensor, batch) -> torch.Tensor:
+        return 1 - mean_cosine(x, batch.targets)
+
+    def forward(self, x, batch):
+        mmd = self.mmd(x, batch)
+        return mmd + self.target_term(x, batch), mmd.detach()
+
+
+class DA_MSE(DA):
+    """DA with pair distance sqrt(mean((a-b)^2)) and mse(x, t) as the target term."""
+
+    def pair_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(((a - b) ** 2).mean(dim=1))
+
+    def target_term(self, x: torch.Tensor, batch) -> torch.Tensor:
+        return F.mse_loss(x, batch.targets)
+
+
+LOSSES = {cls.__name__: cls for cls in
+          (MSE, MAE, CS, MSE_CS, Softmax, MSE_Softmax, MyTriplet_CS, DA, DA_MSE)}
+
+
+def get_loss(name: str, **kwargs) -> EnhancementLoss:
+    return loss_class(name)(**kwargs)
+
+
+def loss_class(name: str) -> type[EnhancementLoss]:
+    if name not in LOSSES:
+        raise unknown_name("loss (trainfunc)", name, LOSSES)
+    return LOSSES[name]
+
+
+def classifier_from_checkpoint(path: str, fc: nn.Linear) -> dict[str, torch.Tensor]:
+    """`__L__.softmax.fc.{weight,bias}` of an extractor checkpoint, checked against `fc`."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: softmax_init checkpoint not found") from None
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    wanted = {"weight": "__L__.softmax.fc.weight", "bias": "__L__.softmax.fc.bias"}
+    found = {}
+    for name, key in wanted.items():
+        expected = tuple(getattr(fc, name).shape)
+        if not isinstance(state, dict) or key not in state:
+            raise UserError(f"{path}: no '{key}' to initialise the Softmax layer")
+        if tuple(state[key].shape) != expected:
+            raise UserError(f"{path}: '{key}' has shape {tuple(state[key].shape)}, the Softmax "
+                            f"layer (nOut, nClasses) needs {expected}")
+        found[name] = state[key]
+    return found

@@ -1,0 +1,385 @@
+"""The data path, in one place: list files -> embedding files -> in-memory arrays -> batches.
+
+Every embedding file named by a list is read once per run, reduced once to its single-utterance
+embedding (mean over crops, then L2 norm) and kept in one matrix (on the training device);
+batches are index lookups into that matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from m_utils import SINGLE, DistContext, UserError
+
+log = logging.getLogger("m_DataLoader")
+
+LIST_FIELDS = {
+    "normal": ("spk", "path"),
+    "test": ("label", "path1", "path2"),
+    "triplet": ("spk", "path", "other_spk"),
+    "distribution": ("spk", "path1", "path2", "flag"),
+}
+AUDIO_SUFFIXES = (".wav", ".flac")
+SPEAKER_FILE = {"B": "{}.npy", "C": "{}_type2.npy"}
+
+
+# ----------------------------------------------------------------------------------------------
+# List files
+
+
+def read_list(path: str | os.PathLike, kind: str) -> list[tuple]:
+    """Parse a list file of `kind` (see LIST_FIELDS); blank lines and `#` comments are skipped.
+
+    Labels and flags come back as ints (0/1). Errors name the file and line.
+    """
+    if kind not in LIST_FIELDS:
+        raise UserError(f"unknown list kind '{kind}'; known: {', '.join(LIST_FIELDS)}")
+    fields = LIST_FIELDS[kind]
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: list file not found (m_gen_list.py writes lists)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read list file ({err})") from None
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) != len(fields):
+            raise UserError(f"{path}:{lineno}: a {kind} list line has {len(fields)} fields "
+                            f"({' '.join(fields)}), this one has {len(parts)}: {line.strip()!r}")
+        if kind == "test":
+            parts[0] = _binary(parts[0], path, lineno, "label")
+        elif kind == "distribution":
+            parts[3] = _binary(parts[3], path, lineno, "flag")
+        records.append(tuple(parts))
+    if not records:
+        raise UserError(f"{path}: the {kind} list is empty")
+    return records
+
+
+def _binary(value: str, path: Path, lineno: int, what: str) -> int:
+    if value not in ("0", "1"):
+        raise UserError(f"{path}:{lineno}: {what} must be 0 or 1, found {value!r}")
+    return int(value)
+
+
+def embedding_file(root: str | os.PathLike, rel: str) -> Path:
+    """The `.npy` of a list entry; a `.wav`/`.flac` suffix in a list means the matching `.npy`."""
+    path = Path(root) / rel
+    if path.suffix.lower() in AUDIO_SUFFIXES:
+        path = path.with_suffix(".npy")
+    return path
+
+
+def speaker_of(rel: str) -> str:
+    return Path(rel).parts[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding files -> arrays
+
+
+def l2_normalize(array: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(array, axis=-1, keepdims=True)
+    return array / np.maximum(norm, 1e-12)
+
+
+def check_embedding(array: np.ndarray, path: Path, dim: int | None = None) -> np.ndarray:
+    """Validate an embedding file's array: (crops, D) or (D,), finite, of dimension `dim`."""
+    if array.ndim not in (1, 2) or array.size == 0:
+        raise UserError(f"{path}: expected an embedding of shape (crops, D) or (D,), "
+                        f"found shape {array.shape}")
+    if dim is not None and array.shape[-1] != dim:
+        raise UserError(f"{path}: embedding dimension {array.shape[-1]} does not match nOut {dim}")
+    if not np.isfinite(array).all():
+        raise UserError(f"{path}: embedding holds NaN or infinite values")
+    return array
+
+
+def read_embedding(path: Path, dim: int | None = None) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"{path}: embedding file not found (m_gen_embs.py writes them)") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable .npy embedding ({err})") from None
+    return check_embedding(np.asarray(array), path, dim)
+
+
+def single_utterance_embedding(array: np.ndarray, path: Path | None = None) -> np.ndarray:
+    """Mean over crops, then L2 norm: the (D,) single-utterance embedding of one file."""
+    mean = array.reshape(-1, array.shape[-1]).astype(np.float64).mean(axis=0)
+    if np.linalg.norm(mean) == 0:
+        raise UserError(f"{path}: embedding is all zeros")
+    return l2_normalize(mean).astype(np.float32)
+
+
+def load_embeddings(root: str | os.PathLike, rel_paths: Sequence[str], dim: int | None = None,
+                    threads: int = 8, desc: str = "loading embeddings",
+                    show_progress: bool = True) -> np.ndarray:
+    """Read and reduce the embedding file of every entry: an (N, D) float32 matrix, in order."""
+    files = [embedding_file(root, rel) for rel in rel_paths]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        shown = "\n  ".join(str(f) for f in missing[:5])
+        more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UserError(f"{len(missing)} embedding file(s) named by the list are missing under "
+                        f"{root}:\n  {shown}{more}\n(m_gen_embs.py writes them)")
+
+    def load(path: Path) -> np.ndarray:
+        return single_utterance_embedding(read_embedding(path, dim), path)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        rows = list(tqdm(pool.map(load, files), total=len(files), desc=desc, unit="file",
+                         disable=not show_progress or len(files) < 2000, leave=False))
+    matrix = np.stack(rows) if rows else np.zeros((0, dim or 0), np.float32)
+    if dim is None and len({row.shape[0] for row in rows}) > 1:
+        raise UserError(f"embeddings under {root} have different dimensions")
+    return matrix
+
+
+def load_speaker_embeddings(root: str | os.PathLike, speakers: Sequence[str], flag: str,
+                            dim: int | None = None) -> np.ndarray:
+    """The (S, D) multi-utterance embeddings of `speakers`: type B `<spk>.npy`, C `<spk>_type2.npy`."""
+    if flag not in SPEAKER_FILE:
+        raise UserError(f"multiple_embedding_flag must be B or C, found {flag!r}")
+    rows = []
+    for spk in speakers:
+        path = Path(root) / SPEAKER_FILE[flag].format(spk)
+        if not path.is_file():
+            raise UserError(f"{path}: speaker embedding not found (m_comb_embs.py writes it)")
+        array = read_embedding(path, dim)
+        rows.append(array.reshape(-1, array.shape[-1]).mean(axis=0).astype(np.float32))
+    return np.stack(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    """One step's data. DA batches lay pairs out as rows (2p, 2p + 1) of `inputs`."""
+
+    inputs: torch.Tensor               # (N, D) single-utterance embeddings to enhance
+    targets: torch.Tensor              # (N, D) their speakers' multi-utterance embeddings
+    labels: torch.Tensor               # (N,) speaker index, -1 for a speaker unknown to training
+    others: torch.Tensor | None = None        # (N, D) another speaker's embedding (triplet)
+    pair_same: torch.Tensor | None = None     # (P,) True for a same-category pair (DA)
+    pair_speaker: torch.Tensor | None = None  # (P,) speaker group of each pair (DA)
+    weight: float = 1.0                # this rank's share of the global batch x world size
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def shard(items: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, float] | None:
+    """This rank's part of one global batch and its weight, or None when some rank gets nothing."""
+    if len(items) < ctx.world_size:
+        return None
+    part = np.array_split(items, ctx.world_size)[ctx.rank]
+    return part, len(part) * ctx.world_size / len(items)
+
+
+class EmbeddingData:
+    """A list file's records with their embeddings held in memory.
+
+    `kind` is normal, triplet or distribution. Speaker labels index `speakers` (the training
+    speakers when given, so validation shares the training classes).
+    """
+
+    def __init__(self, list_path: str | os.PathLike, root: str | os.PathLike, kind: str,
+                 flag: str, dim: int | None, device: torch.device | str = "cpu",
+                 speakers: Sequence[str] | None = None, threads: int = 8):
+        self.kind = kind
+        self.list_path = Path(list_path)
+        records = read_list(list_path, kind)
+        if kind == "distribution":
+            files = [r[1] for r in records] + [r[2] for r in records]
+        else:
+            files = [r[1] for r in records]
+        unique = sorted(set(files))
+        row_of = {rel: i for i, rel in enumerate(unique)}
+        own_speakers = sorted({r[0] for r in records} | ({r[2] for r in records}
+                                                         if kind == "triplet" else set()))
+        self.speakers = list(speakers) if speakers is not None else own_speakers
+        label_of = {spk: i for i, spk in enumerate(self.speakers)}
+        target_speakers = sorted(set(own_speakers) | set(self.speakers))
+        target_of = {spk: i for i, spk in enumerate(target_speakers)}
+
+        self.embeddings = torch.from_numpy(load_embeddings(root, unique, dim, threads)).to(device)
+        self.dim = int(self.embeddings.shape[1])
+        self.speaker_embeddings = torch.from_numpy(
+            load_speaker_embeddings(root, target_speakers, flag, self.dim)).to(device)
+        if kind == "distribution":
+            self.pair_a = np.array([row_of[r[1]] for r in records], np.int64)
+            self.pair_b = np.array([row_of[r[2]] for r in records], np.int64)
+            self.pair_same = np.array([r[3] == 1 for r in records], bool)
+            spk = [r[0] for r in records]
+        else:
+            self.rows = np.array([row_of[r[1]] for r in records], np.int64)
+            spk = [r[0] for r in records]
+            if kind == "triplet":
+                self.other_target = np.array([target_of[r[2]] for r in records], np.int64)
+        self.target = np.array([target_of[s] for s in spk], np.int64)
+        self.label = np.array([label_of.get(s, -1) for s in spk], np.int64)
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    @property
+    def num_speakers(self) -> int:
+        return len(set(self.target.tolist()))
+
+    # -- batch assembly ------------------------------------------------------------------------
+
+    def batch_of(self, records: np.ndarray, weight: float = 1.0) -> Batch:
+        """The Batch of record indices `records` (pairs for a distribution list)."""
+        if self.kind == "distribution":
+            return self._pair_batch(records, weight)
+        index = torch.as_tensor(records, device=self.embeddings.device)
+        rows = torch.as_tensor(self.rows, device=self.embeddings.device)[index]
+        target = torch.as_tensor(self.target, device=self.embeddings.device)[index]
+        others = None
+        if self.kind == "triplet":
+            other = torch.as_tensor(self.other_target, device=self.embeddings.device)[index]
+            others = self.speaker_embeddings[other]
+        return Batch(inputs=self.embeddings[rows], targets=self.speaker_embeddings[target],
+                     labels=torch.as_tensor(self.label[records], device=self.embeddings.device),
+                     others=others, weight=weight)
+
+    def _pair_batch(self, pairs: np.ndarray, weight: float) -> Batch:
+        order = np.lexsort((~self.pair_same[pairs], self.target[pairs]))
+        pairs = pairs[order]
+        rows = np.stack([self.pair_a[pairs], self.pair_b[pairs]], axis=1).reshape(-1)
+        per_row = np.repeat(pairs, 2)
+        device = self.embeddings.device
+        return Batch(inputs=self.embeddings[torch.as_tensor(rows, device=device)],
+                     targets=self.speaker_embeddings[torch.as_tensor(self.target[per_row],
+                                                                     device=device)],
+                     labels=torch.as_tensor(self.label[per_row], device=device),
+                     pair_same=torch.as_tensor(self.pair_same[pairs], device=device),
+                     pair_speaker=torch.as_tensor(self.target[pairs], device=device),
+                     weight=weight)
+
+    def speaker_pairs(self) -> list[np.ndarray]:
+        """Pair indices grouped by speaker, in speaker order (distribution lists)."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, spk in enumerate(self.target.tolist()):
+            groups[spk].append(i)
+        return [np.array(groups[spk], np.int64) for spk in sorted(groups)]
+
+    # -- epochs ----------------------------------------------------------------------------------
+
+    def global_batches(self, batch_size: int, seed: int, epoch: int, world_size: int = 1,
+                       n_per_speaker: int = 1, max_seg_per_spk: int = 500,
+                       speakers_per_step: int = 1, shuffle: bool = True) -> list[np.ndarray]:
+        """The epoch's global batches (record indices), identical on every rank."""
+        rng = np.random.default_rng([seed, epoch])
+        if self.kind == "distribution":
+            groups = self.speaker_pairs()
+            order = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
+            step = speakers_per_step * world_size
+            return [np.concatenate([groups[g] for g in order[i:i + step]])
+                    for i in range(0, len(order), step)]
+        if n_per_speaker > 1:
+            return speaker_grouped_batches(self.target, batch_size * world_size, n_per_speaker,
+                                           max_seg_per_spk, rng)
+        order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
+        step = batch_size * world_size
+        return [order[i:i + step] for i in range(0, len(order), step)]
+
+    def epoch(self, batch_size: int, seed: int, epoch: int, ctx: DistContext = SINGLE,
+              **sampling) -> Iterator[Batch]:
+        """This rank's batches of one epoch; the global order depends on seed and epoch only."""
+        for items in self.global_batches(batch_size, seed, epoch, ctx.world_size, **sampling):
+            if self.kind == "distribution":
+                part = self._speaker_shard(items, ctx)
+            elif sampling.get("n_per_speaker", 1) > 1:
+                part = self._group_shard(items, ctx, sampling["n_per_speaker"])
+            else:
+                part = shard(items, ctx)
+            if part is not None:
+                yield self.batch_of(*part)
+
+    def _speaker_shard(self, pairs: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, float] | None:
+        speakers = np.unique(self.target[pairs])
+        mine = shard(speakers, ctx)
+        if mine is None:
+            return None
+        return pairs[np.isin(self.target[pairs], mine[0])], 1.0
+
+    @staticmethod
+    def _group_shard(items: np.ndarray, ctx: DistContext,
+                     n_per_speaker: int) -> tuple[np.ndarray, float] | None:
+        groups = items.reshape(-1, n_per_speaker)
+        mine = shard(groups, ctx)
+        if mine is None:
+            return None
+        return mine[0].reshape(-1), mine[1]
+
+
+def speaker_grouped_batches(speaker: np.ndarray, groups_per_batch: int, n_per_speaker: int,
+                            max_seg_per_spk: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """nPerSpeaker sampling: batches of `groups_per_batch` groups of `n_per_speaker` utterances
+    of one speaker, at most `max_seg_per_spk` utterances a speaker, no speaker twice in a batch."""
+    groups, group_speaker, rounds = [], [], []
+    for spk in np.unique(speaker):
+        utts = rng.permutation(np.flatnonzero(speaker == spk))[:max_seg_per_spk]
+        usable = len(utts) - len(utts) % n_per_speaker
+        for k, start in enumerate(range(0, usable, n_per_speaker)):
+            groups.append(utts[start:start + n_per_speaker])
+            group_speaker.append(spk)
+            rounds.append(k)
+    if not groups:
+        return []
+    # Shuffle, then order by round: each speaker's k-th group lands after all (k-1)-th groups,
+    # so a speaker recurs only once every other speaker of its round has been placed.
+    order = rng.permutation(len(groups))
+    order = order[np.argsort(np.asarray(rounds)[order], kind="stable")]
+    batches, current, seen = [], [], set()
+    for g in order:
+        if group_speaker[g] in seen or len(current) == groups_per_batch:
+            batches.append(np.concatenate(current))
+            current, seen = [], set()
+        current.append(groups[g])
+        seen.add(group_speaker[g])
+    batches.append(np.concatenate(current))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class TrialSet:
+    """A trial list (`label path1 path2`) with the embeddings of every file it names."""
+
+    def __init__(self, list_path: str | os.PathLike, root: str | os.PathLike, dim: int | None,
+                 threads: int = 8):
+        self.list_path = Path(list_path)
+        records = read_list(list_path, "test")
+        unique = sorted({r[1] for r in records} | {r[2] for r in records})
+        row_of = {rel: i for i, rel in enumerate(unique)}
+        self.files = unique
+        self.labels = np.array([r[0] for r in records], np.int8)
+        self.left = np.array([row_of[r[1]] for r in records], np.int64)
+        self.right = np.array([row_of[r[2]] for r in records], np.int64)
+        self.embeddings = load_embeddings(root, unique, dim, threads, desc="loading trials")
+        if len(np.unique(self.labels)) < 2:
+            raise UserError(f"{self.list_path}: a trial list needs both target (1) and "
+                            "non-target (0) trials to compute an EER")
+
+    def __len__(self) -> int:
+        return len(self.labels)

@@ -1,0 +1,88 @@
+"""Average each speaker's utterance embeddings into multi-utterance (speaker) embeddings.
+
+For every speaker folder of EMBED_DIR it writes, next to the folder:
+  <spk>.npy        type B, avg-norm-avg: crop means L2-normalised, then averaged over utterances
+  <spk>_type2.npy  type C, avg-avg-norm: crop means averaged over utterances, then L2-normalised
+
+    python ./m_comb_embs.py --embed_dir data/embeddings/voxceleb2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from m_DataLoader import SPEAKER_FILE, l2_normalize, read_embedding
+from m_utils import UserError, run_main, save_npy_atomic, setup_logging
+
+EMBED_DIR = "data/embeddings/voxceleb2"
+
+log = logging.getLogger("m_comb_embs")
+
+
+def speaker_folders(embed_dir: Path) -> list[Path]:
+    if not embed_dir.is_dir():
+        raise UserError(f"{embed_dir}: embedding folder not found (m_gen_embs.py writes it)")
+    folders = sorted(p for p in embed_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"{embed_dir}: holds no speaker folders")
+    return folders
+
+
+def utterance_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.npy") if not p.name.startswith("."))
+
+
+def crop_means(files: list[Path], threads: int) -> np.ndarray:
+    """(utterances, D) float64: each file's mean over its crops."""
+    def mean_of(path: Path) -> np.ndarray:
+        array = read_embedding(path)
+        return array.reshape(-1, array.shape[-1]).astype(np.float64).mean(axis=0)
+
+    with ThreadPoolExecutor(threads) as pool:
+        rows = list(pool.map(mean_of, files))
+    dims = {row.shape[0] for row in rows}
+    if len(dims) > 1:
+        raise UserError(f"{files[0].parent.parent}: utterance embeddings of different "
+                        f"dimensions {sorted(dims)}")
+    return np.stack(rows)
+
+
+def speaker_embeddings(means: np.ndarray) -> dict[str, np.ndarray]:
+    """Type B (avg-norm-avg) and type C (avg-avg-norm) from a speaker's crop means."""
+    return {"B": l2_normalize(means).mean(axis=0).astype(np.float32),
+            "C": l2_normalize(means.mean(axis=0)).astype(np.float32)}
+
+
+def combine(embed_dir: Path, threads: int = 8) -> int:
+    """Write the B and C files of every speaker folder; returns the number of speakers written."""
+    written = 0
+    for folder in tqdm(speaker_folders(embed_dir), desc="speakers", unit="spk"):
+        files = utterance_files(folder)
+        if not files:
+            log.warning("%s: no utterance embeddings, skipped", folder)
+            continue
+        for flag, embedding in speaker_embeddings(crop_means(files, threads)).items():
+            save_npy_atomic(embed_dir / SPEAKER_FILE[flag].format(folder.name), embedding)
+        written += 1
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--embed_dir", default=EMBED_DIR, help="single-utterance embedding root")
+    parser.add_argument("--threads", type=int, default=8, help="threads reading embedding files")
+    args = parser.parse_args(argv)
+    setup_logging()
+    count = combine(Path(args.embed_dir), max(1, args.threads))
+    log.info("wrote type B and C embeddings of %d speakers in %s", count, args.embed_dir)
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

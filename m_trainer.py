@@ -1,0 +1,481 @@
+"""Train, check, evaluate or apply a speaker-embedding enhancement network.
+
+    python ./m_trainer.py --config configs/MyLinearNetv2_Exp6-4.yaml
+    python ./m_trainer.py --config configs/X.yaml --check      # original vs processed EER
+    python ./m_trainer.py --config configs/X.yaml --generate   # write enhanced embeddings
+
+Options come from the defaults below, then the YAML config, then the options written on the
+command line (which win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from loss.m_Losses import loss_class
+from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
+from m_network import SpeakerNet, Trainer, checkpoints, evaluate_scores
+from m_utils import (
+    DistContext,
+    UserError,
+    append_line,
+    atomic_write,
+    launch,
+    resolve_device,
+    run_main,
+    save_npy_atomic,
+    setup_logging,
+    write_text_atomic,
+)
+
+log = logging.getLogger("m_trainer")
+
+# name: (default, type, help). Types: int, float, str, bool; a None default means "unset".
+OPTIONS: dict[str, tuple[Any, type, str]] = {
+    "config": (None, str, "YAML config file"),
+    # Data loader
+    "batch_size": (1000, int, "samples per step and process (DA losses: see da_speakers_per_step)"),
+    "nDataLoaderThread": (5, int, "threads that read embedding files"),
+    "seed": (10, int, "seed of every random choice"),
+    "max_seg_per_spk": (500, int, "utterances per speaker and epoch with nPerSpeaker > 1"),
+    "multiple_embedding_flag": ("B", str, "B: avg-norm-avg target, L2 scoring; C: avg-avg-norm, cosine"),
+    "triplet": (False, bool, "kept for old configs: the list type follows the loss"),
+    "nPerSpeaker": (1, int, "utterances of one speaker grouped in a batch"),
+    "da_speakers_per_step": (1, int, "speakers per step for the DA losses (the original used 1)"),
+    # Training
+    "test_interval": (5, int, "validate, test and save every this many epochs"),
+    "max_epoch": (100, int, "epochs to train"),
+    "trainfunc": ("MSE", str, "loss name"),
+    "optimizer": ("adam", str, "adam, adamw or sgd"),
+    "scheduler": ("steplr", str, "steplr, cosine or none"),
+    "lr": (0.001, float, "learning rate"),
+    "lr_decay": (0.95, float, "steplr: factor every test_interval epochs"),
+    "weight_decay": (0.0, float, "weight decay"),
+    "margin": (0.1, float, "loss margin (kept for compatibility)"),
+    "scale": (30.0, float, "loss scale (kept for compatibility)"),
+    "nClasses": (5994, int, "Softmax classes (at least the training speakers)"),
+    "sigma": (1.0, float, "RBF kernel width of the DA losses"),
+    "softmax_init": (None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"),
+    "mixedprec": (False, bool, "automatic mixed precision on CUDA"),
+    # Paths
+    "initial_model": (None, str, "start from (or, with --check/--eval/--generate, use) this model"),
+    "save_path": (None, str, "experiment folder (default exp_emb/<config name>)"),
+    "train_list": (None, str, "training list"),
+    "valid_list": (None, str, "validation list (same type as the training list)"),
+    "test_list": (None, str, "in-domain trial list"),
+    "test_list_libri": (None, str, "out-of-domain (LibriSpeech) trial list"),
+    "train_path": (None, str, "embedding root of train_list"),
+    "valid_path": (None, str, "embedding root of valid_list"),
+    "test_path": (None, str, "embedding root of test_list"),
+    "test_path_libri": (None, str, "embedding root of test_list_libri"),
+    # Model
+    "model": ("MyLinearNetv2", str, "enhancement model name"),
+    "nOut": (512, int, "embedding dimension"),
+    "activation": ("ReLU", str, "ReLU or ELU"),
+    # Modes
+    "eval": (False, bool, "score the test lists with a trained model, no training"),
+    "check": (False, bool, "original vs processed EER on both test lists"),
+    "generate": (False, bool, "write the enhanced embedding of every gen_list entry"),
+    "gen_list": (None, str, "normal list of the embeddings to enhance"),
+    "gen_path": (None, str, "embedding root of gen_list"),
+    "gen_target_dir": ("enhanced", str, "folder under save_path for generated embeddings"),
+    # Hardware
+    "device": ("auto", str, "auto, cpu or cuda"),
+    "distributed": (False, bool, "one process per GPU (or --nprocs CPU processes)"),
+    "nprocs": (2, int, "CPU processes for --distributed without CUDA"),
+    "port": (8888, int, "MASTER_PORT of the process group"),
+}
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    for name, (default, kind, text) in OPTIONS.items():
+        keep = {} if suppress_defaults else {"default": default}
+        if kind is bool:
+            parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, help=text, **keep)
+        else:
+            parser.add_argument(f"--{name}", type=kind, help=text, **keep)
+    return parser
+
+
+def check_config_value(path: Path, key: str, value: Any) -> Any:
+    """A config value converted to its option's type, or an error naming key and file."""
+    if key not in OPTIONS:
+        close = difflib.get_close_matches(key, OPTIONS, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"{path}: unknown option '{key}'{hint}")
+    default, kind, _ = OPTIONS[key]
+    if value is None:
+        if default is None:
+            return None
+        raise UserError(f"{path}: option '{key}' needs a value of type {kind.__name__}")
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise UserError(f"{path}: option '{key}' must be of type {kind.__name__}, "
+                        f"found {type(value).__name__} {value!r}")
+    return kind(value)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    config_path = Path(path)
+    try:
+        loaded = yaml.safe_load(config_path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{config_path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_path}: cannot read config ({err})") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{config_path}: not valid YAML ({err})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{config_path}: a config is a mapping of option: value")
+    return {str(key): check_config_value(config_path, str(key), value)
+            for key, value in loaded.items()}
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """Defaults, then the config, then options written on the command line."""
+    args = build_parser().parse_args(argv)
+    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    if args.config:
+        for key, value in read_config(args.config).items():
+            if key not in explicit and key != "config":
+                setattr(args, key, value)
+        if args.save_path is None:
+            args.save_path = str(Path("exp_emb") / Path(args.config).stem)
+    if args.save_path is None:
+        args.save_path = "exp_emb/default"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before any work
+
+
+def require_path(args: argparse.Namespace, key: str, maker: str) -> Path:
+    value = getattr(args, key)
+    if not value:
+        raise UserError(f"option '{key}' is not set (in the config or as --{key})")
+    path = Path(value)
+    if not path.exists():
+        raise UserError(f"{key}: {path} does not exist ({maker} makes it)")
+    return path
+
+
+LIST_MAKER = "m_gen_list.py"
+EMBED_MAKER = "m_gen_embs.py and m_comb_embs.py"
+
+
+def check_setup(args: argparse.Namespace) -> None:
+    for key in ("batch_size", "test_interval", "max_epoch", "nPerSpeaker", "nOut", "nClasses",
+                "da_speakers_per_step", "max_seg_per_spk", "nDataLoaderThread", "nprocs"):
+        if getattr(args, key) < 1:
+            raise UserError(f"option '{key}' must be at least 1, found {getattr(args, key)}")
+    if args.multiple_embedding_flag not in ("B", "C"):
+        raise UserError(f"multiple_embedding_flag must be B or C, found {args.multiple_embedding_flag!r}")
+    loss_class(args.trainfunc)
+    resolve_device(args.device)
+    if args.generate:
+        require_path(args, "gen_list", LIST_MAKER)
+        require_path(args, "gen_path", EMBED_MAKER)
+    if args.check or args.eval or not args.generate:
+        require_path(args, "test_list", LIST_MAKER)
+        require_path(args, "test_path", EMBED_MAKER)
+        if args.test_list_libri:
+            require_path(args, "test_list_libri", LIST_MAKER)
+            require_path(args, "test_path_libri", EMBED_MAKER)
+    if not (args.check or args.eval or args.generate):
+        require_path(args, "train_list", LIST_MAKER)
+        require_path(args, "train_path", EMBED_MAKER)
+        if args.valid_list:
+            require_path(args, "valid_list", LIST_MAKER)
+            require_path(args, "valid_path", EMBED_MAKER)
+    save_path = Path(args.save_path)
+    try:
+        (save_path / "result").mkdir(parents=True, exist_ok=True)
+        (save_path / "model").mkdir(parents=True, exist_ok=True)
+        probe = save_path / "result" / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"save_path {save_path} is not writable ({err.strerror})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+class Experiment:
+    """One process's view of a run: options, device, data, trainer."""
+
+    def __init__(self, args: argparse.Namespace, ctx: DistContext):
+        self.args = args
+        self.ctx = ctx
+        self.device = resolve_device(args.device, ctx.local_rank)
+        self.save_path = Path(args.save_path)
+        self.result_dir = self.save_path / "result"
+        self.model_dir = self.save_path / "model"
+        self.scorefile = self.result_dir / "scores.txt"
+        self.loss_kind = loss_class(args.trainfunc).list_kind
+        self.train_data: EmbeddingData | None = None
+        torch.manual_seed(args.seed)
+        self.net = SpeakerNet(**self.network_options())
+        self.trainer = Trainer(self.net, self.device, ctx, optimizer=args.optimizer,
+                               scheduler=args.scheduler, lr=args.lr, lr_decay=args.lr_decay,
+                               weight_decay=args.weight_decay, test_interval=args.test_interval,
+                               max_epoch=args.max_epoch, mixedprec=args.mixedprec)
+        self.trial_sets: dict[str, TrialSet] = {}
+
+    def network_options(self) -> dict[str, Any]:
+        a = self.args
+        return {"model": a.model, "trainfunc": a.trainfunc, "nOut": a.nOut,
+                "activation": a.activation, "nClasses": a.nClasses, "sigma": a.sigma,
+                "margin": a.margin, "scale": a.scale, "softmax_init": a.softmax_init}
+
+    def say(self, message: str, *params) -> None:
+        if self.ctx.is_main:
+            log.info(message, *params)
+
+    # -- data --------------------------------------------------------------------------------
+
+    def load_data(self, list_key: str, path_key: str, speakers=None) -> EmbeddingData:
+        a = self.args
+        return EmbeddingData(getattr(a, list_key), getattr(a, path_key), self.loss_kind,
+                             a.multiple_embedding_flag, a.nOut, self.device, speakers,
+                             threads=a.nDataLoaderThread)
+
+    def trials(self, name: str) -> TrialSet | None:
+        keys = {"test": ("test_list", "test_path"), "libri": ("test_list_libri", "test_path_libri")}
+        list_key, path_key = keys[name]
+        if not getattr(self.args, list_key):
+            return None
+        if name not in self.trial_sets:
+            self.trial_sets[name] = TrialSet(getattr(self.args, list_key),
+                                             getattr(self.args, path_key), self.args.nOut,
+                                             self.args.nDataLoaderThread)
+        return self.trial_sets[name]
+
+    def sampling(self) -> dict[str, int]:
+        a = self.args
+        return {"n_per_speaker": a.nPerSpeaker, "max_seg_per_spk": a.max_seg_per_spk,
+                "speakers_per_step": a.da_speakers_per_step}
+
+    # -- modes --------------------------------------------------------------------------------
+
+    def load_trained_model(self) -> None:
+        """The model for --check/--eval/--generate: initial_model, else the newest checkpoint."""
+        if self.args.initial_model:
+            path = Path(self.args.initial_model)
+        else:
+            found = checkpoints(self.model_dir)
+            if not found:
+                raise UserError(f"no trained model: {self.model_dir} holds no checkpoint and "
+                                "initial_model is not set")
+            path = found[max(found)]
+        self.trainer.load(path, weights_only=True)
+        self.say("model loaded from %s", path)
+
+    def test_scores(self, name: str) -> dict[str, Any] | None:
+        """Original and processed scores of one trial list, with their metrics (all ranks)."""
+        trials = self.trials(name)
+        if trials is None:
+            self.say("%s trial list not set: skipped", "LibriSpeech" if name == "libri" else name)
+            return None
+        flag = self.args.multiple_embedding_flag
+        processed = self.trainer.processed_scores(trials, flag)
+        if not self.ctx.is_main:
+            return None
+        original = self.trainer.original_scores(trials, flag)
+        return {"trials": trials, "original": original, "processed": processed,
+                "original_metrics": evaluate_scores(original, trials.labels),
+                "processed_metrics": evaluate_scores(processed, trials.labels)}
+
+    def save_trial_scores(self, name: str, result: dict[str, Any]) -> Path:
+        path = self.result_dir / f"trials_{name}.npz"
+        atomic_write(path, lambda handle: np.savez(
+            handle, labels=result["trials"].labels, original=result["original"],
+            processed=result["processed"], metric=np.array(self.args.multiple_embedding_flag)))
+        return path
+
+    def check(self) -> None:
+        self.load_trained_model()
+        for name, label in (("test", "testset"), ("libri", "libriset")):
+            result = self.test_scores(name)
+            if result is None:
+                continue
+            o, p = result["original_metrics"], result["processed_metrics"]
+            print(f"[{label} original EER] {o['eer']:.4f}, [{label} processed EER] {p['eer']:.4f}, "
+                  f"[{label} original minDCF] {o['mindcf']:.4f}, "
+                  f"[{label} processed minDCF] {p['mindcf']:.4f}", flush=True)
+            self.say("trial scores saved to %s", self.save_trial_scores(name, result))
+
+    def evaluate(self) -> None:
+        self.load_trained_model()
+        for name in ("test", "libri"):
+            result = self.test_scores(name)
+            if result is None:
+                continue
+            p = result["processed_metrics"]
+            print(f"[{name}] EER {p['eer']:.4f}, minDCF(0.05) {p['mindcf']:.4f}, "
+                  f"minDCF(0.01) {p['mindcf01']:.4f}, threshold {p['threshold']:.6f}, "
+                  f"trials {len(result['trials'])}", flush=True)
+            trials = result["trials"]
+            lines = [f"{s:.6f} {label} {trials.files[i]} {trials.files[j]}"
+                     for s, label, i, j in zip(result["processed"], trials.labels, trials.left,
+                                               trials.right, strict=True)]
+            score_path = self.result_dir / f"eval_scores_{name}.txt"
+            write_text_atomic(score_path, "\n".join(lines) + "\n")
+            self.save_trial_scores(name, result)
+            self.say("per-trial scores written to %s", score_path)
+
+    def generate(self) -> None:
+        self.load_trained_model()
+        records = read_list(self.args.gen_list, "normal")
+        files = [rel for _, rel in records]
+        embeddings = load_embeddings(self.args.gen_path, files, self.args.nOut,
+                                     self.args.nDataLoaderThread, desc="loading gen_list")
+        enhanced = self.trainer.enhance(embeddings)
+        if not self.ctx.is_main:
+            return
+        target = self.save_path / self.args.gen_target_dir
+        for rel, row in zip(files, enhanced, strict=True):
+            save_npy_atomic((target / rel).with_suffix(".npy"), row[None, :].astype(np.float32))
+        log.info("wrote %d enhanced embeddings under %s", len(files), target)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Restore the newest complete checkpoint (or initial_model); returns the last epoch done."""
+        found = checkpoints(self.model_dir)
+        if found:
+            epoch = self.trainer.load(found[max(found)])
+            self.say("resuming after epoch %d from %s", epoch, found[max(found)])
+            if self.ctx.is_main:
+                truncate_scorefile(self.scorefile, epoch)
+            return epoch
+        if self.args.initial_model:
+            self.trainer.load(self.args.initial_model, weights_only=True)
+            self.say("model initialised from %s", self.args.initial_model)
+        return 0
+
+    def train(self) -> None:
+        a = self.args
+        self.train_data = self.load_data("train_list", "train_path")
+        speakers = self.train_data.num_speakers
+        if self.loss_kind == "normal" and a.trainfunc in ("Softmax", "MSE_Softmax") \
+                and a.nClasses < len(self.train_data.speakers):
+            raise UserError(f"nClasses {a.nClasses} is smaller than the {len(self.train_data.speakers)} "
+                            f"training speakers of {a.train_list}")
+        valid = (self.load_data("valid_list", "valid_path", self.train_data.speakers)
+                 if a.valid_list else None)
+        if self.loss_kind == "distribution":
+            self.say("DA loss: %d speaker(s) per step and process (da_speakers_per_step); "
+                     "batch_size %d is not used", a.da_speakers_per_step, a.batch_size)
+        self.say("training %s + %s on %d samples of %d speakers, %s, %d process(es)", a.model,
+                 a.trainfunc, len(self.train_data), speakers, self.device, self.ctx.world_size)
+        start = self.resume() + 1
+        for epoch in range(start, a.max_epoch + 1):
+            began, lr = time.perf_counter(), self.trainer.lr
+            loss = self.trainer.train_epoch(self.train_data, epoch, a.batch_size, a.seed,
+                                            **self.sampling())
+            self.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr,
+                     time.perf_counter() - began)
+            if self.ctx.is_main:
+                append_line(self.scorefile, f"Epoch {epoch:d}, TLOSS {loss:f}, LR {lr:f}")
+            if epoch % a.test_interval == 0 or epoch == a.max_epoch:
+                self.validate_and_save(epoch, valid)
+
+    def validate_and_save(self, epoch: int, valid: EmbeddingData | None) -> None:
+        a = self.args
+        vloss, vacc = (self.trainer.validate(valid, a.batch_size, a.seed, **self.sampling())
+                       if valid is not None else (float("nan"), float("nan")))
+        test = self.test_scores("test")
+        libri = self.test_scores("libri") if a.test_list_libri else None
+        if not self.ctx.is_main:
+            return
+        nan = {"eer": float("nan"), "mindcf": float("nan")}
+        t = test["processed_metrics"] if test else nan
+        lib = libri["processed_metrics"] if libri else nan
+        line = (f"--Val-- Epoch {epoch:d}, VLoss {vloss:f}, VEER {t['eer']:2.4f}, "
+                f"VEER_LIBRI {lib['eer']:2.4f}, Vacc {vacc + 0.0:2.4f}, VMINDCF {t['mindcf']:.4f}, "
+                f"VMINDCF_LIBRI {lib['mindcf']:.4f}")
+        log.info(line)
+        options = {key: getattr(a, key) for key in ("model", "trainfunc", "nOut", "activation")}
+        self.trainer.save(self.model_dir / f"model{epoch:09d}.model", epoch, {"options": options})
+        append_line(self.scorefile, line)
+
+
+def truncate_scorefile(scorefile: Path, last_epoch: int) -> None:
+    """Drop the lines of epochs after `last_epoch` (written before a crash, to be redone)."""
+    if not scorefile.exists():
+        return
+    kept = [line for line in scorefile.read_text().splitlines()
+            if (epoch := scorefile_epoch(line)) is None or epoch <= last_epoch]
+    write_text_atomic(scorefile, "".join(line + "\n" for line in kept))
+
+
+def scorefile_epoch(line: str) -> int | None:
+    parts = line.replace(",", " ").split()
+    if "Epoch" in parts:
+        position = parts.index("Epoch") + 1
+        if position < len(parts) and parts[position].isdigit():
+            return int(parts[position])
+    return None
+
+
+def run(ctx: DistContext, args: argparse.Namespace) -> None:
+    setup_logging()
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    experiment = Experiment(args, ctx)
+    if args.check:
+        experiment.check()
+    elif args.eval:
+        experiment.evaluate()
+    elif args.generate:
+        experiment.generate()
+    else:
+        experiment.train()
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    args = parse_options(argv)
+    check_setup(args)
+    if args.mixedprec and not torch.cuda.is_available():
+        log.info("--mixedprec needs CUDA: ignored on CPU")
+    log.info("save_path %s", args.save_path)
+    launch(run, (args,), distributed=args.distributed, device=args.device, nprocs=args.nprocs,
+           port=args.port)
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

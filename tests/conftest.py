@@ -1,0 +1,57 @@
+"""Shared fixtures: small embedding trees with a known structure, and script runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_embedding_tree(root: Path, speakers: int = 8, sessions: int = 3, utterances: int = 4,
+                        dim: int = 24, crops: int = 3, seed: int = 0, channels: int = 4,
+                        channel_scale: float = 1.0, noise: float = 0.3, prefix: str = "id",
+                        libri: bool = False) -> Path:
+    """Write `<spk>/<session>/<file>.npy` embeddings of shape (crops, dim).
+
+    Each utterance = speaker vector + a channel offset (one of `channels`, shared by all
+    speakers, picked per session) + noise: the session effect a network can learn to remove.
+    """
+    rng = np.random.default_rng(seed)
+    channel_rng = np.random.default_rng(12345)
+    channel_vectors = channel_rng.standard_normal((channels, dim)) * channel_scale
+    for s in range(speakers):
+        spk = f"{100 + s}" if libri else f"{prefix}{10000 + s:05d}"
+        voice = rng.standard_normal(dim)
+        for k in range(sessions):
+            session = f"{200 + k}" if libri else f"sess{k:07d}"
+            channel = channel_vectors[rng.integers(channels)]
+            for u in range(utterances):
+                name = f"{spk}-{session}-{u:04d}.npy" if libri else f"{u + 1:05d}.npy"
+                crop = voice + channel + noise * rng.standard_normal((crops, dim))
+                path = root / spk / session / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, crop.astype(np.float32))
+    return root
+
+
+def run_script(*args: str, cwd: Path | None = None, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would: `python ./m_x.py ...`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True,
+                            text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def vox_tree(tmp_path: Path) -> Path:
+    return make_embedding_tree(tmp_path / "emb")

@@ -1,0 +1,122 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from loss.m_Losses import LOSSES, get_loss
+from m_DataLoader import Batch
+from m_utils import UserError
+
+X = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+T = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+OTHER = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+LABELS = torch.tensor([0, 1])
+
+
+def batch(**extra) -> Batch:
+    return Batch(inputs=X, targets=T, labels=LABELS, **extra)
+
+
+@pytest.mark.parametrize("name, expected", [("MSE", 0.5), ("MAE", 0.5), ("CS", 0.5), ("MSE_CS", 1.0)])
+def test_simple_losses(name, expected):
+    value, _ = get_loss(name)(X, batch())
+    assert value.item() == pytest.approx(expected)
+
+
+def test_triplet_cs():
+    value, _ = get_loss("MyTriplet_CS")(X, batch(others=OTHER))
+    # 1 - mean(1, 0) + mean(0, 1)
+    assert value.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name, extra", [("Softmax", 0.0), ("MSE_Softmax", 0.5)])
+def test_softmax_losses(name, extra):
+    loss = get_loss(name, nOut=2, nClasses=2)
+    with torch.no_grad():
+        loss.fc.weight.copy_(torch.eye(2))
+        loss.fc.bias.zero_()
+    value, accuracy = loss(X, batch())
+    assert value.item() == pytest.approx(math.log(1 + math.exp(-1)) + extra, rel=1e-6)
+    assert accuracy.item() == pytest.approx(100.0)
+
+
+def test_softmax_init_from_extractor_checkpoint(tmp_path):
+    weight, bias = torch.randn(3, 2), torch.randn(3)
+    path = tmp_path / "extractor.model"
+    torch.save({"__S__.conv1.weight": torch.zeros(1), "__L__.softmax.fc.weight": weight,
+                "__L__.softmax.fc.bias": bias}, path)
+    loss = get_loss("Softmax", nOut=2, nClasses=3, softmax_init=str(path))
+    assert torch.equal(loss.fc.weight.data, weight) and torch.equal(loss.fc.bias.data, bias)
+    with pytest.raises(UserError, match="needs"):
+        get_loss("Softmax", nOut=2, nClasses=4, softmax_init=str(path))
+
+
+def rbf(a, b, sigma):
+    return np.exp(-(np.subtract.outer(a, b) ** 2) / (2 * sigma ** 2)).mean()
+
+
+def mmd(same, other, sigma):
+    return rbf(same, same, sigma) + rbf(other, other, sigma) - 2 * rbf(same, other, sigma)
+
+
+def pair_batch(x: torch.Tensor, same: list[bool], speaker: list[int]) -> Batch:
+    target = torch.tensor([[1.0, 0.0, 0.0]]).repeat(len(x), 1)
+    return Batch(inputs=x, targets=target, labels=torch.zeros(len(x), dtype=torch.long),
+                 pair_same=torch.tensor(same), pair_speaker=torch.tensor(speaker))
+
+
+PAIRS = torch.tensor([[1.0, 0.2, 0.0], [0.9, 0.1, 0.3],     # same-category pair
+                      [1.0, 0.0, 0.5], [0.0, 1.0, 0.2],     # same-category pair
+                      [0.5, 0.5, 0.0], [0.1, -1.0, 0.4]])   # different-category pair
+
+
+def cos(a, b):
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_da_value():
+    x = PAIRS.numpy().astype(np.float64)
+    sigma = 0.7
+    distance = 1 - cos(x[0::2], x[1::2])
+    expected_mmd = mmd(distance[:2], distance[2:], sigma)
+    expected = expected_mmd + 1 - cos(x, np.array([1.0, 0, 0])).mean()
+    value, reported = get_loss("DA", sigma=sigma)(PAIRS, pair_batch(PAIRS, [True, True, False], [0, 0, 0]))
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    assert reported.item() == pytest.approx(expected_mmd, rel=1e-5) and expected_mmd > 0
+
+
+def test_da_mse_value():
+    x = PAIRS.numpy().astype(np.float64)
+    distance = np.sqrt(((x[0::2] - x[1::2]) ** 2).mean(axis=1))
+    expected = mmd(distance[:2], distance[2:], 1.0) + ((x - np.array([1.0, 0, 0])) ** 2).mean()
+    value, _ = get_loss("DA_MSE", sigma=1.0)(PAIRS, pair_batch(PAIRS, [True, True, False], [0, 0, 0]))
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_da_speaker_without_different_pairs_adds_no_mmd_and_no_nan():
+    value, reported = get_loss("DA")(PAIRS, pair_batch(PAIRS, [True, True, True], [0, 0, 0]))
+    assert torch.isfinite(value) and reported.item() == 0.0
+    x = PAIRS.numpy().astype(np.float64)
+    assert value.item() == pytest.approx(1 - cos(x, np.array([1.0, 0, 0])).mean(), rel=1e-5)
+
+
+def test_da_averages_mmd_over_speakers():
+    x = PAIRS.numpy().astype(np.float64)
+    distance = 1 - cos(x[0::2], x[1::2])
+    # speaker 0: pairs 0 (same) and 2 (different); speaker 1: pair 1 (same) only
+    _, reported = get_loss("DA")(PAIRS, pair_batch(PAIRS, [True, True, False], [0, 1, 0]))
+    assert reported.item() == pytest.approx(mmd(distance[:1], distance[2:], 1.0) / 1, rel=1e-5)
+
+
+def test_list_kinds_and_test_normalisation():
+    normalised = {name for name, cls in LOSSES.items() if cls.normalize_for_test}
+    assert normalised == {"CS", "MSE_CS", "MyTriplet_CS", "DA", "DA_MSE"}
+    assert LOSSES["MyTriplet_CS"].list_kind == "triplet"
+    assert LOSSES["DA"].list_kind == LOSSES["DA_MSE"].list_kind == "distribution"
+
+
+def test_unknown_loss_lists_known_names():
+    with pytest.raises(UserError, match="MSE_CS") as err:
+        get_loss("MSE_SC")
+    assert "DA_MSE" in str(err.value)

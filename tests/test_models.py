@@ -1,0 +1,57 @@
+import pytest
+import torch
+from torch import nn
+
+from models.m_Models import MODELS, get_model
+from m_utils import UserError
+
+
+def linear_widths(model: nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("name, widths", [
+    ("MyLinearNet", [1, 2, 4, 4, 2, 1]),
+    ("MyLinearNetv2", [1, 2, 4, 4, 2, 1]),
+    ("MyLinearNetv3", [1, 2, 2, 1]),
+    ("MyLinearNetv4", [1, 2, 2, 4, 4, 2, 2, 1]),
+])
+@pytest.mark.parametrize("n_out", [7, 32])
+def test_layer_widths(name, widths, n_out):
+    model = get_model(name, nOut=n_out)
+    sizes = [w * n_out for w in widths]
+    assert linear_widths(model) == list(zip(sizes[:-1], sizes[1:], strict=True))
+    assert model(torch.randn(5, n_out)).shape == (5, n_out)
+
+
+def test_dropout_placement_and_last_activation():
+    layers = list(get_model("MyLinearNet", nOut=4).layers)
+    kinds = [type(m).__name__ for m in layers]
+    assert kinds == ["Linear", "ReLU", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout",
+                     "Linear", "ReLU", "Dropout", "Linear", "ReLU"]
+    assert not any(isinstance(m, nn.Dropout) for m in get_model("MyLinearNetv2", nOut=4).modules())
+    assert isinstance(get_model("MyLinearNetv3", nOut=4, activation="ELU").layers[-1], nn.ELU)
+
+
+def test_dropout_is_element_wise_not_whole_samples():
+    torch.manual_seed(0)
+    dropout = [m for m in get_model("MyLinearNet", nOut=64).modules() if isinstance(m, nn.Dropout)][0]
+    dropout.train()
+    out = dropout(torch.ones(200, 64))
+    zero_fraction = (out == 0).float().mean().item()
+    assert 0.15 < zero_fraction < 0.25
+    assert (out == 0).all(dim=1).sum() == 0  # no sample dropped whole
+
+
+def test_residual_starts_as_identity():
+    x = torch.randn(3, 16)
+    assert torch.equal(get_model("MyResidualNet", nOut=16)(x), x)
+
+
+def test_errors_list_known_names():
+    with pytest.raises(UserError) as err:
+        get_model("MyLinearNetV5")
+    for name in MODELS:
+        assert name in str(err.value)
+    with pytest.raises(UserError, match="ReLU, ELU"):
+        get_model("MyLinearNet", activation="tanh")

@@ -1,0 +1,174 @@
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import make_embedding_tree, run_script
+
+import m_trainer
+from m_comb_embs import combine
+from m_gen_list import make_lists
+from m_network import checkpoints
+from m_utils import UserError
+
+EPOCH_LINE = re.compile(r"^Epoch \d+, TLOSS -?\d+\.\d{6}, LR \d+\.\d{6}$")
+VAL_LINE = re.compile(r"^--Val-- Epoch \d+, VLoss \S+, VEER \S+, VEER_LIBRI \S+, Vacc \S+, "
+                      r"VMINDCF \S+, VMINDCF_LIBRI \S+$")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Train / test / LibriSpeech-layout embedding trees with their lists, nOut 24."""
+    root = tmp_path_factory.mktemp("data")
+    for name, seed, speakers, libri in (("train", 0, 40, False), ("test", 1, 16, False),
+                                        ("libri", 2, 8, True)):
+        tree = make_embedding_tree(root / name, speakers=speakers, seed=seed, libri=libri)
+        combine(tree)
+        make_lists(tree, name, root / "lists", seed=10)
+    return root
+
+
+def config(data: Path, tmp_path: Path, **options) -> Path:
+    lists = data / "lists"
+    values = {"train_list": str(lists / "train_normal_list.txt"), "train_path": str(data / "train"),
+              "valid_list": str(lists / "train_normal_list.txt"), "valid_path": str(data / "train"),
+              "test_list": str(lists / "test_test_list.txt"), "test_path": str(data / "test"),
+              "test_list_libri": str(lists / "libri_test_list.txt"),
+              "test_path_libri": str(data / "libri"),
+              "nOut": 24, "batch_size": 32, "max_epoch": 2, "test_interval": 1, "nClasses": 40,
+              "device": "cpu", **options}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def train(cfg: Path, save: Path, *extra: str) -> list[str]:
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save), *extra])
+    return (save / "result" / "scores.txt").read_text().splitlines()
+
+
+LIST_OF = {"MyTriplet_CS": "triplet", "DA": "distribution", "DA_MSE": "distribution"}
+
+
+@pytest.mark.parametrize("trainfunc", ["MSE", "MAE", "CS", "MSE_CS", "Softmax", "MSE_Softmax",
+                                       "MyTriplet_CS", "DA", "DA_MSE"])
+def test_every_loss_trains_an_epoch(data, tmp_path, trainfunc):
+    kind = LIST_OF.get(trainfunc, "normal")
+    lists = data / "lists"
+    cfg = config(data, tmp_path, trainfunc=trainfunc, max_epoch=1,
+                 train_list=str(lists / f"train_{kind}_list.txt"),
+                 valid_list=str(lists / f"train_{kind}_list.txt"))
+    lines = train(cfg, tmp_path / "exp")
+    assert len(lines) == 2
+    assert EPOCH_LINE.match(lines[0]) and VAL_LINE.match(lines[1])
+    values = dict(re.findall(r"(\w+) (-?[\d.]+|nan)", lines[1].replace(",", "")))
+    assert np.isfinite(float(values["VLoss"])) and 0 <= float(values["VEER"]) <= 100
+    assert 0 <= float(values["VEER_LIBRI"]) <= 100
+    assert sorted(checkpoints(tmp_path / "exp" / "model")) == [1]
+
+
+def check_lines(output: str) -> dict[str, tuple[float, float]]:
+    found = {}
+    for name, original, processed in re.findall(
+            r"\[(\w+) original EER\] ([\d.]+), \[\w+ processed EER\] ([\d.]+)", output):
+        found[name] = (float(original), float(processed))
+    return found
+
+
+def test_mse_cs_learns_the_session_offset(data, tmp_path, capsys):
+    cfg = config(data, tmp_path, trainfunc="MSE_CS", max_epoch=20, test_interval=20,
+                 multiple_embedding_flag="C", batch_size=8)
+    train(cfg, tmp_path / "exp")
+    capsys.readouterr()
+    m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check"])
+    found = check_lines(capsys.readouterr().out)
+    original, processed = found["testset"]
+    assert original > 5 and processed < original - 2
+    assert "libriset" in found
+    assert (tmp_path / "exp" / "result" / "trials_test.npz").is_file()
+
+
+def final_weights(save: Path) -> dict[str, torch.Tensor]:
+    found = checkpoints(save / "model")
+    return torch.load(found[max(found)], weights_only=True)["network"]
+
+
+def test_identical_runs_and_resume_after_interruption(data, tmp_path):
+    cfg = config(data, tmp_path, trainfunc="MSE", model="MyLinearNet", max_epoch=4, test_interval=2)
+    first = train(cfg, tmp_path / "a")
+    assert train(cfg, tmp_path / "b") == first
+    # An interrupted run: stopped after epoch 2's checkpoint, with epoch 3 logged and a
+    # half-written checkpoint left behind.
+    train(cfg, tmp_path / "c", "--max_epoch", "2")
+    scores = tmp_path / "c" / "result" / "scores.txt"
+    scores.write_text(scores.read_text() + "Epoch 3, TLOSS 9.999999, LR 0.001000\n")
+    (tmp_path / "c" / "model" / ".model000000004.model.x.tmp").write_bytes(b"partial")
+    resumed = train(cfg, tmp_path / "c")
+    assert resumed == first
+    assert sum(line.startswith("Epoch 3,") for line in resumed) == 1
+    for key, value in final_weights(tmp_path / "a").items():
+        assert torch.equal(value, final_weights(tmp_path / "c")[key]), key
+
+
+def test_generate_and_eval(data, tmp_path, capsys):
+    cfg = config(data, tmp_path, trainfunc="CS", gen_list=str(data / "lists" / "libri_normal_list.txt"),
+                 gen_path=str(data / "libri"))
+    save = tmp_path / "exp"
+    train(cfg, save, "--max_epoch", "1")
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--generate"])
+    written = sorted((save / "enhanced").rglob("*.npy"))
+    assert len(written) == len(sorted((data / "libri").glob("*/*/*.npy")))
+    first = np.load(written[0])
+    assert first.shape == (1, 24) and abs(np.linalg.norm(first) - 1) < 1e-5
+    assert written[0].relative_to(save / "enhanced").parts[0] == "100"
+    capsys.readouterr()
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--eval"])
+    out = capsys.readouterr().out
+    assert re.search(r"\[test\] EER [\d.]+, minDCF\(0.05\) [\d.]+", out)
+    lines = (save / "result" / "eval_scores_test.txt").read_text().splitlines()
+    assert len(lines) == len((data / "lists" / "test_test_list.txt").read_text().splitlines())
+
+
+def test_check_without_libri_list_gives_a_notice(data, tmp_path):
+    cfg = config(data, tmp_path, trainfunc="MSE", test_list_libri=None, test_path_libri=None)
+    save = tmp_path / "exp"
+    run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--max_epoch", "1")
+    result = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--check")
+    assert "[testset original EER]" in result.stdout
+    assert "libriset" not in result.stdout and "skipped" in result.stdout + result.stderr
+
+
+def test_config_rules(data, tmp_path, monkeypatch):
+    cfg = config(data, tmp_path, lr=0.01, model="MyLinearNetv3", mixedprec=False)
+    monkeypatch.chdir(tmp_path)
+    args = m_trainer.parse_options(["--config", str(cfg), "--lr", "0.5"])
+    assert args.lr == 0.5 and args.model == "MyLinearNetv3" and args.batch_size == 32
+    assert args.save_path == str(Path("exp_emb") / "exp") and args.mixedprec is False
+    assert m_trainer.parse_options([]).model == "MyLinearNetv2"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    with pytest.raises(UserError, match="unknown option 'learning_rate'"):
+        m_trainer.parse_options(["--config", str(bad)])
+    bad.write_text("lr_decya: 0.1\n")
+    with pytest.raises(UserError, match="did you mean lr_decay"):
+        m_trainer.parse_options(["--config", str(bad)])
+    bad.write_text("batch_size: many\n")
+    with pytest.raises(UserError, match=r"bad.yaml: option 'batch_size' must be of type int"):
+        m_trainer.parse_options(["--config", str(bad)])
+    bad.write_text("distributed: 1\n")
+    with pytest.raises(UserError, match="bool"):
+        m_trainer.parse_options(["--config", str(bad)])
+
+
+def test_missing_data_says_which_script_makes_it(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"train_list: {tmp_path}/none_normal_list.txt\ntrain_path: {tmp_path}\n"
+                   f"test_list: {tmp_path}/none_test.txt\ntest_path: {tmp_path}\n")
+    result = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(tmp_path / "x"),
+                        check=False)
+    assert result.returncode == 2
+    assert "none_test.txt does not exist (m_gen_list.py makes it)" in result.stderr
+    assert "Traceback" not in result.stderr
