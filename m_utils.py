@@ -162,6 +162,9 @@ def _spawned_worker(local_rank: int, world_size: int, backend: str, port: int,
     ctx = init_process_group(local_rank, world_size, local_rank, backend, port)
     try:
         fn(ctx, *args)
+    except UserError as err:
+        print(f"error (rank {local_rank}): {err}", file=sys.stderr)
+        sys.exit(2)
     finally:
         destroy_process_group()
 
@@ -196,5 +199,9 @@ def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: st
              "GPU" if use_cuda else "CPU", backend, port)
     os.environ["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "localhost")
     os.environ["MASTER_PORT"] = str(port)
-    torch.multiprocessing.spawn(_spawned_worker, args=(world_size, backend, port, fn, args),
-                                nprocs=world_size, join=True)
+    try:
+        torch.multiprocessing.spawn(_spawned_worker, args=(world_size, backend, port, fn, args),
+                                    nprocs=world_size, join=True)
+    except torch.multiprocessing.ProcessExitedException as err:
+        raise UserError(f"distributed process {err.error_index} stopped with exit code "
+                        f"{err.exit_code} (its message is above)") from None

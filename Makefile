@@ -1,0 +1,43 @@
+# make demo   - install, then run the whole pipeline on a generated demo corpus (under demo_out/)
+# make test   - install, then run the test suite
+# make bench  - speed and memory benchmark (under bench_out/)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+DEMO   := demo_out
+
+.PHONY: install demo test bench lint clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements.txt pytest ruff
+	$(PY) -m pip install -q --no-deps resemblyzer==0.1.4
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) tests/bench.py --out bench_out
+
+demo: install
+	$(PY) tests/demo_corpus.py --out $(DEMO)/audio
+	for set in vox_train vox_test libri; do \
+	  $(PY) m_gen_embs.py --model GE2E --db_path $(DEMO)/audio/$$set --embed_dir $(DEMO)/embeddings/$$set || exit 1; \
+	  $(PY) m_comb_embs.py --embed_dir $(DEMO)/embeddings/$$set || exit 1; \
+	  $(PY) m_gen_list.py --embed_dir $(DEMO)/embeddings/$$set --filename $$set --list_dir $(DEMO)/lists || exit 1; \
+	done
+	for run in demo_MyLinearNetv2 demo_MyResidualNet; do \
+	  $(PY) m_trainer.py --config configs/$$run.yaml || exit 1; \
+	  $(PY) m_trainer.py --config configs/$$run.yaml --check || exit 1; \
+	  $(PY) m_trainer.py --config configs/$$run.yaml --generate || exit 1; \
+	done
+	$(PY) m_viewer.py --save_path $(DEMO)/exp/demo_MyResidualNet $(DEMO)/exp/demo_MyLinearNetv2 \
+	  --dist_list $(DEMO)/lists/vox_test_distribution_list.txt --embed_dir $(DEMO)/embeddings/vox_test

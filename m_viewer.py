@@ -1,0 +1,540 @@
+"""Plot what a run left behind: loss and EER curves, DET curves, distance histograms.
+
+    python ./m_viewer.py --save_path exp_emb/X
+    python ./m_viewer.py --save_path exp_emb/A exp_emb/B exp_emb/C --out_dir figures
+    python ./m_viewer.py --save_path exp_emb/X --dist_list lists/X_distribution_list.txt --embed_dir emb
+
+Under <save_path>/result it writes fig.png (train loss, validation loss and EER per epoch),
+fig2.png (the EER curves alone), det.png (DET curves of the original and enhanced trial scores
+saved by m_trainer.py --check / --eval) and dist_hist.png with dist_hist.txt (cosine distances of
+same-category, different-category and different-speaker pairs, before and after enhancement).
+With several runs the curves of all of them go to compare_fig.png and compare_fig2.png in
+--out_dir. A figure whose inputs are missing is skipped, and the script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from scipy.stats import norm
+
+from m_DataLoader import embedding_file, load_embeddings, read_list
+from m_network import compute_eer, compute_min_dcf, error_rates, score_trials
+from m_utils import UserError, atomic_write, run_main, write_text_atomic
+
+matplotlib.use("Agg")  # headless: figures are only ever written to files
+
+SAVE_PATH = "exp_emb/MyLinearNetv2_Exp6-4"
+SEED = 10
+DPI = 120
+DET_TICKS_PERCENT = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40, 60)
+DET_RANGE_PERCENT = (0.05, 70.0)
+MIN_DCF_P_TARGET = 0.05
+METRIC_NAMES = {"B": "L2 distance", "C": "cosine distance"}
+TRIAL_FILES = (("test", "test list"), ("libri", "LibriSpeech list"))
+TRIAL_ARRAYS = ("labels", "original", "processed", "metric")
+
+TRAIN_FIELDS = ("Epoch", "TLOSS", "LR")
+VAL_PREFIX = "--Val--"
+VAL_FIELDS_OLD = ("Epoch", "VLoss", "VEER", "VEER_LIBRI", "Vacc")
+VAL_FIELDS = VAL_FIELDS_OLD + ("VMINDCF", "VMINDCF_LIBRI")
+
+
+# ----------------------------------------------------------------------------------------------
+# scores.txt
+
+
+@dataclass
+class Scores:
+    """The curves of one scores.txt: one row per training line, one per --Val-- line.
+
+    Validation values written as `nan`, and the minDCF columns of the old format, are NaN.
+    """
+
+    name: str
+    epoch: np.ndarray
+    tloss: np.ndarray
+    lr: np.ndarray
+    val_epoch: np.ndarray
+    vloss: np.ndarray
+    veer: np.ndarray
+    veer_libri: np.ndarray
+    vacc: np.ndarray
+    vmindcf: np.ndarray
+    vmindcf_libri: np.ndarray
+
+
+def line_form(fields: Sequence[str], prefix: str = "") -> str:
+    """How a line with `fields` looks, e.g. `Epoch N, TLOSS x, LR x`."""
+    parts = [f"{key} {'N' if key == 'Epoch' else 'x'}" for key in fields]
+    return f"{prefix}{' ' if prefix else ''}{', '.join(parts)}"
+
+
+def parse_line(line: str) -> tuple[bool, list[float]]:
+    """(is a --Val-- line, its numbers in field order); ValueError says what is wrong."""
+    text = line.strip()
+    is_val = text.startswith(VAL_PREFIX)
+    if is_val:
+        text = text[len(VAL_PREFIX):]
+    fields = [field.split() for field in text.split(",")]
+    keys = tuple(field[0] if field else "" for field in fields)
+    allowed = (VAL_FIELDS_OLD, VAL_FIELDS) if is_val else (TRAIN_FIELDS,)
+    if keys not in allowed or any(len(field) != 2 for field in fields):
+        forms = " or ".join(repr(line_form(f, VAL_PREFIX if is_val else "")) for f in allowed)
+        raise ValueError(f"expected a line like {forms}")
+    values = [parse_number(key, value) for key, value in fields]
+    return is_val, values + [float("nan")] * (len(VAL_FIELDS) - len(values) if is_val else 0)
+
+
+def parse_number(key: str, text: str) -> float:
+    """A field's value: an integer for Epoch, a float (nan allowed) otherwise."""
+    try:
+        return float(int(text)) if key == "Epoch" else float(text)
+    except ValueError:
+        kind = "an integer" if key == "Epoch" else "a number"
+        raise ValueError(f"{key} must be {kind}, found {text!r}") from None
+
+
+def parse_scores(path: str | Path, name: str | None = None) -> Scores:
+    """Read a scores.txt (training and validation lines, old or new format; blank lines skipped).
+
+    A missing file or a malformed line is a UserError naming the file (and line).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: scores file not found (m_trainer.py writes it while training)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read the scores file ({err})") from None
+    rows: dict[bool, list[list[float]]] = {False: [], True: []}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            is_val, values = parse_line(line)
+        except ValueError as err:
+            raise UserError(f"{path}:{lineno}: {err}; found {line.strip()!r}") from None
+        rows[is_val].append(values)
+    if not rows[False] and not rows[True]:
+        raise UserError(f"{path}: the scores file holds no epoch lines yet")
+    train = np.array(rows[False], np.float64).reshape(-1, len(TRAIN_FIELDS))
+    val = np.array(rows[True], np.float64).reshape(-1, len(VAL_FIELDS))
+    return Scores(name or path.parent.parent.name, train[:, 0].astype(int), train[:, 1], train[:, 2],
+                  val[:, 0].astype(int), *val[:, 1:].T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and EER curves
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One quantity of Scores: x and y attribute names, label, y axis ('loss' or 'eer'), colour
+    (used when a single run is drawn; with several, the colour tells the run) and line style."""
+
+    x: str
+    y: str
+    label: str
+    axis: str
+    color: str
+    style: dict
+
+
+CURVES = (
+    Curve("epoch", "tloss", "train loss", "loss", "C0", {"linestyle": "-"}),
+    Curve("val_epoch", "vloss", "validation loss", "loss", "C1", {"linestyle": "--", "marker": "o"}),
+    Curve("val_epoch", "veer", "EER, test list", "eer", "C2", {"linestyle": "-", "marker": "s"}),
+    Curve("val_epoch", "veer_libri", "EER, LibriSpeech list", "eer", "C3",
+          {"linestyle": ":", "marker": "^"}),
+)
+AXIS_LABELS = {"loss": "loss", "eer": "EER (%)"}
+
+
+def curve_label(run: Scores, curve: Curve, x: np.ndarray, y: np.ndarray, several: bool) -> str:
+    """Legend text: the quantity (prefixed by the run when comparing), EER curves with their best."""
+    label = f"{run.name}: {curve.label}" if several else curve.label
+    if curve.axis == "eer":
+        best = int(np.argmin(y))
+        label += f" (best {y[best]:.2f} % at epoch {x[best]})"
+    return label
+
+
+def draw_curves(axes: dict[str, Axes], runs: Sequence[Scores], curves: Sequence[Curve]) -> list[str]:
+    """Plot the finite points of every curve of every run; returns notes on curves left out."""
+    several = len(runs) > 1
+    notes = []
+    for r, run in enumerate(runs):
+        for curve in curves:
+            x, y = getattr(run, curve.x), getattr(run, curve.y)
+            finite = np.isfinite(y)
+            if not finite.any():
+                notes.append(f"{run.name}: no finite {curve.label} values, not drawn")
+                continue
+            x, y = x[finite], y[finite]
+            axes[curve.axis].plot(x, y, color=f"C{r}" if several else curve.color, markersize=4,
+                                  label=curve_label(run, curve, x, y, several), **curve.style)
+    for key, ax in axes.items():
+        ax.set_ylabel(AXIS_LABELS[key])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return notes
+
+
+def curve_figure(runs: Sequence[Scores], curves: Sequence[Curve], title: str) -> tuple[Figure, list[str]]:
+    """A figure of `curves`: losses on the left axis, EER (%) on a right axis when both appear."""
+    fig = Figure(figsize=(10, 6), layout="constrained")
+    ax = fig.add_subplot()
+    kinds = {curve.axis for curve in curves}
+    axes = {"loss": ax, "eer": ax.twinx()} if kinds == {"loss", "eer"} else {kinds.pop(): ax}
+    notes = draw_curves(axes, runs, curves)
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    handles, labels = [], []
+    for one in axes.values():
+        h, lab = one.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")
+    return fig, notes
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a figure as PNG, atomically."""
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=DPI))
+    return path
+
+
+def write_curve_figures(runs: Sequence[Scores], out_dir: Path, prefix: str = "") -> list[Path]:
+    """fig.png (losses and EER) and fig2.png (EER alone), named `<prefix>fig*.png`."""
+    names = ", ".join(run.name for run in runs)
+    title = f"Comparison of {names}" if len(runs) > 1 else names
+    written = []
+    for filename, curves, what in ((f"{prefix}fig.png", CURVES, "loss and EER per epoch"),
+                                   (f"{prefix}fig2.png", [c for c in CURVES if c.axis == "eer"],
+                                    "EER per epoch")):
+        fig, notes = curve_figure(runs, curves, f"{title}: {what}")
+        for note in notes:
+            print(f"{filename}: {note}")
+        written.append(save_figure(fig, out_dir / filename))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# DET curves
+
+
+@dataclass
+class TrialScores:
+    """Per-trial scores of one trial list, as m_trainer.py saves them."""
+
+    labels: np.ndarray
+    original: np.ndarray
+    processed: np.ndarray
+    metric: str
+
+
+def load_trial_scores(path: str | Path) -> TrialScores:
+    """Read a trials_*.npz (labels, original, processed, metric); errors name the file."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in TRIAL_ARRAYS if key not in data.files]
+            arrays = {key: np.asarray(data[key]) for key in TRIAL_ARRAYS if key in data.files}
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable trial scores file ({err})") from None
+    if missing:
+        raise UserError(f"{path}: trial scores lack the array(s) {', '.join(missing)} "
+                        f"(expected {', '.join(TRIAL_ARRAYS)})")
+    labels = arrays["labels"].astype(np.int8)
+    if not (len(labels) == len(arrays["original"]) == len(arrays["processed"])):
+        raise UserError(f"{path}: labels, original and processed have different lengths")
+    if set(np.unique(labels).tolist()) != {0, 1}:
+        raise UserError(f"{path}: a DET curve needs both target (1) and non-target (0) trials")
+    return TrialScores(labels, arrays["original"].astype(np.float64),
+                       arrays["processed"].astype(np.float64), str(arrays["metric"]))
+
+
+def probit(rate_percent: np.ndarray | Sequence[float]) -> np.ndarray:
+    """Normal-deviate coordinate of a rate given in %."""
+    return norm.ppf(np.clip(np.asarray(rate_percent, np.float64) / 100, 1e-9, 1 - 1e-9))
+
+
+def setup_det_axes(ax: Axes) -> None:
+    """Normal-deviate axes with ticks labelled in %, and the miss = false-alarm diagonal."""
+    ticks = probit(DET_TICKS_PERCENT)
+    labels = [f"{t:g}" for t in DET_TICKS_PERCENT]
+    low, high = probit(DET_RANGE_PERCENT)
+    for axis, lim in ((ax.xaxis, ax.set_xlim), (ax.yaxis, ax.set_ylim)):
+        axis.set_ticks(ticks, labels)
+        lim(low, high)
+    ax.plot([low, high], [low, high], color="0.6", linestyle=":", linewidth=1,
+            label="miss = false alarm")
+    ax.set_xlabel("false-alarm probability (%)")
+    ax.set_ylabel("miss probability (%)")
+    ax.set_aspect("equal")
+    ax.grid(True, alpha=0.3)
+
+
+def draw_det(ax: Axes, scores: np.ndarray, labels: np.ndarray, name: str, color: str) -> None:
+    """One DET curve with its EER point; EER and minDCF in the legend."""
+    miss, false_alarm, _ = error_rates(scores, labels)
+    eer, _ = compute_eer(scores, labels)
+    min_dcf = compute_min_dcf(scores, labels, MIN_DCF_P_TARGET)
+    hidden = " (curve below the plotted range)" if eer < DET_RANGE_PERCENT[0] else ""
+    ax.plot(probit(false_alarm * 100), probit(miss * 100), color=color, linewidth=1.5,
+            label=f"{name}: EER {eer:.2f} %, minDCF {min_dcf:.3f}{hidden}")
+    ax.plot(probit([eer]), probit([eer]), "o", color=color, markersize=7, markeredgecolor="black")
+
+
+def write_det_figure(run_dir: Path, name: str) -> Path | None:
+    """det.png from the trials_*.npz present in <run>/result, or None when there is none."""
+    result = run_dir / "result"
+    found = [(label, load_trial_scores(result / f"trials_{key}.npz"))
+             for key, label in TRIAL_FILES if (result / f"trials_{key}.npz").is_file()]
+    if not found:
+        return None
+    fig = Figure(figsize=(6.5 * len(found), 7), layout="constrained")
+    for i, (label, trials) in enumerate(found):
+        ax = fig.add_subplot(1, len(found), i + 1)
+        setup_det_axes(ax)
+        draw_det(ax, trials.original, trials.labels, "original", "C0")
+        draw_det(ax, trials.processed, trials.labels, "enhanced", "C3")
+        metric = METRIC_NAMES.get(trials.metric, trials.metric)
+        ax.set_title(f"{label}: {len(trials.labels)} trials, {metric} scores")
+        ax.legend(loc="lower left", fontsize="small")
+    fig.suptitle(f"{name}: DET curves (dots: EER; minDCF at P_target = {MIN_DCF_P_TARGET})")
+    return save_figure(fig, result / "det.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distance histograms
+
+
+PAIR_KINDS = (("same", "same category"), ("category", "different category, same speaker"),
+              ("speaker", "different speakers"))
+
+
+@dataclass
+class PairGroup:
+    """Pairs of one kind with their cosine distances (1 - cos) before and after enhancement."""
+
+    label: str
+    pairs: list[tuple[str, str]]
+    before: np.ndarray
+    after: np.ndarray
+
+
+def other_speaker_pairs(records: Sequence[tuple], seed: int) -> list[tuple[str, str]]:
+    """Each distinct path1 paired with the path1 of another speaker, drawn uniformly (seeded)."""
+    files = sorted({(r[0], r[1]) for r in records})
+    speakers = np.array([spk for spk, _ in files])
+    if len(set(speakers.tolist())) < 2:
+        return []
+    _, start, count = np.unique(speakers, return_index=True, return_counts=True)
+    first = np.repeat(start, count)
+    size = np.repeat(count, count)
+    draw = np.random.default_rng(seed).integers(0, len(files) - size)
+    partner = np.where(draw < first, draw, draw + size)
+    return [(files[i][1], files[j][1]) for i, j in enumerate(partner)]
+
+
+def cosine_distances(embeddings: np.ndarray, row_of: dict[str, int],
+                     pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    """1 - cos of each pair of files, by m_network.score_trials with metric C."""
+    left = np.array([row_of[a] for a, _ in pairs], np.int64)
+    right = np.array([row_of[b] for _, b in pairs], np.int64)
+    return -score_trials(embeddings, left, right, "C").astype(np.float64)
+
+
+def check_enhanced_tree(root: Path, files: Sequence[str]) -> None:
+    """A clear error when the enhanced tree lacks files of the distribution list."""
+    missing = [rel for rel in files if not embedding_file(root, rel).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(files)} embeddings of the distribution list are missing "
+                        f"under {root} (first: {embedding_file(root, missing[0])}); run m_trainer.py "
+                        "--generate with a gen_list that covers the distribution list")
+
+
+def distance_study(dist_list: str | Path, embed_dir: str | Path, enhanced_dir: str | Path,
+                   seed: int = SEED) -> dict[str, PairGroup]:
+    """The pair groups of a distribution list with distances on original and enhanced embeddings."""
+    records = read_list(dist_list, "distribution")
+    pairs = {"same": [(r[1], r[2]) for r in records if r[3] == 1],
+             "category": [(r[1], r[2]) for r in records if r[3] == 0],
+             "speaker": other_speaker_pairs(records, seed)}
+    files = sorted({rel for group in pairs.values() for pair in group for rel in pair})
+    row_of = {rel: i for i, rel in enumerate(files)}
+    check_enhanced_tree(Path(enhanced_dir), files)
+    original = load_embeddings(embed_dir, files, desc="loading original embeddings")
+    enhanced = load_embeddings(enhanced_dir, files, desc="loading enhanced embeddings")
+    return {key: PairGroup(label, pairs[key], cosine_distances(original, row_of, pairs[key]),
+                           cosine_distances(enhanced, row_of, pairs[key]))
+            for key, label in PAIR_KINDS}
+
+
+def mean_or_nan(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def distance_table(groups: dict[str, PairGroup]) -> str:
+    """Mean cosine distances per pair kind, before and after, and the category gap."""
+    rows = [(g.label, str(len(g.pairs)), mean_or_nan(g.before), mean_or_nan(g.after))
+            for g in groups.values()]
+    same, category = groups["same"], groups["category"]
+    rows.append(("gap: different - same category", "",
+                 mean_or_nan(category.before) - mean_or_nan(same.before),
+                 mean_or_nan(category.after) - mean_or_nan(same.after)))
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'mean cosine distance (1 - cos)':<{width}}  {'pairs':>6}  {'before':>8}  "
+             f"{'after':>8}  {'change':>8}"]
+    lines += [f"{label:<{width}}  {n:>6}  {before:8.4f}  {after:8.4f}  {after - before:+8.4f}"
+              for label, n, before, after in rows]
+    return "\n".join(lines)
+
+
+def histogram_figure(groups: dict[str, PairGroup], title: str) -> Figure:
+    """Two panels (before / after), a density histogram per pair kind, means in the legends."""
+    values = [v for g in groups.values() for v in (g.before, g.after) if len(v)]
+    edges = np.histogram_bin_edges(np.concatenate(values), bins=50)
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    for ax, when, attr in zip(axes, ("before enhancement (original)", "after enhancement"),
+                              ("before", "after"), strict=True):
+        for i, group in enumerate(groups.values()):
+            distances = getattr(group, attr)
+            if not len(distances):
+                continue
+            mean = distances.mean()
+            ax.hist(distances, bins=edges, density=True, histtype="stepfilled", alpha=0.35,
+                    color=f"C{i}", edgecolor=f"C{i}", linewidth=1.2,
+                    label=f"{group.label}: mean {mean:.3f} (n={len(distances)})")
+            ax.axvline(mean, color=f"C{i}", linestyle="--", linewidth=1)
+        ax.set_title(when)
+        ax.set_xlabel("cosine distance (1 - cos)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("density")
+    fig.suptitle(title)
+    return fig
+
+
+def write_distance_figure(run_dir: Path, name: str, dist_list: str, embed_dir: str,
+                          enhanced_dir: Path, seed: int) -> tuple[Path, Path]:
+    """dist_hist.png and dist_hist.txt (the table, also printed) of one run."""
+    groups = distance_study(dist_list, embed_dir, enhanced_dir, seed)
+    table = distance_table(groups)
+    print(f"{name}: {Path(dist_list).name}, enhanced embeddings from {enhanced_dir}\n{table}")
+    result = run_dir / "result"
+    log_path = result / "dist_hist.txt"
+    write_text_atomic(log_path, f"run {name}\ndistribution list {dist_list}\noriginal embeddings "
+                                f"{embed_dir}\nenhanced embeddings {enhanced_dir}\nseed {seed}\n{table}\n")
+    fig = histogram_figure(groups, f"{name}: pair distances of {Path(dist_list).name}")
+    return save_figure(fig, result / "dist_hist.png"), log_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--save_path", nargs="+", default=[SAVE_PATH],
+                        help="run folder(s) holding result/scores.txt; several are compared")
+    parser.add_argument("--out_dir", help="folder of the comparison figures (default: the first "
+                        "run's result folder)")
+    parser.add_argument("--dist_list", help="distribution list for the distance histograms")
+    parser.add_argument("--embed_dir", help="root of the original embeddings of --dist_list")
+    parser.add_argument("--enhanced_dir", help="root of the enhanced embeddings (default "
+                        "<save_path>/enhanced, written by m_trainer.py --generate)")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of the different-speaker pairs")
+    return parser
+
+
+def run_names(run_dirs: Sequence[Path]) -> list[str]:
+    """Each run's folder name; the path as given where two folders share a name."""
+    names = [path.resolve().name for path in run_dirs]
+    pairs = zip(names, run_dirs, strict=True)
+    return [name if names.count(name) == 1 else str(path) for name, path in pairs]
+
+
+def check_args(args: argparse.Namespace) -> list[Path]:
+    """The run folders, after checking the options that go together."""
+    run_dirs = [Path(p) for p in args.save_path]
+    for path in run_dirs:
+        if not path.is_dir():
+            raise UserError(f"save_path {path} does not exist")
+    if args.dist_list and not args.embed_dir:
+        raise UserError("--dist_list needs --embed_dir (the root of the original embeddings)")
+    if args.embed_dir and not Path(args.embed_dir).is_dir():
+        raise UserError(f"--embed_dir {args.embed_dir} does not exist")
+    if args.enhanced_dir:
+        if len(run_dirs) > 1:
+            raise UserError("--enhanced_dir names one run's tree: give a single --save_path with it")
+        if not Path(args.enhanced_dir).is_dir():
+            raise UserError(f"--enhanced_dir {args.enhanced_dir} does not exist")
+    return run_dirs
+
+
+def curve_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str],
+                  other_inputs: bool) -> list[Path]:
+    """fig/fig2 of one run, or the comparison figures of several runs."""
+    score_files = [path / "result" / "scores.txt" for path in run_dirs]
+    if len(run_dirs) == 1 and not score_files[0].exists() and other_inputs:
+        print(f"skipped fig.png and fig2.png: {score_files[0]} not found")
+        return []
+    runs = [parse_scores(path, name) for path, name in zip(score_files, names, strict=True)]
+    if len(runs) == 1:
+        return write_curve_figures(runs, run_dirs[0] / "result")
+    out_dir = Path(args.out_dir) if args.out_dir else run_dirs[0] / "result"
+    return write_curve_figures(runs, out_dir, prefix="compare_")
+
+
+def distance_outputs(args: argparse.Namespace, run_dir: Path, name: str) -> list[Path]:
+    """dist_hist.png and its table for one run, when its enhanced tree is there."""
+    enhanced = Path(args.enhanced_dir) if args.enhanced_dir else run_dir / "enhanced"
+    if not enhanced.is_dir():
+        print(f"skipped {name} dist_hist.png: {enhanced} not found (m_trainer.py --generate "
+              "writes it; or pass --enhanced_dir)")
+        return []
+    return list(write_distance_figure(run_dir, name, args.dist_list, args.embed_dir, enhanced,
+                                      args.seed))
+
+
+def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
+    """Every figure whose inputs exist; returns the paths written."""
+    args = build_parser().parse_args(argv)
+    run_dirs = check_args(args)
+    names = run_names(run_dirs)
+    has_trials = any((run_dirs[0] / "result" / f"trials_{key}.npz").is_file() for key, _ in TRIAL_FILES)
+    written = curve_outputs(args, run_dirs, names, other_inputs=has_trials or bool(args.dist_list))
+    for run_dir, name in zip(run_dirs, names, strict=True):
+        det = write_det_figure(run_dir, name)
+        if det is None:
+            print(f"skipped {name} det.png: no {run_dir / 'result'}/trials_*.npz "
+                  "(m_trainer.py --check or --eval writes them)")
+        written += [det] if det else []
+        written += distance_outputs(args, run_dir, name) if args.dist_list else []
+    if not args.dist_list:
+        print("skipped dist_hist.png: no --dist_list (with --embed_dir)")
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    make_figures(argv)
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))
