@@ -129,14 +129,14 @@ def single_utterance_embedding(array: np.ndarray, path: Path | None = None) -> n
 
 def load_embeddings(root: str | os.PathLike, rel_paths: Sequence[str], dim: int | None = None,
                     threads: int = 8, desc: str = "loading embeddings",
-                    show_progress: bool = True) -> np.ndarray:
+                    show_progress: bool = True, source: str | os.PathLike = "the list") -> np.ndarray:
     """Read and reduce the embedding file of every entry: an (N, D) float32 matrix, in order."""
     files = [embedding_file(root, rel) for rel in rel_paths]
     missing = [f for f in files if not f.is_file()]
     if missing:
         shown = "\n  ".join(str(f) for f in missing[:5])
         more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise UserError(f"{len(missing)} embedding file(s) named by the list are missing under "
+        raise UserError(f"{len(missing)} embedding file(s) named by {source} are missing under "
                         f"{root}:\n  {shown}{more}\n(m_gen_embs.py writes them)")
 
     def load(path: Path) -> np.ndarray:
@@ -221,7 +221,8 @@ class EmbeddingData:
         target_speakers = sorted(set(own_speakers) | set(self.speakers))
         target_of = {spk: i for i, spk in enumerate(target_speakers)}
 
-        self.embeddings = torch.from_numpy(load_embeddings(root, unique, dim, threads)).to(device)
+        self.embeddings = torch.from_numpy(
+            load_embeddings(root, unique, dim, threads, source=list_path)).to(device)
         self.dim = int(self.embeddings.shape[1])
         self.speaker_embeddings = torch.from_numpy(
             load_speaker_embeddings(root, target_speakers, flag, self.dim)).to(device)
@@ -376,7 +377,8 @@ class TrialSet:
         self.labels = np.array([r[0] for r in records], np.int8)
         self.left = np.array([row_of[r[1]] for r in records], np.int64)
         self.right = np.array([row_of[r[2]] for r in records], np.int64)
-        self.embeddings = load_embeddings(root, unique, dim, threads, desc="loading trials")
+        self.embeddings = load_embeddings(root, unique, dim, threads, desc="loading trials",
+                                          source=list_path)
         if len(np.unique(self.labels)) < 2:
             raise UserError(f"{self.list_path}: a trial list needs both target (1) and "
                             "non-target (0) trials to compute an EER")

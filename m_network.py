@@ -155,7 +155,7 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as err:
         raise UserError(f"{path}: not a readable checkpoint, truncated or foreign "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+                        f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a checkpoint of this project")
     return state

@@ -24,7 +24,7 @@ import yaml
 
 from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
-from m_network import SpeakerNet, Trainer, checkpoints, evaluate_scores
+from m_network import OPTIMIZERS, SCHEDULERS, SpeakerNet, Trainer, checkpoints, evaluate_scores
 from m_utils import (
     DistContext,
     UserError,
@@ -35,8 +35,10 @@ from m_utils import (
     run_main,
     save_npy_atomic,
     setup_logging,
+    unknown_name,
     write_text_atomic,
 )
+from models.m_Models import MODELS, make_activation
 
 log = logging.getLogger("m_trainer")
 
@@ -202,7 +204,16 @@ def check_setup(args: argparse.Namespace) -> None:
     if args.multiple_embedding_flag not in ("B", "C"):
         raise UserError(f"multiple_embedding_flag must be B or C, found {args.multiple_embedding_flag!r}")
     loss_class(args.trainfunc)
+    if args.model not in MODELS:
+        raise unknown_name("model", args.model, MODELS)
+    make_activation(args.activation)
+    if args.optimizer not in OPTIMIZERS:
+        raise unknown_name("optimizer", args.optimizer, OPTIMIZERS)
+    if args.scheduler not in SCHEDULERS:
+        raise unknown_name("scheduler", args.scheduler, SCHEDULERS)
     resolve_device(args.device)
+    if args.initial_model:
+        require_path(args, "initial_model", "training (m_trainer.py) or voxceleb_trainer")
     if args.generate:
         require_path(args, "gen_list", LIST_MAKER)
         require_path(args, "gen_path", EMBED_MAKER)
@@ -396,6 +407,8 @@ class Experiment:
                             f"training speakers of {a.train_list}")
         valid = (self.load_data("valid_list", "valid_path", self.train_data.speakers)
                  if a.valid_list else None)
+        self.trials("test")
+        self.trials("libri")
         if self.loss_kind == "distribution":
             self.say("DA loss: %d speaker(s) per step and process (da_speakers_per_step); "
                      "batch_size %d is not used", a.da_speakers_per_step, a.batch_size)
