@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.m_Models import MODELS, get_model
 from m_utils import UserError
+from models.m_Models import MODELS, get_model
 
 
 def linear_widths(model: nn.Module) -> list[tuple[int, int]]:

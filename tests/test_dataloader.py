@@ -1,0 +1,117 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_embedding_tree
+
+from m_comb_embs import combine
+from m_DataLoader import EmbeddingData, embedding_file, speaker_grouped_batches
+from m_gen_list import make_lists
+from m_network import SpeakerNet, Trainer
+from m_utils import DistContext
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dl")
+    emb = make_embedding_tree(root / "emb", speakers=6, sessions=3, utterances=5, dim=8)
+    combine(emb)
+    make_lists(emb, "t", root / "lists", seed=1)
+    return root
+
+
+def data(tree, kind="normal") -> EmbeddingData:
+    return EmbeddingData(tree / "lists" / f"t_{kind}_list.txt", tree / "emb", kind, "B", 8)
+
+
+def test_each_file_read_once_per_run(tree, monkeypatch):
+    calls = Counter()
+    real_load = np.load
+
+    def counting_load(path, *args, **kwargs):
+        calls[str(path)] += 1
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", counting_load)
+    train = data(tree)
+    trainer = Trainer(SpeakerNet("MyLinearNetv2", "MSE", nOut=8), torch.device("cpu"))
+    for epoch in range(1, 4):
+        trainer.train_epoch(train, epoch, batch_size=7, seed=1)
+    assert len(calls) == 6 * 3 * 5 + 6 and set(calls.values()) == {1}
+
+
+def test_batches_come_from_memory_and_match_files(tree):
+    train = data(tree, "triplet")
+    batch = next(train.epoch(4, seed=3, epoch=1))
+    records = [line.split() for line in (tree / "lists" / "t_triplet_list.txt").read_text().splitlines()]
+    order = train.global_batches(4, 3, 1)[0]
+    for row, record_index in enumerate(order):
+        spk, rel, other = records[record_index]
+        stored = np.load(embedding_file(tree / "emb", rel)).mean(axis=0)
+        np.testing.assert_allclose(batch.inputs[row].numpy(), stored / np.linalg.norm(stored), atol=1e-6)
+        np.testing.assert_allclose(batch.targets[row].numpy(), np.load(tree / "emb" / f"{spk}.npy"))
+        np.testing.assert_allclose(batch.others[row].numpy(), np.load(tree / "emb" / f"{other}.npy"))
+        assert train.speakers[batch.labels[row]] == spk
+
+
+def test_epochs_reshuffle_reproducibly(tree):
+    train = data(tree)
+    first = train.global_batches(10, seed=1, epoch=1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, train.global_batches(10, 1, 1), strict=True))
+    assert not np.array_equal(first[0], train.global_batches(10, 1, 2)[0])
+    assert sorted(np.concatenate(first).tolist()) == list(range(len(train)))
+
+
+def test_ranks_split_each_global_batch(tree):
+    train = data(tree)
+    ranks = [list(train.epoch(4, 1, 1, DistContext(rank=r, world_size=3))) for r in range(3)]
+    single = list(train.epoch(12, 1, 1))
+    assert len(ranks[0]) == len(ranks[1]) == len(ranks[2]) == len(single)
+    for step, whole in enumerate(single):
+        parts = torch.cat([ranks[r][step].inputs for r in range(3)])
+        assert torch.equal(parts, whole.inputs)
+        # DDP averages the ranks' weighted mean losses: every sample must count 1 / global size
+        for r in range(3):
+            part = ranks[r][step]
+            assert part.weight / part.size / 3 == pytest.approx(1 / whole.size)
+
+
+def test_n_per_speaker_sampler():
+    rng = np.random.default_rng(0)
+    speaker = np.repeat(np.arange(10), [3, 5, 8, 2, 9, 4, 6, 7, 1, 12])
+    batches = speaker_grouped_batches(speaker, groups_per_batch=4, n_per_speaker=2,
+                                      max_seg_per_spk=6, rng=rng)
+    used = np.concatenate(batches)
+    assert len(set(used.tolist())) == len(used)
+    per_speaker = Counter(speaker[used].tolist())
+    assert max(per_speaker.values()) <= 6 and 8 not in per_speaker  # one utterance: no pair
+    for batch in batches:
+        groups = speaker[batch].reshape(-1, 2)
+        assert (groups[:, 0] == groups[:, 1]).all()          # a group is one speaker
+        assert len(set(groups[:, 0].tolist())) == len(groups)  # no speaker twice in a batch
+        assert len(groups) <= 4
+    again = speaker_grouped_batches(speaker, 4, 2, 6, np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_n_per_speaker_labels_every_item(tree):
+    train = data(tree)
+    for batch in train.epoch(3, 1, 1, n_per_speaker=2, max_seg_per_spk=10):
+        labels = batch.labels.view(-1, 2)
+        assert (labels[:, 0] == labels[:, 1]).all() and len(set(labels[:, 0].tolist())) == len(labels)
+        np.testing.assert_allclose(batch.targets.numpy(),
+                                   train.speaker_embeddings[batch.labels].numpy())
+
+
+def test_distribution_batches_one_speaker_same_pairs_first(tree):
+    train = data(tree, "distribution")
+    batches = list(train.epoch(12321, 1, 1))
+    assert len(batches) == 6
+    for batch in batches:
+        assert len(torch.unique(batch.pair_speaker)) == 1
+        same = batch.pair_same.tolist()
+        assert same == sorted(same, reverse=True) and any(same) and not all(same)
+        assert batch.inputs.shape[0] == 2 * len(same)
+    two = list(train.epoch(1, 1, 1, speakers_per_step=2))
+    assert len(two) == 3 and all(len(torch.unique(b.pair_speaker)) == 2 for b in two)
