@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Extract per-utterance speaker embeddings: every .wav/.flac below DB_PATH becomes a float32
+(num_eval, D) .npy at the same relative path below EMBED_DIR.
+
+Safe to interrupt and re-run: each file is written atomically as soon as it is computed, files that
+already exist are skipped (unless --overwrite), and nothing is ever deleted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+import torch
+from scipy.signal import resample_poly
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from m_utils import DistContext, UserError, launch, resolve_device, run_main, save_npy_atomic, setup_logging
+from models.m_Extractors import DEFAULT_EXTRACTOR, EXTRACTORS, load_extractor
+
+DB_PATH = "data/voxceleb1"
+EMBED_DIR = "data/embeddings/voxceleb1"
+
+SAMPLE_RATE = 16000
+HOP = 160
+AUDIO_SUFFIXES = (".wav", ".flac")
+
+log = logging.getLogger("m_gen_embs")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def find_audio(root: Path) -> list[Path]:
+    """Paths (relative to `root`) of every .wav/.flac file, any case, following links, sorted."""
+    found, visited = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            dirs.clear()
+            continue
+        visited.add(real)
+        found += [Path(folder, name).relative_to(root) for name in files
+                  if name.lower().endswith(AUDIO_SUFFIXES)]
+    return sorted(found, key=Path.as_posix)
+
+
+def output_path(embed_dir: Path, rel: Path) -> Path:
+    return embed_dir / rel.with_suffix(".npy")
+
+
+def check_unique_outputs(files: list[Path]) -> None:
+    """Two audio files that would write the same .npy (e.g. a.wav and a.flac) are an error."""
+    seen: dict[Path, Path] = {}
+    for rel in files:
+        target = rel.with_suffix(".npy")
+        if target in seen:
+            raise UserError(f"{seen[target]} and {rel} would both be written to {target}; rename one")
+        seen[target] = rel
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio and crops
+
+
+class AudioError(Exception):
+    """An audio file that cannot be used; it is reported and skipped."""
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """Mono 16 kHz float64 samples (channels averaged, other rates resampled) and the file's rate."""
+    try:
+        data, rate = soundfile.read(path, dtype="float64", always_2d=True)
+    except Exception as err:
+        raise AudioError(f"cannot decode: {err}") from err
+    if data.size == 0:
+        raise AudioError("no samples")
+    audio = data.mean(axis=1)
+    if not np.isfinite(audio).all():
+        raise AudioError("non-finite samples")
+    if not audio.any():
+        raise AudioError("silent (every sample is zero)")
+    if rate != SAMPLE_RATE:
+        common = math.gcd(rate, SAMPLE_RATE)
+        audio = resample_poly(audio, SAMPLE_RATE // common, rate // common)
+    return audio, rate
+
+
+def crop_length(eval_frames: int) -> int:
+    return eval_frames * HOP + 240
+
+
+def crop_starts(n_samples: int, crop: int, num_eval: int) -> np.ndarray:
+    """Evenly spaced integer starts from 0 to n_samples - crop (truncated, as the original)."""
+    return np.linspace(0, n_samples - crop, num=num_eval).astype(np.int64)
+
+
+def make_crops(audio: np.ndarray, eval_frames: int, num_eval: int) -> np.ndarray:
+    """(num_eval, crop) float32 crops; audio not longer than a crop is first extended by wrapping."""
+    crop = crop_length(eval_frames)
+    if len(audio) <= crop:
+        audio = np.pad(audio, (0, crop - len(audio) + 1), mode="wrap")
+    starts = crop_starts(len(audio), crop, num_eval)
+    return np.stack([audio[start:start + crop] for start in starts]).astype(np.float32)
+
+
+@dataclass
+class Item:
+    """One decoded file: its crops, or why it failed."""
+
+    index: int
+    crops: np.ndarray | None = None
+    error: str | None = None
+    source_rate: int = SAMPLE_RATE
+
+
+class CropDataset(Dataset):
+    """Decodes and crops audio files (in DataLoader workers)."""
+
+    def __init__(self, paths: list[Path], eval_frames: int, num_eval: int):
+        self.paths, self.eval_frames, self.num_eval = paths, eval_frames, num_eval
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            audio, rate = read_audio(self.paths[index])
+        except AudioError as err:
+            return Item(index, error=str(err))
+        return Item(index, make_crops(audio, self.eval_frames, self.num_eval), source_rate=rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every process needs to know."""
+
+    db_path: Path
+    embed_dir: Path
+    files: tuple[Path, ...]
+    eval_frames: int
+    num_eval: int
+    batch_size: int
+    workers: int
+    device: str
+    overwrite: bool
+
+
+def embed_batch(model: nn.Module, items: list[Item], device: torch.device) -> np.ndarray:
+    """All crops of `items` in one forward pass -> (len(items), num_eval, D) float32."""
+    crops = torch.from_numpy(np.concatenate([item.crops for item in items])).to(device)
+    return model(crops).float().cpu().numpy().reshape(len(items), -1, model.embed_dim)
+
+
+def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> None:
+    """Embed this rank's share of the files (every world_size-th), skipping finished ones; adds its
+    number of unreadable files to the shared counter `failed_total` (a multiprocessing Value)."""
+    setup_logging()
+    shard = job.files[ctx.rank::ctx.world_size]
+    todo = [rel for rel in shard if job.overwrite or not output_path(job.embed_dir, rel).exists()]
+    who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.distributed else ""
+    log.info("%s%d file(s), %d already done, %d to extract", who, len(shard), len(shard) - len(todo),
+             len(todo))
+    device = resolve_device(job.device, ctx.local_rank)
+    if ctx.distributed and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
+    model = model.to(device).eval()
+    loader = DataLoader(CropDataset([job.db_path / rel for rel in todo], job.eval_frames, job.num_eval),
+                        batch_size=job.batch_size, num_workers=job.workers, collate_fn=list)
+    failures: list[str] = []
+    rates_seen = {SAMPLE_RATE}
+    written, started = 0, time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(todo), unit="utt", disable=not ctx.is_main or not todo,
+                                      dynamic_ncols=True) as bar:
+        for batch in loader:
+            good = [item for item in batch if item.error is None]
+            for item in batch:
+                if item.error is not None:
+                    failures.append(f"{job.db_path / todo[item.index]}: {item.error}")
+                    log.warning("skipped %s", failures[-1])
+                elif item.source_rate not in rates_seen:
+                    rates_seen.add(item.source_rate)
+                    log.info("resampling %d Hz audio to %d Hz (first: %s)", item.source_rate, SAMPLE_RATE,
+                             todo[item.index])
+            if good:
+                for item, embedding in zip(good, embed_batch(model, good, device), strict=True):
+                    save_npy_atomic(output_path(job.embed_dir, todo[item.index]), embedding)
+                written += len(good)
+            bar.update(len(batch))
+    elapsed = time.perf_counter() - started
+    log.info("%swrote %d embedding file(s) in %.1f s (%.2f utt/s), skipped %d already present, %d failed",
+             who, written, elapsed, written / max(elapsed, 1e-9), len(shard) - len(todo), len(failures))
+    for failure in failures:
+        log.error("failed: %s", failure)
+    with failed_total.get_lock():
+        failed_total.value += len(failures)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db_path", default=DB_PATH, help="audio tree (default %(default)s)")
+    parser.add_argument("--embed_dir", default=EMBED_DIR, help="embedding tree (default %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_EXTRACTOR,
+                        help=f"extractor: {', '.join(sorted(EXTRACTORS))} (default %(default)s)")
+    parser.add_argument("--initial_model", default=None, help="weights file (e.g. baseline_v2_ap.model)")
+    parser.add_argument("--eval_frames", type=int, default=400, help="crop length in 10 ms frames")
+    parser.add_argument("--num_eval", type=int, default=10, help="crops (embeddings) per utterance")
+    parser.add_argument("--batch_size", type=int, default=8, help="utterances per forward pass")
+    parser.add_argument("--nDataLoaderThread", type=int, default=min(4, os.cpu_count() or 1),
+                        help="audio decoding worker processes")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    parser.add_argument("--random_init", action="store_true", help="untrained weights (for tests)")
+    parser.add_argument("--distributed", action="store_true", help="split the files across processes")
+    parser.add_argument("--nprocs", type=int, default=2, help="CPU processes with --distributed and no GPU")
+    parser.add_argument("--port", type=int, default=8888, help="MASTER_PORT with --distributed")
+    args = parser.parse_args(argv)
+    for name in ("eval_frames", "num_eval", "batch_size", "nprocs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.nDataLoaderThread < 0:
+        raise UserError(f"--nDataLoaderThread must be 0 or more, got {args.nDataLoaderThread}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    db_path, embed_dir = Path(args.db_path), Path(args.embed_dir)
+    if not db_path.is_dir():
+        raise UserError(f"{db_path}: audio folder not found (set DB_PATH or --db_path)")
+    resolve_device(args.device)
+    model = load_extractor(args.model, args.initial_model, args.random_init, device="cpu")
+    files = find_audio(db_path)
+    if not files:
+        raise UserError(f"{db_path}: no .wav or .flac files below it")
+    check_unique_outputs(files)
+    log.info("%s: %d audio file(s) -> %s, extractor %s (%d-dim), %d crop(s) of %d frames", db_path,
+             len(files), embed_dir, args.model, model.embed_dim, args.num_eval, args.eval_frames)
+    job = Job(db_path, embed_dir, tuple(files), args.eval_frames, args.num_eval, args.batch_size,
+              args.nDataLoaderThread, args.device, args.overwrite)
+    failed_total = torch.multiprocessing.get_context("spawn").Value("i", 0)
+    launch(extract, (job, model, failed_total), distributed=args.distributed, device=args.device,
+           nprocs=args.nprocs, port=args.port)
+    if failed_total.value:
+        log.error("%d file(s) could not be read and have no embedding", failed_total.value)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,269 @@
+"""m_gen_embs.py on small audio trees: the mirrored tree, crops, failures, re-runs, a killed run, and
+the split across processes."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import m_gen_embs
+from m_gen_embs import AudioError, Job, extract, find_audio, main, make_crops, read_audio
+from m_utils import DistContext, UserError
+from models.m_Extractors import load_extractor
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--eval_frames", "20", "--num_eval", "3", "--nDataLoaderThread", "0", "--batch_size", "4"]
+GOOD = ["19/198/19-198-0001.flac", "19/198/19-198-0002.flac", "26/495/26-495-0001.flac",
+        "id10001/sessA/00001.wav", "id10001/sessA/00002.wav", "id10001/sessB/00001.WAV",
+        "id10002/sessC/00001.wav", "id10002/sessC/00002.wav", "id10002/sessC/00003.wav"]
+BAD = ["id10002/sessC/00004.wav", "id10002/sessC/00005.wav"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny batches: one intra-op thread is faster and steadier on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tone(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * (120 + 40 * seed) * t) + 0.05 * rng.standard_normal(t.size)).astype(
+        np.float32)
+
+
+def write(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, samples, rate)
+
+
+def make_tree(root: Path) -> Path:
+    """VoxCeleb and LibriSpeech layouts; one 8 kHz file, one stereo, one shorter than a crop, one empty
+    and one silent file, and a non-audio file."""
+    for seed, rel in enumerate(GOOD[:6]):
+        write(root / rel, tone(0.4 + 0.1 * seed, seed=seed))
+    write(root / GOOD[6], tone(0.5, rate=8000, seed=6), rate=8000)
+    write(root / GOOD[7], np.stack([tone(0.5, seed=7), tone(0.5, seed=8)], axis=1))
+    write(root / GOOD[8], tone(0.1, seed=9))
+    (root / BAD[0]).touch()
+    write(root / BAD[1], np.zeros(8000, dtype=np.float32))
+    (root / "id10001/sessA/notes.txt").write_text("not audio")
+    return root
+
+
+def npy_files(root: Path) -> dict[str, int]:
+    """Relative path -> mtime (ns) of every .npy below root."""
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*.npy")}
+
+
+def expected_outputs() -> set[str]:
+    return {str(Path(rel).with_suffix(".npy")) for rel in GOOD}
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    db, emb = make_tree(tmp_path / "db"), tmp_path / "emb"
+    (emb / "id10001").mkdir(parents=True)
+    (emb / "notes.txt").write_text("the user's own notes")
+    np.save(emb / "id10001" / "mine.npy", np.arange(3.0))
+    return db, emb
+
+
+def run(db: Path, emb: Path, *extra: str) -> int:
+    return main(["--db_path", str(db), "--embed_dir", str(emb), *FAST, *extra])
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_find_audio_is_sorted_any_case_and_follows_links(tmp_path):
+    db = make_tree(tmp_path / "db")
+    linked = make_tree(tmp_path / "elsewhere")
+    (db / "id10003").symlink_to(linked / "id10001", target_is_directory=True)
+    (db / "id10002" / "loop").symlink_to(db, target_is_directory=True)
+    found = [p.as_posix() for p in find_audio(db)]
+    expected = sorted(GOOD + BAD + ["id10003/sessA/00001.wav", "id10003/sessA/00002.wav",
+                                    "id10003/sessB/00001.WAV"])
+    assert found == expected
+
+
+def test_crop_positions_follow_linspace():
+    audio = np.arange(50001, dtype=np.float64)
+    crops = make_crops(audio, eval_frames=100, num_eval=5)
+    assert crops.shape == (5, 100 * 160 + 240) and crops.dtype == np.float32
+    assert crops[:, 0].tolist() == [0, 8440, 16880, 25320, 33761]
+    np.testing.assert_array_equal(crops[3], audio[25320:25320 + 16240])
+
+
+def test_short_audio_is_wrap_padded():
+    audio = np.arange(1000, dtype=np.float64)
+    crops = make_crops(audio, eval_frames=20, num_eval=3)
+    assert crops.shape == (3, 3440)
+    np.testing.assert_array_equal(crops[0], np.arange(3440) % 1000)
+    np.testing.assert_array_equal(crops[2], np.arange(1, 3441) % 1000)
+
+
+def test_read_audio_resamples_mixes_and_rejects(tree):
+    db, _ = tree
+    audio, rate = read_audio(db / GOOD[6])
+    assert rate == 8000 and audio.shape == (16000 // 2,)
+    stereo, _ = soundfile.read(db / GOOD[7], dtype="float64")
+    audio, rate = read_audio(db / GOOD[7])
+    assert rate == 16000
+    np.testing.assert_allclose(audio, stereo.mean(axis=1))
+    with pytest.raises(AudioError, match="cannot decode"):
+        read_audio(db / BAD[0])
+    with pytest.raises(AudioError, match="silent"):
+        read_audio(db / BAD[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+
+
+def test_run_mirrors_the_tree_and_reports_failures(tree, caplog):
+    db, emb = tree
+    caplog.set_level(logging.INFO)
+    assert run(db, emb) == 1
+    outputs = npy_files(emb)
+    assert set(outputs) == expected_outputs() | {"id10001/mine.npy"}
+    for rel in expected_outputs():
+        embedding = np.load(emb / rel)
+        assert embedding.shape == (3, 256) and embedding.dtype == np.float32
+        assert np.isfinite(embedding).all()
+        np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
+    for rel in BAD:
+        assert str(db / rel) in caplog.text
+    assert "resampling 8000 Hz audio to 16000 Hz" in caplog.text
+    assert "2 file(s) could not be read" in caplog.text
+
+
+def test_rerun_writes_nothing_and_keeps_user_files(tree):
+    db, emb = tree
+    run(db, emb)
+    before = npy_files(emb)
+    assert run(db, emb) == 1
+    assert npy_files(emb) == before
+    assert (emb / "notes.txt").read_text() == "the user's own notes"
+    np.testing.assert_array_equal(np.load(emb / "id10001" / "mine.npy"), np.arange(3.0))
+    assert sorted(p.name for p in emb.rglob("*") if p.is_file() and p.suffix != ".npy") == ["notes.txt"]
+
+
+def test_overwrite_recomputes_the_same_values(tree):
+    db, emb = tree
+    run(db, emb)
+    first = {rel: np.load(emb / rel) for rel in expected_outputs()}
+    before = npy_files(emb)
+    time.sleep(0.01)
+    run(db, emb, "--overwrite", "--batch_size", "1")
+    after = npy_files(emb)
+    assert all(after[rel] != before[rel] for rel in expected_outputs())
+    assert after["id10001/mine.npy"] == before["id10001/mine.npy"]
+    for rel, values in first.items():
+        np.testing.assert_allclose(np.load(emb / rel), values, atol=1e-5)
+
+
+def test_resnet_random_init_with_loader_workers(tree):
+    db, emb = tree
+    assert run(db, emb, "--model", "ResNetSE34V2", "--random_init", "--nDataLoaderThread", "1") == 1
+    for rel in expected_outputs():
+        embedding = np.load(emb / rel)
+        assert embedding.shape == (3, 512) and np.isfinite(embedding).all()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--model", "ResNet34"], "known: GE2E, ResNetSE34V2"),
+    (["--model", "ResNetSE34V2"], "baseline_v2_ap.model"),
+    (["--num_eval", "0"], "--num_eval must be at least 1"),
+])
+def test_bad_options_are_user_errors(tree, extra, message):
+    db, emb = tree
+    with pytest.raises(UserError, match=message):
+        run(db, emb, *extra)
+    assert set(npy_files(emb)) == {"id10001/mine.npy"}
+
+
+def test_missing_db_path_and_clashing_outputs(tmp_path):
+    with pytest.raises(UserError, match="nowhere: audio folder not found"):
+        run(tmp_path / "nowhere", tmp_path / "emb")
+    write(tmp_path / "db" / "s" / "c" / "a.wav", tone(0.2))
+    write(tmp_path / "db" / "s" / "c" / "a.flac", tone(0.2))
+    with pytest.raises(UserError, match="would both be written"):
+        run(tmp_path / "db", tmp_path / "emb")
+    assert not (tmp_path / "emb").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Interruption and distribution
+
+
+def test_killed_run_resumes_without_truncated_files(tmp_path, caplog):
+    db, emb = tmp_path / "db", tmp_path / "emb"
+    count = 24
+    for index in range(count):
+        write(db / f"id{index % 4:05d}" / "sess" / f"{index:05d}.wav", tone(0.3, seed=index))
+    command = [sys.executable, "m_gen_embs.py", "--db_path", str(db), "--embed_dir", str(emb), *FAST,
+               "--batch_size", "1"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(npy_files(emb)) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = npy_files(emb)
+    assert 3 <= len(done) < count
+    for rel in done:
+        assert np.load(emb / rel).shape == (3, 256)
+    caplog.set_level(logging.INFO)
+    assert run(db, emb) == 0
+    after = npy_files(emb)
+    assert len(after) == count
+    assert all(after[rel] == mtime for rel, mtime in done.items())
+    assert f"{len(done)} already done, {count - len(done)} to extract" in caplog.text
+
+
+def test_ranks_take_disjoint_shares(tree):
+    db, emb = tree
+    files = tuple(find_audio(db))
+    job = Job(db, emb, files, 20, 3, 4, 0, "cpu", False)
+    failed = multiprocessing.get_context("spawn").Value("i", 0)
+    extract(DistContext(rank=1, world_size=3), job, load_extractor("GE2E"), failed)
+    written = set(npy_files(emb)) - {"id10001/mine.npy"}
+    assert written == {str(rel.with_suffix(".npy")) for rel in files[1::3] if str(rel) not in BAD}
+    assert failed.value == sum(str(rel) in BAD for rel in files[1::3])
+
+
+def test_distributed_cpu_processes_cover_every_file_once(tmp_path, capfd):
+    db, emb = tmp_path / "db", tmp_path / "emb"
+    for index in range(5):
+        write(db / "id00001" / "sess" / f"{index:05d}.wav", tone(0.3, seed=index))
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    assert run(db, emb, "--distributed", "--nprocs", "2", "--port", str(port)) == 0
+    assert len(npy_files(emb)) == 5
+    out = capfd.readouterr().out
+    assert "rank 0/2: 3 file(s), 0 already done, 3 to extract" in out
+    assert "rank 1/2: 2 file(s), 0 already done, 2 to extract" in out
+
+
+def test_default_paths_are_relative_constants():
+    assert not Path(m_gen_embs.DB_PATH).is_absolute() and not Path(m_gen_embs.EMBED_DIR).is_absolute()
