@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
 from m_DataLoader import embedding_file, load_embeddings, read_list
-from m_network import compute_eer, compute_min_dcf, error_rates, score_trials
+from m_network import compute_eer, compute_min_dcf, error_rates, evaluate_scores, score_trials
 from m_utils import UserError, atomic_write, run_main, write_text_atomic
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
@@ -532,8 +532,34 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
     return written
 
 
+def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
+    """Original vs enhanced EER and minDCF of every saved trial list, one row per run and list."""
+    rows = []
+    for run_dir, name in zip(run_dirs, names, strict=True):
+        for key, label in TRIAL_FILES:
+            path = run_dir / "result" / f"trials_{key}.npz"
+            if not path.is_file():
+                continue
+            trials = load_trial_scores(path)
+            before = evaluate_scores(trials.original, trials.labels)
+            after = evaluate_scores(trials.processed, trials.labels)
+            verdict = "better" if after["eer"] < before["eer"] else "not better"
+            rows.append(f"{name:<28} {label:<18} {before['eer']:>8.2f} {after['eer']:>8.2f} "
+                        f"{before['mindcf']:>9.4f} {after['mindcf']:>9.4f}  {verdict}")
+    if not rows:
+        return ""
+    header = (f"{'run':<28} {'trials':<18} {'EER orig':>8} {'EER enh':>8} "
+              f"{'DCF orig':>9} {'DCF enh':>9}")
+    return "\n".join([header, "-" * len(header), *rows])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     make_figures(argv)
+    args = build_parser().parse_args(argv)
+    run_dirs = [Path(p) for p in args.save_path]
+    table = results_table(run_dirs, run_names(run_dirs))
+    if table:
+        print(f"\nOriginal vs enhanced (EER in %, minDCF at P_target {MIN_DCF_P_TARGET}):\n{table}")
 
 
 if __name__ == "__main__":

@@ -207,6 +207,17 @@ def test_det_figure_from_saved_trial_scores(tmp_path, capsys):
     assert "skipped fig.png and fig2.png" in capsys.readouterr().out
 
 
+def test_results_table_of_original_and_enhanced(tmp_path, capsys):
+    run = tmp_path / "tablerun"
+    labels, original, _ = write_trials(run / "result" / "trials_test.npz")
+    m_viewer.main(["--save_path", str(run)])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("tablerun"))
+    eer = m_viewer.compute_eer(original.astype(np.float64), labels)[0]
+    assert row.split()[2:5] == ["list", f"{eer:.2f}", "0.00"] and row.endswith("better")
+    assert "libri" not in out.split("Original vs enhanced")[1]
+
+
 def test_det_legend_and_eer_point(tmp_path):
     labels_in, original, _ = write_trials(tmp_path / "t.npz")
     trials = m_viewer.load_trial_scores(tmp_path / "t.npz")
