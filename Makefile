@@ -27,17 +27,26 @@ lint: install
 bench: install
 	$(PY) tests/bench.py --out bench_out
 
-demo: install
-	$(PY) tests/demo_corpus.py --out $(DEMO)/audio
+# The demo's steps, each a script run as a user would. Sizes and epochs can be changed, e.g.
+# make demo CORPUS_FLAGS="--train_speakers 20" TRAIN_FLAGS="--max_epoch 2" (the tests do so).
+CORPUS_FLAGS ?=
+# GE2E works on 1.6 s windows: crops of 160 frames keep the demo fast
+EMBED_FLAGS  ?= --eval_frames 160 --num_eval 5 --batch_size 32
+TRAIN_FLAGS  ?=
+# configs/<run>.yaml; each run's results go to demo_out/exp/<run>
+DEMO_RUNS    ?= demo_MyLinearNetv2 demo_MyResidualNet
+INSTALL      ?= install
+demo: $(INSTALL)
+	$(PY) tests/demo_corpus.py --out $(DEMO)/audio $(CORPUS_FLAGS)
 	for set in vox_train vox_test libri; do \
-	  $(PY) m_gen_embs.py --model GE2E --db_path $(DEMO)/audio/$$set --embed_dir $(DEMO)/embeddings/$$set || exit 1; \
+	  $(PY) m_gen_embs.py --model GE2E --db_path $(DEMO)/audio/$$set --embed_dir $(DEMO)/embeddings/$$set $(EMBED_FLAGS) || exit 1; \
 	  $(PY) m_comb_embs.py --embed_dir $(DEMO)/embeddings/$$set || exit 1; \
 	  $(PY) m_gen_list.py --embed_dir $(DEMO)/embeddings/$$set --filename $$set --list_dir $(DEMO)/lists || exit 1; \
 	done
-	for run in demo_MyLinearNetv2 demo_MyResidualNet; do \
-	  $(PY) m_trainer.py --config configs/$$run.yaml || exit 1; \
+	for run in $(DEMO_RUNS); do \
+	  $(PY) m_trainer.py --config configs/$$run.yaml $(TRAIN_FLAGS) || exit 1; \
 	  $(PY) m_trainer.py --config configs/$$run.yaml --check || exit 1; \
 	  $(PY) m_trainer.py --config configs/$$run.yaml --generate || exit 1; \
 	done
-	$(PY) m_viewer.py --save_path $(DEMO)/exp/demo_MyResidualNet $(DEMO)/exp/demo_MyLinearNetv2 \
+	$(PY) m_viewer.py --save_path $(addprefix $(DEMO)/exp/,$(DEMO_RUNS)) --out_dir $(DEMO)/plots \
 	  --dist_list $(DEMO)/lists/vox_test_distribution_list.txt --embed_dir $(DEMO)/embeddings/vox_test

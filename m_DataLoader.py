@@ -218,7 +218,7 @@ class EmbeddingData:
                                                          if kind == "triplet" else set()))
         self.speakers = list(speakers) if speakers is not None else own_speakers
         label_of = {spk: i for i, spk in enumerate(self.speakers)}
-        target_speakers = sorted(set(own_speakers) | set(self.speakers))
+        target_speakers = own_speakers  # speaker embeddings live beside this list's files
         target_of = {spk: i for i, spk in enumerate(target_speakers)}
 
         self.embeddings = torch.from_numpy(
