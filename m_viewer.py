@@ -543,7 +543,8 @@ def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
             trials = load_trial_scores(path)
             before = evaluate_scores(trials.original, trials.labels)
             after = evaluate_scores(trials.processed, trials.labels)
-            verdict = "better" if after["eer"] < before["eer"] else "not better"
+            verdict = ", ".join(f"{what} {'better' if after[key] < before[key] else 'not better'}"
+                                for what, key in (("EER", "eer"), ("minDCF", "mindcf")))
             rows.append(f"{name:<28} {label:<18} {before['eer']:>8.2f} {after['eer']:>8.2f} "
                         f"{before['mindcf']:>9.4f} {after['mindcf']:>9.4f}  {verdict}")
     if not rows:

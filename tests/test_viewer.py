@@ -214,7 +214,7 @@ def test_results_table_of_original_and_enhanced(tmp_path, capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("tablerun"))
     eer = m_viewer.compute_eer(original.astype(np.float64), labels)[0]
-    assert row.split()[2:5] == ["list", f"{eer:.2f}", "0.00"] and row.endswith("better")
+    assert row.split()[2:5] == ["list", f"{eer:.2f}", "0.00"] and row.endswith("EER better, minDCF better")
     assert "libri" not in out.split("Original vs enhanced")[1]
 
 
