@@ -31,6 +31,7 @@ LIST_FIELDS = {
 }
 AUDIO_SUFFIXES = (".wav", ".flac")
 SPEAKER_FILE = {"B": "{}.npy", "C": "{}_type2.npy"}
+LOAD_BLOCK = 512  # files one reader thread loads at a time
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,15 +140,26 @@ def load_embeddings(root: str | os.PathLike, rel_paths: Sequence[str], dim: int 
         raise UserError(f"{len(missing)} embedding file(s) named by {source} are missing under "
                         f"{root}:\n  {shown}{more}\n(m_gen_embs.py writes them)")
 
-    def load(path: Path) -> np.ndarray:
-        return single_utterance_embedding(read_embedding(path, dim), path)
+    first = single_utterance_embedding(read_embedding(files[0], dim), files[0]) if files else None
+    width = dim if dim is not None else (len(first) if first is not None else 0)
+    matrix = np.empty((len(files), width), np.float32)
+    if first is not None:
+        matrix[0] = first
+    blocks = [range(start, min(start + LOAD_BLOCK, len(files)))
+              for start in range(1, len(files), LOAD_BLOCK)]
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        rows = list(tqdm(pool.map(load, files), total=len(files), desc=desc, unit="file",
-                         disable=not show_progress or len(files) < 2000, leave=False))
-    matrix = np.stack(rows) if rows else np.zeros((0, dim or 0), np.float32)
-    if dim is None and len({row.shape[0] for row in rows}) > 1:
-        raise UserError(f"embeddings under {root} have different dimensions")
+    def load_block(rows: range) -> int:
+        """Read a block of files straight into their rows of the matrix (no per-row copies)."""
+        for row in rows:
+            array = read_embedding(files[row], width)
+            matrix[row] = single_utterance_embedding(array, files[row])
+        return len(rows)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool, \
+            tqdm(total=len(files), desc=desc, unit="file", leave=False,
+                 disable=not show_progress or len(files) < 2000) as bar:
+        for done in pool.map(load_block, blocks):
+            bar.update(done)
     return matrix
 
 

@@ -1,0 +1,643 @@
+#!/usr/bin/env python3
+"""Speed and memory benchmark (issue 6): the data path, training, scoring and extraction.
+
+    python tests/bench.py --out bench_out                  # realistic default size (make bench)
+    python tests/bench.py --out /tmp/b --utterances 300 --speakers 10 --dim 32 ...   # toy size
+
+Builds a synthetic embedding tree `<spk>/<session>/<nnnnn>.npy` with its speaker files and lists
+under OUT/data (once; a re-run of the same size reuses it), then runs every stage in its own forked
+process, so that each stage's peak memory is its own. A stage times the project's way (the project's
+own code) and, in the same process, a re-creation of the original's way on the same files. Prints one
+table, writes it as a JSON list of records, and prints the JSON path last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from m_comb_embs import speaker_embeddings
+from m_DataLoader import (
+    SPEAKER_FILE,
+    Batch,
+    EmbeddingData,
+    load_embeddings,
+    load_speaker_embeddings,
+    read_list,
+)
+from m_gen_embs import SAMPLE_RATE, Item, embed_batch, make_crops
+from m_gen_list import make_lists
+from m_network import SpeakerNet, Trainer, compute_eer, evaluate_scores, score_trials
+from models.GE2E import packaged_weights
+from models.m_Extractors import load_extractor
+from models.m_Models import get_model
+
+STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge2e",
+          "extract_resnetse34v2")
+RECORD_KEYS = ("name", "project_per_s", "original_per_s", "ratio", "peak_rss_mb")
+COMPUTE_KEY = "compute_only_per_s"
+UNITS = {"load": "utt/s", "data_path": "batch/s", "train_mse": "utt/s", "train_da_mse": "utt/s",
+         "score": "trial/s", "extract_ge2e": "utt/s", "extract_resnetse34v2": "utt/s"}
+RATIO_GOALS = {"data_path": 50.0, "score": 100.0, "extract_ge2e": 1.5, "extract_resnetse34v2": 1.5}
+TRAIN_SLACK = 1.15
+MEMORY_FACTOR = 1.5
+MEMORY_STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score")
+MODEL = "MyLinearNetv2"
+FLAG = {"normal": "B", "distribution": "C"}  # speaker-embedding type of each list's runs
+LIST_NAME = "bench"
+SEED = 10
+DEVICE = torch.device("cpu")
+MB = 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------------
+# The synthetic tree
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Where one size of synthetic data lives under OUT/data."""
+
+    root: Path
+
+    @property
+    def embed_dir(self) -> Path:
+        return self.root / "embeddings"
+
+    def list_path(self, kind: str) -> Path:
+        return self.root / "lists" / f"{LIST_NAME}_{kind}_list.txt"
+
+
+def shape_of(args: argparse.Namespace) -> dict[str, int]:
+    return {key: getattr(args, key) for key in ("utterances", "speakers", "sessions", "crops", "dim")}
+
+
+def ensure_tree(args: argparse.Namespace) -> Tree:
+    """The tree of this size, written unless a complete one is already there."""
+    shape = shape_of(args)
+    tree = Tree(Path(args.out) / "data" / "_".join(f"{key}{value}" for key, value in shape.items()))
+    marker = tree.root / ".complete"
+    if marker.is_file() and json.loads(marker.read_text()) == shape:
+        say(f"reusing the synthetic tree {tree.root}")
+        return tree
+    say(f"writing a synthetic tree of {args.utterances} utterances ({args.crops}, {args.dim}) "
+        f"under {tree.root} (once)")
+    write_embeddings(tree.embed_dir, args)
+    make_lists(tree.embed_dir, LIST_NAME, tree.root / "lists", SEED, kinds=("normal", "distribution"))
+    marker.write_text(json.dumps(shape))
+    return tree
+
+
+def write_embeddings(embed_dir: Path, args: argparse.Namespace) -> None:
+    """Utterance files (speaker + session offset + noise, per crop) and each speaker's B and C files."""
+    rng = np.random.default_rng(SEED)
+    counts = np.diff(np.linspace(0, args.utterances, args.speakers + 1).astype(np.int64))
+    for index, count in enumerate(tqdm(counts, desc="speakers", unit="spk", leave=False)):
+        name = f"id{10000 + index:05d}"
+        session = np.arange(count) * args.sessions // count
+        offsets = rng.standard_normal((args.sessions, args.dim))
+        block = (rng.standard_normal(args.dim) + offsets[session][:, None]
+                 + rng.standard_normal((count, args.crops, args.dim))).astype(np.float32)
+        for u in range(count):
+            first = int(np.searchsorted(session, session[u]))
+            path = embed_dir / name / f"sess{session[u]:07d}" / f"{u - first + 1:05d}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, block[u])
+        for flag, embedding in speaker_embeddings(block.astype(np.float64).mean(axis=1)).items():
+            np.save(embed_dir / SPEAKER_FILE[flag].format(name), embedding)
+
+
+def synthetic_audio(count: int, seconds: float) -> list[np.ndarray]:
+    """`count` waveforms of three random tones plus a little noise, 16 kHz float64."""
+    rng = np.random.default_rng(SEED)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return [0.1 * np.sin(2 * np.pi * rng.uniform(100, 3000, (3, 1)) * t).sum(axis=0)
+            + 0.02 * rng.standard_normal(len(t)) for _ in range(count)]
+
+
+def make_trials(speaker: np.ndarray, count: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trials alternately of the same speaker (another utterance) and of a random utterance."""
+    order = np.argsort(speaker, kind="stable")
+    sizes = np.bincount(speaker)
+    starts = np.cumsum(sizes) - sizes
+    position = np.empty(len(speaker), np.int64)
+    position[order] = np.arange(len(speaker)) - starts[speaker[order]]
+    left = rng.integers(len(speaker), size=count)
+    own = speaker[left]
+    shift = rng.integers(1, np.maximum(sizes[own], 2))
+    same = order[starts[own] + (position[left] + shift) % sizes[own]]
+    right = np.where(np.arange(count) % 2 == 0, same, rng.integers(len(speaker), size=count))
+    return left, right, (speaker[left] == speaker[right]).astype(np.int8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB, None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMeter:
+    """Peak resident memory above this process's size when the meter was made.
+
+    `start()` resets the kernel's high-water mark (5 into /proc/self/clear_refs), so a setup
+    transient before it does not count; where that is impossible the lifetime peak is used.
+    """
+
+    def __init__(self):
+        self.base = status_mb("VmRSS") or 0.0
+
+    def start(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def peak_mb(self) -> float:
+        peak = status_mb("VmHWM")
+        if peak is None:
+            scale = 1 if sys.platform == "darwin" else 1024
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MB
+        return peak - self.base
+
+
+def timed(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def repeated_rate(work: Callable[[], object], units: float, min_seconds: float) -> float:
+    """units/s of `work`, run again until `min_seconds` have passed (at least once)."""
+    runs, elapsed = 0, 0.0
+    while runs == 0 or elapsed < min_seconds:
+        elapsed += timed(work)
+        runs += 1
+    return units * runs / elapsed
+
+
+def sampled_epoch_seconds(loader: DataLoader, sample: int, step: Callable[[Batch], None]) -> float:
+    """Seconds of one epoch of `loader` (a fresh iterator, as every epoch of the original), from its
+    first `sample` batches: the time to the first one, plus the mean time of the others for each
+    batch left. Exact when `sample` covers the epoch."""
+    total = len(loader)
+    start, first, taken = time.perf_counter(), 0.0, 0
+    iterator = iter(loader)
+    for batch in iterator:
+        step(batch)
+        taken += 1
+        if taken == 1:
+            first = time.perf_counter() - start
+        if taken >= sample:
+            break
+    elapsed = time.perf_counter() - start
+    del iterator
+    if taken >= total:
+        return elapsed
+    per_batch = (elapsed - first) / (taken - 1) if taken > 1 else first
+    return first + per_batch * (total - 1)
+
+
+def train_step(net: SpeakerNet, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    """One optimiser step of `net` on `batch`, and nothing else."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = net(batch)
+    loss.backward()
+    optimizer.step()
+
+
+def new_trainer(loss: str, dim: int) -> Trainer:
+    torch.manual_seed(SEED)
+    return Trainer(SpeakerNet(MODEL, loss, nOut=dim), DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------
+# The original's way, re-created for measurement
+
+
+def reduce_file(path: Path) -> np.ndarray:
+    """Open one embedding file, average its crops, L2-normalise: what the original did per sample."""
+    mean = np.load(path).mean(axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+class PerFileDataset(Dataset):
+    """The original's data path: every item opens its utterance's file anew, every epoch.
+    Speaker targets are held in memory (which favours the original)."""
+
+    def __init__(self, tree: Tree, records: list[tuple], targets: torch.Tensor, speakers: list[str]):
+        index = {spk: i for i, spk in enumerate(speakers)}
+        self.files = [tree.embed_dir / rel for _, rel in records]
+        self.speaker = [index[spk] for spk, _ in records]
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return torch.from_numpy(reduce_file(self.files[i])), self.targets[self.speaker[i]], self.speaker[i]
+
+
+def collate_batch(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Batch:
+    inputs, targets, labels = zip(*samples, strict=True)
+    return Batch(inputs=torch.stack(inputs), targets=torch.stack(targets), labels=torch.tensor(labels))
+
+
+class SpeakerPairsDataset(Dataset):
+    """The original's DA data path: item k is speaker k's step, whose pair files are all reopened."""
+
+    def __init__(self, tree: Tree, records: list[tuple], targets: torch.Tensor, speakers: list[str]):
+        self.root = tree.embed_dir
+        self.speakers = speakers
+        self.pairs: dict[str, list[tuple]] = {spk: [] for spk in speakers}
+        for spk, a, b, flag in records:
+            self.pairs[spk].append((a, b, flag))
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.speakers)
+
+    def __getitem__(self, k: int) -> Batch:
+        pairs = self.pairs[self.speakers[k]]
+        rows = [reduce_file(self.root / rel) for a, b, _ in pairs for rel in (a, b)]
+        return Batch(inputs=torch.from_numpy(np.stack(rows)),
+                     targets=self.targets[k].expand(len(rows), -1).clone(),
+                     labels=torch.full((len(rows),), k), pair_same=torch.tensor([f == 1 for *_, f in pairs]),
+                     pair_speaker=torch.full((len(pairs),), k))
+
+
+def original_loader(args: argparse.Namespace, tree: Tree, kind: str) -> DataLoader:
+    """A DataLoader of the original's kind over the same list, with nDataLoaderThread workers."""
+    records = read_list(tree.list_path(kind), kind)
+    speakers = sorted({r[0] for r in records})
+    targets = torch.from_numpy(load_speaker_embeddings(tree.embed_dir, speakers, FLAG[kind], args.dim))
+    if kind == "distribution":
+        return DataLoader(SpeakerPairsDataset(tree, records, targets, speakers), batch_size=None,
+                          shuffle=True, num_workers=args.workers)
+    return DataLoader(PerFileDataset(tree, records, targets, speakers), batch_size=args.batch_size,
+                      shuffle=True, num_workers=args.workers, collate_fn=collate_batch)
+
+
+def original_scores(matrix: np.ndarray, left: np.ndarray, right: np.ndarray) -> list[float]:
+    """One Python iteration and one device transfer per trial, as the original scored."""
+    scores = []
+    for i, j in zip(left.tolist(), right.tolist(), strict=True):
+        a = torch.from_numpy(matrix[i]).to(DEVICE)
+        b = torch.from_numpy(matrix[j]).to(DEVICE)
+        scores.append(-float(F.pairwise_distance(a[None], b[None]).detach().cpu().numpy().mean()))
+    return scores
+
+
+def python_error_rates(scores: list[float], labels: list[int]) -> tuple[list[float], list[float]]:
+    """Miss and false-alarm rates at every score, built one element at a time in Python lists."""
+    ordered = [labels[k] for k in sorted(range(len(scores)), key=scores.__getitem__)]
+    targets = sum(ordered)
+    nontargets = len(ordered) - targets
+    misses, accepted, fnrs, fprs = 0, 0, [], []
+    for label in ordered:
+        misses += label
+        accepted += 1 - label
+        fnrs.append(misses / targets)
+        fprs.append(1 - accepted / nontargets)
+    return fnrs, fprs
+
+
+def python_min_dcf(fnrs: list[float], fprs: list[float], p_target: float) -> float:
+    best = min(fnr * p_target + fpr * (1 - p_target) for fnr, fpr in zip(fnrs, fprs, strict=True))
+    return best / min(p_target, 1 - p_target)
+
+
+def original_metrics(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """EER on sklearn's ROC curve and minDCF(0.05, 0.01) from Python-list error rates."""
+    fnrs, fprs = python_error_rates(scores.tolist(), labels.tolist())
+    return compute_eer(scores, labels)[0], python_min_dcf(fnrs, fprs, 0.05), python_min_dcf(fnrs, fprs, 0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages: each runs in its own forked process and returns its record and notes
+
+
+@dataclass
+class StageResult:
+    record: dict
+    notes: list[str]
+
+
+def make_record(name: str, project: float, original: float | None, peak: float,
+                compute_only: float | None = None) -> dict:
+    record = {"name": name, "project_per_s": round(project, 3),
+              "original_per_s": None if original is None else round(original, 3),
+              "ratio": None if original is None else round(project / original, 2),
+              "peak_rss_mb": round(peak, 1)}
+    if name.startswith("train_"):
+        record[COMPUTE_KEY] = round(compute_only, 3)
+    return record
+
+
+def load_list(args: argparse.Namespace, tree: Tree, kind: str) -> EmbeddingData:
+    return EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, FLAG[kind], args.dim, DEVICE,
+                         threads=args.workers)
+
+
+def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+    meter.start()
+    start = time.perf_counter()
+    data = load_list(args, tree, "normal")
+    seconds = time.perf_counter() - start
+    return StageResult(make_record("load", len(data) / seconds, None, meter.peak_mb()),
+                       ["load: first load of the normal list (page cache warm); the original had no "
+                        "load step (it read files every epoch: see data_path), so no ratio"])
+
+
+def stage_data_path(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+    data = load_list(args, tree, "normal")
+    meter.start()
+    batches = len(data.global_batches(args.batch_size, SEED, 1))
+    project = repeated_rate(lambda: sum(1 for _ in data.epoch(args.batch_size, SEED, 1)), batches,
+                            args.min_seconds)
+    peak = meter.peak_mb()
+    loader = original_loader(args, tree, "normal")
+    original = len(loader) / sampled_epoch_seconds(loader, args.original_batches, lambda batch: None)
+    return StageResult(make_record("data_path", project, original, peak),
+                       [sampled_note("data_path", args.original_batches, len(loader), "batches")])
+
+
+def sampled_note(name: str, sample: int, total: int, what: str) -> str:
+    if sample >= total:
+        return f"{name}: original timed over the whole epoch ({total} {what})"
+    return f"{name}: original timed on its first {sample} of {total} {what}, extrapolated to the epoch"
+
+
+def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
+    """One epoch of MODEL with `loss` on the `kind` list: project, compute only, original."""
+
+    def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+        data = load_list(args, tree, kind)
+        sampling = {"speakers_per_step": 1} if kind == "distribution" else {}
+        rows = sum(batch.size for batch in data.epoch(args.batch_size, SEED, 1, **sampling))
+        trainer = new_trainer(loss, args.dim)
+        meter.start()
+        seconds = timed(lambda: trainer.train_epoch(data, 1, args.batch_size, SEED, **sampling))
+        peak = meter.peak_mb()
+        batches = list(islice(data.epoch(args.batch_size, SEED, 1, **sampling), args.compute_batches))
+        compute = sum(batch.size for batch in batches) / timed(
+            lambda: [train_step(trainer.net, trainer.optimizer, batch) for batch in batches])
+        original = new_trainer(loss, args.dim)
+        loader = original_loader(args, tree, kind)
+        original_seconds = sampled_epoch_seconds(
+            loader, args.original_batches, lambda batch: train_step(original.net, original.optimizer, batch))
+        notes = [sampled_note(name, args.original_batches, len(loader), "steps"),
+                 f"{name}: compute-only timed on the epoch's first {len(batches)} of {len(loader)} batches, "
+                 "built beforehand, pushed through the project epoch's model and optimiser"]
+        return StageResult(make_record(name, rows / seconds, rows / original_seconds, peak, compute), notes)
+
+    return run
+
+
+def stage_score(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+    records = read_list(tree.list_path("normal"), "normal")
+    matrix = load_embeddings(tree.embed_dir, [rel for _, rel in records], args.dim, args.workers,
+                             show_progress=False)
+    index = {spk: i for i, spk in enumerate(sorted({spk for spk, _ in records}))}
+    speaker = np.array([index[spk] for spk, _ in records], np.int64)
+    left, right, labels = make_trials(speaker, args.trials, np.random.default_rng(SEED))
+    meter.start()
+    project = repeated_rate(lambda: evaluate_scores(score_trials(matrix, left, right, "B"), labels),
+                            args.trials, args.min_seconds)
+    peak = meter.peak_mb()
+    scores = score_trials(matrix, left, right, "B")
+    sample = min(args.original_trials, args.trials)
+    loop = timed(lambda: original_scores(matrix, left[:sample], right[:sample]))
+    metrics = timed(lambda: original_metrics(scores, labels))
+    original = args.trials / (loop * args.trials / sample + metrics)
+    note = (f"score: original per-trial loop timed on {sample} of {args.trials} trials and extrapolated, "
+            f"its EER/minDCF on all {args.trials}; on CPU its per-trial device transfer is a no-op")
+    return StageResult(make_record("score", project, original, peak), [note])
+
+
+def stage_extract(name: str, extractor: str) -> Callable[..., StageResult]:
+    """`extractor` on synthetic audio: m_gen_embs' batches of utterances vs one utterance a pass."""
+
+    def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+        notes = []
+        random_init = extractor != "GE2E" or packaged_weights() is None
+        model = load_extractor(extractor, random_init=random_init)
+        if random_init:
+            notes.append(f"{name}: random weights (the speed does not depend on them)")
+        items = [Item(i, make_crops(audio, args.eval_frames, args.num_eval))
+                 for i, audio in enumerate(synthetic_audio(args.audio_utterances, args.audio_seconds))]
+        sample = items[:args.original_utterances]
+        size = args.extract_batch
+        with torch.inference_mode():
+            embed_batch(model, items[:1], DEVICE)
+            meter.start()
+            project = len(items) / timed(lambda: [embed_batch(model, items[i:i + size], DEVICE)
+                                                  for i in range(0, len(items), size)])
+            peak = meter.peak_mb()
+            original = len(sample) / timed(lambda: [embed_batch(model, [item], DEVICE) for item in sample])
+        notes.append(f"{name}: {len(items)} utterances of {args.audio_seconds:g} s, {args.num_eval} crops of "
+                     f"{args.eval_frames} frames each, {size} utterances per pass; original (one utterance "
+                     f"per pass) timed on {len(sample)} of them")
+        return StageResult(make_record(name, project, original, peak), notes)
+
+    return run
+
+
+STAGE_RUNNERS: dict[str, Callable[..., StageResult]] = {
+    "load": stage_load,
+    "data_path": stage_data_path,
+    "train_mse": stage_train("train_mse", "normal", "MSE"),
+    "train_da_mse": stage_train("train_da_mse", "distribution", "DA_MSE"),
+    "score": stage_score,
+    "extract_ge2e": stage_extract("extract_ge2e", "GE2E"),
+    "extract_resnetse34v2": stage_extract("extract_resnetse34v2", "ResNetSE34V2"),
+}
+
+
+def warm_up() -> None:
+    """One tiny training step: torch's lazy imports and one-time buffers (about 70 MB on the first
+    Adam step) then belong to the baseline, not to the stage."""
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.Adam(layer.parameters())
+    layer(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+
+
+def stage_child(name: str, args: argparse.Namespace, tree: Tree, send) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warm_up()
+    meter = PeakMeter()
+    result = STAGE_RUNNERS[name](args, tree, meter)
+    send.send((result, meter.base))
+
+
+def run_isolated(name: str, args: argparse.Namespace, tree: Tree) -> tuple[StageResult, float]:
+    """Run one stage in a forked child (its own peak memory); returns its result and base RSS."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=stage_child, args=(name, args, tree, send))
+    process.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = None
+    process.join()
+    if process.exitcode != 0 or result is None:
+        raise SystemExit(f"bench: stage {name} failed (exit code {process.exitcode})")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", flush=True)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(records: list[dict]) -> str:
+    head = (f"{'name':<22}{'unit':>9}{'project/s':>14}{'original/s':>14}{'ratio':>9}"
+            f"{'compute-only/s':>16}{'peak MB':>10}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lines.append(f"{r['name']:<22}{UNITS[r['name']]:>9}{fmt(r['project_per_s']):>14}"
+                     f"{fmt(r['original_per_s']):>14}{fmt(r['ratio'], 2):>9}"
+                     f"{fmt(r.get(COMPUTE_KEY)):>16}{fmt(r['peak_rss_mb']):>10}")
+    return "\n".join(lines)
+
+
+def memory_budget(args: argparse.Namespace) -> tuple[float, float, float]:
+    """MiB of the reduced (N, D) float32 matrix, of MODEL's parameters, and the goal's limit."""
+    matrix = args.utterances * args.dim * 4 / MB
+    model = sum(p.numel() for p in get_model(MODEL, nOut=args.dim).parameters()) * 4 / MB
+    return matrix, model, MEMORY_FACTOR * (matrix + model)
+
+
+def verdicts(records: list[dict], limit: float) -> list[str]:
+    """One line per goal of the issue: met or not."""
+    lines = []
+    for r in records:
+        name = r["name"]
+        if name in RATIO_GOALS and r["ratio"] is not None:
+            lines.append(goal_line(f"{name} ratio {r['ratio']:.2f} >= {RATIO_GOALS[name]:g}",
+                                   r["ratio"] >= RATIO_GOALS[name]))
+        if COMPUTE_KEY in r:
+            slowdown = r[COMPUTE_KEY] / r["project_per_s"]
+            lines.append(goal_line(f"{name} epoch at {slowdown:.3f}x its arithmetic limit <= {TRAIN_SLACK}",
+                                   slowdown <= TRAIN_SLACK))
+        if name in MEMORY_STAGES:
+            lines.append(goal_line(f"{name} peak {r['peak_rss_mb']:.0f} MB <= {limit:.0f} MB",
+                                   r["peak_rss_mb"] <= limit))
+    return lines
+
+
+def goal_line(text: str, met: bool) -> str:
+    return f"  {'met    ' if met else 'NOT met'}  {text}"
+
+
+def report(args: argparse.Namespace, records: list[dict], notes: Iterable[str], base_rss: float,
+           seconds: float, load: tuple[float, float]) -> None:
+    matrix, model, limit = memory_budget(args)
+    print()
+    print(table(records))
+    print()
+    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with "
+          f"{args.threads or torch.get_num_threads()} intra-op threads, load average {load[0]:.1f} at start "
+          f"and {load[1]:.1f} at the end (other processes may be running); bench wall time {seconds:.0f} s")
+    print(f"peak MB: peak RSS of the stage's project path above its process before the stage (torch and "
+          f"the project imported, one tiny Adam step taken: {base_rss:.0f} MB); the stage's data counts")
+    print(f"memory goal: {MEMORY_FACTOR} x (reduced matrix {args.utterances} x {args.dim} float32 = "
+          f"{matrix:.1f} MB + {MODEL} parameters {model:.1f} MB) = {limit:.1f} MB; Adam adds 3x the "
+          f"parameters while training")
+    for note in notes:
+        print(f"note: {note}")
+    print("goals:")
+    print("\n".join(verdicts(records, limit)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--out", default="bench_out", help="folder of the synthetic data and the JSON")
+    add("--utterances", type=int, default=50_000, help="utterance files in the tree")
+    add("--speakers", type=int, default=1_000, help="speakers in the tree")
+    add("--sessions", type=int, default=5, help="sessions (categories) per speaker")
+    add("--crops", type=int, default=10, help="crops per utterance file")
+    add("--dim", type=int, default=512, help="embedding dimension")
+    add("--batch_size", type=int, default=200, help="training batch size")
+    add("--workers", type=int, default=5, help="nDataLoaderThread: loader threads and original workers")
+    add("--trials", type=int, default=200_000, help="trials to score")
+    add("--original_batches", type=int, default=30, help="batches or DA steps timed of the original")
+    add("--compute_batches", type=int, default=50, help="batches timed of the compute-only loop")
+    add("--original_trials", type=int, default=20_000, help="trials timed of the original loop")
+    add("--audio_utterances", type=int, default=16, help="utterances of synthetic audio")
+    add("--audio_seconds", type=float, default=12.0, help="seconds per synthetic utterance")
+    add("--eval_frames", type=int, default=400, help="extraction crop length in frames")
+    add("--num_eval", type=int, default=10, help="extraction crops per utterance")
+    add("--extract_batch", type=int, default=8, help="utterances per extractor pass (m_gen_embs)")
+    add("--original_utterances", type=int, default=4, help="utterances timed one at a time")
+    add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one a core)")
+    add("--min_seconds", type=float, default=1.0, help="repeat fast project timings this long")
+    add("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
+    args = parser.parse_args(argv)
+    if args.utterances < 2 * args.speakers or args.sessions < 2:
+        parser.error("need at least 2 utterances per speaker and 2 sessions")
+    for name in ("original_batches", "compute_batches", "original_trials", "original_utterances", "trials",
+                 "workers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
+    tree = ensure_tree(args)
+    records, notes, base_rss = [], [], 0.0
+    for name in (stage for stage in STAGES if stage in args.stages):
+        say(f"stage {name} ...")
+        began = time.perf_counter()
+        result, base_rss = run_isolated(name, args, tree)
+        say(f"stage {name} done in {time.perf_counter() - began:.1f} s")
+        records.append(result.record)
+        notes += result.notes
+    report(args, records, notes, base_rss, time.perf_counter() - started, (load_start, os.getloadavg()[0]))
+    path = Path(args.out) / "bench.json"
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

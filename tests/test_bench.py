@@ -1,0 +1,45 @@
+"""The benchmark at a toy size: it runs, and its JSON records keep their agreed names and keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_script
+
+TOY = ["--utterances", "240", "--speakers", "12", "--sessions", "3", "--crops", "3", "--dim", "32",
+       "--trials", "3000", "--original_trials", "500", "--original_batches", "3", "--workers", "2",
+       "--audio_utterances", "2", "--audio_seconds", "1.5", "--eval_frames", "60", "--num_eval", "2",
+       "--extract_batch", "2", "--original_utterances", "1", "--min_seconds", "0.05"]
+NAMES = ["load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge2e", "extract_resnetse34v2"]
+KEYS = {"name", "project_per_s", "original_per_s", "ratio", "peak_rss_mb"}
+
+
+def test_bench_writes_every_record(tmp_path: Path):
+    result = run_script("tests/bench.py", "--out", str(tmp_path), *TOY, timeout=600)
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert path == tmp_path / "bench.json"
+    records = json.loads(path.read_text())
+    assert [r["name"] for r in records] == NAMES
+    for record in records:
+        extra = {"compute_only_per_s"} if record["name"].startswith("train_") else set()
+        assert set(record) == KEYS | extra, record["name"]
+        assert record["project_per_s"] > 0 and record["peak_rss_mb"] is not None
+        for key in extra:
+            assert record[key] > 0
+        if record["name"] == "load":
+            assert record["original_per_s"] is None and record["ratio"] is None
+        else:
+            assert record["original_per_s"] > 0
+            assert abs(record["ratio"] - record["project_per_s"] / record["original_per_s"]) \
+                <= 0.01 * record["ratio"] + 0.01
+    assert "goals:" in result.stdout
+
+
+def test_bench_reuses_its_tree(tmp_path: Path):
+    args = ["tests/bench.py", "--out", str(tmp_path), *TOY, "--stages", "load"]
+    first = run_script(*args, timeout=300)
+    second = run_script(*args, timeout=300)
+    assert "writing a synthetic tree" in first.stdout
+    assert "reusing the synthetic tree" in second.stdout
+    assert [r["name"] for r in json.loads((tmp_path / "bench.json").read_text())] == ["load"]
