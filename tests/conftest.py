@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,6 +42,19 @@ def make_embedding_tree(root: Path, speakers: int = 8, sessions: int = 3, uttera
     return root
 
 
+def make_experiment_data(root: Path, train: int, test: int, libri: int) -> Path:
+    """Train / test (VoxCeleb layout) and libri (LibriSpeech layout) embedding trees of that many
+    speakers, with speaker files and the four lists of each under root/lists."""
+    from m_comb_embs import combine
+    from m_gen_list import make_lists
+
+    for seed, (name, speakers) in enumerate((("train", train), ("test", test), ("libri", libri))):
+        tree = make_embedding_tree(root / name, speakers=speakers, seed=seed, libri=name == "libri")
+        combine(tree)
+        make_lists(tree, name, root / "lists", seed=10)
+    return root
+
+
 def run_script(*args: str, cwd: Path | None = None, check: bool = True,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would: `python ./m_x.py ...`."""
@@ -55,3 +69,12 @@ def run_script(*args: str, cwd: Path | None = None, check: bool = True,
 @pytest.fixture
 def vox_tree(tmp_path: Path) -> Path:
     return make_embedding_tree(tmp_path / "emb")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny batches: one intra-op thread is faster and steadier on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

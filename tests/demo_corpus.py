@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -38,6 +37,9 @@ import numpy as np
 import soundfile as sf
 from scipy import fft, signal
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from m_utils import atomic_write  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Parameters. Every number the synthesis uses is here. A range (lo, hi) is drawn uniformly.
@@ -705,18 +707,8 @@ def synth_file(job: Job, p: SynthParams) -> np.ndarray:
 
 def write_audio_atomic(path: Path, samples: np.ndarray, fs: int) -> None:
     """Write 16-bit PCM (WAV or FLAC by suffix) under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "FLAC" if path.suffix == ".flac" else "WAV"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            sf.write(handle, samples, fs, subtype="PCM_16", format=fmt)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: sf.write(handle, samples, fs, subtype="PCM_16", format=fmt))
 
 
 def _run_job(args: tuple[Job, SynthParams]) -> str:

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_embedding_tree, run_script
+from conftest import ROOT, make_experiment_data, run_script
 from test_trainer import config
 
-from m_comb_embs import combine
-from m_gen_list import make_lists
 from m_network import checkpoints
 
 
@@ -22,13 +20,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ddp")
-    for name, seed, speakers, libri in (("train", 0, 10, False), ("test", 1, 6, False),
-                                        ("libri", 2, 4, True)):
-        tree = make_embedding_tree(root / name, speakers=speakers, seed=seed, libri=libri)
-        combine(tree)
-        make_lists(tree, name, root / "lists", seed=10)
-    return root
+    return make_experiment_data(tmp_path_factory.mktemp("ddp"), 10, 6, 4)
 
 
 def weights(save: Path) -> dict[str, torch.Tensor]:

@@ -27,14 +27,7 @@ needs_resemblyzer = pytest.mark.skipif(importlib.util.find_spec("resemblyzer") i
                                        reason="resemblyzer wheel not installed")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches: one intra-op thread is faster and steadier on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def reference_keys() -> dict[str, tuple[int, ...]]:
     keys = {}

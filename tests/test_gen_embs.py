@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-import torch
 
 import m_gen_embs
 from m_gen_embs import AudioError, Job, extract, find_audio, main, make_crops, read_audio
@@ -31,14 +30,7 @@ GOOD = ["19/198/19-198-0001.flac", "19/198/19-198-0002.flac", "26/495/26-495-000
 BAD = ["id10002/sessC/00004.wav", "id10002/sessC/00005.wav"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches: one intra-op thread is faster and steadier on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tone(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)

@@ -5,11 +5,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_embedding_tree, run_script
+from conftest import make_experiment_data, run_script
 
 import m_trainer
-from m_comb_embs import combine
-from m_gen_list import make_lists
 from m_network import checkpoints
 from m_utils import UserError
 
@@ -21,13 +19,7 @@ VAL_LINE = re.compile(r"^--Val-- Epoch \d+, VLoss \S+, VEER \S+, VEER_LIBRI \S+,
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Train / test / LibriSpeech-layout embedding trees with their lists, nOut 24."""
-    root = tmp_path_factory.mktemp("data")
-    for name, seed, speakers, libri in (("train", 0, 40, False), ("test", 1, 16, False),
-                                        ("libri", 2, 8, True)):
-        tree = make_embedding_tree(root / name, speakers=speakers, seed=seed, libri=libri)
-        combine(tree)
-        make_lists(tree, name, root / "lists", seed=10)
-    return root
+    return make_experiment_data(tmp_path_factory.mktemp("data"), 40, 16, 8)
 
 
 def config(data: Path, tmp_path: Path, **options) -> Path:
