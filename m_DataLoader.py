@@ -261,34 +261,36 @@ class EmbeddingData:
 
     # -- batch assembly ------------------------------------------------------------------------
 
+    def rows_of(self, table: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """table[rows]. On the CPU the gather runs in numpy on the tensor's own memory: torch's
+        threaded indexing costs more in thread wake-ups than the copy itself for small batches."""
+        if table.device.type == "cpu":
+            return torch.from_numpy(table.numpy()[rows])
+        return table[torch.as_tensor(rows, device=table.device)]
+
+    def on_device(self, values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values, device=self.embeddings.device)
+
     def batch_of(self, records: np.ndarray, weight: float = 1.0) -> Batch:
         """The Batch of record indices `records` (pairs for a distribution list)."""
         if self.kind == "distribution":
             return self._pair_batch(records, weight)
-        index = torch.as_tensor(records, device=self.embeddings.device)
-        rows = torch.as_tensor(self.rows, device=self.embeddings.device)[index]
-        target = torch.as_tensor(self.target, device=self.embeddings.device)[index]
-        others = None
-        if self.kind == "triplet":
-            other = torch.as_tensor(self.other_target, device=self.embeddings.device)[index]
-            others = self.speaker_embeddings[other]
-        return Batch(inputs=self.embeddings[rows], targets=self.speaker_embeddings[target],
-                     labels=torch.as_tensor(self.label[records], device=self.embeddings.device),
-                     others=others, weight=weight)
+        others = (self.rows_of(self.speaker_embeddings, self.other_target[records])
+                  if self.kind == "triplet" else None)
+        return Batch(inputs=self.rows_of(self.embeddings, self.rows[records]),
+                     targets=self.rows_of(self.speaker_embeddings, self.target[records]),
+                     labels=self.on_device(self.label[records]), others=others, weight=weight)
 
     def _pair_batch(self, pairs: np.ndarray, weight: float) -> Batch:
         order = np.lexsort((~self.pair_same[pairs], self.target[pairs]))
         pairs = pairs[order]
         rows = np.stack([self.pair_a[pairs], self.pair_b[pairs]], axis=1).reshape(-1)
         per_row = np.repeat(pairs, 2)
-        device = self.embeddings.device
-        return Batch(inputs=self.embeddings[torch.as_tensor(rows, device=device)],
-                     targets=self.speaker_embeddings[torch.as_tensor(self.target[per_row],
-                                                                     device=device)],
-                     labels=torch.as_tensor(self.label[per_row], device=device),
-                     pair_same=torch.as_tensor(self.pair_same[pairs], device=device),
-                     pair_speaker=torch.as_tensor(self.target[pairs], device=device),
-                     weight=weight)
+        return Batch(inputs=self.rows_of(self.embeddings, rows),
+                     targets=self.rows_of(self.speaker_embeddings, self.target[per_row]),
+                     labels=self.on_device(self.label[per_row]),
+                     pair_same=self.on_device(self.pair_same[pairs]),
+                     pair_speaker=self.on_device(self.target[pairs]), weight=weight)
 
     def speaker_pairs(self) -> list[np.ndarray]:
         """Pair indices grouped by speaker, in speaker order (distribution lists)."""
