@@ -157,16 +157,26 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _run_in_group(ctx: DistContext, fn: Callable[..., Any], args: tuple) -> None:
+    """Run fn on this rank; ranks wait for each other before the group is torn down (a rank that
+    leaves while rank 0 still writes can abort Gloo)."""
+    import torch.distributed as dist
+
+    try:
+        fn(ctx, *args)
+        dist.barrier()
+    finally:
+        destroy_process_group()
+
+
 def _spawned_worker(local_rank: int, world_size: int, backend: str, port: int,
                     fn: Callable[..., Any], args: tuple) -> None:
     ctx = init_process_group(local_rank, world_size, local_rank, backend, port)
     try:
-        fn(ctx, *args)
+        _run_in_group(ctx, fn, args)
     except UserError as err:
         print(f"error (rank {local_rank}): {err}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        destroy_process_group()
 
 
 def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: str,
@@ -184,10 +194,7 @@ def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: st
     if launched_by_torchrun():
         ctx = init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                                  int(os.environ["LOCAL_RANK"]), backend)
-        try:
-            fn(ctx, *args)
-        finally:
-            destroy_process_group()
+        _run_in_group(ctx, fn, args)
         return
     if not distributed:
         fn(SINGLE, *args)
