@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from m_utils import SINGLE, DistContext, UserError
+from m_utils import SINGLE, DistContext, UserError, read_user_text
 
 log = logging.getLogger("m_DataLoader")
 
@@ -47,12 +47,7 @@ def read_list(path: str | os.PathLike, kind: str) -> list[tuple]:
         raise UserError(f"unknown list kind '{kind}'; known: {', '.join(LIST_FIELDS)}")
     fields = LIST_FIELDS[kind]
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: list file not found (m_gen_list.py writes lists)") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read list file ({err})") from None
+    text = read_user_text(path, "list file", "m_gen_list.py")
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         parts = line.split()

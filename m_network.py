@@ -295,7 +295,3 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         return int(state["epoch"])
-
-
-def normalized_rows(matrix: np.ndarray) -> np.ndarray:
-    return l2_normalize(matrix).astype(np.float32)

@@ -31,6 +31,7 @@ from m_utils import (
     append_line,
     atomic_write,
     launch,
+    read_user_text,
     resolve_device,
     run_main,
     save_npy_atomic,
@@ -148,11 +149,7 @@ def check_config_value(path: Path, key: str, value: Any) -> Any:
 def read_config(path: str) -> dict[str, Any]:
     config_path = Path(path)
     try:
-        loaded = yaml.safe_load(config_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{config_path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{config_path}: cannot read config ({err})") from None
+        loaded = yaml.safe_load(read_user_text(config_path, "config file"))
     except yaml.YAMLError as err:
         raise UserError(f"{config_path}: not valid YAML ({err})") from None
     if loaded is None:

@@ -52,6 +52,18 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
     return UserError(f"unknown {kind} '{name}'{hint}; known: {', '.join(known)}")
 
 
+def read_user_text(path: str | os.PathLike, what: str, maker: str = "") -> str:
+    """The text of a user's file, or a UserError naming it (`what`: "list file", ...)."""
+    path = Path(path)
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        hint = f" ({maker} writes it)" if maker else ""
+        raise UserError(f"{path}: {what} not found{hint}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read the {what} ({err})") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Atomic writes: a file either has its complete new content or does not exist under its name.
 

@@ -29,7 +29,7 @@ from scipy.stats import norm
 
 from m_DataLoader import embedding_file, load_embeddings, read_list
 from m_network import compute_eer, compute_min_dcf, error_rates, evaluate_scores, score_trials
-from m_utils import UserError, atomic_write, run_main, write_text_atomic
+from m_utils import UserError, atomic_write, read_user_text, run_main, write_text_atomic
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 
@@ -110,12 +110,7 @@ def parse_scores(path: str | Path, name: str | None = None) -> Scores:
     A missing file or a malformed line is a UserError naming the file (and line).
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: scores file not found (m_trainer.py writes it while training)") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read the scores file ({err})") from None
+    text = read_user_text(path, "scores file", "m_trainer.py while training")
     rows: dict[bool, list[list[float]]] = {False: [], True: []}
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -529,6 +524,9 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
         print("skipped dist_hist.png: no --dist_list (with --embed_dir)")
     for path in written:
         print(f"wrote {path}")
+    table = results_table(run_dirs, names)
+    if table:
+        print(f"\nOriginal vs enhanced (EER in %, minDCF at P_target {MIN_DCF_P_TARGET}):\n{table}")
     return written
 
 
@@ -556,11 +554,6 @@ def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     make_figures(argv)
-    args = build_parser().parse_args(argv)
-    run_dirs = [Path(p) for p in args.save_path]
-    table = results_table(run_dirs, run_names(run_dirs))
-    if table:
-        print(f"\nOriginal vs enhanced (EER in %, minDCF at P_target {MIN_DCF_P_TARGET}):\n{table}")
 
 
 if __name__ == "__main__":
