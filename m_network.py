@@ -129,7 +129,9 @@ SCHEDULERS = ("steplr", "cosine", "none")
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise unknown_name("optimizer", name, OPTIMIZERS)
-    extra = {"momentum": 0.9} if name == "sgd" else {}
+    # The fused Adam kernels (CPU and CUDA) update every parameter in one pass: faster, and without
+    # the foreach path's temporary copy of the optimiser state at each step.
+    extra = {"momentum": 0.9} if name == "sgd" else {"fused": True}
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, **extra)
 
 
