@@ -31,7 +31,7 @@ bench: install
 # make demo CORPUS_FLAGS="--train_speakers 20" TRAIN_FLAGS="--max_epoch 2" (the tests do so).
 CORPUS_FLAGS ?=
 # GE2E works on 1.6 s windows: crops of 160 frames keep the demo fast
-EMBED_FLAGS  ?= --eval_frames 160 --num_eval 5 --batch_size 32
+EMBED_FLAGS  ?= --eval_frames 160 --num_eval 5
 TRAIN_FLAGS  ?=
 # configs/<run>.yaml; each run's results go to demo_out/exp/<run>
 DEMO_RUNS    ?= demo_MyLinearNetv2 demo_MyResidualNet

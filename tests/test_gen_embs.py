@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 import m_gen_embs
-from m_gen_embs import AudioError, Job, extract, find_audio, main, make_crops, read_audio
+from m_gen_embs import AudioError, Job, batch_size_for, extract, find_audio, main, make_crops, read_audio
 from m_utils import DistContext, UserError
 from models.m_Extractors import load_extractor
 
@@ -179,10 +180,20 @@ def test_resnet_random_init_with_loader_workers(tree):
         assert embedding.shape == (3, 512) and np.isfinite(embedding).all()
 
 
+def test_automatic_batch_size_follows_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert batch_size_for(0, cpu, 400, 10) == 1
+    assert batch_size_for(0, cpu, 160, 5) == 8
+    assert batch_size_for(0, cpu, 1000, 10) == 1
+    assert batch_size_for(0, cuda, 400, 10) == 16
+    assert batch_size_for(3, cpu, 400, 10) == batch_size_for(3, cuda, 400, 10) == 3
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--model", "ResNet34"], "known: GE2E, ResNetSE34V2"),
     (["--model", "ResNetSE34V2"], "baseline_v2_ap.model"),
     (["--num_eval", "0"], "--num_eval must be at least 1"),
+    (["--batch_size", "-1"], "--batch_size must be 0 or more"),
 ])
 def test_bad_options_are_user_errors(tree, extra, message):
     db, emb = tree
