@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.metrics import roc_curve
 from torch import nn
 
 from loss.m_Losses import get_loss
@@ -32,50 +32,107 @@ SCORE_CHUNK = 2048
 
 def score_trials(embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right: np.ndarray,
                  metric: str) -> np.ndarray:
-    """Score trials (left[i], right[i]) between rows of `embeddings`, vectorised in chunks small
-    enough to stay in cache.
+    """Score trials (left[i], right[i]) between rows of `embeddings` -> float32 scores.
 
     metric B: -||a - b|| (L2 distance); metric C: -(1 - cos(a, b)) (cosine distance).
+    A table on a GPU is scored there; otherwise in cache-sized chunks spread over torch's
+    intra-op threads (the time goes into fetching rows, which one core alone cannot saturate).
     """
     if metric not in ("B", "C"):
         raise UserError(f"multiple_embedding_flag must be B or C, found {metric!r}")
+    left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
+    if isinstance(embeddings, torch.Tensor) and embeddings.device.type != "cpu":
+        return _score_on_device(embeddings.detach().float(), left, right, metric)
     if isinstance(embeddings, torch.Tensor):
-        embeddings = embeddings.detach().float().cpu().numpy()
-    table = np.asarray(embeddings, np.float32)
+        embeddings = embeddings.detach().float().numpy()
+    table = np.ascontiguousarray(embeddings, np.float32)
     if metric == "C":
         table = l2_normalize(table).astype(np.float32)
+    # Each row as one opaque item: take() then copies whole rows, faster than float-wise indexing.
+    rows = table.view(np.dtype((np.void, table.shape[1] * table.itemsize))).reshape(-1)
     out = np.empty(len(left), np.float32)
-    for start in range(0, len(left), SCORE_CHUNK):
-        a = table[left[start:start + SCORE_CHUNK]]
-        b = table[right[start:start + SCORE_CHUNK]]
+
+    def score_chunk(start: int) -> None:
+        stop = min(start + SCORE_CHUNK, len(left))
+        a = rows.take(left[start:stop]).view(np.float32).reshape(stop - start, -1)
+        b = rows.take(right[start:stop]).view(np.float32).reshape(stop - start, -1)
         if metric == "B":
             a -= b
-            out[start:start + len(a)] = -np.sqrt(np.einsum("ij,ij->i", a, a))
+            out[start:stop] = -np.sqrt(np.einsum("ij,ij->i", a, a))
         else:
-            out[start:start + len(a)] = np.einsum("ij,ij->i", a, b) - 1
+            out[start:stop] = np.einsum("ij,ij->i", a, b) - 1
+
+    starts = range(0, len(left), SCORE_CHUNK)
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(score_chunk, starts))
+    else:
+        for start in starts:
+            score_chunk(start)
     return out
 
 
-def compute_eer(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """EER in % and its threshold, as voxceleb_trainer computes it: on sklearn's ROC curve, the
-    point where |FNR - FPR| is smallest, EER = max(FPR, FNR)."""
-    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=1)
+def _score_on_device(table: torch.Tensor, left: np.ndarray, right: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "C":
+        table = nn.functional.normalize(table, dim=1)
+    chunk = max(SCORE_CHUNK, 2 ** 27 // max(1, table.shape[1]))
+    out = []
+    for start in range(0, len(left), chunk):
+        a = table[torch.from_numpy(left[start:start + chunk]).to(table.device)]
+        b = table[torch.from_numpy(right[start:start + chunk]).to(table.device)]
+        out.append(-(a - b).norm(dim=1) if metric == "B" else (a * b).sum(dim=1) - 1)
+    return torch.cat(out).cpu().numpy() if out else np.empty(0, np.float32)
+
+
+def score_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every distinct score as a threshold (accept score >= threshold), highest first, with the
+    number of target and non-target trials accepted there. One sort serves EER and minDCF."""
+    scores = np.asarray(scores)
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(scores)[::-1]
+    ordered = scores[order]
+    last_of_each = np.append(np.flatnonzero(ordered[1:] != ordered[:-1]), len(ordered) - 1)
+    targets = np.cumsum(labels[order])[last_of_each]
+    return ordered[last_of_each], targets, last_of_each + 1 - targets
+
+
+def _eer_of_curve(thresholds: np.ndarray, targets: np.ndarray,
+                  nontargets: np.ndarray) -> tuple[float, float]:
+    """voxceleb_trainer's EER: on sklearn's ROC curve (whose interior points on straight runs are
+    dropped, and which starts at threshold +inf), the point where |FNR - FPR| is smallest,
+    EER = max(FPR, FNR)."""
+    if len(thresholds) > 2:
+        bends = np.logical_or(np.diff(nontargets, 2), np.diff(targets, 2))
+        kept = np.flatnonzero(np.concatenate([[True], bends, [True]]))
+        thresholds, targets, nontargets = thresholds[kept], targets[kept], nontargets[kept]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tpr = np.concatenate([[0], targets]) / targets[-1]
+        fpr = np.concatenate([[0], nontargets]) / nontargets[-1]
     fnr = 1 - tpr
     best = int(np.nanargmin(np.abs(fnr - fpr)))
-    return float(max(fpr[best], fnr[best]) * 100), float(thresholds[best])
+    threshold = np.inf if best == 0 else float(thresholds[best - 1])
+    return float(max(fpr[best], fnr[best]) * 100), threshold
+
+
+def _rates_of_curve(targets: np.ndarray, nontargets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Miss and false-alarm rates, threshold ascending; the first point accepts everything."""
+    miss = np.concatenate([[0.0], 1 - targets[::-1][1:] / targets[-1], [1.0]])
+    false_alarm = np.concatenate([[1.0], nontargets[::-1][1:] / nontargets[-1], [0.0]])
+    return miss, false_alarm
+
+
+def compute_eer(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """EER in % and its threshold, exactly as voxceleb_trainer computes it with sklearn's roc_curve."""
+    return _eer_of_curve(*score_curve(scores, labels))
 
 
 def error_rates(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Miss and false-alarm rates at every threshold (ascending scores); the first point
-    accepts everything (miss 0, false alarm 1)."""
-    order = np.argsort(scores, kind="mergesort")
-    sorted_labels = np.asarray(labels)[order].astype(np.float64)
-    targets = sorted_labels.sum()
-    nontargets = len(sorted_labels) - targets
-    miss = np.concatenate([[0.0], np.cumsum(sorted_labels) / targets])
-    false_alarm = np.concatenate([[1.0], 1 - np.cumsum(1 - sorted_labels) / nontargets])
-    thresholds = np.concatenate([[-np.inf], np.asarray(scores)[order]])
-    return miss, false_alarm, thresholds
+    """Miss and false-alarm rates at every distinct threshold (ascending); the first point accepts
+    everything (miss 0, false alarm 1), the last nothing."""
+    thresholds, targets, nontargets = score_curve(scores, labels)
+    miss, false_alarm = _rates_of_curve(targets, nontargets)
+    return miss, false_alarm, np.concatenate([[-np.inf], thresholds[::-1][1:], [np.inf]])
 
 
 def min_dcf_of_rates(miss: np.ndarray, false_alarm: np.ndarray, p_target: float,
@@ -92,9 +149,10 @@ def compute_min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.
 
 
 def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """EER, its threshold, and minDCF at P_target 0.05 and 0.01."""
-    eer, threshold = compute_eer(scores, labels)
-    miss, false_alarm, _ = error_rates(scores, labels)
+    """EER, its threshold, and minDCF at P_target 0.05 and 0.01 (from one sort of the scores)."""
+    curve = score_curve(scores, labels)
+    eer, threshold = _eer_of_curve(*curve)
+    miss, false_alarm = _rates_of_curve(*curve[1:])
     return {"eer": eer, "threshold": threshold,
             "mindcf": min_dcf_of_rates(miss, false_alarm, 0.05),
             "mindcf01": min_dcf_of_rates(miss, false_alarm, 0.01)}

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_curve
 
-from m_network import SpeakerNet, compute_eer, compute_min_dcf, score_trials
+from m_network import SpeakerNet, compute_eer, compute_min_dcf, error_rates, evaluate_scores, score_trials
 from m_utils import UserError
 
 
@@ -71,3 +72,64 @@ def test_a_million_trials_score_at_once():
     i = 123_456
     a, b = table[left[i]], table[right[i]]
     assert scores[i] == pytest.approx(-(1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-5)
+
+
+def sklearn_eer(scores, labels):
+    """voxceleb_trainer's tuneThresholdfromScore, reduced to its EER and threshold."""
+    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=1)
+    best = int(np.nanargmin(np.abs((1 - tpr) - fpr)))
+    return float(max(fpr[best], 1 - tpr[best]) * 100), float(thresholds[best])
+
+
+def random_trials(rng, tied):
+    n = int(rng.integers(2, 80))
+    labels = rng.integers(0, 2, n)
+    labels[: 2] = [0, 1]
+    scores = rng.integers(0, int(rng.integers(1, 6)), n).astype(np.float32) if tied else \
+        rng.normal(size=n) + labels
+    return scores, labels
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_eer_is_exactly_sklearns_roc_eer(tied):
+    rng = np.random.default_rng(7)
+    for _ in range(400):
+        scores, labels = random_trials(rng, tied)
+        assert compute_eer(scores, labels) == sklearn_eer(scores, labels)
+        assert evaluate_scores(scores, labels)["eer"] == sklearn_eer(scores, labels)[0]
+
+
+def test_rates_count_tied_scores_as_one_threshold():
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        scores, labels = random_trials(rng, tied=True)
+        miss, false_alarm, thresholds = error_rates(scores, labels)
+        expected_miss, expected_fa = brute_rates(scores, labels)
+        np.testing.assert_allclose(miss, expected_miss, atol=1e-12)
+        np.testing.assert_allclose(false_alarm, expected_fa, atol=1e-12)
+        assert len(thresholds) == len(miss) and np.all(np.diff(thresholds) > 0)
+        result = evaluate_scores(scores, labels)
+        assert result["mindcf"] == pytest.approx(compute_min_dcf(scores, labels, 0.05), abs=1e-12)
+        assert result["mindcf01"] == pytest.approx(compute_min_dcf(scores, labels, 0.01), abs=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["B", "C"])
+def test_threaded_scoring_equals_one_thread_and_direct_formula(metric):
+    rng = np.random.default_rng(9)
+    table = rng.normal(size=(500, 48)).astype(np.float32)
+    left, right = rng.integers(0, 500, (2, 10_000))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = score_trials(table, left, right, metric)
+        torch.set_num_threads(3)
+        threaded = score_trials(torch.from_numpy(table), left, right, metric)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(single, threaded)
+    a, b = table[left].astype(np.float64), table[right].astype(np.float64)
+    if metric == "B":
+        expected = -np.linalg.norm(a - b, axis=1)
+    else:
+        expected = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1) - 1
+    np.testing.assert_allclose(single, expected, atol=2e-5)
