@@ -265,7 +265,8 @@ class Trainer:
         """One epoch; returns the mean training loss over this rank's samples (all ranks)."""
         torch.manual_seed(seed + epoch)
         self.module.train()
-        total, count = torch.zeros(2, dtype=torch.float64), 0
+        # Summed on the device: reading the loss back every step would stall a GPU once per batch.
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for batch in data.epoch(batch_size, seed, epoch, self.ctx, **sampling):
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
@@ -273,11 +274,10 @@ class Trainer:
             self.scaler.scale(loss * batch.weight).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            total[0] += loss.item() * batch.size
+            loss_sum += loss.detach().double() * batch.size
             count += batch.size
-        total[1] = count
         self.scheduler.step()
-        total = self.all_reduce(total)
+        total = self.all_reduce(torch.tensor([loss_sum.item(), count], dtype=torch.float64))
         return float(total[0] / max(total[1], 1))
 
     @torch.no_grad()
@@ -285,14 +285,14 @@ class Trainer:
                  **sampling) -> tuple[float, float]:
         """Mean loss and accuracy over a whole list, gathered across ranks."""
         self.net.eval()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         sampling = {**sampling, "shuffle": False}
         for batch in data.epoch(batch_size, seed, 0, self.ctx, **sampling):
             with self._autocast():
                 loss, accuracy = self.net(batch)
-            sums += torch.tensor([loss.item() * batch.size, accuracy.item() * batch.size,
-                                  batch.size], dtype=torch.float64)
-        sums = self.all_reduce(sums)
+            sums += torch.stack([loss.double(), accuracy.double(),
+                                 torch.ones((), dtype=torch.float64, device=self.device)]) * batch.size
+        sums = self.all_reduce(sums.cpu())
         return float(sums[0] / max(sums[2], 1)), float(sums[1] / max(sums[2], 1))
 
     @torch.no_grad()
