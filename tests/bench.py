@@ -21,7 +21,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from itertools import islice
 from pathlib import Path
 
@@ -42,9 +42,10 @@ from m_DataLoader import (
     load_speaker_embeddings,
     read_list,
 )
-from m_gen_embs import SAMPLE_RATE, Item, embed_batch, make_crops
+from m_gen_embs import SAMPLE_RATE, Item, batch_size_for, embed_batch, make_crops
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, compute_eer, evaluate_scores, score_trials
+from m_utils import resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 from models.m_Models import get_model
@@ -53,6 +54,7 @@ STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge
           "extract_resnetse34v2")
 RECORD_KEYS = ("name", "project_per_s", "original_per_s", "ratio", "peak_rss_mb")
 COMPUTE_KEY = "compute_only_per_s"
+GPU_KEY = "peak_gpu_mb"
 UNITS = {"load": "utt/s", "data_path": "batch/s", "train_mse": "utt/s", "train_da_mse": "utt/s",
          "score": "trial/s", "extract_ge2e": "utt/s", "extract_resnetse34v2": "utt/s"}
 RATIO_GOALS = {"data_path": 50.0, "score": 100.0, "extract_ge2e": 1.5, "extract_resnetse34v2": 1.5}
@@ -63,7 +65,6 @@ MODEL = "MyLinearNetv2"
 FLAG = {"normal": "B", "distribution": "C"}  # speaker-embedding type of each list's runs
 LIST_NAME = "bench"
 SEED = 10
-DEVICE = torch.device("cpu")
 MB = 2 ** 20
 
 
@@ -178,6 +179,16 @@ class PeakMeter:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peaks(self) -> dict[str, float]:
+        """The record's peak fields since start(): host RSS, and GPU memory where CUDA is in use."""
+        peaks = {"peak_rss_mb": round(self.peak_mb(), 1)}
+        if torch.cuda.is_initialized():
+            peaks[GPU_KEY] = round(torch.cuda.max_memory_allocated() / MB, 1)
+        return peaks
 
     def peak_mb(self) -> float:
         peak = status_mb("VmHWM")
@@ -188,8 +199,11 @@ class PeakMeter:
 
 
 def timed(work: Callable[[], object]) -> float:
+    """Seconds of `work`, its GPU kernels finished."""
     start = time.perf_counter()
     work()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -232,9 +246,15 @@ def train_step(net: SpeakerNet, optimizer: torch.optim.Optimizer, batch: Batch) 
     optimizer.step()
 
 
-def new_trainer(loss: str, dim: int) -> Trainer:
+def new_trainer(loss: str, dim: int, device: torch.device) -> Trainer:
     torch.manual_seed(SEED)
-    return Trainer(SpeakerNet(MODEL, loss, nOut=dim), DEVICE)
+    return Trainer(SpeakerNet(MODEL, loss, nOut=dim), device)
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors moved to `device`, as the original moved every batch with .cuda()."""
+    return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)
+                             if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,12 +324,13 @@ def original_loader(args: argparse.Namespace, tree: Tree, kind: str) -> DataLoad
                       shuffle=True, num_workers=args.workers, collate_fn=collate_batch)
 
 
-def original_scores(matrix: np.ndarray, left: np.ndarray, right: np.ndarray) -> list[float]:
+def original_scores(matrix: np.ndarray, left: np.ndarray, right: np.ndarray,
+                    device: torch.device) -> list[float]:
     """One Python iteration and one device transfer per trial, as the original scored."""
     scores = []
     for i, j in zip(left.tolist(), right.tolist(), strict=True):
-        a = torch.from_numpy(matrix[i]).to(DEVICE)
-        b = torch.from_numpy(matrix[j]).to(DEVICE)
+        a = torch.from_numpy(matrix[i]).to(device)
+        b = torch.from_numpy(matrix[j]).to(device)
         scores.append(-float(F.pairwise_distance(a[None], b[None]).detach().cpu().numpy().mean()))
     return scores
 
@@ -349,19 +370,18 @@ class StageResult:
     notes: list[str]
 
 
-def make_record(name: str, project: float, original: float | None, peak: float,
+def make_record(name: str, project: float, original: float | None, peaks: dict[str, float],
                 compute_only: float | None = None) -> dict:
     record = {"name": name, "project_per_s": round(project, 3),
               "original_per_s": None if original is None else round(original, 3),
-              "ratio": None if original is None else round(project / original, 2),
-              "peak_rss_mb": round(peak, 1)}
+              "ratio": None if original is None else round(project / original, 2), **peaks}
     if name.startswith("train_"):
         record[COMPUTE_KEY] = round(compute_only, 3)
     return record
 
 
 def load_list(args: argparse.Namespace, tree: Tree, kind: str) -> EmbeddingData:
-    return EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, FLAG[kind], args.dim, DEVICE,
+    return EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, FLAG[kind], args.dim, args.device,
                          threads=args.workers)
 
 
@@ -370,7 +390,7 @@ def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageR
     start = time.perf_counter()
     data = load_list(args, tree, "normal")
     seconds = time.perf_counter() - start
-    return StageResult(make_record("load", len(data) / seconds, None, meter.peak_mb()),
+    return StageResult(make_record("load", len(data) / seconds, None, meter.peaks()),
                        ["load: first load of the normal list (page cache warm); the original had no "
                         "load step (it read files every epoch: see data_path), so no ratio"])
 
@@ -381,7 +401,7 @@ def stage_data_path(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> S
     batches = len(data.global_batches(args.batch_size, SEED, 1))
     project = repeated_rate(lambda: sum(1 for _ in data.epoch(args.batch_size, SEED, 1)), batches,
                             args.min_seconds)
-    peak = meter.peak_mb()
+    peak = meter.peaks()
     loader = original_loader(args, tree, "normal")
     original = len(loader) / sampled_epoch_seconds(loader, args.original_batches, lambda batch: None)
     return StageResult(make_record("data_path", project, original, peak),
@@ -401,17 +421,18 @@ def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
         data = load_list(args, tree, kind)
         sampling = {"speakers_per_step": 1} if kind == "distribution" else {}
         rows = sum(batch.size for batch in data.epoch(args.batch_size, SEED, 1, **sampling))
-        trainer = new_trainer(loss, args.dim)
+        trainer = new_trainer(loss, args.dim, args.device)
         meter.start()
         seconds = timed(lambda: trainer.train_epoch(data, 1, args.batch_size, SEED, **sampling))
-        peak = meter.peak_mb()
+        peak = meter.peaks()
         batches = list(islice(data.epoch(args.batch_size, SEED, 1, **sampling), args.compute_batches))
         compute = sum(batch.size for batch in batches) / timed(
             lambda: [train_step(trainer.net, trainer.optimizer, batch) for batch in batches])
-        original = new_trainer(loss, args.dim)
+        original = new_trainer(loss, args.dim, args.device)
         loader = original_loader(args, tree, kind)
         original_seconds = sampled_epoch_seconds(
-            loader, args.original_batches, lambda batch: train_step(original.net, original.optimizer, batch))
+            loader, args.original_batches,
+            lambda batch: train_step(original.net, original.optimizer, batch_to(batch, args.device)))
         notes = [sampled_note(name, args.original_batches, len(loader), "steps"),
                  f"{name}: compute-only timed on the epoch's first {len(batches)} of {len(loader)} batches, "
                  "built beforehand, pushed through the project epoch's model and optimiser"]
@@ -427,17 +448,20 @@ def stage_score(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> Stage
     index = {spk: i for i, spk in enumerate(sorted({spk for spk, _ in records}))}
     speaker = np.array([index[spk] for spk, _ in records], np.int64)
     left, right, labels = make_trials(speaker, args.trials, np.random.default_rng(SEED))
+    # Held where training keeps its embeddings: on the GPU when there is one.
+    table = matrix if args.device.type == "cpu" else torch.from_numpy(matrix).to(args.device)
     meter.start()
-    project = repeated_rate(lambda: evaluate_scores(score_trials(matrix, left, right, "B"), labels),
+    project = repeated_rate(lambda: evaluate_scores(score_trials(table, left, right, "B"), labels),
                             args.trials, args.min_seconds)
-    peak = meter.peak_mb()
-    scores = score_trials(matrix, left, right, "B")
+    peak = meter.peaks()
+    scores = score_trials(table, left, right, "B")
     sample = min(args.original_trials, args.trials)
-    loop = timed(lambda: original_scores(matrix, left[:sample], right[:sample]))
+    loop = timed(lambda: original_scores(matrix, left[:sample], right[:sample], args.device))
     metrics = timed(lambda: original_metrics(scores, labels))
     original = args.trials / (loop * args.trials / sample + metrics)
     note = (f"score: original per-trial loop timed on {sample} of {args.trials} trials and extrapolated, "
-            f"its EER/minDCF on all {args.trials}; on CPU its per-trial device transfer is a no-op")
+            f"its EER/minDCF on all {args.trials}" + ("; on CPU its per-trial device transfer is a no-op"
+                                                     if args.device.type == "cpu" else ""))
     return StageResult(make_record("score", project, original, peak), [note])
 
 
@@ -447,23 +471,25 @@ def stage_extract(name: str, extractor: str) -> Callable[..., StageResult]:
     def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
         notes = []
         random_init = extractor != "GE2E" or packaged_weights() is None
-        model = load_extractor(extractor, random_init=random_init)
+        model = load_extractor(extractor, random_init=random_init).to(args.device)
         if random_init:
             notes.append(f"{name}: random weights (the speed does not depend on them)")
         items = [Item(i, make_crops(audio, args.eval_frames, args.num_eval))
                  for i, audio in enumerate(synthetic_audio(args.audio_utterances, args.audio_seconds))]
         sample = items[:args.original_utterances]
-        size = args.extract_batch
+        size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval)
         with torch.inference_mode():
-            embed_batch(model, items[:1], DEVICE)
+            embed_batch(model, items[:size], args.device)
             meter.start()
-            project = len(items) / timed(lambda: [embed_batch(model, items[i:i + size], DEVICE)
+            project = len(items) / timed(lambda: [embed_batch(model, items[i:i + size], args.device)
                                                   for i in range(0, len(items), size)])
-            peak = meter.peak_mb()
-            original = len(sample) / timed(lambda: [embed_batch(model, [item], DEVICE) for item in sample])
+            peak = meter.peaks()
+            embed_batch(model, items[:1], args.device)
+            original = len(sample) / timed(lambda: [embed_batch(model, [item], args.device)
+                                                    for item in sample])
         notes.append(f"{name}: {len(items)} utterances of {args.audio_seconds:g} s, {args.num_eval} crops of "
-                     f"{args.eval_frames} frames each, {size} utterances per pass; original (one utterance "
-                     f"per pass) timed on {len(sample)} of them")
+                     f"{args.eval_frames} frames each, {min(size, len(items))} utterances per pass; original "
+                     f"(one utterance per pass) timed on {len(sample)} of them")
         return StageResult(make_record(name, project, original, peak), notes)
 
     return run
@@ -480,19 +506,20 @@ STAGE_RUNNERS: dict[str, Callable[..., StageResult]] = {
 }
 
 
-def warm_up() -> None:
-    """One tiny training step: torch's lazy imports and one-time buffers (about 70 MB on the first
-    Adam step) then belong to the baseline, not to the stage."""
-    layer = torch.nn.Linear(4, 4)
-    optimizer = torch.optim.Adam(layer.parameters())
-    layer(torch.ones(2, 4)).sum().backward()
+def warm_up(device: torch.device) -> None:
+    """One tiny training step on `device`: torch's lazy imports, one-time buffers (about 70 MB on
+    the first Adam step) and a GPU's context then belong to the baseline, not to the stage."""
+    layer = torch.nn.Linear(4, 4).to(device)
+    optimizer = torch.optim.Adam(layer.parameters(), fused=True)
+    layer(torch.ones(2, 4, device=device)).sum().backward()
     optimizer.step()
 
 
 def stage_child(name: str, args: argparse.Namespace, tree: Tree, send) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    warm_up()
+    args.device = resolve_device(args.device)
+    warm_up(args.device)
     meter = PeakMeter()
     result = STAGE_RUNNERS[name](args, tree, meter)
     send.send((result, meter.base))
@@ -528,25 +555,39 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def table(records: list[dict]) -> str:
+    gpu = any(GPU_KEY in r for r in records)
     head = (f"{'name':<22}{'unit':>9}{'project/s':>14}{'original/s':>14}{'ratio':>9}"
-            f"{'compute-only/s':>16}{'peak MB':>10}")
+            f"{'compute-only/s':>16}{'peak MB':>10}" + (f"{'GPU MB':>10}" if gpu else ""))
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(f"{r['name']:<22}{UNITS[r['name']]:>9}{fmt(r['project_per_s']):>14}"
                      f"{fmt(r['original_per_s']):>14}{fmt(r['ratio'], 2):>9}"
-                     f"{fmt(r.get(COMPUTE_KEY)):>16}{fmt(r['peak_rss_mb']):>10}")
+                     f"{fmt(r.get(COMPUTE_KEY)):>16}{fmt(r['peak_rss_mb']):>10}"
+                     + (f"{fmt(r.get(GPU_KEY)):>10}" if gpu else ""))
     return "\n".join(lines)
 
 
-def memory_budget(args: argparse.Namespace) -> tuple[float, float, float]:
-    """MiB of the reduced (N, D) float32 matrix, of MODEL's parameters, and the goal's limit."""
-    matrix = args.utterances * args.dim * 4 / MB
-    model = sum(p.numel() for p in get_model(MODEL, nOut=args.dim).parameters()) * 4 / MB
-    return matrix, model, MEMORY_FACTOR * (matrix + model)
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The memory goal: MEMORY_FACTOR x (the reduced (N, D) float32 matrix + the model). While
+    training, the model is its whole training state: parameters, gradients and Adam's two moments."""
+
+    matrix_mb: float
+    parameters_mb: float
+
+    def limit(self, stage: str) -> float:
+        model = self.parameters_mb * (4 if stage.startswith("train_") else 1)
+        return MEMORY_FACTOR * (self.matrix_mb + model)
 
 
-def verdicts(records: list[dict], limit: float) -> list[str]:
-    """One line per goal of the issue: met or not."""
+def memory_budget(args: argparse.Namespace) -> MemoryBudget:
+    parameters = sum(p.numel() for p in get_model(MODEL, nOut=args.dim).parameters())
+    return MemoryBudget(args.utterances * args.dim * 4 / MB, parameters * 4 / MB)
+
+
+def verdicts(records: list[dict], budget: MemoryBudget) -> list[str]:
+    """One line per goal of the issue: met or not. Memory is judged where the data lives: on the
+    GPU when the stage ran there, else in the process's RSS."""
     lines = []
     for r in records:
         name = r["name"]
@@ -558,8 +599,9 @@ def verdicts(records: list[dict], limit: float) -> list[str]:
             lines.append(goal_line(f"{name} epoch at {slowdown:.3f}x its arithmetic limit <= {TRAIN_SLACK}",
                                    slowdown <= TRAIN_SLACK))
         if name in MEMORY_STAGES:
-            lines.append(goal_line(f"{name} peak {r['peak_rss_mb']:.0f} MB <= {limit:.0f} MB",
-                                   r["peak_rss_mb"] <= limit))
+            where, peak = ("GPU", r[GPU_KEY]) if GPU_KEY in r else ("RSS", r["peak_rss_mb"])
+            limit = budget.limit(name)
+            lines.append(goal_line(f"{name} peak {where} {peak:.0f} MB <= {limit:.0f} MB", peak <= limit))
     return lines
 
 
@@ -567,24 +609,35 @@ def goal_line(text: str, met: bool) -> str:
     return f"  {'met    ' if met else 'NOT met'}  {text}"
 
 
+def machine_line(args: argparse.Namespace, seconds: float, load: tuple[float, float]) -> str:
+    device = resolve_device(args.device)
+    where = (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})" if device.type == "cuda"
+             else "CPU only")
+    threads = args.threads or torch.get_num_threads()
+    return (f"machine: {where}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {threads} "
+            f"intra-op threads, load average {load[0]:.1f} at start and {load[1]:.1f} at the end (other "
+            f"processes may be running); bench wall time {seconds:.0f} s")
+
+
 def report(args: argparse.Namespace, records: list[dict], notes: Iterable[str], base_rss: float,
            seconds: float, load: tuple[float, float]) -> None:
-    matrix, model, limit = memory_budget(args)
+    budget = memory_budget(args)
     print()
     print(table(records))
     print()
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with "
-          f"{args.threads or torch.get_num_threads()} intra-op threads, load average {load[0]:.1f} at start "
-          f"and {load[1]:.1f} at the end (other processes may be running); bench wall time {seconds:.0f} s")
+    print(machine_line(args, seconds, load))
     print(f"peak MB: peak RSS of the stage's project path above its process before the stage (torch and "
-          f"the project imported, one tiny Adam step taken: {base_rss:.0f} MB); the stage's data counts")
+          f"the project imported, one tiny Adam step taken: {base_rss:.0f} MB); the stage's data counts"
+          + ("; GPU MB: torch's peak GPU allocation in the project path" if any(GPU_KEY in r for r in records)
+             else ""))
     print(f"memory goal: {MEMORY_FACTOR} x (reduced matrix {args.utterances} x {args.dim} float32 = "
-          f"{matrix:.1f} MB + {MODEL} parameters {model:.1f} MB) = {limit:.1f} MB; Adam adds 3x the "
-          f"parameters while training")
+          f"{budget.matrix_mb:.1f} MB + {MODEL} parameters {budget.parameters_mb:.1f} MB) = "
+          f"{budget.limit('load'):.1f} MB; while training the model counts with its gradients and Adam's two "
+          f"moments (4 x the parameters): {budget.limit('train_mse'):.1f} MB")
     for note in notes:
         print(f"note: {note}")
     print("goals:")
-    print("\n".join(verdicts(records, limit)))
+    print("\n".join(verdicts(records, budget)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -606,10 +659,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--audio_seconds", type=float, default=12.0, help="seconds per synthetic utterance")
     add("--eval_frames", type=int, default=400, help="extraction crop length in frames")
     add("--num_eval", type=int, default=10, help="extraction crops per utterance")
-    add("--extract_batch", type=int, default=8, help="utterances per extractor pass (m_gen_embs)")
+    add("--extract_batch", type=int, default=0,
+        help="utterances per extractor pass; 0: m_gen_embs' choice for the device")
     add("--original_utterances", type=int, default=4, help="utterances timed one at a time")
     add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one a core)")
     add("--min_seconds", type=float, default=1.0, help="repeat fast project timings this long")
+    add("--device", default="auto", help="auto, cpu or cuda: where every stage runs")
     add("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
     args = parser.parse_args(argv)
     if args.utterances < 2 * args.speakers or args.sessions < 2:

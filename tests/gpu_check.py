@@ -2,10 +2,15 @@
 
     python tests/gpu_check.py [--out gpu_check_out]
 
-Builds a small synthetic embedding tree, then trains the same config on the CPU, on CUDA, and on
-CUDA with --distributed (one process per visible GPU) and --mixedprec, printing each run's epoch
-time and final EER; the CPU and CUDA runs must agree to float tolerance. Without CUDA it runs the
-CPU part only and says so.
+1. Trains one config on the CPU, on CUDA, on CUDA with --distributed (NCCL, one process per
+   visible GPU) and --mixedprec, and with --distributed over two CPU processes (Gloo) at half the
+   per-process batch; prints each run's epoch times and final EER, and compares final weights.
+2. --check on CUDA.
+3. Trial scoring of a table held on the GPU against the CPU's, with timings.
+4. Extraction: m_gen_embs with GE2E on the CPU and on CUDA (files compared), and ResNetSE34V2's
+   forward pass on both.
+Prints one line per check and `gpu_check: N problem(s)` last; exits non-zero if any. Without CUDA
+it runs the CPU parts only and says so.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import soundfile
 import torch
 import yaml
 from conftest import make_embedding_tree
@@ -25,7 +32,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from m_comb_embs import combine  # noqa: E402
+from m_gen_embs import make_crops  # noqa: E402
 from m_gen_list import make_lists  # noqa: E402
+from m_network import score_trials  # noqa: E402
+from models.GE2E import packaged_weights  # noqa: E402
+from models.m_Extractors import load_extractor  # noqa: E402
+
+EPOCHS = 3
+problems: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    print(f"  {'ok     ' if ok else 'PROBLEM'}  {name}: {detail}", flush=True)
+    if not ok:
+        problems.append(name)
 
 
 def build_data(out: Path) -> Path:
@@ -39,47 +59,145 @@ def build_data(out: Path) -> Path:
     config.write_text(yaml.safe_dump({
         "train_list": str(out / "lists" / "train_normal_list.txt"), "train_path": str(out / "train"),
         "test_list": str(out / "lists" / "test_test_list.txt"), "test_path": str(out / "test"),
-        "nOut": 256, "batch_size": 200, "max_epoch": 3, "test_interval": 3, "trainfunc": "MSE_CS",
-        "model": "MyLinearNetv2", "multiple_embedding_flag": "C"}))
+        "nOut": 256, "batch_size": 200, "max_epoch": EPOCHS, "test_interval": 1,
+        "trainfunc": "MSE_CS", "model": "MyLinearNetv2", "multiple_embedding_flag": "C"}))
     return config
 
 
-def train(config: Path, save: Path, *options: str) -> tuple[float, str]:
-    """Run the trainer; returns the mean epoch time (s) and the final --Val-- line."""
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "m_trainer.py"), "--config", str(config),
-                             "--save_path", str(save), *options], capture_output=True, text=True)
+def run(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     if result.returncode:
         print(result.stdout[-3000:], result.stderr[-3000:])
-        raise SystemExit(f"trainer failed with {options}")
+    return result
+
+
+def train(config: Path, save: Path, *options: str) -> tuple[float | None, dict | None]:
+    """Run the trainer; prints epoch times and the last --Val-- line; returns its EER and the weights
+    after the first epoch (later, float rounding differences grow through Adam into visible ones)."""
+    started = time.perf_counter()
+    result = run(str(ROOT / "m_trainer.py"), "--config", str(config), "--save_path", str(save), *options)
+    label = " ".join(options)
+    if result.returncode:
+        check(f"train {label}", False, f"exit code {result.returncode}")
+        return None, None
     times = [float(t) for t in re.findall(r"epoch \d+: loss \S+, lr \S+, ([\d.]+) s", result.stdout)]
-    val = [line for line in result.stdout.splitlines() if "--Val--" in line][-1]
-    wall = time.perf_counter() - started
-    print(f"{' '.join(options) or 'default':<45} epochs {times} s (wall {wall:.1f} s)")
-    print(f"    {val.split('INFO ')[-1]}")
-    return sum(times) / len(times), val
+    val = [line for line in result.stdout.splitlines() if "--Val--" in line][-1].split("INFO ")[-1]
+    print(f"{label:<50} epochs {times} s, wall {time.perf_counter() - started:.1f} s\n    {val}", flush=True)
+    state = torch.load(save / "model" / f"model{1:09d}.model", map_location="cpu", weights_only=True)
+    return float(re.search(r"VEER ([\d.]+)", val).group(1)), state["network"]
+
+
+def weight_gap(a: dict, b: dict) -> float:
+    return max(float((a[key].float() - b[key].float()).abs().max()) for key in a)
+
+
+def check_training(out: Path, cuda: bool) -> None:
+    config = build_data(out)
+    cpu_eer, cpu_weights = train(config, out / "run_cpu", "--device", "cpu")
+    gloo_eer, gloo_weights = train(config, out / "run_cpu_gloo2", "--device", "cpu", "--distributed",
+                                   "--nprocs", "2", "--batch_size", "100", "--port", "29531")
+    if cpu_weights and gloo_weights:
+        gap = weight_gap(cpu_weights, gloo_weights)
+        check("DDP 2 CPU processes (Gloo, batch 2x100) = 1 process (batch 200)", gap < 1e-4 and
+              abs(cpu_eer - gloo_eer) < 0.2, f"epoch 1 max weight difference {gap:.2e}, final EER {cpu_eer} "
+              f"vs {gloo_eer}")
+    if not cuda:
+        return
+    cuda_eer, cuda_weights = train(config, out / "run_cuda", "--device", "cuda")
+    if cpu_weights and cuda_weights:
+        gap = weight_gap(cpu_weights, cuda_weights)
+        check("CUDA training = CPU training", gap < 1e-3 and abs(cpu_eer - cuda_eer) < 0.5,
+              f"epoch 1 max weight difference {gap:.2e}, final EER {cpu_eer} vs {cuda_eer}")
+    amp_eer, _ = train(config, out / "run_cuda_ddp_amp", "--device", "cuda", "--distributed", "--mixedprec",
+                       "--port", "29533")
+    if amp_eer is not None and cuda_eer is not None:
+        check("CUDA DDP (NCCL) + mixed precision", abs(amp_eer - cuda_eer) < 1.0,
+              f"EER {amp_eer} vs {cuda_eer}")
+    checked = run(str(ROOT / "m_trainer.py"), "--config", str(config), "--save_path", str(out / "run_cuda"),
+                  "--check", "--device", "cuda")
+    lines = [line.split("INFO ")[-1] for line in checked.stdout.splitlines() if "EER" in line]
+    check("--check on CUDA", checked.returncode == 0 and bool(lines), " | ".join(lines[:2]))
+
+
+def timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def check_scoring() -> None:
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50_000, 512)).astype(np.float32)
+    left, right = rng.integers(0, len(table), (2, 200_000))
+    on_gpu = torch.from_numpy(table).cuda()
+    for metric in ("B", "C"):
+        cpu = score_trials(table, left, right, metric)
+        gpu = score_trials(on_gpu, left, right, metric)
+        cpu_s = min(timed(lambda m=metric: score_trials(table, left, right, m)) for _ in range(3))
+        gpu_s = min(timed(lambda m=metric: score_trials(on_gpu, left, right, m)) for _ in range(3))
+        gap = float(np.abs(cpu - gpu).max())
+        check(f"scoring {metric} on the GPU = CPU", gap < 1e-3,
+              f"max difference {gap:.2e}; 200,000 trials: CPU {cpu_s * 1e3:.1f} ms, GPU {gpu_s * 1e3:.1f} ms")
+
+
+def write_audio(folder: Path, count: int) -> None:
+    rng = np.random.default_rng(3)
+    for k in range(count):
+        path = folder / f"id1000{k % 2}" / "sess0000001" / f"{k:05d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = np.arange(int(16000 * rng.uniform(2, 6))) / 16000
+        tones = np.sin(2 * np.pi * rng.uniform(100, 2000, (3, 1)) * t).sum(0)
+        soundfile.write(path, 0.1 * tones + 0.01 * rng.standard_normal(len(t)), 16000)
+
+
+def check_extraction(out: Path) -> None:
+    audio = out / "audio"
+    write_audio(audio, 12)
+    if packaged_weights() is None:
+        check("GE2E extraction", False, "resemblyzer's weights not installed")
+    else:
+        outputs = {}
+        for device in ("cpu", "cuda"):
+            target = out / f"emb_{device}"
+            result = run(str(ROOT / "m_gen_embs.py"), "--model", "GE2E", "--db_path", str(audio),
+                         "--embed_dir", str(target), "--device", device, "--overwrite",
+                         "--eval_frames", "160", "--num_eval", "5")
+            outputs[device] = {p.relative_to(target): np.load(p) for p in sorted(target.rglob("*.npy"))}
+            if result.returncode:
+                check(f"m_gen_embs on {device}", False, f"exit code {result.returncode}")
+        if outputs["cpu"] and outputs["cpu"].keys() == outputs["cuda"].keys():
+            gap = max(float(np.abs(outputs["cpu"][k] - outputs["cuda"][k]).max()) for k in outputs["cpu"])
+            check("m_gen_embs GE2E on CUDA = CPU", gap < 1e-3,
+                  f"{len(outputs['cpu'])} files, max difference {gap:.2e}")
+    torch.manual_seed(0)
+    model = load_extractor("ResNetSE34V2", random_init=True)
+    crops = torch.from_numpy(make_crops(np.random.default_rng(1).standard_normal(16000 * 8) * 0.1, 400, 10))
+    with torch.inference_mode():
+        cpu = model(crops)
+        gpu = model.cuda()(crops.cuda()).cpu()
+        cosine = float(torch.nn.functional.cosine_similarity(cpu, gpu).min())
+        per_pass = min(timed(lambda: model(torch.cat([crops] * 16).cuda())) for _ in range(3))
+    check("ResNetSE34V2 forward on CUDA = CPU", cosine > 0.999, f"lowest cosine {cosine:.6f} (cuDNN may "
+          f"use TF32); 16 utterances x 10 crops in {per_pass * 1e3:.0f} ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="gpu_check_out")
     out = Path(parser.parse_args().out)
-    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, "
-          f"devices: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
-    config = build_data(out)
-    _, cpu_val = train(config, out / "run_cpu", "--device", "cpu")
-    if not torch.cuda.is_available():
-        print("no CUDA device: only the CPU path was checked")
-        return
-    _, cuda_val = train(config, out / "run_cuda", "--device", "cuda")
-    train(config, out / "run_cuda_ddp_amp", "--device", "cuda", "--distributed", "--mixedprec",
-          "--port", "29533")
-    eer = [float(re.search(r"VEER ([\d.]+)", v).group(1)) for v in (cpu_val, cuda_val)]
-    print(f"EER cpu {eer[0]:.4f} vs cuda {eer[1]:.4f}: {'agree' if abs(eer[0] - eer[1]) < 0.5 else 'DIFFER'}")
-    checked = subprocess.run([sys.executable, str(ROOT / "m_trainer.py"), "--config", str(config),
-                              "--save_path", str(out / "run_cuda"), "--check", "--device", "cuda"],
-                             capture_output=True, text=True)
-    print(checked.stdout.strip().splitlines()[0] if checked.returncode == 0 else checked.stderr)
+    cuda = torch.cuda.is_available()
+    print(f"torch {torch.__version__}, CUDA available: {cuda}, "
+          f"devices: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}", flush=True)
+    check_training(out, cuda)
+    if cuda:
+        check_scoring()
+        check_extraction(out)
+    else:
+        print("no CUDA device: only the CPU paths were checked")
+    print(f"gpu_check: {len(problems)} problem(s){': ' + ', '.join(problems) if problems else ''}")
+    sys.exit(1 if problems else 0)
 
 
 if __name__ == "__main__":
