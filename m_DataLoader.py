@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +194,10 @@ class Batch:
         return int(self.inputs.shape[0])
 
 
+# Batch fields gathered from a table of EmbeddingData (by row); the other fields are values.
+GATHERED_FROM = {"inputs": "embeddings", "targets": "speaker_embeddings", "others": "speaker_embeddings"}
+
+
 def shard(items: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, float] | None:
     """This rank's part of one global batch and its weight, or None when some rank gets nothing."""
     if len(items) < ctx.world_size:
@@ -255,37 +259,58 @@ class EmbeddingData:
         return len(set(self.target.tolist()))
 
     # -- batch assembly ------------------------------------------------------------------------
+    # A batch is first a set of index arrays (numpy), then gathered from the tables. On a GPU the
+    # index arrays of a whole epoch travel in one copy: a copy per batch would make the host wait
+    # for the GPU to finish the previous step every time.
 
-    def rows_of(self, table: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    def batch_indices(self, records: np.ndarray) -> dict[str, np.ndarray]:
+        """Index arrays of the batch of record indices `records` (pairs for a distribution list):
+        rows of the tables for the Batch fields in GATHERED_FROM, values for the others."""
+        if self.kind == "distribution":
+            pairs = records[np.lexsort((~self.pair_same[records], self.target[records]))]
+            per_row = np.repeat(pairs, 2)
+            return {"inputs": np.stack([self.pair_a[pairs], self.pair_b[pairs]], axis=1).reshape(-1),
+                    "targets": self.target[per_row], "labels": self.label[per_row],
+                    "pair_same": self.pair_same[pairs], "pair_speaker": self.target[pairs]}
+        indices = {"inputs": self.rows[records], "targets": self.target[records],
+                   "labels": self.label[records]}
+        if self.kind == "triplet":
+            indices["others"] = self.other_target[records]
+        return indices
+
+    def assemble(self, indices: dict[str, np.ndarray | torch.Tensor], weight: float = 1.0) -> Batch:
+        """The Batch of `indices` (numpy, or tensors already on the tables' device)."""
+        fields = {}
+        for name, values in indices.items():
+            table = GATHERED_FROM.get(name)
+            fields[name] = (self.rows_of(getattr(self, table), values) if table is not None
+                            else torch.as_tensor(values, device=self.embeddings.device))
+        return Batch(**fields, weight=weight)
+
+    @staticmethod
+    def rows_of(table: torch.Tensor, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
         """table[rows]. On the CPU the gather runs in numpy on the tensor's own memory: torch's
         threaded indexing costs more in thread wake-ups than the copy itself for small batches."""
-        if table.device.type == "cpu":
+        if isinstance(rows, np.ndarray) and table.device.type == "cpu":
             return torch.from_numpy(table.numpy()[rows])
         return table[torch.as_tensor(rows, device=table.device)]
 
-    def on_device(self, values: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(values, device=self.embeddings.device)
-
     def batch_of(self, records: np.ndarray, weight: float = 1.0) -> Batch:
         """The Batch of record indices `records` (pairs for a distribution list)."""
-        if self.kind == "distribution":
-            return self._pair_batch(records, weight)
-        others = (self.rows_of(self.speaker_embeddings, self.other_target[records])
-                  if self.kind == "triplet" else None)
-        return Batch(inputs=self.rows_of(self.embeddings, self.rows[records]),
-                     targets=self.rows_of(self.speaker_embeddings, self.target[records]),
-                     labels=self.on_device(self.label[records]), others=others, weight=weight)
+        return self.assemble(self.batch_indices(records), weight)
 
-    def _pair_batch(self, pairs: np.ndarray, weight: float) -> Batch:
-        order = np.lexsort((~self.pair_same[pairs], self.target[pairs]))
-        pairs = pairs[order]
-        rows = np.stack([self.pair_a[pairs], self.pair_b[pairs]], axis=1).reshape(-1)
-        per_row = np.repeat(pairs, 2)
-        return Batch(inputs=self.rows_of(self.embeddings, rows),
-                     targets=self.rows_of(self.speaker_embeddings, self.target[per_row]),
-                     labels=self.on_device(self.label[per_row]),
-                     pair_same=self.on_device(self.pair_same[pairs]),
-                     pair_speaker=self.on_device(self.target[pairs]), weight=weight)
+    def _batches_on_device(self, parts: Iterable[tuple[np.ndarray, float]]) -> Iterator[Batch]:
+        """Batches of `parts`, their index arrays copied to the device once for all."""
+        plans = [(self.batch_indices(records), weight) for records, weight in parts]
+        if not plans:
+            return
+        names = list(plans[0][0])
+        bounds = {name: np.cumsum([0] + [len(indices[name]) for indices, _ in plans]) for name in names}
+        flat = {name: torch.as_tensor(np.concatenate([indices[name] for indices, _ in plans]),
+                                      device=self.embeddings.device) for name in names}
+        for k, (_, weight) in enumerate(plans):
+            yield self.assemble({name: flat[name][bounds[name][k]:bounds[name][k + 1]] for name in names},
+                                weight)
 
     def speaker_pairs(self) -> list[np.ndarray]:
         """Pair indices grouped by speaker, in speaker order (distribution lists)."""
@@ -317,15 +342,23 @@ class EmbeddingData:
     def epoch(self, batch_size: int, seed: int, epoch: int, ctx: DistContext = SINGLE,
               **sampling) -> Iterator[Batch]:
         """This rank's batches of one epoch; the global order depends on seed and epoch only."""
-        for items in self.global_batches(batch_size, seed, epoch, ctx.world_size, **sampling):
-            if self.kind == "distribution":
-                part = self._speaker_shard(items, ctx)
-            elif sampling.get("n_per_speaker", 1) > 1:
-                part = self._group_shard(items, ctx, sampling["n_per_speaker"])
-            else:
-                part = shard(items, ctx)
-            if part is not None:
-                yield self.batch_of(*part)
+        parts = (self._rank_part(items, ctx, sampling.get("n_per_speaker", 1))
+                 for items in self.global_batches(batch_size, seed, epoch, ctx.world_size, **sampling))
+        parts = (part for part in parts if part is not None)
+        if self.embeddings.device.type != "cpu":
+            yield from self._batches_on_device(parts)
+            return
+        for part in parts:
+            yield self.batch_of(*part)
+
+    def _rank_part(self, items: np.ndarray, ctx: DistContext,
+                   n_per_speaker: int) -> tuple[np.ndarray, float] | None:
+        """This rank's records of a global batch and their loss weight (None: nothing here)."""
+        if self.kind == "distribution":
+            return self._speaker_shard(items, ctx)
+        if n_per_speaker > 1:
+            return self._group_shard(items, ctx, n_per_speaker)
+        return shard(items, ctx)
 
     def _speaker_shard(self, pairs: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, float] | None:
         speakers = np.unique(self.target[pairs])

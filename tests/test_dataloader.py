@@ -115,3 +115,27 @@ def test_distribution_batches_one_speaker_same_pairs_first(tree):
         assert batch.inputs.shape[0] == 2 * len(same)
     two = list(train.epoch(1, 1, 1, speakers_per_step=2))
     assert len(two) == 3 and all(len(torch.unique(b.pair_speaker)) == 2 for b in two)
+
+
+@pytest.mark.parametrize(("kind", "sampling"), [
+    ("normal", {}), ("triplet", {}), ("normal", {"n_per_speaker": 2}),
+    ("distribution", {"speakers_per_step": 2}),
+])
+def test_batches_built_from_one_index_copy_equal_per_batch_ones(tree, kind, sampling):
+    """The GPU path (an epoch's index arrays moved at once, then sliced) builds the same batches as
+    the per-batch path; run here on CPU tensors, which exercise the same code."""
+    train = data(tree, kind)
+    ctx = DistContext(rank=1, world_size=2, local_rank=1)
+    parts = [train._rank_part(items, ctx, sampling.get("n_per_speaker", 1))
+             for items in train.global_batches(5, 3, 2, ctx.world_size, **sampling)]
+    parts = [part for part in parts if part is not None]
+    expected = [train.batch_of(*part) for part in parts]
+    got = list(train._batches_on_device(parts))
+    assert len(got) == len(expected) > 1
+    for a, b in zip(got, expected, strict=True):
+        assert a.weight == b.weight
+        for name in ("inputs", "targets", "labels", "others", "pair_same", "pair_speaker"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None), name
+            if x is not None:
+                assert torch.equal(x, y), name
