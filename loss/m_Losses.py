@@ -126,19 +126,27 @@ class DA(EnhancementLoss):
     def pair_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return 1 - F.cosine_similarity(a, b, dim=1)
 
-    def rbf_mean(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-(a[:, None] - b[None, :]) ** 2 / (2 * self.sigma ** 2)).mean()
-
     def mmd(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """Mean over the batch's speakers (those with both kinds of pair) of each speaker's MMD^2.
+
+        Written with masks over all pairs of the batch rather than a loop over speakers, so that it
+        never waits for the GPU (a loop needs the speaker list and each group's size on the host).
+        For pair i of speaker g: to_same_i = sum of k(d_i, d_j) over g's same-category pairs j;
+        summing to_same_i / n_same_g^2 over g's same pairs gives g's mean k(S, S), and so on.
+        """
         distance = self.pair_distance(x[0::2], x[1::2])
-        terms = []
-        for speaker in torch.unique(batch.pair_speaker):
-            mine = batch.pair_speaker == speaker
-            same, other = distance[mine & batch.pair_same], distance[mine & ~batch.pair_same]
-            if len(same) and len(other):
-                terms.append(self.rbf_mean(same, same) + self.rbf_mean(other, other)
-                             - 2 * self.rbf_mean(same, other))
-        return torch.stack(terms).mean() if terms else zero(x)
+        same = batch.pair_same.to(distance.dtype)
+        other = 1 - same
+        group = (batch.pair_speaker[:, None] == batch.pair_speaker[None, :]).to(distance.dtype)
+        kernel = torch.exp(-(distance[:, None] - distance[None, :]) ** 2 / (2 * self.sigma ** 2)) * group
+        n_same, n_other = group @ same, group @ other
+        valid = (n_same > 0) & (n_other > 0)
+        n_same, n_other = n_same.clamp(min=1), n_other.clamp(min=1)
+        to_same, to_other = kernel @ same, kernel @ other
+        per_pair = (same * to_same / n_same ** 2 + other * to_other / n_other ** 2
+                    - 2 * same * to_other / (n_same * n_other))
+        speakers = (valid.to(distance.dtype) / group.sum(dim=1)).sum().round()
+        return torch.where(valid, per_pair, 0).sum() / speakers.clamp(min=1)
 
     def target_term(self, x: torch.Tensor, batch) -> torch.Tensor:
         return 1 - mean_cosine(x, batch.targets)

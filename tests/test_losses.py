@@ -109,6 +109,33 @@ def test_da_averages_mmd_over_speakers():
     assert reported.item() == pytest.approx(mmd(distance[:1], distance[2:], 1.0) / 1, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["DA", "DA_MSE"])
+def test_da_mmd_equals_a_loop_over_speakers_value_and_gradient(name):
+    """Random multi-speaker batches (some speakers lacking one kind of pair) against the plain
+    per-speaker definition, written with the loss's own pair distance."""
+    loss = get_loss(name, sigma=0.8)
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        pairs = int(rng.integers(2, 30))
+        speaker = torch.from_numpy(rng.integers(0, 5, pairs))
+        same = torch.from_numpy(rng.random(pairs) < 0.5)
+        x = torch.from_numpy(rng.normal(size=(2 * pairs, 6))).requires_grad_()
+        distance = loss.pair_distance(x[0::2], x[1::2])
+        terms = []
+        for g in torch.unique(speaker):
+            a, b = distance[(speaker == g) & same], distance[(speaker == g) & ~same]
+            if len(a) and len(b):
+                k = lambda u, v: torch.exp(-(u[:, None] - v[None, :]) ** 2 / (2 * 0.8 ** 2)).mean()  # noqa: E731
+                terms.append(k(a, a) + k(b, b) - 2 * k(a, b))
+        expected = torch.stack(terms).mean() if terms else torch.zeros((), dtype=x.dtype)
+        got = loss.mmd(x, pair_batch(x, same.tolist(), speaker.tolist()))
+        assert got.item() == pytest.approx(expected.item(), abs=1e-12)
+        if terms:
+            (expected_grad,) = torch.autograd.grad(expected, x)
+            (got_grad,) = torch.autograd.grad(loss.mmd(x, pair_batch(x, same.tolist(), speaker.tolist())), x)
+            torch.testing.assert_close(got_grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+
 def test_list_kinds_and_test_normalisation():
     normalised = {name for name, cls in LOSSES.items() if cls.normalize_for_test}
     assert normalised == {"CS", "MSE_CS", "MyTriplet_CS", "DA", "DA_MSE"}
