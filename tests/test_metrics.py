@@ -3,7 +3,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
-from m_network import SpeakerNet, compute_eer, compute_min_dcf, error_rates, evaluate_scores, score_trials
+from m_network import (
+    SpeakerNet,
+    _score_on_device,
+    compute_eer,
+    compute_min_dcf,
+    error_rates,
+    evaluate_scores,
+    score_trials,
+)
 from m_utils import UserError
 
 
@@ -117,7 +125,7 @@ def test_rates_count_tied_scores_as_one_threshold():
 def test_threaded_scoring_equals_one_thread_and_direct_formula(metric):
     rng = np.random.default_rng(9)
     table = rng.normal(size=(500, 48)).astype(np.float32)
-    left, right = rng.integers(0, 500, (2, 10_000))
+    left, right = rng.integers(0, 500, (2, 100_000))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -127,6 +135,9 @@ def test_threaded_scoring_equals_one_thread_and_direct_formula(metric):
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(single, threaded)
+    # The GPU path, run on CPU tensors (same code), in chunks smaller than the trial list.
+    on_device = _score_on_device(torch.from_numpy(table), left, right, metric)
+    np.testing.assert_allclose(on_device, single, atol=1e-5)
     a, b = table[left].astype(np.float64), table[right].astype(np.float64)
     if metric == "B":
         expected = -np.linalg.norm(a - b, axis=1)
