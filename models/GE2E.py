@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +20,23 @@ PARTIAL_FRAMES = 160
 PARTIAL_RATE = 1.3
 MIN_COVERAGE = 0.75
 INSTALL_HINT = "pip install --no-deps resemblyzer==0.1.4"
+
+
+@contextmanager
+def full_fp32_rnn() -> Iterator[None]:
+    """cuDNN runs float32 RNNs in TF32 (10-bit mantissa) by default on recent GPUs; on GE2E's
+    power-mel inputs that moved embeddings far from the CPU's (by up to 0.2 on an H200), so its
+    LSTM runs in full float32 (ResNetSE34V2's convolutions keep TF32: they agree to cosine 1.0)."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is None or not hasattr(rnn, "fp32_precision"):
+        yield
+        return
+    previous = rnn.fp32_precision
+    rnn.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        rnn.fp32_precision = previous
 
 
 def partial_starts(n_samples: int) -> tuple[list[int], int]:
@@ -48,7 +67,8 @@ class GE2E(nn.Module):
 
     def embed_frames(self, mels: torch.Tensor) -> torch.Tensor:
         """Mel frames (N, frames, n_mels) -> L2-normalised embeddings (N, 256)."""
-        _, (hidden, _) = self.lstm(mels)
+        with full_fp32_rnn():
+            _, (hidden, _) = self.lstm(mels)
         return F.normalize(torch.relu(self.linear(hidden[-1])), dim=1)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:

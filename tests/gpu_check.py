@@ -16,6 +16,7 @@ it runs the CPU parts only and says so.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import subprocess
 import sys
@@ -72,8 +73,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def train(config: Path, save: Path, *options: str) -> tuple[float | None, dict | None]:
-    """Run the trainer; prints epoch times and the last --Val-- line; returns its EER and the weights
-    after the first epoch (later, float rounding differences grow through Adam into visible ones)."""
+    """Run the trainer; prints epoch times and the last --Val-- line; returns its EER and the
+    weights after the first epoch."""
     started = time.perf_counter()
     result = run(str(ROOT / "m_trainer.py"), "--config", str(config), "--save_path", str(save), *options)
     label = " ".join(options)
@@ -91,28 +92,37 @@ def weight_gap(a: dict, b: dict) -> float:
     return max(float((a[key].float() - b[key].float()).abs().max()) for key in a)
 
 
+def check_same_training(config: Path, out: Path, cuda: bool) -> None:
+    """One epoch of 8 steps (batch 1200): few enough that float rounding differences have not yet
+    grown through Adam (after 50 steps they reach 1e-2 between thread counts or devices)."""
+    one = ("--max_epoch", "1", "--batch_size", "1200")
+    _, cpu = train(config, out / "same_cpu", "--device", "cpu", *one)
+    _, gloo = train(config, out / "same_gloo2", "--device", "cpu", *one[:2], "--batch_size", "600",
+                    "--distributed", "--nprocs", "2", "--port", "29531")
+    if cpu and gloo:
+        gap = weight_gap(cpu, gloo)
+        check("DDP 2 CPU processes (Gloo, batch 2x600) = 1 process (batch 1200)", gap < 1e-4,
+              f"max weight difference after 8 steps {gap:.2e}")
+    if cuda:
+        _, on_gpu = train(config, out / "same_cuda", "--device", "cuda", *one)
+        if cpu and on_gpu:
+            gap = weight_gap(cpu, on_gpu)
+            check("CUDA training = CPU training", gap < 1e-4,
+                  f"max weight difference after 8 steps {gap:.2e}")
+
+
 def check_training(out: Path, cuda: bool) -> None:
     config = build_data(out)
-    cpu_eer, cpu_weights = train(config, out / "run_cpu", "--device", "cpu")
-    gloo_eer, gloo_weights = train(config, out / "run_cpu_gloo2", "--device", "cpu", "--distributed",
-                                   "--nprocs", "2", "--batch_size", "100", "--port", "29531")
-    if cpu_weights and gloo_weights:
-        gap = weight_gap(cpu_weights, gloo_weights)
-        check("DDP 2 CPU processes (Gloo, batch 2x100) = 1 process (batch 200)", gap < 1e-4 and
-              abs(cpu_eer - gloo_eer) < 0.2, f"epoch 1 max weight difference {gap:.2e}, final EER {cpu_eer} "
-              f"vs {gloo_eer}")
+    check_same_training(config, out, cuda)
+    cpu_eer, _ = train(config, out / "run_cpu", "--device", "cpu")
     if not cuda:
         return
-    cuda_eer, cuda_weights = train(config, out / "run_cuda", "--device", "cuda")
-    if cpu_weights and cuda_weights:
-        gap = weight_gap(cpu_weights, cuda_weights)
-        check("CUDA training = CPU training", gap < 1e-3 and abs(cpu_eer - cuda_eer) < 0.5,
-              f"epoch 1 max weight difference {gap:.2e}, final EER {cpu_eer} vs {cuda_eer}")
+    cuda_eer, _ = train(config, out / "run_cuda", "--device", "cuda")
     amp_eer, _ = train(config, out / "run_cuda_ddp_amp", "--device", "cuda", "--distributed", "--mixedprec",
                        "--port", "29533")
-    if amp_eer is not None and cuda_eer is not None:
-        check("CUDA DDP (NCCL) + mixed precision", abs(amp_eer - cuda_eer) < 1.0,
-              f"EER {amp_eer} vs {cuda_eer}")
+    if None not in (cpu_eer, cuda_eer, amp_eer):
+        check("3 epochs: EER on CPU, CUDA, CUDA DDP (NCCL) + mixed precision", max(cpu_eer, cuda_eer, amp_eer)
+              < 1.0, f"EER {cpu_eer} / {cuda_eer} / {amp_eer} (original about 17)")
     checked = run(str(ROOT / "m_trainer.py"), "--config", str(config), "--save_path", str(out / "run_cuda"),
                   "--check", "--device", "cuda")
     lines = [line.split("INFO ")[-1] for line in checked.stdout.splitlines() if "EER" in line]
@@ -152,6 +162,43 @@ def write_audio(folder: Path, count: int) -> None:
         soundfile.write(path, 0.1 * tones + 0.01 * rng.standard_normal(len(t)), 16000)
 
 
+def check_ge2e_precision() -> None:
+    """GE2E on CUDA against the CPU: as the project runs it (LSTM in full float32), and with
+    cuDNN's default TF32 for RNNs, to show why."""
+    model = load_extractor("GE2E")
+    rng = np.random.default_rng(2)
+    t = np.arange(16000 * 5) / 16000
+    waves = [0.1 * np.sin(2 * np.pi * f * t) + 0.01 * rng.standard_normal(len(t)) for f in (150, 400, 900)]
+    crops = torch.from_numpy(np.concatenate([make_crops(wave, 160, 5) for wave in waves]))
+    with torch.inference_mode():
+        cpu = model(crops)
+        gpu_model, gpu_crops = load_extractor("GE2E").cuda(), crops.cuda()
+        exact = gpu_model(gpu_crops).cpu()
+        rnn = getattr(torch.backends.cudnn, "rnn", None)
+        print(f"    cudnn.rnn.fp32_precision: {getattr(rnn, 'fp32_precision', 'absent')}")
+        results = [("as run (fp32 LSTM)", exact)]
+        if hasattr(rnn, "fp32_precision"):
+            gpu_model.lstm.forward = functools.partial(tf32_lstm, gpu_model.lstm.forward)
+            results.append(("cuDNN TF32 LSTM", gpu_model(gpu_crops).cpu()))
+    for label, result in results:
+        cosine = float(torch.nn.functional.cosine_similarity(cpu, result).min())
+        print(f"    GE2E CUDA {label}: lowest cosine to CPU {cosine:.6f}, max difference "
+              f"{float((cpu - result).abs().max()):.2e}")
+    check("GE2E forward on CUDA = CPU", float((cpu - exact).abs().max()) < 1e-3,
+          f"max difference {float((cpu - exact).abs().max()):.2e}")
+
+
+def tf32_lstm(forward, *args, **kwargs):
+    """The LSTM's forward with cuDNN's RNN precision set to TF32 (inside the model's fp32 block)."""
+    rnn = torch.backends.cudnn.rnn
+    previous = rnn.fp32_precision
+    rnn.fp32_precision = "tf32"
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        rnn.fp32_precision = previous
+
+
 def check_extraction(out: Path) -> None:
     audio = out / "audio"
     write_audio(audio, 12)
@@ -171,6 +218,8 @@ def check_extraction(out: Path) -> None:
             gap = max(float(np.abs(outputs["cpu"][k] - outputs["cuda"][k]).max()) for k in outputs["cpu"])
             check("m_gen_embs GE2E on CUDA = CPU", gap < 1e-3,
                   f"{len(outputs['cpu'])} files, max difference {gap:.2e}")
+    if packaged_weights() is not None:
+        check_ge2e_precision()
     torch.manual_seed(0)
     model = load_extractor("ResNetSE34V2", random_init=True)
     crops = torch.from_numpy(make_crops(np.random.default_rng(1).standard_normal(16000 * 8) * 0.1, 400, 10))
