@@ -74,12 +74,12 @@ def score_trials(embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right:
 
 
 def _score_on_device(table: torch.Tensor, left: np.ndarray, right: np.ndarray, metric: str) -> np.ndarray:
-    """score_trials on the table's GPU, in chunks of about 16 MB of gathered rows each."""
+    """score_trials on the table's GPU, in chunks of about 4 MB of gathered rows each."""
     if metric == "C":
         table = nn.functional.normalize(table, dim=1)
     left_rows = torch.from_numpy(left).to(table.device)
     right_rows = torch.from_numpy(right).to(table.device)
-    chunk = max(SCORE_CHUNK, 2 ** 22 // max(1, table.shape[1]))
+    chunk = max(SCORE_CHUNK, 2 ** 20 // max(1, table.shape[1]))
     out = torch.empty(len(left), dtype=table.dtype, device=table.device)
     for start in range(0, len(left), chunk):
         a = table[left_rows[start:start + chunk]]
