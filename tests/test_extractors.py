@@ -14,7 +14,7 @@ import torch
 
 from m_utils import UserError
 from models import GE2E as ge2e_module
-from models.GE2E import GE2E, packaged_weights, partial_starts
+from models.GE2E import GE2E, full_fp32_rnn, packaged_weights, partial_starts
 from models.m_Extractors import EXTRACTORS, load_extractor
 from models.m_Features import LogMelInstanceNorm, mel_filterbank
 from models.ResNetSE34V2 import ResNetSE34V2
@@ -204,3 +204,16 @@ def test_batched_equals_one_by_one(name):
         single = torch.cat([model(crop[None]) for crop in crops])
     assert batched.shape == (4, model.embed_dim) and torch.isfinite(batched).all()
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+
+
+def test_ge2e_lstm_runs_in_full_float32_and_restores_the_setting():
+    rnn = torch.backends.cudnn.rnn
+    before = rnn.fp32_precision
+    seen = []
+    model = GE2E()
+    model.lstm.register_forward_pre_hook(lambda *_: seen.append(rnn.fp32_precision))
+    model(torch.zeros(2, 4000))
+    assert seen == ["ieee"] and rnn.fp32_precision == before
+    with pytest.raises(RuntimeError), full_fp32_rnn():
+        raise RuntimeError("inside")
+    assert rnn.fp32_precision == before
