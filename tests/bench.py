@@ -492,8 +492,8 @@ def stage_extract(name: str, extractor: str) -> Callable[..., StageResult]:
             original = len(sample) / timed(lambda: [embed_batch(model, [item], args.device)
                                                     for item in sample])
         notes.append(f"{name}: {len(items)} utterances of {args.audio_seconds:g} s, {args.num_eval} crops of "
-                     f"{args.eval_frames} frames each, {min(size, len(items))} utterances per pass; original "
-                     f"(one utterance per pass) timed on {len(sample)} of them")
+                     f"{args.eval_frames} frames each, {min(size, len(items))} utterance(s) per pass; "
+                     f"original (one utterance per pass) timed on {len(sample)} of them")
         return StageResult(make_record(name, project, original, peak), notes)
 
     return run
