@@ -428,7 +428,11 @@ def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
         seconds = min(timed(lambda e=epoch: trainer.train_epoch(data, e, args.batch_size, SEED, **sampling))
                       for epoch in (1, 2))
         peak = meter.peaks()
-        batches = list(islice(data.epoch(args.batch_size, SEED, 1, **sampling), args.compute_batches))
+        # Spread over the epoch: DA steps differ in size (one speaker's pairs each).
+        total = len(data.global_batches(args.batch_size, SEED, 1, **sampling))
+        stride = max(1, total // args.compute_batches)
+        batches = list(islice(data.epoch(args.batch_size, SEED, 1, **sampling), 0, None, stride))
+        batches = batches[:args.compute_batches]
         compute = sum(batch.size for batch in batches) / timed(
             lambda: [train_step(trainer.net, trainer.optimizer, batch) for batch in batches])
         original = new_trainer(loss, args.dim, args.device)
@@ -438,8 +442,8 @@ def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
             lambda batch: train_step(original.net, original.optimizer, batch_to(batch, args.device)))
         notes = [sampled_note(name, args.original_batches, len(loader), "steps"),
                  f"{name}: project time is the better of epochs 1 and 2",
-                 f"{name}: compute-only timed on the epoch's first {len(batches)} of {len(loader)} batches, "
-                 "built beforehand, pushed through the project epoch's model and optimiser"]
+                 f"{name}: compute-only timed on {len(batches)} of the epoch's {total} batches (every "
+                 f"{stride}th), built beforehand, pushed through the project epoch's model and optimiser"]
         return StageResult(make_record(name, rows / seconds, rows / original_seconds, peak, compute), notes)
 
     return run
