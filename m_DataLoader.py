@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -105,9 +106,38 @@ def check_embedding(array: np.ndarray, path: Path, dim: int | None = None) -> np
     return array
 
 
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """np.load of one .npy file, safe from many threads at once.
+
+    numpy parses a .npy header with ast.literal_eval, and CPython 3.11's parser can fail
+    spuriously ("AST constructor recursion depth mismatch", python/cpython#106905) when threads
+    parse at the same time; so headers are parsed one at a time and only the data is read freely.
+    """
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        with _NPY_HEADER_LOCK:
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
+            else:
+                file.seek(0)
+                return np.lib.format.read_array(file, allow_pickle=False)
+        if dtype.hasobject:
+            raise ValueError("holds Python objects, which are not loaded")
+        count = int(np.prod(shape, dtype=np.int64))
+        data = np.fromfile(file, dtype=dtype, count=count)
+    if data.size != count:
+        raise ValueError(f"truncated: {data.size} of {count} values")
+    return data.reshape(shape, order="F" if fortran_order else "C")
+
+
 def read_embedding(path: Path, dim: int | None = None) -> np.ndarray:
     try:
-        array = np.load(path, allow_pickle=False)
+        array = read_npy(path)
     except FileNotFoundError:
         raise UserError(f"{path}: embedding file not found (m_gen_embs.py writes them)") from None
     except (OSError, ValueError) as err:

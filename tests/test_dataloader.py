@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import make_embedding_tree
 
+import m_DataLoader
 from m_comb_embs import combine
 from m_DataLoader import EmbeddingData, embedding_file, speaker_grouped_batches
 from m_gen_list import make_lists
@@ -27,13 +28,15 @@ def data(tree, kind="normal") -> EmbeddingData:
 
 def test_each_file_read_once_per_run(tree, monkeypatch):
     calls = Counter()
-    real_load = np.load
 
-    def counting_load(path, *args, **kwargs):
-        calls[str(path)] += 1
-        return real_load(path, *args, **kwargs)
+    def counting(real):
+        def load(path, *args, **kwargs):
+            calls[str(path)] += 1
+            return real(path, *args, **kwargs)
+        return load
 
-    monkeypatch.setattr(np, "load", counting_load)
+    monkeypatch.setattr(np, "load", counting(np.load))
+    monkeypatch.setattr(m_DataLoader, "read_npy", counting(m_DataLoader.read_npy))
     train = data(tree)
     trainer = Trainer(SpeakerNet("MyLinearNetv2", "MSE", nOut=8), torch.device("cpu"))
     for epoch in range(1, 4):
@@ -139,3 +142,33 @@ def test_batches_built_from_one_index_copy_equal_per_batch_ones(tree, kind, samp
             assert (x is None) == (y is None), name
             if x is not None:
                 assert torch.equal(x, y), name
+
+
+def test_read_npy_equals_np_load_and_survives_many_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from m_DataLoader import read_npy
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(3, 8)).astype(np.float32), rng.normal(size=7),
+              np.asfortranarray(rng.normal(size=(4, 5)).astype(np.float32)), np.zeros((0, 4), np.float32),
+              np.arange(6, dtype=np.int16).reshape(2, 3)]
+    for k, array in enumerate(arrays):
+        np.save(tmp_path / f"{k}.npy", array)
+        loaded = read_npy(tmp_path / f"{k}.npy")
+        assert loaded.dtype == array.dtype and loaded.shape == array.shape
+        np.testing.assert_array_equal(loaded, array)
+    with open(tmp_path / "v2.npy", "wb") as file:
+        np.lib.format.write_array(file, arrays[0], version=(2, 0))
+    np.testing.assert_array_equal(read_npy(tmp_path / "v2.npy"), arrays[0])
+    whole = (tmp_path / "0.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(whole[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        read_npy(tmp_path / "cut.npy")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="Python objects"):
+        read_npy(tmp_path / "objects.npy")
+    files = [tmp_path / f"{k % 5}.npy" for k in range(4000)]
+    with ThreadPoolExecutor(8) as pool:
+        loaded = list(pool.map(read_npy, files))
+    assert all(np.array_equal(a, arrays[k % 5]) for k, a in enumerate(loaded))
