@@ -145,9 +145,14 @@ def read_embedding(path: Path, dim: int | None = None) -> np.ndarray:
     return check_embedding(np.asarray(array), path, dim)
 
 
+def crop_mean(array: np.ndarray) -> np.ndarray:
+    """(D,) float64 mean over the crops of a (crops, D) or (D,) embedding."""
+    return array.reshape(-1, array.shape[-1]).astype(np.float64).mean(axis=0)
+
+
 def single_utterance_embedding(array: np.ndarray, path: Path | None = None) -> np.ndarray:
     """Mean over crops, then L2 norm: the (D,) single-utterance embedding of one file."""
-    mean = array.reshape(-1, array.shape[-1]).astype(np.float64).mean(axis=0)
+    mean = crop_mean(array)
     if np.linalg.norm(mean) == 0:
         raise UserError(f"{path}: embedding is all zeros")
     return l2_normalize(mean).astype(np.float32)
@@ -198,8 +203,7 @@ def load_speaker_embeddings(root: str | os.PathLike, speakers: Sequence[str], fl
         path = Path(root) / SPEAKER_FILE[flag].format(spk)
         if not path.is_file():
             raise UserError(f"{path}: speaker embedding not found (m_comb_embs.py writes it)")
-        array = read_embedding(path, dim)
-        rows.append(array.reshape(-1, array.shape[-1]).mean(axis=0).astype(np.float32))
+        rows.append(crop_mean(read_embedding(path, dim)).astype(np.float32))
     return np.stack(rows)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from m_DataLoader import SPEAKER_FILE, l2_normalize, read_embedding
+from m_DataLoader import SPEAKER_FILE, crop_mean, l2_normalize, read_embedding
 from m_utils import UserError, run_main, save_npy_atomic, setup_logging
 
 EMBED_DIR = "data/embeddings/voxceleb2"
@@ -39,14 +39,9 @@ def utterance_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.npy") if not p.name.startswith("."))
 
 
-def crop_means(files: list[Path], threads: int) -> np.ndarray:
-    """(utterances, D) float64: each file's mean over its crops."""
-    def mean_of(path: Path) -> np.ndarray:
-        array = read_embedding(path)
-        return array.reshape(-1, array.shape[-1]).astype(np.float64).mean(axis=0)
-
-    with ThreadPoolExecutor(threads) as pool:
-        rows = list(pool.map(mean_of, files))
+def crop_means(files: list[Path], pool: ThreadPoolExecutor) -> np.ndarray:
+    """(utterances, D) float64: each file's mean over its crops, read on `pool`'s threads."""
+    rows = list(pool.map(lambda path: crop_mean(read_embedding(path)), files))
     dims = {row.shape[0] for row in rows}
     if len(dims) > 1:
         raise UserError(f"{files[0].parent.parent}: utterance embeddings of different "
@@ -63,14 +58,15 @@ def speaker_embeddings(means: np.ndarray) -> dict[str, np.ndarray]:
 def combine(embed_dir: Path, threads: int = 8) -> int:
     """Write the B and C files of every speaker folder; returns the number of speakers written."""
     written = 0
-    for folder in tqdm(speaker_folders(embed_dir), desc="speakers", unit="spk"):
-        files = utterance_files(folder)
-        if not files:
-            log.warning("%s: no utterance embeddings, skipped", folder)
-            continue
-        for flag, embedding in speaker_embeddings(crop_means(files, threads)).items():
-            save_npy_atomic(embed_dir / SPEAKER_FILE[flag].format(folder.name), embedding)
-        written += 1
+    with ThreadPoolExecutor(threads) as pool:
+        for folder in tqdm(speaker_folders(embed_dir), desc="speakers", unit="spk"):
+            files = utterance_files(folder)
+            if not files:
+                log.warning("%s: no utterance embeddings, skipped", folder)
+                continue
+            for flag, embedding in speaker_embeddings(crop_means(files, pool)).items():
+                save_npy_atomic(embed_dir / SPEAKER_FILE[flag].format(folder.name), embedding)
+            written += 1
     return written
 
 

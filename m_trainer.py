@@ -261,6 +261,7 @@ class Experiment:
                                weight_decay=args.weight_decay, test_interval=args.test_interval,
                                max_epoch=args.max_epoch, mixedprec=args.mixedprec)
         self.trial_sets: dict[str, TrialSet] = {}
+        self.original_results: dict[str, tuple[np.ndarray, dict[str, float]]] = {}
 
     def network_options(self) -> dict[str, Any]:
         a = self.args
@@ -321,9 +322,12 @@ class Experiment:
         processed = self.trainer.processed_scores(trials, flag)
         if not self.ctx.is_main:
             return None
-        original = self.trainer.original_scores(trials, flag)
+        if name not in self.original_results:  # the original embeddings' scores never change
+            original = self.trainer.original_scores(trials, flag)
+            self.original_results[name] = (original, evaluate_scores(original, trials.labels))
+        original, original_metrics = self.original_results[name]
         return {"trials": trials, "original": original, "processed": processed,
-                "original_metrics": evaluate_scores(original, trials.labels),
+                "original_metrics": original_metrics,
                 "processed_metrics": evaluate_scores(processed, trials.labels)}
 
     def save_trial_scores(self, name: str, result: dict[str, Any]) -> Path:

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
 from m_DataLoader import embedding_file, load_embeddings, read_list
-from m_network import compute_eer, compute_min_dcf, error_rates, evaluate_scores, score_trials
+from m_network import compute_eer, error_rates, evaluate_scores, min_dcf_of_rates, score_trials
 from m_utils import UserError, atomic_write, read_user_text, run_main, write_text_atomic
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
@@ -284,8 +284,8 @@ def setup_det_axes(ax: Axes) -> None:
 def draw_det(ax: Axes, scores: np.ndarray, labels: np.ndarray, name: str, color: str) -> None:
     """One DET curve with its EER point; EER and minDCF in the legend."""
     miss, false_alarm, _ = error_rates(scores, labels)
-    eer, _ = compute_eer(scores, labels)
-    min_dcf = compute_min_dcf(scores, labels, MIN_DCF_P_TARGET)
+    eer = compute_eer(scores, labels)[0]
+    min_dcf = min_dcf_of_rates(miss, false_alarm, MIN_DCF_P_TARGET)
     hidden = " (curve below the plotted range)" if eer < DET_RANGE_PERCENT[0] else ""
     ax.plot(probit(false_alarm * 100), probit(miss * 100), color=color, linewidth=1.5,
             label=f"{name}: EER {eer:.2f} %, minDCF {min_dcf:.3f}{hidden}")
@@ -361,21 +361,42 @@ def check_enhanced_tree(root: Path, files: Sequence[str]) -> None:
                         "--generate with a gen_list that covers the distribution list")
 
 
-def distance_study(dist_list: str | Path, embed_dir: str | Path, enhanced_dir: str | Path,
-                   seed: int = SEED) -> dict[str, PairGroup]:
-    """The pair groups of a distribution list with distances on original and enhanced embeddings."""
+@dataclass
+class PairStudy:
+    """The pairs of a distribution list and their distances on the original embeddings: the same
+    for every run compared, so read once."""
+
+    pairs: dict[str, list[tuple[str, str]]]
+    files: list[str]
+    row_of: dict[str, int]
+    before: dict[str, np.ndarray]
+
+
+def pair_study(dist_list: str | Path, embed_dir: str | Path, seed: int = SEED) -> PairStudy:
     records = read_list(dist_list, "distribution")
     pairs = {"same": [(r[1], r[2]) for r in records if r[3] == 1],
              "category": [(r[1], r[2]) for r in records if r[3] == 0],
              "speaker": other_speaker_pairs(records, seed)}
     files = sorted({rel for group in pairs.values() for pair in group for rel in pair})
     row_of = {rel: i for i, rel in enumerate(files)}
-    check_enhanced_tree(Path(enhanced_dir), files)
     original = load_embeddings(embed_dir, files, desc="loading original embeddings")
-    enhanced = load_embeddings(enhanced_dir, files, desc="loading enhanced embeddings")
-    return {key: PairGroup(label, pairs[key], cosine_distances(original, row_of, pairs[key]),
-                           cosine_distances(enhanced, row_of, pairs[key]))
+    return PairStudy(pairs, files, row_of,
+                     {key: cosine_distances(original, row_of, pairs[key]) for key, _ in PAIR_KINDS})
+
+
+def enhanced_groups(study: PairStudy, enhanced_dir: str | Path) -> dict[str, PairGroup]:
+    """The study's pair groups with their distances on one run's enhanced embeddings."""
+    check_enhanced_tree(Path(enhanced_dir), study.files)
+    enhanced = load_embeddings(enhanced_dir, study.files, desc="loading enhanced embeddings")
+    return {key: PairGroup(label, study.pairs[key], study.before[key],
+                           cosine_distances(enhanced, study.row_of, study.pairs[key]))
             for key, label in PAIR_KINDS}
+
+
+def distance_study(dist_list: str | Path, embed_dir: str | Path, enhanced_dir: str | Path,
+                   seed: int = SEED) -> dict[str, PairGroup]:
+    """The pair groups of a distribution list with distances on original and enhanced embeddings."""
+    return enhanced_groups(pair_study(dist_list, embed_dir, seed), enhanced_dir)
 
 
 def mean_or_nan(values: np.ndarray) -> float:
@@ -424,10 +445,10 @@ def histogram_figure(groups: dict[str, PairGroup], title: str) -> Figure:
     return fig
 
 
-def write_distance_figure(run_dir: Path, name: str, dist_list: str, embed_dir: str,
+def write_distance_figure(run_dir: Path, name: str, study: PairStudy, dist_list: str, embed_dir: str,
                           enhanced_dir: Path, seed: int) -> tuple[Path, Path]:
     """dist_hist.png and dist_hist.txt (the table, also printed) of one run."""
-    groups = distance_study(dist_list, embed_dir, enhanced_dir, seed)
+    groups = enhanced_groups(study, enhanced_dir)
     table = distance_table(groups)
     print(f"{name}: {Path(dist_list).name}, enhanced embeddings from {enhanced_dir}\n{table}")
     result = run_dir / "result"
@@ -495,15 +516,21 @@ def curve_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Seq
     return write_curve_figures(runs, out_dir, prefix="compare_")
 
 
-def distance_outputs(args: argparse.Namespace, run_dir: Path, name: str) -> list[Path]:
-    """dist_hist.png and its table for one run, when its enhanced tree is there."""
-    enhanced = Path(args.enhanced_dir) if args.enhanced_dir else run_dir / "enhanced"
-    if not enhanced.is_dir():
-        print(f"skipped {name} dist_hist.png: {enhanced} not found (m_trainer.py --generate "
-              "writes it; or pass --enhanced_dir)")
-        return []
-    return list(write_distance_figure(run_dir, name, args.dist_list, args.embed_dir, enhanced,
-                                      args.seed))
+def distance_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str]) -> list[Path]:
+    """dist_hist.png and its table for each run whose enhanced tree is there; the original
+    embeddings are read once for all of them."""
+    written: list[Path] = []
+    study = None
+    for run_dir, name in zip(run_dirs, names, strict=True):
+        enhanced = Path(args.enhanced_dir) if args.enhanced_dir else run_dir / "enhanced"
+        if not enhanced.is_dir():
+            print(f"skipped {name} dist_hist.png: {enhanced} not found (m_trainer.py --generate "
+                  "writes it; or pass --enhanced_dir)")
+            continue
+        study = study or pair_study(args.dist_list, args.embed_dir, args.seed)
+        written += write_distance_figure(run_dir, name, study, args.dist_list, args.embed_dir, enhanced,
+                                         args.seed)
+    return written
 
 
 def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
@@ -519,8 +546,9 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
             print(f"skipped {name} det.png: no {run_dir / 'result'}/trials_*.npz "
                   "(m_trainer.py --check or --eval writes them)")
         written += [det] if det else []
-        written += distance_outputs(args, run_dir, name) if args.dist_list else []
-    if not args.dist_list:
+    if args.dist_list:
+        written += distance_outputs(args, run_dirs, names)
+    else:
         print("skipped dist_hist.png: no --dist_list (with --embed_dir)")
     for path in written:
         print(f"wrote {path}")
