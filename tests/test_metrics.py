@@ -6,10 +6,12 @@ from sklearn.metrics import roc_curve
 from m_network import (
     SpeakerNet,
     _score_on_device,
+    _sorted_with_order,
     compute_eer,
     compute_min_dcf,
     error_rates,
     evaluate_scores,
+    score_curve,
     score_trials,
 )
 from m_utils import UserError
@@ -144,3 +146,37 @@ def test_threaded_scoring_equals_one_thread_and_direct_formula(metric):
     else:
         expected = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1) - 1
     np.testing.assert_allclose(single, expected, atol=2e-5)
+
+
+def test_float32_curve_equals_the_float64_one():
+    """float32 scores take a packed-integer sort: same thresholds and counts as the generic sort,
+    with negative scores, ties, and -0.0 counted equal to +0.0."""
+    rng = np.random.default_rng(10)
+    for case in range(300):
+        n = int(rng.integers(2, 300))
+        scores = rng.normal(size=n).astype(np.float32)
+        if case % 2:
+            scores = np.round(scores * 3).astype(np.float32) / 3
+        scores[rng.integers(0, n, 3)] = -0.0
+        scores[rng.integers(0, n, 3)] = 0.0
+        labels = rng.integers(0, 2, n)
+        fast, generic = score_curve(scores, labels), score_curve(scores.astype(np.float64), labels)
+        for got, expected in zip(fast, generic, strict=True):
+            np.testing.assert_array_equal(got, expected)
+    assert len(score_curve(np.array([-0.0, 0.0, 0.0], np.float32), np.array([0, 1, 1]))[0]) == 1
+
+
+def test_trials_sorted_by_row_keep_their_positions():
+    rng = np.random.default_rng(11)
+    for rows in (np.array([], np.int64), rng.integers(0, 50, 1000), rng.integers(0, 2 ** 60, 50)):
+        order, ordered = _sorted_with_order(rows)
+        np.testing.assert_array_equal(order, np.argsort(rows, kind="stable"))
+        np.testing.assert_array_equal(ordered, rows[order])
+
+
+def test_trial_rows_outside_the_table_are_refused():
+    table = np.ones((3, 4), np.float32)
+    for left, right in (([0, 3], [1, 1]), ([0, 1], [-1, 2])):
+        with pytest.raises(UserError, match="0..2"):
+            score_trials(table, np.array(left), np.array(right), "B")
+    assert score_trials(table, np.array([], np.int64), np.array([], np.int64), "C").shape == (0,)
