@@ -42,9 +42,9 @@ from m_DataLoader import (
     load_speaker_embeddings,
     read_list,
 )
-from m_gen_embs import SAMPLE_RATE, Item, batch_size_for, embed_batch, make_crops
+from m_gen_embs import SAMPLE_RATE, Item, batch_size_for, embed_batch, keep_freed_memory, make_crops
 from m_gen_list import make_lists
-from m_network import SpeakerNet, Trainer, compute_eer, evaluate_scores, score_trials
+from m_network import SpeakerNet, Trainer, clear_gradients, compute_eer, evaluate_scores, score_trials
 from m_utils import resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
@@ -238,9 +238,14 @@ def sampled_epoch_seconds(loader: DataLoader, sample: int, step: Callable[[Batch
     return first + per_batch * (total - 1)
 
 
-def train_step(net: SpeakerNet, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
-    """One optimiser step of `net` on `batch`, and nothing else."""
-    optimizer.zero_grad(set_to_none=True)
+def train_step(net: SpeakerNet, optimizer: torch.optim.Optimizer, batch: Batch,
+               original: bool = False) -> None:
+    """One optimiser step of `net` on `batch`, and nothing else. The original zeroed gradients with
+    torch's default (set_to_none); the project as its Trainer does."""
+    if original:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        clear_gradients(optimizer, batch.inputs.device)
     loss, _ = net(batch)
     loss.backward()
     optimizer.step()
@@ -422,26 +427,35 @@ def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
         sampling = {"speakers_per_step": 1} if kind == "distribution" else {}
         rows = sum(batch.size for batch in data.epoch(args.batch_size, SEED, 1, **sampling))
         trainer = new_trainer(loss, args.dim, args.device)
+        def epoch_time(epoch: int) -> float:
+            return timed(lambda: trainer.train_epoch(data, epoch, args.batch_size, SEED, **sampling))
+
         meter.start()
-        # The better of two epochs: the first also pays one-time costs (optimiser state, a GPU's
-        # lazily loaded kernels), which on a GPU are a large part of a short epoch.
-        seconds = min(timed(lambda e=epoch: trainer.train_epoch(data, e, args.batch_size, SEED, **sampling))
-                      for epoch in (1, 2))
-        peak = meter.peaks()
+        first_epoch = epoch_time(1)
+        peak = meter.peaks()  # epoch 1 also builds the optimiser state: the peak epoch
         # Spread over the epoch: DA steps differ in size (one speaker's pairs each).
         total = len(data.global_batches(args.batch_size, SEED, 1, **sampling))
         stride = max(1, total // args.compute_batches)
         batches = list(islice(data.epoch(args.batch_size, SEED, 1, **sampling), 0, None, stride))
         batches = batches[:args.compute_batches]
-        compute = sum(batch.size for batch in batches) / timed(
-            lambda: [train_step(trainer.net, trainer.optimizer, batch) for batch in batches])
+
+        def compute_time() -> float:
+            return timed(lambda: [train_step(trainer.net, trainer.optimizer, batch) for batch in batches])
+
+        # Each the better of two runs, the two kinds alternating: the first epoch also pays one-time
+        # costs (optimiser state, a GPU's lazily loaded kernels), and this machine's speed drifts.
+        compute_seconds = [compute_time()]
+        seconds = min(first_epoch, epoch_time(2))
+        compute_seconds.append(compute_time())
+        compute = sum(batch.size for batch in batches) / min(compute_seconds)
         original = new_trainer(loss, args.dim, args.device)
         loader = original_loader(args, tree, kind)
         original_seconds = sampled_epoch_seconds(
             loader, args.original_batches,
-            lambda batch: train_step(original.net, original.optimizer, batch_to(batch, args.device)))
+            lambda batch: train_step(original.net, original.optimizer, batch_to(batch, args.device), True))
         notes = [sampled_note(name, args.original_batches, len(loader), "steps"),
-                 f"{name}: project time is the better of epochs 1 and 2",
+                 f"{name}: project time is the better of epochs 1 and 2, compute-only the better of "
+                 f"two runs, one after each epoch",
                  f"{name}: compute-only timed on {len(batches)} of the epoch's {total} batches (every "
                  f"{stride}th), built beforehand, pushed through the project epoch's model and optimiser"]
         return StageResult(make_record(name, rows / seconds, rows / original_seconds, peak, compute), notes)
@@ -487,14 +501,18 @@ def stage_extract(name: str, extractor: str) -> Callable[..., StageResult]:
         sample = items[:args.original_utterances]
         size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval)
         with torch.inference_mode():
+            # The original first: m_gen_embs then changes how this process's malloc keeps memory.
+            embed_batch(model, items[:1], args.device)
+            original = len(sample) / timed(lambda: [embed_batch(model, [item], args.device)
+                                                    for item in sample])
+            if args.device.type == "cpu" and keep_freed_memory():
+                notes.append(f"{name}: the project's passes run with malloc keeping freed memory, as "
+                             f"m_gen_embs does on a CPU")
             embed_batch(model, items[:size], args.device)
             meter.start()
             project = len(items) / timed(lambda: [embed_batch(model, items[i:i + size], args.device)
                                                   for i in range(0, len(items), size)])
             peak = meter.peaks()
-            embed_batch(model, items[:1], args.device)
-            original = len(sample) / timed(lambda: [embed_batch(model, [item], args.device)
-                                                    for item in sample])
         notes.append(f"{name}: {len(items)} utterances of {args.audio_seconds:g} s, {args.num_eval} crops of "
                      f"{args.eval_frames} frames each, {min(size, len(items))} utterance(s) per pass; "
                      f"original (one utterance per pass) timed on {len(sample)} of them")
@@ -661,7 +679,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--workers", type=int, default=5, help="nDataLoaderThread: loader threads and original workers")
     add("--trials", type=int, default=200_000, help="trials to score")
     add("--original_batches", type=int, default=30, help="batches or DA steps timed of the original")
-    add("--compute_batches", type=int, default=50, help="batches timed of the compute-only loop")
+    add("--compute_batches", type=int, default=100, help="batches timed of the compute-only loop")
     add("--original_trials", type=int, default=20_000, help="trials timed of the original loop")
     add("--audio_utterances", type=int, default=16, help="utterances of synthetic audio")
     add("--audio_seconds", type=float, default=12.0, help="seconds per synthetic utterance")

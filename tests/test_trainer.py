@@ -8,7 +8,8 @@ import yaml
 from conftest import make_experiment_data, run_script
 
 import m_trainer
-from m_network import checkpoints
+from m_DataLoader import EmbeddingData
+from m_network import SpeakerNet, Trainer, checkpoints
 from m_utils import UserError
 
 EPOCH_LINE = re.compile(r"^Epoch \d+, TLOSS -?\d+\.\d{6}, LR \d+\.\d{6}$")
@@ -59,6 +60,31 @@ def test_every_loss_trains_an_epoch(data, tmp_path, trainfunc):
     assert np.isfinite(float(values["VLoss"])) and 0 <= float(values["VEER"]) <= 100
     assert 0 <= float(values["VEER_LIBRI"]) <= 100
     assert sorted(checkpoints(tmp_path / "exp" / "model")) == [1]
+
+
+@pytest.mark.parametrize("trainfunc", ["MSE_CS", "MSE_Softmax", "MyTriplet_CS", "DA_MSE"])
+def test_gradients_zeroed_in_place_train_as_dropped_ones(data, trainfunc):
+    """On a CPU the Trainer zeroes gradients in place (no fresh allocation per step): the weights
+    after an epoch equal those of steps that drop the gradients (torch's default)."""
+    kind = LIST_OF.get(trainfunc, "normal")
+    train_data = EmbeddingData(data / "lists" / f"train_{kind}_list.txt", data / "train", kind, "B", 24)
+    nets = []
+    for in_place in (True, False):
+        torch.manual_seed(3)
+        trainer = Trainer(SpeakerNet("MyLinearNetv2", trainfunc, nOut=24, nClasses=40), torch.device("cpu"))
+        if in_place:
+            trainer.train_epoch(train_data, 1, 32, seed=5)
+        else:
+            torch.manual_seed(5 + 1)
+            trainer.net.train()
+            for batch in train_data.epoch(32, 5, 1):
+                trainer.optimizer.zero_grad(set_to_none=True)
+                trainer.net(batch)[0].backward()
+                trainer.optimizer.step()
+            assert all(p.grad is not None for p in trainer.net.parameters() if p.requires_grad)
+        nets.append(trainer.net.state_dict())
+    for name, value in nets[0].items():
+        torch.testing.assert_close(value, nets[1][name], rtol=0, atol=0, msg=name)
 
 
 def check_lines(output: str) -> dict[str, tuple[float, float]]:
