@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import bench
 from conftest import run_script
 
 TOY = ["--utterances", "240", "--speakers", "12", "--sessions", "3", "--crops", "3", "--dim", "32",
@@ -43,3 +44,15 @@ def test_bench_reuses_its_tree(tmp_path: Path):
     assert "writing a synthetic tree" in first.stdout
     assert "reusing the synthetic tree" in second.stdout
     assert [r["name"] for r in json.loads((tmp_path / "bench.json").read_text())] == ["load"]
+
+
+def test_extraction_goal_depends_on_the_device():
+    """1.5x on a GPU; on a CPU, where both extractors are bound by arithmetic, not slower."""
+    budget = bench.MemoryBudget(matrix_mb=100.0, parameters_mb=10.0)
+    record = {"name": "extract_resnetse34v2", "project_per_s": 1.1, "original_per_s": 1.0,
+              "ratio": 1.1, "peak_rss_mb": 400.0}
+    assert bench.verdicts([record], budget) == ["  met      extract_resnetse34v2 ratio 1.10 >= 1"]
+    on_gpu = {**record, bench.GPU_KEY: 500.0}
+    assert bench.verdicts([on_gpu], budget) == ["  NOT met  extract_resnetse34v2 ratio 1.10 >= 1.5"]
+    slower = {**record, "ratio": 0.9}
+    assert bench.verdicts([slower], budget)[0].startswith("  NOT met")
