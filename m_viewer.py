@@ -366,6 +366,9 @@ class PairStudy:
     """The pairs of a distribution list and their distances on the original embeddings: the same
     for every run compared, so read once."""
 
+    dist_list: Path
+    embed_dir: Path
+    seed: int
     pairs: dict[str, list[tuple[str, str]]]
     files: list[str]
     row_of: dict[str, int]
@@ -380,7 +383,7 @@ def pair_study(dist_list: str | Path, embed_dir: str | Path, seed: int = SEED) -
     files = sorted({rel for group in pairs.values() for pair in group for rel in pair})
     row_of = {rel: i for i, rel in enumerate(files)}
     original = load_embeddings(embed_dir, files, desc="loading original embeddings")
-    return PairStudy(pairs, files, row_of,
+    return PairStudy(Path(dist_list), Path(embed_dir), seed, pairs, files, row_of,
                      {key: cosine_distances(original, row_of, pairs[key]) for key, _ in PAIR_KINDS})
 
 
@@ -445,17 +448,18 @@ def histogram_figure(groups: dict[str, PairGroup], title: str) -> Figure:
     return fig
 
 
-def write_distance_figure(run_dir: Path, name: str, study: PairStudy, dist_list: str, embed_dir: str,
-                          enhanced_dir: Path, seed: int) -> tuple[Path, Path]:
+def write_distance_figure(run_dir: Path, name: str, study: PairStudy,
+                          enhanced_dir: Path) -> tuple[Path, Path]:
     """dist_hist.png and dist_hist.txt (the table, also printed) of one run."""
     groups = enhanced_groups(study, enhanced_dir)
     table = distance_table(groups)
-    print(f"{name}: {Path(dist_list).name}, enhanced embeddings from {enhanced_dir}\n{table}")
+    print(f"{name}: {study.dist_list.name}, enhanced embeddings from {enhanced_dir}\n{table}")
     result = run_dir / "result"
     log_path = result / "dist_hist.txt"
-    write_text_atomic(log_path, f"run {name}\ndistribution list {dist_list}\noriginal embeddings "
-                                f"{embed_dir}\nenhanced embeddings {enhanced_dir}\nseed {seed}\n{table}\n")
-    fig = histogram_figure(groups, f"{name}: pair distances of {Path(dist_list).name}")
+    write_text_atomic(log_path, f"run {name}\ndistribution list {study.dist_list}\noriginal embeddings "
+                                f"{study.embed_dir}\nenhanced embeddings {enhanced_dir}\nseed {study.seed}\n"
+                                f"{table}\n")
+    fig = histogram_figure(groups, f"{name}: pair distances of {study.dist_list.name}")
     return save_figure(fig, result / "dist_hist.png"), log_path
 
 
@@ -528,8 +532,7 @@ def distance_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: 
                   "writes it; or pass --enhanced_dir)")
             continue
         study = study or pair_study(args.dist_list, args.embed_dir, args.seed)
-        written += write_distance_figure(run_dir, name, study, args.dist_list, args.embed_dir, enhanced,
-                                         args.seed)
+        written += write_distance_figure(run_dir, name, study, enhanced)
     return written
 
 

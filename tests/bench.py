@@ -431,6 +431,7 @@ def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
         sampling = {"speakers_per_step": 1} if kind == "distribution" else {}
         rows = sum(batch.size for batch in data.epoch(args.batch_size, SEED, 1, **sampling))
         trainer = new_trainer(loss, args.dim, args.device)
+
         def epoch_time(epoch: int) -> float:
             return timed(lambda: trainer.train_epoch(data, epoch, args.batch_size, SEED, **sampling))
 

@@ -27,6 +27,7 @@ import numpy as np
 import soundfile
 import torch
 import yaml
+from bench import timed
 from conftest import make_embedding_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,12 @@ def train(config: Path, save: Path, *options: str) -> tuple[float | None, dict |
         check(f"train {label}", False, f"exit code {result.returncode}")
         return None, None
     times = [float(t) for t in re.findall(r"epoch \d+: loss \S+, lr \S+, ([\d.]+) s", result.stdout)]
-    val = [line for line in result.stdout.splitlines() if "--Val--" in line][-1].split("INFO ")[-1]
+    vals = [line.split("INFO ")[-1] for line in result.stdout.splitlines() if "--Val--" in line]
+    if not vals:
+        print(result.stdout[-3000:], result.stderr[-3000:])
+        check(f"train {label}", False, "no --Val-- line in its output")
+        return None, None
+    val = vals[-1]
     print(f"{label:<50} epochs {times} s, wall {time.perf_counter() - started:.1f} s\n    {val}", flush=True)
     state = torch.load(save / "model" / f"model{1:09d}.model", map_location="cpu", weights_only=True)
     return float(re.search(r"VEER ([\d.]+)", val).group(1)), state["network"]
@@ -127,14 +133,6 @@ def check_training(out: Path, cuda: bool) -> None:
                   "--check", "--device", "cuda")
     lines = [line.split("INFO ")[-1] for line in checked.stdout.splitlines() if "EER" in line]
     check("--check on CUDA", checked.returncode == 0 and bool(lines), " | ".join(lines[:2]))
-
-
-def timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def check_scoring() -> None:
@@ -218,7 +216,6 @@ def check_extraction(out: Path) -> None:
             gap = max(float(np.abs(outputs["cpu"][k] - outputs["cuda"][k]).max()) for k in outputs["cpu"])
             check("m_gen_embs GE2E on CUDA = CPU", gap < 1e-3,
                   f"{len(outputs['cpu'])} files, max difference {gap:.2e}")
-    if packaged_weights() is not None:
         check_ge2e_precision()
     torch.manual_seed(0)
     model = load_extractor("ResNetSE34V2", random_init=True)
