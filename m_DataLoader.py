@@ -30,9 +30,40 @@ LIST_FIELDS = {
     "triplet": ("spk", "path", "other_spk"),
     "distribution": ("spk", "path1", "path2", "flag"),
 }
-AUDIO_SUFFIXES = (".wav", ".flac")
-SPEAKER_FILE = {"B": "{}.npy", "C": "{}_type2.npy"}
+# Audio files a list may name; the matching `.npy` is meant (m_gen_embs reads them all).
+AUDIO_SUFFIXES = (".wav", ".flac", ".m4a", ".mp3", ".ogg", ".opus")
 LOAD_BLOCK = 512  # files one reader thread loads at a time
+
+
+@dataclass(frozen=True)
+class EmbeddingType:
+    """One value of the `multiple_embedding_flag` option: how a speaker's utterances combine into
+    its multi-utterance embedding, the file that holds it, and how trials are scored."""
+
+    speaker_file: str   # name pattern beside the speaker folders
+    combine: str        # avg-norm-avg or avg-avg-norm
+    cosine: bool        # trials scored by cosine distance (else by L2 distance)
+
+
+EMBEDDING_TYPES = {
+    "B": EmbeddingType("{}.npy", "avg-norm-avg", cosine=False),
+    "C": EmbeddingType("{}_type2.npy", "avg-avg-norm", cosine=True),
+}
+
+
+def embedding_type_of(name: str) -> EmbeddingType:
+    """The EmbeddingType of `multiple_embedding_flag` B or C; anything else is a UserError."""
+    if name not in EMBEDDING_TYPES:
+        raise UserError(f"multiple_embedding_flag must be B or C, found {name!r}")
+    return EMBEDDING_TYPES[name]
+
+
+def combine_speaker(means: np.ndarray, embedding_type: str) -> np.ndarray:
+    """A speaker's (D,) float32 embedding of `embedding_type` (B or C) from its utterances' crop
+    means (U, D)."""
+    if embedding_type_of(embedding_type).combine == "avg-norm-avg":
+        return l2_normalize(means).mean(axis=0).astype(np.float32)
+    return l2_normalize(means.mean(axis=0)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,14 +224,13 @@ def load_embeddings(root: str | os.PathLike, rel_paths: Sequence[str], dim: int 
     return matrix
 
 
-def load_speaker_embeddings(root: str | os.PathLike, speakers: Sequence[str], flag: str,
+def load_speaker_embeddings(root: str | os.PathLike, speakers: Sequence[str], embedding_type: str,
                             dim: int | None = None) -> np.ndarray:
-    """The (S, D) multi-utterance embeddings of `speakers`: type B `<spk>.npy`, C `<spk>_type2.npy`."""
-    if flag not in SPEAKER_FILE:
-        raise UserError(f"multiple_embedding_flag must be B or C, found {flag!r}")
+    """The (S, D) multi-utterance embeddings of `speakers`, of `embedding_type` (B or C)."""
+    pattern = embedding_type_of(embedding_type).speaker_file
     rows = []
     for spk in speakers:
-        path = Path(root) / SPEAKER_FILE[flag].format(spk)
+        path = Path(root) / pattern.format(spk)
         if not path.is_file():
             raise UserError(f"{path}: speaker embedding not found (m_comb_embs.py writes it)")
         rows.append(crop_mean(read_embedding(path, dim)).astype(np.float32))
@@ -248,7 +278,7 @@ class EmbeddingData:
     """
 
     def __init__(self, list_path: str | os.PathLike, root: str | os.PathLike, kind: str,
-                 flag: str, dim: int | None, device: torch.device | str = "cpu",
+                 embedding_type: str, dim: int | None, device: torch.device | str = "cpu",
                  speakers: Sequence[str] | None = None, threads: int = 8):
         self.kind = kind
         self.list_path = Path(list_path)
@@ -270,7 +300,7 @@ class EmbeddingData:
             load_embeddings(root, unique, dim, threads, source=list_path)).to(device)
         self.dim = int(self.embeddings.shape[1])
         self.speaker_embeddings = torch.from_numpy(
-            load_speaker_embeddings(root, target_speakers, flag, self.dim)).to(device)
+            load_speaker_embeddings(root, target_speakers, embedding_type, self.dim)).to(device)
         if kind == "distribution":
             self.pair_a = np.array([row_of[r[1]] for r in records], np.int64)
             self.pair_b = np.array([row_of[r[2]] for r in records], np.int64)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from m_DataLoader import SPEAKER_FILE, crop_mean, l2_normalize, read_embedding
+from m_DataLoader import EMBEDDING_TYPES, combine_speaker, crop_mean, read_embedding
 from m_utils import UserError, run_main, save_npy_atomic, setup_logging
 
 EMBED_DIR = "data/embeddings/voxceleb2"
@@ -50,9 +50,8 @@ def crop_means(files: list[Path], pool: ThreadPoolExecutor) -> np.ndarray:
 
 
 def speaker_embeddings(means: np.ndarray) -> dict[str, np.ndarray]:
-    """Type B (avg-norm-avg) and type C (avg-avg-norm) from a speaker's crop means."""
-    return {"B": l2_normalize(means).mean(axis=0).astype(np.float32),
-            "C": l2_normalize(means.mean(axis=0)).astype(np.float32)}
+    """Every embedding type's (B, C) speaker embedding from a speaker's crop means."""
+    return {name: combine_speaker(means, name) for name in EMBEDDING_TYPES}
 
 
 def combine(embed_dir: Path, threads: int = 8) -> int:
@@ -64,8 +63,9 @@ def combine(embed_dir: Path, threads: int = 8) -> int:
             if not files:
                 log.warning("%s: no utterance embeddings, skipped", folder)
                 continue
-            for flag, embedding in speaker_embeddings(crop_means(files, pool)).items():
-                save_npy_atomic(embed_dir / SPEAKER_FILE[flag].format(folder.name), embedding)
+            for name, embedding in speaker_embeddings(crop_means(files, pool)).items():
+                save_npy_atomic(embed_dir / EMBEDDING_TYPES[name].speaker_file.format(folder.name),
+                                embedding)
             written += 1
     return written
 

@@ -25,15 +25,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from m_utils import DistContext, UserError, launch, resolve_device, run_main, save_npy_atomic, setup_logging
+from m_DataLoader import AUDIO_SUFFIXES
+from m_utils import (
+    HARDWARE_OPTIONS,
+    DistContext,
+    UserError,
+    add_options,
+    launch,
+    resolve_device,
+    run_main,
+    save_npy_atomic,
+    setup_logging,
+)
 from models.m_Extractors import DEFAULT_EXTRACTOR, EXTRACTORS, load_extractor
+from models.m_Features import HOP, SAMPLE_RATE
 
 DB_PATH = "data/voxceleb1"
 EMBED_DIR = "data/embeddings/voxceleb1"
 
-SAMPLE_RATE = 16000
-HOP = 160
-AUDIO_SUFFIXES = (".wav", ".flac")
 # Utterances per forward pass when --batch_size is left at 0. On a CPU both extractors already run
 # near the cores' arithmetic peak with one utterance of 10 x 400 frames (ResNetSE34V2 at about 80 %
 # of a large matrix product's FLOP rate on 2 cores), and larger passes gain nothing. A GPU needs
@@ -263,12 +272,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="utterances per forward pass; 0 (default): chosen for the device")
     parser.add_argument("--nDataLoaderThread", type=int, default=min(4, os.cpu_count() or 1),
                         help="audio decoding worker processes")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
     parser.add_argument("--random_init", action="store_true", help="untrained weights (for tests)")
-    parser.add_argument("--distributed", action="store_true", help="split the files across processes")
-    parser.add_argument("--nprocs", type=int, default=2, help="CPU processes with --distributed and no GPU")
-    parser.add_argument("--port", type=int, default=8888, help="MASTER_PORT with --distributed")
+    add_options(parser, HARDWARE_OPTIONS)
     args = parser.parse_args(argv)
     for name in ("eval_frames", "num_eval", "nprocs"):
         if getattr(args, name) < 1:

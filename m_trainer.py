@@ -23,11 +23,15 @@ import torch
 import yaml
 
 from loss.m_Losses import loss_class
-from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
-from m_network import OPTIMIZERS, SCHEDULERS, SpeakerNet, Trainer, checkpoints, evaluate_scores
+from m_DataLoader import EmbeddingData, TrialSet, embedding_type_of, load_embeddings, read_list
+from m_network import OPTIMIZERS, SCHEDULERS, SpeakerNet, Trainer, checkpoints
+from m_scoring import evaluate_scores
 from m_utils import (
+    HARDWARE_OPTIONS,
     DistContext,
+    Options,
     UserError,
+    add_options,
     append_line,
     atomic_write,
     launch,
@@ -43,8 +47,7 @@ from models.m_Models import MODELS, make_activation
 
 log = logging.getLogger("m_trainer")
 
-# name: (default, type, help). Types: int, float, str, bool; a None default means "unset".
-OPTIONS: dict[str, tuple[Any, type, str]] = {
+OPTIONS: Options = {
     "config": (None, str, "YAML config file"),
     # Data loader
     "batch_size": (1000, int, "samples per step and process (DA losses: see da_speakers_per_step)"),
@@ -69,7 +72,6 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
     "nClasses": (5994, int, "Softmax classes (at least the training speakers)"),
     "sigma": (1.0, float, "RBF kernel width of the DA losses"),
     "softmax_init": (None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"),
-    "mixedprec": (False, bool, "automatic mixed precision on CUDA"),
     # Paths
     "initial_model": (None, str, "start from (or, with --check/--eval/--generate, use) this model"),
     "save_path": (None, str, "experiment folder (default exp_emb/<config name>)"),
@@ -92,32 +94,14 @@ OPTIONS: dict[str, tuple[Any, type, str]] = {
     "gen_list": (None, str, "normal list of the embeddings to enhance"),
     "gen_path": (None, str, "embedding root of gen_list"),
     "gen_target_dir": ("enhanced", str, "folder under save_path for generated embeddings"),
-    # Hardware
-    "device": ("auto", str, "auto, cpu or cuda"),
-    "distributed": (False, bool, "one process per GPU (or --nprocs CPU processes)"),
-    "nprocs": (2, int, "CPU processes for --distributed without CUDA"),
-    "port": (8888, int, "MASTER_PORT of the process group"),
+    **HARDWARE_OPTIONS,
 }
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      argument_default=argparse.SUPPRESS if suppress_defaults else None)
-    for name, (default, kind, text) in OPTIONS.items():
-        keep = {} if suppress_defaults else {"default": default}
-        if kind is bool:
-            parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, help=text, **keep)
-        else:
-            parser.add_argument(f"--{name}", type=kind, help=text, **keep)
+    add_options(parser, OPTIONS, with_defaults=not suppress_defaults)
     return parser
 
 
@@ -198,8 +182,7 @@ def check_setup(args: argparse.Namespace) -> None:
                 "da_speakers_per_step", "max_seg_per_spk", "nDataLoaderThread", "nprocs"):
         if getattr(args, key) < 1:
             raise UserError(f"option '{key}' must be at least 1, found {getattr(args, key)}")
-    if args.multiple_embedding_flag not in ("B", "C"):
-        raise UserError(f"multiple_embedding_flag must be B or C, found {args.multiple_embedding_flag!r}")
+    embedding_type_of(args.multiple_embedding_flag)
     loss_class(args.trainfunc)
     if args.model not in MODELS:
         raise unknown_name("model", args.model, MODELS)
@@ -318,12 +301,12 @@ class Experiment:
         if trials is None:
             self.say("%s trial list not set: skipped", "LibriSpeech" if name == "libri" else name)
             return None
-        flag = self.args.multiple_embedding_flag
-        processed = self.trainer.processed_scores(trials, flag)
+        embedding_type = self.args.multiple_embedding_flag
+        processed = self.trainer.processed_scores(trials, embedding_type)
         if not self.ctx.is_main:
             return None
         if name not in self.original_results:  # the original embeddings' scores never change
-            original = self.trainer.original_scores(trials, flag)
+            original = self.trainer.original_scores(trials, embedding_type)
             self.original_results[name] = (original, evaluate_scores(original, trials.labels))
         original, original_metrics = self.original_results[name]
         return {"trials": trials, "original": original, "processed": processed,

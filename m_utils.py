@@ -3,6 +3,7 @@ the process group (one helper for the trainer and the extractor)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -62,6 +63,40 @@ def read_user_text(path: str | os.PathLike, what: str, maker: str = "") -> str:
         raise UserError(f"{path}: {what} not found{hint}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read the {what} ({err})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Options: name -> (default, type, help). Types: int, float, str, bool; a None default is "unset".
+
+Options = dict[str, tuple[Any, type, str]]
+
+# Where the work runs; m_trainer and m_gen_embs both take these.
+HARDWARE_OPTIONS: Options = {
+    "device": ("auto", str, "auto, cpu or cuda (auto: CUDA when present)"),
+    "mixedprec": (False, bool, "mixed precision (autocast) on CUDA"),
+    "distributed": (False, bool, "one process per GPU (or --nprocs CPU processes)"),
+    "nprocs": (2, int, "CPU processes for --distributed without CUDA"),
+    "port": (8888, int, "MASTER_PORT of the process group"),
+}
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
+
+
+def add_options(parser: argparse.ArgumentParser, options: Options, with_defaults: bool = True) -> None:
+    """One `--name` per option; a bool option is a flag that also takes true/false."""
+    for name, (default, kind, text) in options.items():
+        keep = {"default": default} if with_defaults else {}
+        if kind is bool:
+            parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, help=text, **keep)
+        else:
+            parser.add_argument(f"--{name}", type=kind, help=text, **keep)
 
 
 # ----------------------------------------------------------------------------------------------

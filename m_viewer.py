@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
 from m_DataLoader import embedding_file, load_embeddings, read_list
-from m_network import compute_eer, error_rates, evaluate_scores, min_dcf_of_rates, score_trials
+from m_scoring import compute_eer, error_rates, evaluate_scores, min_dcf_of_rates, score_trials
 from m_utils import UserError, atomic_write, read_user_text, run_main, write_text_atomic
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
@@ -346,7 +346,7 @@ def other_speaker_pairs(records: Sequence[tuple], seed: int) -> list[tuple[str, 
 
 def cosine_distances(embeddings: np.ndarray, row_of: dict[str, int],
                      pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-    """1 - cos of each pair of files, by m_network.score_trials with metric C."""
+    """1 - cos of each pair of files, by m_scoring.score_trials with metric C."""
     left = np.array([row_of[a] for a, _ in pairs], np.int64)
     right = np.array([row_of[b] for _, b in pairs], np.int64)
     return -score_trials(embeddings, left, right, "C").astype(np.float64)

@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.m_Features import PowerMel
+from models.m_Features import HOP, SAMPLE_RATE, PowerMel
 
-HOP = 160
 PARTIAL_FRAMES = 160
 PARTIAL_RATE = 1.3
 MIN_COVERAGE = 0.75
@@ -44,7 +43,7 @@ def partial_starts(n_samples: int) -> tuple[list[int], int]:
     zero-pad the waveform to, following the package's embed_utterance (1.3 partials per second; a last
     partial covering less than 75 % of its span is dropped unless it is the only one)."""
     n_frames = math.ceil((n_samples + 1) / HOP)
-    step = round(16000 / PARTIAL_RATE / HOP)
+    step = round(SAMPLE_RATE / PARTIAL_RATE / HOP)
     starts = list(range(0, max(1, n_frames - PARTIAL_FRAMES + step + 1), step))
     last_start = starts[-1] * HOP
     coverage = (n_samples - last_start) / (PARTIAL_FRAMES * HOP)

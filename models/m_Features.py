@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # every extractor works on 16 kHz audio
+HOP = 160  # samples between frames (10 ms): one frame of eval_frames
 
 # Slaney's mel scale: linear below 1 kHz (200/3 Hz per mel), logarithmic above.
 _SLANEY_HZ_PER_MEL = 200.0 / 3.0

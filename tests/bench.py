@@ -7,7 +7,8 @@
 Builds a synthetic embedding tree `<spk>/<session>/<nnnnn>.npy` with its speaker files and lists
 under OUT/data (once; a re-run of the same size reuses it), then runs every stage in its own forked
 process, so that each stage's peak memory is its own. A stage times the project's way (the project's
-own code) and, in the same process, a re-creation of the original's way on the same files. Prints one
+own code) and, in the same process, a baseline on the same files: a re-creation of how the original
+repository did the same work (one file per sample, a per-trial loop, one utterance a pass). Prints one
 table, writes it as a JSON list of records, and prints the JSON path last.
 """
 
@@ -35,24 +36,26 @@ from tqdm import tqdm
 
 from m_comb_embs import speaker_embeddings
 from m_DataLoader import (
-    SPEAKER_FILE,
+    EMBEDDING_TYPES,
     Batch,
     EmbeddingData,
     load_embeddings,
     load_speaker_embeddings,
     read_list,
 )
-from m_gen_embs import SAMPLE_RATE, Item, batch_size_for, embed_batch, keep_freed_memory, make_crops
+from m_gen_embs import Item, batch_size_for, embed_batch, keep_freed_memory, make_crops
 from m_gen_list import make_lists
-from m_network import SpeakerNet, Trainer, clear_gradients, compute_eer, evaluate_scores, score_trials
+from m_network import SpeakerNet, Trainer, clear_gradients
+from m_scoring import compute_eer, evaluate_scores, score_trials
 from m_utils import resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
+from models.m_Features import SAMPLE_RATE
 from models.m_Models import get_model
 
 STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge2e",
           "extract_resnetse34v2")
-RECORD_KEYS = ("name", "project_per_s", "original_per_s", "ratio", "peak_rss_mb")
+RECORD_KEYS = ("name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb")
 COMPUTE_KEY = "compute_only_per_s"
 GPU_KEY = "peak_gpu_mb"
 UNITS = {"load": "utt/s", "data_path": "batch/s", "train_mse": "utt/s", "train_da_mse": "utt/s",
@@ -60,7 +63,7 @@ UNITS = {"load": "utt/s", "data_path": "batch/s", "train_mse": "utt/s", "train_d
 RATIO_GOALS = {"data_path": 50.0, "score": 100.0, "extract_ge2e": 1.5, "extract_resnetse34v2": 1.5}
 # On a CPU both extractors are bound by arithmetic with one utterance a pass (ResNetSE34V2 at about
 # 80 % of a large matrix product's FLOP rate on 2 cores), so batching cannot give 1.5x there: the
-# goal on a CPU is not to be slower than the original (README, "Tests and benchmark").
+# goal on a CPU is not to be slower than the baseline (BENCHMARK.md, "Tests and benchmark").
 CPU_RATIO_GOALS = {"extract_ge2e": 1.0, "extract_resnetse34v2": 1.0}
 TRAIN_SLACK = 1.15
 MEMORY_FACTOR = 1.5
@@ -125,8 +128,8 @@ def write_embeddings(embed_dir: Path, args: argparse.Namespace) -> None:
             path = embed_dir / name / f"sess{session[u]:07d}" / f"{u - first + 1:05d}.npy"
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, block[u])
-        for flag, embedding in speaker_embeddings(block.astype(np.float64).mean(axis=1)).items():
-            np.save(embed_dir / SPEAKER_FILE[flag].format(name), embedding)
+        for kind, embedding in speaker_embeddings(block.astype(np.float64).mean(axis=1)).items():
+            np.save(embed_dir / EMBEDDING_TYPES[kind].speaker_file.format(name), embedding)
 
 
 def synthetic_audio(count: int, seconds: float) -> list[np.ndarray]:
@@ -221,8 +224,8 @@ def repeated_rate(work: Callable[[], object], units: float, min_seconds: float) 
 
 
 def sampled_epoch_seconds(loader: DataLoader, sample: int, step: Callable[[Batch], None]) -> float:
-    """Seconds of one epoch of `loader` (a fresh iterator, as every epoch of the original), from its
-    first `sample` batches: the time to the first one, plus the mean time of the others for each
+    """Seconds of one epoch of `loader` (a fresh iterator, as each epoch of the original repository),
+    from its first `sample` batches: the time to the first one, plus the mean time of the others for each
     batch left. Exact when `sample` covers the epoch."""
     total = len(loader)
     start, first, taken = time.perf_counter(), 0.0, 0
@@ -243,10 +246,10 @@ def sampled_epoch_seconds(loader: DataLoader, sample: int, step: Callable[[Batch
 
 
 def train_step(net: SpeakerNet, optimizer: torch.optim.Optimizer, batch: Batch,
-               original: bool = False) -> None:
-    """One optimiser step of `net` on `batch`, and nothing else. The original zeroed gradients with
-    torch's default (set_to_none); the project as its Trainer does."""
-    if original:
+               baseline: bool = False) -> None:
+    """One optimiser step of `net` on `batch`, and nothing else. The baseline zeroes gradients with
+    torch's default (set_to_none), as the original repository did; the project as its Trainer does."""
+    if baseline:
         optimizer.zero_grad(set_to_none=True)
     else:
         clear_gradients(optimizer, batch.inputs.device)
@@ -261,24 +264,24 @@ def new_trainer(loss: str, dim: int, device: torch.device) -> Trainer:
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
-    """The batch's tensors moved to `device`, as the original moved every batch with .cuda()."""
+    """The batch's tensors moved to `device`, as the original repository moved each batch (.cuda())."""
     return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)
                              if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 # ----------------------------------------------------------------------------------------------
-# The original's way, re-created for measurement
+# The baseline: the original repository's way of working, re-created for measurement
 
 
 def reduce_file(path: Path) -> np.ndarray:
-    """Open one embedding file, average its crops, L2-normalise: what the original did per sample."""
+    """Open one embedding file, average its crops, L2-normalise: the original repository's work per sample."""
     mean = np.load(path).mean(axis=0)
     return mean / np.linalg.norm(mean)
 
 
 class PerFileDataset(Dataset):
-    """The original's data path: every item opens its utterance's file anew, every epoch.
-    Speaker targets are held in memory (which favours the original)."""
+    """One file per sample, as the original repository: every item opens its utterance's file anew.
+    Speaker targets are held in memory (which favours the baseline)."""
 
     def __init__(self, tree: Tree, records: list[tuple], targets: torch.Tensor, speakers: list[str]):
         index = {spk: i for i, spk in enumerate(speakers)}
@@ -299,7 +302,7 @@ def collate_batch(samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Batc
 
 
 class SpeakerPairsDataset(Dataset):
-    """The original's DA data path: item k is speaker k's step, whose pair files are all reopened."""
+    """The original repository's DA data path: item k is speaker k's step; its pair files are reopened."""
 
     def __init__(self, tree: Tree, records: list[tuple], targets: torch.Tensor, speakers: list[str]):
         self.root = tree.embed_dir
@@ -321,8 +324,8 @@ class SpeakerPairsDataset(Dataset):
                      pair_speaker=torch.full((len(pairs),), k))
 
 
-def original_loader(args: argparse.Namespace, tree: Tree, kind: str) -> DataLoader:
-    """A DataLoader of the original's kind over the same list, with nDataLoaderThread workers."""
+def per_file_loader(args: argparse.Namespace, tree: Tree, kind: str) -> DataLoader:
+    """A one-file-per-sample DataLoader over the same list, with nDataLoaderThread workers."""
     records = read_list(tree.list_path(kind), kind)
     speakers = sorted({r[0] for r in records})
     targets = torch.from_numpy(load_speaker_embeddings(tree.embed_dir, speakers, FLAG[kind], args.dim))
@@ -333,9 +336,9 @@ def original_loader(args: argparse.Namespace, tree: Tree, kind: str) -> DataLoad
                       shuffle=True, num_workers=args.workers, collate_fn=collate_batch)
 
 
-def original_scores(matrix: np.ndarray, left: np.ndarray, right: np.ndarray,
+def per_trial_scores(matrix: np.ndarray, left: np.ndarray, right: np.ndarray,
                     device: torch.device) -> list[float]:
-    """One Python iteration and one device transfer per trial, as the original scored."""
+    """One Python iteration and one device transfer per trial, as the original repository scored."""
     scores = []
     for i, j in zip(left.tolist(), right.tolist(), strict=True):
         a = torch.from_numpy(matrix[i]).to(device)
@@ -363,7 +366,7 @@ def python_min_dcf(fnrs: list[float], fprs: list[float], p_target: float) -> flo
     return best / min(p_target, 1 - p_target)
 
 
-def original_metrics(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+def per_trial_metrics(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
     """EER on sklearn's ROC curve and minDCF(0.05, 0.01) from Python-list error rates."""
     fnrs, fprs = python_error_rates(scores.tolist(), labels.tolist())
     return compute_eer(scores, labels)[0], python_min_dcf(fnrs, fprs, 0.05), python_min_dcf(fnrs, fprs, 0.01)
@@ -379,11 +382,11 @@ class StageResult:
     notes: list[str]
 
 
-def make_record(name: str, project: float, original: float | None, peaks: dict[str, float],
+def make_record(name: str, project: float, baseline: float | None, peaks: dict[str, float],
                 compute_only: float | None = None) -> dict:
     record = {"name": name, "project_per_s": round(project, 3),
-              "original_per_s": None if original is None else round(original, 3),
-              "ratio": None if original is None else round(project / original, 2), **peaks}
+              "baseline_per_s": None if baseline is None else round(baseline, 3),
+              "ratio": None if baseline is None else round(project / baseline, 2), **peaks}
     if name.startswith("train_"):
         record[COMPUTE_KEY] = round(compute_only, 3)
     return record
@@ -400,7 +403,7 @@ def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageR
     data = load_list(args, tree, "normal")
     seconds = time.perf_counter() - start
     return StageResult(make_record("load", len(data) / seconds, None, meter.peaks()),
-                       ["load: first load of the normal list (page cache warm); the original had no "
+                       ["load: first load of the normal list (page cache warm); the baseline has no "
                         "load step (it read files every epoch: see data_path), so no ratio"])
 
 
@@ -411,20 +414,20 @@ def stage_data_path(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> S
     project = repeated_rate(lambda: sum(1 for _ in data.epoch(args.batch_size, SEED, 1)), batches,
                             args.min_seconds)
     peak = meter.peaks()
-    loader = original_loader(args, tree, "normal")
-    original = len(loader) / sampled_epoch_seconds(loader, args.original_batches, lambda batch: None)
-    return StageResult(make_record("data_path", project, original, peak),
-                       [sampled_note("data_path", args.original_batches, len(loader), "batches")])
+    loader = per_file_loader(args, tree, "normal")
+    baseline = len(loader) / sampled_epoch_seconds(loader, args.baseline_batches, lambda batch: None)
+    return StageResult(make_record("data_path", project, baseline, peak),
+                       [sampled_note("data_path", args.baseline_batches, len(loader), "batches")])
 
 
 def sampled_note(name: str, sample: int, total: int, what: str) -> str:
     if sample >= total:
-        return f"{name}: original timed over the whole epoch ({total} {what})"
-    return f"{name}: original timed on its first {sample} of {total} {what}, extrapolated to the epoch"
+        return f"{name}: baseline timed over the whole epoch ({total} {what})"
+    return f"{name}: baseline timed on its first {sample} of {total} {what}, extrapolated to the epoch"
 
 
 def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
-    """One epoch of MODEL with `loss` on the `kind` list: project, compute only, original."""
+    """One epoch of MODEL with `loss` on the `kind` list: project, compute only, baseline."""
 
     def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
         data = load_list(args, tree, kind)
@@ -453,17 +456,17 @@ def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
         seconds = min(first_epoch, epoch_time(2))
         compute_seconds.append(compute_time())
         compute = sum(batch.size for batch in batches) / min(compute_seconds)
-        original = new_trainer(loss, args.dim, args.device)
-        loader = original_loader(args, tree, kind)
-        original_seconds = sampled_epoch_seconds(
-            loader, args.original_batches,
-            lambda batch: train_step(original.net, original.optimizer, batch_to(batch, args.device), True))
-        notes = [sampled_note(name, args.original_batches, len(loader), "steps"),
+        baseline = new_trainer(loss, args.dim, args.device)
+        loader = per_file_loader(args, tree, kind)
+        baseline_seconds = sampled_epoch_seconds(
+            loader, args.baseline_batches,
+            lambda batch: train_step(baseline.net, baseline.optimizer, batch_to(batch, args.device), True))
+        notes = [sampled_note(name, args.baseline_batches, len(loader), "steps"),
                  f"{name}: project time is the better of epochs 1 and 2, compute-only the better of "
                  f"two runs, one after each epoch",
                  f"{name}: compute-only timed on {len(batches)} of the epoch's {total} batches (every "
                  f"{stride}th), built beforehand, pushed through the project epoch's model and optimiser"]
-        return StageResult(make_record(name, rows / seconds, rows / original_seconds, peak, compute), notes)
+        return StageResult(make_record(name, rows / seconds, rows / baseline_seconds, peak, compute), notes)
 
     return run
 
@@ -482,14 +485,14 @@ def stage_score(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> Stage
                             args.trials, args.min_seconds)
     peak = meter.peaks()
     scores = score_trials(table, left, right, "B")
-    sample = min(args.original_trials, args.trials)
-    loop = timed(lambda: original_scores(matrix, left[:sample], right[:sample], args.device))
-    metrics = timed(lambda: original_metrics(scores, labels))
-    original = args.trials / (loop * args.trials / sample + metrics)
-    note = (f"score: original per-trial loop timed on {sample} of {args.trials} trials and extrapolated, "
+    sample = min(args.baseline_trials, args.trials)
+    loop = timed(lambda: per_trial_scores(matrix, left[:sample], right[:sample], args.device))
+    metrics = timed(lambda: per_trial_metrics(scores, labels))
+    baseline = args.trials / (loop * args.trials / sample + metrics)
+    note = (f"score: baseline per-trial loop timed on {sample} of {args.trials} trials and extrapolated, "
             f"its EER/minDCF on all {args.trials}" + ("; on CPU its per-trial device transfer is a no-op"
                                                      if args.device.type == "cpu" else ""))
-    return StageResult(make_record("score", project, original, peak), [note])
+    return StageResult(make_record("score", project, baseline, peak), [note])
 
 
 def stage_extract(name: str, extractor: str) -> Callable[..., StageResult]:
@@ -503,12 +506,12 @@ def stage_extract(name: str, extractor: str) -> Callable[..., StageResult]:
             notes.append(f"{name}: random weights (the speed does not depend on them)")
         items = [Item(i, make_crops(audio, args.eval_frames, args.num_eval))
                  for i, audio in enumerate(synthetic_audio(args.audio_utterances, args.audio_seconds))]
-        sample = items[:args.original_utterances]
+        sample = items[:args.baseline_utterances]
         size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval)
         with torch.inference_mode():
-            # The original first: m_gen_embs then changes how this process's malloc keeps memory.
+            # The baseline first: m_gen_embs then changes how this process's malloc keeps memory.
             embed_batch(model, items[:1], args.device)
-            original = len(sample) / timed(lambda: [embed_batch(model, [item], args.device)
+            baseline = len(sample) / timed(lambda: [embed_batch(model, [item], args.device)
                                                     for item in sample])
             if args.device.type == "cpu" and keep_freed_memory():
                 notes.append(f"{name}: the project's passes run with malloc keeping freed memory, as "
@@ -520,8 +523,8 @@ def stage_extract(name: str, extractor: str) -> Callable[..., StageResult]:
             peak = meter.peaks()
         notes.append(f"{name}: {len(items)} utterances of {args.audio_seconds:g} s, {args.num_eval} crops of "
                      f"{args.eval_frames} frames each, {min(size, len(items))} utterance(s) per pass; "
-                     f"original (one utterance per pass) timed on {len(sample)} of them")
-        return StageResult(make_record(name, project, original, peak), notes)
+                     f"baseline (one utterance per pass) timed on {len(sample)} of them")
+        return StageResult(make_record(name, project, baseline, peak), notes)
 
     return run
 
@@ -587,12 +590,12 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def table(records: list[dict]) -> str:
     gpu = any(GPU_KEY in r for r in records)
-    head = (f"{'name':<22}{'unit':>9}{'project/s':>14}{'original/s':>14}{'ratio':>9}"
+    head = (f"{'name':<22}{'unit':>9}{'project/s':>14}{'baseline/s':>14}{'ratio':>9}"
             f"{'compute-only/s':>16}{'peak MB':>10}" + (f"{'GPU MB':>10}" if gpu else ""))
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(f"{r['name']:<22}{UNITS[r['name']]:>9}{fmt(r['project_per_s']):>14}"
-                     f"{fmt(r['original_per_s']):>14}{fmt(r['ratio'], 2):>9}"
+                     f"{fmt(r['baseline_per_s']):>14}{fmt(r['ratio'], 2):>9}"
                      f"{fmt(r.get(COMPUTE_KEY)):>16}{fmt(r['peak_rss_mb']):>10}"
                      + (f"{fmt(r.get(GPU_KEY)):>10}" if gpu else ""))
     return "\n".join(lines)
@@ -681,18 +684,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--crops", type=int, default=10, help="crops per utterance file")
     add("--dim", type=int, default=512, help="embedding dimension")
     add("--batch_size", type=int, default=200, help="training batch size")
-    add("--workers", type=int, default=5, help="nDataLoaderThread: loader threads and original workers")
+    add("--workers", type=int, default=5, help="nDataLoaderThread: loader threads and baseline workers")
     add("--trials", type=int, default=200_000, help="trials to score")
-    add("--original_batches", type=int, default=30, help="batches or DA steps timed of the original")
+    add("--baseline_batches", type=int, default=30, help="batches or DA steps timed of the baseline")
     add("--compute_batches", type=int, default=100, help="batches timed of the compute-only loop")
-    add("--original_trials", type=int, default=20_000, help="trials timed of the original loop")
+    add("--baseline_trials", type=int, default=20_000, help="trials timed of the per-trial loop")
     add("--audio_utterances", type=int, default=16, help="utterances of synthetic audio")
     add("--audio_seconds", type=float, default=12.0, help="seconds per synthetic utterance")
     add("--eval_frames", type=int, default=400, help="extraction crop length in frames")
     add("--num_eval", type=int, default=10, help="extraction crops per utterance")
     add("--extract_batch", type=int, default=0,
         help="utterances per extractor pass; 0: m_gen_embs' choice for the device")
-    add("--original_utterances", type=int, default=4, help="utterances timed one at a time")
+    add("--baseline_utterances", type=int, default=4, help="utterances timed one at a time")
     add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one a core)")
     add("--min_seconds", type=float, default=1.0, help="repeat fast project timings this long")
     add("--device", default="auto", help="auto, cpu or cuda: where every stage runs")
@@ -700,7 +703,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.utterances < 2 * args.speakers or args.sessions < 2:
         parser.error("need at least 2 utterances per speaker and 2 sessions")
-    for name in ("original_batches", "compute_batches", "original_trials", "original_utterances", "trials",
+    for name in ("baseline_batches", "compute_batches", "baseline_trials", "baseline_utterances", "trials",
                  "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from m_comb_embs import combine  # noqa: E402
 from m_gen_embs import make_crops  # noqa: E402
 from m_gen_list import make_lists  # noqa: E402
-from m_network import score_trials  # noqa: E402
+from m_scoring import score_trials  # noqa: E402
 from models.GE2E import packaged_weights  # noqa: E402
 from models.m_Extractors import load_extractor  # noqa: E402
 

@@ -9,11 +9,11 @@ import bench
 from conftest import run_script
 
 TOY = ["--utterances", "240", "--speakers", "12", "--sessions", "3", "--crops", "3", "--dim", "32",
-       "--trials", "3000", "--original_trials", "500", "--original_batches", "3", "--workers", "2",
+       "--trials", "3000", "--baseline_trials", "500", "--baseline_batches", "3", "--workers", "2",
        "--audio_utterances", "2", "--audio_seconds", "1.5", "--eval_frames", "60", "--num_eval", "2",
-       "--extract_batch", "2", "--original_utterances", "1", "--min_seconds", "0.05"]
+       "--extract_batch", "2", "--baseline_utterances", "1", "--min_seconds", "0.05"]
 NAMES = ["load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge2e", "extract_resnetse34v2"]
-KEYS = {"name", "project_per_s", "original_per_s", "ratio", "peak_rss_mb"}
+KEYS = {"name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb"}
 
 
 def test_bench_writes_every_record(tmp_path: Path):
@@ -29,10 +29,10 @@ def test_bench_writes_every_record(tmp_path: Path):
         for key in extra:
             assert record[key] > 0
         if record["name"] == "load":
-            assert record["original_per_s"] is None and record["ratio"] is None
+            assert record["baseline_per_s"] is None and record["ratio"] is None
         else:
-            assert record["original_per_s"] > 0
-            assert abs(record["ratio"] - record["project_per_s"] / record["original_per_s"]) \
+            assert record["baseline_per_s"] > 0
+            assert abs(record["ratio"] - record["project_per_s"] / record["baseline_per_s"]) \
                 <= 0.01 * record["ratio"] + 0.01
     assert "goals:" in result.stdout
 
@@ -49,7 +49,7 @@ def test_bench_reuses_its_tree(tmp_path: Path):
 def test_extraction_goal_depends_on_the_device():
     """1.5x on a GPU; on a CPU, where both extractors are bound by arithmetic, not slower."""
     budget = bench.MemoryBudget(matrix_mb=100.0, parameters_mb=10.0)
-    record = {"name": "extract_resnetse34v2", "project_per_s": 1.1, "original_per_s": 1.0,
+    record = {"name": "extract_resnetse34v2", "project_per_s": 1.1, "baseline_per_s": 1.0,
               "ratio": 1.1, "peak_rss_mb": 400.0}
     assert bench.verdicts([record], budget) == ["  met      extract_resnetse34v2 ratio 1.10 >= 1"]
     on_gpu = {**record, bench.GPU_KEY: 500.0}

@@ -3,8 +3,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
-from m_network import (
-    SpeakerNet,
+from m_network import SpeakerNet
+from m_scoring import (
     _score_on_device,
     _sorted_with_order,
     compute_eer,
@@ -123,25 +123,25 @@ def test_rates_count_tied_scores_as_one_threshold():
         assert result["mindcf01"] == pytest.approx(compute_min_dcf(scores, labels, 0.01), abs=1e-12)
 
 
-@pytest.mark.parametrize("metric", ["B", "C"])
-def test_threaded_scoring_equals_one_thread_and_direct_formula(metric):
+@pytest.mark.parametrize("embedding_type", ["B", "C"])
+def test_threaded_scoring_equals_one_thread_and_direct_formula(embedding_type):
     rng = np.random.default_rng(9)
     table = rng.normal(size=(500, 48)).astype(np.float32)
     left, right = rng.integers(0, 500, (2, 100_000))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = score_trials(table, left, right, metric)
+        single = score_trials(table, left, right, embedding_type)
         torch.set_num_threads(3)
-        threaded = score_trials(torch.from_numpy(table), left, right, metric)
+        threaded = score_trials(torch.from_numpy(table), left, right, embedding_type)
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(single, threaded)
     # The GPU path, run on CPU tensors (same code), in chunks smaller than the trial list.
-    on_device = _score_on_device(torch.from_numpy(table), left, right, metric)
+    on_device = _score_on_device(torch.from_numpy(table), left, right, embedding_type == "C")
     np.testing.assert_allclose(on_device, single, atol=1e-5)
     a, b = table[left].astype(np.float64), table[right].astype(np.float64)
-    if metric == "B":
+    if embedding_type == "B":
         expected = -np.linalg.norm(a - b, axis=1)
     else:
         expected = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1) - 1
