@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loss.m_Losses import get_loss
+from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet
 from m_scoring import score_trials
-from m_utils import SINGLE, DistContext, UserError, torch_save_atomic, unknown_name
-from models.m_Models import get_model
+from m_utils import (
+    NO_ACCURACY,
+    SINGLE,
+    SPEAKER_PREFIX,
+    DistContext,
+    UserError,
+    read_checkpoint,
+    torch_save_atomic,
+    unknown_name,
+)
+from models.m_Models import model_class
 
 log = logging.getLogger("m_network")
 
@@ -26,13 +37,24 @@ CHECKPOINT_PATTERN = re.compile(r"^model(\d{9})\.model$")
 
 
 
-class SpeakerNet(nn.Module):
-    """An enhancement model and its loss; `forward(batch)` returns (loss, accuracy)."""
+def options_taken(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `options` that `cls` takes by name: a model's or a loss' hyper-parameters
+    are the parameters of its constructor, so a new one needs only its OPTIONS row."""
+    names = inspect.signature(cls).parameters
+    return {key: value for key, value in options.items() if key in names}
 
-    def __init__(self, model: str, trainfunc: str, **kwargs):
+
+class SpeakerNet(nn.Module):
+    """An enhancement model and its loss; `forward(batch)` returns (loss, accuracy).
+
+    `options` (the trainer's options, or a few keywords in tests) go to the model and the loss
+    classes by the names of their constructors' parameters."""
+
+    def __init__(self, model: str, trainfunc: str, **options):
         super().__init__()
-        self.model = get_model(model, **kwargs)
-        self.loss = get_loss(trainfunc, **kwargs)
+        model_cls, loss_cls = model_class(model), loss_class(trainfunc)
+        self.model = model_cls(**options_taken(model_cls, options))
+        self.loss = loss_cls(**options_taken(loss_cls, options))
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss(self.model(batch.inputs), batch)
@@ -82,24 +104,21 @@ def checkpoints(model_dir: str | Path) -> dict[int, Path]:
     return found
 
 
-def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    try:
-        state = torch.load(Path(path), map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as err:
-        raise UserError(f"{path}: not a readable checkpoint, truncated or foreign "
-                        f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: not a checkpoint of this project")
-    return state
+@dataclass(frozen=True)
+class Validation:
+    """What validation reports: the loss, the accuracy column (NO_ACCURACY for a loss without one,
+    NaN where no sample defines it) and the loss terms no sample defined."""
+
+    loss: float
+    accuracy: float
+    left_out: list[str]
 
 
 def clear_gradients(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Zero the gradients before a step. On a CPU they are zeroed in place: dropping them
-    (set_to_none) makes every backward pass allocate them afresh, a page fault per 4 KB (9,000 a
-    step for MyLinearNetv2), which costs more than the zeroing. A GPU's caching allocator has no
-    such cost, and there set_to_none saves the zeroing."""
+    (set_to_none) makes every backward pass allocate them afresh from the kernel, a page fault per
+    4 KB, which costs more than the zeroing. A GPU's caching allocator has no such cost, and there
+    set_to_none saves the zeroing."""
     optimizer.zero_grad(set_to_none=device.type != "cpu")
 
 
@@ -153,19 +172,27 @@ class Trainer:
         return float(total[0] / max(total[1], 1))
 
     @torch.no_grad()
-    def validate(self, data: EmbeddingData, batch_size: int, seed: int,
-                 **sampling) -> tuple[float, float]:
-        """Mean loss and accuracy over a whole list, gathered across ranks."""
+    def validate(self, data: EmbeddingData, batch_size: int, seed: int, **sampling) -> Validation:
+        """The loss and accuracy over a whole list, gathered across ranks. Each term of the loss is
+        averaged over the samples where it is defined (a classifier's term only over speakers with a
+        class); a term defined nowhere is left out of the loss and named in `left_out`."""
         self.net.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        sampling = {**sampling, "shuffle": False}
-        for batch in data.epoch(batch_size, seed, 0, self.ctx, **sampling):
+        loss = self.net.loss
+        sums = torch.zeros(len(loss.terms) + 1, dtype=torch.float64, device=self.device)
+        counts = torch.zeros_like(sums)
+        for batch in data.epoch(batch_size, seed, 0, self.ctx, **{**sampling, "shuffle": False}):
             with self._autocast():
-                loss, accuracy = self.net(batch)
-            sums += torch.stack([loss.double(), accuracy.double(),
-                                 torch.ones((), dtype=torch.float64, device=self.device)]) * batch.size
-        sums = self.all_reduce(sums.cpu())
-        return float(sums[0] / max(sums[2], 1)), float(sums[1] / max(sums[2], 1))
+                batch_sums, batch_counts = loss.validation_sums(self.net.model(batch.inputs), batch)
+            sums += batch_sums.double()
+            counts += batch_counts.double()
+        totals = self.all_reduce(torch.stack([sums, counts]).cpu())
+        means = [total / count if count > 0 else None for total, count in totals.T.tolist()]
+        terms = dict(zip(loss.terms, means[:-1], strict=True))
+        defined = [value for value in terms.values() if value is not None]
+        accuracy = means[-1] if means[-1] is not None else float("nan")
+        return Validation(loss=sum(defined) if defined else float("nan"),
+                          accuracy=accuracy if loss.reports_accuracy else NO_ACCURACY,
+                          left_out=[name for name, value in terms.items() if value is None])
 
     @torch.no_grad()
     def enhance(self, embeddings: np.ndarray, chunk: int = 65_536) -> np.ndarray:
@@ -208,22 +235,73 @@ class Trainer:
         torch_save_atomic(state, path)
 
     def load(self, path: str | Path, weights_only: bool = False) -> int:
-        """Restore a checkpoint; all of it for a resume, the network alone with weights_only."""
-        state = read_checkpoint(path, self.device)
-        if "network" not in state:
-            raise UserError(f"{path}: not a checkpoint of this project (no 'network' entry)")
+        """Restore a checkpoint and return its epoch: all of it for a resume, the network alone
+        with weights_only. A checkpoint of the original repository (a bare state dict) holds the
+        network alone: its optimiser and scheduler start afresh, its epoch is its file name's."""
+        checkpoint = read_checkpoint(path, "checkpoint", self.device)
+        if "network" in checkpoint:
+            self.load_network(checkpoint["network"], path, checkpoint.get("options"))
+        elif any(key.startswith(SPEAKER_PREFIX) for key in checkpoint):
+            self.load_network(original_network_state(checkpoint, self.net, path), path)
+            match = CHECKPOINT_PATTERN.match(Path(path).name)
+            if not weights_only:
+                log.info("%s: a checkpoint of the original repository; the optimiser and scheduler "
+                         "start afresh", path)
+            return int(match.group(1)) if match else 0
+        else:
+            raise UserError(f"{path}: neither a checkpoint of this project (no 'network' entry) nor "
+                            "one of the original repository (no __S__.* weights)")
+        if weights_only:
+            return 0
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        return int(checkpoint["epoch"])
+
+    def load_network(self, state: dict, path: str | Path, trained: dict | None = None) -> None:
         try:
-            self.net.load_state_dict(state["network"])
+            self.net.load_state_dict(state)
         except RuntimeError as err:
-            trained = state.get("options", {})
             hint = (f"it was trained with model {trained.get('model')}, loss "
                     f"{trained.get('trainfunc')}, nOut {trained.get('nOut')}; " if trained else "")
             detail = " ".join(str(err).split())[:300]
             raise UserError(f"{path}: does not fit this model/loss ({hint}{detail})") from None
-        if weights_only:
-            return 0
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        return int(state["epoch"])
+
+
+ORIGINAL_LAYER = re.compile(r"^__S__\.l(\d+)\.(weight|bias)$")
+ORIGINAL_CLASSIFIER = {"weight": "__L__.softmax.fc.weight", "bias": "__L__.softmax.fc.bias"}
+
+
+def original_network_state(checkpoint: dict, net: SpeakerNet, path: str | Path) -> dict[str, torch.Tensor]:
+    """The network state of an original repository's checkpoint (`__S__.l1.weight`, `.bias`, ...
+    and, from Softmax runs, `__L__.softmax.fc.*`): its layers l1, l2, ... in order onto the linear
+    layers of `net`'s model, its classifier onto the loss' when the loss has one."""
+    model_name = type(net.model).__name__
+    linear = {name: module for name, module in net.model.named_modules() if isinstance(module, nn.Linear)}
+    ours, dim = list(linear), next(iter(linear.values())).in_features
+    theirs = sorted({int(match.group(1)) for key in checkpoint if (match := ORIGINAL_LAYER.match(key))})
+    if theirs != list(range(1, len(ours) + 1)):
+        raise UserError(f"{path}: an original checkpoint with linear layers "
+                        f"{', '.join(f'l{n}' for n in theirs) or 'none'}; {model_name} has {len(ours)} "
+                        f"(l1..l{len(ours)}): set `model` to the one it was trained with")
+    state = net.state_dict()
+    pairs = [(f"{SPEAKER_PREFIX}l{number}.{part}", f"model.{name}.{part}")
+             for number, name in zip(theirs, ours, strict=True) for part in ("weight", "bias")]
+    if "loss.fc.weight" in state:
+        if all(key in checkpoint for key in ORIGINAL_CLASSIFIER.values()):
+            pairs += [(key, f"loss.fc.{part}") for part, key in ORIGINAL_CLASSIFIER.items()]
+        else:
+            log.info("%s: holds no __L__.softmax.fc.*: the classifier starts at random", path)
+    for theirs_key, our_key in pairs:
+        if theirs_key not in checkpoint:
+            raise UserError(f"{path}: '{theirs_key}' is missing")
+        found, needed = tuple(checkpoint[theirs_key].shape), tuple(state[our_key].shape)
+        if found != needed:
+            raise UserError(f"{path}: '{theirs_key}' has shape {found}, {model_name} "
+                            f"(nOut {dim}) needs {needed} for {our_key}")
+        state[our_key] = checkpoint[theirs_key]
+    unused = sorted(set(checkpoint) - {key for key, _ in pairs})
+    if unused:
+        log.info("%s: not used by %s + %s: %s", path, model_name, type(net.loss).__name__, ", ".join(unused))
+    return state

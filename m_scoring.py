@@ -43,7 +43,7 @@ def score_trials(embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right:
     starts = range(0, len(left), SCORE_CHUNK)
     threads = max(1, min(torch.get_num_threads(), len(starts)))
     # Each thread gathers into its own two buffers, allocated once: fresh memory for every chunk
-    # costs a page fault per 4 KB, which took most of the time.
+    # would cost a page fault per 4 KB, more than the arithmetic.
     buffers = np.empty((threads, 2, SCORE_CHUNK), rows.dtype)
 
     def score_part(part: int) -> None:

@@ -24,7 +24,7 @@ import yaml
 
 from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet, embedding_type_of, load_embeddings, read_list
-from m_network import OPTIMIZERS, SCHEDULERS, SpeakerNet, Trainer, checkpoints
+from m_network import CHECKPOINT_NAME, OPTIMIZERS, SCHEDULERS, SpeakerNet, Trainer, checkpoints
 from m_scoring import evaluate_scores
 from m_utils import (
     HARDWARE_OPTIONS,
@@ -35,15 +35,17 @@ from m_utils import (
     append_line,
     atomic_write,
     launch,
+    parse_score_line,
     read_user_text,
     resolve_device,
     run_main,
     save_npy_atomic,
+    score_line,
     setup_logging,
     unknown_name,
     write_text_atomic,
 )
-from models.m_Models import MODELS, make_activation
+from models.m_Models import make_activation, model_class
 
 log = logging.getLogger("m_trainer")
 
@@ -55,7 +57,7 @@ OPTIONS: Options = {
     "seed": (10, int, "seed of every random choice"),
     "max_seg_per_spk": (500, int, "utterances per speaker and epoch with nPerSpeaker > 1"),
     "multiple_embedding_flag": ("B", str, "B: avg-norm-avg target, L2 scoring; C: avg-avg-norm, cosine"),
-    "triplet": (False, bool, "kept for old configs: the list type follows the loss"),
+    "triplet": (False, bool, "not used: kept so old configs load (the list type follows the loss)"),
     "nPerSpeaker": (1, int, "utterances of one speaker grouped in a batch"),
     "da_speakers_per_step": (1, int, "speakers per step for the DA losses (the original used 1)"),
     # Training
@@ -67,8 +69,8 @@ OPTIONS: Options = {
     "lr": (0.001, float, "learning rate"),
     "lr_decay": (0.95, float, "steplr: factor every test_interval epochs"),
     "weight_decay": (0.0, float, "weight decay"),
-    "margin": (0.1, float, "loss margin (kept for compatibility)"),
-    "scale": (30.0, float, "loss scale (kept for compatibility)"),
+    "margin": (0.1, float, "not used: kept so old configs load (no loss has a margin)"),
+    "scale": (30.0, float, "not used: kept so old configs load (no loss has a scale)"),
     "nClasses": (5994, int, "Softmax classes (at least the training speakers)"),
     "sigma": (1.0, float, "RBF kernel width of the DA losses"),
     "softmax_init": (None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"),
@@ -96,6 +98,8 @@ OPTIONS: Options = {
     "gen_target_dir": ("enhanced", str, "folder under save_path for generated embeddings"),
     **HARDWARE_OPTIONS,
 }
+# Options the original had that nothing here uses; setting one says so.
+UNUSED_OPTIONS = ("triplet", "margin", "scale")
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -148,19 +152,41 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     """Defaults, then the config, then options written on the command line."""
     args = build_parser().parse_args(argv)
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    given = set(explicit)
     if args.config:
-        for key, value in read_config(args.config).items():
+        config = read_config(args.config)
+        given |= set(config)
+        for key, value in config.items():
             if key not in explicit and key != "config":
                 setattr(args, key, value)
         if args.save_path is None:
             args.save_path = str(Path("exp_emb") / Path(args.config).stem)
     if args.save_path is None:
         args.save_path = "exp_emb/default"
+    for key in sorted(given & set(UNUSED_OPTIONS)):
+        log.warning("option '%s' is not used: it is accepted only so that the original's configs load", key)
     return args
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks before any work
+
+
+LIST_MAKER = "m_gen_list.py"
+EMBED_MAKER = "m_gen_embs.py and m_comb_embs.py"
+# Paths each mode needs: (list option, its embedding root); `optional` pairs are checked when set.
+PAIRS = {"train": ("train_list", "train_path"), "valid": ("valid_list", "valid_path"),
+         "test": ("test_list", "test_path"), "libri": ("test_list_libri", "test_path_libri"),
+         "gen": ("gen_list", "gen_path")}
+MODE_PATHS = {"train": {"required": ("test", "train"), "optional": ("libri", "valid")},
+              "check": {"required": ("test",), "optional": ("libri",)},
+              "eval": {"required": ("test",), "optional": ("libri",)},
+              "generate": {"required": ("gen",), "optional": ()}}
+
+
+def mode_of(args: argparse.Namespace) -> str:
+    """The run's mode: check, eval or generate when asked for (in that order), else train."""
+    return next((mode for mode in ("check", "eval", "generate") if getattr(args, mode)), "train")
 
 
 def require_path(args: argparse.Namespace, key: str, maker: str) -> Path:
@@ -173,8 +199,16 @@ def require_path(args: argparse.Namespace, key: str, maker: str) -> Path:
     return path
 
 
-LIST_MAKER = "m_gen_list.py"
-EMBED_MAKER = "m_gen_embs.py and m_comb_embs.py"
+def check_paths(args: argparse.Namespace) -> None:
+    """The lists and embedding roots the mode needs exist; optional ones are checked when set."""
+    needs = MODE_PATHS[mode_of(args)]
+    chosen = list(needs["required"]) + [name for name in needs["optional"] if getattr(args, PAIRS[name][0])]
+    for name in chosen:
+        list_key, path_key = PAIRS[name]
+        require_path(args, list_key, LIST_MAKER)
+        require_path(args, path_key, EMBED_MAKER)
+    if args.initial_model:
+        require_path(args, "initial_model", "m_trainer.py or the original repository")
 
 
 def check_setup(args: argparse.Namespace) -> None:
@@ -184,31 +218,14 @@ def check_setup(args: argparse.Namespace) -> None:
             raise UserError(f"option '{key}' must be at least 1, found {getattr(args, key)}")
     embedding_type_of(args.multiple_embedding_flag)
     loss_class(args.trainfunc)
-    if args.model not in MODELS:
-        raise unknown_name("model", args.model, MODELS)
+    model_class(args.model)
     make_activation(args.activation)
     if args.optimizer not in OPTIMIZERS:
         raise unknown_name("optimizer", args.optimizer, OPTIMIZERS)
     if args.scheduler not in SCHEDULERS:
         raise unknown_name("scheduler", args.scheduler, SCHEDULERS)
     resolve_device(args.device)
-    if args.initial_model:
-        require_path(args, "initial_model", "training (m_trainer.py) or voxceleb_trainer")
-    if args.generate:
-        require_path(args, "gen_list", LIST_MAKER)
-        require_path(args, "gen_path", EMBED_MAKER)
-    if args.check or args.eval or not args.generate:
-        require_path(args, "test_list", LIST_MAKER)
-        require_path(args, "test_path", EMBED_MAKER)
-        if args.test_list_libri:
-            require_path(args, "test_list_libri", LIST_MAKER)
-            require_path(args, "test_path_libri", EMBED_MAKER)
-    if not (args.check or args.eval or args.generate):
-        require_path(args, "train_list", LIST_MAKER)
-        require_path(args, "train_path", EMBED_MAKER)
-        if args.valid_list:
-            require_path(args, "valid_list", LIST_MAKER)
-            require_path(args, "valid_path", EMBED_MAKER)
+    check_paths(args)
     save_path = Path(args.save_path)
     try:
         (save_path / "result").mkdir(parents=True, exist_ok=True)
@@ -224,6 +241,9 @@ def check_setup(args: argparse.Namespace) -> None:
 # The run
 
 
+TRIAL_LABELS = {"test": "testset", "libri": "libriset"}  # trial list -> its name in --check lines
+
+
 class Experiment:
     """One process's view of a run: options, device, data, trainer."""
 
@@ -236,43 +256,42 @@ class Experiment:
         self.model_dir = self.save_path / "model"
         self.scorefile = self.result_dir / "scores.txt"
         self.loss_kind = loss_class(args.trainfunc).list_kind
-        self.train_data: EmbeddingData | None = None
         torch.manual_seed(args.seed)
-        self.net = SpeakerNet(**self.network_options())
+        self.net = SpeakerNet(**vars(args))
         self.trainer = Trainer(self.net, self.device, ctx, optimizer=args.optimizer,
                                scheduler=args.scheduler, lr=args.lr, lr_decay=args.lr_decay,
                                weight_decay=args.weight_decay, test_interval=args.test_interval,
                                max_epoch=args.max_epoch, mixedprec=args.mixedprec)
         self.trial_sets: dict[str, TrialSet] = {}
         self.original_results: dict[str, tuple[np.ndarray, dict[str, float]]] = {}
-
-    def network_options(self) -> dict[str, Any]:
-        a = self.args
-        return {"model": a.model, "trainfunc": a.trainfunc, "nOut": a.nOut,
-                "activation": a.activation, "nClasses": a.nClasses, "sigma": a.sigma,
-                "margin": a.margin, "scale": a.scale, "softmax_init": a.softmax_init}
+        self.notes_said: set[str] = set()
 
     def say(self, message: str, *params) -> None:
         if self.ctx.is_main:
             log.info(message, *params)
 
+    def say_once(self, message: str) -> None:
+        if message not in self.notes_said:
+            self.notes_said.add(message)
+            self.say("%s", message)
+
     # -- data --------------------------------------------------------------------------------
 
-    def load_data(self, list_key: str, path_key: str, speakers=None) -> EmbeddingData:
+    def load_data(self, name: str, speakers=None) -> EmbeddingData:
         a = self.args
+        list_key, path_key = PAIRS[name]
         return EmbeddingData(getattr(a, list_key), getattr(a, path_key), self.loss_kind,
                              a.multiple_embedding_flag, a.nOut, self.device, speakers,
                              threads=a.nDataLoaderThread)
 
     def trials(self, name: str) -> TrialSet | None:
-        keys = {"test": ("test_list", "test_path"), "libri": ("test_list_libri", "test_path_libri")}
-        list_key, path_key = keys[name]
+        """The trial list `name` (test or libri) with its embeddings, read once; None when unset."""
+        list_key, path_key = PAIRS[name]
         if not getattr(self.args, list_key):
             return None
         if name not in self.trial_sets:
-            self.trial_sets[name] = TrialSet(getattr(self.args, list_key),
-                                             getattr(self.args, path_key), self.args.nOut,
-                                             self.args.nDataLoaderThread)
+            self.trial_sets[name] = TrialSet(getattr(self.args, list_key), getattr(self.args, path_key),
+                                             self.args.nOut, self.args.nDataLoaderThread)
         return self.trial_sets[name]
 
     def sampling(self) -> dict[str, int]:
@@ -282,27 +301,34 @@ class Experiment:
 
     # -- modes --------------------------------------------------------------------------------
 
-    def load_trained_model(self) -> None:
+    def trained_model(self) -> Path | None:
         """The model for --check/--eval/--generate: initial_model, else the newest checkpoint."""
         if self.args.initial_model:
-            path = Path(self.args.initial_model)
-        else:
-            found = checkpoints(self.model_dir)
-            if not found:
+            return Path(self.args.initial_model)
+        found = checkpoints(self.model_dir)
+        return found[max(found)] if found else None
+
+    def load_trained_model(self, required: bool = True) -> bool:
+        """Load the trained model; without one, a UserError when `required`, else False."""
+        path = self.trained_model()
+        if path is None:
+            if required:
                 raise UserError(f"no trained model: {self.model_dir} holds no checkpoint and "
                                 "initial_model is not set")
-            path = found[max(found)]
+            return False
         self.trainer.load(path, weights_only=True)
         self.say("model loaded from %s", path)
+        return True
 
-    def test_scores(self, name: str) -> dict[str, Any] | None:
-        """Original and processed scores of one trial list, with their metrics (all ranks)."""
+    def test_scores(self, name: str, enhanced: bool = True) -> dict[str, Any] | None:
+        """Original and (with `enhanced`) processed scores of one trial list, with their metrics.
+        Every rank takes part; the main rank alone gets the result."""
         trials = self.trials(name)
         if trials is None:
             self.say("%s trial list not set: skipped", "LibriSpeech" if name == "libri" else name)
             return None
         embedding_type = self.args.multiple_embedding_flag
-        processed = self.trainer.processed_scores(trials, embedding_type)
+        processed = self.trainer.processed_scores(trials, embedding_type) if enhanced else None
         if not self.ctx.is_main:
             return None
         if name not in self.original_results:  # the original embeddings' scores never change
@@ -311,22 +337,32 @@ class Experiment:
         original, original_metrics = self.original_results[name]
         return {"trials": trials, "original": original, "processed": processed,
                 "original_metrics": original_metrics,
-                "processed_metrics": evaluate_scores(processed, trials.labels)}
+                "processed_metrics": None if processed is None else evaluate_scores(processed, trials.labels)}
 
     def save_trial_scores(self, name: str, result: dict[str, Any]) -> Path:
         path = self.result_dir / f"trials_{name}.npz"
         atomic_write(path, lambda handle: np.savez(
             handle, labels=result["trials"].labels, original=result["original"],
-            processed=result["processed"], metric=np.array(self.args.multiple_embedding_flag)))
+            processed=result["processed"], embedding_type=np.array(self.args.multiple_embedding_flag)))
         return path
 
     def check(self) -> None:
-        self.load_trained_model()
-        for name, label in (("test", "testset"), ("libri", "libriset")):
-            result = self.test_scores(name)
+        """Original vs processed EER and minDCF of both trial lists; without a trained model the
+        original's alone, as the original repository printed them before training."""
+        with_model = self.load_trained_model(required=False)
+        if not with_model:
+            self.say("no trained model yet (%s holds no checkpoint, initial_model is not set): the "
+                     "original embeddings' EER alone; the processed EER needs a model", self.model_dir)
+        for name, label in TRIAL_LABELS.items():
+            result = self.test_scores(name, enhanced=with_model)
             if result is None:
                 continue
-            o, p = result["original_metrics"], result["processed_metrics"]
+            o = result["original_metrics"]
+            if not with_model:
+                print(f"[{label} original EER] {o['eer']:.4f}, [{label} original minDCF] {o['mindcf']:.4f}",
+                      flush=True)
+                continue
+            p = result["processed_metrics"]
             print(f"[{label} original EER] {o['eer']:.4f}, [{label} processed EER] {p['eer']:.4f}, "
                   f"[{label} original minDCF] {o['mindcf']:.4f}, "
                   f"[{label} processed minDCF] {p['mindcf']:.4f}", flush=True)
@@ -334,7 +370,7 @@ class Experiment:
 
     def evaluate(self) -> None:
         self.load_trained_model()
-        for name in ("test", "libri"):
+        for name in TRIAL_LABELS:
             result = self.test_scores(name)
             if result is None:
                 continue
@@ -383,50 +419,51 @@ class Experiment:
 
     def train(self) -> None:
         a = self.args
-        self.train_data = self.load_data("train_list", "train_path")
-        speakers = self.train_data.num_speakers
-        if self.loss_kind == "normal" and a.trainfunc in ("Softmax", "MSE_Softmax") \
-                and a.nClasses < len(self.train_data.speakers):
-            raise UserError(f"nClasses {a.nClasses} is smaller than the {len(self.train_data.speakers)} "
+        train_data = self.load_data("train")
+        if self.net.loss.classifies and a.nClasses < len(train_data.speakers):
+            raise UserError(f"nClasses {a.nClasses} is smaller than the {len(train_data.speakers)} "
                             f"training speakers of {a.train_list}")
-        valid = (self.load_data("valid_list", "valid_path", self.train_data.speakers)
-                 if a.valid_list else None)
+        valid = self.load_data("valid", train_data.speakers) if a.valid_list else None
         self.trials("test")
         self.trials("libri")
         if self.loss_kind == "distribution":
             self.say("DA loss: %d speaker(s) per step and process (da_speakers_per_step); "
                      "batch_size %d is not used", a.da_speakers_per_step, a.batch_size)
         self.say("training %s + %s on %d samples of %d speakers, %s, %d process(es)", a.model,
-                 a.trainfunc, len(self.train_data), speakers, self.device, self.ctx.world_size)
+                 a.trainfunc, len(train_data), train_data.num_speakers, self.device, self.ctx.world_size)
         start = self.resume() + 1
         for epoch in range(start, a.max_epoch + 1):
             began, lr = time.perf_counter(), self.trainer.lr
-            loss = self.trainer.train_epoch(self.train_data, epoch, a.batch_size, a.seed,
-                                            **self.sampling())
-            self.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr,
-                     time.perf_counter() - began)
+            loss = self.trainer.train_epoch(train_data, epoch, a.batch_size, a.seed, **self.sampling())
+            self.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr, time.perf_counter() - began)
             if self.ctx.is_main:
-                append_line(self.scorefile, f"Epoch {epoch:d}, TLOSS {loss:f}, LR {lr:f}")
+                append_line(self.scorefile, score_line({"Epoch": epoch, "TLOSS": loss, "LR": lr},
+                                                       validation=False))
             if epoch % a.test_interval == 0 or epoch == a.max_epoch:
                 self.validate_and_save(epoch, valid)
 
     def validate_and_save(self, epoch: int, valid: EmbeddingData | None) -> None:
         a = self.args
-        vloss, vacc = (self.trainer.validate(valid, a.batch_size, a.seed, **self.sampling())
-                       if valid is not None else (float("nan"), float("nan")))
-        test = self.test_scores("test")
-        libri = self.test_scores("libri") if a.test_list_libri else None
+        nan = float("nan")
+        vloss, vacc = nan, nan
+        if valid is not None:
+            validation = self.trainer.validate(valid, a.batch_size, a.seed, **self.sampling())
+            vloss, vacc = validation.loss, validation.accuracy
+            if validation.left_out:
+                self.say_once(f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "
+                              f"speaker of {a.valid_list} has a class of the training speakers")
+        scores = {name: self.test_scores(name) for name in TRIAL_LABELS}
         if not self.ctx.is_main:
             return
-        nan = {"eer": float("nan"), "mindcf": float("nan")}
-        t = test["processed_metrics"] if test else nan
-        lib = libri["processed_metrics"] if libri else nan
-        line = (f"--Val-- Epoch {epoch:d}, VLoss {vloss:f}, VEER {t['eer']:2.4f}, "
-                f"VEER_LIBRI {lib['eer']:2.4f}, Vacc {vacc + 0.0:2.4f}, VMINDCF {t['mindcf']:.4f}, "
-                f"VMINDCF_LIBRI {lib['mindcf']:.4f}")
+        metrics = {name: result["processed_metrics"] if result else {"eer": nan, "mindcf": nan}
+                   for name, result in scores.items()}
+        line = score_line({"Epoch": epoch, "VLoss": vloss, "VEER": metrics["test"]["eer"],
+                           "VEER_LIBRI": metrics["libri"]["eer"], "Vacc": vacc,
+                           "VMINDCF": metrics["test"]["mindcf"],
+                           "VMINDCF_LIBRI": metrics["libri"]["mindcf"]}, validation=True)
         log.info(line)
         options = {key: getattr(a, key) for key in ("model", "trainfunc", "nOut", "activation")}
-        self.trainer.save(self.model_dir / f"model{epoch:09d}.model", epoch, {"options": options})
+        self.trainer.save(self.model_dir / CHECKPOINT_NAME.format(epoch), epoch, {"options": options})
         append_line(self.scorefile, line)
 
 
@@ -440,12 +477,11 @@ def truncate_scorefile(scorefile: Path, last_epoch: int) -> None:
 
 
 def scorefile_epoch(line: str) -> int | None:
-    parts = line.replace(",", " ").split()
-    if "Epoch" in parts:
-        position = parts.index("Epoch") + 1
-        if position < len(parts) and parts[position].isdigit():
-            return int(parts[position])
-    return None
+    """The epoch of a scores.txt line; None for a line that is not one."""
+    try:
+        return int(parse_score_line(line)[1]["Epoch"])
+    except ValueError:
+        return None
 
 
 def run(ctx: DistContext, args: argparse.Namespace) -> None:

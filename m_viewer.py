@@ -27,9 +27,18 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
-from m_DataLoader import embedding_file, load_embeddings, read_list
+from m_DataLoader import EMBEDDING_TYPES, embedding_file, load_embeddings, read_list
 from m_scoring import compute_eer, error_rates, evaluate_scores, min_dcf_of_rates, score_trials
-from m_utils import UserError, atomic_write, read_user_text, run_main, write_text_atomic
+from m_utils import (
+    TRAIN_FIELDS,
+    VAL_FIELDS,
+    UserError,
+    atomic_write,
+    parse_score_line,
+    read_user_text,
+    run_main,
+    write_text_atomic,
+)
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 
@@ -39,19 +48,9 @@ DPI = 120
 DET_TICKS_PERCENT = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40, 60)
 DET_RANGE_PERCENT = (0.05, 70.0)
 MIN_DCF_P_TARGET = 0.05
-METRIC_NAMES = {"B": "L2 distance", "C": "cosine distance"}
 TRIAL_FILES = (("test", "test list"), ("libri", "LibriSpeech list"))
-TRIAL_ARRAYS = ("labels", "original", "processed", "metric")
-
-TRAIN_FIELDS = ("Epoch", "TLOSS", "LR")
-VAL_PREFIX = "--Val--"
-VAL_FIELDS_OLD = ("Epoch", "VLoss", "VEER", "VEER_LIBRI", "Vacc")
-VAL_FIELDS = VAL_FIELDS_OLD + ("VMINDCF", "VMINDCF_LIBRI")
-
-
-# ----------------------------------------------------------------------------------------------
-# scores.txt
-
+TRIAL_ARRAYS = ("labels", "original", "processed", "embedding_type")
+OLD_TYPE_KEY = "metric"  # the embedding type's key in files of earlier versions
 
 @dataclass
 class Scores:
@@ -73,37 +72,6 @@ class Scores:
     vmindcf_libri: np.ndarray
 
 
-def line_form(fields: Sequence[str], prefix: str = "") -> str:
-    """How a line with `fields` looks, e.g. `Epoch N, TLOSS x, LR x`."""
-    parts = [f"{key} {'N' if key == 'Epoch' else 'x'}" for key in fields]
-    return f"{prefix}{' ' if prefix else ''}{', '.join(parts)}"
-
-
-def parse_line(line: str) -> tuple[bool, list[float]]:
-    """(is a --Val-- line, its numbers in field order); ValueError says what is wrong."""
-    text = line.strip()
-    is_val = text.startswith(VAL_PREFIX)
-    if is_val:
-        text = text[len(VAL_PREFIX):]
-    fields = [field.split() for field in text.split(",")]
-    keys = tuple(field[0] if field else "" for field in fields)
-    allowed = (VAL_FIELDS_OLD, VAL_FIELDS) if is_val else (TRAIN_FIELDS,)
-    if keys not in allowed or any(len(field) != 2 for field in fields):
-        forms = " or ".join(repr(line_form(f, VAL_PREFIX if is_val else "")) for f in allowed)
-        raise ValueError(f"expected a line like {forms}")
-    values = [parse_number(key, value) for key, value in fields]
-    return is_val, values + [float("nan")] * (len(VAL_FIELDS) - len(values) if is_val else 0)
-
-
-def parse_number(key: str, text: str) -> float:
-    """A field's value: an integer for Epoch, a float (nan allowed) otherwise."""
-    try:
-        return float(int(text)) if key == "Epoch" else float(text)
-    except ValueError:
-        kind = "an integer" if key == "Epoch" else "a number"
-        raise ValueError(f"{key} must be {kind}, found {text!r}") from None
-
-
 def parse_scores(path: str | Path, name: str | None = None) -> Scores:
     """Read a scores.txt (training and validation lines, old or new format; blank lines skipped).
 
@@ -116,10 +84,10 @@ def parse_scores(path: str | Path, name: str | None = None) -> Scores:
         if not line.strip():
             continue
         try:
-            is_val, values = parse_line(line)
+            is_val, values = parse_score_line(line)
         except ValueError as err:
             raise UserError(f"{path}:{lineno}: {err}; found {line.strip()!r}") from None
-        rows[is_val].append(values)
+        rows[is_val].append(list(values.values()))
     if not rows[False] and not rows[True]:
         raise UserError(f"{path}: the scores file holds no epoch lines yet")
     train = np.array(rows[False], np.float64).reshape(-1, len(TRAIN_FIELDS))
@@ -236,16 +204,18 @@ class TrialScores:
     labels: np.ndarray
     original: np.ndarray
     processed: np.ndarray
-    metric: str
+    embedding_type: str
 
 
 def load_trial_scores(path: str | Path) -> TrialScores:
-    """Read a trials_*.npz (labels, original, processed, metric); errors name the file."""
+    """Read a trials_*.npz (labels, original, processed, embedding_type); errors name the file."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [key for key in TRIAL_ARRAYS if key not in data.files]
-            arrays = {key: np.asarray(data[key]) for key in TRIAL_ARRAYS if key in data.files}
+            arrays = {key: np.asarray(data[key]) for key in data.files}
+            if OLD_TYPE_KEY in arrays:
+                arrays.setdefault(TRIAL_ARRAYS[-1], arrays[OLD_TYPE_KEY])
+            missing = [key for key in TRIAL_ARRAYS if key not in arrays]
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable trial scores file ({err})") from None
     if missing:
@@ -257,7 +227,15 @@ def load_trial_scores(path: str | Path) -> TrialScores:
     if set(np.unique(labels).tolist()) != {0, 1}:
         raise UserError(f"{path}: a DET curve needs both target (1) and non-target (0) trials")
     return TrialScores(labels, arrays["original"].astype(np.float64),
-                       arrays["processed"].astype(np.float64), str(arrays["metric"]))
+                       arrays["processed"].astype(np.float64), str(arrays["embedding_type"]))
+
+
+def scoring_name(embedding_type: str) -> str:
+    """How trials of an embedding type (multiple_embedding_flag) are scored, in words."""
+    known = EMBEDDING_TYPES.get(embedding_type)
+    if known is None:
+        return f"type {embedding_type}"
+    return "cosine distance" if known.cosine else "L2 distance"
 
 
 def probit(rate_percent: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -305,8 +283,7 @@ def write_det_figure(run_dir: Path, name: str) -> Path | None:
         setup_det_axes(ax)
         draw_det(ax, trials.original, trials.labels, "original", "C0")
         draw_det(ax, trials.processed, trials.labels, "enhanced", "C3")
-        metric = METRIC_NAMES.get(trials.metric, trials.metric)
-        ax.set_title(f"{label}: {len(trials.labels)} trials, {metric} scores")
+        ax.set_title(f"{label}: {len(trials.labels)} trials, {scoring_name(trials.embedding_type)} scores")
         ax.legend(loc="lower left", fontsize="small")
     fig.suptitle(f"{name}: DET curves (dots: EER; minDCF at P_target = {MIN_DCF_P_TARGET})")
     return save_figure(fig, result / "det.png")
@@ -346,7 +323,7 @@ def other_speaker_pairs(records: Sequence[tuple], seed: int) -> list[tuple[str, 
 
 def cosine_distances(embeddings: np.ndarray, row_of: dict[str, int],
                      pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-    """1 - cos of each pair of files, by m_scoring.score_trials with metric C."""
+    """1 - cos of each pair of files, by m_scoring.score_trials with type C (cosine) scoring."""
     left = np.array([row_of[a] for a, _ in pairs], np.int64)
     right = np.array([row_of[b] for _, b in pairs], np.int64)
     return -score_trials(embeddings, left, right, "C").astype(np.float64)

@@ -1,20 +1,20 @@
 """Training objectives, chosen by name with `trainfunc:`.
 
 Each loss is called as `loss(x, batch) -> (value, accuracy)`, x the network outputs (B, nOut) and
-`batch` the m_DataLoader.Batch they came from (targets, labels, others, DA pairs). `list_kind` says
-which list file it trains on; `normalize_for_test` says whether outputs are L2-normalised before
-trials are scored.
+`batch` the m_DataLoader.Batch they came from (targets, labels, others, DA pairs). Its constructor's
+parameters are its hyper-parameters, filled from the trainer's options of the same names. Class
+attributes say the rest: `list_kind` (which list file it trains on), `normalize_for_test` (outputs
+L2-normalised before trials are scored), `reports_accuracy` (the accuracy column means something),
+`classifies` (it has a layer of nClasses speakers).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m_utils import UserError, unknown_name
+from m_utils import LOSS_PREFIX, UserError, read_checkpoint, unknown_name, voxceleb_trainer_state
 
 
 def mean_cosine(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -29,9 +29,18 @@ def zero(x: torch.Tensor) -> torch.Tensor:
 class EnhancementLoss(nn.Module):
     list_kind = "normal"
     normalize_for_test = False
+    reports_accuracy = False
+    classifies = False
+    # The parts of the loss that validation averages separately over the samples where each is
+    # defined; the validation loss is their sum.
+    terms: tuple[str, ...] = ("loss",)
 
-    def __init__(self, **kwargs):
-        super().__init__()
+    def validation_sums(self, x: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums, counts) over this batch of each term and, last, of the accuracy: summed over
+        batches (and ranks), sums / counts are the validation means."""
+        value, accuracy = self(x, batch)
+        size = x.new_tensor(float(batch.size))
+        return torch.stack([value * size, accuracy * size]), torch.stack([size, size])
 
 
 class MSE(EnhancementLoss):
@@ -70,11 +79,15 @@ class Softmax(EnhancementLoss):
     """A linear layer nOut -> nClasses and cross-entropy on the speaker index; accuracy in %.
 
     `softmax_init` names an extractor checkpoint whose `__L__.softmax.fc.*` initialise the layer
-    (as the original did); without it the layer starts at random.
+    (as the original did); without it the layer starts at random. Samples of a speaker without a
+    class (label -1: a validation speaker unseen in training) have no cross-entropy.
     """
 
-    def __init__(self, nOut: int = 512, nClasses: int = 5994, softmax_init: str | None = None,
-                 **kwargs):
+    reports_accuracy = True
+    classifies = True
+    terms = ("cross-entropy",)
+
+    def __init__(self, nOut: int = 512, nClasses: int = 5994, softmax_init: str | None = None):
         super().__init__()
         self.fc = nn.Linear(nOut, nClasses)
         if softmax_init:
@@ -89,13 +102,34 @@ class Softmax(EnhancementLoss):
         accuracy = (logits.argmax(dim=1) == labels).float().mean() * 100
         return F.cross_entropy(logits, labels), accuracy.detach()
 
+    def classifier_sums(self, x: torch.Tensor, batch) -> tuple[torch.Tensor, ...]:
+        """Summed cross-entropy, summed accuracy (%) and count over the labelled samples."""
+        labelled = (batch.labels >= 0).to(x.dtype)
+        logits = self.fc(x)
+        labels = batch.labels.clamp(min=0)
+        entropy = F.cross_entropy(logits, labels, reduction="none")
+        correct = (logits.argmax(dim=1) == labels).to(x.dtype) * 100
+        return (entropy * labelled).sum(), (correct * labelled).sum(), labelled.sum()
+
+    def validation_sums(self, x, batch):
+        entropy, correct, count = self.classifier_sums(x, batch)
+        return torch.stack([entropy, correct]), torch.stack([count, count])
+
 
 class MSE_Softmax(Softmax):
     """Softmax + mse(x, t)."""
 
+    terms = ("cross-entropy", "mse")
+
     def forward(self, x, batch):
         value, accuracy = super().forward(x, batch)
         return value + F.mse_loss(x, batch.targets), accuracy
+
+    def validation_sums(self, x, batch):
+        entropy, correct, count = self.classifier_sums(x, batch)
+        size = x.new_tensor(float(batch.size))
+        return (torch.stack([entropy, F.mse_loss(x, batch.targets) * size, correct]),
+                torch.stack([count, size, count]))
 
 
 class MyTriplet_CS(EnhancementLoss):
@@ -118,8 +152,9 @@ class DA(EnhancementLoss):
 
     list_kind = "distribution"
     normalize_for_test = True
+    reports_accuracy = True
 
-    def __init__(self, sigma: float = 1.0, **kwargs):
+    def __init__(self, sigma: float = 1.0):
         super().__init__()
         self.sigma = float(sigma)
 
@@ -182,17 +217,12 @@ def loss_class(name: str) -> type[EnhancementLoss]:
 
 def classifier_from_checkpoint(path: str, fc: nn.Linear) -> dict[str, torch.Tensor]:
     """`__L__.softmax.fc.{weight,bias}` of an extractor checkpoint, checked against `fc`."""
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: softmax_init checkpoint not found") from None
-    except Exception as err:
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    wanted = {"weight": "__L__.softmax.fc.weight", "bias": "__L__.softmax.fc.bias"}
+    state, _ = voxceleb_trainer_state(read_checkpoint(path, "softmax_init checkpoint"))
     found = {}
-    for name, key in wanted.items():
+    for name in ("weight", "bias"):
+        key = f"{LOSS_PREFIX}softmax.fc.{name}"
         expected = tuple(getattr(fc, name).shape)
-        if not isinstance(state, dict) or key not in state:
+        if key not in state:
             raise UserError(f"{path}: no '{key}' to initialise the Softmax layer")
         if tuple(state[key].shape) != expected:
             raise UserError(f"{path}: '{key}' has shape {tuple(state[key].shape)}, the Softmax "

@@ -24,8 +24,8 @@ INSTALL_HINT = "pip install --no-deps resemblyzer==0.1.4"
 @contextmanager
 def full_fp32_rnn() -> Iterator[None]:
     """cuDNN runs float32 RNNs in TF32 (10-bit mantissa) by default on recent GPUs; on GE2E's
-    power-mel inputs that moved embeddings far from the CPU's (by up to 0.2 on an H200), so its
-    LSTM runs in full float32 (ResNetSE34V2's convolutions keep TF32: they agree to cosine 1.0)."""
+    power-mel inputs (not logged: a wide dynamic range) that moves embeddings far from the CPU's, so
+    its LSTM runs in full float32. ResNetSE34V2's convolutions keep TF32: they agree to cosine 1.0."""
     rnn = getattr(torch.backends.cudnn, "rnn", None)
     if rnn is None or not hasattr(rnn, "fp32_precision"):
         yield
@@ -88,9 +88,11 @@ def packaged_weights() -> Path | None:
     return path if path.is_file() else None
 
 
-def select_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The encoder's tensors from a resemblyzer checkpoint (`model_state`) or a bare state dict;
-    the GE2E loss' similarity scale/bias are not part of the encoder."""
+def select_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The encoder's tensors from a resemblyzer checkpoint (`model_state`) or a bare state dict,
+    and what else the file holds: the GE2E loss' similarity scale/bias are not part of the encoder."""
     state = checkpoint.get("model_state", checkpoint)
-    return {key: value for key, value in state.items() if not key.startswith("similarity_")}
+    unused = [key for key in state if key.startswith("similarity_")]
+    unused += [key for key in checkpoint if key != "model_state"] if "model_state" in checkpoint else []
+    return {key: value for key, value in state.items() if key not in unused}, sorted(unused)
 

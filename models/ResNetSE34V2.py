@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from m_utils import SPEAKER_PREFIX, voxceleb_trainer_state
 from models.m_Features import LogMelInstanceNorm
 
 WEIGHTS_HINT = ("its weights come from voxceleb_trainer's released baseline_v2_ap.model "
@@ -89,20 +90,14 @@ class ResNetSE34V2(nn.Module):
         return self.fc(attentive_stats_pool(x, self.attention(x)))
 
 
-CHECKPOINT_PREFIX = "__S__."
 FRONT_END_PREFIX = "torchfb."
 
 
-def select_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The speaker model's tensors of a voxceleb_trainer checkpoint: `__S__.*` (optionally under
-    `module.`), without the `__L__.*` loss head and the front-end buffers `torchfb.*`."""
-    state = {}
-    for key, value in checkpoint.items():
-        key = key.removeprefix("module.")
-        if not key.startswith(CHECKPOINT_PREFIX):
-            continue
-        key = key.removeprefix(CHECKPOINT_PREFIX)
-        if key.startswith(FRONT_END_PREFIX):
-            continue
-        state[key] = value
-    return state
+def select_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The speaker model's tensors of a voxceleb_trainer checkpoint (any of its formats): `__S__.*`
+    without the front end's buffers `torchfb.*`; and what else the file holds, which is not used."""
+    state, others = voxceleb_trainer_state(checkpoint)
+    weights = {key.removeprefix(SPEAKER_PREFIX): value for key, value in state.items()
+               if key.startswith(SPEAKER_PREFIX) and not key.startswith(SPEAKER_PREFIX + FRONT_END_PREFIX)}
+    head = sorted({key.split(".")[0] + ".*" for key in state if not key.startswith(SPEAKER_PREFIX)})
+    return weights, head + others

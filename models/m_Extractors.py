@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from m_utils import UserError, unknown_name
+from m_utils import UserError, read_checkpoint, unknown_name
 from models import GE2E, ResNetSE34V2
+
+log = logging.getLogger("m_Extractors")
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,7 @@ class ExtractorEntry:
     """How to build one extractor and fill it from a checkpoint file."""
 
     build: Callable[[], nn.Module]
-    select_weights: Callable[[dict], dict[str, torch.Tensor]]
+    select_weights: Callable[[dict], tuple[dict[str, torch.Tensor], list[str]]]
     default_weights: Callable[[], Path | None]
     no_weights_hint: str
 
@@ -51,19 +54,6 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
     module.load_state_dict(state, strict=True)
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint's dict of tensors, read with weights_only=True."""
-    if not path.is_file():
-        raise UserError(f"{path}: weights file not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"{path}: expected a dict of tensors, found {type(checkpoint).__name__}")
-    return checkpoint
-
-
 def load_extractor(name: str, initial_model: str | Path | None = None, random_init: bool = False,
                    device: torch.device | str = "cpu") -> nn.Module:
     """Build extractor `name` in eval mode on `device`, with weights from `initial_model`, else its
@@ -78,5 +68,8 @@ def load_extractor(name: str, initial_model: str | Path | None = None, random_in
         path = Path(initial_model) if initial_model is not None else entry.default_weights()
         if path is None:
             raise UserError(f"{name} needs weights: {entry.no_weights_hint}")
-        load_state_strict(model, entry.select_weights(read_checkpoint(path)), str(path))
+        weights, unused = entry.select_weights(read_checkpoint(path, "weights file"))
+        if unused:
+            log.info("%s: loading the %s weights; not used: %s", path, name, ", ".join(unused))
+        load_state_strict(model, weights, str(path))
     return model.to(device).eval()

@@ -42,7 +42,7 @@ class StackedLinearNet(nn.Module):
     widths: tuple[int, ...] = ()
     dropout_after: tuple[int, ...] = ()
 
-    def __init__(self, nOut: int = 512, activation: str = "ReLU", **kwargs):
+    def __init__(self, nOut: int = 512, activation: str = "ReLU"):
         super().__init__()
         self.layers = stacked_linear(nOut, self.widths, activation, self.dropout_after)
 
@@ -82,7 +82,7 @@ class MyResidualNet(nn.Module):
     an activation, which maps every embedding into the positive orthant for ReLU).
     """
 
-    def __init__(self, nOut: int = 512, activation: str = "ReLU", **kwargs):
+    def __init__(self, nOut: int = 512, activation: str = "ReLU"):
         super().__init__()
         self.hidden = nn.Linear(nOut, 2 * nOut)
         self.activation = make_activation(activation)
@@ -98,7 +98,11 @@ MODELS = {cls.__name__: cls for cls in
           (MyLinearNet, MyLinearNetv2, MyLinearNetv3, MyLinearNetv4, MyResidualNet)}
 
 
-def get_model(name: str, **kwargs) -> nn.Module:
+def model_class(name: str) -> type[nn.Module]:
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
-    return MODELS[name](**kwargs)
+    return MODELS[name]
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+    return model_class(name)(**kwargs)

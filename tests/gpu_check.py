@@ -37,6 +37,7 @@ from m_comb_embs import combine  # noqa: E402
 from m_gen_embs import make_crops  # noqa: E402
 from m_gen_list import make_lists  # noqa: E402
 from m_scoring import score_trials  # noqa: E402
+from m_utils import parse_score_line  # noqa: E402
 from models.GE2E import packaged_weights  # noqa: E402
 from models.m_Extractors import load_extractor  # noqa: E402
 
@@ -91,7 +92,7 @@ def train(config: Path, save: Path, *options: str) -> tuple[float | None, dict |
     val = vals[-1]
     print(f"{label:<50} epochs {times} s, wall {time.perf_counter() - started:.1f} s\n    {val}", flush=True)
     state = torch.load(save / "model" / f"model{1:09d}.model", map_location="cpu", weights_only=True)
-    return float(re.search(r"VEER ([\d.]+)", val).group(1)), state["network"]
+    return parse_score_line(val)[1]["VEER"], state["network"]
 
 
 def weight_gap(a: dict, b: dict) -> float:

@@ -131,7 +131,7 @@ def test_checkpoint_of_another_kind(data, tmp_path):  # noqa: F811
     foreign = tmp_path / "foreign.model"
     torch.save({"weights": torch.zeros(3)}, foreign)
     error = trainer_error(exp_config(data, tmp_path) + ["--check", "--initial_model", str(foreign)])
-    assert "foreign.model: not a checkpoint of this project" in error
+    assert "foreign.model: neither a checkpoint of this project" in error
 
 
 def test_command_line_error_has_no_traceback(data, tmp_path):  # noqa: F811

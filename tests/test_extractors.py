@@ -186,7 +186,7 @@ def test_unknown_extractor_lists_known_names():
 def test_non_checkpoint_file_is_a_clear_error(tmp_path):
     path = tmp_path / "notes.model"
     path.write_text("not a checkpoint")
-    with pytest.raises(UserError, match="notes.model: cannot read weights"):
+    with pytest.raises(UserError, match="notes.model: not a readable weights file"):
         load_extractor("ResNetSE34V2", path)
 
 

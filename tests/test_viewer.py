@@ -186,14 +186,16 @@ def test_comparison_defaults_to_first_run_result(tmp_path):
 # DET curves
 
 
-def write_trials(path: Path, metric: str = "C", n: int = 2000, seed: int = 0) -> tuple[np.ndarray, ...]:
+def write_trials(path: Path, embedding_type: str = "C", n: int = 2000,
+                 seed: int = 0) -> tuple[np.ndarray, ...]:
     """Labels, overlapping original scores and separable processed scores, saved as the trainer does."""
     rng = np.random.default_rng(seed)
     labels = (np.arange(n) % 2).astype(np.int8)
     original = rng.normal(labels * 1.5, 1.0).astype(np.float32)     # overlapping classes
     processed = (labels * 10.0 + rng.uniform(0, 1, n)).astype(np.float32)  # separable
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, labels=labels, original=original, processed=processed, metric=np.array(metric))
+    np.savez(path, labels=labels, original=original, processed=processed,
+             embedding_type=np.array(embedding_type))
     return labels, original, processed
 
 
@@ -221,7 +223,7 @@ def test_results_table_of_original_and_enhanced(tmp_path, capsys):
 def test_det_legend_and_eer_point(tmp_path):
     labels_in, original, _ = write_trials(tmp_path / "t.npz")
     trials = m_viewer.load_trial_scores(tmp_path / "t.npz")
-    assert trials.metric == "C"
+    assert trials.embedding_type == "C"
     fig = m_viewer.Figure()
     ax = fig.add_subplot()
     m_viewer.setup_det_axes(ax)
@@ -248,7 +250,7 @@ def test_bad_trial_file(tmp_path):
     with pytest.raises(UserError, match="non-target"):
         m_viewer.load_trial_scores(tmp_path / "t.npz")
     np.savez(tmp_path / "u.npz", labels=np.ones(3, np.int8))
-    with pytest.raises(UserError, match="lack the array\\(s\\) original, processed, metric"):
+    with pytest.raises(UserError, match="lack the array\\(s\\) original, processed, embedding_type"):
         m_viewer.load_trial_scores(tmp_path / "u.npz")
 
 
