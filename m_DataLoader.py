@@ -112,10 +112,6 @@ def embedding_file(root: str | os.PathLike, rel: str) -> Path:
     return path
 
 
-def speaker_of(rel: str) -> str:
-    return Path(rel).parts[0]
-
-
 # ----------------------------------------------------------------------------------------------
 # Embedding files -> arrays
 

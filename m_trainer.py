@@ -59,7 +59,7 @@ OPTIONS: Options = {
     "multiple_embedding_flag": ("B", str, "B: avg-norm-avg target, L2 scoring; C: avg-avg-norm, cosine"),
     "triplet": (False, bool, "not used: kept so old configs load (the list type follows the loss)"),
     "nPerSpeaker": (1, int, "utterances of one speaker grouped in a batch"),
-    "da_speakers_per_step": (1, int, "speakers per step for the DA losses (the original used 1)"),
+    "da_speakers_per_step": (1, int, "speakers per step for the DA losses (the original repository used 1)"),
     # Training
     "test_interval": (5, int, "validate, test and save every this many epochs"),
     "max_epoch": (100, int, "epochs to train"),
@@ -98,7 +98,7 @@ OPTIONS: Options = {
     "gen_target_dir": ("enhanced", str, "folder under save_path for generated embeddings"),
     **HARDWARE_OPTIONS,
 }
-# Options the original had that nothing here uses; setting one says so.
+# Options of the original repository that nothing here uses; setting one says so.
 UNUSED_OPTIONS = ("triplet", "margin", "scale")
 
 
@@ -126,10 +126,14 @@ def check_config_value(path: Path, key: str, value: Any) -> Any:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is list:
+        value = value.split() if isinstance(value, str) else value
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise UserError(f"{path}: option '{key}' must be of type {kind.__name__}, "
+        kind_name = "list of names" if kind is list else kind.__name__
+        raise UserError(f"{path}: option '{key}' must be of type {kind_name}, "
                         f"found {type(value).__name__} {value!r}")
     return kind(value)
 
@@ -164,7 +168,8 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     if args.save_path is None:
         args.save_path = "exp_emb/default"
     for key in sorted(given & set(UNUSED_OPTIONS)):
-        log.warning("option '%s' is not used: it is accepted only so that the original's configs load", key)
+        log.warning("option '%s' is not used: it is accepted so that the original repository's configs "
+                    "load", key)
     return args
 
 

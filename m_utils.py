@@ -66,7 +66,8 @@ def read_user_text(path: str | os.PathLike, what: str, maker: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Options: name -> (default, type, help). Types: int, float, str, bool; a None default is "unset".
+# Options: name -> (default, type, help). Types: int, float, str, bool, list (of names, a tuple
+# default); a None default is "unset".
 
 Options = dict[str, tuple[Any, type, str]]
 
@@ -95,6 +96,9 @@ def add_options(parser: argparse.ArgumentParser, options: Options, with_defaults
         keep = {"default": default} if with_defaults else {}
         if kind is bool:
             parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, help=text, **keep)
+        elif kind is list:
+            keep = {"default": list(default)} if with_defaults else {}
+            parser.add_argument(f"--{name}", nargs="+", metavar="NAME", help=text, **keep)
         else:
             parser.add_argument(f"--{name}", type=kind, help=text, **keep)
 
@@ -314,7 +318,7 @@ def voxceleb_trainer_state(checkpoint: dict) -> tuple[dict, list[str]]:
 
 # ----------------------------------------------------------------------------------------------
 # scores.txt: the training log, one line per epoch and one per validation. The format is the
-# original's (analysis scripts parse it), with minDCF appended to the validation line.
+# original repository's (analysis scripts parse it), with minDCF appended to the validation line.
 
 TRAIN_FIELDS = ("Epoch", "TLOSS", "LR")
 VAL_PREFIX = "--Val--"
@@ -322,13 +326,13 @@ VAL_FIELDS_ORIGINAL = ("Epoch", "VLoss", "VEER", "VEER_LIBRI", "Vacc")
 VAL_FIELDS = VAL_FIELDS_ORIGINAL + ("VMINDCF", "VMINDCF_LIBRI")
 FIELD_FORMAT = {"Epoch": "d", "TLOSS": "f", "LR": "f", "VLoss": "f", "VEER": "2.4f",
                 "VEER_LIBRI": "2.4f", "Vacc": "2.4f", "VMINDCF": ".4f", "VMINDCF_LIBRI": ".4f"}
-NO_ACCURACY = -1.0  # Vacc of a loss that reports no accuracy, as the original wrote it
+NO_ACCURACY = -1.0  # Vacc of a loss without accuracy, as the original repository wrote it
 
 
 def score_line(values: dict[str, float], validation: bool) -> str:
     """One scores.txt line, e.g. `Epoch 3, TLOSS 0.512000, LR 0.001000`."""
     fields = VAL_FIELDS if validation else TRAIN_FIELDS
-    # + 0.0 turns -0.0 into 0.0, as the original's lines never show a signed zero
+    # + 0.0 turns -0.0 into 0.0: a signed zero would read as a different value to a reader
     body = ", ".join(f"{key} {values[key] + (0 if key == 'Epoch' else 0.0):{FIELD_FORMAT[key]}}"
                      for key in fields)
     return f"{VAL_PREFIX} {body}" if validation else body
@@ -341,7 +345,7 @@ def line_form(fields: tuple[str, ...], prefix: str = "") -> str:
 
 
 def parse_score_line(line: str) -> tuple[bool, dict[str, float]]:
-    """(is a --Val-- line, its values by field); a validation line of the original's format (no
+    """(is a --Val-- line, its values by field); a validation line of the original repository (no
     minDCF) gets NaN minDCF. ValueError says what is wrong."""
     text = line.strip()
     validation = text.startswith(VAL_PREFIX)

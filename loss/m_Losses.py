@@ -79,7 +79,7 @@ class Softmax(EnhancementLoss):
     """A linear layer nOut -> nClasses and cross-entropy on the speaker index; accuracy in %.
 
     `softmax_init` names an extractor checkpoint whose `__L__.softmax.fc.*` initialise the layer
-    (as the original did); without it the layer starts at random. Samples of a speaker without a
+    (as the original repository did); without it the layer starts at random. Samples of a speaker without a
     class (label -1: a validation speaker unseen in training) have no cross-entropy.
     """
 

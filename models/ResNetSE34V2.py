@@ -27,7 +27,7 @@ class SqueezeExcite(nn.Module):
 
 
 class SEBasicBlock(nn.Module):
-    """Two 3x3 convs (ReLU before the first BN, as the original), SE gate, residual, ReLU."""
+    """Two 3x3 convs (ReLU before the first BN, as voxceleb_trainer's), SE gate, residual, ReLU."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
         super().__init__()
