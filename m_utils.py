@@ -358,14 +358,23 @@ def _run_in_group(ctx: DistContext, fn: Callable[..., Any], args: tuple) -> None
         destroy_process_group()
 
 
+def _reporting_user_errors(ctx: DistContext, fn: Callable[..., Any], args: tuple, errors: Any) -> None:
+    """fn(ctx, *args); a UserError is first put on the queue `errors`, while the group still stands:
+    the other ranks fail once this one leaves, and the parent must know whose failure came first."""
+    try:
+        fn(ctx, *args)
+    except UserError as err:
+        errors.put(f"{err} (distributed process {ctx.rank})")
+        raise
+
+
 def _spawned_worker(local_rank: int, world_size: int, backend: str, port: int,
-                    fn: Callable[..., Any], args: tuple) -> None:
+                    fn: Callable[..., Any], args: tuple, errors: Any) -> None:
     ctx = init_process_group(local_rank, world_size, local_rank, backend, port)
     try:
-        _run_in_group(ctx, fn, args)
-    except UserError as err:
-        print(f"error (rank {local_rank}): {err}", file=sys.stderr)
-        sys.exit(2)
+        _run_in_group(ctx, _reporting_user_errors, (fn, args, errors))
+    except UserError:
+        sys.exit(2)  # the parent reports it
 
 
 def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: str,
@@ -395,9 +404,16 @@ def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: st
              "GPU" if use_cuda else "CPU", backend, port)
     os.environ["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "localhost")
     os.environ["MASTER_PORT"] = str(port)
+    errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    failed = (torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException)
     try:
-        torch.multiprocessing.spawn(_spawned_worker, args=(world_size, backend, port, fn, args),
+        torch.multiprocessing.spawn(_spawned_worker, args=(world_size, backend, port, fn, args, errors),
                                     nprocs=world_size, join=True)
-    except torch.multiprocessing.ProcessExitedException as err:
+    except failed as err:
+        # Whichever process the join saw fail first, a UserError of any one is the cause.
+        if not errors.empty():
+            raise UserError(errors.get()) from None
+        if isinstance(err, torch.multiprocessing.ProcessRaisedException):
+            raise
         raise UserError(f"distributed process {err.error_index} stopped with exit code "
                         f"{err.exit_code} (its message is above)") from None

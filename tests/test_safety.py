@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +308,19 @@ def test_a_full_disk_behind_another_error_is_found(tmp_path):
     with pytest.raises(UserError, match=f"^{re.escape(disk_full(target))}$"):
         atomic_write(target, torch_like_writer)
     assert not target.exists() and not temporary_files(tmp_path)
+
+
+def test_a_write_failure_in_a_distributed_extraction_stops_it_with_the_message(tmp_path, capsys):
+    """Whichever process the parent sees fail first (the one with the error, or a peer whose group
+    it left), the script ends with that error and exit status 2."""
+    db, emb = make_audio(tmp_path / "db"), tmp_path / "emb"
+    blocked = emb / "id00001" / "sess" / "00001.npy"  # the second file of rank 0
+    blocked.mkdir(parents=True)  # a folder where an embedding should go
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    args = ["--db_path", str(db), "--embed_dir", str(emb), *GEN_FAST, "--overwrite", "--distributed",
+            "--nprocs", "2", "--port", str(port)]
+    error = script_error(lambda: m_gen_embs.main(args), capsys)
+    assert error == f"error: {blocked}: cannot write it (Is a directory) (distributed process 0)"
+    assert not (emb / LOCK_NAME).exists()
