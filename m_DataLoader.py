@@ -13,6 +13,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,7 +189,8 @@ def single_utterance_embedding(array: np.ndarray, path: Path | None = None) -> n
 def load_embeddings(root: str | os.PathLike, rel_paths: Sequence[str], dim: int | None = None,
                     threads: int = 8, desc: str = "loading embeddings",
                     show_progress: bool = True, source: str | os.PathLike = "the list") -> np.ndarray:
-    """Read and reduce the embedding file of every entry: an (N, D) float32 matrix, in order."""
+    """Read and reduce the embedding file of every entry: an (N, D) float32 matrix, in order;
+    `threads` reader threads, none (the calling thread) for 0."""
     files = [embedding_file(root, rel) for rel in rel_paths]
     missing = [f for f in files if not f.is_file()]
     if missing:
@@ -212,10 +214,12 @@ def load_embeddings(root: str | os.PathLike, rel_paths: Sequence[str], dim: int 
             matrix[row] = single_utterance_embedding(array, files[row])
         return len(rows)
 
-    with ThreadPoolExecutor(max(1, threads)) as pool, \
+    # threads 0 (nDataLoaderThread 0): read in the calling thread, as the original's num_workers 0
+    pool = ThreadPoolExecutor(threads) if threads > 0 else None
+    with pool or nullcontext(), \
             tqdm(total=len(files), desc=desc, unit="file", leave=False,
                  disable=not show_progress or len(files) < 2000) as bar:
-        for done in pool.map(load_block, blocks):
+        for done in (pool.map if pool is not None else map)(load_block, blocks):
             bar.update(done)
     return matrix
 

@@ -13,13 +13,14 @@ import argparse
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from m_DataLoader import EMBEDDING_TYPES, combine_speaker, crop_mean, read_embedding
-from m_utils import UserError, run_main, save_npy_atomic, setup_logging
+from m_utils import UserError, run_lock, run_main, save_npy_atomic, setup_logging
 
 EMBED_DIR = "data/embeddings/voxceleb2"
 
@@ -76,7 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=8, help="threads reading embedding files")
     args = parser.parse_args(argv)
     setup_logging()
-    count = combine(Path(args.embed_dir), max(1, args.threads))
+    embed_dir = Path(args.embed_dir)
+    # Not beside an m_gen_embs.py (or another m_comb_embs.py) writing the same tree; a missing
+    # folder has nothing to guard, and combine reports it.
+    with run_lock(embed_dir, "embed_dir") if embed_dir.is_dir() else nullcontext():
+        count = combine(embed_dir, max(1, args.threads))
     log.info("wrote type B and C embeddings of %d speakers in %s", count, args.embed_dir)
 
 

@@ -33,6 +33,7 @@ from m_utils import (
     add_options,
     launch,
     resolve_device,
+    run_lock,
     run_main,
     save_npy_atomic,
     setup_logging,
@@ -302,8 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     job = Job(db_path, embed_dir, tuple(files), args.eval_frames, args.num_eval, args.batch_size,
               args.nDataLoaderThread, args.device, args.overwrite)
     failed_total = torch.multiprocessing.get_context("spawn").Value("i", 0)
-    launch(extract, (job, model, failed_total), distributed=args.distributed, device=args.device,
-           nprocs=args.nprocs, port=args.port)
+    try:
+        embed_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{embed_dir}: cannot create the embedding folder ({err.strerror})") from None
+    with run_lock(embed_dir, "embed_dir"):  # one extraction at a time writes into embed_dir
+        launch(extract, (job, model, failed_total), distributed=args.distributed, device=args.device,
+               nprocs=args.nprocs, port=args.port)
     if failed_total.value:
         log.error("%d file(s) could not be read and have no embedding", failed_total.value)
         return 1

@@ -14,7 +14,9 @@ import argparse
 import difflib
 import logging
 import sys
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from m_utils import (
     parse_score_line,
     read_user_text,
     resolve_device,
+    run_lock,
     run_main,
     save_npy_atomic,
     score_line,
@@ -53,7 +56,7 @@ OPTIONS: Options = {
     "config": (None, str, "YAML config file"),
     # Data loader
     "batch_size": (1000, int, "samples per step and process (DA losses: see da_speakers_per_step)"),
-    "nDataLoaderThread": (5, int, "threads that read embedding files"),
+    "nDataLoaderThread": (5, int, "threads that read embedding files (0: the main thread)"),
     "seed": (10, int, "seed of every random choice"),
     "max_seg_per_spk": (500, int, "utterances per speaker and epoch with nPerSpeaker > 1"),
     "multiple_embedding_flag": ("B", str, "B: avg-norm-avg target, L2 scoring; C: avg-avg-norm, cosine"),
@@ -218,9 +221,11 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def check_setup(args: argparse.Namespace) -> None:
     for key in ("batch_size", "test_interval", "max_epoch", "nPerSpeaker", "nOut", "nClasses",
-                "da_speakers_per_step", "max_seg_per_spk", "nDataLoaderThread", "nprocs"):
+                "da_speakers_per_step", "max_seg_per_spk", "nprocs"):
         if getattr(args, key) < 1:
             raise UserError(f"option '{key}' must be at least 1, found {getattr(args, key)}")
+    if args.nDataLoaderThread < 0:
+        raise UserError(f"option 'nDataLoaderThread' must be 0 or more, found {args.nDataLoaderThread}")
     embedding_type_of(args.multiple_embedding_flag)
     loss_class(args.trainfunc)
     model_class(args.model)
@@ -235,9 +240,8 @@ def check_setup(args: argparse.Namespace) -> None:
     try:
         (save_path / "result").mkdir(parents=True, exist_ok=True)
         (save_path / "model").mkdir(parents=True, exist_ok=True)
-        probe = save_path / "result" / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=save_path / "result"):  # a unique name: runs may share it
+            pass
     except OSError as err:
         raise UserError(f"save_path {save_path} is not writable ({err.strerror})") from None
 
@@ -511,8 +515,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.mixedprec and not torch.cuda.is_available():
         log.info("--mixedprec needs CUDA: ignored on CPU")
     log.info("save_path %s", args.save_path)
-    launch(run, (args,), distributed=args.distributed, device=args.device, nprocs=args.nprocs,
-           port=args.port)
+    # Training writes checkpoints and scores.txt: one training run at a time in a save_path.
+    # --check, --eval and --generate only write whole files, so they may run beside it.
+    training = not (args.check or args.eval or args.generate)
+    with run_lock(args.save_path, "save_path") if training else nullcontext():
+        launch(run, (args,), distributed=args.distributed, device=args.device, nprocs=args.nprocs,
+               port=args.port)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,26 @@ the process group (one helper for the trainer and the extractor)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shlex
+import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 log = logging.getLogger("m_utils")
 
@@ -105,20 +114,55 @@ def add_options(parser: argparse.ArgumentParser, options: Options, with_defaults
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writes: a file either has its complete new content or does not exist under its name.
+# A failed write (a full disk most often) is a UserError naming the file; the file keeps its
+# earlier content and no temporary file is left behind.
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> UserError:
+    """The UserError of a failed write of `path`: a full disk (or quota) said plainly."""
+    if err.errno in DISK_FULL:
+        return UserError(f"{path}: the disk is full (no space left while writing it); earlier files "
+                         "are intact, free some space and run again")
+    return UserError(f"{path}: cannot write it ({err.strerror or err})")
+
+
+def os_error_behind(err: BaseException) -> OSError | None:
+    """The OSError that caused `err`, if any: torch.save turns a failed write into a RuntimeError
+    whose context is the OSError."""
+    seen: BaseException | None = err
+    while seen is not None and not isinstance(seen, UserError):
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ if seen.__cause__ or seen.__suppress_context__ else seen.__context__
+    return None
+
+
+def temporary_beside(path: Path) -> tuple[int, str]:
+    """An open, new, hidden temporary file in path's folder: (descriptor, name)."""
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write `path` by `write(handle)` into a temporary file beside it, synced, then renamed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temporary_beside(path)
+    except OSError as err:
+        raise write_error(path, err) from None
     try:
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        cause = os_error_behind(err) if isinstance(err, Exception) else None
+        if cause is not None:
+            raise write_error(path, cause) from None
         raise
 
 
@@ -137,11 +181,109 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
-    """Append one line and flush it to disk, so a crash never leaves half a record."""
-    with open(path, "a") as handle:
-        handle.write(line.rstrip("\n") + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Append one line and flush it to disk, so a crash never leaves half a record; a failed
+    write (a full disk) cuts the file back to its earlier content."""
+    data = (line.rstrip("\n") + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise write_error(path, err) from None
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as err:
+            os.ftruncate(fd, start)
+            raise write_error(path, err) from None
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder locks: one run at a time writes into a save_path or an embed_dir.
+
+LOCK_NAME = ".m_lock"
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds the lock of open lock file `fd`, as its holder wrote it."""
+    record = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")[0].split("\t", 2)
+    if len(record) < 3 or not record[0].isdigit():  # not written yet
+        return "another process"
+    pid, host, command = record
+    return f"process {pid} ({command}) on {host}"
+
+
+def lock_file_is_current(fd: int, lock_path: Path) -> bool:
+    """Whether `fd` is still the file named lock_path (a holder removes the name on release)."""
+    try:
+        return os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold `folder` (which must exist) for this process, or raise a UserError naming the holder.
+
+    An exclusive flock on the hidden file folder/.m_lock, which holds the holder's PID, host and
+    command. The kernel drops the lock when its process dies, so a killed run never blocks the
+    next one (its file stays and is reused). The holder removes the file on release; a process
+    that locked a file just removed tries again on the new one. Without fcntl (Windows) there is
+    no lock. `what` names the option that chose the folder (save_path, embed_dir).
+    """
+    folder = Path(folder)
+    if fcntl is None:
+        log.debug("%s: no fcntl on this system, the folder is not locked", folder)
+        yield
+        return
+    lock_path = folder / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"{lock_path}: cannot create the lock file of {what} "
+                            f"({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(fd)
+            os.close(fd)
+            raise UserError(f"{folder} is in use by {holder}; wait for it or use another {what}") from None
+        except OSError as err:  # a file system without locks (some network mounts)
+            log.warning("%s: cannot be locked (%s); make sure no other run writes into it",
+                        folder, err.strerror)
+            os.close(fd)
+            yield
+            return
+        if lock_file_is_current(fd, lock_path):
+            break
+        os.close(fd)
+    try:
+        record = f"{os.getpid()}\t{socket.gethostname()}\t{shlex.join(run_command())[:500]}\n".encode()
+        os.pwrite(fd, record, 0)
+        os.ftruncate(fd, len(record))
+        yield
+    finally:
+        Path(lock_path).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def run_command() -> list[str]:
+    """This process's command line as a user typed it: python script.py options."""
+    return [Path(sys.executable).name, *sys.argv]
+
+
+def run_lock(folder: str | os.PathLike, what: str) -> AbstractContextManager:
+    """The folder_lock of a script's whole run. Under torchrun only rank 0 takes it (every rank
+    runs the script; a second job's rank 0 is refused before it joins its group, so its other
+    ranks never start work and torchrun stops them)."""
+    if launched_by_torchrun() and os.environ["RANK"] != "0":
+        return nullcontext()
+    return folder_lock(folder, what)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,14 +362,23 @@ def _run_in_group(ctx: DistContext, fn: Callable[..., Any], args: tuple) -> None
         destroy_process_group()
 
 
+def _reporting_user_errors(ctx: DistContext, fn: Callable[..., Any], args: tuple, errors: Any) -> None:
+    """fn(ctx, *args); a UserError is first put on the queue `errors`, while the group still stands:
+    the other ranks fail once this one leaves, and the parent must know whose failure came first."""
+    try:
+        fn(ctx, *args)
+    except UserError as err:
+        errors.put(f"{err} (distributed process {ctx.rank})")
+        raise
+
+
 def _spawned_worker(local_rank: int, world_size: int, backend: str, port: int,
-                    fn: Callable[..., Any], args: tuple) -> None:
+                    fn: Callable[..., Any], args: tuple, errors: Any) -> None:
     ctx = init_process_group(local_rank, world_size, local_rank, backend, port)
     try:
-        _run_in_group(ctx, fn, args)
-    except UserError as err:
-        print(f"error (rank {local_rank}): {err}", file=sys.stderr)
-        sys.exit(2)
+        _run_in_group(ctx, _reporting_user_errors, (fn, args, errors))
+    except UserError:
+        sys.exit(2)  # the parent reports it
 
 
 def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: str,
@@ -257,10 +408,17 @@ def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: st
              "GPU" if use_cuda else "CPU", backend, port)
     os.environ["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "localhost")
     os.environ["MASTER_PORT"] = str(port)
+    errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    failed = (torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException)
     try:
-        torch.multiprocessing.spawn(_spawned_worker, args=(world_size, backend, port, fn, args),
+        torch.multiprocessing.spawn(_spawned_worker, args=(world_size, backend, port, fn, args, errors),
                                     nprocs=world_size, join=True)
-    except torch.multiprocessing.ProcessExitedException as err:
+    except failed as err:
+        # Whichever process the join saw fail first, a UserError of any one is the cause.
+        if not errors.empty():
+            raise UserError(errors.get()) from None
+        if isinstance(err, torch.multiprocessing.ProcessRaisedException):
+            raise
         raise UserError(f"distributed process {err.error_index} stopped with exit code "
                         f"{err.exit_code} (its message is above)") from None
 
