@@ -115,7 +115,7 @@ def read_soundfile(path: Path) -> tuple[np.ndarray, int]:
 
 
 def decode_compressed(path: Path) -> tuple[np.ndarray, int]:
-    """(samples, channels) float64 samples and rate of the first audio stream of an .m4a (AAC), .mp3,
+    """(samples, channels) float32 samples and rate of the first audio stream of an .m4a (AAC), .mp3,
     .ogg or .opus file, decoded with PyAV on one thread (the DataLoader's workers give the parallelism).
 
     FFmpeg's decoder drops the priming samples the file declares, as the `ffmpeg` program does (an
@@ -129,16 +129,22 @@ def decode_compressed(path: Path) -> tuple[np.ndarray, int]:
             stream = container.streams.audio[0]
             stream.codec_context.thread_count = 1
             as_float = av.AudioResampler(format="fltp")  # planar float32; rate and channels kept
-            frames = [out for frame in container.decode(stream) for out in as_float.resample(frame)]
+            fifo, last_frame = av.AudioFifo(), 0  # one array at the end costs less than one a frame
+            for frame in [*container.decode(stream), None]:
+                for planar in as_float.resample(frame):
+                    planar.pts = None  # a gap between timestamps (some mp3s) is no reason to refuse samples
+                    fifo.write(planar)
+                    last_frame = planar.samples
             declared = declared_samples(stream)
-        if not frames:
+        if not fifo.samples:
             raise AudioError("no samples")
-        samples = np.concatenate([frame.to_ndarray() for frame in frames], axis=1)
+        joined = fifo.read()
     except (av.FFmpegError, ValueError) as err:  # ValueError: a stream whose format changes midway
         raise AudioError(f"cannot decode: {err}") from err
-    if declared is not None and 0 < samples.shape[1] - declared < frames[-1].samples:
+    samples = joined.to_ndarray()
+    if declared is not None and 0 < samples.shape[1] - declared < last_frame:
         samples = samples[:, :declared]
-    return samples.T.astype(np.float64), frames[0].sample_rate
+    return samples.T, joined.sample_rate
 
 
 def declared_samples(stream: av.AudioStream) -> int | None:
@@ -154,7 +160,7 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     data, rate = read(path)
     if data.size == 0:
         raise AudioError("no samples")
-    audio = data.mean(axis=1)
+    audio = data.mean(axis=1, dtype=np.float64)
     if not np.isfinite(audio).all():
         raise AudioError("non-finite samples")
     if not audio.any():
