@@ -171,8 +171,9 @@ def synthetic_audio(count: int, seconds: float) -> list[np.ndarray]:
 
 
 def ensure_audio_trees(args: argparse.Namespace) -> dict[str, Path]:
-    """--audio_files files of each format, <spk>/<video>/<nnnnn>.wav and .m4a, copies of the
-    --audio_utterances synthetic utterances (written once per size); suffix -> the tree's root."""
+    """--audio_files files of each format, <spk>/<video>/<nnnnn>.wav and .m4a, links to the
+    --audio_utterances synthetic utterances (written once per size; the page cache holds them either
+    way, and the links cost no disk); suffix -> the tree's root."""
     size = f"{args.audio_files}x{args.audio_utterances}x{args.audio_seconds:g}s"
     root = Path(args.out) / "data" / f"audio_{size}"
     trees = {suffix: root / suffix.lstrip(".") for suffix in (".wav", ".m4a")}
@@ -189,7 +190,8 @@ def ensure_audio_trees(args: argparse.Namespace) -> dict[str, Path]:
             speaker, video = f"id{10000 + index // 20:05d}", f"video{index // 5 % 4}"
             path = tree / speaker / video / f"{index + 1:05d}{suffix}"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes((sources / f"{index % args.audio_utterances}{suffix}").read_bytes())
+            path.unlink(missing_ok=True)  # left by an interrupted run
+            path.symlink_to((sources / f"{index % args.audio_utterances}{suffix}").resolve())
     marker.touch()
     return trees
 
@@ -842,8 +844,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--extract_batch", type=int, default=0,
         help="utterances per extractor pass; 0: m_gen_embs' choice for the device")
     add("--baseline_utterances", type=int, default=4, help="utterances timed one at a time")
-    add("--audio_files", type=int, default=2000,
-        help=f"files of each format (copies of the synthetic utterances) in the decode and m4a stages; the "
+    add("--audio_files", type=int, default=4000,
+        help=f"files of each format (links to the synthetic utterances) in the decode and m4a stages; the "
              f"m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU")
     add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one a core)")
     add("--min_seconds", type=float, default=1.0, help="repeat fast project timings this long")
