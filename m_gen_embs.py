@@ -132,7 +132,7 @@ def decode_compressed(path: Path) -> tuple[np.ndarray, int]:
             fifo, last_frame = av.AudioFifo(), 0  # one array at the end costs less than one a frame
             for frame in [*container.decode(stream), None]:
                 for planar in as_float.resample(frame):
-                    planar.pts = None  # a gap between timestamps (some mp3s) is no reason to refuse samples
+                    planar.pts = None  # the fifo refuses a gap between timestamps; the samples are good
                     fifo.write(planar)
                     last_frame = planar.samples
             declared = declared_samples(stream)
