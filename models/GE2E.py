@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.m_Features import HOP, SAMPLE_RATE, PowerMel
+from models.m_Features import HOP, SAMPLE_RATE, PowerMel, full_precision
 
 PARTIAL_FRAMES = 160
 PARTIAL_RATE = 1.3
@@ -65,9 +65,10 @@ class GE2E(nn.Module):
         self.linear = nn.Linear(hidden, self.embed_dim)
 
     def embed_frames(self, mels: torch.Tensor) -> torch.Tensor:
-        """Mel frames (N, frames, n_mels) -> L2-normalised embeddings (N, 256)."""
-        with full_fp32_rnn():
-            _, (hidden, _) = self.lstm(mels)
+        """Mel frames (N, frames, n_mels) -> L2-normalised embeddings (N, 256). The LSTM runs in float32
+        also under autocast: in bfloat16 it moved embeddings to cosine 0.998 of float32 (on a CPU)."""
+        with full_fp32_rnn(), full_precision(mels.device):
+            _, (hidden, _) = self.lstm(mels.float())
         return F.normalize(torch.relu(self.linear(hidden[-1])), dim=1)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,11 @@ def mel_filterbank(n_fft: int, n_mels: int, scale: str, normalise: bool,
     return torch.from_numpy(bank.astype(np.float32))
 
 
+def full_precision(device: torch.device) -> torch.autocast:
+    """A block that runs in float32 inside a mixed-precision (autocast) pass on `device`."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def pre_emphasis(wave: torch.Tensor, coef: float = 0.97) -> torch.Tensor:
     """y[t] = x[t] - coef * x[t-1] on (B, N), with x[-1] taken as x[1] (reflection)."""
     padded = torch.cat([wave[:, 1:2], wave], dim=1)
@@ -77,7 +82,8 @@ def power_spectrogram(wave: torch.Tensor, n_fft: int, win_length: int, hop: int,
 
 class LogMelInstanceNorm(nn.Module):
     """ResNetSE34V2 front end: pre-emphasis, Hamming power STFT, HTK mel (unnormalised), log, and
-    per-utterance instance normalisation. (B, N) -> (B, n_mels, frames)."""
+    per-utterance instance normalisation. (B, N) -> (B, n_mels, frames), always in float32: under
+    bfloat16 autocast the mel sums before the log made most of ResNetSE34V2's distance to float32."""
 
     def __init__(self, n_mels: int = 64, n_fft: int = 512, win_length: int = 400, hop: int = 160):
         super().__init__()
@@ -87,15 +93,16 @@ class LogMelInstanceNorm(nn.Module):
                              persistent=False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        wave = pre_emphasis(wave.float())
-        power = power_spectrogram(wave, self.n_fft, self.win_length, self.hop, self.window, "reflect")
-        logmel = torch.log(torch.matmul(self.mel_fb, power) + 1e-6)
-        return F.instance_norm(logmel, eps=1e-5)
+        with full_precision(wave.device):
+            wave = pre_emphasis(wave.float())
+            power = power_spectrogram(wave, self.n_fft, self.win_length, self.hop, self.window, "reflect")
+            logmel = torch.log(torch.matmul(self.mel_fb, power) + 1e-6)
+            return F.instance_norm(logmel, eps=1e-5)
 
 
 class PowerMel(nn.Module):
     """GE2E front end: Hann power STFT with zero-padded centred frames and Slaney-normalised mel,
-    not logged. (B, N) -> (B, frames, n_mels)."""
+    not logged. (B, N) -> (B, frames, n_mels), always in float32."""
 
     def __init__(self, n_mels: int = 40, n_fft: int = 400, hop: int = 160):
         super().__init__()
@@ -105,5 +112,6 @@ class PowerMel(nn.Module):
                              persistent=False)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        power = power_spectrogram(wave.float(), self.n_fft, self.n_fft, self.hop, self.window, "constant")
-        return torch.matmul(self.mel_fb, power).transpose(1, 2)
+        with full_precision(wave.device):
+            power = power_spectrogram(wave.float(), self.n_fft, self.n_fft, self.hop, self.window, "constant")
+            return torch.matmul(self.mel_fb, power).transpose(1, 2)

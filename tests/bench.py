@@ -3,19 +3,22 @@
 
     python tests/bench.py --out bench_out                  # realistic default size (make bench)
     python tests/bench.py --out /tmp/b --utterances 300 --speakers 10 --dim 32 ...   # toy size
+    python tests/bench.py --out /tmp/b --stages decode_wav decode_m4a --audio_files 200  # some stages
 
 Builds a synthetic embedding tree `<spk>/<session>/<nnnnn>.npy` with its speaker files and lists
 under OUT/data (once; a re-run of the same size reuses it), then runs every stage in its own forked
 process, so that each stage's peak memory is its own. A stage times the project's way (the project's
 own code) and, in the same process, a baseline on the same files: a re-creation of how the original
-repository did the same work (one file per sample, a per-trial loop, one utterance a pass). Prints one
-table, writes it as a JSON list of records, and prints the JSON path last.
+repository did the same work (one file per sample, a per-trial loop, one utterance a pass). The audio
+stages compare formats instead: decoding .wav and .m4a files of the same audio, and m_gen_embs' whole
+path on each. Prints one table, writes it as a JSON list of records, and prints the JSON path last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import resource
@@ -29,9 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import soundfile
 import torch
 import torch.nn.functional as F
+from audio_files import write_encoded
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from m_comb_embs import speaker_embeddings
@@ -43,28 +49,52 @@ from m_DataLoader import (
     load_speaker_embeddings,
     read_list,
 )
-from m_gen_embs import Item, batch_size_for, embed_batch, keep_freed_memory, make_crops
+from m_gen_embs import (
+    Item,
+    Job,
+    batch_size_for,
+    embed_batch,
+    extract,
+    find_audio,
+    make_crops,
+    prepare_device,
+    read_audio,
+    workers_for,
+)
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, clear_gradients
 from m_scoring import compute_eer, evaluate_scores, score_trials
-from m_utils import resolve_device
+from m_utils import DistContext, resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 from models.m_Features import SAMPLE_RATE
 from models.m_Models import get_model
 
 STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge2e",
-          "extract_resnetse34v2")
+          "extract_resnetse34v2", "extract_ge2e_bf16", "extract_resnetse34v2_bf16", "decode_wav",
+          "decode_m4a", "extract_resnetse34v2_m4a")
 RECORD_KEYS = ("name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb")
 COMPUTE_KEY = "compute_only_per_s"
 GPU_KEY = "peak_gpu_mb"
+PEAK_KEY = "bf16_peak_fraction"  # ResNetSE34V2's FLOP rate over the card's dense bfloat16 peak
 UNITS = {"load": "utt/s", "data_path": "batch/s", "train_mse": "utt/s", "train_da_mse": "utt/s",
-         "score": "trial/s", "extract_ge2e": "utt/s", "extract_resnetse34v2": "utt/s"}
-RATIO_GOALS = {"data_path": 50.0, "score": 100.0, "extract_ge2e": 1.5, "extract_resnetse34v2": 1.5}
+         "score": "trial/s", "extract_ge2e": "utt/s", "extract_resnetse34v2": "utt/s",
+         "extract_ge2e_bf16": "utt/s", "extract_resnetse34v2_bf16": "utt/s", "decode_wav": "file/s",
+         "decode_m4a": "file/s", "extract_resnetse34v2_m4a": "utt/s"}
+RATIO_GOALS = {"data_path": 50.0, "score": 100.0, "extract_ge2e": 1.5, "extract_resnetse34v2": 1.5,
+               "extract_ge2e_bf16": 20.0, "extract_resnetse34v2_bf16": 4.0, "extract_resnetse34v2_m4a": 0.8}
 # On a CPU both extractors are bound by arithmetic with one utterance a pass (ResNetSE34V2 at about
 # 80 % of a large matrix product's FLOP rate on 2 cores), so batching cannot give 1.5x there: the
 # goal on a CPU is not to be slower than the baseline (BENCHMARK.md, "Tests and benchmark").
-CPU_RATIO_GOALS = {"extract_ge2e": 1.0, "extract_resnetse34v2": 1.0}
+# bfloat16 is meant for GPUs (a CPU without bfloat16 instructions emulates it): no goal on a CPU.
+CPU_RATIO_GOALS = {"extract_ge2e": 1.0, "extract_resnetse34v2": 1.0, "extract_ge2e_bf16": None,
+                   "extract_resnetse34v2_bf16": None}
+# Dense bfloat16 tensor-core peak in TFLOP/s by a fragment of the CUDA device's name (first match).
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("A100", 312.0))
+# The m4a stage runs ResNetSE34V2 on at most this many files of each format on a CPU (about 0.3 s an
+# utterance there); on a GPU on all --audio_files.
+CPU_EXTRACT_FILES = 32
 TRAIN_SLACK = 1.15
 MEMORY_FACTOR = 1.5
 MEMORY_STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score")
@@ -138,6 +168,32 @@ def synthetic_audio(count: int, seconds: float) -> list[np.ndarray]:
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     return [0.1 * np.sin(2 * np.pi * rng.uniform(100, 3000, (3, 1)) * t).sum(axis=0)
             + 0.02 * rng.standard_normal(len(t)) for _ in range(count)]
+
+
+def ensure_audio_trees(args: argparse.Namespace) -> dict[str, Path]:
+    """--audio_files files of each format, <spk>/<video>/<nnnnn>.wav and .m4a, links to the
+    --audio_utterances synthetic utterances (written once per size; the page cache holds them either
+    way, and the links cost no disk); suffix -> the tree's root."""
+    size = f"{args.audio_files}x{args.audio_utterances}x{args.audio_seconds:g}s"
+    root = Path(args.out) / "data" / f"audio_{size}"
+    trees = {suffix: root / suffix.lstrip(".") for suffix in (".wav", ".m4a")}
+    marker = root / ".complete"
+    if marker.is_file():
+        return trees
+    sources = root / "sources"
+    for index, audio in enumerate(synthetic_audio(args.audio_utterances, args.audio_seconds)):
+        sources.mkdir(parents=True, exist_ok=True)
+        soundfile.write(sources / f"{index}.wav", audio, SAMPLE_RATE)
+        write_encoded(sources / f"{index}.m4a", audio, SAMPLE_RATE)
+    for suffix, tree in trees.items():
+        for index in range(args.audio_files):
+            speaker, video = f"id{10000 + index // 20:05d}", f"video{index // 5 % 4}"
+            path = tree / speaker / video / f"{index + 1:05d}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)  # left by an interrupted run
+            path.symlink_to((sources / f"{index % args.audio_utterances}{suffix}").resolve())
+    marker.touch()
+    return trees
 
 
 def make_trials(speaker: np.ndarray, count: int,
@@ -495,8 +551,25 @@ def stage_score(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> Stage
     return StageResult(make_record("score", project, baseline, peak), [note])
 
 
-def stage_extract(name: str, extractor: str) -> Callable[..., StageResult]:
-    """`extractor` on synthetic audio: m_gen_embs' batches of utterances vs one utterance a pass."""
+def bf16_peak_flops(device: torch.device) -> float | None:
+    """The card's dense bfloat16 peak in FLOP/s, from BF16_PEAK_TFLOPS; None for a CPU or another card."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for fragment, tflops in BF16_PEAK_TFLOPS if fragment in name), None)
+
+
+def flops_per_utterance(model: torch.nn.Module, item: Item, device: torch.device) -> float:
+    """Floating-point operations of one utterance's pass (matrix products and convolutions, counted by
+    torch's FlopCounterMode; the STFT is not among them)."""
+    with FlopCounterMode(display=False) as counter:
+        embed_batch(model, [item], device)
+    return float(counter.get_total_flops())
+
+
+def stage_extract(name: str, extractor: str, mixedprec: bool = False) -> Callable[..., StageResult]:
+    """`extractor` on synthetic audio: m_gen_embs' batches of utterances (under bfloat16 autocast with
+    `mixedprec`, as --mixedprec) vs one utterance a pass in float32."""
 
     def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
         notes = []
@@ -504,29 +577,95 @@ def stage_extract(name: str, extractor: str) -> Callable[..., StageResult]:
         model = load_extractor(extractor, random_init=random_init).to(args.device)
         if random_init:
             notes.append(f"{name}: random weights (the speed does not depend on them)")
-        items = [Item(i, make_crops(audio, args.eval_frames, args.num_eval))
+        items = [Item(i, torch.from_numpy(make_crops(audio, args.eval_frames, args.num_eval)))
                  for i, audio in enumerate(synthetic_audio(args.audio_utterances, args.audio_seconds))]
         sample = items[:args.baseline_utterances]
-        size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval)
+        size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval, mixedprec)
         with torch.inference_mode():
-            # The baseline first: m_gen_embs then changes how this process's malloc keeps memory.
+            # The baseline first: m_gen_embs then changes how this process's malloc keeps memory (on
+            # a CPU) or lets cuDNN autotune (on CUDA).
             embed_batch(model, items[:1], args.device)
             baseline = len(sample) / timed(lambda: [embed_batch(model, [item], args.device)
                                                     for item in sample])
-            if args.device.type == "cpu" and keep_freed_memory():
-                notes.append(f"{name}: the project's passes run with malloc keeping freed memory, as "
-                             f"m_gen_embs does on a CPU")
-            embed_batch(model, items[:size], args.device)
+            prepare_device(args.device)
+            notes.append(f"{name}: the project's passes run with m_gen_embs' settings for the device "
+                         + ("(cuDNN's autotuner)" if args.device.type == "cuda" else
+                            "(malloc keeps freed memory)"))
+            embed_batch(model, items[:size], args.device, mixedprec)
             meter.start()
-            project = len(items) / timed(lambda: [embed_batch(model, items[i:i + size], args.device)
-                                                  for i in range(0, len(items), size)])
+            project = len(items) / timed(lambda: [embed_batch(model, items[i:i + size], args.device,
+                                                              mixedprec) for i in range(0, len(items), size)])
             peak = meter.peaks()
+            flops = flops_per_utterance(model, items[0], args.device) if extractor == "ResNetSE34V2" else None
         notes.append(f"{name}: {len(items)} utterances of {args.audio_seconds:g} s, {args.num_eval} crops of "
-                     f"{args.eval_frames} frames each, {min(size, len(items))} utterance(s) per pass; "
-                     f"baseline (one utterance per pass) timed on {len(sample)} of them")
-        return StageResult(make_record(name, project, baseline, peak), notes)
+                     f"{args.eval_frames} frames each, {min(size, len(items))} utterance(s) per pass"
+                     f"{' in bfloat16 autocast' if mixedprec else ''}; baseline (one utterance per pass, "
+                     f"float32) timed on {len(sample)} of them")
+        record = make_record(name, project, baseline, peak)
+        if flops is not None:
+            peak_flops = bf16_peak_flops(args.device)
+            record[PEAK_KEY] = None if peak_flops is None else round(project * flops / peak_flops, 4)
+            notes.append(f"{name}: {flops / 1e9:.1f} GFLOP per utterance (FlopCounterMode), "
+                         + (f"{project * flops / 1e12:.1f} TFLOP/s of the card's {peak_flops / 1e12:g}"
+                            if peak_flops else "no bfloat16 peak known for this device"))
+        return StageResult(record, notes)
 
     return run
+
+
+def stage_decode(suffix: str) -> Callable[..., StageResult]:
+    """m_gen_embs' decoding (read_audio: decode, mix to mono, check) of --audio_files `suffix` files of
+    the same audio in this one process: files/s per core."""
+
+    def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+        root = ensure_audio_trees(args)[suffix]
+        paths = [root / rel for rel in find_audio(root)]
+        def decode_all() -> None:
+            for path in paths:
+                read_audio(path)  # each result dropped before the next, as a worker hands it on
+
+        read_audio(paths[0])
+        meter.start()
+        rate = len(paths) / timed(decode_all)
+        name = f"decode_{suffix.lstrip('.')}"
+        return StageResult(make_record(name, rate, None, meter.peaks()),
+                           [f"{name}: {len(paths)} files of {args.audio_seconds:g} s, decoded one after the "
+                            f"other in one process on one core (the crops excluded); no baseline"])
+
+    return run
+
+
+def stage_extract_m4a(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+    """m_gen_embs' whole path (DataLoader workers decoding and cropping, passes, atomic writes) with
+    ResNetSE34V2 on .m4a files against the same on .wav files of the same audio: the ratio says whether
+    decoding keeps up."""
+    trees = ensure_audio_trees(args)
+    count = args.audio_files if args.device.type == "cuda" else min(args.audio_files, CPU_EXTRACT_FILES)
+    mixedprec = args.device.type == "cuda"
+    model = load_extractor("ResNetSE34V2", random_init=True)
+    logging.getLogger("m_gen_embs").setLevel(logging.WARNING)
+    failed = multiprocessing.Value("i", 0)
+
+    def files_per_second(suffix: str, files: int) -> float:
+        root = trees[suffix]
+        job = Job(root, root.parent / f"embeddings_{root.name}", tuple(find_audio(root)[:files]),
+                  args.eval_frames, args.num_eval, args.extract_batch, workers=None,
+                  device=args.device.type, overwrite=True, mixedprec=mixedprec)
+        return files / timed(lambda: extract(DistContext(), job, model, failed))
+
+    files_per_second(".wav", batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval,
+                                            mixedprec))  # cuDNN's autotuning and lazy loading, not timed
+    meter.start()
+    m4a = files_per_second(".m4a", count)
+    peak = meter.peaks()
+    wav = files_per_second(".wav", count)
+    if failed.value:
+        raise RuntimeError(f"extract_resnetse34v2_m4a: {failed.value} file(s) failed")
+    workers = workers_for(None, args.device)
+    return StageResult(make_record("extract_resnetse34v2_m4a", m4a, wav, peak),
+                       [f"extract_resnetse34v2_m4a: m_gen_embs' path on {count} .m4a files (project) and "
+                        f"the same on .wav files of the same audio (baseline): {workers} decoding workers, "
+                        f"random weights{', --mixedprec' if mixedprec else ''}; ratio = m4a / wav"])
 
 
 STAGE_RUNNERS: dict[str, Callable[..., StageResult]] = {
@@ -537,6 +676,11 @@ STAGE_RUNNERS: dict[str, Callable[..., StageResult]] = {
     "score": stage_score,
     "extract_ge2e": stage_extract("extract_ge2e", "GE2E"),
     "extract_resnetse34v2": stage_extract("extract_resnetse34v2", "ResNetSE34V2"),
+    "extract_ge2e_bf16": stage_extract("extract_ge2e_bf16", "GE2E", mixedprec=True),
+    "extract_resnetse34v2_bf16": stage_extract("extract_resnetse34v2_bf16", "ResNetSE34V2", mixedprec=True),
+    "decode_wav": stage_decode(".wav"),
+    "decode_m4a": stage_decode(".m4a"),
+    "extract_resnetse34v2_m4a": stage_extract_m4a,
 }
 
 
@@ -590,14 +734,18 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def table(records: list[dict]) -> str:
     gpu = any(GPU_KEY in r for r in records)
-    head = (f"{'name':<22}{'unit':>9}{'project/s':>14}{'baseline/s':>14}{'ratio':>9}"
-            f"{'compute-only/s':>16}{'peak MB':>10}" + (f"{'GPU MB':>10}" if gpu else ""))
+    peak = any(PEAK_KEY in r for r in records)
+    head = (f"{'name':<27}{'unit':>9}{'project/s':>14}{'baseline/s':>14}{'ratio':>9}"
+            f"{'compute-only/s':>16}{'peak MB':>10}" + (f"{'GPU MB':>10}" if gpu else "")
+            + (f"{'bf16 peak %':>13}" if peak else ""))
     lines = [head, "-" * len(head)]
     for r in records:
-        lines.append(f"{r['name']:<22}{UNITS[r['name']]:>9}{fmt(r['project_per_s']):>14}"
+        fraction = r.get(PEAK_KEY)
+        lines.append(f"{r['name']:<27}{UNITS[r['name']]:>9}{fmt(r['project_per_s']):>14}"
                      f"{fmt(r['baseline_per_s']):>14}{fmt(r['ratio'], 2):>9}"
                      f"{fmt(r.get(COMPUTE_KEY)):>16}{fmt(r['peak_rss_mb']):>10}"
-                     + (f"{fmt(r.get(GPU_KEY)):>10}" if gpu else ""))
+                     + (f"{fmt(r.get(GPU_KEY)):>10}" if gpu else "")
+                     + (f"{fmt(None if fraction is None else 100 * fraction, 2):>13}" if peak else ""))
     return "\n".join(lines)
 
 
@@ -625,8 +773,8 @@ def verdicts(records: list[dict], budget: MemoryBudget) -> list[str]:
     lines = []
     for r in records:
         name = r["name"]
-        if name in RATIO_GOALS and r["ratio"] is not None:
-            goal = RATIO_GOALS[name] if GPU_KEY in r else CPU_RATIO_GOALS.get(name, RATIO_GOALS[name])
+        goal = RATIO_GOALS.get(name) if GPU_KEY in r else CPU_RATIO_GOALS.get(name, RATIO_GOALS.get(name))
+        if goal is not None and r["ratio"] is not None:
             lines.append(goal_line(f"{name} ratio {r['ratio']:.2f} >= {goal:g}", r["ratio"] >= goal))
         if COMPUTE_KEY in r:
             slowdown = r[COMPUTE_KEY] / r["project_per_s"]
@@ -696,6 +844,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--extract_batch", type=int, default=0,
         help="utterances per extractor pass; 0: m_gen_embs' choice for the device")
     add("--baseline_utterances", type=int, default=4, help="utterances timed one at a time")
+    add("--audio_files", type=int, default=4000,
+        help=f"files of each format (links to the synthetic utterances) in the decode and m4a stages; the "
+             f"m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU")
     add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one a core)")
     add("--min_seconds", type=float, default=1.0, help="repeat fast project timings this long")
     add("--device", default="auto", help="auto, cpu or cuda: where every stage runs")
@@ -704,7 +855,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.utterances < 2 * args.speakers or args.sessions < 2:
         parser.error("need at least 2 utterances per speaker and 2 sessions")
     for name in ("baseline_batches", "compute_batches", "baseline_trials", "baseline_utterances", "trials",
-                 "workers"):
+                 "workers", "audio_files", "audio_utterances"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args

@@ -7,8 +7,9 @@
    per-process batch; prints each run's epoch times and final EER, and compares final weights.
 2. --check on CUDA.
 3. Trial scoring of a table held on the GPU against the CPU's, with timings.
-4. Extraction: m_gen_embs with GE2E on the CPU and on CUDA (files compared), and ResNetSE34V2's
-   forward pass on both.
+4. Extraction: m_gen_embs with GE2E on the CPU and on CUDA from .wav and from .m4a files (files
+   compared), ResNetSE34V2's forward pass on both, and both extractors under --mixedprec (bfloat16)
+   against float32 on CUDA, per crop.
 Prints one line per check and `gpu_check: N problem(s)` last; exits non-zero if any. Without CUDA
 it runs the CPU parts only and says so.
 """
@@ -16,6 +17,7 @@ it runs the CPU parts only and says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import re
 import subprocess
@@ -27,14 +29,16 @@ import numpy as np
 import soundfile
 import torch
 import yaml
+from audio_files import voice_like, write_encoded
 from bench import timed
 from conftest import make_embedding_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import models.GE2E  # noqa: E402
 from m_comb_embs import combine  # noqa: E402
-from m_gen_embs import make_crops  # noqa: E402
+from m_gen_embs import Item, embed_batch, make_crops  # noqa: E402
 from m_gen_list import make_lists  # noqa: E402
 from m_scoring import score_trials  # noqa: E402
 from m_utils import parse_score_line  # noqa: E402
@@ -42,6 +46,7 @@ from models.GE2E import packaged_weights  # noqa: E402
 from models.m_Extractors import load_extractor  # noqa: E402
 
 EPOCHS = 3
+CUDA = torch.device("cuda")
 problems: list[str] = []
 
 
@@ -151,14 +156,25 @@ def check_scoring() -> None:
               f"max difference {gap:.2e}; 200,000 trials: CPU {cpu_s * 1e3:.1f} ms, GPU {gpu_s * 1e3:.1f} ms")
 
 
-def write_audio(folder: Path, count: int) -> None:
+def write_audio(folder: Path, count: int, suffix: str = ".wav") -> None:
+    """`count` files of tones and noise, 2 to 6 s, as <spk>/<video>/<nnnnn><suffix> (.wav or .m4a)."""
     rng = np.random.default_rng(3)
     for k in range(count):
-        path = folder / f"id1000{k % 2}" / "sess0000001" / f"{k:05d}.wav"
+        path = folder / f"id1000{k % 2}" / "sess0000001" / f"{k:05d}{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
         t = np.arange(int(16000 * rng.uniform(2, 6))) / 16000
         tones = np.sin(2 * np.pi * rng.uniform(100, 2000, (3, 1)) * t).sum(0)
-        soundfile.write(path, 0.1 * tones + 0.01 * rng.standard_normal(len(t)), 16000)
+        audio = 0.1 * tones + 0.01 * rng.standard_normal(len(t))
+        if suffix == ".wav":
+            soundfile.write(path, audio, 16000)
+        else:
+            write_encoded(path, audio, 16000)
+
+
+def min_crop_cosine(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """The lowest cosine between matching crops of two (..., crops, D) embedding arrays."""
+    return float(torch.nn.functional.cosine_similarity(torch.as_tensor(a).float(), torch.as_tensor(b).float(),
+                                                       dim=-1).min())
 
 
 def check_ge2e_precision() -> None:
@@ -198,26 +214,78 @@ def tf32_lstm(forward, *args, **kwargs):
         rnn.fp32_precision = previous
 
 
+def gen_embs(audio: Path, target: Path, device: str, *options: str) -> dict[Path, np.ndarray]:
+    """m_gen_embs with GE2E on `device`: relative path -> embeddings of every file it wrote."""
+    result = run(str(ROOT / "m_gen_embs.py"), "--model", "GE2E", "--db_path", str(audio), "--embed_dir",
+                 str(target), "--device", device, "--overwrite", "--eval_frames", "160", "--num_eval", "5",
+                 *options)
+    if result.returncode:
+        check(f"m_gen_embs on {device} {' '.join(options)}", False, f"exit code {result.returncode}")
+    return {p.relative_to(target): np.load(p) for p in sorted(target.rglob("*.npy"))}
+
+
+def check_gen_embs(out: Path, suffix: str) -> None:
+    """GE2E from `suffix` files: CUDA in float32 = CPU; CUDA --mixedprec within cosine 0.999 per crop."""
+    audio = out / f"audio_{suffix.lstrip('.')}"
+    write_audio(audio, 12, suffix)
+    cpu = gen_embs(audio, out / f"emb_{suffix.lstrip('.')}_cpu", "cpu")
+    cuda = gen_embs(audio, out / f"emb_{suffix.lstrip('.')}_cuda", "cuda")
+    mixed = gen_embs(audio, out / f"emb_{suffix.lstrip('.')}_cuda_bf16", "cuda", "--mixedprec")
+    if cpu and cpu.keys() == cuda.keys() == mixed.keys():
+        gap = max(float(np.abs(cpu[k] - cuda[k]).max()) for k in cpu)
+        check(f"m_gen_embs GE2E on CUDA = CPU ({suffix})", gap < 1e-3,
+              f"{len(cpu)} files, max difference {gap:.2e}")
+        cosine = min(min_crop_cosine(cpu[k], mixed[k]) for k in cpu)
+        check(f"m_gen_embs GE2E --mixedprec on CUDA ~ CPU float32 ({suffix})", cosine >= 0.999,
+              f"lowest cosine per crop {cosine:.6f}")
+    else:
+        check(f"m_gen_embs GE2E ({suffix})", False, "the runs wrote different files")
+
+
+def check_mixedprec(model: torch.nn.Module, name: str, crops: torch.Tensor, utterances: int,
+                    device: torch.device = CUDA) -> None:
+    """`model` under bfloat16 autocast against float32 on `device`, per crop; and its speed with
+    `utterances` utterances a pass."""
+    items = [Item(0, crops)]
+    with torch.inference_mode():
+        exact = embed_batch(model, items, device)
+        mixed = embed_batch(model, items, device, mixedprec=True)
+        batch = [Item(i, crops) for i in range(utterances)]
+        seconds = {mp: min(timed(lambda m=mp: embed_batch(model, batch, device, m)) for _ in range(3))
+                   for mp in (False, True)}
+    cosine = min_crop_cosine(exact, mixed)
+    check(f"{name} bfloat16 ~ float32 on {device.type}", cosine >= 0.999,
+          f"lowest cosine per crop {cosine:.6f}; {utterances} utterances a pass: float32 "
+          f"{utterances / seconds[False]:.0f} utt/s, bfloat16 {utterances / seconds[True]:.0f} utt/s")
+
+
+def bf16_lstm_cosine(model: torch.nn.Module, crops: torch.Tensor, device: torch.device = CUDA) -> float:
+    """For information: the lowest cosine per crop between GE2E in float32 and GE2E under bfloat16
+    autocast with its LSTM in bfloat16 too (the project keeps it in float32: on a CPU a bfloat16 LSTM
+    moved embeddings to cosine 0.998)."""
+    with torch.inference_mode():
+        exact = embed_batch(model, [Item(0, crops)], device)
+        kept = models.GE2E.full_precision
+        models.GE2E.full_precision = lambda _: contextlib.nullcontext()
+        try:
+            mixed = embed_batch(model, [Item(0, crops)], device, mixedprec=True)
+        finally:
+            models.GE2E.full_precision = kept
+    return min_crop_cosine(exact, mixed)
+
+
 def check_extraction(out: Path) -> None:
-    audio = out / "audio"
-    write_audio(audio, 12)
     if packaged_weights() is None:
         check("GE2E extraction", False, "resemblyzer's weights not installed")
     else:
-        outputs = {}
-        for device in ("cpu", "cuda"):
-            target = out / f"emb_{device}"
-            result = run(str(ROOT / "m_gen_embs.py"), "--model", "GE2E", "--db_path", str(audio),
-                         "--embed_dir", str(target), "--device", device, "--overwrite",
-                         "--eval_frames", "160", "--num_eval", "5")
-            outputs[device] = {p.relative_to(target): np.load(p) for p in sorted(target.rglob("*.npy"))}
-            if result.returncode:
-                check(f"m_gen_embs on {device}", False, f"exit code {result.returncode}")
-        if outputs["cpu"] and outputs["cpu"].keys() == outputs["cuda"].keys():
-            gap = max(float(np.abs(outputs["cpu"][k] - outputs["cuda"][k]).max()) for k in outputs["cpu"])
-            check("m_gen_embs GE2E on CUDA = CPU", gap < 1e-3,
-                  f"{len(outputs['cpu'])} files, max difference {gap:.2e}")
+        for suffix in (".wav", ".m4a"):
+            check_gen_embs(out, suffix)
         check_ge2e_precision()
+        ge2e = load_extractor("GE2E").cuda()
+        voice = torch.from_numpy(make_crops(voice_like(8.0), 160, 5))
+        check_mixedprec(ge2e, "GE2E", voice, 64)
+        print(f"    GE2E with a bfloat16 LSTM too on CUDA: lowest cosine per crop to float32 "
+              f"{bf16_lstm_cosine(ge2e, voice):.6f}")
     torch.manual_seed(0)
     model = load_extractor("ResNetSE34V2", random_init=True)
     crops = torch.from_numpy(make_crops(np.random.default_rng(1).standard_normal(16000 * 8) * 0.1, 400, 10))
@@ -228,6 +296,7 @@ def check_extraction(out: Path) -> None:
         per_pass = min(timed(lambda: model(torch.cat([crops] * 16).cuda())) for _ in range(3))
     check("ResNetSE34V2 forward on CUDA = CPU", cosine > 0.999, f"lowest cosine {cosine:.6f} (cuDNN may "
           f"use TF32); 16 utterances x 10 crops in {per_pass * 1e3:.0f} ms")
+    check_mixedprec(model, "ResNetSE34V2", crops, 64)
 
 
 def main() -> None:

@@ -6,14 +6,18 @@ import json
 from pathlib import Path
 
 import bench
+import torch
 from conftest import run_script
 
 TOY = ["--utterances", "240", "--speakers", "12", "--sessions", "3", "--crops", "3", "--dim", "32",
        "--trials", "3000", "--baseline_trials", "500", "--baseline_batches", "3", "--workers", "2",
        "--audio_utterances", "2", "--audio_seconds", "1.5", "--eval_frames", "60", "--num_eval", "2",
-       "--extract_batch", "2", "--baseline_utterances", "1", "--min_seconds", "0.05"]
-NAMES = ["load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge2e", "extract_resnetse34v2"]
+       "--extract_batch", "2", "--baseline_utterances", "1", "--min_seconds", "0.05", "--audio_files", "2"]
+NAMES = ["load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge2e", "extract_resnetse34v2",
+         "extract_ge2e_bf16", "extract_resnetse34v2_bf16", "decode_wav", "decode_m4a",
+         "extract_resnetse34v2_m4a"]
 KEYS = {"name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb"}
+NO_BASELINE = {"load", "decode_wav", "decode_m4a"}
 
 
 def test_bench_writes_every_record(tmp_path: Path):
@@ -24,11 +28,13 @@ def test_bench_writes_every_record(tmp_path: Path):
     assert [r["name"] for r in records] == NAMES
     for record in records:
         extra = {"compute_only_per_s"} if record["name"].startswith("train_") else set()
+        if record["name"] in ("extract_resnetse34v2", "extract_resnetse34v2_bf16"):
+            assert record.pop(bench.PEAK_KEY) is None  # no peak known for a CPU
         assert set(record) == KEYS | extra, record["name"]
         assert record["project_per_s"] > 0 and record["peak_rss_mb"] is not None
         for key in extra:
             assert record[key] > 0
-        if record["name"] == "load":
+        if record["name"] in NO_BASELINE:
             assert record["baseline_per_s"] is None and record["ratio"] is None
         else:
             assert record["baseline_per_s"] > 0
@@ -56,3 +62,26 @@ def test_extraction_goal_depends_on_the_device():
     assert bench.verdicts([on_gpu], budget) == ["  NOT met  extract_resnetse34v2 ratio 1.10 >= 1.5"]
     slower = {**record, "ratio": 0.9}
     assert bench.verdicts([slower], budget)[0].startswith("  NOT met")
+
+
+def test_bfloat16_goals_hold_on_a_gpu_only():
+    """4x for ResNetSE34V2 and 20x for GE2E in bfloat16 on a GPU; no goal on a CPU. m4a: 0.8 of wav."""
+    budget = bench.MemoryBudget(matrix_mb=100.0, parameters_mb=10.0)
+    record = {"name": "extract_resnetse34v2_bf16", "project_per_s": 3.0, "baseline_per_s": 1.0,
+              "ratio": 3.0, "peak_rss_mb": 400.0}
+    assert bench.verdicts([record], budget) == []
+    assert bench.verdicts([{**record, bench.GPU_KEY: 500.0}], budget) == [
+        "  NOT met  extract_resnetse34v2_bf16 ratio 3.00 >= 4"]
+    ge2e = {**record, "name": "extract_ge2e_bf16", "ratio": 21.0, bench.GPU_KEY: 500.0}
+    assert bench.verdicts([ge2e], budget) == ["  met      extract_ge2e_bf16 ratio 21.00 >= 20"]
+    m4a = {**record, "name": "extract_resnetse34v2_m4a", "ratio": 0.79}
+    assert bench.verdicts([m4a], budget) == ["  NOT met  extract_resnetse34v2_m4a ratio 0.79 >= 0.8"]
+
+
+def test_bfloat16_peak_by_card_name(monkeypatch):
+    cuda = torch.device("cuda")
+    assert bench.bf16_peak_flops(torch.device("cpu")) is None
+    for name, tflops in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                         ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert bench.bf16_peak_flops(cuda) == (None if tflops is None else tflops * 1e12), name

@@ -17,10 +17,21 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import torch.nn.functional as F
 from conftest import run_script
 
 import m_gen_embs
-from m_gen_embs import AudioError, Job, batch_size_for, extract, find_audio, main, make_crops, read_audio
+from m_gen_embs import (
+    AudioError,
+    Job,
+    batch_size_for,
+    extract,
+    find_audio,
+    main,
+    make_crops,
+    read_audio,
+    workers_for,
+)
 from m_utils import DistContext, UserError
 from models.m_Extractors import load_extractor
 
@@ -187,7 +198,47 @@ def test_automatic_batch_size_follows_the_device():
     assert batch_size_for(0, cpu, 160, 5) == 8
     assert batch_size_for(0, cpu, 1000, 10) == 1
     assert batch_size_for(0, cuda, 400, 10) == 16
-    assert batch_size_for(3, cpu, 400, 10) == batch_size_for(3, cuda, 400, 10) == 3
+    assert batch_size_for(0, cuda, 400, 10, mixedprec=True) == 64
+    assert batch_size_for(0, cpu, 160, 5, mixedprec=True) == 8
+    assert batch_size_for(3, cpu, 400, 10) == batch_size_for(3, cuda, 400, 10, mixedprec=True) == 3
+
+
+def test_automatic_workers_follow_the_device(monkeypatch):
+    """4 decoding workers on a CPU; on a GPU machine each process's share of the cores less one."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert workers_for(None, cpu) == 4
+    assert workers_for(None, cuda) == 15
+    assert workers_for(None, cuda, world_size=4) == 3
+    assert workers_for(0, cuda) == 0 and workers_for(7, cpu) == 7
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert workers_for(None, cuda) == 16
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert workers_for(None, cpu) == 2 and workers_for(None, cuda) == 1
+
+
+@pytest.mark.parametrize(("extractor", "extra"), [
+    ("GE2E", ["--eval_frames", "160"]), ("ResNetSE34V2", ["--random_init", "--eval_frames", "100"])])
+def test_mixedprec_stays_within_cosine_0999_of_float32(tree, caplog, extractor, extra):
+    """bfloat16 autocast (CPU autocast here; CUDA's in gpu_check): float32 files of the same tree and
+    shapes, every crop's embedding within cosine 0.999 of float32's. The ResNet's weights are random,
+    the same in both runs."""
+    db, _ = tree
+    outputs = {}
+    caplog.set_level(logging.INFO)
+    for mixed in (False, True):
+        torch.manual_seed(0)
+        emb = db.parent / f"emb_{extractor}_{mixed}"
+        assert run(db, emb, "--model", extractor, *extra, *(["--mixedprec"] if mixed else [])) == 1
+        outputs[mixed] = {rel: np.load(emb / rel) for rel in npy_files(emb)}
+    assert "--mixedprec is meant for GPUs" in caplog.text
+    assert outputs[True].keys() == outputs[False].keys() == expected_outputs()
+    cosines = []
+    for rel, exact in outputs[False].items():
+        mixed = outputs[True][rel]
+        assert mixed.dtype == np.float32 and mixed.shape == exact.shape == (3, exact.shape[1])
+        cosines += F.cosine_similarity(torch.from_numpy(exact), torch.from_numpy(mixed)).tolist()
+    assert min(cosines) >= 0.999
 
 
 @pytest.mark.parametrize(("extra", "message"), [
