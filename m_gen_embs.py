@@ -46,13 +46,12 @@ from models.m_Features import HOP, SAMPLE_RATE
 DB_PATH = "data/voxceleb1"
 EMBED_DIR = "data/embeddings/voxceleb1"
 
-# Utterances per forward pass when --batch_size is left at 0. On a CPU both extractors already run
-# near the cores' arithmetic peak with one utterance of 10 x 400 frames (ResNetSE34V2 at about 80 %
-# of a large matrix product's FLOP rate on 2 cores), and larger passes gain nothing. A GPU needs
-# many utterances a pass.
+# Utterances per forward pass when --batch_size is left at 0 (tests/BENCHMARK.md has the figures).
+# On a CPU both extractors already run near the cores' arithmetic peak with one utterance of
+# 10 x 400 frames, and larger passes only spill the caches. A GPU needs many utterances a pass.
 CPU_FRAMES_PER_PASS = 6400
 CUDA_UTTERANCES_PER_PASS = 16
-# With --mixedprec (bfloat16) a pass costs less memory and time: 64 utterances beat 16 on an H100.
+# With --mixedprec (bfloat16) a pass costs less memory and time, and a larger one pays.
 CUDA_BF16_UTTERANCES_PER_PASS = 64
 # Decoding workers when --nDataLoaderThread is not given. On a CPU they share the cores with the
 # extractor, which needs them more; on a GPU machine the cores have nothing else to do, and AAC
@@ -243,9 +242,9 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc serve every allocation from its heap and keep freed memory there.
 
     By default each allocation over 128 KB (up to 32 MB as it adapts) is fresh memory from the
-    kernel, paid with a page fault per 4 KB on first touch: one ResNetSE34V2 pass over 10 crops
-    made 50,000 to 100,000 of them, and they cost about a fifth of the pass on a 2-core VM. With
-    this setting the next pass reuses the memory of the last one (the process keeps its peak size).
+    kernel, paid with a page fault per 4 KB on first touch, a large share of a ResNetSE34V2 pass's
+    time. With this setting the next pass reuses the memory of the last one (the process keeps its
+    peak size).
     Returns False, changing nothing, where the C library has no mallopt (not glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
