@@ -406,11 +406,12 @@ class AsNormBackend(Backend):
         for part in _row_chunks(len(index), len(cohort)):
             x = table[index[part]]
             if cosine:
-                top = torch.topk(nn.functional.normalize(x, dim=1) @ cohort.T, topk, dim=1).values - 1
+                cosines = nn.functional.normalize(x, dim=1) @ cohort.T
+                top = torch.topk(cosines, topk, dim=1, sorted=False).values - 1
             else:
                 # The highest scores -||x - c|| are those of the highest 2 x.c - |c|^2.
                 nearness = (x @ cohort.T).mul_(2).sub_(cohort_norms)
-                nearest = torch.topk(nearness, topk, dim=1).values
+                nearest = torch.topk(nearness, topk, dim=1, sorted=False).values
                 top = -(x * x).sum(dim=1, keepdim=True).sub(nearest).clamp_(min=0).sqrt_()
             stds[part], means[part] = torch.std_mean(top.double(), dim=1, correction=0)
         return means.cpu().numpy(), stds.cpu().numpy()
