@@ -247,7 +247,7 @@ class SpeakerMoments:
 
     counts: np.ndarray    # (S,) utterances of each speaker
     sums: np.ndarray      # (S, D) sum of each speaker's embeddings
-    products: np.ndarray  # (D, D) sum of x x^T over all utterances
+    products: np.ndarray | None  # (D, D) sum of x x^T over all utterances, where asked for
 
     @property
     def total(self) -> int:
@@ -267,22 +267,25 @@ class SpeakerMoments:
 
 
 def speaker_moments(table: torch.Tensor, labels: np.ndarray, speakers: int,
-                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SpeakerMoments:
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    second: bool = True) -> SpeakerMoments:
     """The SpeakerMoments of the rows of `table` (labels: speaker index of each row), each row
-    first passed through `transform` (in float64) when given. Chunked, on the table's device."""
+    first passed through `transform` (in float64) when given; `second`: with the second moments.
+    Chunked, on the table's device."""
     first = table[:1].double()
     width = (transform(first) if transform is not None else first).shape[1]
     sums = torch.zeros((speakers, width), dtype=torch.float64, device=table.device)
-    products = torch.zeros((width, width), dtype=torch.float64, device=table.device)
+    products = torch.zeros((width, width), dtype=torch.float64, device=table.device) if second else None
     index = torch.from_numpy(labels).to(table.device)
     for rows in _row_chunks(len(table), max(width, table.shape[1]), itemsize=8):
         x = table[rows].double()
         if transform is not None:
             x = transform(x)
         sums.index_add_(0, index[rows], x)
-        products += x.T @ x
-    return SpeakerMoments(np.bincount(labels, minlength=speakers).astype(np.float64),
-                          sums.cpu().numpy(), products.cpu().numpy())
+        if second:
+            products += x.T @ x
+    return SpeakerMoments(np.bincount(labels, minlength=speakers).astype(np.float64), sums.cpu().numpy(),
+                          products.cpu().numpy() if second else None)
 
 
 def _speaker_index(speakers: np.ndarray | Sequence, rows: int, needed: int,
@@ -347,10 +350,7 @@ class MeanBackend(Backend):
     min_speakers = 1
 
     def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
-        total = torch.zeros(table.shape[1], dtype=torch.float64, device=table.device)
-        for rows in _row_chunks(len(table), table.shape[1], itemsize=8):
-            total += table[rows].double().sum(dim=0)
-        self.mean = (total / len(table)).cpu().numpy()
+        self.mean = speaker_moments(table, labels, speakers, second=False).mean
 
     def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         mean = _on(self.mean, table)
@@ -380,11 +380,7 @@ class AsNormBackend(Backend):
         self.topk = topk
 
     def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
-        sums = torch.zeros((speakers, table.shape[1]), dtype=torch.float64, device=table.device)
-        index = torch.from_numpy(labels).to(table.device)
-        for rows in _row_chunks(len(table), table.shape[1], itemsize=8):
-            sums.index_add_(0, index[rows], table[rows].double())
-        cohort = sums.cpu().numpy() / np.bincount(labels, minlength=speakers)[:, None]
+        cohort = speaker_moments(table, labels, speakers, second=False).speaker_means
         if embedding_type_of(self.embedding_type).cosine:
             cohort = l2_normalize(cohort)
         self.cohort = cohort.astype(np.float32)
