@@ -564,7 +564,7 @@ def make_backend(name: str, embedding_type: str, asnorm_topk: int = 300, lda_dim
 # ----------------------------------------------------------------------------------------------
 # Bootstrap confidence intervals over test speakers
 
-BOOTSTRAP_CHUNK = 2 ** 20  # trials x resamples held in one chunk's arrays (8 MB each as int64)
+BOOTSTRAP_CHUNK = 2 ** 20  # trials x resamples in one chunk: each of its arrays takes 4 to 8 MB
 
 
 def speaker_resamples(speakers: int, resamples: int, seed: int) -> np.ndarray:
