@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from array import array
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from m_utils import SINGLE, DistContext, UserError, read_user_text
+from m_utils import SINGLE, DistContext, UserError, user_text_lines
 
 log = logging.getLogger("m_DataLoader")
 
@@ -71,18 +72,15 @@ def combine_speaker(means: np.ndarray, embedding_type: str) -> np.ndarray:
 # List files
 
 
-def read_list(path: str | os.PathLike, kind: str) -> list[tuple]:
-    """Parse a list file of `kind` (see LIST_FIELDS); blank lines and `#` comments are skipped.
-
-    Labels and flags come back as ints (0/1). Errors name the file and line.
+def iter_list(path: str | os.PathLike, kind: str) -> Iterator[tuple]:
+    """The records of a list file of `kind` (see LIST_FIELDS), one line at a time; blank lines and
+    `#` comments are skipped. Labels and flags come back as ints (0/1). Errors name the file and line.
     """
     if kind not in LIST_FIELDS:
         raise UserError(f"unknown list kind '{kind}'; known: {', '.join(LIST_FIELDS)}")
     fields = LIST_FIELDS[kind]
     path = Path(path)
-    text = read_user_text(path, "list file", "m_gen_list.py")
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(user_text_lines(path, "list file", "m_gen_list.py"), start=1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
             continue
@@ -93,10 +91,34 @@ def read_list(path: str | os.PathLike, kind: str) -> list[tuple]:
             parts[0] = _binary(parts[0], path, lineno, "label")
         elif kind == "distribution":
             parts[3] = _binary(parts[3], path, lineno, "flag")
-        records.append(tuple(parts))
+        yield tuple(parts)
+
+
+def read_list(path: str | os.PathLike, kind: str) -> list[tuple]:
+    """All records of a list file of `kind` (iter_list); an empty list is a UserError."""
+    records = list(iter_list(path, kind))
     if not records:
         raise UserError(f"{path}: the {kind} list is empty")
     return records
+
+
+def read_trials(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """A trial list as arrays: labels (int8), the rows of each trial's two files (int64) in the
+    sorted list of the files it names, and that list. Parsed line by line, keeping only the
+    distinct paths: a VoxCeleb1-E list (580,000 lines) never has its lines in memory all at once."""
+    row_of: dict[str, int] = {}
+    labels, rows = array("b"), array("q")
+    for label, first, second in iter_list(path, "test"):
+        labels.append(label)
+        rows.append(row_of.setdefault(first, len(row_of)))
+        rows.append(row_of.setdefault(second, len(row_of)))
+    if not labels:
+        raise UserError(f"{path}: the test list is empty")
+    files = sorted(row_of)
+    sorted_row = np.empty(len(files), np.int64)
+    sorted_row[[row_of[name] for name in files]] = np.arange(len(files))
+    pairs = sorted_row[np.frombuffer(rows, np.int64)].reshape(-1, 2)
+    return np.array(labels, np.int8), pairs[:, 0].copy(), pairs[:, 1].copy(), files
 
 
 def _binary(value: str, path: Path, lineno: int, what: str) -> int:
@@ -471,20 +493,23 @@ def speaker_grouped_batches(speaker: np.ndarray, groups_per_batch: int, n_per_sp
 
 
 class TrialSet:
-    """A trial list (`label path1 path2`) with the embeddings of every file it names."""
+    """A trial list (`label path1 path2`) with the embeddings of every file it names.
+
+    `load` gives the (files, D) embeddings of the sorted list of files the trials name; by default
+    they are read from their files under `root`. A caller that holds them already supplies them."""
 
     def __init__(self, list_path: str | os.PathLike, root: str | os.PathLike, dim: int | None,
-                 threads: int = 8):
+                 threads: int = 8, load: Callable[[list[str]], np.ndarray] | None = None):
         self.list_path = Path(list_path)
-        records = read_list(list_path, "test")
-        unique = sorted({r[1] for r in records} | {r[2] for r in records})
-        row_of = {rel: i for i, rel in enumerate(unique)}
-        self.files = unique
-        self.labels = np.array([r[0] for r in records], np.int8)
-        self.left = np.array([row_of[r[1]] for r in records], np.int64)
-        self.right = np.array([row_of[r[2]] for r in records], np.int64)
-        self.embeddings = load_embeddings(root, unique, dim, threads, desc="loading trials",
-                                          source=list_path)
+        self.labels, self.left, self.right, self.files = read_trials(list_path)
+        if load is None:
+            self.embeddings = load_embeddings(root, self.files, dim, threads, desc="loading trials",
+                                              source=list_path)
+        else:
+            self.embeddings = load(self.files)
+            if len(self.embeddings) != len(self.files):
+                raise ValueError(f"{len(self.files)} files need as many embeddings, "
+                                 f"got {len(self.embeddings)}")
         if len(np.unique(self.labels)) < 2:
             raise UserError(f"{self.list_path}: a trial list needs both target (1) and "
                             "non-target (0) trials to compute an EER")

@@ -64,9 +64,16 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
 
 def read_user_text(path: str | os.PathLike, what: str, maker: str = "") -> str:
     """The text of a user's file, or a UserError naming it (`what`: "list file", ...)."""
+    return "".join(user_text_lines(path, what, maker))
+
+
+def user_text_lines(path: str | os.PathLike, what: str, maker: str = "") -> Iterator[str]:
+    """The lines of a user's file, read as they are consumed (a long list is never held whole),
+    or a UserError naming it (`what`: "list file", ...)."""
     path = Path(path)
     try:
-        return path.read_text()
+        with path.open() as file:
+            yield from file
     except FileNotFoundError:
         hint = f" ({maker} writes it)" if maker else ""
         raise UserError(f"{path}: {what} not found{hint}") from None

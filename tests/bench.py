@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from m_DataLoader import (
     EMBEDDING_TYPES,
     Batch,
     EmbeddingData,
+    TrialSet,
     load_embeddings,
     load_speaker_embeddings,
     read_list,
@@ -63,24 +65,26 @@ from m_gen_embs import (
 )
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, clear_gradients
-from m_scoring import compute_eer, evaluate_scores, score_trials
+from m_scoring import compute_eer, evaluate_scores, make_backend, score_trials
 from m_utils import DistContext, resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 from models.m_Features import SAMPLE_RATE
 from models.m_Models import get_model
 
-STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge2e",
-          "extract_resnetse34v2", "extract_ge2e_bf16", "extract_resnetse34v2_bf16", "decode_wav",
-          "decode_m4a", "extract_resnetse34v2_m4a")
+STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", "score_vox1e", "backend_asnorm",
+          "extract_ge2e", "extract_resnetse34v2", "extract_ge2e_bf16", "extract_resnetse34v2_bf16",
+          "decode_wav", "decode_m4a", "extract_resnetse34v2_m4a")
+TREE_STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score")  # those that read the tree
+VOX1E_STAGES = ("score_vox1e", "backend_asnorm")
 RECORD_KEYS = ("name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb")
 COMPUTE_KEY = "compute_only_per_s"
 GPU_KEY = "peak_gpu_mb"
 PEAK_KEY = "bf16_peak_fraction"  # ResNetSE34V2's FLOP rate over the card's dense bfloat16 peak
 UNITS = {"load": "utt/s", "data_path": "batch/s", "train_mse": "utt/s", "train_da_mse": "utt/s",
-         "score": "trial/s", "extract_ge2e": "utt/s", "extract_resnetse34v2": "utt/s",
-         "extract_ge2e_bf16": "utt/s", "extract_resnetse34v2_bf16": "utt/s", "decode_wav": "file/s",
-         "decode_m4a": "file/s", "extract_resnetse34v2_m4a": "utt/s"}
+         "score": "trial/s", "score_vox1e": "trial/s", "backend_asnorm": "trial/s", "extract_ge2e": "utt/s",
+         "extract_resnetse34v2": "utt/s", "extract_ge2e_bf16": "utt/s", "extract_resnetse34v2_bf16": "utt/s",
+         "decode_wav": "file/s", "decode_m4a": "file/s", "extract_resnetse34v2_m4a": "utt/s"}
 RATIO_GOALS = {"data_path": 50.0, "score": 100.0, "extract_ge2e": 1.5, "extract_resnetse34v2": 1.5,
                "extract_ge2e_bf16": 20.0, "extract_resnetse34v2_bf16": 4.0, "extract_resnetse34v2_m4a": 0.8}
 # On a CPU both extractors are bound by arithmetic with one utterance a pass (ResNetSE34V2 at about
@@ -97,11 +101,15 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 CPU_EXTRACT_FILES = 32
 TRAIN_SLACK = 1.15
 MEMORY_FACTOR = 1.5
-MEMORY_STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score")
+MEMORY_STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", *VOX1E_STAGES)
 MODEL = "MyLinearNetv2"
 FLAG = {"normal": "B", "distribution": "C"}  # speaker-embedding type of each list's runs
 LIST_NAME = "bench"
 SEED = 10
+VOX1_SPEAKERS = 1251  # VoxCeleb1's speakers, whose utterances the VoxCeleb1-E list pairs
+VOX1E_TYPE = "B"  # scored by L2 distance, as the score stage (type C would copy the table to normalise it)
+ASNORM_TOPK = 300
+VIDEO_ID = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"))
 MB = 2 ** 20
 
 
@@ -196,20 +204,84 @@ def ensure_audio_trees(args: argparse.Namespace) -> dict[str, Path]:
     return trees
 
 
-def make_trials(speaker: np.ndarray, count: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Trials alternately of the same speaker (another utterance) and of a random utterance."""
+def make_trials(speaker: np.ndarray, count: int, rng: np.random.Generator,
+                every_utterance: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trials alternately of the same speaker (another utterance) and of a random utterance; the
+    enrolment (left) utterances at random, or with `every_utterance` each in turn, in random order."""
     order = np.argsort(speaker, kind="stable")
     sizes = np.bincount(speaker)
     starts = np.cumsum(sizes) - sizes
     position = np.empty(len(speaker), np.int64)
     position[order] = np.arange(len(speaker)) - starts[speaker[order]]
-    left = rng.integers(len(speaker), size=count)
+    left = (rng.permutation(np.arange(count) % len(speaker)) if every_utterance
+            else rng.integers(len(speaker), size=count))
     own = speaker[left]
     shift = rng.integers(1, np.maximum(sizes[own], 2))
     same = order[starts[own] + (position[left] + shift) % sizes[own]]
     right = np.where(np.arange(count) % 2 == 0, same, rng.integers(len(speaker), size=count))
     return left, right, (speaker[left] == speaker[right]).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class Vox1e:
+    """A VoxCeleb1-E-sized trial list and the (utterances, D) float32 matrix of the files it names
+    (rows in the order of the sorted paths, as TrialSet wants them), under OUT/data."""
+
+    root: Path
+
+    @property
+    def list_path(self) -> Path:
+        return self.root / "vox1e_test_list.txt"
+
+    @property
+    def matrix_path(self) -> Path:
+        return self.root / "embeddings.npy"
+
+
+def vox1e_of(args: argparse.Namespace) -> Vox1e:
+    size = f"u{args.vox1e_utterances}_t{args.vox1e_trials}_dim{args.dim}"
+    return Vox1e(Path(args.out) / "data" / f"vox1e_{size}")
+
+
+def vox1e_speakers(utterances: int) -> int:
+    return min(VOX1_SPEAKERS, utterances // 2)
+
+
+def ensure_vox1e(args: argparse.Namespace) -> Vox1e:
+    """The VoxCeleb1-E-sized data, written unless complete: paths of the official form
+    (`id10270/x6uYqmx31kE/00001.wav`), speakers' utterances in videos of up to 8, embeddings a
+    speaker centre plus noise, L2-normalised. Each utterance enrols in about trials/utterances trials."""
+    data = vox1e_of(args)
+    marker = data.root / ".complete"
+    if marker.is_file():
+        say(f"reusing the VoxCeleb1-E-sized data {data.root}")
+        return data
+    say(f"writing a trial list of {args.vox1e_trials} lines over {args.vox1e_utterances} utterances "
+        f"under {data.root} (once)")
+    rng = np.random.default_rng(SEED)
+    speakers = vox1e_speakers(args.vox1e_utterances)
+    counts = np.diff(np.linspace(0, args.vox1e_utterances, speakers + 1).astype(np.int64))
+    videos = (counts + 7) // 8
+    video_ids = ["".join(chars) for chars in VIDEO_ID[rng.integers(len(VIDEO_ID), size=(videos.sum(), 11))]]
+    first_video = np.cumsum(videos) - videos
+    # Sorted as TrialSet orders its rows; the speaker's id leads, so each speaker's rows stay together.
+    names = sorted(f"id{10270 + index:05d}/{video_ids[first_video[index] + u // 8]}/{u % 8 + 1:05d}.wav"
+                   for index, count in enumerate(counts) for u in range(count))
+    speaker = np.repeat(np.arange(speakers), counts)
+    left, right, labels = make_trials(speaker, args.vox1e_trials, rng, every_utterance=True)
+    data.root.mkdir(parents=True, exist_ok=True)
+    with open(data.list_path, "w") as file:
+        file.writelines(f"{label} {names[i]} {names[j]}\n"
+                        for label, i, j in zip(labels, left, right, strict=True))
+    matrix = rng.standard_normal((len(names), args.dim), dtype=np.float32)
+    centres = rng.standard_normal((speakers, args.dim), dtype=np.float32)
+    for start in range(0, len(matrix), 4096):
+        block = matrix[start:start + 4096]
+        block += centres[speaker[start:start + 4096]]
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+    np.save(data.matrix_path, matrix)
+    marker.write_text("complete\n")
+    return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,6 +475,18 @@ def per_trial_scores(matrix: np.ndarray, left: np.ndarray, right: np.ndarray,
     return scores
 
 
+def original_trial_parse(path: Path) -> dict[str, int]:
+    """The original repository's reading of a trial list: every line read and split, the distinct
+    files collected and sorted, a dictionary from file to its embedding (here its row)."""
+    with open(path) as file:
+        lines = file.readlines()
+    files = []
+    for line in lines:
+        data = line.split()
+        files += [data[1], data[2]]
+    return {name: row for row, name in enumerate(sorted(set(files)))}
+
+
 def python_error_rates(scores: list[float], labels: list[int]) -> tuple[list[float], list[float]]:
     """Miss and false-alarm rates at every score, built one element at a time in Python lists."""
     ordered = [labels[k] for k in sorted(range(len(scores)), key=scores.__getitem__)]
@@ -551,6 +635,64 @@ def stage_score(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> Stage
     return StageResult(make_record("score", project, baseline, peak), [note])
 
 
+def vox1e_trial_set(args: argparse.Namespace, matrix: np.ndarray) -> TrialSet:
+    """The VoxCeleb1-E-sized TrialSet as --check builds it (the list parsed, its files indexed), with
+    the embeddings supplied from `matrix` instead of read from 145,000 files."""
+    data = vox1e_of(args)
+    return TrialSet(data.list_path, data.root, args.dim, load=lambda files: matrix)
+
+
+def on_device(matrix: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
+    """The table where training keeps its embeddings: on the GPU when there is one."""
+    return matrix if device.type == "cpu" else torch.from_numpy(matrix).to(device)
+
+
+def stage_score_vox1e(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    data = vox1e_of(args)
+    matrix = np.load(data.matrix_path)  # what reading the embedding files would give; not timed
+    meter.start()
+    start = time.perf_counter()
+    trials = vox1e_trial_set(args, matrix)
+    table = on_device(trials.embeddings, args.device)
+    scores = score_trials(table, trials.left, trials.right, VOX1E_TYPE)
+    evaluate_scores(scores, trials.labels)
+    seconds = time.perf_counter() - start
+    peak = meter.peaks()
+    parse = timed(lambda: original_trial_parse(data.list_path))
+    sample = min(args.baseline_trials, len(trials))
+    loop = timed(lambda: per_trial_scores(trials.embeddings, trials.left[:sample], trials.right[:sample],
+                                          args.device))
+    metrics = timed(lambda: per_trial_metrics(scores, trials.labels))
+    baseline = len(trials) / (parse + loop * len(trials) / sample + metrics)
+    notes = [f"score_vox1e: {len(trials)} trials over {len(trials.files)} utterances ({args.dim}-dim, type "
+             f"{VOX1E_TYPE}); project: the list parsed and indexed by TrialSet (embeddings supplied from one "
+             f"matrix, loaded before the timing, counted in the peak), scored, EER and minDCF; baseline: the "
+             f"list read whole and split, the per-trial loop timed on {sample} trials and extrapolated, its "
+             f"EER/minDCF"]
+    return StageResult(make_record("score_vox1e", len(trials) / seconds, baseline, peak), notes)
+
+
+def stage_backend_asnorm(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    rng = np.random.default_rng(SEED)
+    matrix = np.load(vox1e_of(args).matrix_path)
+    meter.start()
+    trials = vox1e_trial_set(args, matrix)
+    table = on_device(trials.embeddings, args.device)
+    # Training embeddings: two utterances of each cohort speaker.
+    speakers = np.repeat(np.arange(args.cohort_speakers), 2)
+    training = rng.standard_normal((args.cohort_speakers, args.dim), dtype=np.float32)[speakers]
+    training += rng.standard_normal(training.shape, dtype=np.float32)
+    backend = make_backend("asnorm", VOX1E_TYPE, asnorm_topk=ASNORM_TOPK)
+    fit = timed(partial(backend.fit, on_device(training, args.device), speakers))
+    del training
+    score = timed(lambda: backend.score(table, trials.left, trials.right))
+    peak = meter.peaks()
+    note = (f"backend_asnorm: AS-Norm (top {ASNORM_TOPK}) of {len(trials)} trials over {len(trials.files)} "
+            f"utterances against {args.cohort_speakers} cohort speakers (fitted on 2 utterances each in "
+            f"{fit:.2f} s); time: the scoring; peak: the trial set, the fit and the scoring; no baseline")
+    return StageResult(make_record("backend_asnorm", len(trials) / score, None, peak), [note])
+
+
 def bf16_peak_flops(device: torch.device) -> float | None:
     """The card's dense bfloat16 peak in FLOP/s, from BF16_PEAK_TFLOPS; None for a CPU or another card."""
     if device.type != "cuda":
@@ -674,6 +816,8 @@ STAGE_RUNNERS: dict[str, Callable[..., StageResult]] = {
     "train_mse": stage_train("train_mse", "normal", "MSE"),
     "train_da_mse": stage_train("train_da_mse", "distribution", "DA_MSE"),
     "score": stage_score,
+    "score_vox1e": stage_score_vox1e,
+    "backend_asnorm": stage_backend_asnorm,
     "extract_ge2e": stage_extract("extract_ge2e", "GE2E"),
     "extract_resnetse34v2": stage_extract("extract_resnetse34v2", "ResNetSE34V2"),
     "extract_ge2e_bf16": stage_extract("extract_ge2e_bf16", "GE2E", mixedprec=True),
@@ -693,7 +837,7 @@ def warm_up(device: torch.device) -> None:
     optimizer.step()
 
 
-def stage_child(name: str, args: argparse.Namespace, tree: Tree, send) -> None:
+def stage_child(name: str, args: argparse.Namespace, tree: Tree | None, send) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
@@ -703,7 +847,7 @@ def stage_child(name: str, args: argparse.Namespace, tree: Tree, send) -> None:
     send.send((result, meter.base))
 
 
-def run_isolated(name: str, args: argparse.Namespace, tree: Tree) -> tuple[StageResult, float]:
+def run_isolated(name: str, args: argparse.Namespace, tree: Tree | None) -> tuple[StageResult, float]:
     """Run one stage in a forked child (its own peak memory); returns its result and base RSS."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
@@ -752,19 +896,28 @@ def table(records: list[dict]) -> str:
 @dataclass(frozen=True)
 class MemoryBudget:
     """The memory goal: MEMORY_FACTOR x (the reduced (N, D) float32 matrix + the model). While
-    training, the model is its whole training state: parameters, gradients and Adam's two moments."""
+    training, the model is its whole training state: parameters, gradients and Adam's two moments.
+    The VoxCeleb1-E stages hold no model: their goal is MEMORY_FACTOR x their (utterances, D) matrix,
+    with AS-Norm's (cohort speakers, D) cohort."""
 
     matrix_mb: float
     parameters_mb: float
+    vox1e_mb: float
+    cohort_mb: float
 
     def limit(self, stage: str) -> float:
+        if stage == "score_vox1e":
+            return MEMORY_FACTOR * self.vox1e_mb
+        if stage == "backend_asnorm":
+            return MEMORY_FACTOR * (self.vox1e_mb + self.cohort_mb)
         model = self.parameters_mb * (4 if stage.startswith("train_") else 1)
         return MEMORY_FACTOR * (self.matrix_mb + model)
 
 
 def memory_budget(args: argparse.Namespace) -> MemoryBudget:
     parameters = sum(p.numel() for p in get_model(MODEL, nOut=args.dim).parameters())
-    return MemoryBudget(args.utterances * args.dim * 4 / MB, parameters * 4 / MB)
+    return MemoryBudget(args.utterances * args.dim * 4 / MB, parameters * 4 / MB,
+                        args.vox1e_utterances * args.dim * 4 / MB, args.cohort_speakers * args.dim * 4 / MB)
 
 
 def verdicts(records: list[dict], budget: MemoryBudget) -> list[str]:
@@ -816,6 +969,11 @@ def report(args: argparse.Namespace, records: list[dict], notes: Iterable[str], 
           f"{budget.matrix_mb:.1f} MB + {MODEL} parameters {budget.parameters_mb:.1f} MB) = "
           f"{budget.limit('load'):.1f} MB; while training the model counts with its gradients and Adam's two "
           f"moments (4 x the parameters): {budget.limit('train_mse'):.1f} MB")
+    if any(r["name"] in VOX1E_STAGES for r in records):
+        print(f"memory goal of the VoxCeleb1-E stages: {MEMORY_FACTOR} x (matrix {args.vox1e_utterances} x "
+              f"{args.dim} float32 = {budget.vox1e_mb:.1f} MB, for AS-Norm + cohort {args.cohort_speakers} x "
+              f"{args.dim} = {budget.cohort_mb:.1f} MB) = {budget.limit('score_vox1e'):.1f} MB, "
+              f"{budget.limit('backend_asnorm'):.1f} MB")
     for note in notes:
         print(f"note: {note}")
     print("goals:")
@@ -837,6 +995,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--baseline_batches", type=int, default=30, help="batches or DA steps timed of the baseline")
     add("--compute_batches", type=int, default=100, help="batches timed of the compute-only loop")
     add("--baseline_trials", type=int, default=20_000, help="trials timed of the per-trial loop")
+    add("--vox1e_trials", type=int, default=580_000, help="trials of the VoxCeleb1-E-sized list")
+    add("--vox1e_utterances", type=int, default=145_000, help="utterances the VoxCeleb1-E-sized list pairs")
+    add("--cohort_speakers", type=int, default=6_000, help="AS-Norm cohort speakers (backend_asnorm)")
     add("--audio_utterances", type=int, default=16, help="utterances of synthetic audio")
     add("--audio_seconds", type=float, default=12.0, help="seconds per synthetic utterance")
     add("--eval_frames", type=int, default=400, help="extraction crop length in frames")
@@ -858,13 +1019,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "workers", "audio_files", "audio_utterances"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.vox1e_utterances < 4 or args.vox1e_trials < args.vox1e_utterances or args.cohort_speakers < 2:
+        parser.error("need --vox1e_utterances >= 4, --vox1e_trials >= --vox1e_utterances (each utterance "
+                     "enrols) and --cohort_speakers >= 2")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
-    tree = ensure_tree(args)
+    tree = ensure_tree(args) if any(stage in TREE_STAGES for stage in args.stages) else None
+    if any(stage in VOX1E_STAGES for stage in args.stages):
+        ensure_vox1e(args)
     records, notes, base_rss = [], [], 0.0
     for name in (stage for stage in STAGES if stage in args.stages):
         say(f"stage {name} ...")

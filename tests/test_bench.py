@@ -12,12 +12,14 @@ from conftest import run_script
 TOY = ["--utterances", "240", "--speakers", "12", "--sessions", "3", "--crops", "3", "--dim", "32",
        "--trials", "3000", "--baseline_trials", "500", "--baseline_batches", "3", "--workers", "2",
        "--audio_utterances", "2", "--audio_seconds", "1.5", "--eval_frames", "60", "--num_eval", "2",
-       "--extract_batch", "2", "--baseline_utterances", "1", "--min_seconds", "0.05", "--audio_files", "2"]
-NAMES = ["load", "data_path", "train_mse", "train_da_mse", "score", "extract_ge2e", "extract_resnetse34v2",
-         "extract_ge2e_bf16", "extract_resnetse34v2_bf16", "decode_wav", "decode_m4a",
-         "extract_resnetse34v2_m4a"]
+       "--extract_batch", "2", "--baseline_utterances", "1", "--min_seconds", "0.05", "--audio_files", "2",
+       "--vox1e_trials", "2000", "--vox1e_utterances", "400", "--cohort_speakers", "30"]
+NAMES = ["load", "data_path", "train_mse", "train_da_mse", "score", "score_vox1e", "backend_asnorm",
+         "extract_ge2e", "extract_resnetse34v2", "extract_ge2e_bf16", "extract_resnetse34v2_bf16",
+         "decode_wav", "decode_m4a", "extract_resnetse34v2_m4a"]
 KEYS = {"name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb"}
-NO_BASELINE = {"load", "decode_wav", "decode_m4a"}
+NO_BASELINE = {"load", "backend_asnorm", "decode_wav", "decode_m4a"}
+BUDGET = bench.MemoryBudget(matrix_mb=100.0, parameters_mb=10.0, vox1e_mb=300.0, cohort_mb=12.0)
 
 
 def test_bench_writes_every_record(tmp_path: Path):
@@ -54,7 +56,7 @@ def test_bench_reuses_its_tree(tmp_path: Path):
 
 def test_extraction_goal_depends_on_the_device():
     """1.5x on a GPU; on a CPU, where both extractors are bound by arithmetic, not slower."""
-    budget = bench.MemoryBudget(matrix_mb=100.0, parameters_mb=10.0)
+    budget = BUDGET
     record = {"name": "extract_resnetse34v2", "project_per_s": 1.1, "baseline_per_s": 1.0,
               "ratio": 1.1, "peak_rss_mb": 400.0}
     assert bench.verdicts([record], budget) == ["  met      extract_resnetse34v2 ratio 1.10 >= 1"]
@@ -66,7 +68,7 @@ def test_extraction_goal_depends_on_the_device():
 
 def test_bfloat16_goals_hold_on_a_gpu_only():
     """4x for ResNetSE34V2 and 20x for GE2E in bfloat16 on a GPU; no goal on a CPU. m4a: 0.8 of wav."""
-    budget = bench.MemoryBudget(matrix_mb=100.0, parameters_mb=10.0)
+    budget = BUDGET
     record = {"name": "extract_resnetse34v2_bf16", "project_per_s": 3.0, "baseline_per_s": 1.0,
               "ratio": 3.0, "peak_rss_mb": 400.0}
     assert bench.verdicts([record], budget) == []

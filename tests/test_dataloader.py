@@ -172,3 +172,35 @@ def test_read_npy_equals_np_load_and_survives_many_threads(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         loaded = list(pool.map(read_npy, files))
     assert all(np.array_equal(a, arrays[k % 5]) for k, a in enumerate(loaded))
+
+
+def test_trial_set_rows_name_the_listed_files_and_take_supplied_embeddings(tree, tmp_path):
+    """read_trials' rows point at the sorted distinct files (comments, blank lines, repeats and
+    audio suffixes as in any list); a supplied loader gives the same TrialSet as the files."""
+    lines = (tree / "lists" / "t_test_list.txt").read_text().splitlines()
+    listed = tmp_path / "trials.txt"
+    listed.write_text("# a comment\n\n" + "\n".join(lines[:30]).replace(".npy", ".wav") + "\n"
+                      + "\n".join(lines[:5]) + "\n")
+    records = [line.split() for line in listed.read_text().splitlines()[2:]]
+    from_files = m_DataLoader.TrialSet(listed, tree / "emb", 8)
+    assert from_files.files == sorted({rel for r in records for rel in r[1:]})
+    assert len(from_files) == 35
+    files = from_files.files
+    for k, (label, first, second) in enumerate(records):
+        assert from_files.labels[k] == int(label)
+        assert (files[from_files.left[k]], files[from_files.right[k]]) == (first, second)
+    for row, rel in enumerate(from_files.files):
+        stored = np.load(embedding_file(tree / "emb", rel)).mean(axis=0)
+        np.testing.assert_allclose(from_files.embeddings[row], stored / np.linalg.norm(stored), atol=1e-6)
+    supplied = []
+
+    def load(files):
+        supplied.append(files)
+        return from_files.embeddings.copy()
+
+    given = m_DataLoader.TrialSet(listed, "/nonexistent", 8, load=load)
+    assert supplied == [from_files.files]
+    for name in ("labels", "left", "right", "embeddings"):
+        np.testing.assert_array_equal(getattr(given, name), getattr(from_files, name))
+    with pytest.raises(ValueError, match="as many embeddings"):
+        m_DataLoader.TrialSet(listed, "/nonexistent", 8, load=lambda files: np.zeros((1, 8)))

@@ -138,7 +138,8 @@ def test_threaded_scoring_equals_one_thread_and_direct_formula(embedding_type):
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(single, threaded)
     # The GPU path, run on CPU tensors (same code), in chunks smaller than the trial list.
-    on_device = _score_on_device(torch.from_numpy(table), left, right, embedding_type == "C")
+    on_device = _score_on_device(torch.from_numpy(table), left, right,
+                                 "cosine" if embedding_type == "C" else "l2")
     np.testing.assert_allclose(on_device, single, atol=1e-5)
     a, b = table[left].astype(np.float64), table[right].astype(np.float64)
     if embedding_type == "B":
