@@ -67,6 +67,11 @@ def run_script(*args: str, cwd: Path | None = None, check: bool = True,
 
 
 @pytest.fixture
+def vox_tree(tmp_path: Path) -> Path:
+    return make_embedding_tree(tmp_path / "emb")
+
+
+@pytest.fixture
 def one_thread():
     """Tiny batches: one intra-op thread is faster and steadier on a busy 2-core machine."""
     threads = torch.get_num_threads()
