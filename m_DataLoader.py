@@ -344,6 +344,16 @@ class EmbeddingData:
     def num_speakers(self) -> int:
         return len(set(self.target.tolist()))
 
+    def row_speakers(self) -> np.ndarray:
+        """(rows of `embeddings`,) the speaker (index into the list's speakers) of each file."""
+        speaker = np.empty(len(self.embeddings), np.int64)
+        if self.kind == "distribution":
+            speaker[self.pair_a] = self.target
+            speaker[self.pair_b] = self.target
+        else:
+            speaker[self.rows] = self.target
+        return speaker
+
     # -- batch assembly ------------------------------------------------------------------------
     # A batch is first a set of index arrays (numpy), then gathered from the tables. On a GPU the
     # index arrays of a whole epoch travel in one copy: a copy per batch would make the host wait
@@ -516,3 +526,8 @@ class TrialSet:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def speaker_of_trials(self) -> np.ndarray:
+        """(trials,) index of the speaker of each trial's enrolment (left) file: its first folder."""
+        speakers = np.array([Path(rel).parts[0] for rel in self.files])
+        return np.unique(speakers, return_inverse=True)[1][self.left]

@@ -490,16 +490,20 @@ def fit_two_covariance(embeddings: np.ndarray | torch.Tensor,
 
 
 def lda_projection(moments: SpeakerMoments, dim: int) -> np.ndarray:
-    """(D, dim) LDA: the leading generalised eigenvectors of the between-speaker scatter against
+    """(D, <= dim) LDA: the leading generalised eigenvectors of the between-speaker scatter against
     the within-speaker one, scaled so that the within-speaker covariance becomes the identity.
-    A ridge of 1e-6 of the mean within-speaker variance keeps that scatter invertible."""
+
+    Only directions where the training utterances of a speaker vary at all are kept (within-speaker
+    variance above 1e-6 of the largest): an enhancer's output can have dimensions that are constant
+    (a ReLU that never fires), and there the ratio has no meaning."""
     within = moments.within_scatter() / moments.total
     centred = moments.speaker_means - moments.mean
     between = (centred.T * moments.counts) @ centred / moments.total
-    ridge = 1e-6 * np.trace(within) / len(within) + np.finfo(float).tiny
-    _, vectors = scipy.linalg.eigh((between + between.T) / 2,
-                                   (within + within.T) / 2 + ridge * np.eye(len(within)))
-    return np.ascontiguousarray(vectors[:, ::-1][:, :dim])
+    values, vectors = np.linalg.eigh((within + within.T) / 2)
+    kept = values > 1e-6 * max(values.max(), np.finfo(float).tiny)
+    whiten = vectors[:, kept] / np.sqrt(values[kept])
+    ratios, directions = np.linalg.eigh(whiten.T @ ((between + between.T) / 2) @ whiten)
+    return np.ascontiguousarray((whiten @ directions[:, ::-1])[:, :dim])
 
 
 class PldaBackend(Backend):
@@ -769,6 +773,30 @@ class Calibration:
         return {"slope": self.slope, "offset": self.offset, "thresholds": self.thresholds}
 
 
+THRESHOLD_NAMES = {"eer": "equal error", "far": "false accepts 1 %"}
+
+
+def decision_records(trials: str, scores: Mapping[tuple[str, str], np.ndarray], labels: np.ndarray,
+                     calibrations: Mapping[tuple[str, str], Calibration]) -> list[dict]:
+    """How the thresholds chosen on the calibration list decide on this trial list: per calibrated
+    (system, back-end) and per threshold (`eer`, `far`), the raw and calibrated (LLR) thresholds
+    with the false-accept and miss rates they give here."""
+    records = []
+    for (system, backend), calibration in calibrations.items():
+        if (system, backend) not in scores:
+            continue
+        targets = np.asarray(labels).astype(bool)
+        accepted = np.asarray(scores[(system, backend)]) >= np.array(
+            [[calibration.thresholds["raw"][kind]] for kind in ("eer", "far")])
+        for row, kind in enumerate(("eer", "far")):
+            records.append({"trials": trials, "system": system, "backend": backend, "threshold": kind,
+                            "raw_threshold": calibration.thresholds["raw"][kind],
+                            "llr_threshold": calibration.thresholds["llr"][kind],
+                            "far": float(accepted[row][~targets].mean()),
+                            "miss": float(1 - accepted[row][targets].mean())})
+    return records
+
+
 # ----------------------------------------------------------------------------------------------
 # Results: records of one trial list (check.json) and their table
 
@@ -825,8 +853,9 @@ def results_table(records: list[dict]) -> str:
     with EER % [95 % CI], minDCF 0.05 and 0.01 (and Cllr, min Cllr where present); then per trial
     list and back-end the paired EER difference enhanced - original, its interval, and whether
     that excludes 0."""
-    systems = [r for r in records if "system" in r]
+    systems = [r for r in records if "eer" in r]
     differences = [r for r in records if "eer_diff" in r]
+    decisions = [r for r in records if "threshold" in r]
     lines = []
     if systems:
         calibrated = any("cllr" in r for r in systems)
@@ -844,5 +873,13 @@ def results_table(records: list[dict]) -> str:
             lo, hi = r["eer_diff_ci95"]
             rows.append([r["trials"], r["backend"], f"{r['eer_diff']:+.2f}", _ci(r["eer_diff_ci95"]),
                          "yes" if lo > 0 or hi < 0 else "no"])
+        lines += ([""] if lines else []) + _columns(rows)
+    if decisions:
+        rows = [["trials", "system", "back-end", "threshold (chosen on calib_list)", "raw score", "LLR",
+                 "false accepts %", "misses %"]]
+        for r in decisions:
+            rows.append([r["trials"], r["system"], r["backend"], THRESHOLD_NAMES[r["threshold"]],
+                         f"{r['raw_threshold']:.4f}", f"{r['llr_threshold']:.3f}", f"{100 * r['far']:.2f}",
+                         f"{100 * r['miss']:.2f}"])
         lines += ([""] if lines else []) + _columns(rows)
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import logging
 import sys
 import tempfile
@@ -27,7 +28,17 @@ import yaml
 from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet, embedding_type_of, load_embeddings, read_list
 from m_network import CHECKPOINT_NAME, OPTIMIZERS, SCHEDULERS, SpeakerNet, Trainer, checkpoints
-from m_scoring import evaluate_scores
+from m_scoring import (
+    BACKENDS,
+    SYSTEMS,
+    Backend,
+    Calibration,
+    decision_records,
+    evaluate_scores,
+    make_backend,
+    results_table,
+    trial_list_records,
+)
 from m_utils import (
     HARDWARE_OPTIONS,
     DistContext,
@@ -77,6 +88,14 @@ OPTIONS: Options = {
     "nClasses": (5994, int, "Softmax classes (at least the training speakers)"),
     "sigma": (1.0, float, "RBF kernel width of the DA losses"),
     "softmax_init": (None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"),
+    # Scoring (--check and --eval)
+    "backends": (("none", "asnorm"), list, "scoring back-ends of --check and --eval: none, mean, asnorm, "
+                 "plda (none is always scored)"),
+    "asnorm_topk": (300, int, "AS-Norm: the top cohort scores averaged on each side of a trial"),
+    "lda_dim": (200, int, "PLDA: dimension of the LDA before it (at most nOut-1 and speakers-1)"),
+    "bootstrap": (1000, int, "resamples of the test speakers for the 95 %% intervals of the EER"),
+    "calib_list": (None, str, "trial list over held-out embeddings to calibrate scores on"),
+    "calib_path": (None, str, "embedding root of calib_list"),
     # Paths
     "initial_model": (None, str, "start from (or, with --check/--eval/--generate, use) this model"),
     "save_path": (None, str, "experiment folder (default exp_emb/<config name>)"),
@@ -185,10 +204,10 @@ EMBED_MAKER = "m_gen_embs.py and m_comb_embs.py"
 # Paths each mode needs: (list option, its embedding root); `optional` pairs are checked when set.
 PAIRS = {"train": ("train_list", "train_path"), "valid": ("valid_list", "valid_path"),
          "test": ("test_list", "test_path"), "libri": ("test_list_libri", "test_path_libri"),
-         "gen": ("gen_list", "gen_path")}
+         "gen": ("gen_list", "gen_path"), "calib": ("calib_list", "calib_path")}
 MODE_PATHS = {"train": {"required": ("test", "train"), "optional": ("libri", "valid")},
-              "check": {"required": ("test",), "optional": ("libri",)},
-              "eval": {"required": ("test",), "optional": ("libri",)},
+              "check": {"required": ("test",), "optional": ("libri", "calib")},
+              "eval": {"required": ("test",), "optional": ("libri", "calib")},
               "generate": {"required": ("gen",), "optional": ()}}
 
 
@@ -209,8 +228,11 @@ def require_path(args: argparse.Namespace, key: str, maker: str) -> Path:
 
 def check_paths(args: argparse.Namespace) -> None:
     """The lists and embedding roots the mode needs exist; optional ones are checked when set."""
-    needs = MODE_PATHS[mode_of(args)]
+    mode = mode_of(args)
+    needs = MODE_PATHS[mode]
     chosen = list(needs["required"]) + [name for name in needs["optional"] if getattr(args, PAIRS[name][0])]
+    if mode in ("check", "eval") and trained_backends(args) and args.train_list:
+        chosen.append("train")  # the back-ends are fitted on the training embeddings
     for name in chosen:
         list_key, path_key = PAIRS[name]
         require_path(args, list_key, LIST_MAKER)
@@ -219,14 +241,24 @@ def check_paths(args: argparse.Namespace) -> None:
         require_path(args, "initial_model", "m_trainer.py or the original repository")
 
 
+def trained_backends(args: argparse.Namespace) -> list[str]:
+    """The chosen back-ends that are fitted on training embeddings (all but none); without a
+    train_list they are skipped."""
+    return [name for name in args.backends if name != "none"]
+
+
 def check_setup(args: argparse.Namespace) -> None:
     for key in ("batch_size", "test_interval", "max_epoch", "nPerSpeaker", "nOut", "nClasses",
-                "da_speakers_per_step", "max_seg_per_spk", "nprocs"):
+                "da_speakers_per_step", "max_seg_per_spk", "nprocs", "asnorm_topk", "lda_dim",
+                "bootstrap"):
         if getattr(args, key) < 1:
             raise UserError(f"option '{key}' must be at least 1, found {getattr(args, key)}")
     if args.nDataLoaderThread < 0:
         raise UserError(f"option 'nDataLoaderThread' must be 0 or more, found {args.nDataLoaderThread}")
     embedding_type_of(args.multiple_embedding_flag)
+    for name in args.backends:
+        if name not in BACKENDS:
+            raise unknown_name("back-end", name, BACKENDS)
     loss_class(args.trainfunc)
     model_class(args.model)
     make_activation(args.activation)
@@ -348,53 +380,154 @@ class Experiment:
                 "original_metrics": original_metrics,
                 "processed_metrics": None if processed is None else evaluate_scores(processed, trials.labels)}
 
-    def save_trial_scores(self, name: str, result: dict[str, Any]) -> Path:
+    # -- scoring with back-ends (--check, --eval) ---------------------------------------------
+
+    def system_tables(self, embeddings: np.ndarray, systems: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """`embeddings` as each system sees them: as they are (original), through the model
+        (enhanced). Every rank takes part (enhancing is shared out under DDP)."""
+        return {system: embeddings if system == "original" else self.trainer.enhance(embeddings)
+                for system in systems}
+
+    def fit_backends(self, systems: tuple[str, ...]) -> dict[tuple[str, str], Backend]:
+        """Every (system, back-end) scorer, the back-ends fitted on the training embeddings passed
+        through the same system. `none` is always among them: the --check lines report it."""
+        a = self.args
+        trained = trained_backends(a)
+        if trained and not a.train_list:
+            self.say("back-end(s) %s skipped: they are fitted on the training embeddings, and train_list "
+                     "is not set", ", ".join(trained))
+            trained = []
+        backends = {(system, name): make_backend(name, a.multiple_embedding_flag, a.asnorm_topk, a.lda_dim)
+                    for system in systems for name in ["none", *trained]}
+        if not trained:
+            return backends
+        train = self.load_data("train")
+        tables = self.system_tables(train.embeddings.cpu().numpy(), systems)
+        speakers = train.row_speakers()
+        if self.ctx.is_main:
+            for (system, name), backend in backends.items():
+                if name != "none":
+                    began = time.perf_counter()
+                    backend.fit(tables[system], speakers)
+                    self.say("%s back-end of the %s embeddings fitted on %d training utterances of %d "
+                             "speakers in %.1f s", name, system, len(speakers), len(set(speakers.tolist())),
+                             time.perf_counter() - began)
+        return backends
+
+    def backend_scores(self, trials: TrialSet, backends: dict[tuple[str, str], Backend],
+                       systems: tuple[str, ...]) -> dict[tuple[str, str], np.ndarray] | None:
+        """Scores of every (system, back-end) on a trial list; None off the main rank."""
+        tables = self.system_tables(trials.embeddings, systems)
+        if not self.ctx.is_main:
+            return None
+        return {key: backend.score(tables[key[0]], trials.left, trials.right)
+                for key, backend in backends.items()}
+
+    def calibrations(self, backends: dict[tuple[str, str], Backend],
+                     systems: tuple[str, ...]) -> dict[tuple[str, str], Calibration]:
+        """A Calibration of every (system, back-end) on calib_list's trials, if it is set."""
+        trials = self.trials("calib")
+        if trials is None:
+            return {}
+        scores = self.backend_scores(trials, backends, systems)
+        if scores is None:
+            return {}
+        return {key: Calibration.fit(values, trials.labels) for key, values in scores.items()}
+
+    def score_with_backends(self, systems: tuple[str, ...]) -> tuple[dict[str, dict], list[dict]]:
+        """Score both trial lists with every (system, back-end), save the trial scores for the
+        viewer, and make the records of the results (intervals, and calibration when calib_list is
+        set). Returns per trial list its TrialSet and scores, and the records (main rank)."""
+        a = self.args
+        backends = self.fit_backends(systems)
+        calibrations = self.calibrations(backends, systems)
+        results, records = {}, []
+        for name in TRIAL_LABELS:
+            trials = self.trials(name)
+            if trials is None:
+                self.say("%s trial list not set: skipped", "LibriSpeech" if name == "libri" else name)
+                continue
+            scores = self.backend_scores(trials, backends, systems)
+            if scores is None:
+                continue
+            results[name] = {"trials": trials, "scores": scores}
+            self.save_trial_scores(name, trials, scores)
+            records += trial_list_records(name, scores, trials.labels, trials.speaker_of_trials(),
+                                          calibrations, resamples=a.bootstrap, seed=a.seed)
+            records += decision_records(name, scores, trials.labels, calibrations)
+        records += [{"trials": "calib", "system": system, "backend": backend, **calibration.as_dict()}
+                    for (system, backend), calibration in calibrations.items()]
+        return results, records
+
+    def report(self, records: list[dict], json_name: str) -> None:
+        """Print the results table and save its records as result/<json_name> (main rank)."""
+        if not self.ctx.is_main or not records:
+            return
+        print(f"\nEER in % with its 95 % interval over {self.args.bootstrap} resamples of the test "
+              f"speakers; minDCF at P_target 0.05 and 0.01:\n{results_table(records)}", flush=True)
+        path = self.result_dir / json_name
+        write_text_atomic(path, json.dumps(records, indent=1) + "\n")
+        self.say("results saved to %s", path)
+
+    def save_trial_scores(self, name: str, trials: TrialSet,
+                          scores: dict[tuple[str, str], np.ndarray]) -> Path:
+        """result/trials_<name>.npz: labels, embedding type, and the scores of every (system,
+        back-end) as `<system>/<back-end>`; `original` and `processed` are the none back-end's."""
+        arrays = {f"{system}/{backend}": values for (system, backend), values in scores.items()}
+        arrays.update({alias: scores[(system, "none")] for alias, system in
+                       (("original", "original"), ("processed", "enhanced")) if (system, "none") in scores})
         path = self.result_dir / f"trials_{name}.npz"
         atomic_write(path, lambda handle: np.savez(
-            handle, labels=result["trials"].labels, original=result["original"],
-            processed=result["processed"], embedding_type=np.array(self.args.multiple_embedding_flag)))
+            handle, labels=trials.labels, embedding_type=np.array(self.args.multiple_embedding_flag),
+            **arrays))
         return path
 
     def check(self) -> None:
-        """Original vs processed EER and minDCF of both trial lists; without a trained model the
-        original's alone, as the original repository printed them before training."""
+        """Original vs processed EER and minDCF of both trial lists, then every back-end with
+        intervals; without a trained model the original's alone, as the original repository
+        printed them before training."""
         with_model = self.load_trained_model(required=False)
         if not with_model:
             self.say("no trained model yet (%s holds no checkpoint, initial_model is not set): the "
                      "original embeddings' EER alone; the processed EER needs a model", self.model_dir)
+        systems = SYSTEMS if with_model else SYSTEMS[:1]
+        results, records = self.score_with_backends(systems)
         for name, label in TRIAL_LABELS.items():
-            result = self.test_scores(name, enhanced=with_model)
-            if result is None:
+            if name not in results:
                 continue
-            o = result["original_metrics"]
+            scores, labels = results[name]["scores"], results[name]["trials"].labels
+            o = evaluate_scores(scores[("original", "none")], labels)
             if not with_model:
                 print(f"[{label} original EER] {o['eer']:.4f}, [{label} original minDCF] {o['mindcf']:.4f}",
                       flush=True)
                 continue
-            p = result["processed_metrics"]
+            p = evaluate_scores(scores[("enhanced", "none")], labels)
             print(f"[{label} original EER] {o['eer']:.4f}, [{label} processed EER] {p['eer']:.4f}, "
                   f"[{label} original minDCF] {o['mindcf']:.4f}, "
                   f"[{label} processed minDCF] {p['mindcf']:.4f}", flush=True)
-            self.say("trial scores saved to %s", self.save_trial_scores(name, result))
+        self.report(records, "check.json")
 
     def evaluate(self) -> None:
+        """The trained model's scores of both trial lists: EER, minDCF and threshold per back-end,
+        and `score label path1 path2` files (result/eval_scores_<list>[_<back-end>].txt)."""
         self.load_trained_model()
-        for name in TRIAL_LABELS:
-            result = self.test_scores(name)
-            if result is None:
-                continue
-            p = result["processed_metrics"]
-            print(f"[{name}] EER {p['eer']:.4f}, minDCF(0.05) {p['mindcf']:.4f}, "
-                  f"minDCF(0.01) {p['mindcf01']:.4f}, threshold {p['threshold']:.6f}, "
-                  f"trials {len(result['trials'])}", flush=True)
+        results, records = self.score_with_backends(SYSTEMS[1:])
+        for name, result in results.items():
             trials = result["trials"]
-            lines = [f"{s:.6f} {label} {trials.files[i]} {trials.files[j]}"
-                     for s, label, i, j in zip(result["processed"], trials.labels, trials.left,
-                                               trials.right, strict=True)]
-            score_path = self.result_dir / f"eval_scores_{name}.txt"
-            write_text_atomic(score_path, "\n".join(lines) + "\n")
-            self.save_trial_scores(name, result)
-            self.say("per-trial scores written to %s", score_path)
+            for (_, backend), scores in result["scores"].items():
+                p = evaluate_scores(scores, trials.labels)
+                label = name if backend == "none" else f"{name} {backend}"
+                print(f"[{label}] EER {p['eer']:.4f}, minDCF(0.05) {p['mindcf']:.4f}, "
+                      f"minDCF(0.01) {p['mindcf01']:.4f}, threshold {p['threshold']:.6f}, "
+                      f"trials {len(trials)}", flush=True)
+                lines = [f"{s:.6f} {label} {trials.files[i]} {trials.files[j]}"
+                         for s, label, i, j in zip(scores, trials.labels, trials.left, trials.right,
+                                                   strict=True)]
+                suffix = "" if backend == "none" else f"_{backend}"
+                score_path = self.result_dir / f"eval_scores_{name}{suffix}.txt"
+                write_text_atomic(score_path, "\n".join(lines) + "\n")
+                self.say("per-trial scores written to %s", score_path)
+        self.report(records, "eval.json")
 
     def generate(self) -> None:
         self.load_trained_model()

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
 from m_DataLoader import EMBEDDING_TYPES, embedding_file, load_embeddings, read_list
-from m_scoring import compute_eer, error_rates, evaluate_scores, min_dcf_of_rates, score_trials
+from m_scoring import BACKENDS, compute_eer, error_rates, evaluate_scores, min_dcf_of_rates, score_trials
 from m_utils import (
     TRAIN_FIELDS,
     VAL_FIELDS,
@@ -49,8 +49,12 @@ DET_TICKS_PERCENT = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40, 60)
 DET_RANGE_PERCENT = (0.05, 70.0)
 MIN_DCF_P_TARGET = 0.05
 TRIAL_FILES = (("test", "test list"), ("libri", "LibriSpeech list"))
-TRIAL_ARRAYS = ("labels", "original", "processed", "embedding_type")
-OLD_TYPE_KEY = "metric"  # the embedding type's key in files of earlier versions
+# A trials_*.npz holds labels, embedding_type and the scores of each (system, back-end) as
+# `<system>/<back-end>`; `original` and `processed` are the none back-end's (all that files of
+# earlier versions hold, with the embedding type as `metric`).
+LEGACY_SCORES = {"original": ("original", "none"), "processed": ("enhanced", "none")}
+OLD_TYPE_KEY = "metric"
+SYSTEM_STYLE = {"original": ":", "enhanced": "-"}
 
 @dataclass
 class Scores:
@@ -199,35 +203,59 @@ def write_curve_figures(runs: Sequence[Scores], out_dir: Path, prefix: str = "")
 
 @dataclass
 class TrialScores:
-    """Per-trial scores of one trial list, as m_trainer.py saves them."""
+    """Per-trial scores of one trial list, as m_trainer.py saves them: `scores` by (system,
+    back-end), systems original and enhanced, back-ends none, mean, asnorm, plda."""
 
     labels: np.ndarray
-    original: np.ndarray
-    processed: np.ndarray
+    scores: dict[tuple[str, str], np.ndarray]
     embedding_type: str
+
+    @property
+    def original(self) -> np.ndarray | None:
+        return self.scores.get(("original", "none"))
+
+    @property
+    def processed(self) -> np.ndarray | None:
+        return self.scores.get(("enhanced", "none"))
+
+    def backends(self) -> list[str]:
+        """The back-ends scored, in the order they were saved (none first)."""
+        return list(dict.fromkeys(backend for _, backend in self.scores))
 
 
 def load_trial_scores(path: str | Path) -> TrialScores:
-    """Read a trials_*.npz (labels, original, processed, embedding_type); errors name the file."""
+    """Read a trials_*.npz (labels, embedding_type, scores); errors name the file."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: np.asarray(data[key]) for key in data.files}
-            if OLD_TYPE_KEY in arrays:
-                arrays.setdefault(TRIAL_ARRAYS[-1], arrays[OLD_TYPE_KEY])
-            missing = [key for key in TRIAL_ARRAYS if key not in arrays]
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable trial scores file ({err})") from None
+    arrays.setdefault("embedding_type", arrays.get(OLD_TYPE_KEY))
+    scores = {tuple(key.split("/")): values.astype(np.float64)
+              for key, values in arrays.items() if "/" in key}
+    for key, pair in LEGACY_SCORES.items():
+        if key in arrays and pair not in scores:
+            scores[pair] = arrays[key].astype(np.float64)
+    missing = ([] if scores else list(LEGACY_SCORES)) + [key for key in ("labels", "embedding_type")
+                                                         if arrays.get(key) is None]
     if missing:
-        raise UserError(f"{path}: trial scores lack the array(s) {', '.join(missing)} "
-                        f"(expected {', '.join(TRIAL_ARRAYS)})")
+        raise UserError(f"{path}: trial scores lack the array(s) {', '.join(missing)} (expected labels, "
+                        "embedding_type and scores as <system>/<back-end>, or original and processed)")
     labels = arrays["labels"].astype(np.int8)
-    if not (len(labels) == len(arrays["original"]) == len(arrays["processed"])):
-        raise UserError(f"{path}: labels, original and processed have different lengths")
+    if any(len(values) != len(labels) for values in scores.values()):
+        raise UserError(f"{path}: labels and scores have different lengths")
     if set(np.unique(labels).tolist()) != {0, 1}:
         raise UserError(f"{path}: a DET curve needs both target (1) and non-target (0) trials")
-    return TrialScores(labels, arrays["original"].astype(np.float64),
-                       arrays["processed"].astype(np.float64), str(arrays["embedding_type"]))
+    return TrialScores(labels, dict(sorted(scores.items(), key=score_order)), str(arrays["embedding_type"]))
+
+
+def score_order(item: tuple[tuple[str, str], np.ndarray]) -> tuple[int, int]:
+    """Sort key of (system, back-end) scores: by back-end (none first), original before enhanced."""
+    (system, backend), _ = item
+    known = list(BACKENDS)
+    return (known.index(backend) if backend in known else len(known), list(SYSTEM_STYLE).index(system)
+            if system in SYSTEM_STYLE else len(SYSTEM_STYLE))
 
 
 def scoring_name(embedding_type: str) -> str:
@@ -259,13 +287,14 @@ def setup_det_axes(ax: Axes) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def draw_det(ax: Axes, scores: np.ndarray, labels: np.ndarray, name: str, color: str) -> None:
+def draw_det(ax: Axes, scores: np.ndarray, labels: np.ndarray, name: str, color: str,
+             linestyle: str = "-") -> None:
     """One DET curve with its EER point; EER and minDCF in the legend."""
     miss, false_alarm, _ = error_rates(scores, labels)
     eer = compute_eer(scores, labels)[0]
     min_dcf = min_dcf_of_rates(miss, false_alarm, MIN_DCF_P_TARGET)
     hidden = " (curve below the plotted range)" if eer < DET_RANGE_PERCENT[0] else ""
-    ax.plot(probit(false_alarm * 100), probit(miss * 100), color=color, linewidth=1.5,
+    ax.plot(probit(false_alarm * 100), probit(miss * 100), color=color, linewidth=1.5, linestyle=linestyle,
             label=f"{name}: EER {eer:.2f} %, minDCF {min_dcf:.3f}{hidden}")
     ax.plot(probit([eer]), probit([eer]), "o", color=color, markersize=7, markeredgecolor="black")
 
@@ -281,11 +310,15 @@ def write_det_figure(run_dir: Path, name: str) -> Path | None:
     for i, (label, trials) in enumerate(found):
         ax = fig.add_subplot(1, len(found), i + 1)
         setup_det_axes(ax)
-        draw_det(ax, trials.original, trials.labels, "original", "C0")
-        draw_det(ax, trials.processed, trials.labels, "enhanced", "C3")
+        backends = trials.backends()
+        for (system, backend), scores in trials.scores.items():
+            curve = system if backend == "none" else f"{system} + {backend}"
+            draw_det(ax, scores, trials.labels, curve, f"C{backends.index(backend)}",
+                     SYSTEM_STYLE.get(system, "-"))
         ax.set_title(f"{label}: {len(trials.labels)} trials, {scoring_name(trials.embedding_type)} scores")
         ax.legend(loc="lower left", fontsize="small")
-    fig.suptitle(f"{name}: DET curves (dots: EER; minDCF at P_target = {MIN_DCF_P_TARGET})")
+    fig.suptitle(f"{name}: DET curves (dotted: original, solid: enhanced; colour: back-end; dots: EER; "
+                 f"minDCF at P_target = {MIN_DCF_P_TARGET})")
     return save_figure(fig, result / "det.png")
 
 
@@ -534,12 +567,14 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
         print(f"wrote {path}")
     table = results_table(run_dirs, names)
     if table:
-        print(f"\nOriginal vs enhanced (EER in %, minDCF at P_target {MIN_DCF_P_TARGET}):\n{table}")
+        print(f"\nOriginal vs enhanced (EER in %; DCF: minDCF at P_target {MIN_DCF_P_TARGET}, DCF01 at 0.01; "
+              f"a back-end after the list's name):\n{table}")
     return written
 
 
 def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
-    """Original vs enhanced EER and minDCF of every saved trial list, one row per run and list."""
+    """Original vs enhanced EER and minDCF (P_target 0.05 and 0.01) of every saved trial list, one
+    row per run, list and back-end; a system that was not scored shows '-'."""
     rows = []
     for run_dir, name in zip(run_dirs, names, strict=True):
         for key, label in TRIAL_FILES:
@@ -547,17 +582,30 @@ def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
             if not path.is_file():
                 continue
             trials = load_trial_scores(path)
-            before = evaluate_scores(trials.original, trials.labels)
-            after = evaluate_scores(trials.processed, trials.labels)
-            verdict = ", ".join(f"{what} {'better' if after[key] < before[key] else 'not better'}"
-                                for what, key in (("EER", "eer"), ("minDCF", "mindcf")))
-            rows.append(f"{name:<28} {label:<18} {before['eer']:>8.2f} {after['eer']:>8.2f} "
-                        f"{before['mindcf']:>9.4f} {after['mindcf']:>9.4f}  {verdict}")
+            for backend in trials.backends():
+                rows.append(comparison_row(name, label if backend == "none" else f"{label}, {backend}",
+                                           *(trials.scores.get((system, backend)) for system in SYSTEM_STYLE),
+                                           trials.labels))
     if not rows:
         return ""
-    header = (f"{'run':<28} {'trials':<18} {'EER orig':>8} {'EER enh':>8} "
-              f"{'DCF orig':>9} {'DCF enh':>9}")
+    header = (f"{'run':<28} {'trials':<26} {'EER orig':>8} {'EER enh':>8} {'DCF orig':>9} {'DCF enh':>9} "
+              f"{'DCF01 orig':>10} {'DCF01 enh':>10}")
     return "\n".join([header, "-" * len(header), *rows])
+
+
+def comparison_row(run: str, label: str, original: np.ndarray | None, enhanced: np.ndarray | None,
+                   labels: np.ndarray) -> str:
+    """One row of results_table, and whether the enhanced system lowers EER and minDCF."""
+    before, after = (evaluate_scores(scores, labels) if scores is not None else None
+                     for scores in (original, enhanced))
+    cells = [f"{run:<28} {label:<26}"]
+    for key, width, digits in (("eer", 8, 2), ("mindcf", 9, 4), ("mindcf01", 10, 4)):
+        cells += [f"{metrics[key]:>{width}.{digits}f}" if metrics else f"{'-':>{width}}"
+                  for metrics in (before, after)]
+    verdict = "" if before is None or after is None else "  " + ", ".join(
+        f"{what} {'better' if after[key] < before[key] else 'not better'}"
+        for what, key in (("EER", "eer"), ("minDCF", "mindcf")))
+    return " ".join(cells) + verdict
 
 
 def main(argv: Sequence[str] | None = None) -> None:
