@@ -103,7 +103,7 @@ TRAIN_SLACK = 1.15
 MEMORY_FACTOR = 1.5
 MEMORY_STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", *VOX1E_STAGES)
 MODEL = "MyLinearNetv2"
-FLAG = {"normal": "B", "distribution": "C"}  # speaker-embedding type of each list's runs
+EMBEDDING_TYPE = {"normal": "B", "distribution": "C"}  # multiple_embedding_flag of each list's runs
 LIST_NAME = "bench"
 SEED = 10
 VOX1_SPEAKERS = 1251  # VoxCeleb1's speakers, whose utterances the VoxCeleb1-E list pairs
@@ -456,7 +456,8 @@ def per_file_loader(args: argparse.Namespace, tree: Tree, kind: str) -> DataLoad
     """A one-file-per-sample DataLoader over the same list, with nDataLoaderThread workers."""
     records = read_list(tree.list_path(kind), kind)
     speakers = sorted({r[0] for r in records})
-    targets = torch.from_numpy(load_speaker_embeddings(tree.embed_dir, speakers, FLAG[kind], args.dim))
+    targets = torch.from_numpy(load_speaker_embeddings(tree.embed_dir, speakers, EMBEDDING_TYPE[kind],
+                                                       args.dim))
     if kind == "distribution":
         return DataLoader(SpeakerPairsDataset(tree, records, targets, speakers), batch_size=None,
                           shuffle=True, num_workers=args.workers)
@@ -533,8 +534,8 @@ def make_record(name: str, project: float, baseline: float | None, peaks: dict[s
 
 
 def load_list(args: argparse.Namespace, tree: Tree, kind: str) -> EmbeddingData:
-    return EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, FLAG[kind], args.dim, args.device,
-                         threads=args.workers)
+    return EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, EMBEDDING_TYPE[kind], args.dim,
+                         args.device, threads=args.workers)
 
 
 def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:

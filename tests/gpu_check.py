@@ -146,13 +146,13 @@ def check_scoring() -> None:
     table = rng.standard_normal((50_000, 512)).astype(np.float32)
     left, right = rng.integers(0, len(table), (2, 200_000))
     on_gpu = torch.from_numpy(table).cuda()
-    for metric in ("B", "C"):
-        cpu = score_trials(table, left, right, metric)
-        gpu = score_trials(on_gpu, left, right, metric)
-        cpu_s = min(timed(lambda m=metric: score_trials(table, left, right, m)) for _ in range(3))
-        gpu_s = min(timed(lambda m=metric: score_trials(on_gpu, left, right, m)) for _ in range(3))
+    for embedding_type in ("B", "C"):
+        cpu = score_trials(table, left, right, embedding_type)
+        gpu = score_trials(on_gpu, left, right, embedding_type)
+        cpu_s = min(timed(lambda m=embedding_type: score_trials(table, left, right, m)) for _ in range(3))
+        gpu_s = min(timed(lambda m=embedding_type: score_trials(on_gpu, left, right, m)) for _ in range(3))
         gap = float(np.abs(cpu - gpu).max())
-        check(f"scoring {metric} on the GPU = CPU", gap < 1e-3,
+        check(f"scoring type {embedding_type} on the GPU = CPU", gap < 1e-3,
               f"max difference {gap:.2e}; 200,000 trials: CPU {cpu_s * 1e3:.1f} ms, GPU {gpu_s * 1e3:.1f} ms")
 
 

@@ -10,6 +10,7 @@ from conftest import ROOT, make_experiment_data, run_script
 from test_trainer import config
 
 from m_network import checkpoints
+from m_utils import parse_score_line
 
 
 def free_port() -> int:
@@ -36,7 +37,7 @@ def assert_same_run(single: Path, group: Path) -> None:
     lines_one = (single / "result" / "scores.txt").read_text().splitlines()
     lines_two = (group / "result" / "scores.txt").read_text().splitlines()
     assert len(lines_two) == len(lines_one) == 2
-    veer = [line.split("VEER ")[1].split(",")[0] for line in (lines_one[1], lines_two[1])]
+    veer = [parse_score_line(line)[1]["VEER"] for line in (lines_one[1], lines_two[1])]
     assert veer[0] == veer[1]
 
 
