@@ -38,7 +38,8 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
         assert len(list((demo / "exp" / run / "enhanced").rglob("*.npy"))) == 12
     assert "[testset original EER]" in first.stdout and "[libriset processed EER]" in first.stdout
     table = first.stdout.split("Original vs enhanced")[1]
-    assert table.count("demo_MyResidualNet") == 2  # two trial lists
+    assert table.count("demo_MyResidualNet") == 2 * 4  # two trial lists, four back-ends
+    assert "test list, asnorm" in table and "LibriSpeech list, plda" in table
 
     utterances = [path for path in embeddings if path.parent.parent != demo / "embeddings"]
     stamps = {path: path.stat().st_mtime_ns for path in utterances}

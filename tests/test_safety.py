@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-import yaml
 from conftest import ROOT, make_embedding_tree, make_experiment_data, run_script
+from test_trainer import config as experiment_config
 
 import m_comb_embs
 import m_gen_embs
@@ -46,14 +46,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def config(data: Path, tmp_path: Path, **options) -> Path:
-    lists = data / "lists"
-    values = {"train_list": str(lists / "train_normal_list.txt"), "train_path": str(data / "train"),
-              "test_list": str(lists / "test_test_list.txt"), "test_path": str(data / "test"),
-              "nOut": 24, "batch_size": 16, "max_epoch": 1, "test_interval": 1, "nClasses": 8,
-              "device": "cpu", **options}
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
+    """test_trainer's experiment config, at this module's small size."""
+    return experiment_config(data, tmp_path, **{"batch_size": 16, "max_epoch": 1, "nClasses": 8, **options})
 
 
 def contents(root: Path) -> dict[str, bytes]:
