@@ -212,9 +212,6 @@ class Trainer:
         dist.all_gather(gathered, padded)
         return torch.cat([g[:len(p)] for g, p in zip(gathered, parts, strict=True)]).cpu().numpy()
 
-    def original_scores(self, trials: TrialSet, embedding_type: str) -> np.ndarray:
-        return score_trials(trials.embeddings, trials.left, trials.right, embedding_type)
-
     def processed_scores(self, trials: TrialSet, embedding_type: str) -> np.ndarray:
         return score_trials(self.enhance(trials.embeddings), trials.left, trials.right, embedding_type)
 

@@ -304,7 +304,6 @@ class Experiment:
                                weight_decay=args.weight_decay, test_interval=args.test_interval,
                                max_epoch=args.max_epoch, mixedprec=args.mixedprec)
         self.trial_sets: dict[str, TrialSet] = {}
-        self.original_results: dict[str, tuple[np.ndarray, dict[str, float]]] = {}
         self.notes_said: set[str] = set()
 
     def say(self, message: str, *params) -> None:
@@ -326,9 +325,12 @@ class Experiment:
                              threads=a.nDataLoaderThread)
 
     def trials(self, name: str) -> TrialSet | None:
-        """The trial list `name` (test or libri) with its embeddings, read once; None when unset."""
+        """The trial list `name` (test, libri, calib) with its embeddings, read once; None (said
+        once for a test list) when it is not set."""
         list_key, path_key = PAIRS[name]
         if not getattr(self.args, list_key):
+            if name in TRIAL_LABELS:
+                self.say_once(f"{'LibriSpeech' if name == 'libri' else name} trial list not set: skipped")
             return None
         if name not in self.trial_sets:
             self.trial_sets[name] = TrialSet(getattr(self.args, list_key), getattr(self.args, path_key),
@@ -361,24 +363,14 @@ class Experiment:
         self.say("model loaded from %s", path)
         return True
 
-    def test_scores(self, name: str, enhanced: bool = True) -> dict[str, Any] | None:
-        """Original and (with `enhanced`) processed scores of one trial list, with their metrics.
-        Every rank takes part; the main rank alone gets the result."""
+    def processed_metrics(self, name: str) -> dict[str, float] | None:
+        """EER and minDCF of the processed embeddings on one trial list, at validation. Every rank
+        takes part; the main rank alone gets the result."""
         trials = self.trials(name)
         if trials is None:
-            self.say("%s trial list not set: skipped", "LibriSpeech" if name == "libri" else name)
             return None
-        embedding_type = self.args.multiple_embedding_flag
-        processed = self.trainer.processed_scores(trials, embedding_type) if enhanced else None
-        if not self.ctx.is_main:
-            return None
-        if name not in self.original_results:  # the original embeddings' scores never change
-            original = self.trainer.original_scores(trials, embedding_type)
-            self.original_results[name] = (original, evaluate_scores(original, trials.labels))
-        original, original_metrics = self.original_results[name]
-        return {"trials": trials, "original": original, "processed": processed,
-                "original_metrics": original_metrics,
-                "processed_metrics": None if processed is None else evaluate_scores(processed, trials.labels)}
+        processed = self.trainer.processed_scores(trials, self.args.multiple_embedding_flag)
+        return evaluate_scores(processed, trials.labels) if self.ctx.is_main else None
 
     # -- scoring with back-ends (--check, --eval) ---------------------------------------------
 
@@ -445,7 +437,6 @@ class Experiment:
         for name in TRIAL_LABELS:
             trials = self.trials(name)
             if trials is None:
-                self.say("%s trial list not set: skipped", "LibriSpeech" if name == "libri" else name)
                 continue
             scores = self.backend_scores(trials, backends, systems)
             if scores is None:
@@ -594,11 +585,10 @@ class Experiment:
             if validation.left_out:
                 self.say_once(f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "
                               f"speaker of {a.valid_list} has a class of the training speakers")
-        scores = {name: self.test_scores(name) for name in TRIAL_LABELS}
+        found = {name: self.processed_metrics(name) for name in TRIAL_LABELS}
         if not self.ctx.is_main:
             return
-        metrics = {name: result["processed_metrics"] if result else {"eer": nan, "mindcf": nan}
-                   for name, result in scores.items()}
+        metrics = {name: result or {"eer": nan, "mindcf": nan} for name, result in found.items()}
         line = score_line({"Epoch": epoch, "VLoss": vloss, "VEER": metrics["test"]["eer"],
                            "VEER_LIBRI": metrics["libri"]["eer"], "Vacc": vacc,
                            "VMINDCF": metrics["test"]["mindcf"],
