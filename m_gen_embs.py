@@ -176,7 +176,7 @@ def crop_length(eval_frames: int) -> int:
 
 
 def crop_starts(n_samples: int, crop: int, num_eval: int) -> np.ndarray:
-    """Evenly spaced integer starts from 0 to n_samples - crop (truncated, as the original)."""
+    """Evenly spaced integer starts from 0 to n_samples - crop (truncated, as the original repository)."""
     return np.linspace(0, n_samples - crop, num=num_eval).astype(np.int64)
 
 
