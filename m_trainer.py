@@ -507,13 +507,13 @@ class Experiment:
             trials = result["trials"]
             for (_, backend), scores in result["scores"].items():
                 p = evaluate_scores(scores, trials.labels)
-                label = name if backend == "none" else f"{name} {backend}"
-                print(f"[{label}] EER {p['eer']:.4f}, minDCF(0.05) {p['mindcf']:.4f}, "
+                heading = name if backend == "none" else f"{name} {backend}"
+                print(f"[{heading}] EER {p['eer']:.4f}, minDCF(0.05) {p['mindcf']:.4f}, "
                       f"minDCF(0.01) {p['mindcf01']:.4f}, threshold {p['threshold']:.6f}, "
                       f"trials {len(trials)}", flush=True)
-                lines = [f"{s:.6f} {label} {trials.files[i]} {trials.files[j]}"
-                         for s, label, i, j in zip(scores, trials.labels, trials.left, trials.right,
-                                                   strict=True)]
+                lines = [f"{score:.6f} {target} {trials.files[i]} {trials.files[j]}"
+                         for score, target, i, j in zip(scores, trials.labels, trials.left, trials.right,
+                                                        strict=True)]
                 suffix = "" if backend == "none" else f"_{backend}"
                 score_path = self.result_dir / f"eval_scores_{name}{suffix}.txt"
                 write_text_atomic(score_path, "\n".join(lines) + "\n")
