@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 from array import array
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -280,6 +279,9 @@ class Batch:
         return int(self.inputs.shape[0])
 
 
+# Input rows an epoch on a GPU gathers in one operation per field: 8 MB of inputs at 512
+# dimensions, and as much again of targets (about 20 steps at batch size 200).
+GPU_CHUNK_ROWS = 4096
 # Batch fields gathered from a table of EmbeddingData (by row); the other fields are values.
 GATHERED_FROM = {"inputs": "embeddings", "targets": "speaker_embeddings", "others": "speaker_embeddings"}
 
@@ -336,6 +338,10 @@ class EmbeddingData:
         self.target = np.array([target_of[s] for s in spk], np.int64)
         self.label = np.array([label_of.get(s, -1) for s in spk], np.int64)
         self.device = device
+        self._speaker_pairs: list[np.ndarray] | None = None
+        # Rows gathered at once in an epoch (0: one gather per batch). On a GPU each operation
+        # costs the host a launch, the same for 200 rows as for 4,096, and steps are short.
+        self.chunk_rows = GPU_CHUNK_ROWS if self.embeddings.device.type != "cpu" else 0
 
     def __len__(self) -> int:
         return len(self.target)
@@ -356,14 +362,18 @@ class EmbeddingData:
 
     # -- batch assembly ------------------------------------------------------------------------
     # A batch is first a set of index arrays (numpy), then gathered from the tables. On a GPU the
-    # index arrays of a whole epoch travel in one copy: a copy per batch would make the host wait
-    # for the GPU to finish the previous step every time.
+    # index arrays of a whole epoch travel in one copy (a copy per batch would make the host wait
+    # for the GPU to finish the previous step every time) and rows are gathered for many batches
+    # at once (see chunk_rows).
 
-    def batch_indices(self, records: np.ndarray) -> dict[str, np.ndarray]:
+    def batch_indices(self, records: np.ndarray, batch: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Index arrays of the batch of record indices `records` (pairs for a distribution list):
-        rows of the tables for the Batch fields in GATHERED_FROM, values for the others."""
+        rows of the tables for the Batch fields in GATHERED_FROM, values for the others. `batch`
+        numbers the batch of each record where `records` holds several batches back to back: a
+        distribution batch orders its pairs by speaker, same-category pairs first."""
         if self.kind == "distribution":
-            pairs = records[np.lexsort((~self.pair_same[records], self.target[records]))]
+            keys = (~self.pair_same[records], self.target[records]) + (() if batch is None else (batch,))
+            pairs = records[np.lexsort(keys)]
             per_row = np.repeat(pairs, 2)
             return {"inputs": np.stack([self.pair_a[pairs], self.pair_b[pairs]], axis=1).reshape(-1),
                     "targets": self.target[per_row], "labels": self.label[per_row],
@@ -395,25 +405,47 @@ class EmbeddingData:
         """The Batch of record indices `records` (pairs for a distribution list)."""
         return self.assemble(self.batch_indices(records), weight)
 
-    def _batches_on_device(self, parts: Iterable[tuple[np.ndarray, float]]) -> Iterator[Batch]:
-        """Batches of `parts`, their index arrays copied to the device once for all."""
-        plans = [(self.batch_indices(records), weight) for records, weight in parts]
-        if not plans:
+    def _batches_in_chunks(self, parts: Iterable[tuple[np.ndarray, float]]) -> Iterator[Batch]:
+        """Batches of `parts` built with a few device operations per many steps: the epoch's index
+        arrays go to the device in one copy, the table rows of about `chunk_rows` inputs are
+        gathered in one operation per field, and each batch is a slice of those (a view)."""
+        parts = list(parts)
+        sizes = np.array([len(records) for records, _ in parts], np.int64)
+        if not sizes.sum():
             return
-        names = list(plans[0][0])
-        bounds = {name: np.cumsum([0] + [len(indices[name]) for indices, _ in plans]) for name in names}
-        flat = {name: torch.as_tensor(np.concatenate([indices[name] for indices, _ in plans]),
-                                      device=self.embeddings.device) for name in names}
-        for k, (_, weight) in enumerate(plans):
-            yield self.assemble({name: flat[name][bounds[name][k]:bounds[name][k + 1]] for name in names},
-                                weight)
+        records = np.concatenate([records for records, _ in parts])
+        indices = self.batch_indices(records, np.repeat(np.arange(len(parts)), sizes))
+        record_bounds = np.concatenate([[0], np.cumsum(sizes)])
+        # A field has one or two entries a record (a distribution pair gives two rows).
+        bounds = {name: (record_bounds * (len(values) // len(records))).tolist()
+                  for name, values in indices.items()}
+        flat = {name: torch.as_tensor(values, device=self.embeddings.device)
+                for name, values in indices.items()}
+        names = list(indices)
+        gathered_names = [name for name in names if name in GATHERED_FROM]
+        starts = chunk_starts(np.diff(bounds["inputs"]), self.chunk_rows)
+        for first, stop in zip(starts[:-1], starts[1:], strict=True):
+            chunk = {name: getattr(self, GATHERED_FROM[name]).index_select(
+                         0, flat[name][bounds[name][first]:bounds[name][stop]])
+                     for name in gathered_names}
+            for k in range(first, stop):
+                fields = {}
+                for name in names:
+                    lo, hi = bounds[name][k], bounds[name][k + 1]
+                    if name in chunk:
+                        offset = bounds[name][first]
+                        fields[name] = chunk[name][lo - offset:hi - offset]
+                    else:
+                        fields[name] = flat[name][lo:hi]
+                yield Batch(**fields, weight=parts[k][1])
 
     def speaker_pairs(self) -> list[np.ndarray]:
         """Pair indices grouped by speaker, in speaker order (distribution lists)."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, spk in enumerate(self.target.tolist()):
-            groups[spk].append(i)
-        return [np.array(groups[spk], np.int64) for spk in sorted(groups)]
+        if self._speaker_pairs is None:
+            order = np.argsort(self.target, kind="stable")
+            starts = np.flatnonzero(np.diff(self.target[order])) + 1
+            self._speaker_pairs = np.split(order, starts) if len(order) else []
+        return self._speaker_pairs
 
     # -- epochs ----------------------------------------------------------------------------------
 
@@ -441,8 +473,8 @@ class EmbeddingData:
         parts = (self._rank_part(items, ctx, sampling.get("n_per_speaker", 1))
                  for items in self.global_batches(batch_size, seed, epoch, ctx.world_size, **sampling))
         parts = (part for part in parts if part is not None)
-        if self.embeddings.device.type != "cpu":
-            yield from self._batches_on_device(parts)
+        if self.chunk_rows:
+            yield from self._batches_in_chunks(parts)
             return
         for part in parts:
             yield self.batch_of(*part)
@@ -450,6 +482,8 @@ class EmbeddingData:
     def _rank_part(self, items: np.ndarray, ctx: DistContext,
                    n_per_speaker: int) -> tuple[np.ndarray, float] | None:
         """This rank's records of a global batch and their loss weight (None: nothing here)."""
+        if ctx.world_size == 1:
+            return items, 1.0
         if self.kind == "distribution":
             return self._speaker_shard(items, ctx)
         if n_per_speaker > 1:
@@ -471,6 +505,18 @@ class EmbeddingData:
         if mine is None:
             return None
         return mine[0].reshape(-1), mine[1]
+
+
+def chunk_starts(batch_rows: np.ndarray, chunk_rows: int) -> list[int]:
+    """Where chunks of consecutive batches start (and, last, the number of batches), each chunk
+    holding at most `chunk_rows` rows or a single batch that has more."""
+    starts, rows = [0], 0
+    for k, size in enumerate(batch_rows.tolist()):
+        if rows and rows + size > chunk_rows:
+            starts.append(k)
+            rows = 0
+        rows += size
+    return starts + [len(batch_rows)]
 
 
 def speaker_grouped_batches(speaker: np.ndarray, groups_per_batch: int, n_per_speaker: int,

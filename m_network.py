@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from loss.m_Losses import loss_class
-from m_DataLoader import EmbeddingData, TrialSet
+from m_DataLoader import Batch, EmbeddingData, TrialSet
 from m_scoring import score_trials
 from m_utils import (
     NO_ACCURACY,
@@ -156,20 +156,31 @@ class Trainer:
         """One epoch; returns the mean training loss over this rank's samples (all ranks)."""
         torch.manual_seed(seed + epoch)
         self.module.train()
-        # Summed on the device: reading the loss back every step would stall a GPU once per batch.
+        # Summed on the device, in one operation a step: reading the loss back every step would
+        # stall a GPU once per batch.
         loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for batch in data.epoch(batch_size, seed, epoch, self.ctx, **sampling):
-            clear_gradients(self.optimizer, self.device)
-            with self._autocast():
-                loss, _ = self.module(batch)
-            self.scaler.scale(loss * batch.weight).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            loss_sum += loss.detach().double() * batch.size
+            loss_sum.add_(self.step(batch), alpha=batch.size)
             count += batch.size
         self.scheduler.step()
         total = self.all_reduce(torch.tensor([loss_sum.item(), count], dtype=torch.float64))
         return float(total[0] / max(total[1], 1))
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        """One optimiser step on `batch`; returns its loss (detached, on the device). Without mixed
+        precision the gradient scaler is skipped, and so is the weight of a whole batch (1)."""
+        clear_gradients(self.optimizer, self.device)
+        with self._autocast():
+            loss, _ = self.module(batch)
+        weighted = loss if batch.weight == 1.0 else loss * batch.weight
+        if self.mixedprec:
+            self.scaler.scale(weighted).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            weighted.backward()
+            self.optimizer.step()
+        return loss.detach()
 
     @torch.no_grad()
     def validate(self, data: EmbeddingData, batch_size: int, seed: int, **sampling) -> Validation:

@@ -100,6 +100,7 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 # utterance there); on a GPU on all --audio_files.
 CPU_EXTRACT_FILES = 32
 TRAIN_SLACK = 1.15
+GPU_TRAIN_SLACK = 1.10  # an epoch on a GPU: its batches are slices of rows gathered many at once
 MEMORY_FACTOR = 1.5
 MEMORY_STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", *VOX1E_STAGES)
 MODEL = "MyLinearNetv2"
@@ -534,8 +535,11 @@ def make_record(name: str, project: float, baseline: float | None, peaks: dict[s
 
 
 def load_list(args: argparse.Namespace, tree: Tree, kind: str) -> EmbeddingData:
-    return EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, EMBEDDING_TYPE[kind], args.dim,
+    data = EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, EMBEDDING_TYPE[kind], args.dim,
                          args.device, threads=args.workers)
+    if args.chunk_rows is not None:
+        data.chunk_rows = args.chunk_rows
+    return data
 
 
 def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
@@ -932,8 +936,9 @@ def verdicts(records: list[dict], budget: MemoryBudget) -> list[str]:
             lines.append(goal_line(f"{name} ratio {r['ratio']:.2f} >= {goal:g}", r["ratio"] >= goal))
         if COMPUTE_KEY in r:
             slowdown = r[COMPUTE_KEY] / r["project_per_s"]
-            lines.append(goal_line(f"{name} epoch at {slowdown:.3f}x its arithmetic limit <= {TRAIN_SLACK}",
-                                   slowdown <= TRAIN_SLACK))
+            slack = GPU_TRAIN_SLACK if GPU_KEY in r else TRAIN_SLACK
+            lines.append(goal_line(f"{name} epoch at {slowdown:.3f}x its arithmetic limit <= {slack}",
+                                   slowdown <= slack))
         if name in MEMORY_STAGES:
             where, peak = ("GPU", r[GPU_KEY]) if GPU_KEY in r else ("RSS", r["peak_rss_mb"])
             limit = budget.limit(name)
@@ -1009,6 +1014,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--audio_files", type=int, default=4000,
         help=f"files of each format (links to the synthetic utterances) in the decode and m4a stages; the "
              f"m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU")
+    add("--chunk_rows", type=int, default=None,
+        help="rows an epoch gathers at once (0: a gather per batch; default: the project's choice for "
+             "the device). Set on a CPU with a small --dim and --batch_size, it shows the GPU batch "
+             "path's host cost per step")
     add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one a core)")
     add("--min_seconds", type=float, default=1.0, help="repeat fast project timings this long")
     add("--device", default="auto", help="auto, cpu or cuda: where every stage runs")

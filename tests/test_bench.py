@@ -87,3 +87,14 @@ def test_bfloat16_peak_by_card_name(monkeypatch):
                          ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert bench.bf16_peak_flops(cuda) == (None if tflops is None else tflops * 1e12), name
+
+
+def test_training_epoch_goal_is_tighter_on_a_gpu():
+    """An epoch within 1.15x its arithmetic limit on a CPU, 1.10x on a GPU."""
+    record = {"name": "train_mse", "project_per_s": 100.0, "baseline_per_s": 50.0, "ratio": 2.0,
+              "peak_rss_mb": 10.0, bench.COMPUTE_KEY: 112.0}
+    line = "train_mse epoch at 1.120x its arithmetic limit <= "
+    assert bench.verdicts([record], BUDGET)[0] == f"  met      {line}1.15"
+    on_gpu = {**record, bench.GPU_KEY: 10.0}
+    assert bench.verdicts([on_gpu], BUDGET)[0] == f"  NOT met  {line}1.1"
+    assert bench.verdicts([{**on_gpu, bench.COMPUTE_KEY: 109.0}], BUDGET)[0].startswith("  met")

@@ -7,10 +7,10 @@ from conftest import make_embedding_tree
 
 import m_DataLoader
 from m_comb_embs import combine
-from m_DataLoader import EmbeddingData, embedding_file, speaker_grouped_batches
+from m_DataLoader import EmbeddingData, chunk_starts, embedding_file, speaker_grouped_batches
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer
-from m_utils import DistContext
+from m_utils import SINGLE, DistContext
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +124,20 @@ def test_distribution_batches_one_speaker_same_pairs_first(tree):
     ("normal", {}), ("triplet", {}), ("normal", {"n_per_speaker": 2}),
     ("distribution", {"speakers_per_step": 2}),
 ])
-def test_batches_built_from_one_index_copy_equal_per_batch_ones(tree, kind, sampling):
-    """The GPU path (an epoch's index arrays moved at once, then sliced) builds the same batches as
-    the per-batch path; run here on CPU tensors, which exercise the same code."""
+@pytest.mark.parametrize("chunk_rows", [1, 9, 100_000])
+def test_batches_sliced_from_chunks_equal_per_batch_ones(tree, kind, sampling, chunk_rows):
+    """The GPU path (an epoch's index arrays moved at once, rows gathered for several batches at a
+    time, each batch a slice) builds the same batches as the per-batch path; run here on CPU
+    tensors, which exercise the same code. Chunks of 1 row hold one batch each, of 9 rows one or
+    two, of 100,000 the whole epoch."""
     train = data(tree, kind)
     ctx = DistContext(rank=1, world_size=2, local_rank=1)
     parts = [train._rank_part(items, ctx, sampling.get("n_per_speaker", 1))
              for items in train.global_batches(5, 3, 2, ctx.world_size, **sampling)]
     parts = [part for part in parts if part is not None]
     expected = [train.batch_of(*part) for part in parts]
-    got = list(train._batches_on_device(parts))
+    train.chunk_rows = chunk_rows
+    got = list(train._batches_in_chunks(parts))
     assert len(got) == len(expected) > 1
     for a, b in zip(got, expected, strict=True):
         assert a.weight == b.weight
@@ -142,6 +146,37 @@ def test_batches_built_from_one_index_copy_equal_per_batch_ones(tree, kind, samp
             assert (x is None) == (y is None), name
             if x is not None:
                 assert torch.equal(x, y), name
+
+
+def test_chunks_hold_whole_batches_up_to_their_rows():
+    assert chunk_starts(np.array([5, 5, 5, 20, 1, 4]), 10) == [0, 2, 3, 4, 6]
+    assert chunk_starts(np.array([3, 3]), 1) == [0, 1, 2]
+    assert chunk_starts(np.array([], np.int64), 10) == [0, 0]
+
+
+def test_single_process_epochs_equal_a_one_rank_shard(tree):
+    """One process takes each global batch whole (no split): the same batches as sharding it over
+    a world of one would give."""
+    for kind, sampling in (("normal", {}), ("normal", {"n_per_speaker": 2}),
+                           ("distribution", {"speakers_per_step": 2})):
+        train = data(tree, kind)
+        for items in train.global_batches(5, 3, 2, 1, **sampling):
+            records, weight = train._rank_part(items, SINGLE, sampling.get("n_per_speaker", 1))
+            assert weight == 1.0 and np.array_equal(records, items)
+            if kind == "distribution":
+                records, weight = train._speaker_shard(items, SINGLE)
+            else:
+                records, weight = m_DataLoader.shard(items, SINGLE)
+            assert weight == 1.0 and np.array_equal(np.sort(records), np.sort(items))
+
+
+def test_speaker_pairs_group_every_pair_in_order(tree):
+    train = data(tree, "distribution")
+    groups = train.speaker_pairs()
+    assert [int(train.target[g[0]]) for g in groups] == sorted(set(train.target.tolist()))
+    for group in groups:
+        assert np.all(np.diff(group) > 0) and len(set(train.target[group].tolist())) == 1
+    assert sum(len(g) for g in groups) == len(train.target)
 
 
 def test_read_npy_equals_np_load_and_survives_many_threads(tmp_path):

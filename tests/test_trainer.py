@@ -66,28 +66,39 @@ def test_every_loss_trains_an_epoch(data, tmp_path, trainfunc):
 
 
 @pytest.mark.parametrize("trainfunc", ["MSE_CS", "MSE_Softmax", "MyTriplet_CS", "DA_MSE"])
-def test_gradients_zeroed_in_place_train_as_dropped_ones(data, trainfunc):
-    """On a CPU the Trainer zeroes gradients in place (no fresh allocation per step): the weights
-    after an epoch equal those of steps that drop the gradients (torch's default)."""
+def test_trainer_epochs_equal_a_plain_loop(data, trainfunc):
+    """The Trainer's epoch, with batches built one by one (the CPU path) or sliced from rows
+    gathered many batches at once (the GPU path, run here on CPU tensors), gives the weights and
+    the mean loss of a plain loop: gradients dropped each step (torch's default; the Trainer zeroes
+    them in place on a CPU), the loss read back each step."""
     kind = LIST_OF.get(trainfunc, "normal")
     train_data = EmbeddingData(data / "lists" / f"train_{kind}_list.txt", data / "train", kind, "B", 24)
-    nets = []
-    for in_place in (True, False):
+    results = {}
+    for way, chunk_rows in (("per batch", 0), ("chunks", 70), ("loop", 0)):
+        train_data.chunk_rows = chunk_rows
         torch.manual_seed(3)
         trainer = Trainer(SpeakerNet("MyLinearNetv2", trainfunc, nOut=24, nClasses=40), torch.device("cpu"))
-        if in_place:
-            trainer.train_epoch(train_data, 1, 32, seed=5)
+        if way != "loop":
+            mean_loss = trainer.train_epoch(train_data, 1, 32, seed=5)
         else:
             torch.manual_seed(5 + 1)
             trainer.net.train()
+            total, count = 0.0, 0
             for batch in train_data.epoch(32, 5, 1):
                 trainer.optimizer.zero_grad(set_to_none=True)
-                trainer.net(batch)[0].backward()
+                loss = trainer.net(batch)[0]
+                loss.backward()
                 trainer.optimizer.step()
+                total, count = total + loss.item() * batch.size, count + batch.size
+            mean_loss = total / count
             assert all(p.grad is not None for p in trainer.net.parameters() if p.requires_grad)
-        nets.append(trainer.net.state_dict())
-    for name, value in nets[0].items():
-        torch.testing.assert_close(value, nets[1][name], rtol=0, atol=0, msg=name)
+        results[way] = (mean_loss, trainer.net.state_dict())
+    loop_loss, loop_state = results["loop"]
+    for way in ("per batch", "chunks"):
+        mean_loss, state = results[way]
+        assert mean_loss == pytest.approx(loop_loss, rel=1e-12), way
+        for name, value in state.items():
+            torch.testing.assert_close(value, loop_state[name], rtol=0, atol=0, msg=f"{way}: {name}")
 
 
 def test_score_lines_keep_the_original_format():
