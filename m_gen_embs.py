@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def decode_compressed(path: Path) -> tuple[np.ndarray, int]:
             stream.codec_context.thread_count = 1
             as_float = av.AudioResampler(format="fltp")  # planar float32; rate and channels kept
             fifo, last_frame = av.AudioFifo(), 0  # one array at the end costs less than one a frame
-            for frame in [*container.decode(stream), None]:
+            for frame in chain(container.decode(stream), [None]):  # None: flush the resampler
                 for planar in as_float.resample(frame):
                     planar.pts = None  # the fifo refuses a gap between timestamps; the samples are good
                     fifo.write(planar)

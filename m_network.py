@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loss.m_Losses import loss_class
+from loss.m_Losses import CLASSIFIER_KEYS, loss_class
 from m_DataLoader import Batch, EmbeddingData, TrialSet
 from m_scoring import score_trials
 from m_utils import (
@@ -278,7 +278,6 @@ class Trainer:
 
 
 ORIGINAL_LAYER = re.compile(r"^__S__\.l(\d+)\.(weight|bias)$")
-ORIGINAL_CLASSIFIER = {"weight": "__L__.softmax.fc.weight", "bias": "__L__.softmax.fc.bias"}
 
 
 def original_network_state(checkpoint: dict, net: SpeakerNet, path: str | Path) -> dict[str, torch.Tensor]:
@@ -297,8 +296,8 @@ def original_network_state(checkpoint: dict, net: SpeakerNet, path: str | Path) 
     pairs = [(f"{SPEAKER_PREFIX}l{number}.{part}", f"model.{name}.{part}")
              for number, name in zip(theirs, ours, strict=True) for part in ("weight", "bias")]
     if "loss.fc.weight" in state:
-        if all(key in checkpoint for key in ORIGINAL_CLASSIFIER.values()):
-            pairs += [(key, f"loss.fc.{part}") for part, key in ORIGINAL_CLASSIFIER.items()]
+        if all(key in checkpoint for key in CLASSIFIER_KEYS.values()):
+            pairs += [(key, f"loss.fc.{part}") for part, key in CLASSIFIER_KEYS.items()]
         else:
             log.info("%s: holds no __L__.softmax.fc.*: the classifier starts at random", path)
     for theirs_key, our_key in pairs:

@@ -801,6 +801,9 @@ def decision_records(trials: str, scores: Mapping[tuple[str, str], np.ndarray], 
 # Results: records of one trial list (check.json) and their table
 
 SYSTEMS = ("original", "enhanced")
+# Names in a trials_<list>.npz of each system's none back-end scores: all that files of earlier
+# versions hold, still written beside `<system>/<back-end>` for readers of those files.
+NONE_ALIASES = {"original": "original", "processed": "enhanced"}
 
 
 def trial_list_records(trials: str, scores: Mapping[tuple[str, str], np.ndarray], labels: np.ndarray,

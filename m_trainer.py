@@ -30,6 +30,7 @@ from m_DataLoader import EmbeddingData, TrialSet, embedding_type_of, load_embedd
 from m_network import CHECKPOINT_NAME, OPTIMIZERS, SCHEDULERS, SpeakerNet, Trainer, checkpoints
 from m_scoring import (
     BACKENDS,
+    NONE_ALIASES,
     SYSTEMS,
     Backend,
     Calibration,
@@ -465,8 +466,8 @@ class Experiment:
         """result/trials_<name>.npz: labels, embedding type, and the scores of every (system,
         back-end) as `<system>/<back-end>`; `original` and `processed` are the none back-end's."""
         arrays = {f"{system}/{backend}": values for (system, backend), values in scores.items()}
-        arrays.update({alias: scores[(system, "none")] for alias, system in
-                       (("original", "original"), ("processed", "enhanced")) if (system, "none") in scores})
+        arrays.update({alias: scores[(system, "none")] for alias, system in NONE_ALIASES.items()
+                       if (system, "none") in scores})
         path = self.result_dir / f"trials_{name}.npz"
         atomic_write(path, lambda handle: np.savez(
             handle, labels=trials.labels, embedding_type=np.array(self.args.multiple_embedding_flag),

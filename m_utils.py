@@ -264,11 +264,15 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
             log.warning("%s: cannot be locked (%s); make sure no other run writes into it",
                         folder, err.strerror)
             os.close(fd)
-            yield
-            return
+            unlockable = True
+            break
+        unlockable = False
         if lock_file_is_current(fd, lock_path):
             break
         os.close(fd)
+    if unlockable:  # outside the except clause: the run's own errors must not chain to the flock's
+        yield
+        return
     try:
         record = f"{os.getpid()}\t{socket.gethostname()}\t{shlex.join(run_command())[:500]}\n".encode()
         os.pwrite(fd, record, 0)

@@ -28,7 +28,16 @@ from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
 from m_DataLoader import EMBEDDING_TYPES, embedding_file, load_embeddings, read_list
-from m_scoring import BACKENDS, compute_eer, error_rates, evaluate_scores, min_dcf_of_rates, score_trials
+from m_scoring import (
+    BACKENDS,
+    NONE_ALIASES,
+    SYSTEMS,
+    compute_eer,
+    error_rates,
+    evaluate_scores,
+    min_dcf_of_rates,
+    score_trials,
+)
 from m_utils import (
     TRAIN_FIELDS,
     VAL_FIELDS,
@@ -50,11 +59,10 @@ DET_RANGE_PERCENT = (0.05, 70.0)
 MIN_DCF_P_TARGET = 0.05
 TRIAL_FILES = (("test", "test list"), ("libri", "LibriSpeech list"))
 # A trials_*.npz holds labels, embedding_type and the scores of each (system, back-end) as
-# `<system>/<back-end>`; `original` and `processed` are the none back-end's (all that files of
-# earlier versions hold, with the embedding type as `metric`).
-LEGACY_SCORES = {"original": ("original", "none"), "processed": ("enhanced", "none")}
+# `<system>/<back-end>`, and the none back-end's under m_scoring.NONE_ALIASES (files of earlier
+# versions hold those alone, with the embedding type as `metric`).
 OLD_TYPE_KEY = "metric"
-SYSTEM_STYLE = {"original": ":", "enhanced": "-"}
+SYSTEM_STYLE = dict(zip(SYSTEMS, (":", "-"), strict=True))  # DET line style of each system
 
 @dataclass
 class Scores:
@@ -234,10 +242,10 @@ def load_trial_scores(path: str | Path) -> TrialScores:
     arrays.setdefault("embedding_type", arrays.get(OLD_TYPE_KEY))
     scores = {tuple(key.split("/")): values.astype(np.float64)
               for key, values in arrays.items() if "/" in key}
-    for key, pair in LEGACY_SCORES.items():
-        if key in arrays and pair not in scores:
-            scores[pair] = arrays[key].astype(np.float64)
-    missing = ([] if scores else list(LEGACY_SCORES)) + [key for key in ("labels", "embedding_type")
+    for alias, system in NONE_ALIASES.items():
+        if alias in arrays and (system, "none") not in scores:
+            scores[(system, "none")] = arrays[alias].astype(np.float64)
+    missing = ([] if scores else list(NONE_ALIASES)) + [key for key in ("labels", "embedding_type")
                                                          if arrays.get(key) is None]
     if missing:
         raise UserError(f"{path}: trial scores lack the array(s) {', '.join(missing)} (expected labels, "
@@ -254,8 +262,8 @@ def score_order(item: tuple[tuple[str, str], np.ndarray]) -> tuple[int, int]:
     """Sort key of (system, back-end) scores: by back-end (none first), original before enhanced."""
     (system, backend), _ = item
     known = list(BACKENDS)
-    return (known.index(backend) if backend in known else len(known), list(SYSTEM_STYLE).index(system)
-            if system in SYSTEM_STYLE else len(SYSTEM_STYLE))
+    return (known.index(backend) if backend in known else len(known),
+            SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS))
 
 
 def scoring_name(embedding_type: str) -> str:
@@ -584,7 +592,7 @@ def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
             trials = load_trial_scores(path)
             for backend in trials.backends():
                 rows.append(comparison_row(name, label if backend == "none" else f"{label}, {backend}",
-                                           *(trials.scores.get((system, backend)) for system in SYSTEM_STYLE),
+                                           *(trials.scores.get((system, backend)) for system in SYSTEMS),
                                            trials.labels))
     if not rows:
         return ""

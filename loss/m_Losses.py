@@ -215,12 +215,15 @@ def loss_class(name: str) -> type[EnhancementLoss]:
     return LOSSES[name]
 
 
+# The Softmax layer's tensors in a voxceleb_trainer checkpoint (and in the original repository's).
+CLASSIFIER_KEYS = {part: f"{LOSS_PREFIX}softmax.fc.{part}" for part in ("weight", "bias")}
+
+
 def classifier_from_checkpoint(path: str, fc: nn.Linear) -> dict[str, torch.Tensor]:
     """`__L__.softmax.fc.{weight,bias}` of an extractor checkpoint, checked against `fc`."""
     state, _ = voxceleb_trainer_state(read_checkpoint(path, "softmax_init checkpoint"))
     found = {}
-    for name in ("weight", "bias"):
-        key = f"{LOSS_PREFIX}softmax.fc.{name}"
+    for name, key in CLASSIFIER_KEYS.items():
         expected = tuple(getattr(fc, name).shape)
         if key not in state:
             raise UserError(f"{path}: no '{key}' to initialise the Softmax layer")

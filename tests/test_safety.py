@@ -318,3 +318,18 @@ def test_a_write_failure_in_a_distributed_extraction_stops_it_with_the_message(t
     error = script_error(lambda: m_gen_embs.main(args), capsys)
     assert error == f"error: {blocked}: cannot write it (Is a directory) (distributed process 0)"
     assert not (emb / LOCK_NAME).exists()
+
+
+def test_a_folder_that_cannot_be_locked_runs_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A file system without flock (ENOLCK on some network mounts): the run goes on, unlocked, with
+    a warning, and an error of the run itself is not reported as raised while handling the flock's."""
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(m_utils.fcntl, "flock", no_locks)
+    with pytest.raises(ValueError, match="the run's own error") as raised:
+        with folder_lock(tmp_path, "save_path"):
+            raise ValueError("the run's own error")
+    assert raised.value.__context__ is None
+    assert "cannot be locked" in caplog.text and str(tmp_path) in caplog.text
