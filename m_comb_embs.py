@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from m_DataLoader import (
     EMBEDDING_TYPES,
-    SIDE_FILES,
     STORE_DTYPES,
     KaldiSource,
     Stamp,
@@ -40,10 +39,8 @@ from m_DataLoader import (
     combine_speaker,
     crop_mean,
     crop_means,
-    files_stamp,
     folder_files,
     key_speaker,
-    merge_stamps,
     pack_means,
     read_embedding,
     reduce_means,
@@ -52,6 +49,7 @@ from m_DataLoader import (
     speaker_folders,
     store_key,
     store_path_of,
+    tree_stamp,
 )
 from m_utils import Options, UserError, add_options, run_lock, run_main, save_npy_atomic, setup_logging
 
@@ -130,7 +128,7 @@ class TreePacker:
         self.speaker_of.append(np.full(len(rels), len(self.speakers), np.int32))
         self.speakers.append(spk)
 
-    def finish(self, stamp: Stamp) -> Path | None:
+    def finish(self, stamp: Stamp | None) -> Path | None:
         if self.builder is None:
             return None
         with self.builder:
@@ -140,7 +138,8 @@ class TreePacker:
             tables = {name: np.stack(rows_) for name, rows_ in self.tables.items()}
             return self.builder.finish(self.keys, self.speakers, np.concatenate(self.speaker_of), tables,
                                        {"source": str(self.embed_dir), "source_kind": "tree",
-                                        "stamp": asdict(stamp)}, side_dir=self.embed_dir)
+                                        "stamp": asdict(stamp) if stamp else None},
+                                       side_dir=self.embed_dir)
 
 
 def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
@@ -150,14 +149,13 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
     embed_dir = Path(embed_dir)
     if embed_dir.suffix == ".scp":
         return pack_scp(embed_dir, dtype)
-    listing = [(folder, *folder_files(folder, with_stats=True)) for folder in tree_speakers(embed_dir)]
-    stamp = files_stamp(embed_dir / name for name in SIDE_FILES)
-    for _, _, folder_stamp in listing:
-        stamp = merge_stamps(stamp, folder_stamp)
-    for folder, rels, _ in listing:
+    folders = tree_speakers(embed_dir)
+    stamp = tree_stamp(embed_dir) if pack else None  # before reading: a file changed later is seen
+    listing = [(folder, folder_files(folder)) for folder in folders]
+    for folder, rels in listing:
         if not rels:
             log.warning("%s: no utterance embeddings, skipped", folder)
-    listing = [(folder, rels) for folder, rels, _ in listing if rels]
+    listing = [(folder, rels) for folder, rels in listing if rels]
     total = sum(len(rels) for _, rels in listing)
     chunks = [(k, rels[start:start + CHUNK]) for k, (_, rels) in enumerate(listing)
               for start in range(0, len(rels), CHUNK)]

@@ -59,7 +59,7 @@ def tree_paths(embed_dir: Path) -> list[str]:
     packed stores ignored), relative to it."""
     paths = []
     for folder in speaker_folders(embed_dir):
-        paths += [rel for rel in folder_files(folder)[0] if rel.count("/") >= 2]
+        paths += [rel for rel in folder_files(folder) if rel.count("/") >= 2]
     if not paths:
         raise UserError(f"{embed_dir}: no <speaker>/<category>/<file>.npy embeddings found")
     return paths
