@@ -17,7 +17,9 @@ import torch
 import yaml
 from conftest import make_embedding_tree, run_script
 
+import m_comb_embs
 import m_DataLoader
+import m_gen_list
 import m_trainer
 from m_comb_embs import combine
 from m_DataLoader import (
@@ -254,9 +256,9 @@ def run_layout(root: Path, layout: str) -> dict[str, object]:
     stores = {}
     for name, speakers, seed in (("train", 8, 0), ("test", 5, 1)):
         stores[name] = write_layout(root / name, utterance_arrays(speakers, seed), layout)
-        run_script("m_comb_embs.py", "--embed_dir", str(stores[name]))
-        run_script("m_gen_list.py", "--embed_dir", str(stores[name]), "--filename", name,
-                   "--list_dir", str(root / "lists"), "--seed", "3")
+        m_comb_embs.main(["--embed_dir", str(stores[name])])
+        m_gen_list.main(["--embed_dir", str(stores[name]), "--filename", name,
+                         "--list_dir", str(root / "lists"), "--seed", "3"])
     test_list = root / "lists" / "test_test_list.txt"
     if layout == "kaldi":  # WeSpeaker's trial format
         test_list = root / "lists" / "vox_test.kaldi"
@@ -269,8 +271,8 @@ def run_layout(root: Path, layout: str) -> dict[str, object]:
         "max_epoch": 2, "test_interval": 1, "nClasses": 8, "device": "cpu", "bootstrap": 20,
         "backends": ["none", "asnorm", "mean"], "asnorm_topk": 5}))
     save = root / "exp"
-    run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save))
-    run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--check")
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save)])
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--check"])
     lists = {path.name.split("_", 1)[1]: sorted(" ".join(store_key(f) for f in line.split())
                                                 for line in path.read_text().splitlines())
              for path in sorted((root / "lists").glob("*_list.txt"))}
