@@ -262,8 +262,9 @@ def run_layout(root: Path, layout: str) -> dict[str, object]:
     test_list = root / "lists" / "test_test_list.txt"
     if layout == "kaldi":  # WeSpeaker's trial format
         test_list = root / "lists" / "vox_test.kaldi"
+        trials = read_list(root / "lists" / "test_test_list.txt", "test")
         test_list.write_text("".join(f"{a} {b} {'target' if label else 'nontarget'}\n"
-                                     for label, a, b in read_list(root / "lists" / "test_test_list.txt", "test")))
+                                     for label, a, b in trials))
     cfg = root / "exp.yaml"
     cfg.write_text(yaml.safe_dump({
         "train_list": str(root / "lists" / "train_normal_list.txt"), "train_path": str(stores["train"]),
