@@ -457,14 +457,16 @@ def l2_normalize(array: np.ndarray) -> np.ndarray:
     return array / np.maximum(norm, 1e-12)
 
 
-def check_embedding(array: np.ndarray, path: Path | str, dim: int | None = None) -> np.ndarray:
-    """Validate an embedding file's array: (crops, D) or (D,), finite, of dimension `dim`."""
+def check_embedding(array: np.ndarray, path: Path | str, dim: int | None = None,
+                    finite: bool = True) -> np.ndarray:
+    """Validate an embedding file's array: (crops, D) or (D,), of dimension `dim`, finite (unless
+    the caller checks that of many arrays at once)."""
     if array.ndim not in (1, 2) or array.size == 0:
         raise UserError(f"{path}: expected an embedding of shape (crops, D) or (D,), "
                         f"found shape {array.shape}")
     if dim is not None and array.shape[-1] != dim:
         raise UserError(f"{path}: embedding dimension {array.shape[-1]} does not match nOut {dim}")
-    if not np.isfinite(array).all():
+    if finite and not np.isfinite(array).all():
         raise UserError(f"{path}: embedding holds NaN or infinite values")
     return array
 
@@ -515,14 +517,14 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
     return values.reshape(shape, order="F" if fortran_order else "C")
 
 
-def read_embedding(path: Path, dim: int | None = None) -> np.ndarray:
+def read_embedding(path: Path | str, dim: int | None = None, finite: bool = True) -> np.ndarray:
     try:
         array = read_npy(path)
     except FileNotFoundError:
         raise UserError(f"{path}: embedding file not found (m_gen_embs.py writes them)") from None
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable .npy embedding ({err})") from None
-    return check_embedding(np.asarray(array), path, dim)
+    return check_embedding(np.asarray(array), path, dim, finite)
 
 
 def crop_mean(array: np.ndarray) -> np.ndarray:
@@ -1416,39 +1418,7 @@ class EmbeddingData:
         return self.assemble(self.batch_indices(records), weight)
 
     def _batches_in_chunks(self, parts: Iterable[tuple[np.ndarray, float]]) -> Iterator[Batch]:
-        """Batches of `parts` built with a few device operations per many steps: the epoch's index
-        arrays go to the device in one copy, the table rows of about `chunk_rows` inputs are
-        gathered in one operation per field, and each batch is a slice of those (a view)."""
-        parts = list(parts)
-        sizes = np.array([len(records) for records, _ in parts], np.int64)
-        if not sizes.sum():
-            return
-        records = np.concatenate([records for records, _ in parts])
-        indices = self.batch_indices(records, np.repeat(np.arange(len(parts)), sizes))
-        record_bounds = np.concatenate([[0], np.cumsum(sizes)])
-        # A field has one or two entries a record (a distribution pair gives two rows).
-        bounds = {name: (record_bounds * (len(values) // len(records))).tolist()
-                  for name, values in indices.items()}
-        flat = {name: torch.as_tensor(values, device=self.embeddings.device)
-                for name, values in indices.items()}
-        names = list(indices)
-        gathered = self.list_kind.gathered
-        gathered_names = [name for name in names if name in gathered]
-        starts = chunk_starts(np.diff(bounds["inputs"]), self.chunk_rows)
-        for first, stop in zip(starts[:-1], starts[1:], strict=True):
-            chunk = {name: getattr(self, gathered[name]).index_select(
-                         0, flat[name][bounds[name][first]:bounds[name][stop]])
-                     for name in gathered_names}
-            for k in range(first, stop):
-                fields = {}
-                for name in names:
-                    lo, hi = bounds[name][k], bounds[name][k + 1]
-                    if name in chunk:
-                        offset = bounds[name][first]
-                        fields[name] = chunk[name][lo - offset:hi - offset]
-                    else:
-                        fields[name] = flat[name][lo:hi]
-                yield Batch(**fields, weight=parts[k][1])
+        return chunked_batches(self, parts)
 
     def speaker_pairs(self) -> list[np.ndarray]:
         """Pair indices grouped by speaker, in speaker order (distribution lists)."""
@@ -1493,6 +1463,42 @@ class EmbeddingData:
         if mine is None:
             return None
         return pairs[np.isin(self.target[pairs], mine[0])], 1.0
+
+
+def chunked_batches(data: EmbeddingData, parts: Iterable[tuple[np.ndarray, float]]) -> Iterator[Batch]:
+    """Batches of `parts` built with a few device operations per many steps: the epoch's index
+    arrays go to the device in one copy, the table rows of about `chunk_rows` inputs are
+    gathered in one operation per field, and each batch is a slice of those (a view)."""
+    parts = list(parts)
+    sizes = np.array([len(records) for records, _ in parts], np.int64)
+    if not sizes.sum():
+        return
+    records = np.concatenate([records for records, _ in parts])
+    indices = data.batch_indices(records, np.repeat(np.arange(len(parts)), sizes))
+    record_bounds = np.concatenate([[0], np.cumsum(sizes)])
+    # A field has one or two entries a record (a distribution pair gives two rows).
+    bounds = {name: (record_bounds * (len(values) // len(records))).tolist()
+              for name, values in indices.items()}
+    flat = {name: torch.as_tensor(values, device=data.embeddings.device)
+            for name, values in indices.items()}
+    names = list(indices)
+    gathered = data.list_kind.gathered
+    gathered_names = [name for name in names if name in gathered]
+    starts = chunk_starts(np.diff(bounds["inputs"]), data.chunk_rows)
+    for first, stop in zip(starts[:-1], starts[1:], strict=True):
+        chunk = {name: getattr(data, gathered[name]).index_select(
+                     0, flat[name][bounds[name][first]:bounds[name][stop]])
+                 for name in gathered_names}
+        for k in range(first, stop):
+            fields = {}
+            for name in names:
+                lo, hi = bounds[name][k], bounds[name][k + 1]
+                if name in chunk:
+                    offset = bounds[name][first]
+                    fields[name] = chunk[name][lo - offset:hi - offset]
+                else:
+                    fields[name] = flat[name][lo:hi]
+            yield Batch(**fields, weight=parts[k][1])
 
 
 def chunk_starts(batch_rows: np.ndarray, chunk_rows: int) -> list[int]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,7 @@ from m_DataLoader import (
     KaldiSource,
     Stamp,
     StoreBuilder,
+    check_embedding,
     combine_speaker,
     crop_mean,
     crop_means,
@@ -89,21 +91,28 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Itera
         yield future.result()
 
 
-def read_chunk(files: list[Path]) -> np.ndarray:
-    """(files, D) float64 crop means of a chunk of one speaker's files."""
-    arrays = [read_embedding(path) for path in files]
+def read_chunk(files: list[str]) -> np.ndarray:
+    """(files, D) float64 crop means of a chunk of one speaker's files; finiteness is checked on
+    the means (a NaN or infinity in a file makes its mean one)."""
+    arrays = [read_embedding(path, finite=False) for path in files]
     dims = {a.shape[-1] for a in arrays}
     if len(dims) > 1:
-        raise UserError(f"{files[0].parent}: utterance embeddings of different dimensions {sorted(dims)}")
-    return crop_means(arrays)
+        raise UserError(f"{os.path.dirname(files[0])}: utterance embeddings of different dimensions "
+                        f"{sorted(dims)}")
+    means = crop_means(arrays)
+    if not np.isfinite(means).all():
+        for path, array in zip(files, arrays, strict=True):
+            check_embedding(array, path)
+    return means
 
 
 class TreePacker:
     """Reads a tree speaker by speaker, writes each speaker's B and C files and (when packing)
     fills the packed store's rows."""
 
-    def __init__(self, embed_dir: Path, pack: bool, dtype: str):
-        self.embed_dir, self.pack, self.dtype = embed_dir, pack, dtype
+    def __init__(self, embed_dir: Path, pack: bool, dtype: str, pool: ThreadPoolExecutor):
+        self.embed_dir, self.pack, self.dtype, self.pool = embed_dir, pack, dtype, pool
+        self.writes: list[Future] = []  # B/C files, written (and synced) on the pool's threads
         self.builder: StoreBuilder | None = None
         self.keys: list[str] = []
         self.speakers: list[str] = []
@@ -117,18 +126,31 @@ class TreePacker:
                             f"other speakers' are {min(dims - {means.shape[1]})}")
         for name in EMBEDDING_TYPES:
             embedding = combine_speaker(means, name)
-            save_npy_atomic(self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk), embedding)
+            self.writes.append(self.pool.submit(
+                save_npy_atomic, self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk), embedding))
             self.tables[name].append(embedding)
         if not self.pack:
             return
         if self.builder is None:
             self.builder = StoreBuilder(store_path_of(self.embed_dir), total, means.shape[1], self.dtype)
         self.builder.put(len(self.keys), *reduce_means(means, [self.embed_dir / rel for rel in rels]))
+        self.settle()
         self.keys += [store_key(rel) for rel in rels]
         self.speaker_of.append(np.full(len(rels), len(self.speakers), np.int32))
         self.speakers.append(spk)
 
+    def settle(self, wait: bool = False) -> None:
+        """Raise the error of a failed B/C write (all of them waited for with `wait`)."""
+        pending = []
+        for write in self.writes:
+            if wait or write.done():
+                write.result()
+            else:
+                pending.append(write)
+        self.writes = pending
+
     def finish(self, stamp: Stamp | None) -> Path | None:
+        self.settle(wait=True)
         if self.builder is None:
             return None
         with self.builder:
@@ -159,11 +181,12 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
     total = sum(len(rels) for _, rels in listing)
     chunks = [(k, rels[start:start + CHUNK]) for k, (_, rels) in enumerate(listing)
               for start in range(0, len(rels), CHUNK)]
-    packer = TreePacker(embed_dir, pack, dtype)
     means: list[np.ndarray] = []
+    root = str(embed_dir)
     with ThreadPoolExecutor(max(1, threads)) as pool, \
             tqdm(total=total, desc="reading embeddings", unit="file", unit_scale=True) as bar:
-        results = ordered_map(pool, lambda chunk: read_chunk([embed_dir / rel for rel in chunk[1]]),
+        packer = TreePacker(embed_dir, pack, dtype, pool)
+        results = ordered_map(pool, lambda chunk: read_chunk([os.path.join(root, rel) for rel in chunk[1]]),
                               chunks, window=4 * max(1, threads))
         for (k, chunk), chunk_means in zip(chunks, results, strict=True):
             means.append(chunk_means)
@@ -172,7 +195,7 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
             if sum(len(m) for m in means) == len(rels):
                 packer.add(folder.name, rels, np.concatenate(means), total)
                 means = []
-    store = packer.finish(stamp)
+        store = packer.finish(stamp)
     if store is not None:
         log.info("packed %d utterances into %s", total, store)
     return len(listing)
