@@ -393,12 +393,14 @@ def training_kind(kind: str | ListKind) -> TrainingKind:
 def iter_list(path: str | os.PathLike, kind: str | ListKind) -> Iterator[tuple]:
     """The records of a list file of `kind`, one line at a time; blank lines and `#` comments are
     skipped. Labels and flags come back as ints (0/1). Errors name the file and line."""
-    parse = list_kind(kind).line_parser(Path(path))
+    kind = list_kind(kind)
+    parse = kind.line_parser(Path(path))
+    plain = len(kind.fields) if not kind.binary and type(kind).line_parser is ListKind.line_parser else 0
     for lineno, line in enumerate(user_text_lines(path, "list file", "m_gen_list.py"), start=1):
         parts = line.split()
-        if not parts or parts[0].startswith("#"):
+        if not parts or parts[0][0] == "#":
             continue
-        yield parse(parts, lineno=lineno)
+        yield tuple(parts) if len(parts) == plain else parse(parts, lineno=lineno)
 
 
 def read_list(path: str | os.PathLike, kind: str | ListKind) -> list[tuple]:
@@ -576,6 +578,13 @@ def store_key(path: str) -> str:
 
 
 KEY_SUFFIXES = frozenset((*AUDIO_SUFFIXES, ".npy"))  # removed from a path to make its store key
+_PLAIN_SUFFIXES = frozenset((".wav", ".npy"))
+
+
+def store_keys(paths: Iterable[str]) -> list[str]:
+    """store_key of many paths; the common `x/y/z.wav` or `.npy` without a call each."""
+    return [path[:-4] if path[-4:] in _PLAIN_SUFFIXES and path[0] != "." and "\\" not in path
+            else store_key(path) for path in paths]
 STORE_SUFFIX = ".store"
 TREE_STORE = "embeddings.store"       # the packed store of a tree, inside it
 SIDE_FILES = ("utt2dur", "manifest.json")  # carried into a packed store when the source has them
@@ -794,6 +803,7 @@ class EmbeddingSource:
 
     path: Path
     side_dir: Path  # where utt2dur and manifest.json lie
+    own_rows = False  # whether utterances() gives rows of its own table whatever the entries' order
 
     def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
                    desc: str = "loading embeddings", show_progress: bool = True,
@@ -968,6 +978,8 @@ def is_packed_store(path: Path) -> bool:
 class PackedStore(EmbeddingSource):
     """A packed store, memory-mapped: opening it reads its index, not its matrix."""
 
+    own_rows = True
+
     def __init__(self, path: Path):
         self.path = self.side_dir = path
         if not is_packed_store(path):
@@ -1009,12 +1021,9 @@ class PackedStore(EmbeddingSource):
 
     def rows_of(self, rels: Sequence[str], source: str | os.PathLike = "the list") -> np.ndarray:
         index = self.index
-        rows = np.empty(len(rels), np.int64)
-        for k, rel in enumerate(rels):
-            row = index.get(store_key(rel))
-            if row is None:
-                raise self.missing_key(rel, source)
-            rows[k] = row
+        rows = np.fromiter((index.get(key, -1) for key in store_keys(rels)), np.int64, len(rels))
+        if len(rows) and rows.min() < 0:
+            raise self.missing_key(rels[int(np.argmin(rows))], source)
         return rows
 
     def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
@@ -1023,12 +1032,14 @@ class PackedStore(EmbeddingSource):
         if dim is not None and dim != self.dim:
             raise UserError(f"{self.path}: embedding dimension {self.dim} does not match nOut {dim}")
         rows = self.rows_of(rels, source)
-        norms = self.norms()[rows].astype(np.float32)
-        used = np.unique(rows)
-        if len(used) == len(self.matrix):  # the whole store: the memory map is the table
+        norms = np.asarray(self.norms()[rows], np.float32)
+        used = np.zeros(len(self.matrix), bool)
+        used[rows] = True
+        if used.all():  # the whole store: the memory map is the table
             return Utterances(self.float32(), rows, norms)
-        table = np.asarray(self.matrix[used], dtype=np.float32)
-        return Utterances(table, np.searchsorted(used, rows), norms)
+        position = np.cumsum(used) - 1
+        table = np.asarray(self.matrix[np.flatnonzero(used)], dtype=np.float32)
+        return Utterances(table, position[rows], norms)
 
     def speaker_of(self, rels: Sequence[str]) -> list[str]:
         rows = self.rows_of(rels)
@@ -1200,12 +1211,16 @@ class StoreBuilder:
 
 
 def speaker_tables(means: np.ndarray, speaker_of: np.ndarray, count: int) -> dict[str, np.ndarray]:
-    """The (S, D) B and C speaker embeddings of rows' crop means grouped by speaker index."""
+    """The (S, D) B and C speaker embeddings of rows' crop means grouped by speaker index (one
+    speaker's rows in float64 at a time)."""
     order = np.argsort(speaker_of, kind="stable")
     bounds = np.searchsorted(speaker_of[order], np.arange(count + 1))
-    groups = [np.asarray(means[order[bounds[s]:bounds[s + 1]]], np.float64) for s in range(count)]
-    return {name: np.stack([combine_speaker(group, name) for group in groups])
-            for name in EMBEDDING_TYPES}
+    tables = {name: np.empty((count, means.shape[1]), np.float32) for name in EMBEDDING_TYPES}
+    for s in range(count):
+        group = np.asarray(means[order[bounds[s]:bounds[s + 1]]], np.float64)
+        for name, table in tables.items():
+            table[s] = combine_speaker(group, name)
+    return tables
 
 
 def pack_arrays(target: str | os.PathLike, keys: Sequence[str], means: np.ndarray,
@@ -1349,13 +1364,15 @@ class EmbeddingData:
         self.list_kind = training_kind(kind)
         self.kind = self.list_kind.name
         records = read_list(list_path, self.list_kind)
-        unique = sorted(set(self.list_kind.files(records)))
+        source = open_embeddings(root)
+        files = self.list_kind.files(records)
+        # a packed store's rows are its own: the files' order does not matter there
+        unique = list(dict.fromkeys(files)) if source.own_rows else sorted(set(files))
         own_speakers = sorted(self.list_kind.speakers(records))
         self.speakers = list(speakers) if speakers is not None else own_speakers
         label_of = {spk: i for i, spk in enumerate(self.speakers)}
         target_of = {spk: i for i, spk in enumerate(own_speakers)}  # beside this list's files
 
-        source = open_embeddings(root)
         utterances = source.utterances(unique, dim, threads, source=list_path)
         row_of = dict(zip(unique, utterances.rows.tolist(), strict=True))
         self.embeddings = torch.from_numpy(utterances.table).to(device)
