@@ -194,8 +194,8 @@ class TrialKind(ListKind):
 
     def parse(self, parts: list[str], path: Path, lineno: int) -> tuple:
         if len(parts) != 3:
-            raise UserError(f"{path}:{lineno}: a trial line has 3 fields (label path1 path2, or "
-                            f"enroll test target|nontarget), this one has {len(parts)}: "
+            raise UserError(f"{path}:{lineno}: a test list line has 3 fields (label path1 path2, "
+                            f"or enroll test target|nontarget), this one has {len(parts)}: "
                             f"{' '.join(parts)!r}")
         return (_binary(parts[0], path, lineno, "label"), parts[1], parts[2])
 
