@@ -850,11 +850,13 @@ class TreeSource(EmbeddingSource):
                    desc: str = "loading embeddings", show_progress: bool = True,
                    source: str | os.PathLike = "the list") -> Utterances:
         files = [embedding_file(self.path, rel) for rel in rels]
-        missing = [f for f in files if not f.is_file()]
+        missing = [k for k, f in enumerate(files) if not f.is_file()]
         if missing:
-            shown = "\n  ".join(str(f) for f in missing[:5])
+            shown = "\n  ".join(str(files[k]) for k in missing[:5])
             more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise UserError(f"{len(missing)} embedding file(s) named by {source} are missing under "
+            line = line_naming(source, rels[missing[0]]) if Path(str(source)).is_file() else None
+            where = f"{source}:{line}" if line is not None else str(source)
+            raise UserError(f"{len(missing)} embedding file(s) named by {where} are missing under "
                             f"{self.path}:\n  {shown}{more}\n(m_gen_embs.py writes them)")
         matrix, norms = read_files(files, dim, threads, desc, show_progress)
         return Utterances(matrix, np.arange(len(files)), norms)

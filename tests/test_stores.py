@@ -308,3 +308,15 @@ def test_trainer_reads_a_store_path_in_process(packed, tmp_path):
     torch.manual_seed(0)
     m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "exp")])
     assert "Epoch 1" in (tmp_path / "exp" / "result" / "scores.txt").read_text()
+
+
+def test_missing_file_of_a_tree_or_scp_names_the_list_line_too(tmp_path):
+    tree = make_embedding_tree(tmp_path / "emb", speakers=2, sessions=1, utterances=2, dim=DIM)
+    rels = rels_of(tree)
+    scp = write_scp(tmp_path / "kaldi", {rel.replace(".npy", ".wav"): np.load(tree / rel)[0] for rel in rels})
+    listed = tmp_path / "trials.txt"
+    listed.write_text(f"1 {rels[0]} {rels[1]}\n\n0 {rels[0]} id10000/gone/00001.wav\n")
+    for store in (tree, scp):
+        with pytest.raises(UserError) as caught:
+            TrialSet(listed, store, DIM)
+        assert f"{listed}:3" in str(caught.value) and str(store) in str(caught.value)
