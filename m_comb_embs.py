@@ -106,6 +106,11 @@ def read_chunk(files: list[str]) -> np.ndarray:
     return means
 
 
+def speaker_embeddings(means: np.ndarray) -> dict[str, np.ndarray]:
+    """Every embedding type's (B, C) speaker embedding from a speaker's crop means."""
+    return {name: combine_speaker(means, name) for name in EMBEDDING_TYPES}
+
+
 class TreePacker:
     """Reads a tree speaker by speaker, writes each speaker's B and C files and (when packing)
     fills the packed store's rows."""
@@ -124,8 +129,7 @@ class TreePacker:
         if len(dims) > 1:
             raise UserError(f"{self.embed_dir / spk}: utterance embeddings of dimension {means.shape[1]}, "
                             f"other speakers' are {min(dims - {means.shape[1]})}")
-        for name in EMBEDDING_TYPES:
-            embedding = combine_speaker(means, name)
+        for name, embedding in speaker_embeddings(means).items():
             self.writes.append(self.pool.submit(
                 save_npy_atomic, self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk), embedding))
             self.tables[name].append(embedding)
