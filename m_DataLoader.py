@@ -1195,6 +1195,7 @@ class StoreBuilder:
                       "speakers": len(speakers), "dim": dim,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             (self.temp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
+            sync_folder(self.temp)
             self.replace()
         except OSError as err:
             raise write_error(self.target, err) from None
@@ -1210,6 +1211,16 @@ class StoreBuilder:
         os.replace(self.temp, self.target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync every file of a folder, then the folder: on disk before it is renamed into place."""
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def speaker_tables(means: np.ndarray, speaker_of: np.ndarray, count: int) -> dict[str, np.ndarray]:
@@ -1269,6 +1280,17 @@ def gen_format_of(target: str | os.PathLike, gen_format: str | None = None) -> s
         return gen_format
     suffix = Path(target).suffix
     return {".scp": "kaldi", STORE_SUFFIX: "packed"}.get(suffix, "tree")
+
+
+def gen_target(folder: str | os.PathLike, gen_format: str) -> Path:
+    """Where --generate writes embeddings of `gen_format` for the folder gen_target_dir names:
+    the folder itself (tree), `<folder>/xvector.scp` (kaldi, WeSpeaker's name) or
+    `<folder>.store` (packed)."""
+    folder = Path(folder)
+    kind = gen_format_of(folder, gen_format)
+    if kind == "kaldi":
+        return folder / "xvector.scp"
+    return folder.with_name(folder.name + STORE_SUFFIX) if kind == "packed" else folder
 
 
 def write_embeddings(target: str | os.PathLike, keys: Sequence[str], matrix: np.ndarray,

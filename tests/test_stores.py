@@ -211,6 +211,9 @@ def test_generate_writers_read_back(tmp_path, target):
     if target == "tree":
         assert np.load(tmp_path / "tree" / "s1" / "v0" / "00001.npy").shape == (1, DIM)
     np.testing.assert_allclose(load_embeddings(written, keys), rows, atol=1e-7)
+    kind = m_DataLoader.gen_format_of(written)
+    assert m_DataLoader.gen_target(tmp_path / "enhanced", kind).name == {
+        "tree": "enhanced", "kaldi": "xvector.scp", "packed": "enhanced.store"}[kind]
 
 
 # ----------------------------------------------------------------------------------------------
