@@ -1022,8 +1022,11 @@ class PackedStore(EmbeddingSource):
         return self._float32
 
     def rows_of(self, rels: Sequence[str], source: str | os.PathLike = "the list") -> np.ndarray:
+        keys = store_keys(rels)
+        if keys == self.keys:  # a list of the whole store in its order: no index needed
+            return np.arange(len(keys), dtype=np.int64)
         index = self.index
-        rows = np.fromiter((index.get(key, -1) for key in store_keys(rels)), np.int64, len(rels))
+        rows = np.fromiter((index.get(key, -1) for key in keys), np.int64, len(keys))
         if len(rows) and rows.min() < 0:
             raise self.missing_key(rels[int(np.argmin(rows))], source)
         return rows
