@@ -56,7 +56,7 @@ from m_DataLoader import (
 from m_utils import Options, UserError, add_options, run_lock, run_main, save_npy_atomic, setup_logging
 
 EMBED_DIR = "data/embeddings/voxceleb2"
-THREADS = 8
+THREADS = 4  # reader threads: more help a cold or network disk, fewer a warm page cache
 STORE_DTYPE = "float32"
 
 OPTIONS: Options = {
