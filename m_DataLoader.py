@@ -786,15 +786,23 @@ class Utterances:
     """Single-utterance embeddings of some list entries: entry i is table[rows[i]]. The table is a
     packed store's whole matrix when the entries cover it (no copy), else just their rows."""
 
-    table: np.ndarray          # (R, D) float32
+    native: np.ndarray         # (R, D) the table as stored: float32, or a float16 store's matrix
     rows: np.ndarray           # (entries,) int64
     norms: np.ndarray | None   # (entries,) crop-mean norms before normalisation
+    convert: Callable[[], np.ndarray] | None = None  # the float32 table, made once by its store
+
+    @property
+    def table(self) -> np.ndarray:
+        """(R, D) float32."""
+        if self.native.dtype == np.float32:
+            return self.native
+        return self.convert() if self.convert is not None else self.native.astype(np.float32)
 
     def matrix(self) -> np.ndarray:
-        """(entries, D): the table itself when the rows are 0..R-1 in order, else a gather."""
-        if len(self.rows) == len(self.table) and np.array_equal(self.rows, np.arange(len(self.rows))):
+        """(entries, D) float32: the table itself when the rows are 0..R-1 in order, else a gather."""
+        if len(self.rows) == len(self.native) and np.array_equal(self.rows, np.arange(len(self.rows))):
             return self.table
-        return self.table[self.rows]
+        return np.asarray(self.native[self.rows], np.float32)
 
 
 class EmbeddingSource:
@@ -1041,7 +1049,7 @@ class PackedStore(EmbeddingSource):
         used = np.zeros(len(self.matrix), bool)
         used[rows] = True
         if used.all():  # the whole store: the memory map is the table
-            return Utterances(self.float32(), rows, norms)
+            return Utterances(self.matrix, rows, norms, self.float32)
         position = np.cumsum(used) - 1
         table = np.asarray(self.matrix[np.flatnonzero(used)], dtype=np.float32)
         return Utterances(table, position[rows], norms)
@@ -1402,7 +1410,10 @@ class EmbeddingData:
 
         utterances = source.utterances(unique, dim, threads, source=list_path)
         row_of = dict(zip(unique, utterances.rows.tolist(), strict=True))
-        self.embeddings = torch.from_numpy(utterances.table).to(device)
+        # float32 on the CPU: the memory map itself. A float16 store goes to a GPU as it is and is
+        # converted there, so the host never holds a float32 copy.
+        table = utterances.table if torch.device(device).type == "cpu" else utterances.native
+        self.embeddings = torch.from_numpy(table).to(device).float()
         self.dim = int(self.embeddings.shape[1])
         self.speaker_embeddings = torch.from_numpy(
             source.speaker_embeddings(own_speakers, embedding_type, self.dim)).to(device)
