@@ -133,12 +133,12 @@ class TreePacker:
             self.writes.append(self.pool.submit(
                 save_npy_atomic, self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk), embedding))
             self.tables[name].append(embedding)
+        self.settle()
         if not self.pack:
             return
         if self.builder is None:
             self.builder = StoreBuilder(store_path_of(self.embed_dir), total, means.shape[1], self.dtype)
-        self.builder.put(len(self.keys), *reduce_means(means, [self.embed_dir / rel for rel in rels]))
-        self.settle()
+        self.builder.put(len(self.keys), *reduce_means(means, [f"{self.embed_dir}/{rel}" for rel in rels]))
         self.keys += [store_key(rel) for rel in rels]
         self.speaker_of.append(np.full(len(rels), len(self.speakers), np.int32))
         self.speakers.append(spk)
@@ -159,7 +159,7 @@ class TreePacker:
             return None
         with self.builder:
             rows = len(self.keys)
-            if rows != len(self.builder.norms):  # empty folders skipped: the store is smaller
+            if rows != len(self.builder.norms):  # the listing and the reads disagree
                 raise UserError(f"{self.embed_dir}: the files changed while they were read; run again")
             tables = {name: np.stack(rows_) for name, rows_ in self.tables.items()}
             return self.builder.finish(self.keys, self.speakers, np.concatenate(self.speaker_of), tables,
