@@ -105,9 +105,11 @@ def test_lists_of_a_scp_and_of_a_packed_tree_equal_the_tree_lists(tmp_path):
     arrays = {rel.replace(".npy", ".wav"): np.load(root / rel) for rel in files}
     kaldiio.save_ark(str(tmp_path / "x.ark"), arrays, scp=str(tmp_path / "x.scp"))
     scp_lists = make_lists(tmp_path / "x.scp", "t", tmp_path / "scp", seed=5)
+    store_lists = make_lists(root / "embeddings.store", "t", tmp_path / "store", seed=5)
     for kind, path in tree_lists.items():
         assert again[kind].read_bytes() == path.read_bytes()
         assert scp_lists[kind].read_text().replace(".wav", ".npy") == path.read_text(), kind
+        assert store_lists[kind].read_text() == path.read_text().replace(".npy", ""), kind
 
 
 def test_unknown_list_kind_is_an_error(tmp_path):
