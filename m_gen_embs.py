@@ -34,6 +34,7 @@ from m_utils import (
     DistContext,
     UserError,
     add_options,
+    bf16_is_native,
     launch,
     resolve_device,
     run_lock,
@@ -375,15 +376,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def mixed_precision(asked: bool, device: torch.device) -> bool:
+    """Whether --mixedprec runs bfloat16 autocast on `device`: only where bfloat16 is fast (a GPU, a
+    CPU with bfloat16 instructions); elsewhere it says once that float32 runs instead."""
+    if not asked or device.type != "cpu":
+        return asked
+    if bf16_is_native(device):
+        log.info("--mixedprec on a CPU: bfloat16 autocast (this CPU has bfloat16 instructions)")
+        return True
+    log.info("--mixedprec: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where bfloat16 is "
+             "emulated and many times slower; running float32")
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     db_path, embed_dir = Path(args.db_path), Path(args.embed_dir)
     if not db_path.is_dir():
         raise UserError(f"{db_path}: audio folder not found (set DB_PATH or --db_path)")
-    if resolve_device(args.device).type == "cpu" and args.mixedprec:
-        log.info("--mixedprec is meant for GPUs; on a CPU it runs bfloat16 autocast too, which is fast only "
-                 "where the CPU has bfloat16 instructions (AVX512-BF16, AMX)")
+    args.mixedprec = mixed_precision(args.mixedprec, resolve_device(args.device))
     model = load_extractor(args.model, args.initial_model, args.random_init, device="cpu")
     files = find_audio(db_path)
     if not files:

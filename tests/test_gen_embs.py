@@ -32,7 +32,7 @@ from m_gen_embs import (
     read_audio,
     workers_for,
 )
-from m_utils import DistContext, UserError
+from m_utils import DistContext, UserError, bf16_is_native
 from models.m_Extractors import load_extractor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_mixedprec_stays_within_cosine_0999_of_float32(tree, caplog, extractor, 
         emb = db.parent / f"emb_{extractor}_{mixed}"
         assert run(db, emb, "--model", extractor, *extra, *(["--mixedprec"] if mixed else [])) == 1
         outputs[mixed] = {rel: np.load(emb / rel) for rel in npy_files(emb)}
-    assert "--mixedprec is meant for GPUs" in caplog.text
+    assert ("bfloat16 autocast" if bf16_is_native("cpu") else "running float32") in caplog.text
     assert outputs[True].keys() == outputs[False].keys() == expected_outputs()
     cosines = []
     for rel, exact in outputs[False].items():
@@ -239,6 +239,44 @@ def test_mixedprec_stays_within_cosine_0999_of_float32(tree, caplog, extractor, 
         assert mixed.dtype == np.float32 and mixed.shape == exact.shape == (3, exact.shape[1])
         cosines += F.cosine_similarity(torch.from_numpy(exact), torch.from_numpy(mixed)).tolist()
     assert min(cosines) >= 0.999
+
+
+def test_mixedprec_runs_float32_on_a_cpu_without_bfloat16(tree, caplog, monkeypatch):
+    """A CPU without bfloat16 instructions (detection patched to say so): --mixedprec says once that
+    float32 runs, and the files equal those of a float32 run exactly."""
+    db, _ = tree
+    monkeypatch.setattr(m_gen_embs, "bf16_is_native", lambda device: False)
+    autocast_dtypes = []
+    real_autocast = torch.autocast
+
+    def recording_autocast(device_type, dtype=None, enabled=True, **kwargs):
+        autocast_dtypes.append(enabled)
+        return real_autocast(device_type, dtype=dtype, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(m_gen_embs.torch, "autocast", recording_autocast)
+    caplog.set_level(logging.INFO)
+    outputs = {}
+    for mixed in (False, True):
+        emb = db.parent / f"emb_{mixed}"
+        mixedprec = ["--mixedprec"] if mixed else []
+        assert run(db, emb, "--model", "GE2E", "--eval_frames", "160", *mixedprec) == 1
+        outputs[mixed] = {rel: np.load(emb / rel) for rel in npy_files(emb)}
+    assert caplog.text.count("running float32") == 1
+    assert autocast_dtypes and not any(autocast_dtypes)
+    assert outputs[True].keys() == outputs[False].keys() == expected_outputs()
+    for rel, exact in outputs[False].items():
+        np.testing.assert_array_equal(outputs[True][rel], exact)
+
+
+def test_bfloat16_is_native_only_with_cpu_instructions(monkeypatch):
+    """CUDA always; a CPU only with AVX512-BF16 or AMX and oneDNN's own check."""
+    assert bf16_is_native("cuda")
+    for avx512_bf16, amx, onednn, native in [(True, False, True, True), (False, True, True, True),
+                                             (False, False, True, False), (True, True, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda v=onednn: v)
+        assert bf16_is_native("cpu") is native
 
 
 @pytest.mark.parametrize(("extra", "message"), [
