@@ -163,11 +163,14 @@ def test_rerun_writes_nothing_and_keeps_user_files(tree):
     db, emb = tree
     run(db, emb)
     before = npy_files(emb)
+    written = {name: (emb / name).stat().st_mtime_ns for name in ("manifest.json", "utt2dur")}
     assert run(db, emb) == 1
     assert npy_files(emb) == before
+    assert {name: (emb / name).stat().st_mtime_ns for name in written} == written
     assert (emb / "notes.txt").read_text() == "the user's own notes"
     np.testing.assert_array_equal(np.load(emb / "id10001" / "mine.npy"), np.arange(3.0))
-    assert sorted(p.name for p in emb.rglob("*") if p.is_file() and p.suffix != ".npy") == ["notes.txt"]
+    assert sorted(p.name for p in emb.rglob("*") if p.is_file() and p.suffix != ".npy") == [
+        "manifest.json", "notes.txt", "utt2dur"]
 
 
 def test_overwrite_recomputes_the_same_values(tree):
@@ -336,7 +339,8 @@ def test_killed_run_resumes_without_truncated_files(tmp_path, caplog):
 def test_ranks_take_disjoint_shares(tree):
     db, emb = tree
     files = tuple(find_audio(db))
-    job = Job(db, emb, files, 20, 3, 4, 0, "cpu", False)
+    job = Job(db_path=db, embed_dir=emb, files=files, eval_frames=20, num_eval=3, batch_size=4,
+              nDataLoaderThread=0, device="cpu")
     failed = multiprocessing.get_context("spawn").Value("i", 0)
     extract(DistContext(rank=1, world_size=3), job, load_extractor("GE2E"), failed)
     written = set(npy_files(emb)) - {"id10001/mine.npy"}
