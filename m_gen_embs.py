@@ -439,13 +439,21 @@ def check_manifest(embed_dir: Path, manifest: dict[str, Any], overwrite: bool) -
                         f"{'; '.join(differ)}. Use another --embed_dir, or --overwrite to recompute them all")
     if differ:
         log.warning("%s: other settings (%s); --overwrite recomputes every file", path, "; ".join(differ))
+    elif not overwrite:
+        for key in ("mixedprec", "git_commit"):
+            if existing.get(key) != manifest[key]:
+                log.info("%s: %s %r, this run %r; the manifest keeps the run that began the tree", path, key,
+                         existing.get(key), manifest[key])
 
 
-def write_manifest(embed_dir: Path, manifest: dict[str, Any]) -> None:
-    """Write `manifest` unless the one there says the same apart from its time."""
+def write_manifest(embed_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """The manifest records the run that began the tree, or with `overwrite` the one that remakes it
+    (check_manifest has seen that a kept one agrees with this run); one that differs only in its time
+    is kept."""
     path = embed_dir / MANIFEST
     existing = read_manifest(path)
-    if existing is not None and {**existing, "created": None} == {**manifest, "created": None}:
+    unchanged = existing is not None and dict(existing, created=None) == dict(manifest, created=None)
+    if (existing is not None and not overwrite) or unchanged:
         return
     write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
@@ -542,7 +550,7 @@ def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> 
     writes the manifest first and utt2dur last, with every rank's durations."""
     setup_logging()
     if ctx.is_main and job.manifest is not None:
-        write_manifest(job.embed_dir, job.manifest)
+        write_manifest(job.embed_dir, job.manifest, job.overwrite)
     shard = job.files[ctx.rank::ctx.world_size]
     todo = [rel for rel in shard if job.overwrite or not output_path(job.embed_dir, rel).exists()]
     who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.distributed else ""

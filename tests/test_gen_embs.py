@@ -555,3 +555,18 @@ def test_git_commit_is_read_without_git(tmp_path):
     (root / ".git" / "HEAD").write_text(commit + "\n")
     assert m_gen_embs.read_git_head(root) == commit
     assert m_gen_embs.git_commit(tmp_path) is None and m_gen_embs.read_git_head(tmp_path) is None
+
+
+def test_manifest_keeps_the_run_that_began_the_tree(tree, monkeypatch, caplog):
+    """A re-run with the same settings from another commit keeps the manifest (and says so); --overwrite,
+    which remakes every file, records the run that remade them."""
+    db, emb = tree
+    run(db, emb)
+    manifest = (emb / "manifest.json").read_text()
+    monkeypatch.setattr(m_gen_embs, "git_commit", lambda: "c" * 40)
+    caplog.set_level(logging.INFO)
+    run(db, emb)
+    assert (emb / "manifest.json").read_text() == manifest
+    assert "the manifest keeps the run that began the tree" in caplog.text
+    run(db, emb, "--overwrite")
+    assert json.loads((emb / "manifest.json").read_text())["git_commit"] == "c" * 40
