@@ -319,9 +319,11 @@ def update_utt2dur(embed_dir: Path, known: dict[str, float], new: dict[str, floa
         write_text_atomic(path, text)
 
 
-def skipped_durations(job: Job, skipped: list[Path], known: dict[str, float]) -> dict[str, float]:
+def skipped_durations(job: Job, skipped: list[Path], known: dict[str, float],
+                      show: bool = True) -> dict[str, float]:
     """Durations of files embedded by an earlier run that utt2dur lacks (a run from before utt2dur, or
-    one that was interrupted), from their headers or decoded; a file that cannot be read gets none."""
+    one that was interrupted), from their headers or decoded; a file that cannot be read gets none.
+    `show`: a progress bar."""
     missing = [rel for rel in skipped if utt_key(rel) not in known]
     if missing:
         log.info("reading the durations of %d file(s) embedded earlier and missing from %s", len(missing),
@@ -329,7 +331,7 @@ def skipped_durations(job: Job, skipped: list[Path], known: dict[str, float]) ->
     keep = max_samples(job.max_seconds)
     limit = math.inf if keep is None else keep / SAMPLE_RATE
     durations = {}
-    for rel in missing:
+    for rel in tqdm(missing, unit="file", disable=not show or not missing, dynamic_ncols=True):
         try:
             durations[utt_key(rel)] = min(audio_seconds(job.db_path / rel), limit)
         except AudioError as err:
@@ -339,7 +341,7 @@ def skipped_durations(job: Job, skipped: list[Path], known: dict[str, float]) ->
 
 def gather_durations(ctx: DistContext, durations: dict[str, float]) -> dict[str, float]:
     """Every rank's durations on rank 0 (others get theirs back); a process outside a group keeps its own."""
-    if not ctx.distributed or not torch.distributed.is_initialized():
+    if not (ctx.distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
         return durations
     parts = [None] * ctx.world_size if ctx.is_main else None
     torch.distributed.gather_object(durations, parts, dst=0)
@@ -568,7 +570,7 @@ def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> 
         failed_total.value += len(failures)
     known = read_utt2dur(job.embed_dir / UTT2DUR)
     done = set(todo)
-    durations.update(skipped_durations(job, [rel for rel in shard if rel not in done], known))
+    durations.update(skipped_durations(job, [rel for rel in shard if rel not in done], known, ctx.is_main))
     durations = gather_durations(ctx, durations)
     if ctx.is_main:
         update_utt2dur(job.embed_dir, known, durations)
