@@ -355,6 +355,7 @@ def test_ranks_take_disjoint_shares(tree):
     written = set(npy_files(emb)) - {"id10001/mine.npy"}
     assert written == {str(rel.with_suffix(".npy")) for rel in files[1::3] if str(rel) not in BAD}
     assert failed.value == sum(str(rel) in BAD for rel in files[1::3])
+    assert not (emb / "utt2dur").exists() and not (emb / "manifest.json").exists()  # rank 0 writes them
 
 
 def test_distributed_cpu_processes_cover_every_file_once(tmp_path, capfd):
