@@ -795,9 +795,9 @@ def stage_extract_m4a(args: argparse.Namespace, tree: Tree, meter: PeakMeter) ->
 
     def files_per_second(suffix: str, files: int) -> float:
         root = trees[suffix]
-        job = Job(root, root.parent / f"embeddings_{root.name}", tuple(find_audio(root)[:files]),
-                  args.eval_frames, args.num_eval, args.extract_batch, workers=None,
-                  device=args.device.type, overwrite=True, mixedprec=mixedprec)
+        job = Job(db_path=root, embed_dir=root.parent / f"embeddings_{root.name}",
+                  files=tuple(find_audio(root)[:files]), eval_frames=args.eval_frames, num_eval=args.num_eval,
+                  batch_size=args.extract_batch, device=args.device.type, overwrite=True, mixedprec=mixedprec)
         return files / timed(lambda: extract(DistContext(), job, model, failed))
 
     size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval, mixedprec)
