@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import ROOT, config, make_embedding_tree
 
 import m_trainer
@@ -219,4 +218,9 @@ def test_fuzz_config_parser(tmp_path):
                 default, kind, _ = m_trainer.OPTIONS[key]
                 assert value is None or isinstance(value, kind)
     assert accepted > 20
-    assert yaml  # the parser under test is PyYAML's safe loader
+    # The parser is PyYAML's safe loader: a tag that would run code is refused, naming the file.
+    marker = tmp_path / "ran"
+    path.write_text(f'model: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(UserError, match=r"fuzz.yaml: not valid YAML \(could not determine a constructor"):
+        m_trainer.read_config(str(path))
+    assert not marker.exists()

@@ -12,13 +12,10 @@ from m_DataLoader import EmbeddingData
 from m_network import SpeakerNet, Trainer, checkpoints
 from m_utils import UserError, parse_score_line, score_line
 
-LIST_OF = {"MyTriplet_CS": "triplet", "DA": "distribution", "DA_MSE": "distribution"}
 
-
-@pytest.mark.parametrize("trainfunc", ["MSE", "MAE", "CS", "MSE_CS", "Softmax", "MSE_Softmax",
-                                       "MyTriplet_CS", "DA", "DA_MSE"])
+@pytest.mark.parametrize("trainfunc", sorted(LOSSES))
 def test_every_loss_trains_an_epoch(data, tmp_path, trainfunc):
-    kind = LIST_OF.get(trainfunc, "normal")
+    kind = LOSSES[trainfunc].list_kind
     lists = data / "lists"
     cfg = config(data, tmp_path, trainfunc=trainfunc, max_epoch=1,
                  train_list=str(lists / f"train_{kind}_list.txt"),
@@ -44,7 +41,7 @@ def test_trainer_epochs_equal_a_plain_loop(data, trainfunc):
     gathered many batches at once (the GPU path, run here on CPU tensors), gives the weights and
     the mean loss of a plain loop: gradients dropped each step (torch's default; the Trainer zeroes
     them in place on a CPU), the loss read back each step."""
-    kind = LIST_OF.get(trainfunc, "normal")
+    kind = LOSSES[trainfunc].list_kind
     train_data = EmbeddingData(data / "lists" / f"train_{kind}_list.txt", data / "train", kind, "B", 24)
     results = {}
     for way, chunk_rows in (("per batch", 0), ("chunks", 70), ("loop", 0)):
