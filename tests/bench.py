@@ -12,6 +12,11 @@ own code) and, in the same process, a baseline on the same files: a re-creation 
 repository did the same work (one file per sample, a per-trial loop, one utterance a pass). The audio
 stages compare formats instead: decoding .wav and .m4a files of the same audio, and m_gen_embs' whole
 path on each. Prints one table, writes it as a JSON list of records, and prints the JSON path last.
+
+A stage is one row of STAGES (a Stage: name, unit, runner, the data it needs, its goals, bf16) plus
+its runner, a function (args, tree, meter) -> StageResult. A goal is a RatioGoal (project/baseline,
+per device), a StepTimeGoal (an epoch against its arithmetic limit) or a MemoryGoal (MEMORY_FACTOR x
+a sum of MemoryBudget's sizes; a new size is one field of MemoryBudget).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from dataclasses import dataclass, fields, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -883,14 +887,14 @@ Runner = Callable[[argparse.Namespace, "Tree | None", PeakMeter], StageResult]
 @dataclass(frozen=True)
 class Stage:
     """One stage: its record's name and unit, the runner that measures it (in its own forked process),
-    the data written before any stage runs (`needs`: "tree", the synthetic embedding tree; "vox1e",
-    the VoxCeleb1-E-sized list and matrix; "none"), its goals, judged in this order, and `bf16`: it
-    runs bfloat16, so a CPU without bfloat16 instructions skips it."""
+    the data written before any stage runs (`needs`: a key of DATA_MAKERS, or "none"), its goals,
+    judged in this order, and `bf16`: it runs bfloat16, so a CPU without bfloat16 instructions
+    skips it."""
 
     name: str
     unit: str
     runner: Runner
-    needs: Literal["tree", "vox1e", "none"] = "none"
+    needs: str = "none"
     goals: tuple[Goal, ...] = ()
     bf16: bool = False
 
@@ -898,6 +902,9 @@ class Stage:
         return next((goal.limit(budget) for goal in self.goals if isinstance(goal, MemoryGoal)), None)
 
 
+# The data stages share, written once before the first stage (in this order) and reused by size:
+# the synthetic embedding tree (handed to the runners), the VoxCeleb1-E-sized list and matrix.
+DATA_MAKERS: dict[str, Callable[[argparse.Namespace], object]] = {"tree": ensure_tree, "vox1e": ensure_vox1e}
 MODEL_MEMORY = MemoryGoal(("matrix_mb", "parameters_mb"))
 TRAINING_MEMORY = MemoryGoal(("matrix_mb", "training_state_mb"))
 EPOCH_TIME = StepTimeGoal(cpu=TRAIN_SLACK, gpu=GPU_TRAIN_SLACK)
@@ -1110,9 +1117,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     needs = {STAGE[name].needs for name in args.stages}
-    tree = ensure_tree(args) if "tree" in needs else None
-    if "vox1e" in needs:
-        ensure_vox1e(args)
+    made = {need: make(args) for need, make in DATA_MAKERS.items() if need in needs}
+    tree = made.get("tree")
     records, notes, base_rss = [], [], 0.0
     for name in skipped_bf16_stages(args):
         notes.append(f"{name}: skipped: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where "
