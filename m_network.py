@@ -21,13 +21,12 @@ from m_scoring import score_trials
 from m_utils import (
     NO_ACCURACY,
     SINGLE,
-    SPEAKER_PREFIX,
     DistContext,
     UserError,
-    read_checkpoint,
     torch_save_atomic,
     unknown_name,
 )
+from models.m_Checkpoints import SPEAKER_PREFIX, read_checkpoint
 from models.m_Models import model_class
 
 log = logging.getLogger("m_network")

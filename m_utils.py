@@ -1,5 +1,17 @@
-"""Pieces shared by every script: user-facing errors, atomic file writes, device choice and
-the process group (one helper for the trainer and the extractor)."""
+"""Plumbing shared by every script; no domain format lives here. It holds:
+
+- user-facing errors: UserError, unknown_name, run_main, setup_logging, reading a user's text file
+  (read_user_text, user_text_lines);
+- options: the Options table type, HARDWARE_OPTIONS, add_options, parse_bool;
+- atomic writes: atomic_write, save_npy_atomic, write_text_atomic, torch_save_atomic, append_line,
+  write_error (a failed write as a UserError);
+- folder locks: folder_lock, run_lock (one run at a time writes into a folder);
+- device and process group: resolve_device, bf16_is_native, DistContext, launch (one helper for the
+  trainer and the extractor);
+- for now the scores.txt line format (score_line, parse_score_line), which moves to the trainer.
+
+voxceleb_trainer's checkpoint layout lives with the models: models/m_Checkpoints.py.
+"""
 
 from __future__ import annotations
 
@@ -447,57 +459,6 @@ def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: st
             raise
         raise UserError(f"distributed process {err.error_index} stopped with exit code "
                         f"{err.exit_code} (its message is above)") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: every model file the project reads goes through read_checkpoint.
-
-
-def read_checkpoint(path: str | os.PathLike, what: str, device: Any = "cpu") -> dict:
-    """The dict stored in a torch checkpoint, read with weights_only=True (no code is run).
-
-    `what` names the file's role in errors ("checkpoint", "weights file", "softmax_init checkpoint").
-    """
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        detail = " ".join(str(err).split())[:200]
-        raise UserError(f"{path}: not a readable {what}, truncated or foreign "
-                        f"({type(err).__name__}: {detail})") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: a {what} holds a dict of tensors, this one a {type(state).__name__}")
-    return state
-
-
-SPEAKER_PREFIX, LOSS_PREFIX = "__S__.", "__L__."
-
-
-def voxceleb_trainer_state(checkpoint: dict) -> tuple[dict, list[str]]:
-    """The flat `__S__.*` / `__L__.*` state of a voxceleb_trainer-style checkpoint, in any of its
-    three formats: the bare state dict (the released `baseline_v2_ap.model`), the current
-    `{"model_state_dict": ..., "optimizer_state_dict": ..., ...}`, and the legacy `{"model": ...}`
-    whose names lack the `__S__.` prefix; a `module.` prefix (DataParallel) is dropped. Also the
-    names of the file's other entries (optimiser state, epoch, ...), which hold no weights."""
-    if isinstance(checkpoint.get("model_state_dict"), dict):
-        container = "model_state_dict"
-    elif isinstance(checkpoint.get("model"), dict):
-        container = "model"
-    else:
-        container = None
-    state = checkpoint if container is None else checkpoint[container]
-    flat = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if container == "model" and not key.startswith((SPEAKER_PREFIX, LOSS_PREFIX)):
-            key = SPEAKER_PREFIX + key
-        flat[key] = value
-    others = [] if container is None else sorted(key for key in checkpoint if key != container)
-    return flat, others
 
 
 # ----------------------------------------------------------------------------------------------

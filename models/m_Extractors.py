@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from m_utils import UserError, read_checkpoint, unknown_name
+from m_utils import UserError, unknown_name
 from models import GE2E, ResNetSE34V2
+from models.m_Checkpoints import read_checkpoint
 
 log = logging.getLogger("m_Extractors")
 

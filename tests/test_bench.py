@@ -47,15 +47,24 @@ def test_bench_writes_every_record(tmp_path: Path):
             assert record["baseline_per_s"] > 0
             assert abs(record["ratio"] - record["project_per_s"] / record["baseline_per_s"]) \
                 <= 0.01 * record["ratio"] + 0.01
-    assert "goals:" in result.stdout
+    goals = result.stdout.split("\ngoals:\n")[1].splitlines()[:-1]  # the JSON path last
+    budget = bench.memory_budget(bench.parse_args(["--out", str(tmp_path), *TOY]))
+    expected = bench.verdicts(json.loads(path.read_text()), budget)
+    assert goals == expected
+    judged_memory = {line.split()[-8] for line in goals if " peak " in line}  # NAME peak RSS x MB <= y MB
+    assert judged_memory == {"load", "data_path", "train_mse", "train_da_mse", "score", "score_vox1e",
+                             "backend_asnorm"}
 
 
 def test_bench_reuses_its_tree(tmp_path: Path):
     args = ["tests/bench.py", "--out", str(tmp_path), *TOY, "--stages", "load"]
-    first = run_script(*args, timeout=300)
-    second = run_script(*args, timeout=300)
-    assert "writing a synthetic tree" in first.stdout
-    assert "reusing the synthetic tree" in second.stdout
+    run_script(*args, timeout=300)
+    files = sorted((tmp_path / "data").rglob("*.npy"))
+    written = [path.stat().st_mtime_ns for path in files]
+    run_script(*args, timeout=300)
+    assert len(files) == 240 + 12 * 2  # the utterances and each speaker's B and C files
+    assert sorted((tmp_path / "data").rglob("*.npy")) == files
+    assert [path.stat().st_mtime_ns for path in files] == written  # not one rewritten
     assert [r["name"] for r in json.loads((tmp_path / "bench.json").read_text())] == ["load"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_trainer import config, data, train  # noqa: F401  (the shared module fixture)
+from conftest import config, train
 
 import m_trainer
 import m_viewer
@@ -23,7 +23,7 @@ DIM = 24
 BACKENDS = ["none", "mean", "asnorm", "plda"]
 
 
-def backend_config(data: Path, tmp_path: Path, **options) -> Path:  # noqa: F811
+def backend_config(data: Path, tmp_path: Path, **options) -> Path:
     lists = data / "lists"
     values = {"trainfunc": "MSE_CS", "multiple_embedding_flag": "C", "max_epoch": 2, "backends": BACKENDS,
               "bootstrap": 100, "asnorm_topk": 10, "lda_dim": 8,
@@ -32,7 +32,7 @@ def backend_config(data: Path, tmp_path: Path, **options) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def checked(data, tmp_path_factory):  # noqa: F811
+def checked(data, tmp_path_factory):
     """A trained run checked with every back-end and a calibration list: (run folder, stdout)."""
     tmp_path = tmp_path_factory.mktemp("checked")
     cfg = backend_config(data, tmp_path)
@@ -84,7 +84,7 @@ def test_check_records_cover_every_system_and_backend(checked):
     assert "[95 % CI]" in out and "excludes 0" in out and "false accepts 1 %" in out
 
 
-def test_saved_backend_scores_equal_a_direct_fit(data, checked):  # noqa: F811
+def test_saved_backend_scores_equal_a_direct_fit(data, checked):
     """The enhanced PLDA and AS-Norm scores are those of the back-ends fitted on the enhanced
     training embeddings, scored on the enhanced test embeddings."""
     save, _, _ = checked
@@ -101,7 +101,7 @@ def test_saved_backend_scores_equal_a_direct_fit(data, checked):  # noqa: F811
     assert compute_eer(saved["original/none"], trials.labels)[0] > 0
 
 
-def test_thresholds_from_the_calibration_list_hold_on_it(data, checked):  # noqa: F811
+def test_thresholds_from_the_calibration_list_hold_on_it(data, checked):
     save, _, _ = checked
     records = json.loads((save / "result" / "check.json").read_text())
     calib = TrialSet(data / "lists" / "train_test_list.txt", data / "train", DIM)
@@ -142,7 +142,7 @@ def test_eval_scores_every_backend(checked, capsys):
     assert {r["system"] for r in records if "eer" in r} == {"enhanced"}
 
 
-def test_unknown_backend_and_backends_without_training_data(data, tmp_path):  # noqa: F811
+def test_unknown_backend_and_backends_without_training_data(data, tmp_path):
     cfg = backend_config(data, tmp_path, backends=["none", "znorm"])
     with pytest.raises(UserError, match="unknown back-end 'znorm'.*known: asnorm, mean, none, plda"):
         m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "x"), "--check"])

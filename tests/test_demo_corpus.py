@@ -135,7 +135,6 @@ def test_command_line(tmp_path: Path) -> None:
            "--min_seconds", "0.4", "--max_seconds", "0.5"]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
-    assert "wrote 4 files" in result.stdout
     assert len(list(out.rglob("*.wav"))) == 3 and len(list(out.rglob("*.flac"))) == 1
     assert len(list((out / "vox_calib").rglob("*.wav"))) == 1
     bad = subprocess.run(cmd + ["--utterances", "-1"], capture_output=True, text=True)
