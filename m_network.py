@@ -1,14 +1,12 @@
-"""The network (enhancement model + loss) and the trainer object; trial scoring is in m_scoring."""
+"""The network (enhancement model + loss) and the trainer object; trial scoring is in scoring/."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,31 +15,24 @@ from torch import nn
 
 from loss.m_Losses import CLASSIFIER_KEYS, loss_class
 from m_DataLoader import Batch, EmbeddingData, TrialSet
-from m_scoring import score_trials
 from m_utils import (
     NO_ACCURACY,
     SINGLE,
     SPEAKER_PREFIX,
     DistContext,
     UserError,
+    options_taken,
     read_checkpoint,
     torch_save_atomic,
     unknown_name,
 )
 from models.m_Models import model_class
+from scoring.metrics import score_trials
 
 log = logging.getLogger("m_network")
 
 CHECKPOINT_NAME = "model{:09d}.model"
 CHECKPOINT_PATTERN = re.compile(r"^model(\d{9})\.model$")
-
-
-
-def options_taken(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `options` that `cls` takes by name: a model's or a loss' hyper-parameters
-    are the parameters of its constructor, so a new one needs only its OPTIONS row."""
-    names = inspect.signature(cls).parameters
-    return {key: value for key, value in options.items() if key in names}
 
 
 class SpeakerNet(nn.Module):
@@ -61,7 +52,7 @@ class SpeakerNet(nn.Module):
 
     @torch.no_grad()
     def enhance(self, x: torch.Tensor) -> torch.Tensor:
-        """Processed embeddings, L2-normalised per vector where the loss scores them so."""
+        """Enhanced embeddings, L2-normalised per vector where the loss scores them so."""
         out = self.model(x)
         return nn.functional.normalize(out, dim=1) if self.loss.normalize_for_test else out
 
@@ -141,6 +132,9 @@ class Trainer:
                                         max_epoch)
         self.mixedprec = mixedprec and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.mixedprec)
+        # Whether the last checkpoint loaded was one of the original repository (which records
+        # neither its model nor its loss: the options' are assumed).
+        self.loaded_original = False
 
     def _autocast(self):
         if self.mixedprec:
@@ -207,7 +201,7 @@ class Trainer:
 
     @torch.no_grad()
     def enhance(self, embeddings: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-        """Processed embeddings of every row; under DDP each rank computes a shard, all gather."""
+        """Enhanced embeddings of every row; under DDP each rank computes a shard, all gather."""
         self.net.eval()
         parts = np.array_split(np.arange(len(embeddings)), self.ctx.world_size)
         mine = parts[self.ctx.rank]
@@ -223,8 +217,9 @@ class Trainer:
         dist.all_gather(gathered, padded)
         return torch.cat([g[:len(p)] for g, p in zip(gathered, parts, strict=True)]).cpu().numpy()
 
-    def processed_scores(self, trials: TrialSet, embedding_type: str) -> np.ndarray:
-        return score_trials(self.enhance(trials.embeddings), trials.left, trials.right, embedding_type)
+    def enhanced_scores(self, trials: TrialSet, cosine: bool) -> np.ndarray:
+        """Scores of a trial list's enhanced embeddings: cosine (type C) or L2 (type B)."""
+        return score_trials(self.enhance(trials.embeddings), trials.left, trials.right, cosine)
 
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         if not self.ctx.distributed:
@@ -247,6 +242,7 @@ class Trainer:
         with weights_only. A checkpoint of the original repository (a bare state dict) holds the
         network alone: its optimiser and scheduler start afresh, its epoch is its file name's."""
         checkpoint = read_checkpoint(path, "checkpoint", self.device)
+        self.loaded_original = "network" not in checkpoint
         if "network" in checkpoint:
             self.load_network(checkpoint["network"], path, checkpoint.get("options"))
         elif any(key.startswith(SPEAKER_PREFIX) for key in checkpoint):
