@@ -132,7 +132,9 @@ class Backend:
     fits_on_trials = False  # fitted on a labelled trial list (calib_list) by fit_trials
 
     def __init__(self, cosine: bool):
-        self.cosine = bool(cosine)
+        if not isinstance(cosine, bool):
+            raise TypeError(f"cosine must be a bool, found {cosine!r}")
+        self.cosine = cosine
         self.dim: int | None = None
         check_limits(type(self), {key: getattr(self, key) for key in self.least if hasattr(self, key)})
 

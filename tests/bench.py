@@ -65,13 +65,13 @@ from m_gen_embs import (
 )
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, clear_gradients
-from scoring.backends import make_backend
-from scoring.metrics import compute_eer, evaluate_scores, score_trials
 from m_utils import DistContext, resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 from models.m_Features import SAMPLE_RATE
 from models.m_Models import get_model
+from scoring.backends import make_backend
+from scoring.metrics import compute_eer, evaluate_scores, score_trials
 
 STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", "score_vox1e", "backend_asnorm",
           "extract_ge2e", "extract_resnetse34v2", "extract_ge2e_bf16", "extract_resnetse34v2_bf16",

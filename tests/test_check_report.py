@@ -16,8 +16,9 @@ import m_trainer
 import m_viewer
 from m_DataLoader import EmbeddingData, TrialSet
 from m_network import SpeakerNet, Trainer
-from m_scoring import compute_eer, evaluate_scores, make_backend
 from m_utils import UserError
+from scoring.backends import make_backend
+from scoring.metrics import compute_eer, evaluate_scores
 
 DIM = 24
 BACKENDS = ["none", "mean", "asnorm", "plda"]
@@ -93,7 +94,7 @@ def test_saved_backend_scores_equal_a_direct_fit(data, checked):  # noqa: F811
     trials = TrialSet(data / "lists" / "test_test_list.txt", data / "test", DIM)
     saved = np.load(save / "result" / "trials_test.npz")
     for name, options in (("plda", {"lda_dim": 8}), ("asnorm", {"asnorm_topk": 10})):
-        backend = make_backend(name, "C", **options)
+        backend = make_backend(name, True, **options)
         backend.fit(trainer.enhance(train_data.embeddings.numpy()), train_data.row_speakers())
         expected = backend.score(trainer.enhance(trials.embeddings), trials.left, trials.right)
         np.testing.assert_allclose(saved[f"enhanced/{name}"], expected, rtol=1e-4, atol=1e-4)
@@ -126,7 +127,7 @@ def test_viewer_draws_every_backend_and_adds_its_rows(checked, capsys):
     for backend in BACKENDS[1:]:
         row = next(line for line in out.splitlines() if f"test list, {backend}" in line)
         expected = evaluate_scores(trials.scores[("enhanced", backend)], trials.labels)
-        assert f"{expected['eer']:.2f}" in row.split() and f"{expected['mindcf01']:.4f}" in row.split()
+        assert f"{expected['eer']:.2f}" in row.split() and f"{expected['mindcf_p01']:.4f}" in row.split()
     assert (save / "result" / "det.png").stat().st_size > 30_000
 
 

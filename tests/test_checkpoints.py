@@ -20,9 +20,9 @@ from m_comb_embs import combine
 from m_DataLoader import EmbeddingData, TrialSet
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer
-from m_scoring import compute_eer
 from m_utils import UserError, parse_score_line
 from models.m_Extractors import load_extractor
+from scoring.metrics import compute_eer
 
 DIM = 24
 # The original's MyLinearNet/v2 widths (l1..l5) and v3 (l1..l3), in multiples of nOut.
