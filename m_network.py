@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from loss.m_Losses import CLASSIFIER_KEYS, loss_class
-from m_DataLoader import Batch, EmbeddingData, TrialSet
+from m_DataLoader import Batch, EmbeddingData
 from m_utils import (
     NO_ACCURACY,
     SINGLE,
@@ -27,7 +27,6 @@ from m_utils import (
     unknown_name,
 )
 from models.m_Models import model_class
-from scoring.metrics import score_trials
 
 log = logging.getLogger("m_network")
 
@@ -132,9 +131,7 @@ class Trainer:
                                         max_epoch)
         self.mixedprec = mixedprec and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.mixedprec)
-        # Whether the last checkpoint loaded was one of the original repository (which records
-        # neither its model nor its loss: the options' are assumed).
-        self.loaded_original = False
+        self.loaded_original = False  # the last checkpoint loaded: one of the original repository
 
     def _autocast(self):
         if self.mixedprec:
@@ -217,10 +214,6 @@ class Trainer:
         dist.all_gather(gathered, padded)
         return torch.cat([g[:len(p)] for g, p in zip(gathered, parts, strict=True)]).cpu().numpy()
 
-    def enhanced_scores(self, trials: TrialSet, cosine: bool) -> np.ndarray:
-        """Scores of a trial list's enhanced embeddings: cosine (type C) or L2 (type B)."""
-        return score_trials(self.enhance(trials.embeddings), trials.left, trials.right, cosine)
-
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         if not self.ctx.distributed:
             return values
@@ -244,9 +237,9 @@ class Trainer:
         checkpoint = read_checkpoint(path, "checkpoint", self.device)
         self.loaded_original = "network" not in checkpoint
         if "network" in checkpoint:
-            self.load_network(checkpoint["network"], path, checkpoint.get("options"))
+            load_network(self.net, checkpoint["network"], path, checkpoint.get("options"))
         elif any(key.startswith(SPEAKER_PREFIX) for key in checkpoint):
-            self.load_network(original_network_state(checkpoint, self.net, path), path)
+            load_network(self.net, original_network_state(checkpoint, self.net, path), path)
             match = CHECKPOINT_PATTERN.match(Path(path).name)
             if not weights_only:
                 log.info("%s: a checkpoint of the original repository; the optimiser and scheduler "
@@ -263,14 +256,17 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["scaler"])
         return int(checkpoint["epoch"])
 
-    def load_network(self, state: dict, path: str | Path, trained: dict | None = None) -> None:
-        try:
-            self.net.load_state_dict(state)
-        except RuntimeError as err:
-            hint = (f"it was trained with model {trained.get('model')}, loss "
-                    f"{trained.get('trainfunc')}, nOut {trained.get('nOut')}; " if trained else "")
-            detail = " ".join(str(err).split())[:300]
-            raise UserError(f"{path}: does not fit this model/loss ({hint}{detail})") from None
+
+def load_network(net: SpeakerNet, state: dict, path: str | Path, trained: dict | None = None) -> None:
+    """Load a network state into `net`; a UserError naming the file (and the options it was
+    trained with, where it records them) when it does not fit."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        hint = (f"it was trained with model {trained.get('model')}, loss "
+                f"{trained.get('trainfunc')}, nOut {trained.get('nOut')}; " if trained else "")
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(f"{path}: does not fit this model/loss ({hint}{detail})") from None
 
 
 ORIGINAL_LAYER = re.compile(r"^__S__\.l(\d+)\.(weight|bias)$")

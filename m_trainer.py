@@ -49,7 +49,7 @@ from m_utils import (
 from models.m_Models import make_activation, model_class
 from scoring.backends import Quality, check_backend_options
 from scoring.evaluation import Results, Settings, TrainingSet, TrialList, evaluate, needs_training
-from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key
+from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key, score_trials
 from scoring.report import (
     SYSTEMS,
     TRIAL_LISTS,
@@ -364,7 +364,7 @@ class Run:
         if trials is None:
             return None
         cosine = embedding_type_of(self.args.multiple_embedding_flag).cosine
-        enhanced = self.trainer.enhanced_scores(trials, cosine)
+        enhanced = score_trials(self.trainer.enhance(trials.embeddings), trials.left, trials.right, cosine)
         return evaluate_scores(enhanced, trials.labels) if self.ctx.is_main else None
 
 

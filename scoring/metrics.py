@@ -21,9 +21,6 @@ def mindcf_key(p_target: float) -> str:
     return f"mindcf_p{round(p_target * 100):02d}"
 
 
-MINDCF_KEYS = tuple(mindcf_key(p) for p in P_TARGETS)
-
-
 def l2_normalize(array: np.ndarray) -> np.ndarray:
     """Rows (the last axis) scaled to unit length; all-zero rows stay zero."""
     norm = np.linalg.norm(array, axis=-1, keepdims=True)
@@ -211,7 +208,7 @@ def compute_min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.
 
 
 def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """EER, its threshold, and minDCF at each of P_TARGETS (keys MINDCF_KEYS), from one sort."""
+    """EER, its threshold, and minDCF at each of P_TARGETS (keys by mindcf_key), from one sort."""
     curve = score_curve(scores, labels)
     eer, threshold = _eer_of_curve(*curve)
     miss, false_alarm = _rates_of_curve(*curve[1:])
