@@ -161,6 +161,11 @@ class Backend:
         """What this back-end lacks to score trials with `quality`; None when nothing."""
         return None
 
+    def rescore(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
+                quality: Quality | None) -> np.ndarray:
+        """A back-end with a `base_name`: its scores from those of its base back-end."""
+        raise NotImplementedError(f"the {self.name} back-end does not rescore another's scores")
+
     def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
         pass
 
@@ -431,16 +436,6 @@ class QmfBackend(Backend):
             return "embedding norms (qmf_norms)"
         return None
 
-    def features(self, table: torch.Tensor | np.ndarray, left: np.ndarray, right: np.ndarray,
-                 quality: Quality | None) -> np.ndarray:
-        lacking = self.missing(quality)
-        if lacking:
-            raise UserError(f"the qmf back-end needs {lacking}")
-        if self.base is None:
-            raise RuntimeError("the qmf back-end needs its base back-end (attach) before it scores")
-        return quality_features(self.base.score(table, left, right, quality), left, right, quality,
-                                self.norms)
-
     def fit_trials(self, table: torch.Tensor | np.ndarray, left: np.ndarray, right: np.ndarray,
                    labels: np.ndarray, quality: Quality | None) -> QmfBackend:
         """Fit the regression on the trials (left[i], right[i]) of `table` with their labels."""
@@ -448,14 +443,34 @@ class QmfBackend(Backend):
         if labels.all() or not labels.any():
             raise UserError("the qmf back-end needs target (1) and non-target (0) calibration trials")
         self.model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
-        self.model.fit(self.features(table, left, right, quality), labels)
+        self.model.fit(self._features(self._base_scores(table, left, right, quality), left, right, quality),
+                       labels)
         return self
+
+    def rescore(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
+                quality: Quality | None) -> np.ndarray:
+        """The scores of trials whose base back-end's scores are at hand."""
+        if self.model is None:
+            raise RuntimeError("the qmf back-end must be fitted (fit_trials) before it scores")
+        features = self._features(base_scores, left, right, quality)
+        return self.model.decision_function(features).astype(np.float32)
+
+    def _base_scores(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
+                     quality: Quality | None) -> np.ndarray:
+        if self.base is None:
+            raise RuntimeError("the qmf back-end needs its base back-end (`base`) before it scores")
+        return self.base.score(table, left, right, quality)
+
+    def _features(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
+                  quality: Quality | None) -> np.ndarray:
+        lacking = self.missing(quality)
+        if lacking:
+            raise UserError(f"the qmf back-end needs {lacking}")
+        return quality_features(base_scores, np.asarray(left), np.asarray(right), quality, self.norms)
 
     def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
                quality: Quality | None) -> np.ndarray:
-        if self.model is None:
-            raise RuntimeError("the qmf back-end must be fitted (fit_trials) before it scores")
-        return self.model.decision_function(self.features(table, left, right, quality)).astype(np.float32)
+        return self.rescore(self._base_scores(table, left, right, quality), left, right, quality)
 
 
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (Backend, MeanBackend, AsNormBackend,

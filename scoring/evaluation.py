@@ -129,7 +129,8 @@ def evaluate(lists: Sequence[TrialList], systems: Mapping[str, System], settings
     records += [CalibrationResult(system, backend, calibration)
                 for (system, backend), calibration in calibrations.items()]
     sources = {trials.name: trials.source() for trials in lists}
-    sources |= {name: data.source() for name, data in (("calib", calib), ("train", train)) if data}
+    sources |= {name: data.source() for name, data in (("calib", calib), ("train", train))
+                if data is not None}
     return Results(results, records + [Sources(sources, model)])
 
 
@@ -158,8 +159,12 @@ def _scores(backends: Mapping[Key, Backend], tables: Mapping[Key, np.ndarray], t
                 said.add((name, trials.name))
                 log.info("back-end %s skipped on the %s trials: they lack %s", name, trials.name, lacking)
             continue
-        scores[(system, name)] = backend.score(tables[(system, trials.name)], trials.left, trials.right,
-                                               trials.quality)
+        base = (system, backend.base_name)
+        if base in scores:  # a back-end over another's scores (qmf) takes them as they are
+            scores[(system, name)] = backend.rescore(scores[base], trials.left, trials.right, trials.quality)
+        else:
+            scores[(system, name)] = backend.score(tables[(system, trials.name)], trials.left, trials.right,
+                                                   trials.quality)
     return scores
 
 
