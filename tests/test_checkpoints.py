@@ -182,7 +182,7 @@ def test_check_before_training_prints_the_original_eer(data, tmp_path, capsys, c
         scores = -np.linalg.norm(trials.embeddings[trials.left] - trials.embeddings[trials.right], axis=1)
         assert float(line.group(1)) == pytest.approx(compute_eer(scores, trials.labels)[0], abs=1e-3)
     assert "processed" not in out
-    assert any("processed EER needs a model" in record.getMessage() for record in caplog.records)
+    assert any("enhanced EER needs a model" in record.getMessage() for record in caplog.records)
 
 
 def unseen_speakers(tmp_path: Path) -> Path:
