@@ -322,6 +322,21 @@ def resolve_device(name: str = "auto", local_rank: int = 0):
     return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
 
 
+def bf16_is_native(device) -> bool:
+    """Whether bfloat16 autocast is fast on `device`: always on CUDA; on a CPU only with bfloat16
+    instructions (AVX512-BF16 or AMX) that oneDNN may use (its own check honours ONEDNN_MAX_CPU_ISA).
+    Elsewhere oneDNN emulates bfloat16 slowly or has no primitive for it (GE2E's LSTM)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(instructions and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands in its group; a single process is rank 0 of 1."""

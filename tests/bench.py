@@ -65,7 +65,7 @@ from m_gen_embs import (
 )
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, clear_gradients
-from m_utils import DistContext, resolve_device
+from m_utils import DistContext, bf16_is_native, resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 from models.m_Features import SAMPLE_RATE
@@ -796,9 +796,9 @@ def stage_extract_m4a(args: argparse.Namespace, tree: Tree, meter: PeakMeter) ->
 
     def files_per_second(suffix: str, files: int) -> float:
         root = trees[suffix]
-        job = Job(root, root.parent / f"embeddings_{root.name}", tuple(find_audio(root)[:files]),
-                  args.eval_frames, args.num_eval, args.extract_batch, workers=None,
-                  device=args.device.type, overwrite=True, mixedprec=mixedprec)
+        job = Job(db_path=root, embed_dir=root.parent / f"embeddings_{root.name}",
+                  files=tuple(find_audio(root)[:files]), eval_frames=args.eval_frames, num_eval=args.num_eval,
+                  batch_size=args.extract_batch, device=args.device.type, overwrite=True, mixedprec=mixedprec)
         return files / timed(lambda: extract(DistContext(), job, model, failed))
 
     size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval, mixedprec)
@@ -1037,6 +1037,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def skipped_bf16_stages(args: argparse.Namespace) -> list[str]:
+    """The bfloat16 stages asked for that this machine skips: on a CPU without bfloat16 instructions."""
+    device = resolve_device(args.device)
+    if device.type != "cpu" or bf16_is_native(device):
+        return []
+    return [stage for stage in args.stages if stage.endswith("_bf16")]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
@@ -1044,6 +1052,11 @@ def main(argv: list[str] | None = None) -> None:
     if any(stage in VOX1E_STAGES for stage in args.stages):
         ensure_vox1e(args)
     records, notes, base_rss = [], [], 0.0
+    for name in skipped_bf16_stages(args):
+        notes.append(f"{name}: skipped: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where "
+                     "bfloat16 is emulated and many times slower than float32 (m_gen_embs --mixedprec "
+                     "runs float32 there)")
+        args.stages = [stage for stage in args.stages if stage != name]
     for name in (stage for stage in STAGES if stage in args.stages):
         say(f"stage {name} ...")
         began = time.perf_counter()
