@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from m_utils import SINGLE, DistContext, UserError, user_text_lines
+from scoring.metrics import l2_normalize
 
 log = logging.getLogger("m_DataLoader")
 
@@ -136,11 +137,6 @@ def embedding_file(root: str | os.PathLike, rel: str) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # Embedding files -> arrays
-
-
-def l2_normalize(array: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(array, axis=-1, keepdims=True)
-    return array / np.maximum(norm, 1e-12)
 
 
 def check_embedding(array: np.ndarray, path: Path, dim: int | None = None) -> np.ndarray:

@@ -1,14 +1,12 @@
-"""The network (enhancement model + loss) and the trainer object; trial scoring is in m_scoring."""
+"""The network (enhancement model + loss) and the trainer object; trial scoring is in scoring/."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,13 +14,13 @@ import torch.distributed as dist
 from torch import nn
 
 from loss.m_Losses import CLASSIFIER_KEYS, loss_class
-from m_DataLoader import Batch, EmbeddingData, TrialSet
-from m_scoring import score_trials
+from m_DataLoader import Batch, EmbeddingData
 from m_utils import (
     NO_ACCURACY,
     SINGLE,
     DistContext,
     UserError,
+    options_taken,
     torch_save_atomic,
     unknown_name,
 )
@@ -33,14 +31,6 @@ log = logging.getLogger("m_network")
 
 CHECKPOINT_NAME = "model{:09d}.model"
 CHECKPOINT_PATTERN = re.compile(r"^model(\d{9})\.model$")
-
-
-
-def options_taken(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `options` that `cls` takes by name: a model's or a loss' hyper-parameters
-    are the parameters of its constructor, so a new one needs only its OPTIONS row."""
-    names = inspect.signature(cls).parameters
-    return {key: value for key, value in options.items() if key in names}
 
 
 class SpeakerNet(nn.Module):
@@ -60,7 +50,7 @@ class SpeakerNet(nn.Module):
 
     @torch.no_grad()
     def enhance(self, x: torch.Tensor) -> torch.Tensor:
-        """Processed embeddings, L2-normalised per vector where the loss scores them so."""
+        """Enhanced embeddings, L2-normalised per vector where the loss scores them so."""
         out = self.model(x)
         return nn.functional.normalize(out, dim=1) if self.loss.normalize_for_test else out
 
@@ -140,6 +130,7 @@ class Trainer:
                                         max_epoch)
         self.mixedprec = mixedprec and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.mixedprec)
+        self.loaded_original = False  # the last checkpoint loaded: one of the original repository
 
     def _autocast(self):
         if self.mixedprec:
@@ -206,7 +197,7 @@ class Trainer:
 
     @torch.no_grad()
     def enhance(self, embeddings: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-        """Processed embeddings of every row; under DDP each rank computes a shard, all gather."""
+        """Enhanced embeddings of every row; under DDP each rank computes a shard, all gather."""
         self.net.eval()
         parts = np.array_split(np.arange(len(embeddings)), self.ctx.world_size)
         mine = parts[self.ctx.rank]
@@ -221,9 +212,6 @@ class Trainer:
         gathered = [torch.empty_like(padded) for _ in range(self.ctx.world_size)]
         dist.all_gather(gathered, padded)
         return torch.cat([g[:len(p)] for g, p in zip(gathered, parts, strict=True)]).cpu().numpy()
-
-    def processed_scores(self, trials: TrialSet, embedding_type: str) -> np.ndarray:
-        return score_trials(self.enhance(trials.embeddings), trials.left, trials.right, embedding_type)
 
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         if not self.ctx.distributed:
@@ -246,10 +234,11 @@ class Trainer:
         with weights_only. A checkpoint of the original repository (a bare state dict) holds the
         network alone: its optimiser and scheduler start afresh, its epoch is its file name's."""
         checkpoint = read_checkpoint(path, "checkpoint", self.device)
+        self.loaded_original = "network" not in checkpoint
         if "network" in checkpoint:
-            self.load_network(checkpoint["network"], path, checkpoint.get("options"))
+            load_network(self.net, checkpoint["network"], path, checkpoint.get("options"))
         elif any(key.startswith(SPEAKER_PREFIX) for key in checkpoint):
-            self.load_network(original_network_state(checkpoint, self.net, path), path)
+            load_network(self.net, original_network_state(checkpoint, self.net, path), path)
             match = CHECKPOINT_PATTERN.match(Path(path).name)
             if not weights_only:
                 log.info("%s: a checkpoint of the original repository; the optimiser and scheduler "
@@ -266,14 +255,17 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["scaler"])
         return int(checkpoint["epoch"])
 
-    def load_network(self, state: dict, path: str | Path, trained: dict | None = None) -> None:
-        try:
-            self.net.load_state_dict(state)
-        except RuntimeError as err:
-            hint = (f"it was trained with model {trained.get('model')}, loss "
-                    f"{trained.get('trainfunc')}, nOut {trained.get('nOut')}; " if trained else "")
-            detail = " ".join(str(err).split())[:300]
-            raise UserError(f"{path}: does not fit this model/loss ({hint}{detail})") from None
+
+def load_network(net: SpeakerNet, state: dict, path: str | Path, trained: dict | None = None) -> None:
+    """Load a network state into `net`; a UserError naming the file (and the options it was
+    trained with, where it records them) when it does not fit."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        hint = (f"it was trained with model {trained.get('model')}, loss "
+                f"{trained.get('trainfunc')}, nOut {trained.get('nOut')}; " if trained else "")
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(f"{path}: does not fit this model/loss ({hint}{detail})") from None
 
 
 ORIGINAL_LAYER = re.compile(r"^__S__\.l(\d+)\.(weight|bias)$")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import inspect
 import logging
 import os
 import shlex
@@ -64,6 +65,13 @@ def run_main(main: Callable[[], Any]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(status or 0))
+
+
+def options_taken(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `options` that `cls` takes by name: a model's, a loss' or a back-end's
+    hyper-parameters are the parameters of its constructor, so a new one needs only its OPTIONS row."""
+    names = inspect.signature(cls).parameters
+    return {key: value for key, value in options.items() if key in names}
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:

@@ -70,12 +70,13 @@ from m_gen_embs import (
 )
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, clear_gradients
-from m_scoring import compute_eer, evaluate_scores, make_backend, score_trials
 from m_utils import DistContext, bf16_is_native, resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 from models.m_Features import SAMPLE_RATE
 from models.m_Models import get_model
+from scoring.backends import make_backend
+from scoring.metrics import compute_eer, evaluate_scores, score_trials
 
 RECORD_KEYS = ("name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb")
 COMPUTE_KEY = "compute_only_per_s"
@@ -613,10 +614,10 @@ def stage_score(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> Stage
     # Held where training keeps its embeddings: on the GPU when there is one.
     table = matrix if args.device.type == "cpu" else torch.from_numpy(matrix).to(args.device)
     meter.start()
-    project = repeated_rate(lambda: evaluate_scores(score_trials(table, left, right, "B"), labels),
+    project = repeated_rate(lambda: evaluate_scores(score_trials(table, left, right, cosine=False), labels),
                             args.trials, args.min_seconds)
     peak = meter.peaks()
-    scores = score_trials(table, left, right, "B")
+    scores = score_trials(table, left, right, cosine=False)
     sample = min(args.baseline_trials, args.trials)
     loop = timed(lambda: per_trial_scores(matrix, left[:sample], right[:sample], args.device))
     metrics = timed(lambda: per_trial_metrics(scores, labels))
@@ -646,7 +647,7 @@ def stage_score_vox1e(args: argparse.Namespace, tree: Tree | None, meter: PeakMe
     start = time.perf_counter()
     trials = vox1e_trial_set(args, matrix)
     table = on_device(trials.embeddings, args.device)
-    scores = score_trials(table, trials.left, trials.right, VOX1E_TYPE)
+    scores = score_trials(table, trials.left, trials.right, VOX1E_TYPE == "C")
     evaluate_scores(scores, trials.labels)
     seconds = time.perf_counter() - start
     peak = meter.peaks()
@@ -674,7 +675,7 @@ def stage_backend_asnorm(args: argparse.Namespace, tree: Tree | None, meter: Pea
     speakers = np.repeat(np.arange(args.cohort_speakers), 2)
     training = rng.standard_normal((args.cohort_speakers, args.dim), dtype=np.float32)[speakers]
     training += rng.standard_normal(training.shape, dtype=np.float32)
-    backend = make_backend("asnorm", VOX1E_TYPE, asnorm_topk=ASNORM_TOPK)
+    backend = make_backend("asnorm", VOX1E_TYPE == "C", asnorm_topk=ASNORM_TOPK)
     fit = timed(partial(backend.fit, on_device(training, args.device), speakers))
     del training
     score = timed(lambda: backend.score(table, trials.left, trials.right))

@@ -18,10 +18,10 @@ from m_comb_embs import combine
 from m_DataLoader import EmbeddingData, TrialSet
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer
-from m_scoring import compute_eer
 from m_utils import UserError, parse_score_line
 from models import ResNetSE34V2
 from models.m_Extractors import load_extractor
+from scoring.metrics import compute_eer
 
 DIM = 24
 # The original's MyLinearNet/v2 widths (l1..l5) and v3 (l1..l3), in multiples of nOut.
@@ -182,7 +182,7 @@ def test_check_before_training_prints_the_original_eer(data, tmp_path, capsys, c
         scores = -np.linalg.norm(trials.embeddings[trials.left] - trials.embeddings[trials.right], axis=1)
         assert float(line.group(1)) == pytest.approx(compute_eer(scores, trials.labels)[0], abs=1e-3)
     assert "processed" not in out
-    assert any("processed EER needs a model" in record.getMessage() for record in caplog.records)
+    assert any("enhanced EER needs a model" in record.getMessage() for record in caplog.records)
 
 
 def unseen_speakers(tmp_path: Path) -> Path:
