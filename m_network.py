@@ -1,4 +1,5 @@
-"""The network (enhancement model + loss) and the trainer object; trial scoring is in scoring/."""
+"""The network (enhancement model + loss), the trainer object and its log format (scores.txt); trial
+scoring is in scoring/."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from torch import nn
 from loss.m_Losses import CLASSIFIER_KEYS, loss_class
 from m_DataLoader import Batch, EmbeddingData
 from m_utils import (
-    NO_ACCURACY,
     SINGLE,
     DistContext,
     UserError,
@@ -303,3 +303,60 @@ def original_network_state(checkpoint: dict, net: SpeakerNet, path: str | Path) 
     if unused:
         log.info("%s: not used by %s + %s: %s", path, model_name, type(net.loss).__name__, ", ".join(unused))
     return state
+
+
+# ----------------------------------------------------------------------------------------------
+# scores.txt: the training log that m_trainer writes, one line per epoch and one per validation.
+# The format is the original repository's (analysis scripts parse it), with minDCF appended to the
+# validation line.
+
+TRAIN_FIELDS = ("Epoch", "TLOSS", "LR")
+VAL_PREFIX = "--Val--"
+VAL_FIELDS_ORIGINAL = ("Epoch", "VLoss", "VEER", "VEER_LIBRI", "Vacc")
+VAL_FIELDS = VAL_FIELDS_ORIGINAL + ("VMINDCF", "VMINDCF_LIBRI")
+FIELD_FORMAT = {"Epoch": "d", "TLOSS": "f", "LR": "f", "VLoss": "f", "VEER": "2.4f",
+                "VEER_LIBRI": "2.4f", "Vacc": "2.4f", "VMINDCF": ".4f", "VMINDCF_LIBRI": ".4f"}
+NO_ACCURACY = -1.0  # Vacc of a loss without accuracy, as the original repository wrote it
+
+
+def score_line(values: dict[str, float], validation: bool) -> str:
+    """One scores.txt line, e.g. `Epoch 3, TLOSS 0.512000, LR 0.001000`."""
+    fields = VAL_FIELDS if validation else TRAIN_FIELDS
+    # + 0.0 turns -0.0 into 0.0: a signed zero would read as a different value to a reader
+    body = ", ".join(f"{key} {values[key] + (0 if key == 'Epoch' else 0.0):{FIELD_FORMAT[key]}}"
+                     for key in fields)
+    return f"{VAL_PREFIX} {body}" if validation else body
+
+
+def line_form(fields: tuple[str, ...], prefix: str = "") -> str:
+    """How a line with `fields` looks, e.g. `Epoch N, TLOSS x, LR x`."""
+    parts = [f"{key} {'N' if key == 'Epoch' else 'x'}" for key in fields]
+    return f"{prefix}{' ' if prefix else ''}{', '.join(parts)}"
+
+
+def parse_score_line(line: str) -> tuple[bool, dict[str, float]]:
+    """(is a --Val-- line, its values by field); a validation line of the original repository (no
+    minDCF) gets NaN minDCF. ValueError says what is wrong."""
+    text = line.strip()
+    validation = text.startswith(VAL_PREFIX)
+    if validation:
+        text = text[len(VAL_PREFIX):]
+    fields = [field.split() for field in text.split(",")]
+    keys = tuple(field[0] if field else "" for field in fields)
+    allowed = (VAL_FIELDS_ORIGINAL, VAL_FIELDS) if validation else (TRAIN_FIELDS,)
+    if keys not in allowed or any(len(field) != 2 for field in fields):
+        forms = " or ".join(repr(line_form(f, VAL_PREFIX if validation else "")) for f in allowed)
+        raise ValueError(f"expected a line like {forms}")
+    values = {key: _score_value(key, value) for key, value in fields}
+    if validation:
+        values = {key: values.get(key, float("nan")) for key in VAL_FIELDS}
+    return validation, values
+
+
+def _score_value(key: str, text: str) -> float:
+    """A field's value: an integer for Epoch, a float (nan allowed) otherwise."""
+    try:
+        return float(int(text)) if key == "Epoch" else float(text)
+    except ValueError:
+        kind = "an integer" if key == "Epoch" else "a number"
+        raise ValueError(f"{key} must be {kind}, found {text!r}") from None

@@ -26,7 +26,16 @@ import yaml
 
 from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet, embedding_type_of, load_embeddings, read_list
-from m_network import CHECKPOINT_NAME, OPTIMIZERS, SCHEDULERS, SpeakerNet, Trainer, checkpoints
+from m_network import (
+    CHECKPOINT_NAME,
+    OPTIMIZERS,
+    SCHEDULERS,
+    SpeakerNet,
+    Trainer,
+    checkpoints,
+    parse_score_line,
+    score_line,
+)
 from m_utils import (
     HARDWARE_OPTIONS,
     DistContext,
@@ -35,13 +44,11 @@ from m_utils import (
     add_options,
     append_line,
     launch,
-    parse_score_line,
     read_user_text,
     resolve_device,
     run_lock,
     run_main,
     save_npy_atomic,
-    score_line,
     setup_logging,
     unknown_name,
     write_text_atomic,

@@ -8,9 +8,9 @@
 - folder locks: folder_lock, run_lock (one run at a time writes into a folder);
 - device and process group: resolve_device, bf16_is_native, DistContext, launch (one helper for the
   trainer and the extractor);
-- for now the scores.txt line format (score_line, parse_score_line), which moves to the trainer.
 
-voxceleb_trainer's checkpoint layout lives with the models: models/m_Checkpoints.py.
+Domain formats live with their domain: voxceleb_trainer's checkpoint layout in models/m_Checkpoints.py,
+the scores.txt line format with the training loop in m_network.py.
 """
 
 from __future__ import annotations
@@ -467,59 +467,3 @@ def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: st
             raise
         raise UserError(f"distributed process {err.error_index} stopped with exit code "
                         f"{err.exit_code} (its message is above)") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# scores.txt: the training log, one line per epoch and one per validation. The format is the
-# original repository's (analysis scripts parse it), with minDCF appended to the validation line.
-
-TRAIN_FIELDS = ("Epoch", "TLOSS", "LR")
-VAL_PREFIX = "--Val--"
-VAL_FIELDS_ORIGINAL = ("Epoch", "VLoss", "VEER", "VEER_LIBRI", "Vacc")
-VAL_FIELDS = VAL_FIELDS_ORIGINAL + ("VMINDCF", "VMINDCF_LIBRI")
-FIELD_FORMAT = {"Epoch": "d", "TLOSS": "f", "LR": "f", "VLoss": "f", "VEER": "2.4f",
-                "VEER_LIBRI": "2.4f", "Vacc": "2.4f", "VMINDCF": ".4f", "VMINDCF_LIBRI": ".4f"}
-NO_ACCURACY = -1.0  # Vacc of a loss without accuracy, as the original repository wrote it
-
-
-def score_line(values: dict[str, float], validation: bool) -> str:
-    """One scores.txt line, e.g. `Epoch 3, TLOSS 0.512000, LR 0.001000`."""
-    fields = VAL_FIELDS if validation else TRAIN_FIELDS
-    # + 0.0 turns -0.0 into 0.0: a signed zero would read as a different value to a reader
-    body = ", ".join(f"{key} {values[key] + (0 if key == 'Epoch' else 0.0):{FIELD_FORMAT[key]}}"
-                     for key in fields)
-    return f"{VAL_PREFIX} {body}" if validation else body
-
-
-def line_form(fields: tuple[str, ...], prefix: str = "") -> str:
-    """How a line with `fields` looks, e.g. `Epoch N, TLOSS x, LR x`."""
-    parts = [f"{key} {'N' if key == 'Epoch' else 'x'}" for key in fields]
-    return f"{prefix}{' ' if prefix else ''}{', '.join(parts)}"
-
-
-def parse_score_line(line: str) -> tuple[bool, dict[str, float]]:
-    """(is a --Val-- line, its values by field); a validation line of the original repository (no
-    minDCF) gets NaN minDCF. ValueError says what is wrong."""
-    text = line.strip()
-    validation = text.startswith(VAL_PREFIX)
-    if validation:
-        text = text[len(VAL_PREFIX):]
-    fields = [field.split() for field in text.split(",")]
-    keys = tuple(field[0] if field else "" for field in fields)
-    allowed = (VAL_FIELDS_ORIGINAL, VAL_FIELDS) if validation else (TRAIN_FIELDS,)
-    if keys not in allowed or any(len(field) != 2 for field in fields):
-        forms = " or ".join(repr(line_form(f, VAL_PREFIX if validation else "")) for f in allowed)
-        raise ValueError(f"expected a line like {forms}")
-    values = {key: _score_value(key, value) for key, value in fields}
-    if validation:
-        values = {key: values.get(key, float("nan")) for key in VAL_FIELDS}
-    return validation, values
-
-
-def _score_value(key: str, text: str) -> float:
-    """A field's value: an integer for Epoch, a float (nan allowed) otherwise."""
-    try:
-        return float(int(text)) if key == "Epoch" else float(text)
-    except ValueError:
-        kind = "an integer" if key == "Epoch" else "a number"
-        raise ValueError(f"{key} must be {kind}, found {text!r}") from None

@@ -28,12 +28,10 @@ from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
 from m_DataLoader import EMBEDDING_TYPES, embedding_file, load_embeddings, read_list
+from m_network import TRAIN_FIELDS, VAL_FIELDS, parse_score_line
 from m_utils import (
-    TRAIN_FIELDS,
-    VAL_FIELDS,
     UserError,
     atomic_write,
-    parse_score_line,
     read_user_text,
     run_main,
     write_text_atomic,

@@ -40,7 +40,7 @@ import models.GE2E  # noqa: E402
 from m_comb_embs import combine  # noqa: E402
 from m_gen_embs import Item, embed_batch, make_crops  # noqa: E402
 from m_gen_list import make_lists  # noqa: E402
-from m_utils import parse_score_line  # noqa: E402
+from m_network import parse_score_line  # noqa: E402
 from models.GE2E import packaged_weights  # noqa: E402
 from models.m_Extractors import load_extractor  # noqa: E402
 from scoring.metrics import score_trials  # noqa: E402

@@ -17,8 +17,8 @@ import m_trainer
 from m_comb_embs import combine
 from m_DataLoader import EmbeddingData, TrialSet
 from m_gen_list import make_lists
-from m_network import SpeakerNet, Trainer
-from m_utils import UserError, parse_score_line
+from m_network import SpeakerNet, Trainer, parse_score_line
+from m_utils import UserError
 from models import ResNetSE34V2
 from models.m_Extractors import load_extractor
 from scoring.metrics import compute_eer

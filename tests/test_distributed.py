@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import ROOT, config, make_experiment_data, run_script
 
-from m_network import checkpoints
-from m_utils import parse_score_line
+from m_network import checkpoints, parse_score_line
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ from conftest import config, run_script, train
 import m_trainer
 from loss.m_Losses import LOSSES
 from m_DataLoader import EmbeddingData
-from m_network import SpeakerNet, Trainer, checkpoints
-from m_utils import UserError, parse_score_line, score_line
+from m_network import SpeakerNet, Trainer, checkpoints, parse_score_line, score_line
+from m_utils import UserError
 
 
 @pytest.mark.parametrize("trainfunc", sorted(LOSSES))
