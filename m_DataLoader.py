@@ -44,6 +44,7 @@ from m_utils import (
     write_error,
     write_text_atomic,
 )
+from scoring.metrics import l2_normalize
 
 log = logging.getLogger("m_DataLoader")
 
@@ -452,11 +453,6 @@ def embedding_file(root: str | os.PathLike, rel: str) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # Embedding files -> arrays
-
-
-def l2_normalize(array: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(array, axis=-1, keepdims=True)
-    return array / np.maximum(norm, 1e-12)
 
 
 def check_embedding(array: np.ndarray, path: Path | str, dim: int | None = None,
@@ -1409,6 +1405,7 @@ class EmbeddingData:
         target_of = {spk: i for i, spk in enumerate(own_speakers)}  # beside this list's files
 
         utterances = source.utterances(unique, dim, threads, source=list_path)
+        self.manifest, self.source = source.manifest, str(source.path)  # provenance (contract.md)
         row_of = dict(zip(unique, utterances.rows.tolist(), strict=True))
         # float32 on the CPU: the memory map itself. A float16 store goes to a GPU as it is and is
         # converted there, so the host never holds a float32 copy.

@@ -3,18 +3,30 @@
 .ogg, .opus) becomes a float32 (num_eval, D) .npy at the same relative path below EMBED_DIR, whatever
 its suffix (VoxCeleb2's .m4a tree and VoxCeleb1's .wav tree give the same layout).
 
+Beside the embeddings it keeps `utt2dur` (Kaldi's format: `<utt> <seconds>`, the length of the audio
+each embedding saw) and `manifest.json` (extractor, weights file and its sha256, crop settings, mixed
+precision, the project's commit). --max_seconds S embeds only the first S seconds of each file (short
+test sets).
+
 Safe to interrupt and re-run: each file is written atomically as soon as it is computed, files that
-already exist are skipped (unless --overwrite), and nothing is ever deleted."""
+already exist are skipped (unless --overwrite), a tree made with other settings is refused (unless
+--overwrite), and nothing is ever deleted."""
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
+import json
 import logging
 import math
 import os
+import re
+import shutil
+import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -32,16 +44,20 @@ from m_DataLoader import AUDIO_SUFFIXES
 from m_utils import (
     HARDWARE_OPTIONS,
     DistContext,
+    Options,
     UserError,
     add_options,
+    bf16_is_native,
     launch,
     resolve_device,
     run_lock,
     run_main,
     save_npy_atomic,
     setup_logging,
+    user_text_lines,
+    write_text_atomic,
 )
-from models.m_Extractors import DEFAULT_EXTRACTOR, EXTRACTORS, load_extractor
+from models.m_Extractors import DEFAULT_EXTRACTOR, EXTRACTORS, load_extractor, weights_path
 from models.m_Features import HOP, SAMPLE_RATE
 
 DB_PATH = "data/voxceleb1"
@@ -62,6 +78,13 @@ MAX_CUDA_WORKERS = 16
 
 # Read with soundfile; every other suffix of AUDIO_SUFFIXES is decoded with PyAV (FFmpeg's libraries).
 SOUNDFILE_SUFFIXES = (".wav", ".flac")
+
+# Written beside the embeddings (formats in the module's docstring and the README).
+UTT2DUR = "utt2dur"
+MANIFEST = "manifest.json"
+# Manifest fields that make embeddings incomparable: a tree is never extended with other values.
+SAME_SETTINGS = ("extractor", "checkpoint_sha256", "eval_frames", "num_eval", "max_seconds")
+REPO = Path(__file__).resolve().parent
 
 log = logging.getLogger("m_gen_embs")
 
@@ -87,6 +110,11 @@ def find_audio(root: Path) -> list[Path]:
 
 def output_path(embed_dir: Path, rel: Path) -> Path:
     return embed_dir / rel.with_suffix(".npy")
+
+
+def utt_key(rel: Path) -> str:
+    """The store key of an audio file: its path below the tree, forward slashes, suffix removed."""
+    return rel.with_suffix("").as_posix()
 
 
 def check_unique_outputs(files: list[Path]) -> None:
@@ -172,6 +200,30 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     return audio, rate
 
 
+def max_samples(max_seconds: float | None) -> int | None:
+    """The 16 kHz samples --max_seconds keeps of each file (at least one); None keeps all."""
+    return None if max_seconds is None else max(1, round(max_seconds * SAMPLE_RATE))
+
+
+def audio_seconds(path: Path) -> float:
+    """The length of an audio file in seconds: from its header where it declares one (soundfile's frame
+    count; the stream duration of an mp4, as decode_compressed cuts to it), else from decoding it."""
+    try:
+        if path.suffix.lower() in SOUNDFILE_SUFFIXES:
+            info = soundfile.info(path)
+            if info.frames > 0:
+                return info.frames / info.samplerate
+        else:
+            with av.open(str(path)) as container:
+                declared = declared_samples(container.streams.audio[0]) if container.streams.audio else None
+                if declared:
+                    return declared / container.streams.audio[0].codec_context.sample_rate
+    except (RuntimeError, OSError, ValueError, av.FFmpegError):
+        pass  # decoding says what is wrong
+    audio, _ = read_audio(path)
+    return len(audio) / SAMPLE_RATE
+
+
 def crop_length(eval_frames: int) -> int:
     return eval_frames * HOP + 240
 
@@ -192,20 +244,23 @@ def make_crops(audio: np.ndarray, eval_frames: int, num_eval: int) -> np.ndarray
 
 @dataclass
 class Item:
-    """One decoded file: its (num_eval, samples) float32 crops, or why it failed. The crops are a
-    tensor so that a DataLoader worker hands them over in shared memory instead of a pickled copy."""
+    """One decoded file: its (num_eval, samples) float32 crops and the seconds of audio they were taken
+    from, or why it failed. The crops are a tensor so that a DataLoader worker hands them over in shared
+    memory instead of a pickled copy."""
 
     index: int
     crops: torch.Tensor | None = None
     error: str | None = None
     source_rate: int = SAMPLE_RATE
+    seconds: float = 0.0
 
 
 class CropDataset(Dataset):
-    """Decodes and crops audio files (in DataLoader workers)."""
+    """Decodes and crops audio files (in DataLoader workers); with `keep` only the first `keep` samples
+    of each file are cropped."""
 
-    def __init__(self, paths: list[Path], eval_frames: int, num_eval: int):
-        self.paths, self.eval_frames, self.num_eval = paths, eval_frames, num_eval
+    def __init__(self, paths: list[Path], eval_frames: int, num_eval: int, keep: int | None = None):
+        self.paths, self.eval_frames, self.num_eval, self.keep = paths, eval_frames, num_eval, keep
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -215,28 +270,224 @@ class CropDataset(Dataset):
             audio, rate = read_audio(self.paths[index])
         except AudioError as err:
             return Item(index, error=str(err))
+        if self.keep is not None:
+            audio = audio[:self.keep]
         crops = torch.from_numpy(make_crops(audio, self.eval_frames, self.num_eval))
-        return Item(index, crops, source_rate=rate)
+        return Item(index, crops, source_rate=rate, seconds=len(audio) / SAMPLE_RATE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Durations and manifest beside the embeddings
+
+
+def read_utt2dur(path: Path) -> dict[str, float]:
+    """utt -> seconds of a Kaldi utt2dur file (empty where there is none); a bad line is a UserError."""
+    if not path.exists():
+        return {}
+    durations = {}
+    for lineno, line in enumerate(user_text_lines(path, "utt2dur file"), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        seconds = seconds_of(parts[1]) if len(parts) == 2 else None
+        if seconds is None:
+            raise UserError(f"{path}:{lineno}: expected '<utt> <seconds>', found {line.strip()!r}")
+        durations[parts[0]] = seconds
+    return durations
+
+
+def seconds_of(text: str) -> float | None:
+    """A duration field's value, None unless it is a finite number of seconds, 0 or more."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def utt2dur_text(durations: dict[str, float]) -> str:
+    """Kaldi's utt2dur: one `<utt> <seconds>` line per utterance, sorted by utt, seconds to 1 ms."""
+    return "".join(f"{utt} {durations[utt]:.3f}\n" for utt in sorted(durations))
+
+
+def update_utt2dur(embed_dir: Path, known: dict[str, float], new: dict[str, float]) -> None:
+    """Write `known` (the file's entries) updated with `new`, where that changes the file."""
+    path = embed_dir / UTT2DUR
+    merged = {**known, **new}
+    text = utt2dur_text(merged)
+    if merged and (not path.exists() or path.read_text() != text):
+        write_text_atomic(path, text)
+
+
+def skipped_durations(job: Job, skipped: list[Path], known: dict[str, float],
+                      show: bool = True) -> dict[str, float]:
+    """Durations of files embedded by an earlier run that utt2dur lacks (a run from before utt2dur, or
+    one that was interrupted), from their headers or decoded; a file that cannot be read gets none.
+    `show`: a progress bar."""
+    missing = [rel for rel in skipped if utt_key(rel) not in known]
+    if missing:
+        log.info("reading the durations of %d file(s) embedded earlier and missing from %s", len(missing),
+                 job.embed_dir / UTT2DUR)
+    keep = max_samples(job.max_seconds)
+    limit = math.inf if keep is None else keep / SAMPLE_RATE
+    durations = {}
+    for rel in tqdm(missing, unit="file", disable=not show or not missing, dynamic_ncols=True):
+        try:
+            durations[utt_key(rel)] = min(audio_seconds(job.db_path / rel), limit)
+        except AudioError as err:
+            log.warning("%s: no duration for %s (%s)", job.db_path / rel, UTT2DUR, err)
+    return durations
+
+
+def gather_durations(ctx: DistContext, durations: dict[str, float]) -> dict[str, float]:
+    """Every rank's durations on rank 0 (others get theirs back); a process outside a group keeps its own."""
+    if not (ctx.distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return durations
+    parts = [None] * ctx.world_size if ctx.is_main else None
+    torch.distributed.gather_object(durations, parts, dst=0)
+    return {utt: seconds for part in parts for utt, seconds in part.items()} if ctx.is_main else durations
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_commit(text: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", text) is not None
+
+
+def read_git_head(root: Path) -> str | None:
+    """The commit checked out in `root`, read from its .git (a folder, or a worktree's `gitdir:` file)
+    without git: HEAD, then the loose ref it names, then packed-refs; None where none is found."""
+    git_dir = root / ".git"
+    try:
+        if git_dir.is_file():
+            text = git_dir.read_text().strip()
+            if not text.startswith("gitdir:"):
+                return None
+            git_dir = root / text.removeprefix("gitdir:").strip()
+        head = (git_dir / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head if is_commit(head) else None
+        ref = head.removeprefix("ref:").strip()
+        common = git_dir / "commondir"
+        common = git_dir / common.read_text().strip() if common.is_file() else git_dir
+        for base in (git_dir, common):
+            if (base / ref).is_file():
+                value = (base / ref).read_text().strip()
+                return value if is_commit(value) else None
+        for line in (common / "packed-refs").read_text().splitlines():
+            value, _, name = line.partition(" ")
+            if name == ref and is_commit(value):
+                return value
+    except OSError:
+        return None
+    return None
+
+
+def git_commit(root: Path = REPO) -> str | None:
+    """The project's commit: `git rev-parse HEAD` where git is installed, else read from .git; None
+    where `root` is not a git checkout."""
+    if not (root / ".git").exists():
+        return None
+    if shutil.which("git"):
+        try:
+            result = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
+                                    capture_output=True, text=True, timeout=30)
+            if result.returncode == 0 and is_commit(result.stdout.strip()):
+                return result.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return read_git_head(root)
+
+
+def make_manifest(args: argparse.Namespace, checkpoint: Path | None) -> dict[str, Any]:
+    """What made the embeddings of this run (`args.mixedprec`: what runs, after the CPU check)."""
+    return {"extractor": args.model, "checkpoint": None if checkpoint is None else str(checkpoint),
+            "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint),
+            "eval_frames": args.eval_frames, "num_eval": args.num_eval, "sample_rate": SAMPLE_RATE,
+            "max_seconds": args.max_seconds, "mixedprec": args.mixedprec, "git_commit": git_commit(),
+            "created": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest at `path`, None where there is none; an unreadable one is a UserError."""
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads("".join(user_text_lines(path, "manifest")))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: a manifest is a JSON object")
+    return manifest
+
+
+def check_manifest(embed_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """A tree whose manifest names other settings (SAME_SETTINGS) is not extended: that would mix
+    embeddings made two ways. With `overwrite` every file is recomputed and the run goes on."""
+    path = embed_dir / MANIFEST
+    existing = read_manifest(path)
+    if existing is None:
+        return
+    differ = [f"{key} {existing.get(key)!r} (this run: {manifest[key]!r})" for key in SAME_SETTINGS
+              if existing.get(key) != manifest[key]]
+    if differ and not overwrite:
+        raise UserError(f"{path}: the embeddings in {embed_dir} were made with other settings: "
+                        f"{'; '.join(differ)}. Use another --embed_dir, or --overwrite to recompute them all")
+    if differ:
+        log.warning("%s: other settings (%s); --overwrite recomputes every file", path, "; ".join(differ))
+    elif not overwrite:
+        for key in ("mixedprec", "git_commit"):
+            if existing.get(key) != manifest[key]:
+                log.info("%s: %s %r, this run %r; the manifest keeps the run that began the tree", path, key,
+                         existing.get(key), manifest[key])
+
+
+def write_manifest(embed_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """The manifest records the run that began the tree, or with `overwrite` the one that remakes it
+    (check_manifest has seen that a kept one agrees with this run); one that differs only in its time
+    is kept."""
+    path = embed_dir / MANIFEST
+    existing = read_manifest(path)
+    unchanged = existing is not None and dict(existing, created=None) == dict(manifest, created=None)
+    if (existing is not None and not overwrite) or unchanged:
+        return
+    write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
 # Extraction
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Job:
-    """What every process needs to know."""
+    """What every process needs to know; the fields named like options take their values."""
 
     db_path: Path
     embed_dir: Path
     files: tuple[Path, ...]
     eval_frames: int
     num_eval: int
-    batch_size: int
-    workers: int | None
-    device: str
-    overwrite: bool
+    batch_size: int = 0
+    nDataLoaderThread: int | None = None
+    device: str = "auto"
+    overwrite: bool = False
     mixedprec: bool = False
+    max_seconds: float | None = None
+    manifest: dict[str, Any] | None = None  # written by rank 0 before it starts (None: not written)
+
+    @classmethod
+    def from_options(cls, args: argparse.Namespace, files: list[Path],
+                     manifest: dict[str, Any] | None = None) -> Job:
+        """The job of the parsed options `args` (each field from the option of its name)."""
+        values = {field.name: getattr(args, field.name) for field in fields(cls) if hasattr(args, field.name)}
+        return cls(**{**values, "db_path": Path(args.db_path), "embed_dir": Path(args.embed_dir),
+                      "files": tuple(files), "manifest": manifest})
 
 
 def keep_freed_memory() -> bool:
@@ -297,25 +548,51 @@ def prepare_device(device: torch.device) -> None:
 
 def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> None:
     """Embed this rank's share of the files (every world_size-th), skipping finished ones; adds its
-    number of unreadable files to the shared counter `failed_total` (a multiprocessing Value)."""
+    number of unreadable files to the shared counter `failed_total` (a multiprocessing Value). Rank 0
+    writes the manifest first and utt2dur last, with every rank's durations."""
     setup_logging()
+    if ctx.is_main and job.manifest is not None:
+        write_manifest(job.embed_dir, job.manifest, job.overwrite)
     shard = job.files[ctx.rank::ctx.world_size]
     todo = [rel for rel in shard if job.overwrite or not output_path(job.embed_dir, rel).exists()]
     who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.distributed else ""
     log.info("%s%d file(s), %d already done, %d to extract", who, len(shard), len(shard) - len(todo),
              len(todo))
+    started = time.perf_counter()
+    durations, failures = embed_files(ctx, job, model, todo)
+    elapsed = time.perf_counter() - started
+    log.info("%swrote %d embedding file(s) in %.1f s (%.2f utt/s), skipped %d already present, %d failed",
+             who, len(durations), elapsed, len(durations) / max(elapsed, 1e-9), len(shard) - len(todo),
+             len(failures))
+    for failure in failures:
+        log.error("failed: %s", failure)
+    with failed_total.get_lock():
+        failed_total.value += len(failures)
+    known = read_utt2dur(job.embed_dir / UTT2DUR)
+    done = set(todo)
+    durations.update(skipped_durations(job, [rel for rel in shard if rel not in done], known, ctx.is_main))
+    durations = gather_durations(ctx, durations)
+    if ctx.is_main:
+        update_utt2dur(job.embed_dir, known, durations)
+
+
+def embed_files(ctx: DistContext, job: Job, model: nn.Module,
+                todo: list[Path]) -> tuple[dict[str, float], list[str]]:
+    """Embed and write the files `todo`: the seconds of audio each written embedding saw (by utt key),
+    and a line for each file that could not be read."""
     device = resolve_device(job.device, ctx.local_rank)
     prepare_device(device)
     if device.type == "cpu" and ctx.distributed:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
     model = model.to(device).eval()
     batch_size = batch_size_for(job.batch_size, device, job.eval_frames, job.num_eval, job.mixedprec)
-    loader = DataLoader(CropDataset([job.db_path / rel for rel in todo], job.eval_frames, job.num_eval),
-                        batch_size=batch_size, num_workers=workers_for(job.workers, device, ctx.world_size),
-                        collate_fn=list)
+    dataset = CropDataset([job.db_path / rel for rel in todo], job.eval_frames, job.num_eval,
+                          max_samples(job.max_seconds))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list,
+                        num_workers=workers_for(job.nDataLoaderThread, device, ctx.world_size))
+    durations: dict[str, float] = {}
     failures: list[str] = []
     rates_seen = {SAMPLE_RATE}
-    written, started = 0, time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(todo), unit="utt", disable=not ctx.is_main or not todo,
                                       dynamic_ncols=True) as bar:
         for batch in loader:
@@ -332,47 +609,65 @@ def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> 
                 embeddings = embed_batch(model, good, device, job.mixedprec)
                 for item, embedding in zip(good, embeddings, strict=True):
                     save_npy_atomic(output_path(job.embed_dir, todo[item.index]), embedding)
-                written += len(good)
+                    durations[utt_key(todo[item.index])] = item.seconds
             bar.update(len(batch))
-    elapsed = time.perf_counter() - started
-    log.info("%swrote %d embedding file(s) in %.1f s (%.2f utt/s), skipped %d already present, %d failed",
-             who, written, elapsed, written / max(elapsed, 1e-9), len(shard) - len(todo), len(failures))
-    for failure in failures:
-        log.error("failed: %s", failure)
-    with failed_total.get_lock():
-        failed_total.value += len(failures)
+    return durations, failures
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 
+OPTIONS: Options = {
+    "db_path": (DB_PATH, str, "audio tree (default %(default)s)"),
+    "embed_dir": (EMBED_DIR, str, "embedding tree, with utt2dur and manifest.json (default %(default)s)"),
+    "model": (DEFAULT_EXTRACTOR, str, f"extractor: {', '.join(sorted(EXTRACTORS))} (default %(default)s)"),
+    "initial_model": (None, str, "weights file (e.g. baseline_v2_ap.model); default: the extractor's own"),
+    "random_init": (False, bool, "untrained weights (for tests)"),
+    "eval_frames": (400, int, "crop length in 10 ms frames"),
+    "num_eval": (10, int, "crops (embeddings) per utterance"),
+    "max_seconds": (None, float, "embed only the first this many seconds of each file (short test sets)"),
+    "batch_size": (0, int, "utterances per forward pass; 0: chosen for the device"),
+    "nDataLoaderThread": (None, int, f"audio decoding worker processes (default: {CPU_WORKERS} on a CPU; on "
+                          f"a GPU machine its cores less one, at most {MAX_CUDA_WORKERS})"),
+    "overwrite": (False, bool, "recompute files that already exist, whatever settings made them"),
+    **HARDWARE_OPTIONS,
+}
+# The smallest value of each numeric option (an unset one is not checked); --max_seconds must be above 0.
+MINIMUM = {"eval_frames": 1, "num_eval": 1, "nprocs": 1, "batch_size": 0, "nDataLoaderThread": 0}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db_path", default=DB_PATH, help="audio tree (default %(default)s)")
-    parser.add_argument("--embed_dir", default=EMBED_DIR, help="embedding tree (default %(default)s)")
-    parser.add_argument("--model", default=DEFAULT_EXTRACTOR,
-                        help=f"extractor: {', '.join(sorted(EXTRACTORS))} (default %(default)s)")
-    parser.add_argument("--initial_model", default=None, help="weights file (e.g. baseline_v2_ap.model)")
-    parser.add_argument("--eval_frames", type=int, default=400, help="crop length in 10 ms frames")
-    parser.add_argument("--num_eval", type=int, default=10, help="crops (embeddings) per utterance")
-    parser.add_argument("--batch_size", type=int, default=0,
-                        help="utterances per forward pass; 0 (default): chosen for the device")
-    parser.add_argument("--nDataLoaderThread", type=int, default=None,
-                        help=f"audio decoding worker processes (default: {CPU_WORKERS} on a CPU; on a GPU "
-                             f"machine its cores less one, at most {MAX_CUDA_WORKERS})")
-    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
-    parser.add_argument("--random_init", action="store_true", help="untrained weights (for tests)")
-    add_options(parser, HARDWARE_OPTIONS)
+    add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
-    for name in ("eval_frames", "num_eval", "nprocs"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("batch_size", "nDataLoaderThread"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    check_options(args)
     return args
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every bound of the options, in one place."""
+    for name, least in MINIMUM.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            bound = f"at least {least}" if least else "0 or more"
+            raise UserError(f"--{name} must be {bound}, got {value}")
+    if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        raise UserError(f"--max_seconds must be a number of seconds above 0, got {args.max_seconds}")
+
+
+def mixed_precision(asked: bool, device: torch.device) -> bool:
+    """Whether --mixedprec runs bfloat16 autocast on `device`: only where bfloat16 is fast (a GPU, a
+    CPU with bfloat16 instructions); elsewhere it says once that float32 runs instead."""
+    if not asked or device.type != "cpu":
+        return asked
+    if bf16_is_native(device):
+        log.info("--mixedprec on a CPU: bfloat16 autocast (this CPU has bfloat16 instructions)")
+        return True
+    log.info("--mixedprec: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where bfloat16 is "
+             "emulated and many times slower; running float32")
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,30 +676,41 @@ def main(argv: list[str] | None = None) -> int:
     db_path, embed_dir = Path(args.db_path), Path(args.embed_dir)
     if not db_path.is_dir():
         raise UserError(f"{db_path}: audio folder not found (set DB_PATH or --db_path)")
-    if resolve_device(args.device).type == "cpu" and args.mixedprec:
-        log.info("--mixedprec is meant for GPUs; on a CPU it runs bfloat16 autocast too, which is fast only "
-                 "where the CPU has bfloat16 instructions (AVX512-BF16, AMX)")
+    args.mixedprec = mixed_precision(args.mixedprec, resolve_device(args.device))
+    checkpoint = weights_path(args.model, args.initial_model, args.random_init)
     model = load_extractor(args.model, args.initial_model, args.random_init, device="cpu")
     files = find_audio(db_path)
     if not files:
         raise UserError(f"{db_path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) below it")
     check_unique_outputs(files)
-    log.info("%s: %d audio file(s) -> %s, extractor %s (%d-dim), %d crop(s) of %d frames", db_path,
-             len(files), embed_dir, args.model, model.embed_dim, args.num_eval, args.eval_frames)
-    job = Job(db_path, embed_dir, tuple(files), args.eval_frames, args.num_eval, args.batch_size,
-              args.nDataLoaderThread, args.device, args.overwrite, args.mixedprec)
+    first = "" if args.max_seconds is None else f", the first {args.max_seconds:g} s of each file"
+    log.info("%s: %d audio file(s) -> %s, extractor %s (%d-dim), %d crop(s) of %d frames%s", db_path,
+             len(files), embed_dir, args.model, model.embed_dim, args.num_eval, args.eval_frames, first)
+    job = Job.from_options(args, files, make_manifest(args, checkpoint))
     failed_total = torch.multiprocessing.get_context("spawn").Value("i", 0)
     try:
         embed_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{embed_dir}: cannot create the embedding folder ({err.strerror})") from None
     with run_lock(embed_dir, "embed_dir"):  # one extraction at a time writes into embed_dir
+        check_tree(job)
         launch(extract, (job, model, failed_total), distributed=args.distributed, device=args.device,
                nprocs=args.nprocs, port=args.port)
     if failed_total.value:
         log.error("%d file(s) could not be read and have no embedding", failed_total.value)
         return 1
     return 0
+
+
+def check_tree(job: Job) -> None:
+    """Before any work: the embedding tree's manifest agrees with this run and its utt2dur is readable.
+    A tree with embeddings and no manifest (made before manifests) is assumed to share these settings."""
+    check_manifest(job.embed_dir, job.manifest, job.overwrite)
+    read_utt2dur(job.embed_dir / UTT2DUR)
+    if (not (job.embed_dir / MANIFEST).exists() and not job.overwrite
+            and any(output_path(job.embed_dir, rel).exists() for rel in job.files)):
+        log.warning("%s: embeddings made before manifests are kept; %s records this run's settings, which "
+                    "they are assumed to share (--overwrite recomputes them)", job.embed_dir, MANIFEST)
 
 
 if __name__ == "__main__":

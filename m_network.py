@@ -1,14 +1,13 @@
-"""The network (enhancement model + loss) and the trainer object; trial scoring is in m_scoring."""
+"""The network (enhancement model + loss), the trainer object and its log format (scores.txt); trial
+scoring is in scoring/."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,32 +15,22 @@ import torch.distributed as dist
 from torch import nn
 
 from loss.m_Losses import CLASSIFIER_KEYS, loss_class
-from m_DataLoader import Batch, EmbeddingData, TrialSet
-from m_scoring import score_trials
+from m_DataLoader import Batch, EmbeddingData
 from m_utils import (
-    NO_ACCURACY,
     SINGLE,
-    SPEAKER_PREFIX,
     DistContext,
     UserError,
-    read_checkpoint,
+    options_taken,
     torch_save_atomic,
     unknown_name,
 )
+from models.m_Checkpoints import SPEAKER_PREFIX, read_checkpoint
 from models.m_Models import model_class
 
 log = logging.getLogger("m_network")
 
 CHECKPOINT_NAME = "model{:09d}.model"
 CHECKPOINT_PATTERN = re.compile(r"^model(\d{9})\.model$")
-
-
-
-def options_taken(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `options` that `cls` takes by name: a model's or a loss' hyper-parameters
-    are the parameters of its constructor, so a new one needs only its OPTIONS row."""
-    names = inspect.signature(cls).parameters
-    return {key: value for key, value in options.items() if key in names}
 
 
 class SpeakerNet(nn.Module):
@@ -61,7 +50,7 @@ class SpeakerNet(nn.Module):
 
     @torch.no_grad()
     def enhance(self, x: torch.Tensor) -> torch.Tensor:
-        """Processed embeddings, L2-normalised per vector where the loss scores them so."""
+        """Enhanced embeddings, L2-normalised per vector where the loss scores them so."""
         out = self.model(x)
         return nn.functional.normalize(out, dim=1) if self.loss.normalize_for_test else out
 
@@ -141,6 +130,7 @@ class Trainer:
                                         max_epoch)
         self.mixedprec = mixedprec and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.mixedprec)
+        self.loaded_original = False  # the last checkpoint loaded: one of the original repository
 
     def _autocast(self):
         if self.mixedprec:
@@ -207,7 +197,7 @@ class Trainer:
 
     @torch.no_grad()
     def enhance(self, embeddings: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-        """Processed embeddings of every row; under DDP each rank computes a shard, all gather."""
+        """Enhanced embeddings of every row; under DDP each rank computes a shard, all gather."""
         self.net.eval()
         parts = np.array_split(np.arange(len(embeddings)), self.ctx.world_size)
         mine = parts[self.ctx.rank]
@@ -222,9 +212,6 @@ class Trainer:
         gathered = [torch.empty_like(padded) for _ in range(self.ctx.world_size)]
         dist.all_gather(gathered, padded)
         return torch.cat([g[:len(p)] for g, p in zip(gathered, parts, strict=True)]).cpu().numpy()
-
-    def processed_scores(self, trials: TrialSet, embedding_type: str) -> np.ndarray:
-        return score_trials(self.enhance(trials.embeddings), trials.left, trials.right, embedding_type)
 
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         if not self.ctx.distributed:
@@ -247,10 +234,11 @@ class Trainer:
         with weights_only. A checkpoint of the original repository (a bare state dict) holds the
         network alone: its optimiser and scheduler start afresh, its epoch is its file name's."""
         checkpoint = read_checkpoint(path, "checkpoint", self.device)
+        self.loaded_original = "network" not in checkpoint
         if "network" in checkpoint:
-            self.load_network(checkpoint["network"], path, checkpoint.get("options"))
+            load_network(self.net, checkpoint["network"], path, checkpoint.get("options"))
         elif any(key.startswith(SPEAKER_PREFIX) for key in checkpoint):
-            self.load_network(original_network_state(checkpoint, self.net, path), path)
+            load_network(self.net, original_network_state(checkpoint, self.net, path), path)
             match = CHECKPOINT_PATTERN.match(Path(path).name)
             if not weights_only:
                 log.info("%s: a checkpoint of the original repository; the optimiser and scheduler "
@@ -267,14 +255,17 @@ class Trainer:
             self.scaler.load_state_dict(checkpoint["scaler"])
         return int(checkpoint["epoch"])
 
-    def load_network(self, state: dict, path: str | Path, trained: dict | None = None) -> None:
-        try:
-            self.net.load_state_dict(state)
-        except RuntimeError as err:
-            hint = (f"it was trained with model {trained.get('model')}, loss "
-                    f"{trained.get('trainfunc')}, nOut {trained.get('nOut')}; " if trained else "")
-            detail = " ".join(str(err).split())[:300]
-            raise UserError(f"{path}: does not fit this model/loss ({hint}{detail})") from None
+
+def load_network(net: SpeakerNet, state: dict, path: str | Path, trained: dict | None = None) -> None:
+    """Load a network state into `net`; a UserError naming the file (and the options it was
+    trained with, where it records them) when it does not fit."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        hint = (f"it was trained with model {trained.get('model')}, loss "
+                f"{trained.get('trainfunc')}, nOut {trained.get('nOut')}; " if trained else "")
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(f"{path}: does not fit this model/loss ({hint}{detail})") from None
 
 
 ORIGINAL_LAYER = re.compile(r"^__S__\.l(\d+)\.(weight|bias)$")
@@ -312,3 +303,60 @@ def original_network_state(checkpoint: dict, net: SpeakerNet, path: str | Path) 
     if unused:
         log.info("%s: not used by %s + %s: %s", path, model_name, type(net.loss).__name__, ", ".join(unused))
     return state
+
+
+# ----------------------------------------------------------------------------------------------
+# scores.txt: the training log that m_trainer writes, one line per epoch and one per validation.
+# The format is the original repository's (analysis scripts parse it), with minDCF appended to the
+# validation line.
+
+TRAIN_FIELDS = ("Epoch", "TLOSS", "LR")
+VAL_PREFIX = "--Val--"
+VAL_FIELDS_ORIGINAL = ("Epoch", "VLoss", "VEER", "VEER_LIBRI", "Vacc")
+VAL_FIELDS = VAL_FIELDS_ORIGINAL + ("VMINDCF", "VMINDCF_LIBRI")
+FIELD_FORMAT = {"Epoch": "d", "TLOSS": "f", "LR": "f", "VLoss": "f", "VEER": "2.4f",
+                "VEER_LIBRI": "2.4f", "Vacc": "2.4f", "VMINDCF": ".4f", "VMINDCF_LIBRI": ".4f"}
+NO_ACCURACY = -1.0  # Vacc of a loss without accuracy, as the original repository wrote it
+
+
+def score_line(values: dict[str, float], validation: bool) -> str:
+    """One scores.txt line, e.g. `Epoch 3, TLOSS 0.512000, LR 0.001000`."""
+    fields = VAL_FIELDS if validation else TRAIN_FIELDS
+    # + 0.0 turns -0.0 into 0.0: a signed zero would read as a different value to a reader
+    body = ", ".join(f"{key} {values[key] + (0 if key == 'Epoch' else 0.0):{FIELD_FORMAT[key]}}"
+                     for key in fields)
+    return f"{VAL_PREFIX} {body}" if validation else body
+
+
+def line_form(fields: tuple[str, ...], prefix: str = "") -> str:
+    """How a line with `fields` looks, e.g. `Epoch N, TLOSS x, LR x`."""
+    parts = [f"{key} {'N' if key == 'Epoch' else 'x'}" for key in fields]
+    return f"{prefix}{' ' if prefix else ''}{', '.join(parts)}"
+
+
+def parse_score_line(line: str) -> tuple[bool, dict[str, float]]:
+    """(is a --Val-- line, its values by field); a validation line of the original repository (no
+    minDCF) gets NaN minDCF. ValueError says what is wrong."""
+    text = line.strip()
+    validation = text.startswith(VAL_PREFIX)
+    if validation:
+        text = text[len(VAL_PREFIX):]
+    fields = [field.split() for field in text.split(",")]
+    keys = tuple(field[0] if field else "" for field in fields)
+    allowed = (VAL_FIELDS_ORIGINAL, VAL_FIELDS) if validation else (TRAIN_FIELDS,)
+    if keys not in allowed or any(len(field) != 2 for field in fields):
+        forms = " or ".join(repr(line_form(f, VAL_PREFIX if validation else "")) for f in allowed)
+        raise ValueError(f"expected a line like {forms}")
+    values = {key: _score_value(key, value) for key, value in fields}
+    if validation:
+        values = {key: values.get(key, float("nan")) for key in VAL_FIELDS}
+    return validation, values
+
+
+def _score_value(key: str, text: str) -> float:
+    """A field's value: an integer for Epoch, a float (nan allowed) otherwise."""
+    try:
+        return float(int(text)) if key == "Epoch" else float(text)
+    except ValueError:
+        kind = "an integer" if key == "Epoch" else "a number"
+        raise ValueError(f"{key} must be {kind}, found {text!r}") from None

@@ -1,7 +1,7 @@
 """Train, check, evaluate or apply a speaker-embedding enhancement network.
 
     python ./m_trainer.py --config configs/MyLinearNetv2_Exp6-4.yaml
-    python ./m_trainer.py --config configs/X.yaml --check      # original vs processed EER
+    python ./m_trainer.py --config configs/X.yaml --check      # original vs enhanced EER
     python ./m_trainer.py --config configs/X.yaml --generate   # write enhanced embeddings
 
 Options come from the defaults below, then the YAML config, then the options written on the
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import logging
 import sys
 import tempfile
@@ -27,18 +26,15 @@ import yaml
 
 from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet, embedding_type_of, load_embeddings, read_list
-from m_network import CHECKPOINT_NAME, OPTIMIZERS, SCHEDULERS, SpeakerNet, Trainer, checkpoints
-from m_scoring import (
-    BACKENDS,
-    NONE_ALIASES,
-    SYSTEMS,
-    Backend,
-    Calibration,
-    decision_records,
-    evaluate_scores,
-    make_backend,
-    results_table,
-    trial_list_records,
+from m_network import (
+    CHECKPOINT_NAME,
+    OPTIMIZERS,
+    SCHEDULERS,
+    SpeakerNet,
+    Trainer,
+    checkpoints,
+    parse_score_line,
+    score_line,
 )
 from m_utils import (
     HARDWARE_OPTIONS,
@@ -47,20 +43,29 @@ from m_utils import (
     UserError,
     add_options,
     append_line,
-    atomic_write,
     launch,
-    parse_score_line,
     read_user_text,
     resolve_device,
     run_lock,
     run_main,
     save_npy_atomic,
-    score_line,
     setup_logging,
     unknown_name,
     write_text_atomic,
 )
 from models.m_Models import make_activation, model_class
+from scoring.backends import Quality, check_backend_options
+from scoring.evaluation import Results, Settings, TrainingSet, TrialList, evaluate, needs_training
+from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key, score_trials
+from scoring.report import (
+    SYSTEMS,
+    TRIAL_LISTS,
+    records_table,
+    save_trial_scores,
+    table_heading,
+    write_records,
+    write_score_file,
+)
 
 log = logging.getLogger("m_trainer")
 
@@ -91,9 +96,12 @@ OPTIONS: Options = {
     "softmax_init": (None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"),
     # Scoring (--check and --eval)
     "backends": (("none", "asnorm"), list, "scoring back-ends of --check and --eval: none, mean, asnorm, "
-                 "plda (none is always scored)"),
+                 "plda, qmf (none is always scored)"),
     "asnorm_topk": (300, int, "AS-Norm: the top cohort scores averaged on each side of a trial"),
     "lda_dim": (200, int, "PLDA: dimension of the LDA before it (at most nOut-1 and speakers-1)"),
+    "qmf_base": (None, str, "QMF: the back-end whose score it rescores (default asnorm when among the "
+                 "back-ends, else none)"),
+    "qmf_norms": (False, bool, "QMF: the embedding norms before normalisation as quality measures too"),
     "bootstrap": (1000, int, "resamples of the test speakers for the 95 %% intervals of the EER"),
     "calib_list": (None, str, "trial list over held-out embeddings to calibrate scores on"),
     "calib_path": (None, str, "embedding root of calib_list"),
@@ -114,7 +122,7 @@ OPTIONS: Options = {
     "activation": ("ReLU", str, "ReLU or ELU"),
     # Modes
     "eval": (False, bool, "score the test lists with a trained model, no training"),
-    "check": (False, bool, "original vs processed EER on both test lists"),
+    "check": (False, bool, "original vs enhanced EER on both test lists"),
     "generate": (False, bool, "write the enhanced embedding of every gen_list entry"),
     "gen_list": (None, str, "normal list of the embeddings to enhance"),
     "gen_path": (None, str, "embedding root of gen_list"),
@@ -202,19 +210,23 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 
 LIST_MAKER = "m_gen_list.py"
 EMBED_MAKER = "m_gen_embs.py and m_comb_embs.py"
-# Paths each mode needs: (list option, its embedding root); `optional` pairs are checked when set.
-PAIRS = {"train": ("train_list", "train_path"), "valid": ("valid_list", "valid_path"),
-         "test": ("test_list", "test_path"), "libri": ("test_list_libri", "test_path_libri"),
-         "gen": ("gen_list", "gen_path"), "calib": ("calib_list", "calib_path")}
-MODE_PATHS = {"train": {"required": ("test", "train"), "optional": ("libri", "valid")},
-              "check": {"required": ("test",), "optional": ("libri", "calib")},
-              "eval": {"required": ("test",), "optional": ("libri", "calib")},
+# Every list the trainer reads: its option and the option of its embedding root. The trial lists
+# scored by --check and --eval are scoring.report.TRIAL_LISTS.
+LISTS = {"train": ("train_list", "train_path"), "valid": ("valid_list", "valid_path"),
+         "gen": ("gen_list", "gen_path"), "calib": ("calib_list", "calib_path"),
+         **{trials.key: (trials.list_option, trials.path_option) for trials in TRIAL_LISTS}}
+FIRST_TRIALS, *OTHER_TRIALS = (trials.key for trials in TRIAL_LISTS)
+# Lists each mode needs; `optional` ones are checked when set.
+MODE_LISTS = {"train": {"required": (FIRST_TRIALS, "train"), "optional": (*OTHER_TRIALS, "valid")},
+              "check": {"required": (FIRST_TRIALS,), "optional": (*OTHER_TRIALS, "calib")},
+              "eval": {"required": (FIRST_TRIALS,), "optional": (*OTHER_TRIALS, "calib")},
               "generate": {"required": ("gen",), "optional": ()}}
+FLAGGED_MODES = ("check", "eval", "generate")  # modes asked for by their option; else train
 
 
 def mode_of(args: argparse.Namespace) -> str:
     """The run's mode: check, eval or generate when asked for (in that order), else train."""
-    return next((mode for mode in ("check", "eval", "generate") if getattr(args, mode)), "train")
+    return next((mode for mode in FLAGGED_MODES if getattr(args, mode)), "train")
 
 
 def require_path(args: argparse.Namespace, key: str, maker: str) -> Path:
@@ -227,39 +239,29 @@ def require_path(args: argparse.Namespace, key: str, maker: str) -> Path:
     return path
 
 
-def check_paths(args: argparse.Namespace) -> None:
+def check_paths(args: argparse.Namespace, mode: str) -> None:
     """The lists and embedding roots the mode needs exist; optional ones are checked when set."""
-    mode = mode_of(args)
-    needs = MODE_PATHS[mode]
-    chosen = list(needs["required"]) + [name for name in needs["optional"] if getattr(args, PAIRS[name][0])]
-    if mode in ("check", "eval") and trained_backends(args) and args.train_list:
+    needs = MODE_LISTS[mode]
+    chosen = list(needs["required"]) + [name for name in needs["optional"] if getattr(args, LISTS[name][0])]
+    if mode in ("check", "eval") and needs_training(args.backends) and args.train_list:
         chosen.append("train")  # the back-ends are fitted on the training embeddings
     for name in chosen:
-        list_key, path_key = PAIRS[name]
+        list_key, path_key = LISTS[name]
         require_path(args, list_key, LIST_MAKER)
         require_path(args, path_key, EMBED_MAKER)
     if args.initial_model:
         require_path(args, "initial_model", "m_trainer.py or the original repository")
 
 
-def trained_backends(args: argparse.Namespace) -> list[str]:
-    """The chosen back-ends that are fitted on training embeddings (all but none); without a
-    train_list they are skipped."""
-    return [name for name in args.backends if name != "none"]
-
-
-def check_setup(args: argparse.Namespace) -> None:
+def check_setup(args: argparse.Namespace, mode: str) -> None:
     for key in ("batch_size", "test_interval", "max_epoch", "nPerSpeaker", "nOut", "nClasses",
-                "da_speakers_per_step", "max_seg_per_spk", "nprocs", "asnorm_topk", "lda_dim",
-                "bootstrap"):
+                "da_speakers_per_step", "max_seg_per_spk", "nprocs", "bootstrap"):
         if getattr(args, key) < 1:
             raise UserError(f"option '{key}' must be at least 1, found {getattr(args, key)}")
     if args.nDataLoaderThread < 0:
         raise UserError(f"option 'nDataLoaderThread' must be 0 or more, found {args.nDataLoaderThread}")
     embedding_type_of(args.multiple_embedding_flag)
-    for name in args.backends:
-        if name not in BACKENDS:
-            raise unknown_name("back-end", name, BACKENDS)
+    check_backend_options(args.backends, vars(args))
     loss_class(args.trainfunc)
     model_class(args.model)
     make_activation(args.activation)
@@ -268,7 +270,7 @@ def check_setup(args: argparse.Namespace) -> None:
     if args.scheduler not in SCHEDULERS:
         raise unknown_name("scheduler", args.scheduler, SCHEDULERS)
     resolve_device(args.device)
-    check_paths(args)
+    check_paths(args, mode)
     save_path = Path(args.save_path)
     try:
         (save_path / "result").mkdir(parents=True, exist_ok=True)
@@ -280,14 +282,12 @@ def check_setup(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# The shared setup of every mode
 
 
-TRIAL_LABELS = {"test": "testset", "libri": "libriset"}  # trial list -> its name in --check lines
-
-
-class Experiment:
-    """One process's view of a run: options, device, data, trainer."""
+class Run:
+    """One process's view of a run: options, device, folders, network and trainer; the lists
+    it reads, each read once."""
 
     def __init__(self, args: argparse.Namespace, ctx: DistContext):
         self.args = args
@@ -306,6 +306,7 @@ class Experiment:
                                max_epoch=args.max_epoch, mixedprec=args.mixedprec)
         self.trial_sets: dict[str, TrialSet] = {}
         self.notes_said: set[str] = set()
+        self.model_record: dict[str, Any] | None = None  # the model --check/--eval used
 
     def say(self, message: str, *params) -> None:
         if self.ctx.is_main:
@@ -316,22 +317,21 @@ class Experiment:
             self.notes_said.add(message)
             self.say("%s", message)
 
-    # -- data --------------------------------------------------------------------------------
-
     def load_data(self, name: str, speakers=None) -> EmbeddingData:
         a = self.args
-        list_key, path_key = PAIRS[name]
+        list_key, path_key = LISTS[name]
         return EmbeddingData(getattr(a, list_key), getattr(a, path_key), self.loss_kind,
                              a.multiple_embedding_flag, a.nOut, self.device, speakers,
                              threads=a.nDataLoaderThread)
 
     def trials(self, name: str) -> TrialSet | None:
-        """The trial list `name` (test, libri, calib) with its embeddings, read once; None (said
-        once for a test list) when it is not set."""
-        list_key, path_key = PAIRS[name]
+        """The trial list `name` (a TRIAL_LISTS key, or calib) with its embeddings, read once;
+        None (said once for a TRIAL_LISTS one) when it is not set."""
+        list_key, path_key = LISTS[name]
         if not getattr(self.args, list_key):
-            if name in TRIAL_LABELS:
-                self.say_once(f"{'LibriSpeech' if name == 'libri' else name} trial list not set: skipped")
+            titles = {trials.key: trials.title for trials in TRIAL_LISTS}
+            if name in titles:
+                self.say_once(f"{titles[name]} ({list_key}) not set: skipped")
             return None
         if name not in self.trial_sets:
             self.trial_sets[name] = TrialSet(getattr(self.args, list_key), getattr(self.args, path_key),
@@ -343,18 +343,11 @@ class Experiment:
         return {"n_per_speaker": a.nPerSpeaker, "max_seg_per_spk": a.max_seg_per_spk,
                 "speakers_per_step": a.da_speakers_per_step}
 
-    # -- modes --------------------------------------------------------------------------------
-
-    def trained_model(self) -> Path | None:
-        """The model for --check/--eval/--generate: initial_model, else the newest checkpoint."""
-        if self.args.initial_model:
-            return Path(self.args.initial_model)
-        found = checkpoints(self.model_dir)
-        return found[max(found)] if found else None
-
     def load_trained_model(self, required: bool = True) -> bool:
-        """Load the trained model; without one, a UserError when `required`, else False."""
-        path = self.trained_model()
+        """Load the model of --check/--eval/--generate: initial_model, else the newest checkpoint.
+        Without one, a UserError when `required`, else False."""
+        found = checkpoints(self.model_dir)
+        path = Path(self.args.initial_model) if self.args.initial_model else found.get(max(found, default=0))
         if path is None:
             if required:
                 raise UserError(f"no trained model: {self.model_dir} holds no checkpoint and "
@@ -362,242 +355,221 @@ class Experiment:
             return False
         self.trainer.load(path, weights_only=True)
         self.say("model loaded from %s", path)
+        self.model_record = model_record(self.args, path, self.trainer.loaded_original)
+        if self.trainer.loaded_original and self.ctx.is_main:
+            log.warning("%s: a checkpoint of the original repository records neither its model nor its "
+                        "loss: assumed model %s (nOut %d, activation %s) and loss %s, which must match its "
+                        "training run (with type B the loss' output normalisation changes the enhanced "
+                        "scores)", path, self.args.model, self.args.nOut, self.args.activation,
+                        self.args.trainfunc)
         return True
 
-    def processed_metrics(self, name: str) -> dict[str, float] | None:
-        """EER and minDCF of the processed embeddings on one trial list, at validation. Every rank
+    def enhanced_metrics(self, name: str) -> dict[str, float] | None:
+        """EER and minDCF of the enhanced embeddings on one trial list, at validation. Every rank
         takes part; the main rank alone gets the result."""
         trials = self.trials(name)
         if trials is None:
             return None
-        processed = self.trainer.processed_scores(trials, self.args.multiple_embedding_flag)
-        return evaluate_scores(processed, trials.labels) if self.ctx.is_main else None
+        cosine = embedding_type_of(self.args.multiple_embedding_flag).cosine
+        enhanced = score_trials(self.trainer.enhance(trials.embeddings), trials.left, trials.right, cosine)
+        return evaluate_scores(enhanced, trials.labels) if self.ctx.is_main else None
 
-    # -- scoring with back-ends (--check, --eval) ---------------------------------------------
 
-    def system_tables(self, embeddings: np.ndarray, systems: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """`embeddings` as each system sees them: as they are (original), through the model
-        (enhanced). Every rank takes part (enhancing is shared out under DDP)."""
-        return {system: embeddings if system == "original" else self.trainer.enhance(embeddings)
-                for system in systems}
+def model_record(args: argparse.Namespace, path: Path, original: bool) -> dict[str, Any]:
+    """The model behind a --check/--eval result, for its records: with `assumed` true for a
+    checkpoint of the original repository, whose model and loss are the options' assumption."""
+    return {"checkpoint": str(path), "format": "original repository" if original else "m_trainer",
+            "assumed": original, **{key: getattr(args, key) for key in ("model", "trainfunc", "nOut",
+                                                                         "activation")}}
 
-    def fit_backends(self, systems: tuple[str, ...]) -> dict[tuple[str, str], Backend]:
-        """Every (system, back-end) scorer, the back-ends fitted on the training embeddings passed
-        through the same system. `none` is always among them: the --check lines report it."""
-        a = self.args
-        trained = trained_backends(a)
-        if trained and not a.train_list:
-            self.say("back-end(s) %s skipped: they are fitted on the training embeddings, and train_list "
-                     "is not set", ", ".join(trained))
-            trained = []
-        backends = {(system, name): make_backend(name, a.multiple_embedding_flag, a.asnorm_topk, a.lda_dim)
-                    for system in systems for name in ["none", *trained]}
-        if not trained:
-            return backends
-        train = self.load_data("train")
-        tables = self.system_tables(train.embeddings.cpu().numpy(), systems)
-        speakers = train.row_speakers()
-        if self.ctx.is_main:
-            for (system, name), backend in backends.items():
-                if name != "none":
-                    began = time.perf_counter()
-                    backend.fit(tables[system], speakers)
-                    self.say("%s back-end of the %s embeddings fitted on %d training utterances of %d "
-                             "speakers in %.1f s", name, system, len(speakers), len(set(speakers.tolist())),
-                             time.perf_counter() - began)
-        return backends
 
-    def backend_scores(self, trials: TrialSet, backends: dict[tuple[str, str], Backend],
-                       systems: tuple[str, ...]) -> dict[tuple[str, str], np.ndarray] | None:
-        """Scores of every (system, back-end) on a trial list; None off the main rank."""
-        tables = self.system_tables(trials.embeddings, systems)
-        if not self.ctx.is_main:
-            return None
-        return {key: backend.score(tables[key[0]], trials.left, trials.right)
-                for key, backend in backends.items()}
+# ----------------------------------------------------------------------------------------------
+# --check and --eval: the trial lists scored by every system and back-end (scoring.evaluation)
 
-    def calibrations(self, backends: dict[tuple[str, str], Backend],
-                     systems: tuple[str, ...]) -> dict[tuple[str, str], Calibration]:
-        """A Calibration of every (system, back-end) on calib_list's trials, if it is set."""
-        trials = self.trials("calib")
-        if trials is None:
-            return {}
-        scores = self.backend_scores(trials, backends, systems)
-        if scores is None:
-            return {}
-        return {key: Calibration.fit(values, trials.labels) for key, values in scores.items()}
 
-    def score_with_backends(self, systems: tuple[str, ...]) -> tuple[dict[str, dict], list[dict]]:
-        """Score both trial lists with every (system, back-end), save the trial scores for the
-        viewer, and make the records of the results (intervals, and calibration when calib_list is
-        set). Returns per trial list its TrialSet and scores, and the records (main rank)."""
-        a = self.args
-        backends = self.fit_backends(systems)
-        calibrations = self.calibrations(backends, systems)
-        results, records = {}, []
-        for name in TRIAL_LABELS:
-            trials = self.trials(name)
-            if trials is None:
-                continue
-            scores = self.backend_scores(trials, backends, systems)
-            if scores is None:
-                continue
-            results[name] = {"trials": trials, "scores": scores}
-            self.save_trial_scores(name, trials, scores)
-            records += trial_list_records(name, scores, trials.labels, trials.speaker_of_trials(),
-                                          calibrations, resamples=a.bootstrap, seed=a.seed)
-            records += decision_records(name, scores, trials.labels, calibrations)
-        records += [{"trials": "calib", "system": system, "backend": backend, **calibration.as_dict()}
-                    for (system, backend), calibration in calibrations.items()]
-        return results, records
+def trial_list(run: Run, name: str) -> TrialList | None:
+    """The trial list `name` as the plain values scoring takes; None when it is not set."""
+    trials = run.trials(name)
+    if trials is None:
+        return None
+    # TrialSet's durations, norms and manifest (contract.md) may be absent in older data paths.
+    quality = Quality(getattr(trials, "durations", None), getattr(trials, "norms", None))
+    return TrialList(name, str(trials.list_path), trials.labels, trials.left, trials.right, trials.files,
+                     trials.embeddings, trials.speaker_of_trials(), quality,
+                     getattr(run.args, LISTS[name][1]), getattr(trials, "manifest", None))
 
-    def report(self, records: list[dict], json_name: str) -> None:
-        """Print the results table and save its records as result/<json_name> (main rank)."""
-        if not self.ctx.is_main or not records:
-            return
-        print(f"\nEER in % with its 95 % interval over {self.args.bootstrap} resamples of the test "
-              f"speakers; minDCF at P_target 0.05 and 0.01:\n{results_table(records)}", flush=True)
-        path = self.result_dir / json_name
-        write_text_atomic(path, json.dumps(records, indent=1) + "\n")
-        self.say("results saved to %s", path)
 
-    def save_trial_scores(self, name: str, trials: TrialSet,
-                          scores: dict[tuple[str, str], np.ndarray]) -> Path:
-        """result/trials_<name>.npz: labels, embedding type, and the scores of every (system,
-        back-end) as `<system>/<back-end>`; `original` and `processed` are the none back-end's."""
-        arrays = {f"{system}/{backend}": values for (system, backend), values in scores.items()}
-        arrays.update({alias: scores[(system, "none")] for alias, system in NONE_ALIASES.items()
-                       if (system, "none") in scores})
-        path = self.result_dir / f"trials_{name}.npz"
-        atomic_write(path, lambda handle: np.savez(
-            handle, labels=trials.labels, embedding_type=np.array(self.args.multiple_embedding_flag),
-            **arrays))
-        return path
+def training_set(run: Run) -> TrainingSet | None:
+    """The training embeddings the back-ends are fitted on, when a chosen one needs them."""
+    if not (needs_training(run.args.backends) and run.args.train_list):
+        return None
+    train = run.load_data("train")
+    return TrainingSet(train.embeddings.cpu().numpy(), train.row_speakers(), run.args.train_list,
+                       run.args.train_path, getattr(train, "manifest", None))
 
-    def check(self) -> None:
-        """Original vs processed EER and minDCF of both trial lists, then every back-end with
-        intervals; without a trained model the original's alone, as the original repository
-        printed them before training."""
-        with_model = self.load_trained_model(required=False)
-        if not with_model:
-            self.say("no trained model yet (%s holds no checkpoint, initial_model is not set): the "
-                     "original embeddings' EER alone; the processed EER needs a model", self.model_dir)
-        systems = SYSTEMS if with_model else SYSTEMS[:1]
-        results, records = self.score_with_backends(systems)
-        for name, label in TRIAL_LABELS.items():
-            if name not in results:
-                continue
-            scores, labels = results[name]["scores"], results[name]["trials"].labels
-            o = evaluate_scores(scores[("original", "none")], labels)
-            if not with_model:
-                print(f"[{label} original EER] {o['eer']:.4f}, [{label} original minDCF] {o['mindcf']:.4f}",
-                      flush=True)
-                continue
-            p = evaluate_scores(scores[("enhanced", "none")], labels)
-            print(f"[{label} original EER] {o['eer']:.4f}, [{label} processed EER] {p['eer']:.4f}, "
-                  f"[{label} original minDCF] {o['mindcf']:.4f}, "
-                  f"[{label} processed minDCF] {p['mindcf']:.4f}", flush=True)
-        self.report(records, "check.json")
 
-    def evaluate(self) -> None:
-        """The trained model's scores of both trial lists: EER, minDCF and threshold per back-end,
-        and `score label path1 path2` files (result/eval_scores_<list>[_<back-end>].txt)."""
-        self.load_trained_model()
-        results, records = self.score_with_backends(SYSTEMS[1:])
-        for name, result in results.items():
-            trials = result["trials"]
-            for (_, backend), scores in result["scores"].items():
-                p = evaluate_scores(scores, trials.labels)
-                heading = name if backend == "none" else f"{name} {backend}"
-                print(f"[{heading}] EER {p['eer']:.4f}, minDCF(0.05) {p['mindcf']:.4f}, "
-                      f"minDCF(0.01) {p['mindcf01']:.4f}, threshold {p['threshold']:.6f}, "
-                      f"trials {len(trials)}", flush=True)
-                lines = [f"{score:.6f} {target} {trials.files[i]} {trials.files[j]}"
-                         for score, target, i, j in zip(scores, trials.labels, trials.left, trials.right,
-                                                        strict=True)]
-                suffix = "" if backend == "none" else f"_{backend}"
-                score_path = self.result_dir / f"eval_scores_{name}{suffix}.txt"
-                write_text_atomic(score_path, "\n".join(lines) + "\n")
-                self.say("per-trial scores written to %s", score_path)
-        self.report(records, "eval.json")
+def score_lists(run: Run, systems: tuple[str, ...]) -> Results | None:
+    """Every trial list of TRIAL_LISTS scored by `systems` with every back-end, the scores saved
+    for the viewer (result/trials_<list>.npz); None off the main rank."""
+    a = run.args
+    settings = Settings(a.backends, vars(a), embedding_type_of(a.multiple_embedding_flag).cosine,
+                        a.bootstrap, a.seed)
+    maps = {"original": lambda table: table, "enhanced": run.trainer.enhance}
+    lists = [trials for trials in (trial_list(run, t.key) for t in TRIAL_LISTS) if trials is not None]
+    results = evaluate(lists, {system: maps[system] for system in systems}, settings, training_set(run),
+                       trial_list(run, "calib"), run.model_record, run.ctx.is_main)
+    for name, result in (results.lists if results else {}).items():
+        save_trial_scores(run.result_dir / f"trials_{name}.npz", result.trials.labels,
+                          a.multiple_embedding_flag, result.scores)
+    return results
 
-    def generate(self) -> None:
-        self.load_trained_model()
-        records = read_list(self.args.gen_list, "normal")
-        files = [rel for _, rel in records]
-        embeddings = load_embeddings(self.args.gen_path, files, self.args.nOut,
-                                     self.args.nDataLoaderThread, desc="loading gen_list")
-        enhanced = self.trainer.enhance(embeddings)
-        if not self.ctx.is_main:
-            return
-        target = self.save_path / self.args.gen_target_dir
-        for rel, row in zip(files, enhanced, strict=True):
-            save_npy_atomic((target / rel).with_suffix(".npy"), row[None, :].astype(np.float32))
-        log.info("wrote %d enhanced embeddings under %s", len(files), target)
 
-    # -- training ----------------------------------------------------------------------------
+def report(run: Run, results: Results | None, json_name: str) -> None:
+    """Print the results table and save its records as result/<json_name> (main rank)."""
+    if results is None or not results.lists:
+        return
+    print(f"\n{table_heading(run.args.bootstrap)}\n{records_table(results.records)}", flush=True)
+    path = run.result_dir / json_name
+    write_records(path, results.records)
+    run.say("results saved to %s", path)
 
-    def resume(self) -> int:
-        """Restore the newest complete checkpoint (or initial_model); returns the last epoch done."""
-        found = checkpoints(self.model_dir)
-        if found:
-            epoch = self.trainer.load(found[max(found)])
-            self.say("resuming after epoch %d from %s", epoch, found[max(found)])
-            if self.ctx.is_main:
-                truncate_scorefile(self.scorefile, epoch)
-            return epoch
-        if self.args.initial_model:
-            self.trainer.load(self.args.initial_model, weights_only=True)
-            self.say("model initialised from %s", self.args.initial_model)
-        return 0
 
-    def train(self) -> None:
-        a = self.args
-        train_data = self.load_data("train")
-        if self.net.loss.classifies and a.nClasses < len(train_data.speakers):
-            raise UserError(f"nClasses {a.nClasses} is smaller than the {len(train_data.speakers)} "
-                            f"training speakers of {a.train_list}")
-        valid = self.load_data("valid", train_data.speakers) if a.valid_list else None
-        self.trials("test")
-        self.trials("libri")
-        if self.loss_kind == "distribution":
-            self.say("DA loss: %d speaker(s) per step and process (da_speakers_per_step); "
-                     "batch_size %d is not used", a.da_speakers_per_step, a.batch_size)
-        self.say("training %s + %s on %d samples of %d speakers, %s, %d process(es)", a.model,
-                 a.trainfunc, len(train_data), train_data.num_speakers, self.device, self.ctx.world_size)
-        start = self.resume() + 1
-        for epoch in range(start, a.max_epoch + 1):
-            began, lr = time.perf_counter(), self.trainer.lr
-            loss = self.trainer.train_epoch(train_data, epoch, a.batch_size, a.seed, **self.sampling())
-            self.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr, time.perf_counter() - began)
-            if self.ctx.is_main:
-                append_line(self.scorefile, score_line({"Epoch": epoch, "TLOSS": loss, "LR": lr},
-                                                       validation=False))
-            if epoch % a.test_interval == 0 or epoch == a.max_epoch:
-                self.validate_and_save(epoch, valid)
+FIRST_MINDCF = mindcf_key(P_TARGETS[0])  # the minDCF of the --check lines and of scores.txt
 
-    def validate_and_save(self, epoch: int, valid: EmbeddingData | None) -> None:
-        a = self.args
-        nan = float("nan")
-        vloss, vacc = nan, nan
-        if valid is not None:
-            validation = self.trainer.validate(valid, a.batch_size, a.seed, **self.sampling())
-            vloss, vacc = validation.loss, validation.accuracy
-            if validation.left_out:
-                self.say_once(f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "
-                              f"speaker of {a.valid_list} has a class of the training speakers")
-        found = {name: self.processed_metrics(name) for name in TRIAL_LABELS}
-        if not self.ctx.is_main:
-            return
-        metrics = {name: result or {"eer": nan, "mindcf": nan} for name, result in found.items()}
-        line = score_line({"Epoch": epoch, "VLoss": vloss, "VEER": metrics["test"]["eer"],
-                           "VEER_LIBRI": metrics["libri"]["eer"], "Vacc": vacc,
-                           "VMINDCF": metrics["test"]["mindcf"],
-                           "VMINDCF_LIBRI": metrics["libri"]["mindcf"]}, validation=True)
-        log.info(line)
-        options = {key: getattr(a, key) for key in ("model", "trainfunc", "nOut", "activation")}
-        self.trainer.save(self.model_dir / CHECKPOINT_NAME.format(epoch), epoch, {"options": options})
-        append_line(self.scorefile, line)
+
+def check_line(label: str, scores: dict[tuple[str, str], np.ndarray], labels: np.ndarray) -> str:
+    """The original repository's --check line of one trial list, from the none back-end's scores;
+    the original embeddings' values alone without the enhanced ones."""
+    found = {system: evaluate_scores(scores[(system, "none")], labels) for system in SYSTEMS
+             if (system, "none") in scores}
+    words = {"original": "original", "enhanced": "processed"}  # as the original repository printed
+    parts = [f"[{label} {words[system]} EER] {values['eer']:.4f}" for system, values in found.items()]
+    parts += [f"[{label} {words[system]} minDCF] {values[FIRST_MINDCF]:.4f}"
+              for system, values in found.items()]
+    return ", ".join(parts)
+
+
+def check_mode(run: Run) -> None:
+    """Original vs enhanced EER and minDCF of every trial list, then every back-end with
+    intervals; without a trained model the original's alone, as the original repository printed
+    them before training."""
+    with_model = run.load_trained_model(required=False)
+    if not with_model:
+        run.say("no trained model yet (%s holds no checkpoint, initial_model is not set): the "
+                "original embeddings' EER alone; the enhanced EER needs a model", run.model_dir)
+    results = score_lists(run, SYSTEMS if with_model else SYSTEMS[:1])
+    for trials in TRIAL_LISTS:
+        if results is not None and trials.key in results.lists:
+            result = results.lists[trials.key]
+            print(check_line(trials.check_label, result.scores, result.trials.labels), flush=True)
+    report(run, results, "check.json")
+
+
+def eval_mode(run: Run) -> None:
+    """The trained model's scores of every trial list: EER, minDCF and threshold per back-end,
+    and `score label path1 path2` files (result/eval_scores_<list>[_<back-end>].txt)."""
+    run.load_trained_model()
+    results = score_lists(run, SYSTEMS[1:])
+    for name, result in (results.lists if results else {}).items():
+        trials = result.trials
+        for (_, backend), scores in result.scores.items():
+            metrics = evaluate_scores(scores, trials.labels)
+            heading, suffix = (name, "") if backend == "none" else (f"{name} {backend}", f"_{backend}")
+            mindcfs = ", ".join(f"minDCF({p:g}) {metrics[mindcf_key(p)]:.4f}" for p in P_TARGETS)
+            print(f"[{heading}] EER {metrics['eer']:.4f}, {mindcfs}, threshold {metrics['threshold']:.6f}, "
+                  f"trials {len(trials)}", flush=True)
+            score_path = run.result_dir / f"eval_scores_{name}{suffix}.txt"
+            write_score_file(score_path, scores, trials.labels, trials.left, trials.right, trials.files)
+            run.say("per-trial scores written to %s", score_path)
+    report(run, results, "eval.json")
+
+
+def generate_mode(run: Run) -> None:
+    """The enhanced embedding of every gen_list entry, as <gen_target_dir>/<entry>.npy."""
+    run.load_trained_model()
+    files = [rel for _, rel in read_list(run.args.gen_list, "normal")]
+    embeddings = load_embeddings(run.args.gen_path, files, run.args.nOut, run.args.nDataLoaderThread,
+                                 desc="loading gen_list")
+    enhanced = run.trainer.enhance(embeddings)
+    if not run.ctx.is_main:
+        return
+    target = run.save_path / run.args.gen_target_dir
+    for rel, row in zip(files, enhanced, strict=True):
+        save_npy_atomic((target / rel).with_suffix(".npy"), row[None, :].astype(np.float32))
+    log.info("wrote %d enhanced embeddings under %s", len(files), target)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train_mode(run: Run) -> None:
+    """Train from the newest checkpoint (or initial_model) to max_epoch, validating, testing and
+    saving every test_interval epochs."""
+    a = run.args
+    train_data = run.load_data("train")
+    if run.net.loss.classifies and a.nClasses < len(train_data.speakers):
+        raise UserError(f"nClasses {a.nClasses} is smaller than the {len(train_data.speakers)} "
+                        f"training speakers of {a.train_list}")
+    valid = run.load_data("valid", train_data.speakers) if a.valid_list else None
+    for trials in TRIAL_LISTS:
+        run.trials(trials.key)  # read before the first epoch: a bad list fails now
+    if run.loss_kind == "distribution":
+        run.say("DA loss: %d speaker(s) per step and process (da_speakers_per_step); "
+                "batch_size %d is not used", a.da_speakers_per_step, a.batch_size)
+    run.say("training %s + %s on %d samples of %d speakers, %s, %d process(es)", a.model,
+            a.trainfunc, len(train_data), train_data.num_speakers, run.device, run.ctx.world_size)
+    for epoch in range(resume(run) + 1, a.max_epoch + 1):
+        began, lr = time.perf_counter(), run.trainer.lr
+        loss = run.trainer.train_epoch(train_data, epoch, a.batch_size, a.seed, **run.sampling())
+        run.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr, time.perf_counter() - began)
+        if run.ctx.is_main:
+            append_line(run.scorefile, score_line({"Epoch": epoch, "TLOSS": loss, "LR": lr},
+                                                  validation=False))
+        if epoch % a.test_interval == 0 or epoch == a.max_epoch:
+            validate_and_save(run, epoch, valid)
+
+
+def resume(run: Run) -> int:
+    """Restore the newest complete checkpoint (or initial_model); returns the last epoch done."""
+    found = checkpoints(run.model_dir)
+    if found:
+        epoch = run.trainer.load(found[max(found)])
+        run.say("resuming after epoch %d from %s", epoch, found[max(found)])
+        if run.ctx.is_main:
+            truncate_scorefile(run.scorefile, epoch)
+        return epoch
+    if run.args.initial_model:
+        run.trainer.load(run.args.initial_model, weights_only=True)
+        run.say("model initialised from %s", run.args.initial_model)
+    return 0
+
+
+def validate_and_save(run: Run, epoch: int, valid: EmbeddingData | None) -> None:
+    """The validation line of scores.txt (loss, accuracy, EER and minDCF of every trial list) and
+    the epoch's checkpoint."""
+    a = run.args
+    nan = float("nan")
+    vloss, vacc = nan, nan
+    if valid is not None:
+        validation = run.trainer.validate(valid, a.batch_size, a.seed, **run.sampling())
+        vloss, vacc = validation.loss, validation.accuracy
+        if validation.left_out:
+            run.say_once(f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "
+                         f"speaker of {a.valid_list} has a class of the training speakers")
+    found = {trials: run.enhanced_metrics(trials.key) for trials in TRIAL_LISTS}
+    if not run.ctx.is_main:
+        return
+    values = {"Epoch": epoch, "VLoss": vloss, "Vacc": vacc}
+    for trials, metrics in found.items():
+        metrics = metrics or {"eer": nan, FIRST_MINDCF: nan}
+        values |= {f"VEER{trials.scorefile_suffix}": metrics["eer"],
+                   f"VMINDCF{trials.scorefile_suffix}": metrics[FIRST_MINDCF]}
+    line = score_line(values, validation=True)
+    log.info(line)
+    options = {key: getattr(a, key) for key in ("model", "trainfunc", "nOut", "activation")}
+    run.trainer.save(run.model_dir / CHECKPOINT_NAME.format(epoch), epoch, {"options": options})
+    append_line(run.scorefile, line)
 
 
 def truncate_scorefile(scorefile: Path, last_epoch: int) -> None:
@@ -617,33 +589,32 @@ def scorefile_epoch(line: str) -> int | None:
         return None
 
 
-def run(ctx: DistContext, args: argparse.Namespace) -> None:
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+MODES = {"train": train_mode, "check": check_mode, "eval": eval_mode, "generate": generate_mode}
+
+
+def run(ctx: DistContext, args: argparse.Namespace, mode: str) -> None:
     setup_logging()
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    experiment = Experiment(args, ctx)
-    if args.check:
-        experiment.check()
-    elif args.eval:
-        experiment.evaluate()
-    elif args.generate:
-        experiment.generate()
-    else:
-        experiment.train()
+    MODES[mode](Run(args, ctx))
 
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     args = parse_options(argv)
-    check_setup(args)
+    mode = mode_of(args)
+    check_setup(args, mode)
     if args.mixedprec and not torch.cuda.is_available():
         log.info("--mixedprec needs CUDA: ignored on CPU")
     log.info("save_path %s", args.save_path)
     # Training writes checkpoints and scores.txt: one training run at a time in a save_path.
     # --check, --eval and --generate only write whole files, so they may run beside it.
-    training = not (args.check or args.eval or args.generate)
-    with run_lock(args.save_path, "save_path") if training else nullcontext():
-        launch(run, (args,), distributed=args.distributed, device=args.device, nprocs=args.nprocs,
+    with run_lock(args.save_path, "save_path") if mode == "train" else nullcontext():
+        launch(run, (args, mode), distributed=args.distributed, device=args.device, nprocs=args.nprocs,
                port=args.port)
 
 

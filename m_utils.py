@@ -1,10 +1,23 @@
-"""Pieces shared by every script: user-facing errors, atomic file writes, device choice and
-the process group (one helper for the trainer and the extractor)."""
+"""Plumbing shared by every script; no domain format lives here. It holds:
+
+- user-facing errors: UserError, unknown_name, run_main, setup_logging, reading a user's text file
+  (read_user_text, user_text_lines);
+- options: the Options table type, HARDWARE_OPTIONS, add_options, parse_bool;
+- atomic writes: atomic_write, save_npy_atomic, write_text_atomic, torch_save_atomic, append_line,
+  write_error (a failed write as a UserError);
+- folder locks: folder_lock, run_lock (one run at a time writes into a folder);
+- device and process group: resolve_device, bf16_is_native, DistContext, launch (one helper for the
+  trainer and the extractor);
+
+Domain formats live with their domain: voxceleb_trainer's checkpoint layout in models/m_Checkpoints.py,
+the scores.txt line format with the training loop in m_network.py.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import inspect
 import logging
 import os
 import shlex
@@ -52,6 +65,13 @@ def run_main(main: Callable[[], Any]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(status or 0))
+
+
+def options_taken(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `options` that `cls` takes by name: a model's, a loss' or a back-end's
+    hyper-parameters are the parameters of its constructor, so a new one needs only its OPTIONS row."""
+    names = inspect.signature(cls).parameters
+    return {key: value for key, value in options.items() if key in names}
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
@@ -314,6 +334,21 @@ def resolve_device(name: str = "auto", local_rank: int = 0):
     return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
 
 
+def bf16_is_native(device) -> bool:
+    """Whether bfloat16 autocast is fast on `device`: always on CUDA; on a CPU only with bfloat16
+    instructions (AVX512-BF16 or AMX) that oneDNN may use (its own check honours ONEDNN_MAX_CPU_ISA).
+    Elsewhere oneDNN emulates bfloat16 slowly or has no primitive for it (GE2E's LSTM)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(instructions and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands in its group; a single process is rank 0 of 1."""
@@ -432,110 +467,3 @@ def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: st
             raise
         raise UserError(f"distributed process {err.error_index} stopped with exit code "
                         f"{err.exit_code} (its message is above)") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: every model file the project reads goes through read_checkpoint.
-
-
-def read_checkpoint(path: str | os.PathLike, what: str, device: Any = "cpu") -> dict:
-    """The dict stored in a torch checkpoint, read with weights_only=True (no code is run).
-
-    `what` names the file's role in errors ("checkpoint", "weights file", "softmax_init checkpoint").
-    """
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        detail = " ".join(str(err).split())[:200]
-        raise UserError(f"{path}: not a readable {what}, truncated or foreign "
-                        f"({type(err).__name__}: {detail})") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: a {what} holds a dict of tensors, this one a {type(state).__name__}")
-    return state
-
-
-SPEAKER_PREFIX, LOSS_PREFIX = "__S__.", "__L__."
-
-
-def voxceleb_trainer_state(checkpoint: dict) -> tuple[dict, list[str]]:
-    """The flat `__S__.*` / `__L__.*` state of a voxceleb_trainer-style checkpoint, in any of its
-    three formats: the bare state dict (the released `baseline_v2_ap.model`), the current
-    `{"model_state_dict": ..., "optimizer_state_dict": ..., ...}`, and the legacy `{"model": ...}`
-    whose names lack the `__S__.` prefix; a `module.` prefix (DataParallel) is dropped. Also the
-    names of the file's other entries (optimiser state, epoch, ...), which hold no weights."""
-    if isinstance(checkpoint.get("model_state_dict"), dict):
-        container = "model_state_dict"
-    elif isinstance(checkpoint.get("model"), dict):
-        container = "model"
-    else:
-        container = None
-    state = checkpoint if container is None else checkpoint[container]
-    flat = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if container == "model" and not key.startswith((SPEAKER_PREFIX, LOSS_PREFIX)):
-            key = SPEAKER_PREFIX + key
-        flat[key] = value
-    others = [] if container is None else sorted(key for key in checkpoint if key != container)
-    return flat, others
-
-
-# ----------------------------------------------------------------------------------------------
-# scores.txt: the training log, one line per epoch and one per validation. The format is the
-# original repository's (analysis scripts parse it), with minDCF appended to the validation line.
-
-TRAIN_FIELDS = ("Epoch", "TLOSS", "LR")
-VAL_PREFIX = "--Val--"
-VAL_FIELDS_ORIGINAL = ("Epoch", "VLoss", "VEER", "VEER_LIBRI", "Vacc")
-VAL_FIELDS = VAL_FIELDS_ORIGINAL + ("VMINDCF", "VMINDCF_LIBRI")
-FIELD_FORMAT = {"Epoch": "d", "TLOSS": "f", "LR": "f", "VLoss": "f", "VEER": "2.4f",
-                "VEER_LIBRI": "2.4f", "Vacc": "2.4f", "VMINDCF": ".4f", "VMINDCF_LIBRI": ".4f"}
-NO_ACCURACY = -1.0  # Vacc of a loss without accuracy, as the original repository wrote it
-
-
-def score_line(values: dict[str, float], validation: bool) -> str:
-    """One scores.txt line, e.g. `Epoch 3, TLOSS 0.512000, LR 0.001000`."""
-    fields = VAL_FIELDS if validation else TRAIN_FIELDS
-    # + 0.0 turns -0.0 into 0.0: a signed zero would read as a different value to a reader
-    body = ", ".join(f"{key} {values[key] + (0 if key == 'Epoch' else 0.0):{FIELD_FORMAT[key]}}"
-                     for key in fields)
-    return f"{VAL_PREFIX} {body}" if validation else body
-
-
-def line_form(fields: tuple[str, ...], prefix: str = "") -> str:
-    """How a line with `fields` looks, e.g. `Epoch N, TLOSS x, LR x`."""
-    parts = [f"{key} {'N' if key == 'Epoch' else 'x'}" for key in fields]
-    return f"{prefix}{' ' if prefix else ''}{', '.join(parts)}"
-
-
-def parse_score_line(line: str) -> tuple[bool, dict[str, float]]:
-    """(is a --Val-- line, its values by field); a validation line of the original repository (no
-    minDCF) gets NaN minDCF. ValueError says what is wrong."""
-    text = line.strip()
-    validation = text.startswith(VAL_PREFIX)
-    if validation:
-        text = text[len(VAL_PREFIX):]
-    fields = [field.split() for field in text.split(",")]
-    keys = tuple(field[0] if field else "" for field in fields)
-    allowed = (VAL_FIELDS_ORIGINAL, VAL_FIELDS) if validation else (TRAIN_FIELDS,)
-    if keys not in allowed or any(len(field) != 2 for field in fields):
-        forms = " or ".join(repr(line_form(f, VAL_PREFIX if validation else "")) for f in allowed)
-        raise ValueError(f"expected a line like {forms}")
-    values = {key: _score_value(key, value) for key, value in fields}
-    if validation:
-        values = {key: values.get(key, float("nan")) for key in VAL_FIELDS}
-    return validation, values
-
-
-def _score_value(key: str, text: str) -> float:
-    """A field's value: an integer for Epoch, a float (nan allowed) otherwise."""
-    try:
-        return float(int(text)) if key == "Epoch" else float(text)
-    except ValueError:
-        kind = "an integer" if key == "Epoch" else "a number"
-        raise ValueError(f"{key} must be {kind}, found {text!r}") from None

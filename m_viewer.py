@@ -28,26 +28,25 @@ from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
 from m_DataLoader import EMBEDDING_TYPES, embedding_file, load_embeddings, read_list
-from m_scoring import (
-    BACKENDS,
-    NONE_ALIASES,
-    SYSTEMS,
-    compute_eer,
-    error_rates,
-    evaluate_scores,
-    min_dcf_of_rates,
-    score_trials,
-)
+from m_network import TRAIN_FIELDS, VAL_FIELDS, parse_score_line
 from m_utils import (
-    TRAIN_FIELDS,
-    VAL_FIELDS,
     UserError,
     atomic_write,
-    parse_score_line,
     read_user_text,
     run_main,
     write_text_atomic,
 )
+from scoring.backends import BACKENDS
+from scoring.metrics import (
+    P_TARGETS,
+    compute_eer,
+    error_rates,
+    evaluate_scores,
+    min_dcf_of_rates,
+    mindcf_key,
+    score_trials,
+)
+from scoring.report import NONE_ALIASES, SYSTEMS, TRIAL_LISTS
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 
@@ -56,10 +55,9 @@ SEED = 10
 DPI = 120
 DET_TICKS_PERCENT = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 40, 60)
 DET_RANGE_PERCENT = (0.05, 70.0)
-MIN_DCF_P_TARGET = 0.05
-TRIAL_FILES = (("test", "test list"), ("libri", "LibriSpeech list"))
+MIN_DCF_P_TARGET = P_TARGETS[0]  # the minDCF of the DET legends
 # A trials_*.npz holds labels, embedding_type and the scores of each (system, back-end) as
-# `<system>/<back-end>`, and the none back-end's under m_scoring.NONE_ALIASES (files of earlier
+# `<system>/<back-end>`, and the none back-end's under scoring.report.NONE_ALIASES (files of earlier
 # versions hold those alone, with the embedding type as `metric`).
 OLD_TYPE_KEY = "metric"
 SYSTEM_STYLE = dict(zip(SYSTEMS, (":", "-"), strict=True))  # DET line style of each system
@@ -223,7 +221,7 @@ class TrialScores:
         return self.scores.get(("original", "none"))
 
     @property
-    def processed(self) -> np.ndarray | None:
+    def enhanced(self) -> np.ndarray | None:
         return self.scores.get(("enhanced", "none"))
 
     def backends(self) -> list[str]:
@@ -310,8 +308,8 @@ def draw_det(ax: Axes, scores: np.ndarray, labels: np.ndarray, name: str, color:
 def write_det_figure(run_dir: Path, name: str) -> Path | None:
     """det.png from the trials_*.npz present in <run>/result, or None when there is none."""
     result = run_dir / "result"
-    found = [(label, load_trial_scores(result / f"trials_{key}.npz"))
-             for key, label in TRIAL_FILES if (result / f"trials_{key}.npz").is_file()]
+    found = [(t.title, load_trial_scores(result / f"trials_{t.key}.npz"))
+             for t in TRIAL_LISTS if (result / f"trials_{t.key}.npz").is_file()]
     if not found:
         return None
     fig = Figure(figsize=(6.5 * len(found), 7), layout="constrained")
@@ -364,10 +362,10 @@ def other_speaker_pairs(records: Sequence[tuple], seed: int) -> list[tuple[str, 
 
 def cosine_distances(embeddings: np.ndarray, row_of: dict[str, int],
                      pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-    """1 - cos of each pair of files, by m_scoring.score_trials with type C (cosine) scoring."""
+    """1 - cos of each pair of files, by scoring.metrics.score_trials with cosine scoring."""
     left = np.array([row_of[a] for a, _ in pairs], np.int64)
     right = np.array([row_of[b] for _, b in pairs], np.int64)
-    return -score_trials(embeddings, left, right, "C").astype(np.float64)
+    return -score_trials(embeddings, left, right, cosine=True).astype(np.float64)
 
 
 def check_enhanced_tree(root: Path, files: Sequence[str]) -> None:
@@ -559,7 +557,7 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
     args = build_parser().parse_args(argv)
     run_dirs = check_args(args)
     names = run_names(run_dirs)
-    has_trials = any((run_dirs[0] / "result" / f"trials_{key}.npz").is_file() for key, _ in TRIAL_FILES)
+    has_trials = any((run_dirs[0] / "result" / f"trials_{t.key}.npz").is_file() for t in TRIAL_LISTS)
     written = curve_outputs(args, run_dirs, names, other_inputs=has_trials or bool(args.dist_list))
     for run_dir, name in zip(run_dirs, names, strict=True):
         det = write_det_figure(run_dir, name)
@@ -575,23 +573,24 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
         print(f"wrote {path}")
     table = results_table(run_dirs, names)
     if table:
-        print(f"\nOriginal vs enhanced (EER in %; DCF: minDCF at P_target {MIN_DCF_P_TARGET}, DCF01 at 0.01; "
+        print(f"\nOriginal vs enhanced (EER in %; DCF: minDCF at P_target {P_TARGETS[0]:g}, DCF01 at "
+              f"{P_TARGETS[1]:g}; "
               f"a back-end after the list's name):\n{table}")
     return written
 
 
 def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
-    """Original vs enhanced EER and minDCF (P_target 0.05 and 0.01) of every saved trial list, one
-    row per run, list and back-end; a system that was not scored shows '-'."""
+    """Original vs enhanced EER and minDCF (at P_TARGETS) of every saved trial list, one row per
+    run, list and back-end; a system that was not scored shows '-'."""
     rows = []
     for run_dir, name in zip(run_dirs, names, strict=True):
-        for key, label in TRIAL_FILES:
-            path = run_dir / "result" / f"trials_{key}.npz"
+        for t in TRIAL_LISTS:
+            path = run_dir / "result" / f"trials_{t.key}.npz"
             if not path.is_file():
                 continue
             trials = load_trial_scores(path)
             for backend in trials.backends():
-                rows.append(comparison_row(name, label if backend == "none" else f"{label}, {backend}",
+                rows.append(comparison_row(name, t.title if backend == "none" else f"{t.title}, {backend}",
                                            *(trials.scores.get((system, backend)) for system in SYSTEMS),
                                            trials.labels))
     if not rows:
@@ -607,12 +606,13 @@ def comparison_row(run: str, label: str, original: np.ndarray | None, enhanced: 
     before, after = (evaluate_scores(scores, labels) if scores is not None else None
                      for scores in (original, enhanced))
     cells = [f"{run:<28} {label:<26}"]
-    for key, width, digits in (("eer", 8, 2), ("mindcf", 9, 4), ("mindcf01", 10, 4)):
+    columns = (("eer", 8, 2), (mindcf_key(P_TARGETS[0]), 9, 4), (mindcf_key(P_TARGETS[1]), 10, 4))
+    for key, width, digits in columns:
         cells += [f"{metrics[key]:>{width}.{digits}f}" if metrics else f"{'-':>{width}}"
                   for metrics in (before, after)]
     verdict = "" if before is None or after is None else "  " + ", ".join(
         f"{what} {'better' if after[key] < before[key] else 'not better'}"
-        for what, key in (("EER", "eer"), ("minDCF", "mindcf")))
+        for what, key in (("EER", "eer"), ("minDCF", mindcf_key(P_TARGETS[0]))))
     return " ".join(cells) + verdict
 
 

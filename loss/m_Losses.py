@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m_utils import LOSS_PREFIX, UserError, read_checkpoint, unknown_name, voxceleb_trainer_state
+from m_utils import UserError, unknown_name
+from models.m_Checkpoints import LOSS_PREFIX, read_checkpoint, voxceleb_trainer_state
 
 
 def mean_cosine(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from m_utils import SPEAKER_PREFIX, voxceleb_trainer_state
+from models.m_Checkpoints import SPEAKER_PREFIX, voxceleb_trainer_state
 from models.m_Features import LogMelInstanceNorm
 
 WEIGHTS_HINT = ("its weights come from voxceleb_trainer's released baseline_v2_ap.model "

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from m_utils import UserError, read_checkpoint, unknown_name
+from m_utils import UserError, unknown_name
 from models import GE2E, ResNetSE34V2
+from models.m_Checkpoints import read_checkpoint
 
 log = logging.getLogger("m_Extractors")
 
@@ -54,20 +55,31 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
     module.load_state_dict(state, strict=True)
 
 
+def weights_path(name: str, initial_model: str | Path | None = None,
+                 random_init: bool = False) -> Path | None:
+    """The weights file load_extractor reads for these options: `initial_model`, else the extractor's
+    default weights; None with `random_init` (and no `initial_model`)."""
+    if name not in EXTRACTORS:
+        raise unknown_name("extractor", name, EXTRACTORS)
+    if initial_model is not None and random_init:
+        raise UserError("--random_init and --initial_model exclude each other")
+    if random_init:
+        return None
+    entry = EXTRACTORS[name]
+    path = Path(initial_model) if initial_model is not None else entry.default_weights()
+    if path is None:
+        raise UserError(f"{name} needs weights: {entry.no_weights_hint}")
+    return path
+
+
 def load_extractor(name: str, initial_model: str | Path | None = None, random_init: bool = False,
                    device: torch.device | str = "cpu") -> nn.Module:
     """Build extractor `name` in eval mode on `device`, with weights from `initial_model`, else its
     default weights; untrained only with `random_init` (and no `initial_model`)."""
-    if name not in EXTRACTORS:
-        raise unknown_name("extractor", name, EXTRACTORS)
+    path = weights_path(name, initial_model, random_init)
     entry = EXTRACTORS[name]
     model = entry.build()
-    if initial_model is not None and random_init:
-        raise UserError("--random_init and --initial_model exclude each other")
-    if not random_init:
-        path = Path(initial_model) if initial_model is not None else entry.default_weights()
-        if path is None:
-            raise UserError(f"{name} needs weights: {entry.no_weights_hint}")
+    if path is not None:
         weights, unused = entry.select_weights(read_checkpoint(path, "weights file"))
         if unused:
             log.info("%s: loading the %s weights; not used: %s", path, name, ", ".join(unused))

@@ -12,6 +12,11 @@ own code) and, in the same process, a baseline on the same files: a re-creation 
 repository did the same work (one file per sample, a per-trial loop, one utterance a pass). The audio
 stages compare formats instead: decoding .wav and .m4a files of the same audio, and m_gen_embs' whole
 path on each. Prints one table, writes it as a JSON list of records, and prints the JSON path last.
+
+A stage is one row of STAGES (a Stage: name, unit, runner, the data it needs, its goals, bf16) plus
+its runner, a function (args, tree, meter) -> StageResult. A goal is a RatioGoal (project/baseline,
+per device), a StepTimeGoal (an epoch against its arithmetic limit) or a MemoryGoal (MEMORY_FACTOR x
+a sum of MemoryBudget's sizes; a new size is one field of MemoryBudget).
 """
 
 from __future__ import annotations
@@ -65,34 +70,18 @@ from m_gen_embs import (
 )
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, clear_gradients
-from m_scoring import compute_eer, evaluate_scores, make_backend, score_trials
-from m_utils import DistContext, resolve_device
+from m_utils import DistContext, bf16_is_native, resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 from models.m_Features import SAMPLE_RATE
 from models.m_Models import get_model
+from scoring.backends import make_backend
+from scoring.metrics import compute_eer, evaluate_scores, score_trials
 
-STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", "score_vox1e", "backend_asnorm",
-          "extract_ge2e", "extract_resnetse34v2", "extract_ge2e_bf16", "extract_resnetse34v2_bf16",
-          "decode_wav", "decode_m4a", "extract_resnetse34v2_m4a")
-TREE_STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score")  # those that read the tree
-VOX1E_STAGES = ("score_vox1e", "backend_asnorm")
 RECORD_KEYS = ("name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb")
 COMPUTE_KEY = "compute_only_per_s"
 GPU_KEY = "peak_gpu_mb"
 PEAK_KEY = "bf16_peak_fraction"  # ResNetSE34V2's FLOP rate over the card's dense bfloat16 peak
-UNITS = {"load": "utt/s", "data_path": "batch/s", "train_mse": "utt/s", "train_da_mse": "utt/s",
-         "score": "trial/s", "score_vox1e": "trial/s", "backend_asnorm": "trial/s", "extract_ge2e": "utt/s",
-         "extract_resnetse34v2": "utt/s", "extract_ge2e_bf16": "utt/s", "extract_resnetse34v2_bf16": "utt/s",
-         "decode_wav": "file/s", "decode_m4a": "file/s", "extract_resnetse34v2_m4a": "utt/s"}
-RATIO_GOALS = {"data_path": 50.0, "score": 100.0, "extract_ge2e": 1.5, "extract_resnetse34v2": 1.5,
-               "extract_ge2e_bf16": 20.0, "extract_resnetse34v2_bf16": 4.0, "extract_resnetse34v2_m4a": 0.8}
-# On a CPU both extractors are bound by arithmetic with one utterance a pass (ResNetSE34V2 at about
-# 80 % of a large matrix product's FLOP rate on 2 cores), so batching cannot give 1.5x there: the
-# goal on a CPU is not to be slower than the baseline (BENCHMARK.md, "Tests and benchmark").
-# bfloat16 is meant for GPUs (a CPU without bfloat16 instructions emulates it): no goal on a CPU.
-CPU_RATIO_GOALS = {"extract_ge2e": 1.0, "extract_resnetse34v2": 1.0, "extract_ge2e_bf16": None,
-                   "extract_resnetse34v2_bf16": None}
 # Dense bfloat16 tensor-core peak in TFLOP/s by a fragment of the CUDA device's name (first match).
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
                     ("A100", 312.0))
@@ -102,7 +91,6 @@ CPU_EXTRACT_FILES = 32
 TRAIN_SLACK = 1.15
 GPU_TRAIN_SLACK = 1.10  # an epoch on a GPU: its batches are slices of rows gathered many at once
 MEMORY_FACTOR = 1.5
-MEMORY_STAGES = ("load", "data_path", "train_mse", "train_da_mse", "score", *VOX1E_STAGES)
 MODEL = "MyLinearNetv2"
 EMBEDDING_TYPE = {"normal": "B", "distribution": "C"}  # multiple_embedding_flag of each list's runs
 LIST_NAME = "bench"
@@ -529,7 +517,7 @@ def make_record(name: str, project: float, baseline: float | None, peaks: dict[s
     record = {"name": name, "project_per_s": round(project, 3),
               "baseline_per_s": None if baseline is None else round(baseline, 3),
               "ratio": None if baseline is None else round(project / baseline, 2), **peaks}
-    if name.startswith("train_"):
+    if compute_only is not None:
         record[COMPUTE_KEY] = round(compute_only, 3)
     return record
 
@@ -626,10 +614,10 @@ def stage_score(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> Stage
     # Held where training keeps its embeddings: on the GPU when there is one.
     table = matrix if args.device.type == "cpu" else torch.from_numpy(matrix).to(args.device)
     meter.start()
-    project = repeated_rate(lambda: evaluate_scores(score_trials(table, left, right, "B"), labels),
+    project = repeated_rate(lambda: evaluate_scores(score_trials(table, left, right, cosine=False), labels),
                             args.trials, args.min_seconds)
     peak = meter.peaks()
-    scores = score_trials(table, left, right, "B")
+    scores = score_trials(table, left, right, cosine=False)
     sample = min(args.baseline_trials, args.trials)
     loop = timed(lambda: per_trial_scores(matrix, left[:sample], right[:sample], args.device))
     metrics = timed(lambda: per_trial_metrics(scores, labels))
@@ -659,7 +647,7 @@ def stage_score_vox1e(args: argparse.Namespace, tree: Tree | None, meter: PeakMe
     start = time.perf_counter()
     trials = vox1e_trial_set(args, matrix)
     table = on_device(trials.embeddings, args.device)
-    scores = score_trials(table, trials.left, trials.right, VOX1E_TYPE)
+    scores = score_trials(table, trials.left, trials.right, VOX1E_TYPE == "C")
     evaluate_scores(scores, trials.labels)
     seconds = time.perf_counter() - start
     peak = meter.peaks()
@@ -687,7 +675,7 @@ def stage_backend_asnorm(args: argparse.Namespace, tree: Tree | None, meter: Pea
     speakers = np.repeat(np.arange(args.cohort_speakers), 2)
     training = rng.standard_normal((args.cohort_speakers, args.dim), dtype=np.float32)[speakers]
     training += rng.standard_normal(training.shape, dtype=np.float32)
-    backend = make_backend("asnorm", VOX1E_TYPE, asnorm_topk=ASNORM_TOPK)
+    backend = make_backend("asnorm", VOX1E_TYPE == "C", asnorm_topk=ASNORM_TOPK)
     fit = timed(partial(backend.fit, on_device(training, args.device), speakers))
     del training
     score = timed(lambda: backend.score(table, trials.left, trials.right))
@@ -795,9 +783,9 @@ def stage_extract_m4a(args: argparse.Namespace, tree: Tree, meter: PeakMeter) ->
 
     def files_per_second(suffix: str, files: int) -> float:
         root = trees[suffix]
-        job = Job(root, root.parent / f"embeddings_{root.name}", tuple(find_audio(root)[:files]),
-                  args.eval_frames, args.num_eval, args.extract_batch, workers=None,
-                  device=args.device.type, overwrite=True, mixedprec=mixedprec)
+        job = Job(db_path=root, embed_dir=root.parent / f"embeddings_{root.name}",
+                  files=tuple(find_audio(root)[:files]), eval_frames=args.eval_frames, num_eval=args.num_eval,
+                  batch_size=args.extract_batch, device=args.device.type, overwrite=True, mixedprec=mixedprec)
         return files / timed(lambda: extract(DistContext(), job, model, failed))
 
     size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval, mixedprec)
@@ -816,22 +804,140 @@ def stage_extract_m4a(args: argparse.Namespace, tree: Tree, meter: PeakMeter) ->
                         f"random weights{', --mixedprec' if mixedprec else ''}; ratio = m4a / wav"])
 
 
-STAGE_RUNNERS: dict[str, Callable[..., StageResult]] = {
-    "load": stage_load,
-    "data_path": stage_data_path,
-    "train_mse": stage_train("train_mse", "normal", "MSE"),
-    "train_da_mse": stage_train("train_da_mse", "distribution", "DA_MSE"),
-    "score": stage_score,
-    "score_vox1e": stage_score_vox1e,
-    "backend_asnorm": stage_backend_asnorm,
-    "extract_ge2e": stage_extract("extract_ge2e", "GE2E"),
-    "extract_resnetse34v2": stage_extract("extract_resnetse34v2", "ResNetSE34V2"),
-    "extract_ge2e_bf16": stage_extract("extract_ge2e_bf16", "GE2E", mixedprec=True),
-    "extract_resnetse34v2_bf16": stage_extract("extract_resnetse34v2_bf16", "ResNetSE34V2", mixedprec=True),
-    "decode_wav": stage_decode(".wav"),
-    "decode_m4a": stage_decode(".m4a"),
-    "extract_resnetse34v2_m4a": stage_extract_m4a,
-}
+# ----------------------------------------------------------------------------------------------
+# Goals and stages: one row per stage
+
+
+def goal_line(text: str, met: bool) -> str:
+    return f"  {'met    ' if met else 'NOT met'}  {text}"
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The sizes in MB that memory goals are factors of: the reduced (N, D) float32 matrix, MODEL's
+    parameters and its training state (parameters, gradients and Adam's two moments), the
+    VoxCeleb1-E-sized (utterances, D) matrix and AS-Norm's (cohort speakers, D) cohort."""
+
+    matrix_mb: float
+    parameters_mb: float
+    vox1e_mb: float
+    cohort_mb: float
+
+    @property
+    def training_state_mb(self) -> float:
+        return 4 * self.parameters_mb
+
+
+def memory_budget(args: argparse.Namespace) -> MemoryBudget:
+    parameters = sum(p.numel() for p in get_model(MODEL, nOut=args.dim).parameters())
+    return MemoryBudget(args.utterances * args.dim * 4 / MB, parameters * 4 / MB,
+                        args.vox1e_utterances * args.dim * 4 / MB, args.cohort_speakers * args.dim * 4 / MB)
+
+
+@dataclass(frozen=True)
+class RatioGoal:
+    """project / baseline at least `gpu` where the stage ran on a GPU, `cpu` on a CPU (None: no goal)."""
+
+    gpu: float | None
+    cpu: float | None
+
+    def verdict(self, record: dict, budget: MemoryBudget) -> str | None:
+        goal = self.gpu if GPU_KEY in record else self.cpu
+        if goal is None or record["ratio"] is None:
+            return None
+        return goal_line(f"{record['name']} ratio {record['ratio']:.2f} >= {goal:g}", record["ratio"] >= goal)
+
+
+@dataclass(frozen=True)
+class StepTimeGoal:
+    """An epoch at most `cpu` (`gpu` on a GPU) times its arithmetic limit: the record's COMPUTE_KEY,
+    the rate of the same batches, built beforehand, pushed through the model and optimiser."""
+
+    cpu: float
+    gpu: float
+
+    def verdict(self, record: dict, budget: MemoryBudget) -> str | None:
+        if COMPUTE_KEY not in record:
+            return None
+        slowdown = record[COMPUTE_KEY] / record["project_per_s"]
+        slack = self.gpu if GPU_KEY in record else self.cpu
+        return goal_line(f"{record['name']} epoch at {slowdown:.3f}x its arithmetic limit <= {slack}",
+                         slowdown <= slack)
+
+
+@dataclass(frozen=True)
+class MemoryGoal:
+    """Peak memory at most MEMORY_FACTOR x the sum of `sizes` (MemoryBudget's sizes, by name). Judged
+    where the data lives: on the GPU when the stage ran there, else in the process's RSS."""
+
+    sizes: tuple[str, ...]
+
+    def limit(self, budget: MemoryBudget) -> float:
+        return MEMORY_FACTOR * sum(getattr(budget, size) for size in self.sizes)
+
+    def verdict(self, record: dict, budget: MemoryBudget) -> str | None:
+        where, peak = ("GPU", record[GPU_KEY]) if GPU_KEY in record else ("RSS", record["peak_rss_mb"])
+        limit = self.limit(budget)
+        return goal_line(f"{record['name']} peak {where} {peak:.0f} MB <= {limit:.0f} MB", peak <= limit)
+
+
+Goal = RatioGoal | StepTimeGoal | MemoryGoal
+Runner = Callable[[argparse.Namespace, "Tree | None", PeakMeter], StageResult]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its record's name and unit, the runner that measures it (in its own forked process),
+    the data written before any stage runs (`needs`: a key of DATA_MAKERS, or "none"), its goals,
+    judged in this order, and `bf16`: it runs bfloat16, so a CPU without bfloat16 instructions
+    skips it."""
+
+    name: str
+    unit: str
+    runner: Runner
+    needs: str = "none"
+    goals: tuple[Goal, ...] = ()
+    bf16: bool = False
+
+    def memory_limit(self, budget: MemoryBudget) -> float | None:
+        return next((goal.limit(budget) for goal in self.goals if isinstance(goal, MemoryGoal)), None)
+
+
+# The data stages share, written once before the first stage (in this order) and reused by size:
+# the synthetic embedding tree (handed to the runners), the VoxCeleb1-E-sized list and matrix.
+DATA_MAKERS: dict[str, Callable[[argparse.Namespace], object]] = {"tree": ensure_tree, "vox1e": ensure_vox1e}
+MODEL_MEMORY = MemoryGoal(("matrix_mb", "parameters_mb"))
+TRAINING_MEMORY = MemoryGoal(("matrix_mb", "training_state_mb"))
+EPOCH_TIME = StepTimeGoal(cpu=TRAIN_SLACK, gpu=GPU_TRAIN_SLACK)
+# On a CPU both extractors are bound by arithmetic with one utterance a pass (ResNetSE34V2 at about
+# 80 % of a large matrix product's FLOP rate on 2 cores), so batching cannot give 1.5x there: the
+# goal on a CPU is not to be slower than the baseline (BENCHMARK.md, "Tests and benchmark").
+EXTRACT_SPEED = RatioGoal(gpu=1.5, cpu=1.0)
+# bfloat16 is meant for GPUs (a CPU without bfloat16 instructions emulates it): no goal on a CPU.
+STAGES: tuple[Stage, ...] = (
+    Stage("load", "utt/s", stage_load, "tree", (MODEL_MEMORY,)),
+    Stage("data_path", "batch/s", stage_data_path, "tree", (RatioGoal(50.0, 50.0), MODEL_MEMORY)),
+    Stage("train_mse", "utt/s", stage_train("train_mse", "normal", "MSE"), "tree",
+          (EPOCH_TIME, TRAINING_MEMORY)),
+    Stage("train_da_mse", "utt/s", stage_train("train_da_mse", "distribution", "DA_MSE"), "tree",
+          (EPOCH_TIME, TRAINING_MEMORY)),
+    Stage("score", "trial/s", stage_score, "tree", (RatioGoal(100.0, 100.0), MODEL_MEMORY)),
+    Stage("score_vox1e", "trial/s", stage_score_vox1e, "vox1e", (MemoryGoal(("vox1e_mb",)),)),
+    Stage("backend_asnorm", "trial/s", stage_backend_asnorm, "vox1e",
+          (MemoryGoal(("vox1e_mb", "cohort_mb")),)),
+    Stage("extract_ge2e", "utt/s", stage_extract("extract_ge2e", "GE2E"), goals=(EXTRACT_SPEED,)),
+    Stage("extract_resnetse34v2", "utt/s", stage_extract("extract_resnetse34v2", "ResNetSE34V2"),
+          goals=(EXTRACT_SPEED,)),
+    Stage("extract_ge2e_bf16", "utt/s", stage_extract("extract_ge2e_bf16", "GE2E", mixedprec=True),
+          goals=(RatioGoal(gpu=20.0, cpu=None),), bf16=True),
+    Stage("extract_resnetse34v2_bf16", "utt/s",
+          stage_extract("extract_resnetse34v2_bf16", "ResNetSE34V2", mixedprec=True),
+          goals=(RatioGoal(gpu=4.0, cpu=None),), bf16=True),
+    Stage("decode_wav", "file/s", stage_decode(".wav")),
+    Stage("decode_m4a", "file/s", stage_decode(".m4a")),
+    Stage("extract_resnetse34v2_m4a", "utt/s", stage_extract_m4a, goals=(RatioGoal(0.8, 0.8),)),
+)
+STAGE = {stage.name: stage for stage in STAGES}
 
 
 def warm_up(device: torch.device) -> None:
@@ -849,7 +955,7 @@ def stage_child(name: str, args: argparse.Namespace, tree: Tree | None, send) ->
     args.device = resolve_device(args.device)
     warm_up(args.device)
     meter = PeakMeter()
-    result = STAGE_RUNNERS[name](args, tree, meter)
+    result = STAGE[name].runner(args, tree, meter)
     send.send((result, meter.base))
 
 
@@ -891,7 +997,7 @@ def table(records: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in records:
         fraction = r.get(PEAK_KEY)
-        lines.append(f"{r['name']:<27}{UNITS[r['name']]:>9}{fmt(r['project_per_s']):>14}"
+        lines.append(f"{r['name']:<27}{STAGE[r['name']].unit:>9}{fmt(r['project_per_s']):>14}"
                      f"{fmt(r['baseline_per_s']):>14}{fmt(r['ratio'], 2):>9}"
                      f"{fmt(r.get(COMPUTE_KEY)):>16}{fmt(r['peak_rss_mb']):>10}"
                      + (f"{fmt(r.get(GPU_KEY)):>10}" if gpu else "")
@@ -899,56 +1005,10 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class MemoryBudget:
-    """The memory goal: MEMORY_FACTOR x (the reduced (N, D) float32 matrix + the model). While
-    training, the model is its whole training state: parameters, gradients and Adam's two moments.
-    The VoxCeleb1-E stages hold no model: their goal is MEMORY_FACTOR x their (utterances, D) matrix,
-    with AS-Norm's (cohort speakers, D) cohort."""
-
-    matrix_mb: float
-    parameters_mb: float
-    vox1e_mb: float
-    cohort_mb: float
-
-    def limit(self, stage: str) -> float:
-        if stage == "score_vox1e":
-            return MEMORY_FACTOR * self.vox1e_mb
-        if stage == "backend_asnorm":
-            return MEMORY_FACTOR * (self.vox1e_mb + self.cohort_mb)
-        model = self.parameters_mb * (4 if stage.startswith("train_") else 1)
-        return MEMORY_FACTOR * (self.matrix_mb + model)
-
-
-def memory_budget(args: argparse.Namespace) -> MemoryBudget:
-    parameters = sum(p.numel() for p in get_model(MODEL, nOut=args.dim).parameters())
-    return MemoryBudget(args.utterances * args.dim * 4 / MB, parameters * 4 / MB,
-                        args.vox1e_utterances * args.dim * 4 / MB, args.cohort_speakers * args.dim * 4 / MB)
-
-
 def verdicts(records: list[dict], budget: MemoryBudget) -> list[str]:
-    """One line per goal of the issue: met or not. Memory is judged where the data lives: on the
-    GPU when the stage ran there, else in the process's RSS."""
-    lines = []
-    for r in records:
-        name = r["name"]
-        goal = RATIO_GOALS.get(name) if GPU_KEY in r else CPU_RATIO_GOALS.get(name, RATIO_GOALS.get(name))
-        if goal is not None and r["ratio"] is not None:
-            lines.append(goal_line(f"{name} ratio {r['ratio']:.2f} >= {goal:g}", r["ratio"] >= goal))
-        if COMPUTE_KEY in r:
-            slowdown = r[COMPUTE_KEY] / r["project_per_s"]
-            slack = GPU_TRAIN_SLACK if GPU_KEY in r else TRAIN_SLACK
-            lines.append(goal_line(f"{name} epoch at {slowdown:.3f}x its arithmetic limit <= {slack}",
-                                   slowdown <= slack))
-        if name in MEMORY_STAGES:
-            where, peak = ("GPU", r[GPU_KEY]) if GPU_KEY in r else ("RSS", r["peak_rss_mb"])
-            limit = budget.limit(name)
-            lines.append(goal_line(f"{name} peak {where} {peak:.0f} MB <= {limit:.0f} MB", peak <= limit))
-    return lines
-
-
-def goal_line(text: str, met: bool) -> str:
-    return f"  {'met    ' if met else 'NOT met'}  {text}"
+    """One line per goal of the issue, met or not, in the order of each stage's goals."""
+    lines = (goal.verdict(r, budget) for r in records for goal in STAGE[r["name"]].goals)
+    return [line for line in lines if line is not None]
 
 
 def machine_line(args: argparse.Namespace, seconds: float, load: tuple[float, float]) -> str:
@@ -959,6 +1019,22 @@ def machine_line(args: argparse.Namespace, seconds: float, load: tuple[float, fl
     return (f"machine: {where}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {threads} "
             f"intra-op threads, load average {load[0]:.1f} at start and {load[1]:.1f} at the end (other "
             f"processes may be running); bench wall time {seconds:.0f} s")
+
+
+def memory_goal_lines(args: argparse.Namespace, records: list[dict], budget: MemoryBudget) -> list[str]:
+    """What the memory goals are, in numbers."""
+    limit = {name: STAGE[name].memory_limit(budget) for name in
+             ("load", "train_mse", "score_vox1e", "backend_asnorm")}
+    lines = [f"memory goal: {MEMORY_FACTOR} x (reduced matrix {args.utterances} x {args.dim} float32 = "
+             f"{budget.matrix_mb:.1f} MB + {MODEL} parameters {budget.parameters_mb:.1f} MB) = "
+             f"{limit['load']:.1f} MB; while training the model counts with its gradients and Adam's two "
+             f"moments (4 x the parameters): {limit['train_mse']:.1f} MB"]
+    if any(STAGE[r["name"]].needs == "vox1e" for r in records):
+        lines.append(f"memory goal of the VoxCeleb1-E stages: {MEMORY_FACTOR} x (matrix "
+                     f"{args.vox1e_utterances} x {args.dim} float32 = {budget.vox1e_mb:.1f} MB, for AS-Norm "
+                     f"+ cohort {args.cohort_speakers} x {args.dim} = {budget.cohort_mb:.1f} MB) = "
+                     f"{limit['score_vox1e']:.1f} MB, {limit['backend_asnorm']:.1f} MB")
+    return lines
 
 
 def report(args: argparse.Namespace, records: list[dict], notes: Iterable[str], base_rss: float,
@@ -972,15 +1048,8 @@ def report(args: argparse.Namespace, records: list[dict], notes: Iterable[str], 
           f"the project imported, one tiny Adam step taken: {base_rss:.0f} MB); the stage's data counts"
           + ("; GPU MB: torch's peak GPU allocation in the project path" if any(GPU_KEY in r for r in records)
              else ""))
-    print(f"memory goal: {MEMORY_FACTOR} x (reduced matrix {args.utterances} x {args.dim} float32 = "
-          f"{budget.matrix_mb:.1f} MB + {MODEL} parameters {budget.parameters_mb:.1f} MB) = "
-          f"{budget.limit('load'):.1f} MB; while training the model counts with its gradients and Adam's two "
-          f"moments (4 x the parameters): {budget.limit('train_mse'):.1f} MB")
-    if any(r["name"] in VOX1E_STAGES for r in records):
-        print(f"memory goal of the VoxCeleb1-E stages: {MEMORY_FACTOR} x (matrix {args.vox1e_utterances} x "
-              f"{args.dim} float32 = {budget.vox1e_mb:.1f} MB, for AS-Norm + cohort {args.cohort_speakers} x "
-              f"{args.dim} = {budget.cohort_mb:.1f} MB) = {budget.limit('score_vox1e'):.1f} MB, "
-              f"{budget.limit('backend_asnorm'):.1f} MB")
+    for line in memory_goal_lines(args, records, budget):
+        print(line)
     for note in notes:
         print(f"note: {note}")
     print("goals:")
@@ -1022,7 +1091,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one a core)")
     add("--min_seconds", type=float, default=1.0, help="repeat fast project timings this long")
     add("--device", default="auto", help="auto, cpu or cuda: where every stage runs")
-    add("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
+    names = [stage.name for stage in STAGES]
+    add("--stages", nargs="+", choices=names, default=names, help="stages to run")
     args = parser.parse_args(argv)
     if args.utterances < 2 * args.speakers or args.sessions < 2:
         parser.error("need at least 2 utterances per speaker and 2 sessions")
@@ -1036,14 +1106,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def skipped_bf16_stages(args: argparse.Namespace) -> list[str]:
+    """The bfloat16 stages asked for that this machine skips: on a CPU without bfloat16 instructions."""
+    device = resolve_device(args.device)
+    if device.type != "cpu" or bf16_is_native(device):
+        return []
+    return [name for name in args.stages if STAGE[name].bf16]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
-    tree = ensure_tree(args) if any(stage in TREE_STAGES for stage in args.stages) else None
-    if any(stage in VOX1E_STAGES for stage in args.stages):
-        ensure_vox1e(args)
+    needs = {STAGE[name].needs for name in args.stages}
+    made = {need: make(args) for need, make in DATA_MAKERS.items() if need in needs}
+    tree = made.get("tree")
     records, notes, base_rss = [], [], 0.0
-    for name in (stage for stage in STAGES if stage in args.stages):
+    for name in skipped_bf16_stages(args):
+        notes.append(f"{name}: skipped: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where "
+                     "bfloat16 is emulated and many times slower than float32 (m_gen_embs --mixedprec "
+                     "runs float32 there)")
+        args.stages = [stage for stage in args.stages if stage != name]
+    for name in (stage.name for stage in STAGES if stage.name in args.stages):
         say(f"stage {name} ...")
         began = time.perf_counter()
         result, base_rss = run_isolated(name, args, tree)

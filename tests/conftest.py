@@ -1,7 +1,10 @@
-"""Shared fixtures: small embedding trees with a known structure, and script runners."""
+"""Shared fixtures and helpers: small embedding trees with a known structure, experiment configs,
+script runners and the reference checkpoint's keys. Fixtures are found by pytest; import the plain
+helpers (make_embedding_tree, config, train, run_script, ...) from conftest."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -10,9 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+REFERENCE = ROOT.parent / "shared" / "reference"
+if not REFERENCE.is_dir():
+    REFERENCE = Path("/work/shared/reference")
+KEYS_FILE = REFERENCE / "ResNetSE34V2_ASP_nOut512_nmels64.keys.txt"
 
 
 def make_embedding_tree(root: Path, speakers: int = 8, sessions: int = 3, utterances: int = 4,
@@ -55,6 +63,46 @@ def make_experiment_data(root: Path, train: int, test: int, libri: int) -> Path:
     return root
 
 
+def config(data: Path, tmp_path: Path, **options) -> Path:
+    """An experiment yaml over the `data` fixture's trees (MyLinearNetv2 defaults, nOut 24, two
+    epochs on the CPU), `options` overriding; written to tmp_path/exp.yaml."""
+    lists = data / "lists"
+    values = {"train_list": str(lists / "train_normal_list.txt"), "train_path": str(data / "train"),
+              "valid_list": str(lists / "train_normal_list.txt"), "valid_path": str(data / "train"),
+              "test_list": str(lists / "test_test_list.txt"), "test_path": str(data / "test"),
+              "test_list_libri": str(lists / "libri_test_list.txt"),
+              "test_path_libri": str(data / "libri"),
+              "nOut": 24, "batch_size": 32, "max_epoch": 2, "test_interval": 1, "nClasses": 40,
+              "device": "cpu", **options}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def train(cfg: Path, save: Path, *extra: str) -> list[str]:
+    """m_trainer run in this process with `cfg`; the lines of its scores.txt."""
+    import m_trainer
+
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save), *extra])
+    return (save / "result" / "scores.txt").read_text().splitlines()
+
+
+def reference_keys() -> dict[str, tuple[int, ...]]:
+    """The released ResNetSE34V2 checkpoint's keys and their shapes."""
+    keys = {}
+    for line in KEYS_FILE.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, shape = line.split(" ", 1)
+            keys[name] = tuple(ast.literal_eval(shape))
+    return keys
+
+
+def random_checkpoint(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.rand(shape, generator=generator) + 0.5 if shape else torch.tensor(7)
+            for name, shape in keys.items()}
+
+
 def run_script(*args: str, cwd: Path | None = None, check: bool = True,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would: `python ./m_x.py ...`."""
@@ -64,6 +112,12 @@ def run_script(*args: str, cwd: Path | None = None, check: bool = True,
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Train / test / LibriSpeech-layout embedding trees with their lists, nOut 24 (one per module)."""
+    return make_experiment_data(tmp_path_factory.mktemp("data"), 40, 16, 8)
 
 
 @pytest.fixture

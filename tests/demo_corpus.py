@@ -5,12 +5,14 @@ source-filter synthesiser (a Rosenberg glottal pulse train with jitter, shimmer 
 Klatt-style cascade of five formant resonators updated every 5 ms, parallel frication noise). Each
 speaker has fixed voice parameters; each session (the *category* of the trees) passes the voice
 through a channel (band-pass, EQ peaks, sometimes reverberation, coloured noise at some SNR) drawn
-from a set of channel types that all speakers share. Three sets are written:
+from a set of channel types that all speakers share. Four sets are written:
 
 - ``<out>/vox_train/<id9xxxx>/<session>/<nnnnn>.wav``: VoxCeleb layout, training speakers;
 - ``<out>/vox_test/...``: the same layout and channel types, other speakers (the in-domain test set);
 - ``<out>/libri/<spk>/<chapter>/<spk>-<chapter>-<nnnn>.flac``: LibriSpeech layout, other speakers
   and other channel types (the out-of-domain test set).
+- ``<out>/vox_calib/<id8xxxx>/...``: VoxCeleb layout and channel types, other speakers again, with
+  utterances of widely varied length (held out to calibrate scores, QMF included).
 
 Every file is 16 kHz mono 16-bit PCM. Its random numbers come from a generator seeded with
 (seed, set, speaker, session, utterance), so the bytes do not depend on the number of worker
@@ -146,6 +148,9 @@ class SynthParams:
     sample_rate: int = 16000
     frame_ms: float = 5.0  # formant and gain tracks are updated every frame
     utt_seconds: Range = (3.0, 4.5)  # utterance length
+    # vox_calib's utterances span short and long ones, so that a quality-aware back-end (QMF),
+    # calibrated on them, sees how scores change with duration
+    calib_seconds: Range = (0.8, 4.5)
     # speaker: source
     f0_male_hz: Range = (85.0, 150.0)  # mean pitch of a male speaker
     f0_female_hz: Range = (160.0, 250.0)  # mean pitch of a female speaker
@@ -210,10 +215,12 @@ class CorpusSizes:
     libri_speakers: int = 40
     libri_sessions: int = 3
     utterances: int = 3
+    calib_speakers: int = 30
+    calib_sessions: int = 3
 
 
-SETS = ("vox_train", "vox_test", "libri")
-SPK_ID_OFFSET = {"vox_train": 0, "vox_test": 5000, "libri": 0}
+SETS = ("vox_train", "vox_test", "libri", "vox_calib")
+SPK_ID_OFFSET = {"vox_train": 0, "vox_test": 5000, "libri": 0, "vox_calib": 0}
 MAX_SPEAKERS = 5000
 SESSION_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
 
@@ -646,7 +653,8 @@ class Job:
 def speaker_name(set_name: str, index: int) -> str:
     if set_name == "libri":
         return str(1000 + 7 * index)
-    return f"id9{SPK_ID_OFFSET[set_name] + index:04d}"
+    prefix = "id8" if set_name == "vox_calib" else "id9"
+    return f"{prefix}{SPK_ID_OFFSET[set_name] + index:04d}"
 
 
 def session_names(seed: int, set_index: int, speaker: int, count: int, libri: bool) -> list[str]:
@@ -675,6 +683,7 @@ def corpus_jobs(out: Path, sizes: CorpusSizes, seed: int) -> list[Job]:
         "vox_train": (sizes.train_speakers, sizes.train_sessions),
         "vox_test": (sizes.test_speakers, sizes.test_sessions),
         "libri": (sizes.libri_speakers, sizes.libri_sessions),
+        "vox_calib": (sizes.calib_speakers, sizes.calib_sessions),
     }
     jobs = []
     for set_index, set_name in enumerate(SETS):
@@ -700,7 +709,8 @@ def synth_file(job: Job, p: SynthParams) -> np.ndarray:
     types = p.libri_channels if SETS[job.set_index] == "libri" else p.vox_channels
     channel = draw_channel(session_rng, types, p)
     rng = rng_for(job.seed, job.set_index, job.speaker, job.session, job.utterance)
-    n = int(uniform(rng, p.utt_seconds) * p.sample_rate)
+    seconds = p.calib_seconds if SETS[job.set_index] == "vox_calib" else p.utt_seconds
+    n = int(uniform(rng, seconds) * p.sample_rate)
     speech = synth_voice(rng, voice, n, p)
     return finish_level(rng, apply_channel(rng, speech, channel, p), p)
 
@@ -748,6 +758,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_speakers", type=int, default=d.train_speakers)
     parser.add_argument("--test_speakers", type=int, default=d.test_speakers)
     parser.add_argument("--libri_speakers", type=int, default=d.libri_speakers)
+    parser.add_argument("--calib_speakers", type=int, default=d.calib_speakers,
+                        help="speakers of vox_calib (held out, utterances of varied length)")
     parser.add_argument("--sessions", type=int, default=d.train_sessions,
                         help="sessions per vox_train speaker")
     parser.add_argument("--test_sessions", type=int, default=d.test_sessions,
@@ -756,7 +768,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min_seconds", type=float, default=SynthParams().utt_seconds[0])
     parser.add_argument("--max_seconds", type=float, default=SynthParams().utt_seconds[1])
     args = parser.parse_args(argv)
-    counts = ("train_speakers", "test_speakers", "libri_speakers", "sessions", "test_sessions", "utterances")
+    counts = ("train_speakers", "test_speakers", "libri_speakers", "calib_speakers", "sessions",
+              "test_sessions", "utterances")
     for name in counts:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
@@ -771,6 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_speakers=args.train_speakers, train_sessions=args.sessions,
         test_speakers=args.test_speakers, test_sessions=args.test_sessions,
         libri_speakers=args.libri_speakers, libri_sessions=args.test_sessions,
+        calib_speakers=args.calib_speakers, calib_sessions=args.test_sessions,
         utterances=args.utterances,
     )
     params = SynthParams(utt_seconds=(args.min_seconds, args.max_seconds))

@@ -40,10 +40,10 @@ import models.GE2E  # noqa: E402
 from m_comb_embs import combine  # noqa: E402
 from m_gen_embs import Item, embed_batch, make_crops  # noqa: E402
 from m_gen_list import make_lists  # noqa: E402
-from m_scoring import score_trials  # noqa: E402
-from m_utils import parse_score_line  # noqa: E402
+from m_network import parse_score_line  # noqa: E402
 from models.GE2E import packaged_weights  # noqa: E402
 from models.m_Extractors import load_extractor  # noqa: E402
+from scoring.metrics import score_trials  # noqa: E402
 
 EPOCHS = 3
 CUDA = torch.device("cuda")
@@ -147,10 +147,11 @@ def check_scoring() -> None:
     left, right = rng.integers(0, len(table), (2, 200_000))
     on_gpu = torch.from_numpy(table).cuda()
     for embedding_type in ("B", "C"):
-        cpu = score_trials(table, left, right, embedding_type)
-        gpu = score_trials(on_gpu, left, right, embedding_type)
-        cpu_s = min(timed(lambda m=embedding_type: score_trials(table, left, right, m)) for _ in range(3))
-        gpu_s = min(timed(lambda m=embedding_type: score_trials(on_gpu, left, right, m)) for _ in range(3))
+        cosine = embedding_type == "C"
+        cpu = score_trials(table, left, right, cosine)
+        gpu = score_trials(on_gpu, left, right, cosine)
+        cpu_s = min(timed(lambda m=cosine: score_trials(table, left, right, m)) for _ in range(3))
+        gpu_s = min(timed(lambda m=cosine: score_trials(on_gpu, left, right, m)) for _ in range(3))
         gap = float(np.abs(cpu - gpu).max())
         check(f"scoring type {embedding_type} on the GPU = CPU", gap < 1e-3,
               f"max difference {gap:.2e}; 200,000 trials: CPU {cpu_s * 1e3:.1f} ms, GPU {gpu_s * 1e3:.1f} ms")

@@ -6,23 +6,17 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
 
-import m_scoring
-from m_scoring import (
-    Calibration,
-    _RankedTrials,
-    bootstrap_eer,
-    cllr,
-    compute_eer,
-    decision_thresholds,
-    fit_two_covariance,
-    interval,
-    make_backend,
-    min_cllr,
-    results_table,
-    score_trials,
-    trial_list_records,
-)
+import scoring.backends
+import scoring.bootstrap
 from m_utils import UserError
+from scoring.backends import Quality, check_backend_options, fit_two_covariance, make_backend
+from scoring.bootstrap import _RankedTrials, bootstrap_eer, interval
+from scoring.calibration import Calibration, cllr, decision_thresholds, min_cllr
+from scoring.evaluation import Settings, TrainingSet, TrialList, evaluate
+from scoring.metrics import compute_eer, score_trials
+from scoring.report import Sources, SystemResult, list_records, records_table
+
+COSINE = {"B": False, "C": True}  # the scoring of each embedding type
 
 
 def speaker_data(rng, speakers, per_speaker, dim, spread=1.0, noise=0.7):
@@ -53,9 +47,9 @@ def test_none_is_score_trials(embedding_type):
     rng = np.random.default_rng(0)
     table, _ = speaker_data(rng, 5, 4, 8)
     left, right = random_trials(rng, len(table), 50)
-    backend = make_backend("none", embedding_type)
+    backend = make_backend("none", COSINE[embedding_type])
     np.testing.assert_array_equal(backend.score(table, left, right),
-                                  score_trials(table, left, right, embedding_type))
+                                  score_trials(table, left, right, COSINE[embedding_type]))
 
 
 @pytest.mark.parametrize("embedding_type", ["B", "C"])
@@ -65,7 +59,7 @@ def test_mean_normalisation_against_a_loop(embedding_type):
     train += 0.5  # a common offset the mean takes away
     table, _ = speaker_data(rng, 4, 5, 6)
     left, right = random_trials(rng, len(table), 40)
-    got = make_backend("mean", embedding_type).fit(train, speakers).score(table, left, right)
+    got = make_backend("mean", COSINE[embedding_type]).fit(train, speakers).score(table, left, right)
     mean = train.astype(np.float64).mean(axis=0)
     expected = [unit(table[i] - mean) @ unit(table[j] - mean) - 1 for i, j in zip(left, right, strict=True)]
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -95,11 +89,11 @@ def test_asnorm_against_a_loop(embedding_type):
     train, speakers = speaker_data(rng, 12, 3, 8)
     table, _ = speaker_data(rng, 4, 4, 8)
     left, right = random_trials(rng, len(table), 30)
-    backend = make_backend("asnorm", embedding_type, asnorm_topk=5).fit(train, speakers)
+    backend = make_backend("asnorm", COSINE[embedding_type], asnorm_topk=5).fit(train, speakers)
     expected = asnorm_by_loop(train, speakers, table, left, right, embedding_type, 5)
     np.testing.assert_allclose(backend.score(table, left, right), expected, rtol=1e-4, atol=1e-4)
     # top-k beyond the cohort: the whole cohort
-    whole = make_backend("asnorm", embedding_type, asnorm_topk=300).fit(train, speakers)
+    whole = make_backend("asnorm", COSINE[embedding_type], asnorm_topk=300).fit(train, speakers)
     expected = asnorm_by_loop(train, speakers, table, left, right, embedding_type, 12)
     np.testing.assert_allclose(whole.score(table, left, right), expected, rtol=1e-4, atol=1e-4)
 
@@ -110,11 +104,11 @@ def test_asnorm_in_chunks_equals_at_once(embedding_type, monkeypatch):
     train, speakers = speaker_data(rng, 40, 2, 16)
     table, _ = speaker_data(rng, 10, 10, 16)
     left, right = random_trials(rng, len(table), 500)
-    backend = make_backend("asnorm", embedding_type, asnorm_topk=10).fit(train, speakers)
+    backend = make_backend("asnorm", COSINE[embedding_type], asnorm_topk=10).fit(train, speakers)
     at_once = backend.score(torch.from_numpy(table), left, right)
-    monkeypatch.setattr(m_scoring, "BACKEND_CHUNK_BYTES", 3 * 40 * 4)  # three rows a chunk
-    assert len(m_scoring._row_chunks(len(table), 40)) == 34
-    chunked = make_backend("asnorm", embedding_type, asnorm_topk=10).fit(train, speakers)
+    monkeypatch.setattr(scoring.backends, "BACKEND_CHUNK_BYTES", 3 * 40 * 4)  # three rows a chunk
+    assert len(scoring.backends._row_chunks(len(table), 40)) == 34
+    chunked = make_backend("asnorm", COSINE[embedding_type], asnorm_topk=10).fit(train, speakers)
     np.testing.assert_allclose(chunked.score(table, left, right), at_once, rtol=1e-5, atol=1e-5)
 
 
@@ -125,7 +119,7 @@ def test_plda_llr_is_the_gaussian_likelihood_ratio():
     train, speakers = speaker_data(rng, 30, 6, 5)
     table, _ = speaker_data(rng, 5, 3, 5)
     left, right = random_trials(rng, len(table), 20)
-    backend = make_backend("plda", "C", lda_dim=3).fit(train, speakers)
+    backend = make_backend("plda", True, lda_dim=3).fit(train, speakers)
     assert backend.lda.shape == (5, 3)
     got = backend.score(table, left, right)
     model = backend.plda
@@ -174,7 +168,7 @@ def test_plda_beats_raw_scores_where_a_nuisance_dominates():
                            for i in left[::2]])
     labels = (test_speakers[left] == test_speakers[right]).astype(int)
     keep = left != right
-    eer = {name: compute_eer(make_backend(name, "C").fit(train, speakers).score(table, left, right)[keep],
+    eer = {name: compute_eer(make_backend(name, True).fit(train, speakers).score(table, left, right)[keep],
                              labels[keep])[0] for name in ("none", "plda")}
     assert eer["none"] > 20 and eer["plda"] < 0.2 * eer["none"], eer
 
@@ -185,23 +179,23 @@ def test_bad_fits_and_names_are_user_errors():
     one_speaker = np.zeros(len(train), int)
     for name in ("asnorm", "plda"):
         with pytest.raises(UserError, match="at least 2 speakers"):
-            make_backend(name, "B").fit(train, one_speaker)
+            make_backend(name, False).fit(train, one_speaker)
     with pytest.raises(UserError, match="at least two utterances"):
-        make_backend("plda", "B").fit(train[:3], np.arange(3))
+        make_backend("plda", False).fit(train[:3], np.arange(3))
     with pytest.raises(UserError, match="12 training embeddings but 5 speaker labels"):
-        make_backend("mean", "B").fit(train, np.arange(5))
-    fitted = make_backend("mean", "B").fit(train, one_speaker)
+        make_backend("mean", False).fit(train, np.arange(5))
+    fitted = make_backend("mean", False).fit(train, one_speaker)
     with pytest.raises(UserError, match="6-dimensional"):
         fitted.score(np.ones((2, 4), np.float32), np.array([0]), np.array([1]))
     with pytest.raises(UserError, match="0..1"):
         fitted.score(train[:2], np.array([0]), np.array([2]))
     with pytest.raises(RuntimeError, match="fitted"):
-        make_backend("plda", "B").score(train, np.array([0]), np.array([1]))
+        make_backend("plda", False).score(train, np.array([0]), np.array([1]))
     with pytest.raises(UserError) as err:
-        make_backend("pdla", "B")
+        make_backend("pdla", False)
     assert "known: asnorm, mean, none, plda" in str(err.value) and "did you mean plda" in str(err.value)
-    with pytest.raises(UserError):
-        make_backend("mean", "A")
+    with pytest.raises(TypeError):
+        make_backend("mean", "A")  # cosine: bool; an unknown embedding type fails at the config check
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +240,7 @@ def test_bootstrap_is_seeded_paired_and_chunk_independent(monkeypatch):
     np.testing.assert_array_equal(eers[0], eers[2])
     assert interval(eers[2] - eers[0]) == (0.0, 0.0)
     np.testing.assert_array_equal(bootstrap_eer(first, labels, speaker, 50, 3)[0], eers[0])
-    monkeypatch.setattr(m_scoring, "BOOTSTRAP_CHUNK", 1000)  # one resample a chunk
+    monkeypatch.setattr(scoring.bootstrap, "BOOTSTRAP_CHUNK", 1000)  # one resample a chunk
     np.testing.assert_array_equal(bootstrap_eer([first, second], labels, speaker, 50, 3), eers[:2])
     assert not np.array_equal(bootstrap_eer(first, labels, speaker, 50, 4)[0], eers[0])
 
@@ -340,7 +334,8 @@ def test_records_and_table_of_one_trial_list():
         scores[("original", backend)] = rng.normal(size=800) + 1.5 * labels
         scores[("enhanced", backend)] = scores[("original", backend)] + gain * labels
     calibrations = {("original", "plda"): Calibration.fit(scores[("original", "plda")], labels)}
-    records = trial_list_records("test", scores, labels, speaker, calibrations, resamples=100)
+    typed = list_records("test", scores, labels, speaker, calibrations, resamples=100)
+    records = [r.as_json() for r in typed]  # as check.json holds them
     systems = [r for r in records if "system" in r]
     assert [(r["system"], r["backend"]) for r in systems] == list(scores)
     for r in systems:
@@ -350,10 +345,126 @@ def test_records_and_table_of_one_trial_list():
     differences = {r["backend"]: r for r in records if "eer_diff" in r}
     assert differences["none"]["eer_diff"] == 0 and differences["none"]["eer_diff_ci95"] == [0.0, 0.0]
     assert differences["plda"]["eer_diff_ci95"][1] < 0
-    table = results_table(records)
+    table = records_table(typed)
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["trials", "system", "back-end"] and "Cllr" in lines[0]
     assert sum(line.startswith("test ") for line in lines) == 6
     none_line = next(line for line in lines if line.split()[:2] == ["test", "none"])
     plda_line = next(line for line in lines if line.split()[:2] == ["test", "plda"])
     assert none_line.endswith("no") and plda_line.endswith("yes")
+
+
+# ----------------------------------------------------------------------------------------------
+# QMF, the bounds of hyper-parameters, and the evaluation of trial lists
+
+
+def speaker_trials(rng, speakers, per_speaker, dim, count):
+    """A table of `speakers` speakers' embeddings and `count` trials between its rows, half of
+    them target trials, with each trial's speaker."""
+    table, labels = speaker_data(rng, speakers, per_speaker, dim)
+    left = rng.integers(0, len(table), count)
+    same = rng.integers(0, per_speaker, count) + per_speaker * labels[left]
+    right = np.where(np.arange(count) % 2 == 0, same, rng.integers(0, len(table), count))
+    return table, left, right, (labels[left] == labels[right]).astype(int), labels[left]
+
+
+def test_qmf_equals_a_direct_logistic_regression():
+    """QMF over AS-Norm = sklearn's LogisticRegression (balanced classes) on the standardised
+    features [AS-Norm score, min and max log duration (, min and max log norm)] of the calibration
+    trials; its scores are the fit's log-odds, the same for a trial and its mirror image."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(21)
+    train, speakers = speaker_data(rng, 12, 6, 8)
+    base = make_backend("asnorm", True, asnorm_topk=5).fit(train, speakers)
+    table, left, right, labels, _ = speaker_trials(rng, 10, 8, 8, 600)
+    quality = Quality(rng.uniform(1, 20, len(table)), rng.uniform(5, 15, len(table)))
+    for norms in (False, True):
+        qmf = make_backend("qmf", True, backends=["none", "asnorm"], qmf_norms=norms)
+        assert qmf.base_name == "asnorm"
+        qmf.base = base
+        qmf.fit_trials(table, left[:400], right[:400], labels[:400], quality)
+        logs = [np.log(values) for values in (quality.durations, quality.norms if norms else None)
+                if values is not None]
+        features = np.column_stack([base.score(table, left, right).astype(np.float64)]
+                                   + [f(x[left], x[right]) for x in logs for f in (np.minimum, np.maximum)])
+        centre, scale = features[:400].mean(axis=0), features[:400].std(axis=0)
+        direct = LogisticRegression(class_weight="balanced")
+        direct.fit((features[:400] - centre) / scale, labels[:400])
+        np.testing.assert_allclose(qmf.model[-1].coef_, direct.coef_, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(qmf.model[-1].intercept_, direct.intercept_, rtol=1e-5, atol=1e-8)
+        expected = direct.decision_function((features[400:] - centre) / scale)
+        got = qmf.score(table, left[400:], right[400:], quality)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(qmf.score(table, right[400:], left[400:], quality), got)
+    assert make_backend("qmf", False, backends=["none", "plda"]).base_name == "none"
+    with pytest.raises(UserError, match="qmf_base"):
+        make_backend("qmf", False, backends=["none"], qmf_base="plda")  # not among the back-ends
+    with pytest.raises(UserError, match="durations"):
+        qmf.score(table, left, right, Quality(norms=quality.norms))
+
+
+def test_hyper_parameter_bounds_are_one_rule_for_the_class_and_the_config():
+    for options in ({"asnorm_topk": 1}, {"lda_dim": 0}):
+        key = next(iter(options))
+        with pytest.raises(UserError, match=f"option '{key}' must be at least"):
+            check_backend_options(["none"], options)  # checked whether chosen or not, as before
+        name = {"asnorm_topk": "asnorm", "lda_dim": "plda"}[key]
+        with pytest.raises(UserError, match=f"option '{key}' must be at least"):
+            make_backend(name, True, **options)
+    check_backend_options(["none", "asnorm", "qmf"], {"asnorm_topk": 2, "lda_dim": 1})
+    with pytest.raises(UserError, match="unknown back-end 'znorm'"):
+        check_backend_options(["znorm"], {})
+
+
+def plain_trial_list(rng, name, durations=True):
+    table, left, right, labels, speakers = speaker_trials(rng, 8, 6, 8, 300)
+    quality = Quality(rng.uniform(1, 20, len(table)) if durations else None)
+    return TrialList(name, f"{name}.txt", labels, left, right, [f"f{i}" for i in range(len(table))], table,
+                     speakers, quality)
+
+
+def evaluated(calib_durations=True, with_calib=True, test_durations=True):
+    rng = np.random.default_rng(5)
+    train, speakers = speaker_data(rng, 12, 6, 8)
+    lists = [plain_trial_list(rng, "test", test_durations), plain_trial_list(rng, "libri")]
+    calib = plain_trial_list(rng, "calib", calib_durations) if with_calib else None
+    settings = Settings(["none", "asnorm", "qmf"], {"asnorm_topk": 5}, cosine=True, resamples=20)
+    results = evaluate(lists, {"original": lambda table: table}, settings, TrainingSet(train, speakers),
+                       calib)
+    return results, lists, calib
+
+
+def test_evaluation_scores_qmf_like_the_other_back_ends():
+    results, lists, calib = evaluated()
+    qmf = make_backend("qmf", True, backends=["none", "asnorm"])
+    train, speakers = speaker_data(np.random.default_rng(5), 12, 6, 8)
+    qmf.base = make_backend("asnorm", True, asnorm_topk=5).fit(train, speakers)
+    qmf.fit_trials(calib.embeddings, calib.left, calib.right, calib.labels, calib.quality)
+    for trials in lists:
+        scores = results.lists[trials.name].scores
+        assert list(scores) == [("original", name) for name in ("none", "asnorm", "qmf")]
+        np.testing.assert_allclose(scores[("original", "qmf")],
+                                   qmf.score(trials.embeddings, trials.left, trials.right, trials.quality),
+                                   rtol=1e-6, atol=1e-6)
+    rows = {(r.trials, r.backend) for r in results.records if isinstance(r, SystemResult)}
+    assert rows == {(t, b) for t in ("test", "libri") for b in ("none", "asnorm", "qmf")}
+    sources = next(r for r in results.records if isinstance(r, Sources)).as_json()
+    assert sources["trials"] is None
+    assert sources["sources"]["test"]["count"] == 300 and sources["sources"]["calib"]["path"] == "calib.txt"
+    assert sources["sources"]["train"]["count"] == 72
+
+
+@pytest.mark.parametrize("case", ["no calib_list", "calib without durations", "test without durations"])
+def test_qmf_without_calibration_or_durations_is_skipped_with_a_notice(case, caplog):
+    caplog.set_level("INFO", logger="scoring")
+    results, _, _ = evaluated(with_calib=case != "no calib_list",
+                              calib_durations=case != "calib without durations",
+                              test_durations=case != "test without durations")
+    scored = {name: {backend for _, backend in result.scores} for name, result in results.lists.items()}
+    if case == "test without durations":
+        assert scored == {"test": {"none", "asnorm"}, "libri": {"none", "asnorm", "qmf"}}
+    else:
+        assert scored == {"test": {"none", "asnorm"}, "libri": {"none", "asnorm"}}
+    notices = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(notices) == 1 and "qmf" in notices[0]

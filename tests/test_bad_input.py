@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import ROOT, make_embedding_tree
-from test_trainer import config, data  # noqa: F401  (the shared module fixture)
+from conftest import ROOT, config, make_embedding_tree
 
 import m_trainer
 from m_DataLoader import read_list
@@ -50,12 +48,12 @@ def test_list_errors_name_file_and_line(tmp_path, content, kind, message):
     assert message in str(err.value)
 
 
-def exp_config(data, tmp_path, **options):  # noqa: F811
+def exp_config(data, tmp_path, **options):
     return ["--config", str(config(data, tmp_path, max_epoch=1, **options)),
             "--save_path", str(tmp_path / "exp")]
 
 
-def test_missing_npy_named_with_its_list(data, tmp_path):  # noqa: F811
+def test_missing_npy_named_with_its_list(data, tmp_path):
     listed = tmp_path / "train.txt"
     listed.write_text((data / "lists" / "train_normal_list.txt").read_text()
                       + "id10000 id10000/sess0000000/99999.npy\n")
@@ -75,7 +73,7 @@ def corrupt_tree(tmp_path: Path, array: np.ndarray) -> Path:
     (np.full((3, 24), np.nan, np.float32), "NaN or infinite"),
     (np.array([[np.inf] * 24], np.float32), "NaN or infinite"),
 ])
-def test_bad_embedding_files(data, tmp_path, array, message):  # noqa: F811
+def test_bad_embedding_files(data, tmp_path, array, message):
     root = corrupt_tree(tmp_path, array)
     trials = tmp_path / "trials.txt"
     trials.write_text("1 id10001/sess0000001/00002.npy id10001/sess0000001/00001.npy\n"
@@ -84,7 +82,7 @@ def test_bad_embedding_files(data, tmp_path, array, message):  # noqa: F811
     assert "00002.npy" in error and message in error
 
 
-def test_test_list_naming_missing_files(data, tmp_path):  # noqa: F811
+def test_test_list_naming_missing_files(data, tmp_path):
     trials = tmp_path / "trials.txt"
     trials.write_text("1 id10000/sess0000000/00001.wav id99999/x/00001.wav\n")
     error = trainer_error(exp_config(data, tmp_path, test_list=str(trials)))
@@ -100,17 +98,17 @@ def test_test_list_naming_missing_files(data, tmp_path):  # noqa: F811
     ("multiple_embedding_flag", "A", "must be B or C"),
     ("batch_size", 0, "'batch_size' must be at least 1"),
 ])
-def test_unknown_names_and_bad_values(data, tmp_path, option, value, message):  # noqa: F811
+def test_unknown_names_and_bad_values(data, tmp_path, option, value, message):
     assert message in trainer_error(exp_config(data, tmp_path, **{option: value}))
     assert not (tmp_path / "exp").exists()
 
 
-def test_nclasses_smaller_than_training_speakers(data, tmp_path):  # noqa: F811
+def test_nclasses_smaller_than_training_speakers(data, tmp_path):
     error = trainer_error(exp_config(data, tmp_path, trainfunc="Softmax", nClasses=5))
     assert "nClasses 5 is smaller than the 40 training speakers" in error
 
 
-def test_unwritable_save_path(data, tmp_path):  # noqa: F811
+def test_unwritable_save_path(data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("user data")
     cfg = config(data, tmp_path)
@@ -119,7 +117,7 @@ def test_unwritable_save_path(data, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", b"PK\x03\x04truncated"])
-def test_truncated_or_foreign_checkpoint(data, tmp_path, content):  # noqa: F811
+def test_truncated_or_foreign_checkpoint(data, tmp_path, content):
     bad = tmp_path / "bad.model"
     bad.write_bytes(content)
     error = trainer_error(exp_config(data, tmp_path) + ["--check", "--initial_model", str(bad)])
@@ -127,20 +125,20 @@ def test_truncated_or_foreign_checkpoint(data, tmp_path, content):  # noqa: F811
     assert bad.read_bytes() == content
 
 
-def test_checkpoint_of_another_kind(data, tmp_path):  # noqa: F811
+def test_checkpoint_of_another_kind(data, tmp_path):
     foreign = tmp_path / "foreign.model"
     torch.save({"weights": torch.zeros(3)}, foreign)
     error = trainer_error(exp_config(data, tmp_path) + ["--check", "--initial_model", str(foreign)])
     assert "foreign.model: neither a checkpoint of this project" in error
 
 
-def test_command_line_error_has_no_traceback(data, tmp_path):  # noqa: F811
+def test_command_line_error_has_no_traceback(data, tmp_path):
     result = run_trainer(config(data, tmp_path, model="Nope"), tmp_path / "exp")
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown model 'Nope'") and "Traceback" not in result.stderr
 
 
-def test_sigkill_mid_training_resumes_from_last_complete_checkpoint(data, tmp_path):  # noqa: F811
+def test_sigkill_mid_training_resumes_from_last_complete_checkpoint(data, tmp_path):
     cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=24, test_interval=2, batch_size=8)
     reference = run_trainer(cfg, tmp_path / "ref")
     assert reference.returncode == 0, reference.stderr
@@ -220,4 +218,9 @@ def test_fuzz_config_parser(tmp_path):
                 default, kind, _ = m_trainer.OPTIONS[key]
                 assert value is None or isinstance(value, kind)
     assert accepted > 20
-    assert yaml  # the parser under test is PyYAML's safe loader
+    # The parser is PyYAML's safe loader: a tag that would run code is refused, naming the file.
+    marker = tmp_path / "ran"
+    path.write_text(f'model: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(UserError, match=r"fuzz.yaml: not valid YAML \(could not determine a constructor"):
+        m_trainer.read_config(str(path))
+    assert not marker.exists()

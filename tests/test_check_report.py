@@ -10,20 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_trainer import config, data, train  # noqa: F401  (the shared module fixture)
+from conftest import config, train
 
 import m_trainer
 import m_viewer
 from m_DataLoader import EmbeddingData, TrialSet
 from m_network import SpeakerNet, Trainer
-from m_scoring import compute_eer, evaluate_scores, make_backend
 from m_utils import UserError
+from scoring.backends import make_backend
+from scoring.metrics import compute_eer, evaluate_scores
 
 DIM = 24
 BACKENDS = ["none", "mean", "asnorm", "plda"]
 
 
-def backend_config(data: Path, tmp_path: Path, **options) -> Path:  # noqa: F811
+def backend_config(data: Path, tmp_path: Path, **options) -> Path:
     lists = data / "lists"
     values = {"trainfunc": "MSE_CS", "multiple_embedding_flag": "C", "max_epoch": 2, "backends": BACKENDS,
               "bootstrap": 100, "asnorm_topk": 10, "lda_dim": 8,
@@ -32,7 +33,7 @@ def backend_config(data: Path, tmp_path: Path, **options) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def checked(data, tmp_path_factory):  # noqa: F811
+def checked(data, tmp_path_factory):
     """A trained run checked with every back-end and a calibration list: (run folder, stdout)."""
     tmp_path = tmp_path_factory.mktemp("checked")
     cfg = backend_config(data, tmp_path)
@@ -84,7 +85,7 @@ def test_check_records_cover_every_system_and_backend(checked):
     assert "[95 % CI]" in out and "excludes 0" in out and "false accepts 1 %" in out
 
 
-def test_saved_backend_scores_equal_a_direct_fit(data, checked):  # noqa: F811
+def test_saved_backend_scores_equal_a_direct_fit(data, checked):
     """The enhanced PLDA and AS-Norm scores are those of the back-ends fitted on the enhanced
     training embeddings, scored on the enhanced test embeddings."""
     save, _, _ = checked
@@ -93,7 +94,7 @@ def test_saved_backend_scores_equal_a_direct_fit(data, checked):  # noqa: F811
     trials = TrialSet(data / "lists" / "test_test_list.txt", data / "test", DIM)
     saved = np.load(save / "result" / "trials_test.npz")
     for name, options in (("plda", {"lda_dim": 8}), ("asnorm", {"asnorm_topk": 10})):
-        backend = make_backend(name, "C", **options)
+        backend = make_backend(name, True, **options)
         backend.fit(trainer.enhance(train_data.embeddings.numpy()), train_data.row_speakers())
         expected = backend.score(trainer.enhance(trials.embeddings), trials.left, trials.right)
         np.testing.assert_allclose(saved[f"enhanced/{name}"], expected, rtol=1e-4, atol=1e-4)
@@ -101,7 +102,7 @@ def test_saved_backend_scores_equal_a_direct_fit(data, checked):  # noqa: F811
     assert compute_eer(saved["original/none"], trials.labels)[0] > 0
 
 
-def test_thresholds_from_the_calibration_list_hold_on_it(data, checked):  # noqa: F811
+def test_thresholds_from_the_calibration_list_hold_on_it(data, checked):
     save, _, _ = checked
     records = json.loads((save / "result" / "check.json").read_text())
     calib = TrialSet(data / "lists" / "train_test_list.txt", data / "train", DIM)
@@ -126,7 +127,7 @@ def test_viewer_draws_every_backend_and_adds_its_rows(checked, capsys):
     for backend in BACKENDS[1:]:
         row = next(line for line in out.splitlines() if f"test list, {backend}" in line)
         expected = evaluate_scores(trials.scores[("enhanced", backend)], trials.labels)
-        assert f"{expected['eer']:.2f}" in row.split() and f"{expected['mindcf01']:.4f}" in row.split()
+        assert f"{expected['eer']:.2f}" in row.split() and f"{expected['mindcf_p01']:.4f}" in row.split()
     assert (save / "result" / "det.png").stat().st_size > 30_000
 
 
@@ -142,7 +143,7 @@ def test_eval_scores_every_backend(checked, capsys):
     assert {r["system"] for r in records if "eer" in r} == {"enhanced"}
 
 
-def test_unknown_backend_and_backends_without_training_data(data, tmp_path):  # noqa: F811
+def test_unknown_backend_and_backends_without_training_data(data, tmp_path):
     cfg = backend_config(data, tmp_path, backends=["none", "znorm"])
     with pytest.raises(UserError, match="unknown back-end 'znorm'.*known: asnorm, mean, none, plda"):
         m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "x"), "--check"])
@@ -150,3 +151,42 @@ def test_unknown_backend_and_backends_without_training_data(data, tmp_path):  # 
     cfg = backend_config(data, tmp_path, backends=["none"], train_list=None, train_path=None)
     out = m_trainer_output(["--config", str(cfg), "--save_path", str(tmp_path / "y"), "--check"])
     assert "[testset original EER]" in out and "asnorm" not in out
+
+
+def test_backend_bounds_fail_at_the_config_check(data, tmp_path):  # noqa: F811
+    cfg = backend_config(data, tmp_path, asnorm_topk=1)
+    with pytest.raises(UserError, match="option 'asnorm_topk' must be at least 2"):
+        m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "x"), "--check"])
+    assert not (tmp_path / "x" / "result").exists()  # before any work
+
+
+def test_records_name_their_sources_and_an_assumed_model(data, checked, tmp_path):  # noqa: F811
+    """check.json's sources record: each list's file and size, and the model; for a checkpoint of
+    the original repository (the same weights as the trained run) the model and loss assumed."""
+    save, cfg, _ = checked
+    records = json.loads((save / "result" / "check.json").read_text())
+    sources = next(r for r in records if r["trials"] is None)
+    lists = data / "lists"
+    assert sources["sources"]["test"] == {"path": str(lists / "test_test_list.txt"), "count": len(
+        TrialSet(lists / "test_test_list.txt", data / "test", DIM)), "embeddings": str(data / "test"),
+        "manifest": None}
+    assert sources["sources"]["calib"]["path"] == str(lists / "train_test_list.txt")
+    assert sources["sources"]["train"]["count"] == len(EmbeddingData(
+        lists / "train_normal_list.txt", data / "train", "normal", "C", DIM))
+    assert sources["model"]["format"] == "m_trainer" and sources["model"]["assumed"] is False
+    # the trained weights in the original repository's format: __S__.l1 ... onto the linear layers
+    network = torch.load(sorted((save / "model").glob("model*.model"))[-1], weights_only=True)["network"]
+    linear = [name for name, module in enhancer(save).net.model.named_modules()
+              if isinstance(module, torch.nn.Linear)]
+    original = {f"__S__.l{number}.{part}": network[f"model.{name}.{part}"]
+                for number, name in enumerate(linear, start=1) for part in ("weight", "bias")}
+    torch.save(original, tmp_path / "model000000002.model")
+    m_trainer_output(["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check",
+                      "--initial_model", str(tmp_path / "model000000002.model"), "--backends", "none"])
+    again = json.loads((tmp_path / "exp" / "result" / "check.json").read_text())
+    model = next(r for r in again if r["trials"] is None)["model"]
+    assert model["format"] == "original repository" and model["assumed"] is True
+    assert (model["model"], model["trainfunc"], model["nOut"]) == ("MyLinearNetv2", "MSE_CS", DIM)
+    eer = {(r["trials"], r["system"]): r["eer"] for r in again if r.get("backend") == "none" and "eer" in r}
+    assert eer[("test", "enhanced")] == next(r["eer"] for r in records if "eer" in r and r["trials"] == "test"
+                                            and r["system"] == "enhanced" and r["backend"] == "none")

@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_embedding_tree
-from test_extractors import random_checkpoint, reference_keys
-from test_trainer import config, data, train  # noqa: F401  (the shared module fixture)
+from conftest import config, make_embedding_tree, random_checkpoint, reference_keys, train
 
 import m_trainer
 from m_comb_embs import combine
 from m_DataLoader import EmbeddingData, TrialSet
 from m_gen_list import make_lists
-from m_network import SpeakerNet, Trainer
-from m_scoring import compute_eer
-from m_utils import UserError, parse_score_line
+from m_network import SpeakerNet, Trainer, parse_score_line
+from m_utils import UserError
+from models import ResNetSE34V2
 from models.m_Extractors import load_extractor
+from scoring.metrics import compute_eer
 
 DIM = 24
 # The original's MyLinearNet/v2 widths (l1..l5) and v3 (l1..l3), in multiples of nOut.
@@ -65,7 +64,7 @@ def printed_eers(output: str) -> dict[str, tuple[float, float]]:
 # The original repository's enhancement checkpoints
 
 
-def test_check_with_an_original_checkpoint_equals_the_direct_mlp(data, tmp_path, capsys):  # noqa: F811
+def test_check_with_an_original_checkpoint_equals_the_direct_mlp(data, tmp_path, capsys):
     path = tmp_path / "model000000020.model"
     state = original_checkpoint(path)
     cfg = config(data, tmp_path, trainfunc="MSE", model="MyLinearNetv2")
@@ -84,7 +83,7 @@ def test_check_with_an_original_checkpoint_equals_the_direct_mlp(data, tmp_path,
         assert found[name][1] != found[name][0]
 
 
-def test_generate_and_eval_with_an_original_checkpoint(data, tmp_path, capsys):  # noqa: F811
+def test_generate_and_eval_with_an_original_checkpoint(data, tmp_path, capsys):
     path = tmp_path / "model000000005.model"
     state = original_checkpoint(path, seed=3)
     cfg = config(data, tmp_path, trainfunc="MSE", gen_list=str(data / "lists" / "libri_normal_list.txt"),
@@ -101,7 +100,7 @@ def test_generate_and_eval_with_an_original_checkpoint(data, tmp_path, capsys): 
     assert "[test] EER" in capsys.readouterr().out
 
 
-def test_original_softmax_checkpoint_fills_the_classifier_and_starts_training(data, tmp_path):  # noqa: F811
+def test_original_softmax_checkpoint_fills_the_classifier_and_starts_training(data, tmp_path):
     path = tmp_path / "original.model"
     state = original_checkpoint(path, classes=40)
     cfg = config(data, tmp_path, trainfunc="MSE_Softmax", nClasses=40, max_epoch=1, lr=0.0)
@@ -116,7 +115,7 @@ def test_original_softmax_checkpoint_fills_the_classifier_and_starts_training(da
     assert torch.equal(network["loss.fc.bias"], state["__L__.softmax.fc.bias"])
 
 
-def test_an_original_run_folder_resumes_after_its_last_checkpoint(data, tmp_path):  # noqa: F811
+def test_an_original_run_folder_resumes_after_its_last_checkpoint(data, tmp_path):
     save = tmp_path / "exp"
     (save / "model").mkdir(parents=True)
     original_checkpoint(save / "model" / "model000000002.model")
@@ -129,7 +128,7 @@ def test_an_original_run_folder_resumes_after_its_last_checkpoint(data, tmp_path
     ("MyLinearNetv3", DIM, "linear layers l1, l2, l3; MyLinearNetv2 has 5"),
 ])
 def test_an_original_checkpoint_that_does_not_fit_names_key_shapes_and_model(
-        data, tmp_path, model, dim, message):  # noqa: F811
+        data, tmp_path, model, dim, message):
     path = tmp_path / "original.model"
     original_checkpoint(path, model=model, dim=dim)
     cfg = config(data, tmp_path, trainfunc="MSE", model="MyLinearNetv2")
@@ -160,17 +159,18 @@ def test_every_voxceleb_trainer_format_loads_the_same_weights(tmp_path, caplog, 
         model = load_extractor("ResNetSE34V2", path)
     for name, value in model.state_dict().items():
         assert torch.equal(value, bare["__S__." + name]), name
+    unused = ["__L__.*"] + (["epoch", "optimizer_state_dict", "scheduler_state_dict"]
+                            if form == "model_state_dict" else [])
+    assert ResNetSE34V2.select_weights(torch.load(path, weights_only=True))[1] == unused
     said = [record.getMessage() for record in caplog.records if "not used" in record.getMessage()]
-    assert len(said) == 1 and f"{form}.model" in said[0]
-    if form == "model_state_dict":
-        assert "optimizer_state_dict" in said[0] and "epoch" in said[0] and "__L__.*" in said[0]
+    assert said == [f"{path}: loading the ResNetSE34V2 weights; not used: {', '.join(unused)}"]
 
 
 # ----------------------------------------------------------------------------------------------
 # The original's behaviour
 
 
-def test_check_before_training_prints_the_original_eer(data, tmp_path, capsys, caplog):  # noqa: F811
+def test_check_before_training_prints_the_original_eer(data, tmp_path, capsys, caplog):
     cfg = config(data, tmp_path, trainfunc="MSE")
     with caplog.at_level(logging.INFO):
         m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check"])
@@ -182,7 +182,7 @@ def test_check_before_training_prints_the_original_eer(data, tmp_path, capsys, c
         scores = -np.linalg.norm(trials.embeddings[trials.left] - trials.embeddings[trials.right], axis=1)
         assert float(line.group(1)) == pytest.approx(compute_eer(scores, trials.labels)[0], abs=1e-3)
     assert "processed" not in out
-    assert any("processed EER needs a model" in record.getMessage() for record in caplog.records)
+    assert any("enhanced EER needs a model" in record.getMessage() for record in caplog.records)
 
 
 def unseen_speakers(tmp_path: Path) -> Path:
@@ -199,7 +199,7 @@ def mse_softmax_trainer(classes: int = 40) -> Trainer:
     return Trainer(net, torch.device("cpu"))
 
 
-def test_validation_on_speakers_without_a_class_is_not_made_up(data, tmp_path):  # noqa: F811
+def test_validation_on_speakers_without_a_class_is_not_made_up(data, tmp_path):
     lists = data / "lists"
     root = unseen_speakers(tmp_path)
     train_data = EmbeddingData(lists / "train_normal_list.txt", data / "train", "normal", "B", DIM)
@@ -218,7 +218,7 @@ def test_validation_on_speakers_without_a_class_is_not_made_up(data, tmp_path): 
     assert np.isnan(nothing.loss) and np.isnan(nothing.accuracy)
 
 
-def test_validation_classifier_term_counts_only_speakers_with_a_class(data, tmp_path):  # noqa: F811
+def test_validation_classifier_term_counts_only_speakers_with_a_class(data, tmp_path):
     lists = data / "lists"
     root = unseen_speakers(tmp_path)
     known = (lists / "train_normal_list.txt").read_text().splitlines()[0]
@@ -244,7 +244,7 @@ def test_validation_classifier_term_counts_only_speakers_with_a_class(data, tmp_
     assert result.accuracy == pytest.approx(correct) and result.left_out == []
 
 
-def test_training_log_says_once_what_validation_left_out(data, tmp_path, caplog):  # noqa: F811
+def test_training_log_says_once_what_validation_left_out(data, tmp_path, caplog):
     root = unseen_speakers(tmp_path)
     cfg = config(data, tmp_path, trainfunc="MSE_Softmax", max_epoch=2,
                  valid_list=str(tmp_path / "lists" / "unseen_normal_list.txt"), valid_path=str(root))

@@ -22,11 +22,11 @@ from tests.demo_corpus import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = CorpusSizes(train_speakers=2, train_sessions=2, test_speakers=2, test_sessions=2,
-                    libri_speakers=2, libri_sessions=2, utterances=2)
-PARAMS = SynthParams(utt_seconds=(0.5, 0.8))
-N_FILES = 3 * 2 * 2 * 2
+                    libri_speakers=2, libri_sessions=2, utterances=2, calib_speakers=2, calib_sessions=2)
+PARAMS = SynthParams(utt_seconds=(0.5, 0.8), calib_seconds=(0.3, 1.2))
+N_FILES = 4 * 2 * 2 * 2
 
-VOX_FILE = re.compile(r"id9\d{4}/[A-Za-z0-9_-]{11}/\d{5}\.wav")
+VOX_FILE = re.compile(r"id[89]\d{4}/[A-Za-z0-9_-]{11}/\d{5}\.wav")
 LIBRI_FILE = re.compile(r"(\d+)/(\d+)/(\d+)-(\d+)-\d{4}\.flac")
 
 
@@ -61,7 +61,7 @@ def test_different_seed_different_audio(corpus: Path, tmp_path: Path) -> None:
 
 def test_voxceleb_layout(corpus: Path) -> None:
     speakers = {}
-    for set_name in ("vox_train", "vox_test"):
+    for set_name in ("vox_train", "vox_test", "vox_calib"):
         files = sorted(p.relative_to(corpus / set_name).as_posix() for p in (corpus / set_name).rglob("*.*"))
         assert len(files) == 2 * 2 * 2
         assert all(VOX_FILE.fullmatch(f) for f in files), files
@@ -71,6 +71,17 @@ def test_voxceleb_layout(corpus: Path) -> None:
         sessions = {f.rsplit("/", 1)[0] for f in files}
         assert len(sessions) == 4
     assert speakers["vox_train"].isdisjoint(speakers["vox_test"])
+    assert speakers["vox_calib"].isdisjoint(speakers["vox_train"] | speakers["vox_test"])
+
+
+def test_calibration_set_spans_its_own_durations(corpus: Path) -> None:
+    """vox_calib's lengths come from calib_seconds, the other sets' from utt_seconds."""
+    for set_name, (low, high) in (("vox_calib", PARAMS.calib_seconds), ("vox_test", PARAMS.utt_seconds)):
+        seconds = [sf.info(str(p)).frames / PARAMS.sample_rate for p in (corpus / set_name).rglob("*.wav")]
+        assert len(seconds) == 2 * 2 * 2
+        assert all(low - 1e-3 <= value <= high for value in seconds), (set_name, seconds)
+    calib = [sf.info(str(p)).frames for p in (corpus / "vox_calib").rglob("*.wav")]
+    assert min(calib) < PARAMS.utt_seconds[0] * PARAMS.sample_rate < max(calib)
 
 
 def test_librispeech_layout(corpus: Path) -> None:
@@ -88,7 +99,8 @@ def test_file_format(corpus: Path) -> None:
         info = sf.info(str(path))
         assert info.samplerate == 16000 and info.channels == 1 and info.subtype == "PCM_16"
         assert info.format == ("FLAC" if path.suffix == ".flac" else "WAV")
-        assert PARAMS.utt_seconds[0] - 0.01 <= info.duration <= PARAMS.utt_seconds[1] + 0.01
+        low, high = PARAMS.calib_seconds if "vox_calib" in path.parts else PARAMS.utt_seconds
+        assert low - 0.01 <= info.duration <= high + 0.01
         audio = sf.read(str(path), dtype="float32")[0]
         rms = float(np.sqrt(np.mean(audio**2)))
         assert 0.01 < rms < 0.2 and np.max(np.abs(audio)) < 1.0
@@ -117,12 +129,13 @@ def test_out_of_domain_channels_are_other_types() -> None:
 def test_command_line(tmp_path: Path) -> None:
     out = tmp_path / "audio"
     cmd = [sys.executable, str(ROOT / "tests" / "demo_corpus.py"), "--out", str(out), "--seed", "3",
-           "--train_speakers", "1", "--test_speakers", "1", "--libri_speakers", "1", "--sessions", "1",
+           "--train_speakers", "1", "--test_speakers", "1", "--libri_speakers", "1", "--calib_speakers", "1",
+           "--sessions", "1",
            "--test_sessions", "1", "--utterances", "1", "--workers", "1",
            "--min_seconds", "0.4", "--max_seconds", "0.5"]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
-    assert "wrote 3 files" in result.stdout
-    assert len(list(out.rglob("*.wav"))) == 2 and len(list(out.rglob("*.flac"))) == 1
+    assert len(list(out.rglob("*.wav"))) == 3 and len(list(out.rglob("*.flac"))) == 1
+    assert len(list((out / "vox_calib").rglob("*.wav"))) == 1
     bad = subprocess.run(cmd + ["--utterances", "-1"], capture_output=True, text=True)
     assert bad.returncode == 2

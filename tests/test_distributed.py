@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_experiment_data, run_script
-from test_trainer import config
+from conftest import ROOT, config, make_experiment_data, run_script
 
-from m_network import checkpoints
-from m_utils import parse_score_line
+from m_network import checkpoints, parse_score_line
 
 
 def free_port() -> int:

@@ -1,16 +1,21 @@
-"""m_gen_embs.py on small audio trees: the mirrored tree, crops, failures, re-runs, a killed run, and
-the split across processes."""
+"""m_gen_embs.py on small audio trees: the mirrored tree, crops, failures, re-runs, a killed run, the
+split across processes, and the utt2dur and manifest.json written beside the embeddings."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +34,12 @@ from m_gen_embs import (
     find_audio,
     main,
     make_crops,
+    output_path,
     read_audio,
     workers_for,
 )
-from m_utils import DistContext, UserError
+from m_utils import DistContext, UserError, bf16_is_native
+from models.GE2E import GE2E, packaged_weights
 from models.m_Extractors import load_extractor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,11 +170,14 @@ def test_rerun_writes_nothing_and_keeps_user_files(tree):
     db, emb = tree
     run(db, emb)
     before = npy_files(emb)
+    written = {name: (emb / name).stat().st_mtime_ns for name in ("manifest.json", "utt2dur")}
     assert run(db, emb) == 1
     assert npy_files(emb) == before
+    assert {name: (emb / name).stat().st_mtime_ns for name in written} == written
     assert (emb / "notes.txt").read_text() == "the user's own notes"
     np.testing.assert_array_equal(np.load(emb / "id10001" / "mine.npy"), np.arange(3.0))
-    assert sorted(p.name for p in emb.rglob("*") if p.is_file() and p.suffix != ".npy") == ["notes.txt"]
+    assert sorted(p.name for p in emb.rglob("*") if p.is_file() and p.suffix != ".npy") == [
+        "manifest.json", "notes.txt", "utt2dur"]
 
 
 def test_overwrite_recomputes_the_same_values(tree):
@@ -231,7 +241,7 @@ def test_mixedprec_stays_within_cosine_0999_of_float32(tree, caplog, extractor, 
         emb = db.parent / f"emb_{extractor}_{mixed}"
         assert run(db, emb, "--model", extractor, *extra, *(["--mixedprec"] if mixed else [])) == 1
         outputs[mixed] = {rel: np.load(emb / rel) for rel in npy_files(emb)}
-    assert "--mixedprec is meant for GPUs" in caplog.text
+    assert ("bfloat16 autocast" if bf16_is_native("cpu") else "running float32") in caplog.text
     assert outputs[True].keys() == outputs[False].keys() == expected_outputs()
     cosines = []
     for rel, exact in outputs[False].items():
@@ -241,11 +251,51 @@ def test_mixedprec_stays_within_cosine_0999_of_float32(tree, caplog, extractor, 
     assert min(cosines) >= 0.999
 
 
+def test_mixedprec_runs_float32_on_a_cpu_without_bfloat16(tree, caplog, monkeypatch):
+    """A CPU without bfloat16 instructions (detection patched to say so): --mixedprec says once that
+    float32 runs, and the files equal those of a float32 run exactly."""
+    db, _ = tree
+    monkeypatch.setattr(m_gen_embs, "bf16_is_native", lambda device: False)
+    autocast_dtypes = []
+    real_autocast = torch.autocast
+
+    def recording_autocast(device_type, dtype=None, enabled=True, **kwargs):
+        autocast_dtypes.append(enabled)
+        return real_autocast(device_type, dtype=dtype, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(m_gen_embs.torch, "autocast", recording_autocast)
+    caplog.set_level(logging.INFO)
+    outputs = {}
+    for mixed in (False, True):
+        emb = db.parent / f"emb_{mixed}"
+        mixedprec = ["--mixedprec"] if mixed else []
+        assert run(db, emb, "--model", "GE2E", "--eval_frames", "160", *mixedprec) == 1
+        outputs[mixed] = {rel: np.load(emb / rel) for rel in npy_files(emb)}
+    assert caplog.text.count("running float32") == 1
+    assert autocast_dtypes and not any(autocast_dtypes)
+    assert outputs[True].keys() == outputs[False].keys() == expected_outputs()
+    for rel, exact in outputs[False].items():
+        np.testing.assert_array_equal(outputs[True][rel], exact)
+
+
+def test_bfloat16_is_native_only_with_cpu_instructions(monkeypatch):
+    """CUDA always; a CPU only with AVX512-BF16 or AMX and oneDNN's own check."""
+    assert bf16_is_native("cuda")
+    for avx512_bf16, amx, onednn, native in [(True, False, True, True), (False, True, True, True),
+                                             (False, False, True, False), (True, True, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda v=onednn: v)
+        assert bf16_is_native("cpu") is native
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--model", "ResNet34"], "known: GE2E, ResNetSE34V2"),
     (["--model", "ResNetSE34V2"], "baseline_v2_ap.model"),
     (["--num_eval", "0"], "--num_eval must be at least 1"),
     (["--batch_size", "-1"], "--batch_size must be 0 or more"),
+    (["--max_seconds", "0"], "--max_seconds must be a number of seconds above 0"),
+    (["--max_seconds", "nan"], "--max_seconds must be a number of seconds above 0"),
 ])
 def test_bad_options_are_user_errors(tree, extra, message):
     db, emb = tree
@@ -298,12 +348,14 @@ def test_killed_run_resumes_without_truncated_files(tmp_path, caplog):
 def test_ranks_take_disjoint_shares(tree):
     db, emb = tree
     files = tuple(find_audio(db))
-    job = Job(db, emb, files, 20, 3, 4, 0, "cpu", False)
+    job = Job(db_path=db, embed_dir=emb, files=files, eval_frames=20, num_eval=3, batch_size=4,
+              nDataLoaderThread=0, device="cpu")
     failed = multiprocessing.get_context("spawn").Value("i", 0)
     extract(DistContext(rank=1, world_size=3), job, load_extractor("GE2E"), failed)
     written = set(npy_files(emb)) - {"id10001/mine.npy"}
     assert written == {str(rel.with_suffix(".npy")) for rel in files[1::3] if str(rel) not in BAD}
     assert failed.value == sum(str(rel) in BAD for rel in files[1::3])
+    assert not (emb / "utt2dur").exists() and not (emb / "manifest.json").exists()  # rank 0 writes them
 
 
 def test_distributed_cpu_processes_cover_every_file_once(tmp_path, capfd):
@@ -315,6 +367,8 @@ def test_distributed_cpu_processes_cover_every_file_once(tmp_path, capfd):
         port = sock.getsockname()[1]
     assert run(db, emb, "--distributed", "--nprocs", "2", "--port", str(port)) == 0
     assert len(npy_files(emb)) == 5
+    assert (emb / "utt2dur").read_text() == "".join(f"id00001/sess/{index:05d} 0.300\n" for index in range(5))
+    assert json.loads((emb / "manifest.json").read_text())["num_eval"] == 3
     out = capfd.readouterr().out
     assert "rank 0/2: 3 file(s), 0 already done, 3 to extract" in out
     assert "rank 1/2: 2 file(s), 0 already done, 2 to extract" in out
@@ -350,3 +404,170 @@ def test_freed_memory_is_reused_without_page_faults():
         pytest.skip("the C library has no mallopt (not glibc)")
     assert int(kept) < 1000
     assert int(faults("default")) > 3 * 10_000
+
+
+# ----------------------------------------------------------------------------------------------
+# utt2dur and manifest.json
+
+
+def written_seconds() -> dict[str, float]:
+    """utt -> seconds of the audio make_tree writes for GOOD (its sample counts over its rates)."""
+    lengths = [len(tone(0.4 + 0.1 * seed, seed=seed)) / 16000 for seed in range(6)]
+    lengths += [len(tone(0.5, rate=8000, seed=6)) / 8000, len(tone(0.5, seed=7)) / 16000,
+                len(tone(0.1, seed=9)) / 16000]
+    return {str(Path(rel).with_suffix("")): seconds for rel, seconds in zip(GOOD, lengths, strict=True)}
+
+
+def utt2dur_of(seconds: dict[str, float]) -> str:
+    return "".join(f"{utt} {seconds[utt]:.3f}\n" for utt in sorted(seconds))
+
+
+def test_utt2dur_gives_the_length_of_every_embedded_file(tree):
+    """One line per embedding (none for the failed files), sorted, seconds = samples / rate."""
+    db, emb = tree
+    assert run(db, emb) == 1
+    assert (emb / "utt2dur").read_text() == utt2dur_of(written_seconds())
+    assert written_seconds()["id10001/sessB/00001"] == 0.9 and written_seconds()["id10002/sessC/00001"] == 0.5
+
+
+def test_rerun_merges_utt2dur_and_fills_what_it_lacks(tree, caplog):
+    """Files embedded earlier without a line (an interrupted run, a tree from before utt2dur) get their
+    length from the audio; lines of other utterances are kept; a new file is added."""
+    db, emb = tree
+    run(db, emb)
+    seconds = written_seconds()
+    kept = dict(list(seconds.items())[::2])
+    (emb / "utt2dur").write_text(utt2dur_of({**kept, "id10009/other/00001": 12.345}))
+    write(db / "id10003/sessD/00001.flac", tone(0.75, seed=11))
+    caplog.set_level(logging.INFO)
+    assert run(db, emb) == 1
+    expected = {**seconds, "id10009/other/00001": 12.345, "id10003/sessD/00001": 0.75}
+    assert (emb / "utt2dur").read_text() == utt2dur_of(expected)
+    assert f"reading the durations of {len(seconds) - len(kept)} file(s) embedded earlier" in caplog.text
+    (emb / "utt2dur").unlink()
+    (emb / "manifest.json").unlink()
+    assert run(db, emb) == 1
+    assert (emb / "utt2dur").read_text() == utt2dur_of({**seconds, "id10003/sessD/00001": 0.75})
+
+
+def test_a_bad_utt2dur_line_is_refused_before_any_work(tree):
+    db, emb = tree
+    (emb / "utt2dur").write_text("id10001/sessA/00001 0.700\nid10001/sessA/00002 long\n")
+    message = "utt2dur:2: expected '<utt> <seconds>', found 'id10001/sessA/00002 long'"
+    with pytest.raises(UserError, match=re.escape(message)):
+        run(db, emb)
+    assert set(npy_files(emb)) == {"id10001/mine.npy"}
+
+
+def test_max_seconds_embeds_the_first_seconds(tree):
+    """--max_seconds 0.3: each file's embedding equals the model's on crops of its first 0.3 s (wrap-padded
+    where shorter than a crop), and utt2dur says min(length, 0.3)."""
+    db, emb = tree
+    assert run(db, emb, "--max_seconds", "0.3", "--batch_size", "1") == 1
+    model = load_extractor("GE2E")
+    full = db.parent / "full"
+    run(db, full, "--batch_size", "1")
+    for rel in GOOD:
+        audio, _ = read_audio(db / rel)
+        crops = torch.from_numpy(make_crops(audio[:4800], eval_frames=20, num_eval=3))
+        with torch.inference_mode():
+            expected = model(crops).numpy()
+        embedding = np.load(output_path(emb, Path(rel)))
+        np.testing.assert_array_equal(embedding, expected)
+        if len(audio) > 4800:
+            assert not np.allclose(embedding, np.load(output_path(full, Path(rel))), atol=1e-3)
+    seconds = {utt: min(value, 0.3) for utt, value in written_seconds().items()}
+    assert (emb / "utt2dur").read_text() == utt2dur_of(seconds)
+    assert json.loads((emb / "manifest.json").read_text())["max_seconds"] == 0.3
+
+
+def git_head() -> str | None:
+    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def test_manifest_records_the_weights_and_settings(tree, tmp_path):
+    """The weights file and the sha256 of its bytes, the crop settings, what ran, the project's commit."""
+    db, emb = tree
+    checkpoint = tmp_path / "ge2e.pt"
+    torch.manual_seed(3)
+    torch.save(GE2E().state_dict(), checkpoint)
+    assert run(db, emb, "--initial_model", str(checkpoint), "--max_seconds", "2") == 1
+    manifest = json.loads((emb / "manifest.json").read_text())
+    created = manifest.pop("created")
+    assert abs((datetime.fromisoformat(created) - datetime.now().astimezone()).total_seconds()) < 600
+    assert manifest == {"extractor": "GE2E", "checkpoint": str(checkpoint),
+                        "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+                        "eval_frames": 20, "num_eval": 3, "sample_rate": 16000, "max_seconds": 2.0,
+                        "mixedprec": False, "git_commit": m_gen_embs.read_git_head(REPO)}
+    if shutil.which("git") and git_head():
+        assert manifest["git_commit"] == git_head()
+    packaged = db.parent / "packaged"
+    run(db, packaged)
+    manifest = json.loads((packaged / "manifest.json").read_text())
+    assert manifest["checkpoint"] == str(packaged_weights())
+    assert manifest["checkpoint_sha256"] == hashlib.sha256(packaged_weights().read_bytes()).hexdigest()
+    random = db.parent / "random"
+    run(db, random, "--model", "ResNetSE34V2", "--random_init")
+    manifest = json.loads((random / "manifest.json").read_text())
+    assert manifest["extractor"] == "ResNetSE34V2" and manifest["checkpoint"] is None
+    assert manifest["checkpoint_sha256"] is None and manifest["max_seconds"] is None
+
+
+@pytest.mark.parametrize(("extra", "differs"), [
+    (["--num_eval", "2"], "num_eval 3 (this run: 2)"),
+    (["--max_seconds", "1"], "max_seconds None (this run: 1.0)"),
+    (["--model", "ResNetSE34V2", "--random_init"], "extractor 'GE2E' (this run: 'ResNetSE34V2')"),
+])
+def test_a_tree_made_with_other_settings_is_refused_unless_overwrite(tree, extra, differs):
+    db, emb = tree
+    run(db, emb)
+    before = npy_files(emb)
+    manifest = (emb / "manifest.json").read_text()
+    with pytest.raises(UserError, match=re.escape(f"{emb / 'manifest.json'}: the embeddings in {emb} were "
+                                                  f"made with other settings: {differs}")):
+        run(db, emb, *extra)
+    assert npy_files(emb) == before and (emb / "manifest.json").read_text() == manifest
+    assert run(db, emb, *extra, "--overwrite") == 1
+    after = npy_files(emb)
+    assert all(after[rel] != before[rel] for rel in expected_outputs())
+    rewritten = json.loads((emb / "manifest.json").read_text())
+    assert [rewritten[key] for key in ("num_eval", "max_seconds", "extractor")] != \
+        [json.loads(manifest)[key] for key in ("num_eval", "max_seconds", "extractor")]
+
+
+def test_git_commit_is_read_without_git(tmp_path):
+    """A checkout's .git folder (a loose ref, packed-refs, a detached HEAD) and a worktree's .git file."""
+    commit, other = "a" * 40, "b" * 40
+    root = tmp_path / "project"
+    (root / ".git" / "refs" / "heads").mkdir(parents=True)
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / ".git" / "packed-refs").write_text(f"# pack-refs with: peeled\n{commit} refs/heads/main\n")
+    assert m_gen_embs.read_git_head(root) == commit
+    (root / ".git" / "refs" / "heads" / "main").write_text(other + "\n")
+    assert m_gen_embs.read_git_head(root) == other
+    worktree = tmp_path / "wt"
+    (root / ".git" / "worktrees" / "wt").mkdir(parents=True)
+    (root / ".git" / "worktrees" / "wt" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / ".git" / "worktrees" / "wt" / "commondir").write_text("../..\n")
+    worktree.mkdir()
+    (worktree / ".git").write_text(f"gitdir: {root / '.git' / 'worktrees' / 'wt'}\n")
+    assert m_gen_embs.read_git_head(worktree) == other
+    (root / ".git" / "HEAD").write_text(commit + "\n")
+    assert m_gen_embs.read_git_head(root) == commit
+    assert m_gen_embs.git_commit(tmp_path) is None and m_gen_embs.read_git_head(tmp_path) is None
+
+
+def test_manifest_keeps_the_run_that_began_the_tree(tree, monkeypatch, caplog):
+    """A re-run with the same settings from another commit keeps the manifest (and says so); --overwrite,
+    which remakes every file, records the run that remade them."""
+    db, emb = tree
+    run(db, emb)
+    manifest = (emb / "manifest.json").read_text()
+    monkeypatch.setattr(m_gen_embs, "git_commit", lambda: "c" * 40)
+    caplog.set_level(logging.INFO)
+    run(db, emb)
+    assert (emb / "manifest.json").read_text() == manifest
+    assert "the manifest keeps the run that began the tree" in caplog.text
+    run(db, emb, "--overwrite")
+    assert json.loads((emb / "manifest.json").read_text())["git_commit"] == "c" * 40

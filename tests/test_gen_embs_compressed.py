@@ -136,6 +136,24 @@ def test_m4a_tree_gives_the_wav_tree_embeddings(tmp_path):
 
 
 @pytest.mark.skipif(packaged_weights() is None, reason="GE2E's weights (resemblyzer) are not installed")
+def test_utt2dur_of_m4a_files_from_decoding_and_from_the_header(tmp_path):
+    """utt2dur gives the decoded m4a's samples over 16 kHz (the priming and the padding beyond the declared
+    duration dropped; FFmpeg's muxer declares 19,760 samples for these 19,750, within 1 ms) and, for files
+    embedded earlier without a line, the same from the duration the container declares."""
+    db, emb = tmp_path / "db", tmp_path / "emb"
+    write_encoded(db / "id00001" / "v" / "00001.m4a", voice_like(19750 / 16000, seed=1), 16000)
+    write_encoded(db / "id00001" / "v" / "00002.m4a", resampled(voice_like(2.5, seed=2), 44100), 44100)
+    decoded = [len(read_audio(db / "id00001" / "v" / f"0000{index}.m4a")[0]) for index in (1, 2)]
+    assert abs(decoded[0] - 19750) <= 16 and decoded[1] == 40000
+    expected = f"id00001/v/00001 {decoded[0] / 16000:.3f}\nid00001/v/00002 2.500\n"
+    assert embed_tree(db, emb) == 0
+    assert (emb / "utt2dur").read_text() == expected
+    (emb / "utt2dur").unlink()
+    assert embed_tree(db, emb) == 0
+    assert (emb / "utt2dur").read_text() == expected
+
+
+@pytest.mark.skipif(packaged_weights() is None, reason="GE2E's weights (resemblyzer) are not installed")
 def test_broken_m4a_files_are_skipped_named_and_counted(tmp_path, caplog):
     db = tmp_path / "db"
     write_encoded(db / "id00001" / "v" / "00001.m4a", voice_like(SECONDS), 16000)

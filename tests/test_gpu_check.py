@@ -11,6 +11,7 @@ from audio_files import voice_like
 from conftest import run_script
 
 from m_gen_embs import find_audio, make_crops, read_audio
+from m_utils import bf16_is_native
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 
@@ -38,6 +39,8 @@ def test_min_crop_cosine_takes_the_worst_crop():
 
 
 @pytest.mark.skipif(packaged_weights() is None, reason="GE2E's weights (resemblyzer) are not installed")
+@pytest.mark.skipif(not bf16_is_native(CPU), reason="this CPU has no bfloat16 instructions (AVX512-BF16 or "
+                    "AMX): oneDNN has no bfloat16 LSTM for GE2E here")
 def test_mixedprec_checks_run_on_a_cpu(capsys):
     model = load_extractor("GE2E")
     crops = torch.from_numpy(make_crops(voice_like(2.0), 160, 2))

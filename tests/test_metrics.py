@@ -3,18 +3,21 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
+from m_DataLoader import embedding_type_of
 from m_network import SpeakerNet
-from m_scoring import (
+from m_utils import UserError
+from scoring.metrics import (
+    P_TARGETS,
     _score_on_device,
     _sorted_with_order,
     compute_eer,
     compute_min_dcf,
     error_rates,
     evaluate_scores,
+    mindcf_key,
     score_curve,
     score_trials,
 )
-from m_utils import UserError
 
 
 def brute_rates(scores, labels):
@@ -60,10 +63,12 @@ def test_min_dcf_against_counting(p_target):
 def test_scores_of_known_vectors_are_per_vector():
     table = np.array([[3.0, 4.0], [4.0, 3.0], [-3.0, -4.0]], np.float32)
     left, right = np.array([0, 0]), np.array([1, 2])
-    np.testing.assert_allclose(score_trials(table, left, right, "C"), [-(1 - 0.96), -2.0], atol=1e-6)
-    np.testing.assert_allclose(score_trials(table, left, right, "B"), [-np.sqrt(2), -10.0], atol=1e-5)
+    np.testing.assert_allclose(score_trials(table, left, right, True), [-(1 - 0.96), -2.0], atol=1e-6)
+    np.testing.assert_allclose(score_trials(table, left, right, False), [-np.sqrt(2), -10.0], atol=1e-5)
     with pytest.raises(UserError):
-        score_trials(table, left, right, "A")
+        embedding_type_of("A")  # an embedding type other than B and C is the user's error
+    with pytest.raises(TypeError):
+        score_trials(table, left, right, "C")  # scoring takes cosine: bool, never a type's name
 
 
 def test_processed_embeddings_are_normalised_per_vector():
@@ -78,7 +83,7 @@ def test_a_million_trials_score_at_once():
     rng = np.random.default_rng(0)
     table = rng.normal(size=(2000, 64)).astype(np.float32)
     left, right = rng.integers(0, 2000, (2, 1_000_000))
-    scores = score_trials(table, left, right, "C")
+    scores = score_trials(table, left, right, True)
     i = 123_456
     a, b = table[left[i]], table[right[i]]
     assert scores[i] == pytest.approx(-(1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-5)
@@ -119,8 +124,9 @@ def test_rates_count_tied_scores_as_one_threshold():
         np.testing.assert_allclose(false_alarm, expected_fa, atol=1e-12)
         assert len(thresholds) == len(miss) and np.all(np.diff(thresholds) > 0)
         result = evaluate_scores(scores, labels)
-        assert result["mindcf"] == pytest.approx(compute_min_dcf(scores, labels, 0.05), abs=1e-12)
-        assert result["mindcf01"] == pytest.approx(compute_min_dcf(scores, labels, 0.01), abs=1e-12)
+        assert result["mindcf_p05"] == pytest.approx(compute_min_dcf(scores, labels, 0.05), abs=1e-12)
+        assert result["mindcf_p01"] == pytest.approx(compute_min_dcf(scores, labels, 0.01), abs=1e-12)
+        assert [mindcf_key(p) for p in P_TARGETS] == ["mindcf_p05", "mindcf_p01"]
 
 
 @pytest.mark.parametrize("embedding_type", ["B", "C"])
@@ -131,9 +137,9 @@ def test_threaded_scoring_equals_one_thread_and_direct_formula(embedding_type):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = score_trials(table, left, right, embedding_type)
+        single = score_trials(table, left, right, embedding_type == "C")
         torch.set_num_threads(3)
-        threaded = score_trials(torch.from_numpy(table), left, right, embedding_type)
+        threaded = score_trials(torch.from_numpy(table), left, right, embedding_type == "C")
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(single, threaded)
@@ -179,5 +185,5 @@ def test_trial_rows_outside_the_table_are_refused():
     table = np.ones((3, 4), np.float32)
     for left, right in (([0, 3], [1, 1]), ([0, 1], [-1, 2])):
         with pytest.raises(UserError, match="0..2"):
-            score_trials(table, np.array(left), np.array(right), "B")
-    assert score_trials(table, np.array([], np.int64), np.array([], np.int64), "C").shape == (0,)
+            score_trials(table, np.array(left), np.array(right), False)
+    assert score_trials(table, np.array([], np.int64), np.array([], np.int64), True).shape == (0,)

@@ -24,6 +24,21 @@ def test_layer_widths(name, widths, n_out):
     assert model(torch.randn(5, n_out)).shape == (5, n_out)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_maps_d_to_d_and_learns(name):
+    """What every registered model must do: (B, D) -> (B, D) for any nOut, with each activation the
+    models accept, every parameter reached by the gradient, and nothing stored between calls."""
+    torch.manual_seed(0)
+    for n_out, activation in ((7, "ReLU"), (32, "ELU")):
+        model = get_model(name, nOut=n_out, activation=activation).eval()
+        x = torch.randn(5, n_out)
+        y = model(x)
+        assert y.shape == (5, n_out) and y.dtype == x.dtype and torch.isfinite(y).all()
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+        (y ** 2).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
 def test_dropout_placement_and_last_activation():
     layers = list(get_model("MyLinearNet", nOut=4).layers)
     kinds = [type(m).__name__ for m in layers]
@@ -49,9 +64,8 @@ def test_residual_starts_as_identity():
 
 
 def test_errors_list_known_names():
-    with pytest.raises(UserError) as err:
+    with pytest.raises(UserError, match="unknown model 'MyLinearNetV5'") as err:
         get_model("MyLinearNetV5")
-    for name in MODELS:
-        assert name in str(err.value)
+    assert str(err.value).split("; known: ")[1].split(", ") == sorted(MODELS)
     with pytest.raises(UserError, match="ReLU, ELU"):
         get_model("MyLinearNet", activation="tanh")

@@ -17,7 +17,7 @@ from conftest import make_embedding_tree, run_script
 import m_trainer
 from m_DataLoader import TrialSet, read_list
 from m_network import SpeakerNet, Trainer
-from m_scoring import compute_eer
+from scoring.metrics import compute_eer
 
 DIM = 24
 ORIGINAL_EER = re.compile(r"\[testset original EER\] (\d+\.\d{4}),")

@@ -18,7 +18,7 @@ import pytest
 import soundfile
 import torch
 from conftest import ROOT, make_embedding_tree, make_experiment_data, run_script
-from test_trainer import config as experiment_config
+from conftest import config as experiment_config
 
 import m_comb_embs
 import m_gen_embs

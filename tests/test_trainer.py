@@ -4,48 +4,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import make_experiment_data, run_script
+from conftest import config, run_script, train
 
 import m_trainer
 from loss.m_Losses import LOSSES
 from m_DataLoader import EmbeddingData
-from m_network import SpeakerNet, Trainer, checkpoints
-from m_utils import UserError, parse_score_line, score_line
+from m_network import SpeakerNet, Trainer, checkpoints, parse_score_line, score_line
+from m_utils import UserError
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """Train / test / LibriSpeech-layout embedding trees with their lists, nOut 24."""
-    return make_experiment_data(tmp_path_factory.mktemp("data"), 40, 16, 8)
-
-
-def config(data: Path, tmp_path: Path, **options) -> Path:
-    lists = data / "lists"
-    values = {"train_list": str(lists / "train_normal_list.txt"), "train_path": str(data / "train"),
-              "valid_list": str(lists / "train_normal_list.txt"), "valid_path": str(data / "train"),
-              "test_list": str(lists / "test_test_list.txt"), "test_path": str(data / "test"),
-              "test_list_libri": str(lists / "libri_test_list.txt"),
-              "test_path_libri": str(data / "libri"),
-              "nOut": 24, "batch_size": 32, "max_epoch": 2, "test_interval": 1, "nClasses": 40,
-              "device": "cpu", **options}
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def train(cfg: Path, save: Path, *extra: str) -> list[str]:
-    m_trainer.main(["--config", str(cfg), "--save_path", str(save), *extra])
-    return (save / "result" / "scores.txt").read_text().splitlines()
-
-
-LIST_OF = {"MyTriplet_CS": "triplet", "DA": "distribution", "DA_MSE": "distribution"}
-
-
-@pytest.mark.parametrize("trainfunc", ["MSE", "MAE", "CS", "MSE_CS", "Softmax", "MSE_Softmax",
-                                       "MyTriplet_CS", "DA", "DA_MSE"])
+@pytest.mark.parametrize("trainfunc", sorted(LOSSES))
 def test_every_loss_trains_an_epoch(data, tmp_path, trainfunc):
-    kind = LIST_OF.get(trainfunc, "normal")
+    kind = LOSSES[trainfunc].list_kind
     lists = data / "lists"
     cfg = config(data, tmp_path, trainfunc=trainfunc, max_epoch=1,
                  train_list=str(lists / f"train_{kind}_list.txt"),
@@ -71,7 +41,7 @@ def test_trainer_epochs_equal_a_plain_loop(data, trainfunc):
     gathered many batches at once (the GPU path, run here on CPU tensors), gives the weights and
     the mean loss of a plain loop: gradients dropped each step (torch's default; the Trainer zeroes
     them in place on a CPU), the loss read back each step."""
-    kind = LIST_OF.get(trainfunc, "normal")
+    kind = LOSSES[trainfunc].list_kind
     train_data = EmbeddingData(data / "lists" / f"train_{kind}_list.txt", data / "train", kind, "B", 24)
     results = {}
     for way, chunk_rows in (("per batch", 0), ("chunks", 70), ("loop", 0)):

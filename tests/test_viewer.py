@@ -227,7 +227,7 @@ def test_det_legend_and_eer_point(tmp_path):
     fig = m_viewer.Figure()
     ax = fig.add_subplot()
     m_viewer.setup_det_axes(ax)
-    m_viewer.draw_det(ax, trials.processed, trials.labels, "enhanced", "C3")
+    m_viewer.draw_det(ax, trials.enhanced, trials.labels, "enhanced", "C3")
     m_viewer.draw_det(ax, trials.original, trials.labels, "original", "C0")
     labels = [t.get_text() for t in ax.legend().get_texts()]
     assert labels[1] == "enhanced: EER 0.00 %, minDCF 0.000 (curve below the plotted range)"

@@ -1,0 +1,500 @@
+"""Back-ends: fitted on training embeddings (rows with speaker labels) passed through the same
+system, then applied to any table of that system. Tables stay where they are (a GPU's work
+stays there) and are processed in chunks of rows, so that a VoxCeleb1-E-sized table
+(145,000 x 512) with a 6,000-speaker cohort needs little memory beyond the table itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from m_utils import UserError, options_taken, unknown_name
+from scoring.metrics import check_rows, l2_normalize, pair_scores, score_trials
+
+MB = 2 ** 20
+
+BACKEND_CHUNK_BYTES = 32 * MB  # float32 temporaries of one chunk of rows
+
+
+def _as_tensor(embeddings: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The table as a float32 tensor where it lives (a float32 numpy array shares its memory)."""
+    if isinstance(embeddings, torch.Tensor):
+        return embeddings.detach().float()
+    return torch.from_numpy(np.ascontiguousarray(embeddings, np.float32))
+
+
+def _row_chunks(rows: int, width: int, itemsize: int = 4) -> list[slice]:
+    """Slices of `rows` rows whose (rows, width) temporaries take about BACKEND_CHUNK_BYTES."""
+    step = max(1, BACKEND_CHUNK_BYTES // (itemsize * max(1, width)))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _on(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A fitted parameter as a tensor of `like`'s dtype and device."""
+    return torch.as_tensor(array, dtype=like.dtype, device=like.device)
+
+
+@dataclass
+class SpeakerMoments:
+    """First and second moments of training embeddings (float64): per speaker and overall."""
+
+    counts: np.ndarray    # (S,) utterances of each speaker
+    sums: np.ndarray      # (S, D) sum of each speaker's embeddings
+    products: np.ndarray | None  # (D, D) sum of x x^T over all utterances, where asked for
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sums.sum(axis=0) / self.total
+
+    @property
+    def speaker_means(self) -> np.ndarray:
+        return self.sums / self.counts[:, None]
+
+    def within_scatter(self) -> np.ndarray:
+        """Sum over utterances of (x - speaker mean)(x - speaker mean)^T."""
+        return self.products - self.sums.T @ self.speaker_means
+
+
+def speaker_moments(table: torch.Tensor, labels: np.ndarray, speakers: int,
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    second: bool = True) -> SpeakerMoments:
+    """The SpeakerMoments of the rows of `table` (labels: speaker index of each row), each row
+    first passed through `transform` (in float64) when given; `second`: with the second moments.
+    Chunked, on the table's device."""
+    first = table[:1].double()
+    width = (transform(first) if transform is not None else first).shape[1]
+    sums = torch.zeros((speakers, width), dtype=torch.float64, device=table.device)
+    products = torch.zeros((width, width), dtype=torch.float64, device=table.device) if second else None
+    index = torch.from_numpy(labels).to(table.device)
+    for rows in _row_chunks(len(table), max(width, table.shape[1]), itemsize=8):
+        x = table[rows].double()
+        if transform is not None:
+            x = transform(x)
+        sums.index_add_(0, index[rows], x)
+        if second:
+            products += x.T @ x
+    return SpeakerMoments(np.bincount(labels, minlength=speakers).astype(np.float64), sums.cpu().numpy(),
+                          products.cpu().numpy() if second else None)
+
+
+def _speaker_index(speakers: np.ndarray | Sequence, rows: int, needed: int,
+                   backend: str) -> tuple[np.ndarray, int]:
+    """Each training row's speaker as an index 0..S-1, and S; a UserError for too few speakers."""
+    speakers = np.asarray(speakers)
+    if speakers.shape != (rows,):
+        raise UserError(f"the {backend} back-end got {rows} training embeddings but "
+                        f"{speakers.size} speaker labels")
+    names, index = np.unique(speakers, return_inverse=True)
+    if len(names) < needed:
+        raise UserError(f"the {backend} back-end needs training embeddings of at least {needed} "
+                        f"speakers, found {len(names)}")
+    return index.astype(np.int64), len(names)
+
+
+@dataclass
+class Quality:
+    """Per row of a table, what quality-aware back-ends (qmf) use beside the embeddings: the
+    seconds of audio behind it and the norm of its embedding before normalisation (None where
+    unknown)."""
+
+    durations: np.ndarray | None = None
+    norms: np.ndarray | None = None
+
+
+class Backend:
+    """No back-end (`none`): the raw scores of the embedding type, as score_trials gives them.
+
+    The base of the others: `fit` on training embeddings (M, D) with their speaker labels (M,),
+    then `score` trials (left[i], right[i]) between rows of any table of that system (float32 per
+    trial). Tables may be numpy arrays or tensors; a table on a GPU is processed there.
+
+    A back-end's hyper-parameters are the parameters of its constructor after `cosine`, named as
+    the trainer's options (make_backend passes those it takes); `least` holds the smallest value
+    of each integer one, checked by check_limits for the constructor and the config check alike.
+    """
+
+    name = "none"
+    min_speakers = 0  # training speakers a fit needs; 0: no fit on training embeddings
+    least: dict[str, int] = {}
+    base_name: str | None = None  # the back-end whose scores this one rescores (qmf)
+    fits_on_trials = False  # fitted on a labelled trial list (calib_list) by fit_trials
+
+    def __init__(self, cosine: bool):
+        if not isinstance(cosine, bool):
+            raise TypeError(f"cosine must be a bool, found {cosine!r}")
+        self.cosine = cosine
+        self.dim: int | None = None
+        check_limits(type(self), {key: getattr(self, key) for key in self.least if hasattr(self, key)})
+
+    def fit(self, embeddings: np.ndarray | torch.Tensor, speakers: np.ndarray | Sequence) -> Backend:
+        table = _as_tensor(embeddings)
+        labels, count = _speaker_index(speakers, len(table), self.min_speakers, self.name)
+        self.dim = int(table.shape[1])
+        self._fit(table, labels, count)
+        return self
+
+    def score(self, embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right: np.ndarray,
+              quality: Quality | None = None) -> np.ndarray:
+        table = _as_tensor(embeddings)
+        left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
+        check_rows(left, right, len(table))
+        if self.min_speakers and self.dim is None:
+            raise RuntimeError(f"the {self.name} back-end must be fitted before it scores")
+        if self.dim is not None and table.shape[1] != self.dim:
+            raise UserError(f"the {self.name} back-end was fitted on {self.dim}-dimensional embeddings, "
+                            f"these have {table.shape[1]}")
+        return self._score(table, left, right, quality)
+
+    def missing(self, quality: Quality | None) -> str | None:
+        """What this back-end lacks to score trials with `quality`; None when nothing."""
+        return None
+
+    def rescore(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
+                quality: Quality | None) -> np.ndarray:
+        """A back-end with a `base_name`: its scores from those of its base back-end."""
+        raise NotImplementedError(f"the {self.name} back-end does not rescore another's scores")
+
+    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
+        pass
+
+    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
+               quality: Quality | None) -> np.ndarray:
+        return score_trials(table, left, right, self.cosine)
+
+
+def check_limits(cls: type[Backend], values: dict[str, int]) -> None:
+    """A UserError for a hyper-parameter of `cls` below its least value (cls.least)."""
+    for key, least in cls.least.items():
+        if key in values and values[key] < least:
+            raise UserError(f"option '{key}' must be at least {least} (the {cls.name} back-end), "
+                            f"found {values[key]}")
+
+
+class MeanBackend(Backend):
+    """Mean normalisation: subtract the training mean, L2-normalise, cosine score -(1 - cos),
+    whatever the embedding type."""
+
+    name = "mean"
+    min_speakers = 1
+
+    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
+        self.mean = speaker_moments(table, labels, speakers, second=False).mean
+
+    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
+               quality: Quality | None) -> np.ndarray:
+        mean = _on(self.mean, table)
+        centred = torch.empty_like(table)
+        for rows in _row_chunks(len(table), table.shape[1]):
+            centred[rows] = nn.functional.normalize(table[rows] - mean, dim=1)
+        return pair_scores(centred, left, right, "dot") - 1
+
+
+class AsNormBackend(Backend):
+    """Adaptive symmetric score normalisation (AS-Norm).
+
+    Cohort: one embedding per training speaker, the mean of its training utterances (for type C
+    L2-normalised, as cosine scoring normalises every row). For a trial (e, t) with raw score s
+    of the embedding type: m_e, d_e the mean and standard deviation (population, ddof 0) of the
+    `asnorm_topk` highest scores of e against the cohort, likewise m_t, d_t;
+    score = ((s - m_e) / d_e + (s - m_t) / d_t) / 2. The statistics are computed once per row.
+    """
+
+    name = "asnorm"
+    min_speakers = 2
+
+    least = {"asnorm_topk": 2}  # a standard deviation needs two scores
+
+    def __init__(self, cosine: bool, asnorm_topk: int = 300):
+        self.asnorm_topk = asnorm_topk
+        super().__init__(cosine)
+
+    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
+        cohort = speaker_moments(table, labels, speakers, second=False).speaker_means
+        if self.cosine:
+            cohort = l2_normalize(cohort)
+        self.cohort = cohort.astype(np.float32)
+
+    def cohort_statistics(self, embeddings: np.ndarray | torch.Tensor,
+                          rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation (float64) of the top-k cohort scores of each of `rows`.
+
+        Each chunk's rows, cohort scores and top-k land in buffers allocated once: fresh memory for
+        every chunk costs a page fault per 4 KB, which took as long as the arithmetic."""
+        table = _as_tensor(embeddings)
+        cohort = _on(self.cohort, table)
+        topk = min(self.asnorm_topk, len(cohort))
+        cosine = self.cosine
+        cohort_norms = None if cosine else (cohort * cohort).sum(dim=1)
+        index = torch.from_numpy(np.asarray(rows, np.int64)).to(table.device)
+        means = torch.empty(len(index), dtype=torch.float64, device=table.device)
+        stds = torch.empty_like(means)
+        chunks = _row_chunks(len(index), len(cohort))
+        size = chunks[0].stop if chunks else 0
+        rows_buffer = table.new_empty((size, table.shape[1]))
+        scores_buffer = table.new_empty((size, len(cohort)))
+        top_buffer = (table.new_empty((size, topk)),
+                      torch.empty((size, topk), dtype=torch.int64, device=table.device))
+        for part in chunks:
+            count = part.stop - part.start
+            x = torch.index_select(table, 0, index[part], out=rows_buffer[:count])
+            if cosine:
+                x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_(min=1e-12))
+            scores = torch.matmul(x, cohort.T, out=scores_buffer[:count])
+            if not cosine:
+                # The highest scores -||x - c|| are those of the highest 2 x.c - |c|^2.
+                scores.mul_(2).sub_(cohort_norms)
+            top, _ = torch.topk(scores, topk, dim=1, sorted=False,
+                                out=(top_buffer[0][:count], top_buffer[1][:count]))
+            if cosine:
+                top.sub_(1)
+            else:
+                squares = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_()
+                top.neg_().add_(squares).clamp_(min=0).sqrt_().neg_()
+            stds[part], means[part] = torch.std_mean(top, dim=1, correction=0)
+        return means.cpu().numpy(), stds.cpu().numpy()
+
+    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
+               quality: Quality | None) -> np.ndarray:
+        raw = score_trials(table, left, right, self.cosine).astype(np.float64)
+        used = np.zeros(len(table), bool)
+        used[left] = used[right] = True
+        rows = np.flatnonzero(used)
+        means, stds = np.full(len(table), np.nan), np.full(len(table), np.nan)
+        means[rows], stds[rows] = self.cohort_statistics(table, rows)
+        stds = np.maximum(stds, 1e-12)  # a cohort of identical scores; does not occur in practice
+        return (0.5 * ((raw - means[left]) / stds[left] + (raw - means[right]) / stds[right])).astype(
+            np.float32)
+
+
+@dataclass
+class TwoCovariance:
+    """The two-covariance PLDA model: x = mean + y + e, with the speaker's variable y ~ N(0, between)
+    and each utterance's residual e ~ N(0, within)."""
+
+    mean: np.ndarray
+    between: np.ndarray
+    within: np.ndarray
+
+    @classmethod
+    def from_moments(cls, moments: SpeakerMoments) -> TwoCovariance:
+        """Closed-form moment estimates: `within` the pooled within-speaker covariance (unbiased);
+        `between` the covariance of the speaker means less the residual it holds, E[cov of means] =
+        between + within x mean(1 / utterances of a speaker), clipped to be positive semi-definite."""
+        speakers, total = len(moments.counts), moments.total
+        if total <= speakers:
+            raise UserError("PLDA needs a training speaker with at least two utterances (a "
+                            "within-speaker covariance)")
+        within = moments.within_scatter() / (total - speakers)
+        means = moments.speaker_means
+        between = np.cov(means, rowvar=False, ddof=1).reshape(within.shape) \
+            - within * np.mean(1 / moments.counts)
+        values, vectors = np.linalg.eigh((between + between.T) / 2)
+        between = (vectors * np.maximum(values, 0)) @ vectors.T
+        return cls(means.mean(axis=0), between, (within + within.T) / 2)
+
+    def scoring(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(A, P, Q, c) of the log-likelihood ratio of one utterance against one:
+        with u = A^T (x - mean), llr(a, b) = sum(P u_a u_b) + Q.(u_a^2 + u_b^2) / 2 + c.
+
+        A diagonalises both covariances (A^T within A = I, A^T between A = diag(psi)); per
+        dimension the same-speaker pair has covariance [[1 + psi, psi], [psi, 1 + psi]], the
+        different-speaker pair diag(1 + psi, 1 + psi)."""
+        try:
+            psi, transform = scipy.linalg.eigh(self.between, self.within)
+        except np.linalg.LinAlgError:
+            raise UserError("PLDA: the within-speaker covariance is singular (too few training "
+                            "utterances for the dimension)") from None
+        psi = np.maximum(psi, 0)
+        product = psi / (1 + 2 * psi)
+        square = -psi ** 2 / ((1 + psi) * (1 + 2 * psi))
+        constant = float(np.sum(np.log1p(psi) - 0.5 * np.log1p(2 * psi)))
+        return transform, product, square, constant
+
+
+def fit_two_covariance(embeddings: np.ndarray | torch.Tensor,
+                       speakers: np.ndarray | Sequence) -> TwoCovariance:
+    """TwoCovariance.from_moments of training embeddings (M, D) with their speaker labels (M,)."""
+    table = _as_tensor(embeddings)
+    labels, count = _speaker_index(speakers, len(table), 2, "plda")
+    return TwoCovariance.from_moments(speaker_moments(table, labels, count))
+
+
+def lda_projection(moments: SpeakerMoments, dim: int) -> np.ndarray:
+    """(D, <= dim) LDA: the leading generalised eigenvectors of the between-speaker scatter against
+    the within-speaker one, scaled so that the within-speaker covariance becomes the identity.
+
+    Only directions where the training utterances of a speaker vary at all are kept (within-speaker
+    variance above 1e-6 of the largest): an enhancer's output can have dimensions that are constant
+    (a ReLU that never fires), and there the ratio has no meaning."""
+    within = moments.within_scatter() / moments.total
+    centred = moments.speaker_means - moments.mean
+    between = (centred.T * moments.counts) @ centred / moments.total
+    values, vectors = np.linalg.eigh((within + within.T) / 2)
+    kept = values > 1e-6 * max(values.max(), np.finfo(float).tiny)
+    whiten = vectors[:, kept] / np.sqrt(values[kept])
+    ratios, directions = np.linalg.eigh(whiten.T @ ((between + between.T) / 2) @ whiten)
+    return np.ascontiguousarray((whiten @ directions[:, ::-1])[:, :dim])
+
+
+class PldaBackend(Backend):
+    """LDA + PLDA: centre with the training mean, LDA to `lda_dim` (at most D - 1 and speakers - 1),
+    length-normalise, then score by the log-likelihood ratio of same vs different speaker under a
+    two-covariance PLDA fitted on the training utterances (so whatever the embedding type)."""
+
+    name = "plda"
+    min_speakers = 2
+
+    least = {"lda_dim": 1}
+
+    def __init__(self, cosine: bool, lda_dim: int = 200):
+        self.lda_dim = lda_dim
+        super().__init__(cosine)
+
+    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
+        if table.shape[1] < 2:
+            raise UserError("the plda back-end needs embeddings of at least 2 dimensions")
+        moments = speaker_moments(table, labels, speakers)
+        self.mean = moments.mean
+        self.lda = lda_projection(moments, min(self.lda_dim, table.shape[1] - 1, speakers - 1))
+        self.plda = TwoCovariance.from_moments(speaker_moments(table, labels, speakers, self.project))
+        self._scoring = self.plda.scoring()
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows centred, LDA-projected and length-normalised: the space the PLDA model lives in."""
+        return nn.functional.normalize((x - _on(self.mean, x)) @ _on(self.lda, x), dim=1)
+
+    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
+               quality: Quality | None) -> np.ndarray:
+        transform, product, square, constant = self._scoring
+        mean, transform = _on(self.plda.mean, table), _on(transform, table)
+        root_product, square = _on(np.sqrt(product), table), _on(square, table).double()
+        # Per row: w = sqrt(P) u, so that sum(P u_a u_b) is the dot product w_a.w_b, and its own
+        # term Q.u^2 / 2, computed once per row.
+        scaled = torch.empty((len(table), len(product)), dtype=torch.float32, device=table.device)
+        own = torch.empty(len(table), dtype=torch.float64, device=table.device)
+        for rows in _row_chunks(len(table), table.shape[1]):
+            u = (self.project(table[rows]) - mean) @ transform
+            scaled[rows] = u * root_product
+            own[rows] = 0.5 * (u.double() ** 2 @ square)
+        own = own.cpu().numpy()
+        cross = pair_scores(scaled, left, right, "dot")
+        return (cross + own[left] + own[right] + constant).astype(np.float32)
+
+
+def quality_features(scores: np.ndarray, left: np.ndarray, right: np.ndarray, quality: Quality,
+                     norms: bool) -> np.ndarray:
+    """(trials, 3 or 5) float64 features of QMF: the score, the smaller and the larger log duration
+    of the two sides (so that a trial and its mirror image agree), and with `norms` the smaller
+    and the larger log embedding norm."""
+    columns = [np.asarray(scores, np.float64)]
+    for values in (quality.durations, quality.norms if norms else None):
+        if values is not None:
+            logs = np.log(np.maximum(np.asarray(values, np.float64), 1e-12))
+            columns += [np.minimum(logs[left], logs[right]), np.maximum(logs[left], logs[right])]
+    return np.stack(columns, axis=1)
+
+
+class QmfBackend(Backend):
+    """Quality measure functions (QMF): a logistic regression on the score of another back-end
+    (`qmf_base`: none or asnorm; by default asnorm when it is among the back-ends, else none) and
+    quality measures of the trial, the log durations of both sides and with `qmf_norms` the log
+    norms of both embeddings before normalisation (features: quality_features). Fitted on a
+    labelled trial list (calib_list) by fit_trials, both classes weighed equally, on features
+    standardised there; the score is the regression's log-odds."""
+
+    name = "qmf"
+    fits_on_trials = True
+
+    def __init__(self, cosine: bool, qmf_base: str | None = None, qmf_norms: bool = False,
+                 backends: Sequence[str] = ()):
+        super().__init__(cosine)
+        self.base_name = qmf_base or ("asnorm" if "asnorm" in backends else "none")
+        allowed = [name for name in ("none", *backends) if name in BASES]
+        if self.base_name not in allowed:
+            raise UserError(f"option 'qmf_base' must be one of the back-ends scored ({', '.join(allowed)}) "
+                            f"other than qmf, found {self.base_name!r}")
+        self.norms = qmf_norms
+        self.base: Backend | None = None
+        self.model = None
+
+    def missing(self, quality: Quality | None) -> str | None:
+        if quality is None or quality.durations is None:
+            return "durations (utt2dur beside the embeddings)"
+        if self.norms and quality.norms is None:
+            return "embedding norms (qmf_norms)"
+        return None
+
+    def fit_trials(self, table: torch.Tensor | np.ndarray, left: np.ndarray, right: np.ndarray,
+                   labels: np.ndarray, quality: Quality | None) -> QmfBackend:
+        """Fit the regression on the trials (left[i], right[i]) of `table` with their labels."""
+        labels = np.asarray(labels).astype(bool)
+        if labels.all() or not labels.any():
+            raise UserError("the qmf back-end needs target (1) and non-target (0) calibration trials")
+        self.model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
+        self.model.fit(self._features(self._base_scores(table, left, right, quality), left, right, quality),
+                       labels)
+        return self
+
+    def rescore(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
+                quality: Quality | None) -> np.ndarray:
+        """The scores of trials whose base back-end's scores are at hand."""
+        if self.model is None:
+            raise RuntimeError("the qmf back-end must be fitted (fit_trials) before it scores")
+        features = self._features(base_scores, left, right, quality)
+        return self.model.decision_function(features).astype(np.float32)
+
+    def _base_scores(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
+                     quality: Quality | None) -> np.ndarray:
+        if self.base is None:
+            raise RuntimeError("the qmf back-end needs its base back-end (`base`) before it scores")
+        return self.base.score(table, left, right, quality)
+
+    def _features(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
+                  quality: Quality | None) -> np.ndarray:
+        lacking = self.missing(quality)
+        if lacking:
+            raise UserError(f"the qmf back-end needs {lacking}")
+        return quality_features(base_scores, np.asarray(left), np.asarray(right), quality, self.norms)
+
+    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
+               quality: Quality | None) -> np.ndarray:
+        return self.rescore(self._base_scores(table, left, right, quality), left, right, quality)
+
+
+BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (Backend, MeanBackend, AsNormBackend,
+                                                                  PldaBackend, QmfBackend)}
+# Back-ends whose scores QMF may rescore: those scored from embeddings alone.
+BASES = tuple(name for name, cls in BACKENDS.items() if not cls.fits_on_trials)
+
+
+def make_backend(name: str, cosine: bool, **options) -> Backend:
+    """The back-end called `name` (BACKENDS) for cosine (type C) or L2 (type B) scoring, given
+    the entries of `options` that its constructor takes by name (the trainer's options)."""
+    if name not in BACKENDS:
+        raise unknown_name("back-end", name, BACKENDS)
+    cls = BACKENDS[name]
+    return cls(cosine, **options_taken(cls, options))
+
+
+def check_backend_options(names: Sequence[str], options: dict) -> None:
+    """The config check of the back-ends: every name known, every back-end's hyper-parameters
+    within its limits (check_limits), and those chosen constructible with these options."""
+    for name in names:
+        if name not in BACKENDS:
+            raise unknown_name("back-end", name, BACKENDS)
+    for cls in BACKENDS.values():
+        check_limits(cls, options_taken(cls, options))
+    for name in names:
+        make_backend(name, True, **options)

@@ -1,0 +1,223 @@
+"""The results of trial lists in one call (`evaluate`): the back-ends fitted per system on the
+training embeddings (or, like qmf, on calib_list's trials), calibrated on calib_list, every trial
+list scored by every (system, back-end), with bootstrap intervals and the records of it all.
+
+Everything arrives as plain values (TrialList, TrainingSet): the data loader stays outside."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from scoring.backends import BACKENDS, Backend, Quality, make_backend
+from scoring.calibration import Calibration
+from scoring.report import (
+    CalibrationResult,
+    Key,
+    ListSource,
+    Record,
+    Sources,
+    decision_records,
+    list_records,
+)
+
+log = logging.getLogger("scoring")
+
+# A system: how it maps a table of embeddings (original: as they are; enhanced: through the model).
+# Under DDP every rank calls it (enhancing is shared out); the main rank alone scores.
+System = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class TrialList:
+    """One trial list as plain values: `left`/`right` index rows of `embeddings` (one per file of
+    `files`), `speakers` is each trial's speaker (for the bootstrap)."""
+
+    name: str
+    path: str
+    labels: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    files: list[str]
+    embeddings: np.ndarray
+    speakers: np.ndarray
+    quality: Quality = field(default_factory=Quality)
+    embedding_root: str = ""
+    manifest: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def source(self) -> ListSource:
+        return ListSource(self.path, len(self), self.embedding_root, self.manifest)
+
+
+@dataclass
+class TrainingSet:
+    """Training embeddings (one row per utterance) with each row's speaker, for the back-ends."""
+
+    embeddings: np.ndarray
+    speakers: np.ndarray
+    path: str = ""
+    embedding_root: str = ""
+    manifest: dict | None = None
+
+    def source(self) -> ListSource:
+        return ListSource(self.path, len(self.speakers), self.embedding_root, self.manifest)
+
+
+@dataclass
+class Settings:
+    """How to score: the back-ends (`none` is always scored), the options their constructors take
+    by name, the scoring of the embedding type, and the bootstrap."""
+
+    backends: Sequence[str]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    cosine: bool = False
+    resamples: int = 1000
+    seed: int = 0
+
+    def names(self) -> list[str]:
+        return ["none", *(name for name in dict.fromkeys(self.backends) if name != "none")]
+
+
+@dataclass
+class ListResult:
+    trials: TrialList
+    scores: dict[Key, np.ndarray]
+
+
+@dataclass
+class Results:
+    """Per trial list its scores by (system, back-end), and the records of everything."""
+
+    lists: dict[str, ListResult]
+    records: list[Record]
+
+
+def needs_training(backends: Sequence[str]) -> bool:
+    """Whether any of these back-ends is fitted on training embeddings."""
+    return any(BACKENDS[name].min_speakers > 0 for name in backends if name in BACKENDS)
+
+
+def evaluate(lists: Sequence[TrialList], systems: Mapping[str, System], settings: Settings,
+             train: TrainingSet | None = None, calib: TrialList | None = None,
+             model: dict | None = None, is_main: bool = True) -> Results | None:
+    """The results of `lists` for every system and back-end; None off the main rank. Without
+    `train` the back-ends fitted on training embeddings are skipped, without `calib` (or its
+    durations) qmf, each with a notice; `model` describes the model in the records' Sources."""
+    tables = {(system, which.name): apply(which.embeddings)
+              for system, apply in systems.items() for which in _named(train, calib, lists)}
+    if not is_main:
+        return None
+    backends = _Fitter(settings, tables, train, calib).fit(systems)
+    calibrations = {} if calib is None else {
+        key: Calibration.fit(scores, calib.labels)
+        for key, scores in _scores(backends, tables, calib, set()).items()}
+    results, records, said = {}, [], set()
+    for trials in lists:
+        scores = _scores(backends, tables, trials, said)
+        results[trials.name] = ListResult(trials, scores)
+        records += list_records(trials.name, scores, trials.labels, trials.speakers, calibrations,
+                                settings.resamples, settings.seed)
+        records += decision_records(trials.name, scores, trials.labels, calibrations)
+    records += [CalibrationResult(system, backend, calibration)
+                for (system, backend), calibration in calibrations.items()]
+    sources = {trials.name: trials.source() for trials in lists}
+    sources |= {name: data.source() for name, data in (("calib", calib), ("train", train))
+                if data is not None}
+    return Results(results, records + [Sources(sources, model)])
+
+
+@dataclass
+class _Named:
+    name: str
+    embeddings: np.ndarray
+
+
+def _named(train: TrainingSet | None, calib: TrialList | None, lists: Sequence[TrialList]) -> list[_Named]:
+    """The tables a run passes through each system, named: train, calib, then each trial list."""
+    named = [_Named("train", train.embeddings)] if train is not None else []
+    named += [_Named("calib", calib.embeddings)] if calib is not None else []
+    return named + [_Named(trials.name, trials.embeddings) for trials in lists]
+
+
+def _scores(backends: Mapping[Key, Backend], tables: Mapping[Key, np.ndarray], trials: TrialList,
+            said: set[str]) -> dict[Key, np.ndarray]:
+    """Scores of every (system, back-end) that can score this list; for one that lacks what it
+    needs (qmf without the list's durations) a notice, once (`said`)."""
+    scores = {}
+    for (system, name), backend in backends.items():
+        lacking = backend.missing(trials.quality)
+        if lacking:
+            if (name, trials.name) not in said:
+                said.add((name, trials.name))
+                log.info("back-end %s skipped on the %s trials: they lack %s", name, trials.name, lacking)
+            continue
+        base = (system, backend.base_name)
+        if base in scores:  # a back-end over another's scores (qmf) takes them as they are
+            scores[(system, name)] = backend.rescore(scores[base], trials.left, trials.right, trials.quality)
+        else:
+            scores[(system, name)] = backend.score(tables[(system, trials.name)], trials.left, trials.right,
+                                                   trials.quality)
+    return scores
+
+
+class _Fitter:
+    """Makes and fits every (system, back-end) that its data allows, saying which are skipped."""
+
+    def __init__(self, settings: Settings, tables: Mapping[Key, np.ndarray], train: TrainingSet | None,
+                 calib: TrialList | None):
+        self.settings, self.tables, self.train, self.calib = settings, tables, train, calib
+        self.options = {**settings.options, "backends": settings.names()}
+        made = {name: make_backend(name, settings.cosine, **self.options) for name in settings.names()}
+        # Those fitted on training embeddings (or nothing) first: qmf's base is one of them.
+        self.usable: list[str] = []
+        for name in sorted(made, key=lambda name: made[name].fits_on_trials):
+            reason = self._lacking(made[name])
+            if reason:
+                log.info("back-end %s skipped: %s", name, reason)
+            else:
+                self.usable.append(name)
+
+    def _lacking(self, backend: Backend) -> str | None:
+        """Why `backend` cannot be fitted with this data; None when it can."""
+        if backend.min_speakers and self.train is None:
+            return "it is fitted on the training embeddings, and train_list is not set"
+        if backend.base_name is not None and backend.base_name not in self.usable:
+            return f"its base back-end {backend.base_name} is skipped"
+        if backend.fits_on_trials and self.calib is None:
+            return "it is fitted on calib_list's trials, and calib_list is not set"
+        if backend.fits_on_trials and (what := backend.missing(self.calib.quality)):
+            return f"it is fitted on calib_list's trials, and they lack {what}"
+        return None
+
+    def fit(self, systems: Sequence[str]) -> dict[Key, Backend]:
+        """Every usable (system, back-end), fitted: on the training embeddings first, then those
+        fitted on calib_list's trials (over their base back-end of the same system)."""
+        fitted: dict[Key, Backend] = {}
+        for system in systems:
+            for name in self.usable:
+                fitted[(system, name)] = backend = make_backend(name, self.settings.cosine, **self.options)
+                if backend.min_speakers:
+                    self._fit_on_training(system, backend)
+            for name in self.usable:
+                backend = fitted[(system, name)]
+                if backend.fits_on_trials:
+                    backend.base = fitted[(system, backend.base_name)]
+                    backend.fit_trials(self.tables[(system, "calib")], self.calib.left, self.calib.right,
+                                       self.calib.labels, self.calib.quality)
+        return fitted
+
+    def _fit_on_training(self, system: str, backend: Backend) -> None:
+        began = time.perf_counter()
+        speakers = self.train.speakers
+        backend.fit(self.tables[(system, "train")], speakers)
+        log.info("%s back-end of the %s embeddings fitted on %d training utterances of %d speakers in "
+                 "%.1f s", backend.name, system, len(speakers), len(set(speakers.tolist())),
+                 time.perf_counter() - began)

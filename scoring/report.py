@@ -1,0 +1,287 @@
+"""The results of scoring trial lists as typed records, their table, and the files they are
+saved in: result/check.json or eval.json (the records), trials_<list>.npz (every trial's score,
+for the viewer) and eval_scores_<list>[_<back-end>].txt (`score label path1 path2`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m_utils import atomic_write, write_text_atomic
+from scoring.bootstrap import bootstrap_eer, interval
+from scoring.calibration import Calibration, cllr, min_cllr
+from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key
+
+SYSTEMS = ("original", "enhanced")
+# Names in a trials_<list>.npz of each system's none back-end scores: all that files of earlier
+# versions hold, still written beside `<system>/<back-end>` for readers of those files.
+NONE_ALIASES = {"original": "original", "processed": "enhanced"}
+THRESHOLD_NAMES = {"eer": "equal error", "far": "false accepts 1 %"}
+
+Key = tuple[str, str]  # (system, back-end)
+
+
+@dataclass(frozen=True)
+class TrialListName:
+    """A trial list the trainer scores, named once: its key in records and file names
+    (trials_<key>.npz), its options, its name in the --check lines and scores.txt, and its
+    title in the viewer's table."""
+
+    key: str
+    list_option: str
+    path_option: str
+    check_label: str
+    scorefile_suffix: str
+    title: str
+
+
+TRIAL_LISTS = (TrialListName("test", "test_list", "test_path", "testset", "", "test list"),
+               TrialListName("libri", "test_list_libri", "test_path_libri", "libriset", "_LIBRI",
+                             "LibriSpeech list"))
+
+
+@dataclass
+class SystemResult:
+    """One (trial list, system, back-end): EER % with its 95 % bootstrap interval, minDCF at each
+    of P_TARGETS, and with a calibration Cllr and min Cllr."""
+
+    trials: str
+    system: str
+    backend: str
+    eer: float
+    eer_ci95: list[float]
+    mindcf: dict[float, float]
+    cllr: float | None = None
+    min_cllr: float | None = None
+
+    def as_json(self) -> dict:
+        record = {"trials": self.trials, "system": self.system, "backend": self.backend, "eer": self.eer,
+                  "eer_ci95": self.eer_ci95, **{mindcf_key(p): self.mindcf[p] for p in P_TARGETS}}
+        if self.cllr is not None:
+            record.update(cllr=self.cllr, min_cllr=self.min_cllr)
+        return record
+
+
+@dataclass
+class Difference:
+    """The paired EER difference enhanced - original of one back-end on one trial list."""
+
+    trials: str
+    backend: str
+    eer_diff: float
+    eer_diff_ci95: list[float]
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Decision:
+    """How a threshold chosen on calib_list (`eer` or `far`) decides on a trial list."""
+
+    trials: str
+    system: str
+    backend: str
+    threshold: str
+    raw_threshold: float
+    llr_threshold: float
+    far: float
+    miss: float
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CalibrationResult:
+    """The calibration of one (system, back-end), fitted on calib_list."""
+
+    system: str
+    backend: str
+    calibration: Calibration
+
+    def as_json(self) -> dict:
+        return {"trials": "calib", "system": self.system, "backend": self.backend,
+                **self.calibration.as_dict()}
+
+
+@dataclass
+class ListSource:
+    """Where a list's embeddings came from: the list file, its entries (trials, or utterances
+    of a training list), the embedding root and its manifest.json (None where there is none)."""
+
+    path: str
+    count: int
+    embeddings: str
+    manifest: dict | None = None
+
+
+@dataclass
+class Sources:
+    """The provenance of a run's results: every list scored or fitted on (test, libri, calib,
+    train) and the model. Written as one record whose `trials` is null."""
+
+    lists: dict[str, ListSource] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+
+    def as_json(self) -> dict:
+        return {"trials": None, "sources": {name: asdict(source) for name, source in self.lists.items()},
+                "model": self.model}
+
+
+Record = SystemResult | Difference | Decision | CalibrationResult | Sources
+
+
+def list_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.ndarray,
+                 trial_speakers: np.ndarray, calibrations: Mapping[Key, Calibration] | None = None,
+                 resamples: int = 1000, seed: int = 0) -> list[SystemResult | Difference]:
+    """The records of one trial list: per (system, back-end) of `scores` a SystemResult (Cllr
+    where a calibration of it is given); then per back-end scored by both SYSTEMS the paired
+    Difference enhanced - original (the same resamples for both)."""
+    records, differences = [], []
+    for backend in dict.fromkeys(backend for _, backend in scores):
+        systems = [system for system, name in scores if name == backend]
+        eers = bootstrap_eer([scores[(system, backend)] for system in systems], labels, trial_speakers,
+                             resamples, seed)
+        point = {}
+        for system, sample in zip(systems, eers, strict=True):
+            records.append(system_result(trials, system, backend, scores[(system, backend)], labels, sample,
+                                         (calibrations or {}).get((system, backend))))
+            point[system] = records[-1].eer
+        if all(system in systems for system in SYSTEMS):
+            original, enhanced = (systems.index(system) for system in SYSTEMS)
+            differences.append(Difference(trials, backend, point[SYSTEMS[1]] - point[SYSTEMS[0]],
+                                          list(interval(eers[enhanced] - eers[original]))))
+    return records + differences
+
+
+def system_result(trials: str, system: str, backend: str, scores: np.ndarray, labels: np.ndarray,
+                  resampled_eers: np.ndarray, calibration: Calibration | None) -> SystemResult:
+    metrics = evaluate_scores(scores, labels)
+    result = SystemResult(trials, system, backend, metrics["eer"], list(interval(resampled_eers)),
+                          {p: metrics[mindcf_key(p)] for p in P_TARGETS})
+    if calibration is not None:
+        result.cllr, result.min_cllr = cllr(calibration.llr(scores), labels), min_cllr(scores, labels)
+    return result
+
+
+def decision_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.ndarray,
+                     calibrations: Mapping[Key, Calibration]) -> list[Decision]:
+    """How the thresholds chosen on the calibration list decide on this trial list: per calibrated
+    (system, back-end) and per threshold (`eer`, `far`), the raw and calibrated (LLR) thresholds
+    with the false-accept and miss rates they give here."""
+    records = []
+    targets = np.asarray(labels).astype(bool)
+    for (system, backend), calibration in calibrations.items():
+        if (system, backend) not in scores:
+            continue
+        for kind in ("eer", "far"):
+            raw = calibration.thresholds["raw"][kind]
+            # compared in float64, as the thresholds are (one may lie between two float32 values)
+            accepted = np.asarray(scores[(system, backend)]) >= np.float64(raw)
+            records.append(Decision(trials, system, backend, kind, raw,
+                                    calibration.thresholds["llr"][kind], float(accepted[~targets].mean()),
+                                    float(1 - accepted[targets].mean())))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines of left-aligned columns, with a rule under the first (the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return [lines[0], "-" * max(len(line) for line in lines), *lines[1:]]
+
+
+def _ci(values: Sequence[float]) -> str:
+    return f"[{values[0]:.2f}, {values[1]:.2f}]"
+
+
+def _optional(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _system_rows(results: list[SystemResult]) -> list[list[str]]:
+    calibrated = any(r.cllr is not None for r in results)
+    rows = [["trials", "system", "back-end", "EER %", "[95 % CI]", *(f"minDCF {p:g}" for p in P_TARGETS)]
+            + (["Cllr", "min Cllr"] if calibrated else [])]
+    for r in results:
+        rows.append([r.trials, r.system, r.backend, f"{r.eer:.2f}", _ci(r.eer_ci95),
+                     *(f"{r.mindcf[p]:.4f}" for p in P_TARGETS)]
+                    + ([_optional(r.cllr), _optional(r.min_cllr)] if calibrated else []))
+    return rows
+
+
+def _difference_rows(differences: list[Difference]) -> list[list[str]]:
+    rows = [["trials", "back-end", "EER enhanced - original", "[95 % CI]", "excludes 0"]]
+    for r in differences:
+        lo, hi = r.eer_diff_ci95
+        rows.append([r.trials, r.backend, f"{r.eer_diff:+.2f}", _ci(r.eer_diff_ci95),
+                     "yes" if lo > 0 or hi < 0 else "no"])
+    return rows
+
+
+def _decision_rows(decisions: list[Decision]) -> list[list[str]]:
+    rows = [["trials", "system", "back-end", "threshold (chosen on calib_list)", "raw score", "LLR",
+             "false accepts %", "misses %"]]
+    for r in decisions:
+        rows.append([r.trials, r.system, r.backend, THRESHOLD_NAMES[r.threshold], f"{r.raw_threshold:.4f}",
+                     f"{r.llr_threshold:.3f}", f"{100 * r.far:.2f}", f"{100 * r.miss:.2f}"])
+    return rows
+
+
+def records_table(records: Sequence[Record]) -> str:
+    """Plain-text table of the records: one row per SystemResult with EER % [95 % CI], minDCF at
+    P_TARGETS (and Cllr, min Cllr where calibrated); then the paired EER differences enhanced -
+    original, their intervals and whether those exclude 0; then the calibration list's decisions."""
+    lines: list[str] = []
+    for kind, rows_of in ((SystemResult, _system_rows), (Difference, _difference_rows),
+                          (Decision, _decision_rows)):
+        chosen = [r for r in records if isinstance(r, kind)]
+        if chosen:
+            lines += ([""] if lines else []) + _columns(rows_of(chosen))
+    return "\n".join(lines)
+
+
+def table_heading(resamples: int) -> str:
+    targets = " and ".join(f"{p:g}" for p in P_TARGETS)
+    return (f"EER in % with its 95 % interval over {resamples} resamples of the test speakers; "
+            f"minDCF at P_target {targets}:")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def write_records(path: Path, records: Sequence[Record]) -> None:
+    """The records as a JSON list (check.json, eval.json), written atomically."""
+    write_text_atomic(path, json.dumps([r.as_json() for r in records], indent=1) + "\n")
+
+
+def save_trial_scores(path: Path, labels: np.ndarray, embedding_type: str,
+                      scores: Mapping[Key, np.ndarray]) -> Path:
+    """trials_<list>.npz: labels, embedding type, and the scores of every (system, back-end) as
+    `<system>/<back-end>`; `original` and `processed` (NONE_ALIASES) are the none back-end's."""
+    arrays = {f"{system}/{backend}": values for (system, backend), values in scores.items()}
+    arrays.update({alias: scores[(system, "none")] for alias, system in NONE_ALIASES.items()
+                   if (system, "none") in scores})
+    atomic_write(path, lambda handle: np.savez(handle, labels=labels, embedding_type=np.array(embedding_type),
+                                               **arrays))
+    return path
+
+
+def write_score_file(path: Path, scores: np.ndarray, labels: np.ndarray, left: np.ndarray,
+                     right: np.ndarray, files: Sequence[str]) -> None:
+    """One `score label path1 path2` line per trial (the original repository's eval format)."""
+    lines = [f"{score:.6f} {target} {files[i]} {files[j]}"
+             for score, target, i, j in zip(scores, labels, left, right, strict=True)]
+    write_text_atomic(path, "\n".join(lines) + "\n")
