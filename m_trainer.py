@@ -25,7 +25,16 @@ import torch
 import yaml
 
 from loss.m_Losses import loss_class
-from m_DataLoader import EmbeddingData, TrialSet, embedding_type_of, load_embeddings, read_list
+from m_DataLoader import (
+    EmbeddingData,
+    TrialSet,
+    embedding_type_of,
+    gen_format_of,
+    gen_target,
+    load_embeddings,
+    read_list,
+    write_embeddings,
+)
 from m_network import (
     CHECKPOINT_NAME,
     OPTIMIZERS,
@@ -48,7 +57,6 @@ from m_utils import (
     resolve_device,
     run_lock,
     run_main,
-    save_npy_atomic,
     setup_logging,
     unknown_name,
     write_text_atomic,
@@ -127,6 +135,8 @@ OPTIONS: Options = {
     "gen_list": (None, str, "normal list of the embeddings to enhance"),
     "gen_path": (None, str, "embedding root of gen_list"),
     "gen_target_dir": ("enhanced", str, "folder under save_path for generated embeddings"),
+    "gen_format": (None, str, "what --generate writes: tree (one .npy per entry), kaldi (<gen_target_dir>/"
+                   "xvector.scp + .ark) or packed (<gen_target_dir>.store); default: the kind of gen_path"),
     **HARDWARE_OPTIONS,
 }
 # Options of the original repository that nothing here uses; setting one says so.
@@ -269,6 +279,8 @@ def check_setup(args: argparse.Namespace, mode: str) -> None:
         raise unknown_name("optimizer", args.optimizer, OPTIMIZERS)
     if args.scheduler not in SCHEDULERS:
         raise unknown_name("scheduler", args.scheduler, SCHEDULERS)
+    if args.gen_format is not None:
+        gen_format_of(".", args.gen_format)
     resolve_device(args.device)
     check_paths(args, mode)
     save_path = Path(args.save_path)
@@ -392,11 +404,9 @@ def trial_list(run: Run, name: str) -> TrialList | None:
     trials = run.trials(name)
     if trials is None:
         return None
-    # TrialSet's durations, norms and manifest (contract.md) may be absent in older data paths.
-    quality = Quality(getattr(trials, "durations", None), getattr(trials, "norms", None))
     return TrialList(name, str(trials.list_path), trials.labels, trials.left, trials.right, trials.files,
-                     trials.embeddings, trials.speaker_of_trials(), quality,
-                     getattr(run.args, LISTS[name][1]), getattr(trials, "manifest", None))
+                     trials.embeddings, trials.speaker_of_trials(), Quality(trials.durations, trials.norms),
+                     getattr(run.args, LISTS[name][1]), trials.manifest)
 
 
 def training_set(run: Run) -> TrainingSet | None:
@@ -405,7 +415,7 @@ def training_set(run: Run) -> TrainingSet | None:
         return None
     train = run.load_data("train")
     return TrainingSet(train.embeddings.cpu().numpy(), train.row_speakers(), run.args.train_list,
-                       run.args.train_path, getattr(train, "manifest", None))
+                       run.args.train_path, train.manifest)
 
 
 def score_lists(run: Run, systems: tuple[str, ...]) -> Results | None:
@@ -485,18 +495,19 @@ def eval_mode(run: Run) -> None:
 
 
 def generate_mode(run: Run) -> None:
-    """The enhanced embedding of every gen_list entry, as <gen_target_dir>/<entry>.npy."""
+    """The enhanced embedding of every gen_list entry, written in the kind gen_format names (by
+    default gen_path's kind): <gen_target_dir>/<entry>.npy, a Kaldi .scp/.ark or a packed store."""
+    a = run.args
     run.load_trained_model()
-    files = [rel for _, rel in read_list(run.args.gen_list, "normal")]
-    embeddings = load_embeddings(run.args.gen_path, files, run.args.nOut, run.args.nDataLoaderThread,
-                                 desc="loading gen_list")
+    files = [rel for _, rel in read_list(a.gen_list, "normal")]
+    embeddings = load_embeddings(a.gen_path, files, a.nOut, a.nDataLoaderThread, desc="loading gen_list")
     enhanced = run.trainer.enhance(embeddings)
     if not run.ctx.is_main:
         return
-    target = run.save_path / run.args.gen_target_dir
-    for rel, row in zip(files, enhanced, strict=True):
-        save_npy_atomic((target / rel).with_suffix(".npy"), row[None, :].astype(np.float32))
-    log.info("wrote %d enhanced embeddings under %s", len(files), target)
+    kind = gen_format_of(a.gen_path, a.gen_format)
+    target = write_embeddings(gen_target(run.save_path / a.gen_target_dir, kind), files,
+                              enhanced.astype(np.float32), kind)
+    log.info("wrote %d enhanced embeddings (%s) to %s", len(files), kind, target)
 
 
 # ----------------------------------------------------------------------------------------------
