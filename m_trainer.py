@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from loss.m_Losses import loss_class
-from m_DataLoader import EmbeddingData, TrialSet, embedding_type_of, load_embeddings, read_list
+from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
 from m_network import (
     CHECKPOINT_NAME,
     OPTIMIZERS,
@@ -66,6 +66,7 @@ from scoring.report import (
     write_records,
     write_score_file,
 )
+from stores.arrays import embedding_type_of
 
 log = logging.getLogger("m_trainer")
 
