@@ -315,3 +315,20 @@ def test_missing_file_of_a_tree_or_scp_names_the_list_line_too(tmp_path):
         with pytest.raises(UserError) as caught:
             TrialSet(listed, store, DIM)
         assert f"{listed}:3" in str(caught.value) and str(store) in str(caught.value)
+
+
+def test_side_files_are_read_strictly_by_one_reader(tmp_path):
+    tree = make_embedding_tree(tmp_path / "emb", speakers=2, sessions=1, utterances=2, dim=DIM)
+    rels = rels_of(tree)
+    (tree / "utt2dur").write_text(f"{store_key(rels[0])} 1.5\n{store_key(rels[1])} -2\n")
+    with pytest.raises(UserError, match=re.escape(f"{tree / 'utt2dur'}:2: expected '<utt> <seconds>'")):
+        open_embeddings(tree).durations(rels)
+    (tree / "utt2dur").write_text(f"{store_key(rels[0])} nan\n")
+    with pytest.raises(UserError, match=re.escape(f"{tree / 'utt2dur'}:1:")):
+        open_embeddings(tree).durations(rels)
+    (tree / "manifest.json").write_text('{"extractor":\n  oops}\n')
+    with pytest.raises(UserError, match=re.escape(f"{tree / 'manifest.json'}:2: not valid JSON")):
+        _ = open_embeddings(tree).manifest
+    (tree / "manifest.json").write_text("[1, 2]\n")
+    with pytest.raises(UserError, match="a manifest is a JSON object"):
+        _ = open_embeddings(tree).manifest
