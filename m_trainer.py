@@ -25,16 +25,7 @@ import torch
 import yaml
 
 from loss.m_Losses import loss_class
-from m_DataLoader import (
-    EmbeddingData,
-    TrialSet,
-    embedding_type_of,
-    gen_format_of,
-    gen_target,
-    load_embeddings,
-    read_list,
-    write_embeddings,
-)
+from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
 from m_network import (
     CHECKPOINT_NAME,
     OPTIMIZERS,
@@ -74,6 +65,8 @@ from scoring.report import (
     write_records,
     write_score_file,
 )
+from stores.arrays import embedding_type_of
+from stores.write import gen_format_of, gen_target, write_embeddings
 
 log = logging.getLogger("m_trainer")
 

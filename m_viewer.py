@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
-from m_DataLoader import EMBEDDING_TYPES, embedding_file, load_embeddings, read_list
+from m_DataLoader import load_embeddings, read_list
 from m_network import TRAIN_FIELDS, VAL_FIELDS, parse_score_line
 from m_utils import (
     UserError,
@@ -47,6 +47,8 @@ from scoring.metrics import (
     score_trials,
 )
 from scoring.report import NONE_ALIASES, SYSTEMS, TRIAL_LISTS
+from stores.arrays import EMBEDDING_TYPES
+from stores.keys import embedding_file
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 

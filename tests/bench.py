@@ -47,15 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from m_comb_embs import speaker_embeddings
-from m_DataLoader import (
-    EMBEDDING_TYPES,
-    Batch,
-    EmbeddingData,
-    TrialSet,
-    load_embeddings,
-    load_speaker_embeddings,
-    read_list,
-)
+from m_DataLoader import Batch, EmbeddingData, TrialSet, load_embeddings, load_speaker_embeddings, read_list
 from m_gen_embs import (
     Item,
     Job,
@@ -77,6 +69,7 @@ from models.m_Features import SAMPLE_RATE
 from models.m_Models import get_model
 from scoring.backends import make_backend
 from scoring.metrics import compute_eer, evaluate_scores, score_trials
+from stores.arrays import EMBEDDING_TYPES
 
 RECORD_KEYS = ("name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb")
 COMPUTE_KEY = "compute_only_per_s"

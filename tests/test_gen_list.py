@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 from conftest import make_embedding_tree, run_script
 
-from m_DataLoader import read_list
-from m_gen_list import make_lists, speaker_pairs
+from m_DataLoader import read_list, speaker_pairs
+from m_gen_list import make_lists
 
 
 def write(root: Path, rel: str) -> None:

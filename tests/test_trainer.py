@@ -153,7 +153,8 @@ def test_generate_writes_kaldi_and_packed_stores_with_the_tree_values(data, tmp_
     them as every store does: L2-normalised rows (as read from the tree) and their norms."""
     import kaldiio
 
-    from m_DataLoader import open_store, store_key
+    from stores.keys import store_key
+    from stores.open import open_store
 
     cfg = config(data, tmp_path, trainfunc="CS", gen_list=str(data / "lists" / "libri_normal_list.txt"),
                  gen_path=str(data / "libri"))
