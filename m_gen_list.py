@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m_DataLoader import LIST_KINDS, Corpus, list_kind, speaker_pairs
+from m_DataLoader import LIST_KINDS, Corpus, list_kind
 from m_utils import Options, UserError, add_options, run_main, setup_logging, write_text_atomic
 from stores.kaldi import KaldiSource
 from stores.keys import key_category, key_speaker, store_key
