@@ -1,53 +1,109 @@
-"""Average each speaker's utterance embeddings into multi-utterance (speaker) embeddings.
+"""Average each speaker's utterance embeddings into multi-utterance (speaker) embeddings, and pack
+the store so that later runs start in seconds.
 
 For every speaker folder of EMBED_DIR it writes, next to the folder:
   <spk>.npy        type B, avg-norm-avg: crop means L2-normalised, then averaged over utterances
   <spk>_type2.npy  type C, avg-avg-norm: crop means averaged over utterances, then L2-normalised
+and the packed store of the tree, <embed_dir>/embeddings.store/ (one memory-mapped matrix of the
+single-utterance embeddings, their index, norms, the B and C speaker embeddings, utt2dur and
+manifest.json when the tree has them). Given a Kaldi .scp (WeSpeaker's xvector.scp), it writes
+<dir>/<scp stem>.store/ beside it, holding the speaker embeddings too. Every later run given the
+tree or the .scp reads the packed store instead of the files, while the store is fresh (no file
+changed, added or removed since; else the run says so and reads the files).
 
     python ./m_comb_embs.py --embed_dir data/embeddings/voxceleb2
+    python ./m_comb_embs.py --embed_dir exp/wespeaker/embeddings/xvector.scp
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from m_DataLoader import EMBEDDING_TYPES, combine_speaker, crop_mean, read_embedding
-from m_utils import UserError, run_lock, run_main, save_npy_atomic, setup_logging
+from m_DataLoader import (
+    EMBEDDING_TYPES,
+    STORE_DTYPES,
+    KaldiSource,
+    Stamp,
+    StoreBuilder,
+    check_embedding,
+    combine_speaker,
+    crop_mean,
+    crop_means,
+    folder_files,
+    key_speaker,
+    pack_means,
+    read_embedding,
+    reduce_means,
+    scp_entries,
+    scp_stamp,
+    speaker_folders,
+    store_key,
+    store_path_of,
+    tree_stamp,
+)
+from m_utils import Options, UserError, add_options, run_lock, run_main, save_npy_atomic, setup_logging
 
 EMBED_DIR = "data/embeddings/voxceleb2"
+THREADS = 4  # reader threads: more help a cold or network disk, fewer a warm page cache
+STORE_DTYPE = "float32"
 
+OPTIONS: Options = {
+    "embed_dir": (EMBED_DIR, str, "single-utterance embeddings: a tree of .npy files or a Kaldi .scp"),
+    "threads": (THREADS, int, "threads reading embedding files"),
+    "pack": (True, bool, "also write the packed store (always for a .scp)"),
+    "store_dtype": (STORE_DTYPE, str, f"dtype of the packed store's matrix ({', '.join(STORE_DTYPES)})"),
+}
+
+CHUNK = 64  # files a reader thread reads at a time
 log = logging.getLogger("m_comb_embs")
 
 
-def speaker_folders(embed_dir: Path) -> list[Path]:
+def tree_speakers(embed_dir: Path) -> list[Path]:
     if not embed_dir.is_dir():
         raise UserError(f"{embed_dir}: embedding folder not found (m_gen_embs.py writes it)")
-    folders = sorted(p for p in embed_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = speaker_folders(embed_dir)
     if not folders:
         raise UserError(f"{embed_dir}: holds no speaker folders")
     return folders
 
 
-def utterance_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.npy") if not p.name.startswith("."))
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
+                window: int) -> Iterator[Any]:
+    """pool.map in order, with at most `window` tasks ahead of the consumer (bounded memory)."""
+    pending: list[Future] = []
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    for future in pending:
+        yield future.result()
 
 
-def crop_means(files: list[Path], pool: ThreadPoolExecutor) -> np.ndarray:
-    """(utterances, D) float64: each file's mean over its crops, read on `pool`'s threads."""
-    rows = list(pool.map(lambda path: crop_mean(read_embedding(path)), files))
-    dims = {row.shape[0] for row in rows}
+def read_chunk(files: list[str]) -> np.ndarray:
+    """(files, D) float64 crop means of a chunk of one speaker's files; finiteness is checked on
+    the means (a NaN or infinity in a file makes its mean one)."""
+    arrays = [read_embedding(path, finite=False) for path in files]
+    dims = {a.shape[-1] for a in arrays}
     if len(dims) > 1:
-        raise UserError(f"{files[0].parent.parent}: utterance embeddings of different "
-                        f"dimensions {sorted(dims)}")
-    return np.stack(rows)
+        raise UserError(f"{os.path.dirname(files[0])}: utterance embeddings of different dimensions "
+                        f"{sorted(dims)}")
+    means = crop_means(arrays)
+    if not np.isfinite(means).all():
+        for path, array in zip(files, arrays, strict=True):
+            check_embedding(array, path)
+    return means
 
 
 def speaker_embeddings(means: np.ndarray) -> dict[str, np.ndarray]:
@@ -55,34 +111,144 @@ def speaker_embeddings(means: np.ndarray) -> dict[str, np.ndarray]:
     return {name: combine_speaker(means, name) for name in EMBEDDING_TYPES}
 
 
-def combine(embed_dir: Path, threads: int = 8) -> int:
-    """Write the B and C files of every speaker folder; returns the number of speakers written."""
-    written = 0
-    with ThreadPoolExecutor(threads) as pool:
-        for folder in tqdm(speaker_folders(embed_dir), desc="speakers", unit="spk"):
-            files = utterance_files(folder)
-            if not files:
-                log.warning("%s: no utterance embeddings, skipped", folder)
-                continue
-            for name, embedding in speaker_embeddings(crop_means(files, pool)).items():
-                save_npy_atomic(embed_dir / EMBEDDING_TYPES[name].speaker_file.format(folder.name),
-                                embedding)
-            written += 1
-    return written
+class TreePacker:
+    """Reads a tree speaker by speaker, writes each speaker's B and C files and (when packing)
+    fills the packed store's rows."""
+
+    def __init__(self, embed_dir: Path, pack: bool, dtype: str, pool: ThreadPoolExecutor):
+        self.embed_dir, self.pack, self.dtype, self.pool = embed_dir, pack, dtype, pool
+        self.writes: list[Future] = []  # B/C files, written (and synced) on the pool's threads
+        self.builder: StoreBuilder | None = None
+        self.keys: list[str] = []
+        self.speakers: list[str] = []
+        self.speaker_of: list[np.ndarray] = []
+        self.tables: dict[str, list[np.ndarray]] = {name: [] for name in EMBEDDING_TYPES}
+
+    def add(self, spk: str, rels: list[str], means: np.ndarray, total: int) -> None:
+        dims = {means.shape[1]} | ({self.builder.matrix.shape[1]} if self.builder is not None else set())
+        if len(dims) > 1:
+            raise UserError(f"{self.embed_dir / spk}: utterance embeddings of dimension {means.shape[1]}, "
+                            f"other speakers' are {min(dims - {means.shape[1]})}")
+        for name, embedding in speaker_embeddings(means).items():
+            self.writes.append(self.pool.submit(
+                save_npy_atomic, self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk), embedding))
+            self.tables[name].append(embedding)
+        self.settle()
+        if not self.pack:
+            return
+        if self.builder is None:
+            self.builder = StoreBuilder(store_path_of(self.embed_dir), total, means.shape[1], self.dtype)
+        self.builder.put(len(self.keys), *reduce_means(means, [f"{self.embed_dir}/{rel}" for rel in rels]))
+        self.keys += [store_key(rel) for rel in rels]
+        self.speaker_of.append(np.full(len(rels), len(self.speakers), np.int32))
+        self.speakers.append(spk)
+
+    def settle(self, wait: bool = False) -> None:
+        """Raise the error of a failed B/C write (all of them waited for with `wait`)."""
+        pending = []
+        for write in self.writes:
+            if wait or write.done():
+                write.result()
+            else:
+                pending.append(write)
+        self.writes = pending
+
+    def finish(self, stamp: Stamp | None) -> Path | None:
+        self.settle(wait=True)
+        if self.builder is None:
+            return None
+        with self.builder:
+            rows = len(self.keys)
+            if rows != len(self.builder.norms):  # the listing and the reads disagree
+                raise UserError(f"{self.embed_dir}: the files changed while they were read; run again")
+            tables = {name: np.stack(rows_) for name, rows_ in self.tables.items()}
+            return self.builder.finish(self.keys, self.speakers, np.concatenate(self.speaker_of), tables,
+                                       {"source": str(self.embed_dir), "source_kind": "tree",
+                                        "stamp": asdict(stamp) if stamp else None},
+                                       side_dir=self.embed_dir)
+
+
+def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
+            dtype: str = STORE_DTYPE) -> int:
+    """Write the B and C files of every speaker folder (and, with `pack`, the packed store of the
+    tree); a .scp is packed with its speaker embeddings. Returns the number of speakers."""
+    embed_dir = Path(embed_dir)
+    if embed_dir.suffix == ".scp":
+        return pack_scp(embed_dir, dtype)
+    folders = tree_speakers(embed_dir)
+    stamp = tree_stamp(embed_dir) if pack else None  # before reading: a file changed later is seen
+    listing = [(folder, folder_files(folder)) for folder in folders]
+    for folder, rels in listing:
+        if not rels:
+            log.warning("%s: no utterance embeddings, skipped", folder)
+    listing = [(folder, rels) for folder, rels in listing if rels]
+    total = sum(len(rels) for _, rels in listing)
+    chunks = [(k, rels[start:start + CHUNK]) for k, (_, rels) in enumerate(listing)
+              for start in range(0, len(rels), CHUNK)]
+    means: list[np.ndarray] = []
+    root = str(embed_dir)
+    with ThreadPoolExecutor(max(1, threads)) as pool, \
+            tqdm(total=total, desc="reading embeddings", unit="file", unit_scale=True) as bar:
+        packer = TreePacker(embed_dir, pack, dtype, pool)
+        results = ordered_map(pool, lambda chunk: read_chunk([os.path.join(root, rel) for rel in chunk[1]]),
+                              chunks, window=4 * max(1, threads))
+        for (k, chunk), chunk_means in zip(chunks, results, strict=True):
+            means.append(chunk_means)
+            bar.update(len(chunk))
+            folder, rels = listing[k]
+            if sum(len(m) for m in means) == len(rels):
+                packer.add(folder.name, rels, np.concatenate(means), total)
+                means = []
+        store = packer.finish(stamp)
+    if store is not None:
+        log.info("packed %d utterances into %s", total, store)
+    return len(listing)
+
+
+def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
+    """The packed store of a Kaldi .scp beside it (speakers from utt2spk or the keys), rows sorted
+    by speaker then key; returns the number of speakers. Holds the crop means in memory."""
+    entries = scp_entries(scp)
+    stamp = scp_stamp(scp, entries)
+    source = KaldiSource(scp, entries)
+    keys = [store_key(utt) for utt, _ in entries]
+    names = [key_speaker(key, source.utt2spk) for key in keys]
+    order = sorted(range(len(keys)), key=lambda i: (names[i], keys[i].split("/")))
+    speakers = sorted(set(names))
+    position = {spk: k for k, spk in enumerate(speakers)}
+    means = None
+    with tqdm(total=len(keys), desc="reading embeddings", unit="file", unit_scale=True) as bar:
+        for row, k in enumerate(order):
+            mean = crop_mean(source.read(entries[k][0]))
+            if means is None:
+                means = np.empty((len(keys), len(mean)), np.float64)
+            if len(mean) != means.shape[1]:
+                raise UserError(f"{scp}: {entries[k][0]} has dimension {len(mean)}, "
+                                f"others {means.shape[1]}")
+            means[row] = mean
+            bar.update()
+    store = pack_means(store_path_of(scp), [keys[k] for k in order], means, speakers,
+                       np.array([position[names[k]] for k in order], np.int32), dtype,
+                       {"source": str(scp), "source_kind": "kaldi", "stamp": asdict(stamp)},
+                       side_dir=scp.parent)
+    log.info("packed %d utterances of %d speakers into %s", len(keys), len(speakers), store)
+    return len(speakers)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--embed_dir", default=EMBED_DIR, help="single-utterance embedding root")
-    parser.add_argument("--threads", type=int, default=8, help="threads reading embedding files")
+    add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
     setup_logging()
     embed_dir = Path(args.embed_dir)
+    if args.store_dtype not in STORE_DTYPES:
+        raise UserError(f"--store_dtype must be one of {', '.join(STORE_DTYPES)}, found {args.store_dtype!r}")
     # Not beside an m_gen_embs.py (or another m_comb_embs.py) writing the same tree; a missing
     # folder has nothing to guard, and combine reports it.
-    with run_lock(embed_dir, "embed_dir") if embed_dir.is_dir() else nullcontext():
-        count = combine(embed_dir, max(1, args.threads))
-    log.info("wrote type B and C embeddings of %d speakers in %s", count, args.embed_dir)
+    folder = embed_dir.parent if embed_dir.suffix == ".scp" else embed_dir
+    with run_lock(folder, "embed_dir") if folder.is_dir() else nullcontext():
+        count = combine(embed_dir, max(1, args.threads), args.pack, args.store_dtype)
+    log.info("wrote type B and C embeddings of %d speakers for %s", count, args.embed_dir)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,29 @@ def test_script_flag_and_bad_file(tmp_path):
 def test_missing_folder_is_an_error(tmp_path):
     result = run_script("m_comb_embs.py", "--embed_dir", str(tmp_path / "nowhere"), check=False)
     assert result.returncode == 2 and "nowhere" in result.stderr
+
+
+def test_script_packs_the_tree_and_replaces_only_its_own_store(tmp_path):
+    from m_DataLoader import open_store, store_key
+
+    root = make_embedding_tree(tmp_path / "emb", speakers=3, dim=12)
+    result = run_script("m_comb_embs.py", "--embed_dir", str(root))
+    assert "file/s" in result.stderr  # the progress bar counts files per second
+    store = open_store(root / "embeddings.store")
+    files = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*/*.npy"))
+    assert sorted(store.keys) == [store_key(rel) for rel in files]
+    assert store.speakers == ["id10000", "id10001", "id10002"]
+    for kind, pattern in (("B", "{}.npy"), ("C", "{}_type2.npy")):
+        np.testing.assert_array_equal(store.speaker_embeddings(store.speakers, kind),
+                                      np.stack([np.load(root / pattern.format(s)) for s in store.speakers]))
+    assert combine(root) == 3  # the store inside the tree is not a speaker folder
+    run_script("m_comb_embs.py", "--embed_dir", str(root), "--store_dtype", "float16")
+    assert open_store(root / "embeddings.store").matrix.dtype == np.float16
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    other = tmp_path / "other"
+    make_embedding_tree(other, speakers=2, dim=12)
+    (other / "embeddings.store").mkdir()
+    (other / "embeddings.store" / "mine.txt").write_text("the user's")
+    result = run_script("m_comb_embs.py", "--embed_dir", str(other), check=False)
+    assert result.returncode == 2 and "not replaced" in result.stderr
+    assert (other / "embeddings.store" / "mine.txt").read_text() == "the user's"

@@ -90,3 +90,29 @@ def test_only_chosen_lists_and_error_without_tree(tmp_path):
     assert sorted(p.name for p in (tmp_path / "l").iterdir()) == ["x_normal_list.txt", "x_test_list.txt"]
     result = run_script("m_gen_list.py", "--embed_dir", str(tmp_path / "none"), check=False)
     assert result.returncode == 2 and "none" in result.stderr
+
+
+def test_lists_of_a_scp_and_of_a_packed_tree_equal_the_tree_lists(tmp_path):
+    import kaldiio
+
+    from m_comb_embs import combine
+
+    root = make_embedding_tree(tmp_path / "emb", speakers=4, dim=8)
+    tree_lists = make_lists(root, "t", tmp_path / "tree", seed=5)
+    combine(root, pack=True)  # a packed store inside the tree changes nothing
+    again = make_lists(root, "t", tmp_path / "again", seed=5)
+    files = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*/*.npy"))
+    arrays = {rel.replace(".npy", ".wav"): np.load(root / rel) for rel in files}
+    kaldiio.save_ark(str(tmp_path / "x.ark"), arrays, scp=str(tmp_path / "x.scp"))
+    scp_lists = make_lists(tmp_path / "x.scp", "t", tmp_path / "scp", seed=5)
+    store_lists = make_lists(root / "embeddings.store", "t", tmp_path / "store", seed=5)
+    for kind, path in tree_lists.items():
+        assert again[kind].read_bytes() == path.read_bytes()
+        assert scp_lists[kind].read_text().replace(".wav", ".npy") == path.read_text(), kind
+        assert store_lists[kind].read_text() == path.read_text().replace(".npy", ""), kind
+
+
+def test_unknown_list_kind_is_an_error(tmp_path):
+    root = make_embedding_tree(tmp_path / "emb", speakers=2)
+    result = run_script("m_gen_list.py", "--embed_dir", str(root), "--lists", "normal", "pairs", check=False)
+    assert result.returncode == 2 and "pairs" in result.stderr
