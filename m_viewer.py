@@ -3,6 +3,8 @@
     python ./m_viewer.py --save_path exp_emb/X
     python ./m_viewer.py --save_path exp_emb/A exp_emb/B exp_emb/C --out_dir figures
     python ./m_viewer.py --save_path exp_emb/X --dist_list lists/X_distribution_list.txt --embed_dir emb
+    python ./m_viewer.py --duration_results exp_emb/X/result/check.json exp_emb/X/result/check_1s.json \
+        --out_dir figures
 
 Under <save_path>/result it writes fig.png (train loss, validation loss and EER per epoch),
 fig2.png (the EER curves alone), det.png (DET curves of the original and enhanced trial scores
@@ -10,6 +12,17 @@ saved by m_trainer.py --check / --eval) and dist_hist.png with dist_hist.txt (co
 same-category, different-category and different-speaker pairs, before and after enhancement).
 With several runs the curves of all of them go to compare_fig.png and compare_fig2.png in
 --out_dir. A figure whose inputs are missing is skipped, and the script says so.
+
+EER against test duration: check one trained model on test sets of several durations, each with
+its own result tag (m_trainer.py --check --test_path emb/vox_test_1s --result_tag 1s writes
+result/check_1s.json beside check.json). When a run's result folder holds two or more check*.json
+whose trial list was seen at different durations, the viewer writes eer_duration.png (EER with its
+95 % interval against duration, one line per system and back-end, a panel per trial list) and
+eer_duration.txt (the table, also printed: EER [95 % interval] per duration, then the paired
+difference enhanced - original per back-end). --duration_results takes such files from anywhere
+(one figure in --out_dir, default the first file's folder). A result's duration is the crop of its
+embeddings (their manifest.json's max_seconds: "1 s"); at full length it is the mean of the list's
+durations from utt2dur ("full (3.8 s mean)"), or "full" when those are unknown.
 """
 
 from __future__ import annotations
