@@ -678,7 +678,7 @@ def write_duration_figure(points: Sequence[DurationPoint], out_dir: Path) -> tup
     titles = {t.key: t.title for t in TRIAL_LISTS}
     for i, ((run, trials), found) in enumerate(series.items()):
         draw_duration(fig.add_subplot(1, len(series), i + 1), found, f"{run}: {titles.get(trials, trials)}")
-    fig.suptitle("EER against test duration with 95 % intervals (dotted: original, solid: enhanced; "
+    fig.suptitle("EER against test duration, 95 % intervals\n(dotted: original, solid: enhanced; "
                  "colour: back-end)")
     table = duration_table(series)
     sources = "\n".join(f"{p.source}: {p.trials} at {p.label}" for found in series.values() for p in found)
