@@ -771,13 +771,23 @@ def distance_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: 
     return written
 
 
+def readable_points(path: Path, run: str) -> list[DurationPoint]:
+    """read_duration_points, or none with a notice where the file cannot say its duration (a
+    check.json of an earlier version, say) so that a run's other figures are still drawn."""
+    try:
+        return read_duration_points(path, run)
+    except UserError as err:
+        print(f"left out of {DURATION_NAME}.png: {err}")
+        return []
+
+
 def duration_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str]) -> list[Path]:
     """EER against test duration: per run from its result/check*.json, and from the files of
     --duration_results (their run: the folder above result/)."""
     written: list[Path] = []
     for run_dir, name in zip(run_dirs, names, strict=True):
         found = sorted((run_dir / "result").glob(CHECK_GLOB))
-        points = [p for path in found for p in read_duration_points(path, name)] if len(found) > 1 else []
+        points = [p for path in found for p in readable_points(path, name)] if len(found) > 1 else []
         outputs = write_duration_figure(points, run_dir / "result") if points else None
         if outputs is None:
             print(f"skipped {name} {DURATION_NAME}.png: {len(found)} --check result(s) in "

@@ -102,7 +102,7 @@ def test_full_duration_is_the_mean_of_the_list_durations(checked, data):
     assert point.label == f"full ({expected:.1f} s mean)"
 
 
-def test_duration_results_option_and_errors(checked, tmp_path):
+def test_duration_results_option_and_errors(checked, tmp_path, capsys):
     save, _ = checked
     result = save / "result"
     written = m_viewer.make_figures(["--duration_results", str(result / "check_1s.json"),
@@ -120,6 +120,12 @@ def test_duration_results_option_and_errors(checked, tmp_path):
                                if r.get("trials") is not None]))
     with pytest.raises(UserError, match="old.json: no sources record"):
         m_viewer.read_duration_points(old, "exp")
+    run = tmp_path / "run"
+    (run / "result").mkdir(parents=True)
+    (run / "result" / "check.json").write_text(old.read_text())  # an earlier version's, beside a new one
+    (run / "result" / "check_1s.json").write_text((result / "check_1s.json").read_text())
+    assert m_viewer.duration_outputs(m_viewer.build_parser().parse_args([]), [run], ["run"]) == []
+    assert "left out of eer_duration.png: " in capsys.readouterr().out
 
 
 def test_result_tag_must_fit_a_file_name(data, tmp_path):
