@@ -14,6 +14,7 @@ import m_trainer
 import m_viewer
 from m_comb_embs import combine
 from m_utils import UserError
+from scoring.report import check_result_tag, result_name
 
 BACKENDS = ["none", "asnorm", "qmf"]
 
@@ -46,7 +47,7 @@ def checked(data, tmp_path_factory):
     run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--check")
     out = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--check",
                      "--test_path", str(short), "--result_tag", "1s", "--test_list_libri", "").stdout
-    return save, out
+    return save, out, cfg
 
 
 def records(path: Path) -> dict[tuple[str, str], list[float]]:
@@ -56,7 +57,7 @@ def records(path: Path) -> dict[tuple[str, str], list[float]]:
 
 
 def test_result_tag_keeps_both_results(checked):
-    save, _ = checked
+    save, *_ = checked
     result = save / "result"
     for name in ("check.json", "check_1s.json", "trials_test.npz", "trials_test_1s.npz", "trials_libri.npz"):
         assert (result / name).is_file(), name
@@ -69,7 +70,7 @@ def test_result_tag_keeps_both_results(checked):
 
 
 def test_duration_rows_equal_the_check_results(checked, capsys):
-    save, _ = checked
+    save, *_ = checked
     written = m_viewer.make_figures(["--save_path", str(save)])
     result = save / "result"
     assert result / "eer_duration.png" in written and (result / "eer_duration.png").stat().st_size > 10_000
@@ -93,7 +94,7 @@ def test_duration_rows_equal_the_check_results(checked, capsys):
 
 
 def test_full_duration_is_the_mean_of_the_list_durations(checked, data):
-    save, _ = checked
+    save, *_ = checked
     point = m_viewer.read_duration_points(save / "result" / "check.json", "exp")[0]
     files = m_viewer.read_trials(data / "lists" / "test_test_list.txt")[3]
     seconds = dict(line.split() for line in (data / "test" / "utt2dur").read_text().splitlines())
@@ -103,7 +104,7 @@ def test_full_duration_is_the_mean_of_the_list_durations(checked, data):
 
 
 def test_duration_results_option_and_errors(checked, tmp_path, capsys):
-    save, _ = checked
+    save, *_ = checked
     result = save / "result"
     written = m_viewer.make_figures(["--duration_results", str(result / "check_1s.json"),
                                      str(result / "check.json"), "--out_dir", str(tmp_path)])
@@ -126,6 +127,27 @@ def test_duration_results_option_and_errors(checked, tmp_path, capsys):
     (run / "result" / "check_1s.json").write_text((result / "check_1s.json").read_text())
     assert m_viewer.duration_outputs(m_viewer.build_parser().parse_args([]), [run], ["run"]) == []
     assert "left out of eer_duration.png: " in capsys.readouterr().out
+
+
+def test_eval_with_a_result_tag_keeps_the_untagged_files(checked, tmp_path):
+    save, _, cfg = checked
+    result = save / "result"
+    before = {path.name: path.stat().st_mtime_ns for path in result.iterdir()}
+    run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--eval", "--backends", "none",
+               "--result_tag", "v2", "--test_list_libri", "")
+    new = sorted(path.name for path in result.iterdir() if path.name not in before)
+    assert new == ["eval_scores_test_v2.txt", "eval_v2.json", "trials_test_v2.npz"]
+    assert all(path.stat().st_mtime_ns == before[path.name]
+               for path in result.iterdir() if path.name in before)
+
+
+def test_result_names():
+    assert result_name("check.json") == "check.json" and result_name("check.json", None) == "check.json"
+    assert result_name("check.json", "1s") == "check_1s.json"
+    assert result_name("eval_scores_test_asnorm.txt", "vox1_2s") == "eval_scores_test_asnorm_vox1_2s.txt"
+    for bad in ("../x", "a/b", "", "_x", "a b"):
+        with pytest.raises(UserError, match="result_tag"):
+            check_result_tag(bad)
 
 
 def test_result_tag_must_fit_a_file_name(data, tmp_path):
