@@ -59,7 +59,9 @@ from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key, score_trials
 from scoring.report import (
     SYSTEMS,
     TRIAL_LISTS,
+    check_result_tag,
     records_table,
+    result_name,
     save_trial_scores,
     table_heading,
     write_records,
@@ -106,6 +108,8 @@ OPTIONS: Options = {
     "bootstrap": (1000, int, "resamples of the test speakers for the 95 %% intervals of the EER"),
     "calib_list": (None, str, "trial list over held-out embeddings to calibrate scores on"),
     "calib_path": (None, str, "embedding root of calib_list"),
+    "result_tag": (None, str, "--check/--eval: results saved as check_<tag>.json, trials_<list>_<tag>.npz, "
+                   "... so that runs on other test sets (e.g. one per duration) keep each other's"),
     # Paths
     "initial_model": (None, str, "start from (or, with --check/--eval/--generate, use) this model"),
     "save_path": (None, str, "experiment folder (default exp_emb/<config name>)"),
@@ -265,6 +269,7 @@ def check_setup(args: argparse.Namespace, mode: str) -> None:
         raise UserError(f"option 'nDataLoaderThread' must be 0 or more, found {args.nDataLoaderThread}")
     embedding_type_of(args.multiple_embedding_flag)
     check_backend_options(args.backends, vars(args))
+    check_result_tag(args.result_tag)
     loss_class(args.trainfunc)
     model_class(args.model)
     make_activation(args.activation)
@@ -422,8 +427,8 @@ def score_lists(run: Run, systems: tuple[str, ...]) -> Results | None:
     results = evaluate(lists, {system: maps[system] for system in systems}, settings, training_set(run),
                        trial_list(run, "calib"), run.model_record, run.ctx.is_main)
     for name, result in (results.lists if results else {}).items():
-        save_trial_scores(run.result_dir / f"trials_{name}.npz", result.trials.labels,
-                          a.multiple_embedding_flag, result.scores)
+        save_trial_scores(run.result_dir / result_name(f"trials_{name}.npz", a.result_tag),
+                          result.trials.labels, a.multiple_embedding_flag, result.scores)
     return results
 
 
@@ -432,7 +437,7 @@ def report(run: Run, results: Results | None, json_name: str) -> None:
     if results is None or not results.lists:
         return
     print(f"\n{table_heading(run.args.bootstrap)}\n{records_table(results.records)}", flush=True)
-    path = run.result_dir / json_name
+    path = run.result_dir / result_name(json_name, run.args.result_tag)
     write_records(path, results.records)
     run.say("results saved to %s", path)
 
@@ -481,7 +486,8 @@ def eval_mode(run: Run) -> None:
             mindcfs = ", ".join(f"minDCF({p:g}) {metrics[mindcf_key(p)]:.4f}" for p in P_TARGETS)
             print(f"[{heading}] EER {metrics['eer']:.4f}, {mindcfs}, threshold {metrics['threshold']:.6f}, "
                   f"trials {len(trials)}", flush=True)
-            score_path = run.result_dir / f"eval_scores_{name}{suffix}.txt"
+            score_path = run.result_dir / result_name(f"eval_scores_{name}{suffix}.txt",
+                                                      run.args.result_tag)
             write_score_file(score_path, scores, trials.labels, trials.left, trials.right, trials.files)
             run.say("per-trial scores written to %s", score_path)
     report(run, results, "eval.json")
