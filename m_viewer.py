@@ -45,7 +45,9 @@ from scipy.stats import norm
 from m_DataLoader import load_embeddings, read_list, read_trials
 from m_network import TRAIN_FIELDS, VAL_FIELDS, parse_score_line
 from m_utils import (
+    Options,
     UserError,
+    add_options,
     atomic_write,
     read_user_text,
     run_main,
@@ -687,21 +689,23 @@ def write_duration_figure(points: Sequence[DurationPoint], out_dir: Path) -> tup
 # Command line
 
 
+OPTIONS: Options = {
+    "save_path": (None, list, f"run folder(s) holding result/scores.txt; several are compared (default "
+                  f"{SAVE_PATH}, none with --duration_results)"),
+    "out_dir": (None, str, "folder of the comparison figures (default: the first run's result folder)"),
+    "dist_list": (None, str, "distribution list for the distance histograms"),
+    "embed_dir": (None, str, "root of the original embeddings of --dist_list"),
+    "enhanced_dir": (None, str, "root of the enhanced embeddings (default <save_path>/enhanced, written by "
+                     "m_trainer.py --generate)"),
+    "seed": (SEED, int, "seed of the different-speaker pairs"),
+    "duration_results": (None, list, "--check results (check*.json) of one model on test sets of several "
+                         "durations: EER against duration in --out_dir (default: the first file's folder)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--save_path", nargs="+",
-                        help=f"run folder(s) holding result/scores.txt; several are compared (default "
-                        f"{SAVE_PATH}, none with --duration_results)")
-    parser.add_argument("--out_dir", help="folder of the comparison figures (default: the first "
-                        "run's result folder)")
-    parser.add_argument("--dist_list", help="distribution list for the distance histograms")
-    parser.add_argument("--embed_dir", help="root of the original embeddings of --dist_list")
-    parser.add_argument("--enhanced_dir", help="root of the enhanced embeddings (default "
-                        "<save_path>/enhanced, written by m_trainer.py --generate)")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the different-speaker pairs")
-    parser.add_argument("--duration_results", nargs="+", metavar="JSON",
-                        help="--check results (check*.json) of one model on test sets of several "
-                        "durations: EER against duration in --out_dir (default: the first file's folder)")
+    add_options(parser, OPTIONS)
     return parser
 
 
