@@ -432,12 +432,6 @@ def enhanced_groups(study: PairStudy, enhanced_dir: str | Path) -> dict[str, Pai
             for key, label in PAIR_KINDS}
 
 
-def distance_study(dist_list: str | Path, embed_dir: str | Path, enhanced_dir: str | Path,
-                   seed: int = SEED) -> dict[str, PairGroup]:
-    """The pair groups of a distribution list with distances on original and enhanced embeddings."""
-    return enhanced_groups(pair_study(dist_list, embed_dir, seed), enhanced_dir)
-
-
 def mean_or_nan(values: np.ndarray) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
