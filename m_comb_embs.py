@@ -144,14 +144,10 @@ class TreePacker:
         self.speakers.append(spk)
 
     def settle(self, wait: bool = False) -> None:
-        """Raise the error of a failed B/C write (all of them waited for with `wait`)."""
-        pending = []
-        for write in self.writes:
-            if wait or write.done():
-                write.result()
-            else:
-                pending.append(write)
-        self.writes = pending
+        """Raise the error of a failed B/C write, in the order the writes were asked for (all of them
+        waited for with `wait`): the first file that failed is the one named, whatever thread ran it."""
+        while self.writes and (wait or self.writes[0].done()):
+            self.writes.pop(0).result()
 
     def finish(self, stamp: Stamp | None) -> Path | None:
         self.settle(wait=True)
