@@ -48,8 +48,15 @@ TRIAL_LISTS = (TrialListName("test", "test_list", "test_path", "testset", "", "t
                              "LibriSpeech list"))
 
 
+class Record:
+    """A record of check.json / eval.json; its JSON is its fields unless a subclass says otherwise."""
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class SystemResult:
+class SystemResult(Record):
     """One (trial list, system, back-end): EER % with its 95 % bootstrap interval, minDCF at each
     of P_TARGETS, and with a calibration Cllr and min Cllr."""
 
@@ -71,7 +78,7 @@ class SystemResult:
 
 
 @dataclass
-class Difference:
+class Difference(Record):
     """The paired EER difference enhanced - original of one back-end on one trial list."""
 
     trials: str
@@ -79,12 +86,9 @@ class Difference:
     eer_diff: float
     eer_diff_ci95: list[float]
 
-    def as_json(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class Decision:
+class Decision(Record):
     """How a threshold chosen on calib_list (`eer` or `far`) decides on a trial list."""
 
     trials: str
@@ -96,12 +100,9 @@ class Decision:
     far: float
     miss: float
 
-    def as_json(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class CalibrationResult:
+class CalibrationResult(Record):
     """The calibration of one (system, back-end), fitted on calib_list."""
 
     system: str
@@ -125,7 +126,7 @@ class ListSource:
 
 
 @dataclass
-class Sources:
+class Sources(Record):
     """The provenance of a run's results: every list scored or fitted on (test, libri, calib,
     train) and the model. Written as one record whose `trials` is null."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +61,24 @@ def embedding_file(root: str | os.PathLike, rel: str) -> Path:
     return path
 
 
-def read_utt2spk(path: Path) -> dict[str, str] | None:
-    """utt2spk beside a .scp as {store key: speaker}; None when there is none."""
-    if not path.is_file():
-        return None
-    mapping = {}
-    for lineno, line in enumerate(user_text_lines(path, "utt2spk file"), start=1):
+def two_column_lines(path: Path, what: str, form: str) -> Iterator[tuple[int, str, str]]:
+    """(line number, first, second) of each line of a Kaldi two-column file (utt2spk, utt2dur);
+    blank lines skipped, any other width a UserError naming the file and line."""
+    for lineno, line in enumerate(user_text_lines(path, what), start=1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 2:
-            raise UserError(f"{path}:{lineno}: an utt2spk line is `utterance speaker`, "
-                            f"found {line.strip()!r}")
-        mapping[store_key(parts[0])] = parts[1]
-    return mapping
+            raise UserError(f"{path}:{lineno}: expected {form}, found {line.strip()!r}")
+        yield lineno, parts[0], parts[1]
+
+
+def read_utt2spk(path: Path) -> dict[str, str] | None:
+    """utt2spk beside a .scp as {store key: speaker}; None when there is none."""
+    if not path.is_file():
+        return None
+    lines = two_column_lines(path, "utt2spk file", "'<utt> <speaker>'")
+    return {store_key(utt): spk for _, utt, spk in lines}
 
 
 def read_utt2dur(path: Path) -> dict[str, float] | None:
@@ -82,15 +86,13 @@ def read_utt2dur(path: Path) -> dict[str, float] | None:
     where there is none. A line without a finite number of seconds, 0 or more, is a UserError."""
     if not path.exists():
         return None
+    form = "'<utt> <seconds>'"
     durations = {}
-    for lineno, line in enumerate(user_text_lines(path, "utt2dur file"), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        seconds = seconds_of(parts[1]) if len(parts) == 2 else None
+    for lineno, utt, text in two_column_lines(path, "utt2dur file", form):
+        seconds = seconds_of(text)
         if seconds is None:
-            raise UserError(f"{path}:{lineno}: expected '<utt> <seconds>', found {line.strip()!r}")
-        durations[parts[0]] = seconds
+            raise UserError(f"{path}:{lineno}: expected {form}, found {utt + ' ' + text!r}")
+        durations[utt] = seconds
     return durations
 
 

@@ -5,7 +5,7 @@ the packed store of each lies."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +40,9 @@ def speaker_folders(root: Path) -> list[Path]:
                       and not e.name.endswith(STORE_SUFFIX))
 
 
-def folder_files(folder: Path) -> list[str]:
-    """The `.npy` files below `folder` (any depth), as `/`-joined paths relative to its parent,
-    sorted as pathlib sorts them; hidden names and packed stores are skipped."""
-    found: list[str] = []
+def utterance_entries(folder: Path) -> Iterator[tuple[os.DirEntry, str]]:
+    """The `.npy` files below `folder` (any depth) with the `/`-joined path of their folder relative
+    to `folder`'s parent; hidden names and packed stores are skipped. One scandir pass."""
     pending = [(str(folder), folder.name + "/")]
     while pending:
         path, prefix = pending.pop()
@@ -56,30 +55,26 @@ def folder_files(folder: Path) -> list[str]:
                     if not name.endswith(STORE_SUFFIX):
                         pending.append((entry.path, prefix + name + "/"))
                 elif name.endswith(".npy"):
-                    found.append(prefix + name)
+                    yield entry, prefix
+
+
+def folder_files(folder: Path) -> list[str]:
+    """The `.npy` files below `folder` as `/`-joined paths relative to its parent, sorted as pathlib
+    sorts them."""
+    found = [prefix + entry.name for entry, prefix in utterance_entries(folder)]
     found.sort(key=lambda rel: rel.split("/"))
     return found
 
 
 def folder_stamp(folder: Path) -> Stamp:
-    """The Stamp of the files folder_files lists, in one scandir pass with a stat per file: the
-    freshness check of a tree (about 0.7 s per 100,000 files on 2 busy cores, so 7 s at 1.09M)."""
+    """The Stamp of the files folder_files lists, with a stat per file: the freshness check of a
+    tree (about 0.7 s per 100,000 files on 2 busy cores, so 7 s at 1.09M)."""
     files = newest = size = 0
-    pending = [str(folder)]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    if not name.endswith(STORE_SUFFIX):
-                        pending.append(entry.path)
-                elif name.endswith(".npy"):
-                    stat = entry.stat()
-                    files += 1
-                    size += stat.st_size
-                    newest = max(newest, stat.st_mtime_ns)
+    for entry, _ in utterance_entries(folder):
+        stat = entry.stat()
+        files += 1
+        size += stat.st_size
+        newest = max(newest, stat.st_mtime_ns)
     return Stamp(files, newest, size)
 
 
