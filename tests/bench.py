@@ -30,6 +30,7 @@ import os
 import resource
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
@@ -51,6 +52,7 @@ from tqdm import tqdm
 from m_comb_embs import THREADS, combine, speaker_embeddings
 from m_DataLoader import (
     EMBEDDING_TYPES,
+    TREE_STORE,
     Batch,
     EmbeddingData,
     StoreBuilder,
@@ -1049,6 +1051,17 @@ def read_through(paths: Iterable[Path]) -> None:
                 pass
 
 
+def evict(paths: Iterable[Path]) -> None:
+    """Drop these files (only these) from the page cache (POSIX_FADV_DONTNEED): the next read
+    comes from the disk, as on a machine where they have not been read since they were written."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def store_is_fresh(embed_dir: Path) -> bool:
     """Whether the tree's packed store exists and matches its files (no process cache involved)."""
     store = store_path_of(embed_dir)
@@ -1056,27 +1069,42 @@ def store_is_fresh(embed_dir: Path) -> bool:
             == asdict(tree_stamp(embed_dir)))
 
 
+def open_times(data: Vox2, args: argparse.Namespace, cache: str) -> dict[str, tuple[float, float, int]]:
+    """ready_seconds of the packed store, the tree's path and the files' part, each in a fresh
+    process, with the page cache `warm` (every file read once before) or `cold` (evicted)."""
+    store = store_path_of(data.embed_dir)
+    part_files = [data.part_dir / line.split()[1] for line in data.part_list.read_text().splitlines()]
+    sides = {"store": (data.list_path, store, [*store.iterdir(), data.list_path]),
+             "tree": (data.list_path, data.embed_dir, [*store.iterdir(), data.list_path]),
+             "files": (data.part_list, data.part_dir, [*part_files, data.part_list])}
+    times = {}
+    for side, (list_path, root, files) in sides.items():
+        (read_through if cache == "warm" else evict)(files)
+        times[side] = in_child(partial(ready_seconds, list_path, root, args.vox2_dim, args.workers))
+    return times
+
+
 def stage_store_open(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
     """Every training embedding of the VoxCeleb2-shaped list ready: the packed store vs the files
-    (a --file_part part of the tree, scaled). Each side in its own fresh process, page cache warm."""
+    (a --file_part part of the tree, scaled), each side in its own fresh process; the record with
+    the page cache cold (these files evicted), the warm figures in the notes."""
     data = vox2_of(args)
     if not store_is_fresh(data.embed_dir):
         say("store_open: packing the tree first (m_comb_embs, untimed)")
         combine(data.embed_dir, THREADS, pack=True)
-    store = store_path_of(data.embed_dir)
-    part_files = [data.part_dir / line.split()[1] for line in data.part_list.read_text().splitlines()]
-    read_through([store / "embeddings.npy", *part_files])
-    dim, threads = args.vox2_dim, args.workers
-    packed, peak, rows = in_child(partial(ready_seconds, data.list_path, store, dim, threads))
-    via_tree, _, _ = in_child(partial(ready_seconds, data.list_path, data.embed_dir, dim, threads))
-    files, _, part_rows = in_child(partial(ready_seconds, data.part_list, data.part_dir, dim, threads))
-    scaled = files * rows / part_rows
-    notes = [f"store_open: {rows} utterances ({args.vox2_speakers} speakers, {dim}-dim): the packed store "
-             f"(train_path = {store.name}) {packed:.2f} s; the tree's path (its freshness check walks "
-             f"every file) {via_tree:.2f} s, {scaled / via_tree:.0f}x the files",
-             f"store_open: files timed on a {part_rows}-file part of the tree ({files:.1f} s, {threads} "
-             f"reader threads) and scaled linearly to {rows}: {scaled:.0f} s; each side in a fresh process "
-             f"(no store or freshness cache), the page cache warm for both (read once before)"]
+    notes = []
+    for cache in ("warm", "cold"):
+        times = open_times(data, args, cache)
+        (packed, peak, rows), (via_tree, _, _), (files, _, part_rows) = times.values()
+        scaled = files * rows / part_rows
+        notes.append(f"store_open ({cache} page cache): {rows} utterances ({args.vox2_speakers} speakers, "
+                     f"{args.vox2_dim}-dim): packed store (train_path = {TREE_STORE}) "
+                     f"{packed:.2f} s, peak {peak:.0f} MB; the tree's path (its freshness check stats every "
+                     f"file) {via_tree:.2f} s; files: a {part_rows}-file part {files:.2f} s ({args.workers} "
+                     f"reader threads), scaled linearly to {rows}: {scaled:.1f} s; ratios "
+                     f"{scaled / packed:.1f}x (store), {scaled / via_tree:.1f}x (tree's path)")
+    notes.append("store_open: each side in a fresh process (no store or freshness cache); ready = the "
+                 "trainer's EmbeddingData plus every row read once; record: the cold run")
     return StageResult(make_record("store_open", rows / packed, part_rows / files,
                                    {"peak_rss_mb": round(peak, 1)}), notes)
 
@@ -1109,47 +1137,88 @@ def endless_batches(data: EmbeddingData, batch_size: int) -> Iterator[Batch]:
         epoch += 1
 
 
-def step_seconds(args: argparse.Namespace, data: EmbeddingData) -> float:
-    """Mean seconds of --steps training steps (STEP_MODEL, MSE) from `data`, after one untimed."""
-    trainer = new_trainer("MSE", args.vox2_dim, args.device, STEP_MODEL)
-    batches = endless_batches(data, args.step_batch)
-    train_step(trainer.net, trainer.optimizer, next(batches))
-    start = time.perf_counter()
-    for batch in islice(batches, args.steps):
-        train_step(trainer.net, trainer.optimizer, batch)
-    return time.perf_counter() - start
+class Stepper:
+    """Training steps of a fresh STEP_MODEL (MSE) from `data`; one untimed step when made."""
+
+    def __init__(self, args: argparse.Namespace, data: EmbeddingData):
+        self.trainer = new_trainer("MSE", args.vox2_dim, args.device, STEP_MODEL)
+        self.batches = endless_batches(data, args.step_batch)
+        self.seconds: list[float] = []
+        self.run(1)
+        self.seconds.clear()
+
+    def run(self, steps: int) -> None:
+        """Time `steps` more steps (one entry of `seconds`)."""
+        start = time.perf_counter()
+        for batch in islice(self.batches, steps):
+            train_step(self.trainer.net, self.trainer.optimizer, batch)
+        self.seconds.append(time.perf_counter() - start)
+
+
+class AnonPeak:
+    """The peak of RssAnon (the process's own memory, not mapped file pages), sampled every 20 ms
+    on a thread while in the `with` block."""
+
+    def __enter__(self) -> AnonPeak:
+        self.peak, self.done = 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, status_mb("RssAnon") or 0.0)
+            if self.done.wait(0.02):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+STEP_ROUNDS = 5  # the big and the small store's steps alternate in rounds: the machine's drift cancels
 
 
 def stage_train_vox2_steps(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
-    """--steps steps from the VoxBlink2-sized float16 store against the same from the small one
-    (before and after; the faster counts): the cost of a step must not grow with the store."""
+    """--steps steps from the VoxBlink2-sized float16 store against the same from the small one, in
+    alternating rounds: the cost of a step must not grow with the store."""
     blink = blink_of(args)
     read_through([blink.store(size) / "embeddings.npy" for size in ("small", "big")])
 
-    def seconds_of(size: str) -> float:
-        data = EmbeddingData(blink.list_path(size), blink.store(size), "normal", "B", args.vox2_dim,
-                             args.device, threads=args.workers)
-        return step_seconds(args, data)
+    def stepper(size: str) -> Stepper:
+        return Stepper(args, EmbeddingData(blink.list_path(size), blink.store(size), "normal", "B",
+                                           args.vox2_dim, args.device, threads=args.workers))
 
-    small = [seconds_of("small")]
+    small = stepper("small")
+    base_anon = status_mb("RssAnon") or 0.0
     meter.start()
-    started = time.perf_counter()
-    big = seconds_of("big")
-    total = time.perf_counter() - started
+    with AnonPeak() as anon:
+        started = time.perf_counter()
+        big = stepper("big")
+        ready = time.perf_counter() - started
+        for k in range(STEP_ROUNDS):
+            steps = args.steps // STEP_ROUNDS + (k < args.steps % STEP_ROUNDS)
+            small.run(steps)
+            big.run(steps)
     peak = meter.peaks()
-    memory = {field: status_mb(field) for field in ("RssAnon", "RssFile")}
-    small.append(seconds_of("small"))
+    file_mb = status_mb("RssFile") or 0.0
     rows = {size: rows for size, (rows, _) in blink_sizes(args).items()}
-    notes = [f"train_vox2_steps: {args.steps} steps of {STEP_MODEL} (MSE, batch {args.step_batch}) from a "
-             f"{rows['big']} x {args.vox2_dim} float16 store: {1000 * big / args.steps:.1f} ms a step; from "
-             f"the {rows['small']}-row store {1000 * small[0] / args.steps:.1f} and "
-             f"{1000 * small[1] / args.steps:.1f} ms (before and after; the faster is the baseline); page "
-             f"cache warm (the stores read once before)",
-             f"train_vox2_steps: the big run took {total:.0f} s with its EmbeddingData (list of "
-             f"{rows['big']} lines parsed, store mapped); peak counted from before it; at its end RSS was "
-             f"{memory['RssAnon'] or 0:.0f} MB anonymous + {memory['RssFile'] or 0:.0f} MB of mapped "
-             f"store pages (reclaimable page cache)"]
-    record = make_record("train_vox2_steps", args.steps / big, args.steps / min(small), peak)
+
+    def per_step(stepper: Stepper) -> str:
+        return ", ".join(f"{1000 * t * STEP_ROUNDS / args.steps:.1f}" for t in stepper.seconds)
+
+    notes = [f"train_vox2_steps: {args.steps} steps of {STEP_MODEL} (MSE, batch {args.step_batch}) "
+             f"from a {rows['big']} x {args.vox2_dim} float16 store and from a {rows['small']}-row one, "
+             f"alternating in {STEP_ROUNDS} rounds; ms a step by round: big {per_step(big)}; small "
+             f"{per_step(small)}; page cache warm (the stores read once before)",
+             f"train_vox2_steps: the big store's EmbeddingData (a list of {rows['big']} lines parsed, "
+             f"the store mapped) took {ready:.0f} s; peak RSS {peak['peak_rss_mb']:.0f} MB above the "
+             f"start, of which the process's own (anonymous) memory peaked at {anon.peak - base_anon:.0f} "
+             f"MB; at the end {file_mb:.0f} MB of RSS were the store's pages mapped from the page cache "
+             f"(shared, reclaimable; the kernel maps 64 KB around each faulting row, so a few hundred "
+             f"random batches map nearly the whole file)"]
+    rates = (args.steps / sum(big.seconds), args.steps / sum(small.seconds))
+    record = make_record("train_vox2_steps", *rates, peak)
     return StageResult(record, notes)
 
 
