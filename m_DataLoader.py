@@ -1399,7 +1399,9 @@ class EmbeddingData:
         files = self.list_kind.files(records)
         # a packed store's rows are its own: the files' order does not matter there
         unique = list(dict.fromkeys(files)) if source.own_rows else sorted(set(files))
-        own_speakers = sorted(self.list_kind.speakers(records))
+        # Copies of the names: one string kept per speaker would pin the parsed records' memory in
+        # the allocator's pools (2 GB at VoxBlink2's 9.9M lines) after they are freed.
+        own_speakers = sorted(spk.encode().decode() for spk in self.list_kind.speakers(records))
         self.speakers = list(speakers) if speakers is not None else own_speakers
         label_of = {spk: i for i, spk in enumerate(self.speakers)}
         target_of = {spk: i for i, spk in enumerate(own_speakers)}  # beside this list's files
