@@ -338,7 +338,8 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
 
 def write_vox2_speaker(task: tuple[Path, int, int, int, int, int]) -> list[str]:
     """One speaker's utterance files (a video offset plus noise per crop around the speaker's centre;
-    raw writes of a fixed header and the data) and its B and C files; returns its list lines."""
+    raw writes of a fixed header and the data) and its B and C files; returns its list lines, in
+    the order m_gen_list writes them (the tree's sorted paths, which are the packed store's rows)."""
     embed_dir, crops, dim, index, count, videos = task
     rng = np.random.default_rng([SEED, index])
     name = f"id{10000 + index:05d}"
@@ -359,7 +360,7 @@ def write_vox2_speaker(task: tuple[Path, int, int, int, int, int]) -> list[str]:
         lines.append(f"{name} {rel}\n")
     for kind, embedding in speaker_embeddings(block.astype(np.float64).mean(axis=1)).items():
         np.save(embed_dir / EMBEDDING_TYPES[kind].speaker_file.format(name), embedding)
-    return lines
+    return sorted(lines, key=lambda line: line.split()[1].split("/"))  # m_gen_list's order
 
 
 def check_disk(folder: Path, needed: int) -> None:
