@@ -29,6 +29,9 @@ bench: install
 
 # The demo's steps, each a script run as a user would. Sizes and epochs can be changed, e.g.
 # make demo CORPUS_FLAGS="--train_speakers 20" TRAIN_FLAGS="--max_epoch 2" (the tests do so).
+# vox_calib (held-out speakers of varied length) calibrates the scores and trains QMF; each run is
+# checked on the full vox_test and on its SHORT_SECONDS versions (result/check_<S>s.json), and the
+# viewer draws EER against test duration (result/eer_duration.png and .txt).
 CORPUS_FLAGS ?=
 # GE2E works on 1.6 s windows: crops of 160 frames keep the demo fast
 EMBED_FLAGS  ?= --eval_frames 160 --num_eval 5
@@ -36,16 +39,26 @@ TRAIN_FLAGS  ?=
 # configs/<run>.yaml; each run's results go to demo_out/exp/<run>
 DEMO_RUNS    ?= demo_MyLinearNetv2 demo_MyResidualNet
 INSTALL      ?= install
+# Short test sets: vox_test's first 1 and 2 seconds, checked beside the full length (EER against duration)
+SHORT_SECONDS ?= 1 2
 demo: $(INSTALL)
 	$(PY) tests/demo_corpus.py --out $(DEMO)/audio $(CORPUS_FLAGS)
-	for set in vox_train vox_test libri; do \
+	for set in vox_train vox_test libri vox_calib; do \
 	  $(PY) m_gen_embs.py --model GE2E --db_path $(DEMO)/audio/$$set --embed_dir $(DEMO)/embeddings/$$set $(EMBED_FLAGS) || exit 1; \
 	  $(PY) m_comb_embs.py --embed_dir $(DEMO)/embeddings/$$set || exit 1; \
 	  $(PY) m_gen_list.py --embed_dir $(DEMO)/embeddings/$$set --filename $$set --list_dir $(DEMO)/lists || exit 1; \
 	done
+	for s in $(SHORT_SECONDS); do \
+	  $(PY) m_gen_embs.py --model GE2E --db_path $(DEMO)/audio/vox_test --embed_dir $(DEMO)/embeddings/vox_test_$${s}s $(EMBED_FLAGS) --max_seconds $$s || exit 1; \
+	  $(PY) m_comb_embs.py --embed_dir $(DEMO)/embeddings/vox_test_$${s}s || exit 1; \
+	done
 	for run in $(DEMO_RUNS); do \
 	  $(PY) m_trainer.py --config configs/$$run.yaml $(TRAIN_FLAGS) || exit 1; \
 	  $(PY) m_trainer.py --config configs/$$run.yaml --check || exit 1; \
+	  for s in $(SHORT_SECONDS); do \
+	    $(PY) m_trainer.py --config configs/$$run.yaml --check --test_path $(DEMO)/embeddings/vox_test_$${s}s \
+	      --result_tag $${s}s --test_list_libri "" || exit 1; \
+	  done; \
 	  $(PY) m_trainer.py --config configs/$$run.yaml --generate || exit 1; \
 	done
 	$(PY) m_viewer.py --save_path $(addprefix $(DEMO)/exp/,$(DEMO_RUNS)) --out_dir $(DEMO)/plots \

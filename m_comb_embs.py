@@ -31,29 +31,29 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from m_DataLoader import (
+from m_utils import Options, UserError, add_options, run_lock, run_main, save_npy_atomic, setup_logging
+from stores.arrays import (
     EMBEDDING_TYPES,
-    STORE_DTYPES,
-    KaldiSource,
-    Stamp,
-    StoreBuilder,
     check_embedding,
     combine_speaker,
     crop_mean,
     crop_means,
-    folder_files,
-    key_speaker,
-    pack_means,
     read_embedding,
     reduce_means,
+)
+from stores.kaldi import KaldiSource
+from stores.keys import key_speaker, store_key
+from stores.packed import STORE_DTYPES
+from stores.stamps import (
+    Stamp,
+    folder_files,
     scp_entries,
     scp_stamp,
     speaker_folders,
-    store_key,
     store_path_of,
     tree_stamp,
 )
-from m_utils import Options, UserError, add_options, run_lock, run_main, save_npy_atomic, setup_logging
+from stores.write import StoreBuilder, pack_means
 
 EMBED_DIR = "data/embeddings/voxceleb2"
 THREADS = 4  # reader threads: more help a cold or network disk, fewer a warm page cache

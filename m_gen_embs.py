@@ -40,7 +40,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from m_DataLoader import AUDIO_SUFFIXES
 from m_utils import (
     HARDWARE_OPTIONS,
     DistContext,
@@ -54,11 +53,11 @@ from m_utils import (
     run_main,
     save_npy_atomic,
     setup_logging,
-    user_text_lines,
     write_text_atomic,
 )
 from models.m_Extractors import DEFAULT_EXTRACTOR, EXTRACTORS, load_extractor, weights_path
 from models.m_Features import HOP, SAMPLE_RATE
+from stores.keys import AUDIO_SUFFIXES, read_manifest, read_utt2dur
 
 DB_PATH = "data/voxceleb1"
 EMBED_DIR = "data/embeddings/voxceleb1"
@@ -280,31 +279,6 @@ class CropDataset(Dataset):
 # Durations and manifest beside the embeddings
 
 
-def read_utt2dur(path: Path) -> dict[str, float]:
-    """utt -> seconds of a Kaldi utt2dur file (empty where there is none); a bad line is a UserError."""
-    if not path.exists():
-        return {}
-    durations = {}
-    for lineno, line in enumerate(user_text_lines(path, "utt2dur file"), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        seconds = seconds_of(parts[1]) if len(parts) == 2 else None
-        if seconds is None:
-            raise UserError(f"{path}:{lineno}: expected '<utt> <seconds>', found {line.strip()!r}")
-        durations[parts[0]] = seconds
-    return durations
-
-
-def seconds_of(text: str) -> float | None:
-    """A duration field's value, None unless it is a finite number of seconds, 0 or more."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
 def utt2dur_text(durations: dict[str, float]) -> str:
     """Kaldi's utt2dur: one `<utt> <seconds>` line per utterance, sorted by utt, seconds to 1 ms."""
     return "".join(f"{utt} {durations[utt]:.3f}\n" for utt in sorted(durations))
@@ -412,19 +386,6 @@ def make_manifest(args: argparse.Namespace, checkpoint: Path | None) -> dict[str
             "eval_frames": args.eval_frames, "num_eval": args.num_eval, "sample_rate": SAMPLE_RATE,
             "max_seconds": args.max_seconds, "mixedprec": args.mixedprec, "git_commit": git_commit(),
             "created": datetime.now(UTC).isoformat(timespec="seconds")}
-
-
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest at `path`, None where there is none; an unreadable one is a UserError."""
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads("".join(user_text_lines(path, "manifest")))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: a manifest is a JSON object")
-    return manifest
 
 
 def check_manifest(embed_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
@@ -568,7 +529,7 @@ def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> 
         log.error("failed: %s", failure)
     with failed_total.get_lock():
         failed_total.value += len(failures)
-    known = read_utt2dur(job.embed_dir / UTT2DUR)
+    known = read_utt2dur(job.embed_dir / UTT2DUR) or {}
     done = set(todo)
     durations.update(skipped_durations(job, [rel for rel in shard if rel not in done], known, ctx.is_main))
     durations = gather_durations(ctx, durations)

@@ -20,22 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from m_DataLoader import (
-    LIST_KINDS,
-    STORE_SUFFIX,
-    Corpus,
-    KaldiSource,
-    folder_files,
-    key_category,
-    key_speaker,
-    list_kind,
-    open_store,
-    scp_entries,
-    speaker_folders,
-    speaker_pairs,
-    store_key,
-)
+from m_DataLoader import LIST_KINDS, Corpus, list_kind
 from m_utils import Options, UserError, add_options, run_main, setup_logging, write_text_atomic
+from stores.kaldi import KaldiSource
+from stores.keys import key_category, key_speaker, store_key
+from stores.open import open_store
+from stores.stamps import STORE_SUFFIX, folder_files, scp_entries, speaker_folders
 
 EMBED_DIR = "data/embeddings/voxceleb1"
 FILENAME = "vox1"
@@ -50,7 +40,6 @@ OPTIONS: Options = {
     "lists": (tuple(LIST_KINDS), list, f"which lists to write ({', '.join(LIST_KINDS)})"),
 }
 
-__all__ = ["Corpus", "make_lists", "scan", "speaker_pairs"]
 log = logging.getLogger("m_gen_list")
 
 

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from loss.m_Losses import loss_class
-from m_DataLoader import EmbeddingData, TrialSet, embedding_type_of, load_embeddings, read_list
+from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
 from m_network import (
     CHECKPOINT_NAME,
     OPTIMIZERS,
@@ -48,7 +48,6 @@ from m_utils import (
     resolve_device,
     run_lock,
     run_main,
-    save_npy_atomic,
     setup_logging,
     unknown_name,
     write_text_atomic,
@@ -60,12 +59,16 @@ from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key, score_trials
 from scoring.report import (
     SYSTEMS,
     TRIAL_LISTS,
+    check_result_tag,
     records_table,
+    result_name,
     save_trial_scores,
     table_heading,
     write_records,
     write_score_file,
 )
+from stores.arrays import embedding_type_of
+from stores.write import gen_format_of, gen_target, write_embeddings
 
 log = logging.getLogger("m_trainer")
 
@@ -105,6 +108,8 @@ OPTIONS: Options = {
     "bootstrap": (1000, int, "resamples of the test speakers for the 95 %% intervals of the EER"),
     "calib_list": (None, str, "trial list over held-out embeddings to calibrate scores on"),
     "calib_path": (None, str, "embedding root of calib_list"),
+    "result_tag": (None, str, "--check/--eval: results saved as check_<tag>.json, trials_<list>_<tag>.npz, "
+                   "... so that runs on other test sets (e.g. one per duration) keep each other's"),
     # Paths
     "initial_model": (None, str, "start from (or, with --check/--eval/--generate, use) this model"),
     "save_path": (None, str, "experiment folder (default exp_emb/<config name>)"),
@@ -127,6 +132,8 @@ OPTIONS: Options = {
     "gen_list": (None, str, "normal list of the embeddings to enhance"),
     "gen_path": (None, str, "embedding root of gen_list"),
     "gen_target_dir": ("enhanced", str, "folder under save_path for generated embeddings"),
+    "gen_format": (None, str, "what --generate writes: tree (one .npy per entry), kaldi (<gen_target_dir>/"
+                   "xvector.scp + .ark) or packed (<gen_target_dir>.store); default: the kind of gen_path"),
     **HARDWARE_OPTIONS,
 }
 # Options of the original repository that nothing here uses; setting one says so.
@@ -262,6 +269,7 @@ def check_setup(args: argparse.Namespace, mode: str) -> None:
         raise UserError(f"option 'nDataLoaderThread' must be 0 or more, found {args.nDataLoaderThread}")
     embedding_type_of(args.multiple_embedding_flag)
     check_backend_options(args.backends, vars(args))
+    check_result_tag(args.result_tag)
     loss_class(args.trainfunc)
     model_class(args.model)
     make_activation(args.activation)
@@ -269,6 +277,8 @@ def check_setup(args: argparse.Namespace, mode: str) -> None:
         raise unknown_name("optimizer", args.optimizer, OPTIMIZERS)
     if args.scheduler not in SCHEDULERS:
         raise unknown_name("scheduler", args.scheduler, SCHEDULERS)
+    if args.gen_format is not None:
+        gen_format_of(".", args.gen_format)
     resolve_device(args.device)
     check_paths(args, mode)
     save_path = Path(args.save_path)
@@ -392,11 +402,9 @@ def trial_list(run: Run, name: str) -> TrialList | None:
     trials = run.trials(name)
     if trials is None:
         return None
-    # TrialSet's durations, norms and manifest (contract.md) may be absent in older data paths.
-    quality = Quality(getattr(trials, "durations", None), getattr(trials, "norms", None))
     return TrialList(name, str(trials.list_path), trials.labels, trials.left, trials.right, trials.files,
-                     trials.embeddings, trials.speaker_of_trials(), quality,
-                     getattr(run.args, LISTS[name][1]), getattr(trials, "manifest", None))
+                     trials.embeddings, trials.speaker_of_trials(), Quality(trials.durations, trials.norms),
+                     getattr(run.args, LISTS[name][1]), trials.manifest)
 
 
 def training_set(run: Run) -> TrainingSet | None:
@@ -405,7 +413,7 @@ def training_set(run: Run) -> TrainingSet | None:
         return None
     train = run.load_data("train")
     return TrainingSet(train.embeddings.cpu().numpy(), train.row_speakers(), run.args.train_list,
-                       run.args.train_path, getattr(train, "manifest", None))
+                       run.args.train_path, train.manifest)
 
 
 def score_lists(run: Run, systems: tuple[str, ...]) -> Results | None:
@@ -419,8 +427,8 @@ def score_lists(run: Run, systems: tuple[str, ...]) -> Results | None:
     results = evaluate(lists, {system: maps[system] for system in systems}, settings, training_set(run),
                        trial_list(run, "calib"), run.model_record, run.ctx.is_main)
     for name, result in (results.lists if results else {}).items():
-        save_trial_scores(run.result_dir / f"trials_{name}.npz", result.trials.labels,
-                          a.multiple_embedding_flag, result.scores)
+        save_trial_scores(run.result_dir / result_name(f"trials_{name}.npz", a.result_tag),
+                          result.trials.labels, a.multiple_embedding_flag, result.scores)
     return results
 
 
@@ -429,7 +437,7 @@ def report(run: Run, results: Results | None, json_name: str) -> None:
     if results is None or not results.lists:
         return
     print(f"\n{table_heading(run.args.bootstrap)}\n{records_table(results.records)}", flush=True)
-    path = run.result_dir / json_name
+    path = run.result_dir / result_name(json_name, run.args.result_tag)
     write_records(path, results.records)
     run.say("results saved to %s", path)
 
@@ -478,25 +486,27 @@ def eval_mode(run: Run) -> None:
             mindcfs = ", ".join(f"minDCF({p:g}) {metrics[mindcf_key(p)]:.4f}" for p in P_TARGETS)
             print(f"[{heading}] EER {metrics['eer']:.4f}, {mindcfs}, threshold {metrics['threshold']:.6f}, "
                   f"trials {len(trials)}", flush=True)
-            score_path = run.result_dir / f"eval_scores_{name}{suffix}.txt"
+            score_path = run.result_dir / result_name(f"eval_scores_{name}{suffix}.txt",
+                                                      run.args.result_tag)
             write_score_file(score_path, scores, trials.labels, trials.left, trials.right, trials.files)
             run.say("per-trial scores written to %s", score_path)
     report(run, results, "eval.json")
 
 
 def generate_mode(run: Run) -> None:
-    """The enhanced embedding of every gen_list entry, as <gen_target_dir>/<entry>.npy."""
+    """The enhanced embedding of every gen_list entry, written in the kind gen_format names (by
+    default gen_path's kind): <gen_target_dir>/<entry>.npy, a Kaldi .scp/.ark or a packed store."""
+    a = run.args
     run.load_trained_model()
-    files = [rel for _, rel in read_list(run.args.gen_list, "normal")]
-    embeddings = load_embeddings(run.args.gen_path, files, run.args.nOut, run.args.nDataLoaderThread,
-                                 desc="loading gen_list")
+    files = [rel for _, rel in read_list(a.gen_list, "normal")]
+    embeddings = load_embeddings(a.gen_path, files, a.nOut, a.nDataLoaderThread, desc="loading gen_list")
     enhanced = run.trainer.enhance(embeddings)
     if not run.ctx.is_main:
         return
-    target = run.save_path / run.args.gen_target_dir
-    for rel, row in zip(files, enhanced, strict=True):
-        save_npy_atomic((target / rel).with_suffix(".npy"), row[None, :].astype(np.float32))
-    log.info("wrote %d enhanced embeddings under %s", len(files), target)
+    kind = gen_format_of(a.gen_path, a.gen_format)
+    target = write_embeddings(gen_target(run.save_path / a.gen_target_dir, kind), files,
+                              enhanced.astype(np.float32), kind)
+    log.info("wrote %d enhanced embeddings (%s) to %s", len(files), kind, target)
 
 
 # ----------------------------------------------------------------------------------------------

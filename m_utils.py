@@ -133,8 +133,8 @@ def add_options(parser: argparse.ArgumentParser, options: Options, with_defaults
         if kind is bool:
             parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, help=text, **keep)
         elif kind is list:
-            keep = {"default": list(default)} if with_defaults else {}
-            parser.add_argument(f"--{name}", nargs="+", metavar="NAME", help=text, **keep)
+            keep = {"default": None if default is None else list(default)} if with_defaults else {}
+            parser.add_argument(f"--{name}", nargs="+", metavar=name.upper(), help=text, **keep)
         else:
             parser.add_argument(f"--{name}", type=kind, help=text, **keep)
 

@@ -3,6 +3,8 @@
     python ./m_viewer.py --save_path exp_emb/X
     python ./m_viewer.py --save_path exp_emb/A exp_emb/B exp_emb/C --out_dir figures
     python ./m_viewer.py --save_path exp_emb/X --dist_list lists/X_distribution_list.txt --embed_dir emb
+    python ./m_viewer.py --duration_results exp_emb/X/result/check.json exp_emb/X/result/check_1s.json \
+        --out_dir figures
 
 Under <save_path>/result it writes fig.png (train loss, validation loss and EER per epoch),
 fig2.png (the EER curves alone), det.png (DET curves of the original and enhanced trial scores
@@ -10,14 +12,27 @@ saved by m_trainer.py --check / --eval) and dist_hist.png with dist_hist.txt (co
 same-category, different-category and different-speaker pairs, before and after enhancement).
 With several runs the curves of all of them go to compare_fig.png and compare_fig2.png in
 --out_dir. A figure whose inputs are missing is skipped, and the script says so.
+
+EER against test duration: check one trained model on test sets of several durations, each with
+its own result tag (m_trainer.py --check --test_path emb/vox_test_1s --result_tag 1s writes
+result/check_1s.json beside check.json). When a run's result folder holds two or more check*.json
+whose trial list was seen at different durations, the viewer writes eer_duration.png (EER with its
+95 % interval against duration, one line per system and back-end, a panel per trial list) and
+eer_duration.txt (the table, also printed: EER [95 % interval] per duration, then the paired
+difference enhanced - original per back-end). --duration_results takes such files from anywhere
+(one figure in --out_dir, default the first file's folder). A result's duration is the crop of its
+embeddings (their manifest.json's max_seconds: "1 s"); at full length it is the mean of the list's
+durations from utt2dur ("full (3.8 s mean)"), or "full" when those are unknown.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import matplotlib
@@ -27,10 +42,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import norm
 
-from m_DataLoader import EMBEDDING_TYPES, embedding_file, load_embeddings, read_list
+from m_DataLoader import load_embeddings, read_list, read_trials
 from m_network import TRAIN_FIELDS, VAL_FIELDS, parse_score_line
 from m_utils import (
+    Options,
     UserError,
+    add_options,
     atomic_write,
     read_user_text,
     run_main,
@@ -47,6 +64,9 @@ from scoring.metrics import (
     score_trials,
 )
 from scoring.report import NONE_ALIASES, SYSTEMS, TRIAL_LISTS
+from stores.arrays import EMBEDDING_TYPES
+from stores.keys import embedding_file
+from stores.open import open_embeddings
 
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 
@@ -412,12 +432,6 @@ def enhanced_groups(study: PairStudy, enhanced_dir: str | Path) -> dict[str, Pai
             for key, label in PAIR_KINDS}
 
 
-def distance_study(dist_list: str | Path, embed_dir: str | Path, enhanced_dir: str | Path,
-                   seed: int = SEED) -> dict[str, PairGroup]:
-    """The pair groups of a distribution list with distances on original and enhanced embeddings."""
-    return enhanced_groups(pair_study(dist_list, embed_dir, seed), enhanced_dir)
-
-
 def mean_or_nan(values: np.ndarray) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
@@ -480,20 +494,212 @@ def write_distance_figure(run_dir: Path, name: str, study: PairStudy,
 
 
 # ----------------------------------------------------------------------------------------------
+# EER against test duration
+
+
+DURATION_NAME = "eer_duration"  # <name>.png and <name>.txt
+CHECK_GLOB = "check*.json"  # the --check results of a run: check.json, check_<result_tag>.json
+Key = tuple[str, str]  # (system, back-end)
+Interval = tuple[float, float, float]  # value, low, high
+
+
+@dataclass(frozen=True)
+class DurationPoint:
+    """One trial list of one --check result file: its test duration and EER [95 % interval] per
+    (system, back-end), and the paired EER difference enhanced - original per back-end.
+
+    `seconds` is the embeddings' crop (their manifest's max_seconds; `cropped`), else the mean
+    duration of the list's files (utt2dur), else None (full length, duration unknown)."""
+
+    source: Path
+    run: str
+    trials: str
+    seconds: float | None
+    cropped: bool
+    eers: dict[Key, Interval]
+    differences: dict[str, Interval]
+
+    @property
+    def label(self) -> str:
+        if self.cropped:
+            return f"{self.seconds:g} s"
+        return "full" if self.seconds is None else f"full ({self.seconds:.1f} s mean)"
+
+    def order(self) -> tuple[bool, float]:
+        return (not self.cropped, self.seconds if self.seconds is not None else np.inf)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a check.json / eval.json; errors name the file."""
+    try:
+        records = json.loads(read_user_text(path, "results file", "m_trainer.py --check"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise UserError(f"{path}: expected a list of records as m_trainer.py --check writes")
+    return records
+
+
+@cache
+def mean_duration(list_path: str, embeddings: str) -> float | None:
+    """Mean seconds of the files a trial list names, from its embeddings' utt2dur; None when
+    the list, the embeddings or their durations are not there."""
+    try:
+        durations = open_embeddings(embeddings).durations(read_trials(list_path)[3])
+    except (UserError, OSError):
+        return None
+    return None if durations is None else float(durations.mean())
+
+
+def list_duration(source: dict | None) -> tuple[float | None, bool]:
+    """(seconds, cropped) of a trial list from its sources record (see DurationPoint)."""
+    source = source or {}
+    max_seconds = (source.get("manifest") or {}).get("max_seconds")
+    if max_seconds is not None:
+        return float(max_seconds), True
+    if source.get("path") and source.get("embeddings"):
+        return mean_duration(str(source["path"]), str(source["embeddings"])), False
+    return None, False
+
+
+def read_duration_points(path: Path, run: str) -> list[DurationPoint]:
+    """One DurationPoint per trial list of a --check result file (which must name its sources)."""
+    records = read_records(path)
+    sources = next((r["sources"] for r in records if r.get("trials") is None and "sources" in r), None)
+    if sources is None:
+        raise UserError(f"{path}: no sources record (written before m_trainer.py recorded them): the "
+                        "test duration of its results is unknown; run --check again")
+    points = []
+    for trials in dict.fromkeys(r["trials"] for r in records if "eer" in r):
+        eers = {(r["system"], r["backend"]): (r["eer"], *r["eer_ci95"]) for r in records
+                if r.get("trials") == trials and "eer" in r}
+        differences = {r["backend"]: (r["eer_diff"], *r["eer_diff_ci95"]) for r in records
+                       if r.get("trials") == trials and "eer_diff" in r}
+        points.append(DurationPoint(path, run, trials, *list_duration(sources.get(trials)), eers,
+                                    differences))
+    return points
+
+
+def duration_series(points: Sequence[DurationPoint]) -> dict[tuple[str, str], list[DurationPoint]]:
+    """The points by (run, trial list), ordered by duration (full length last); only the lists
+    seen at two durations or more. Two results of one list at one duration are an error."""
+    series: dict[tuple[str, str], list[DurationPoint]] = {}
+    for point in points:
+        series.setdefault((point.run, point.trials), []).append(point)
+    kept = {}
+    for key, found in series.items():
+        by_label: dict[str, DurationPoint] = {}
+        for point in found:
+            if point.label in by_label:
+                raise UserError(f"{by_label[point.label].source} and {point.source} both hold {point.trials} "
+                                f"results at test duration {point.label}: keep one of them")
+            by_label[point.label] = point
+        if len(by_label) > 1:
+            kept[key] = sorted(by_label.values(), key=DurationPoint.order)
+    return kept
+
+
+def duration_keys(points: Sequence[DurationPoint]) -> list[Key]:
+    """The (system, back-end) pairs of a series, back-end by back-end (none first)."""
+    keys = dict.fromkeys(key for point in points for key in point.eers)
+    return [key for key, _ in sorted(((key, None) for key in keys), key=score_order)]
+
+
+def draw_duration(ax: Axes, points: Sequence[DurationPoint], title: str) -> None:
+    """EER with its 95 % interval per (system, back-end) against the points' durations."""
+    keys = duration_keys(points)
+    backends = list(dict.fromkeys(backend for _, backend in keys))
+    spread = 0.25 / max(len(keys) - 1, 1)
+    for i, (system, backend) in enumerate(keys):
+        x = np.arange(len(points)) + (i - (len(keys) - 1) / 2) * spread
+        found = [(xi, p.eers[(system, backend)]) for xi, p in zip(x, points, strict=True)
+                 if (system, backend) in p.eers]
+        eer = np.array([value for _, value in found])
+        ax.errorbar([xi for xi, _ in found], eer[:, 0], yerr=[eer[:, 0] - eer[:, 1], eer[:, 2] - eer[:, 0]],
+                    color=f"C{backends.index(backend)}", linestyle=SYSTEM_STYLE.get(system, "-"),
+                    marker="o", markersize=4, capsize=3,
+                    label=system if backend == "none" else f"{system} + {backend}")
+    ax.set_xticks(range(len(points)), [p.label for p in points])
+    ax.set_xlabel("test duration")
+    ax.set_ylabel("EER (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def cell(value: Interval | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value[0]:{'+' if signed else ''}.2f} [{value[1]:.2f}, {value[2]:.2f}]"
+
+
+def duration_rows(series: dict[tuple[str, str], list[DurationPoint]]) -> list[list[str]]:
+    """The table's header and rows: per (run, list, system, back-end) the EER [95 % CI] at each
+    duration, then per back-end the paired difference enhanced - original."""
+    labels = list(dict.fromkeys(p.label for points in series.values() for p in points))
+    rows = [["run", "trials", "system", "back-end", *(f"EER % at {label}" for label in labels)]]
+    for (run, trials), points in series.items():
+        at = {p.label: p for p in points}
+        for system, backend in duration_keys(points):
+            rows.append([run, trials, system, backend, *(cell(at[label].eers.get((system, backend)))
+                                                         if label in at else "-" for label in labels)])
+        for backend in dict.fromkeys(b for p in points for b in p.differences):
+            rows.append([run, trials, "enhanced - original", backend,
+                         *(cell(at[label].differences.get(backend), signed=True) if label in at else "-"
+                           for label in labels)])
+    return rows
+
+
+def duration_table(series: dict[tuple[str, str], list[DurationPoint]]) -> str:
+    rows = duration_rows(series)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return "\n".join([lines[0], "-" * max(len(line) for line in lines), *lines[1:]])
+
+
+def write_duration_figure(points: Sequence[DurationPoint], out_dir: Path) -> tuple[Path, Path] | None:
+    """eer_duration.png (a panel per run and trial list seen at two durations or more) and
+    eer_duration.txt (the table, also printed); None when no list has two durations."""
+    series = duration_series(points)
+    if not series:
+        return None
+    fig = Figure(figsize=(8 * len(series), 5.5), layout="constrained")
+    titles = {t.key: t.title for t in TRIAL_LISTS}
+    for i, ((run, trials), found) in enumerate(series.items()):
+        draw_duration(fig.add_subplot(1, len(series), i + 1), found, f"{run}: {titles.get(trials, trials)}")
+    fig.suptitle("EER against test duration, 95 % intervals\n(dotted: original, solid: enhanced; "
+                 "colour: back-end)")
+    table = duration_table(series)
+    sources = "\n".join(f"{p.source}: {p.trials} at {p.label}" for found in series.values() for p in found)
+    print(f"\nEER against test duration (EER in % [95 % interval]; enhanced - original: the paired "
+          f"difference):\n{table}")
+    text_path = out_dir / f"{DURATION_NAME}.txt"
+    write_text_atomic(text_path, f"results\n{sources}\n\n{table}\n")
+    return save_figure(fig, out_dir / f"{DURATION_NAME}.png"), text_path
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
+
+
+OPTIONS: Options = {
+    "save_path": (None, list, f"run folder(s) holding result/scores.txt; several are compared (default "
+                  f"{SAVE_PATH}, none with --duration_results)"),
+    "out_dir": (None, str, "folder of the comparison figures (default: the first run's result folder)"),
+    "dist_list": (None, str, "distribution list for the distance histograms"),
+    "embed_dir": (None, str, "root of the original embeddings of --dist_list"),
+    "enhanced_dir": (None, str, "root of the enhanced embeddings (default <save_path>/enhanced, written by "
+                     "m_trainer.py --generate)"),
+    "seed": (SEED, int, "seed of the different-speaker pairs"),
+    "duration_results": (None, list, "--check results (check*.json) of one model on test sets of several "
+                         "durations: EER against duration in --out_dir (default: the first file's folder)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--save_path", nargs="+", default=[SAVE_PATH],
-                        help="run folder(s) holding result/scores.txt; several are compared")
-    parser.add_argument("--out_dir", help="folder of the comparison figures (default: the first "
-                        "run's result folder)")
-    parser.add_argument("--dist_list", help="distribution list for the distance histograms")
-    parser.add_argument("--embed_dir", help="root of the original embeddings of --dist_list")
-    parser.add_argument("--enhanced_dir", help="root of the enhanced embeddings (default "
-                        "<save_path>/enhanced, written by m_trainer.py --generate)")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of the different-speaker pairs")
+    add_options(parser, OPTIONS)
     return parser
 
 
@@ -506,6 +712,11 @@ def run_names(run_dirs: Sequence[Path]) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> list[Path]:
     """The run folders, after checking the options that go together."""
+    if args.save_path is None:
+        args.save_path = [] if args.duration_results else [SAVE_PATH]
+    for path in args.duration_results or []:
+        if not Path(path).is_file():
+            raise UserError(f"--duration_results: {path} not found (m_trainer.py --check writes it)")
     run_dirs = [Path(p) for p in args.save_path]
     for path in run_dirs:
         if not path.is_dir():
@@ -552,11 +763,47 @@ def distance_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: 
     return written
 
 
+def readable_points(path: Path, run: str) -> list[DurationPoint]:
+    """read_duration_points, or none with a notice where the file cannot say its duration (a
+    check.json of an earlier version, say) so that a run's other figures are still drawn."""
+    try:
+        return read_duration_points(path, run)
+    except UserError as err:
+        print(f"left out of {DURATION_NAME}.png: {err}")
+        return []
+
+
+def duration_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str]) -> list[Path]:
+    """EER against test duration: per run from its result/check*.json, and from the files of
+    --duration_results (their run: the folder above result/)."""
+    written: list[Path] = []
+    for run_dir, name in zip(run_dirs, names, strict=True):
+        found = sorted((run_dir / "result").glob(CHECK_GLOB))
+        points = [p for path in found for p in readable_points(path, name)] if len(found) > 1 else []
+        outputs = write_duration_figure(points, run_dir / "result") if points else None
+        if outputs is None:
+            print(f"skipped {name} {DURATION_NAME}.png: {len(found)} --check result(s) in "
+                  f"{run_dir / 'result'}, no trial list at two test durations "
+                  "(run --check per duration with --result_tag)")
+        written += outputs or []
+    if args.duration_results:
+        paths = [Path(p) for p in args.duration_results]
+        points = [p for path in paths for p in read_duration_points(path, path.resolve().parent.parent.name)]
+        outputs = write_duration_figure(points, Path(args.out_dir) if args.out_dir else paths[0].parent)
+        if outputs is None:
+            raise UserError(f"--duration_results: no trial list of one run at two test durations or more in "
+                            f"{', '.join(map(str, paths))}")
+        written += outputs
+    return written
+
+
 def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
     """Every figure whose inputs exist; returns the paths written."""
     args = build_parser().parse_args(argv)
     run_dirs = check_args(args)
     names = run_names(run_dirs)
+    if not run_dirs:
+        return report_written(duration_outputs(args, run_dirs, names))
     has_trials = any((run_dirs[0] / "result" / f"trials_{t.key}.npz").is_file() for t in TRIAL_LISTS)
     written = curve_outputs(args, run_dirs, names, other_inputs=has_trials or bool(args.dist_list))
     for run_dir, name in zip(run_dirs, names, strict=True):
@@ -569,13 +816,19 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
         written += distance_outputs(args, run_dirs, names)
     else:
         print("skipped dist_hist.png: no --dist_list (with --embed_dir)")
-    for path in written:
-        print(f"wrote {path}")
+    written += duration_outputs(args, run_dirs, names)
+    report_written(written)
     table = results_table(run_dirs, names)
     if table:
         print(f"\nOriginal vs enhanced (EER in %; DCF: minDCF at P_target {P_TARGETS[0]:g}, DCF01 at "
               f"{P_TARGETS[1]:g}; "
               f"a back-end after the list's name):\n{table}")
+    return written
+
+
+def report_written(written: list[Path]) -> list[Path]:
+    for path in written:
+        print(f"wrote {path}")
     return written
 
 

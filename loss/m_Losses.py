@@ -206,10 +206,6 @@ LOSSES = {cls.__name__: cls for cls in
           (MSE, MAE, CS, MSE_CS, Softmax, MSE_Softmax, MyTriplet_CS, DA, DA_MSE)}
 
 
-def get_loss(name: str, **kwargs) -> EnhancementLoss:
-    return loss_class(name)(**kwargs)
-
-
 def loss_class(name: str) -> type[EnhancementLoss]:
     if name not in LOSSES:
         raise unknown_name("loss (trainfunc)", name, LOSSES)

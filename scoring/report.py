@@ -1,10 +1,13 @@
 """The results of scoring trial lists as typed records, their table, and the files they are
 saved in: result/check.json or eval.json (the records), trials_<list>.npz (every trial's score,
-for the viewer) and eval_scores_<list>[_<back-end>].txt (`score label path1 path2`)."""
+for the viewer) and eval_scores_<list>[_<back-end>].txt (`score label path1 path2`). With a
+result tag T (m_trainer.py --result_tag, e.g. one per test duration) each name gains `_T` before
+its suffix: check_T.json, trials_<list>_T.npz, eval_scores_<list>[_<back-end>]_T.txt."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from m_utils import atomic_write, write_text_atomic
+from m_utils import UserError, atomic_write, write_text_atomic
 from scoring.bootstrap import bootstrap_eer, interval
 from scoring.calibration import Calibration, cllr, min_cllr
 from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key
@@ -260,6 +263,24 @@ def table_heading(resamples: int) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Files
+
+TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_result_tag(tag: str | None) -> None:
+    """A result tag goes into file names: letters, digits, dots, underscores and dashes."""
+    if tag is not None and not TAG_PATTERN.fullmatch(tag):
+        raise UserError(f"option 'result_tag' must be letters, digits, '.', '_' or '-' (starting with "
+                        f"a letter or digit), found {tag!r}")
+
+
+def result_name(name: str, tag: str | None = None) -> str:
+    """A result file's name with the result tag before its suffix: check.json -> check_1s.json;
+    the name itself without a tag."""
+    if not tag:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}_{tag}{dot}{suffix}" if dot else f"{name}_{tag}"
 
 
 def write_records(path: Path, records: Sequence[Record]) -> None:

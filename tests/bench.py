@@ -50,21 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from m_comb_embs import THREADS, combine, speaker_embeddings
-from m_DataLoader import (
-    EMBEDDING_TYPES,
-    TREE_STORE,
-    Batch,
-    EmbeddingData,
-    StoreBuilder,
-    TrialSet,
-    forget_freshness,
-    is_packed_store,
-    load_embeddings,
-    load_speaker_embeddings,
-    read_list,
-    store_path_of,
-    tree_stamp,
-)
+from m_DataLoader import Batch, EmbeddingData, TrialSet, load_embeddings, load_speaker_embeddings, read_list
 from m_gen_embs import (
     Item,
     Job,
@@ -86,6 +72,11 @@ from models.m_Features import SAMPLE_RATE
 from models.m_Models import get_model
 from scoring.backends import make_backend
 from scoring.metrics import compute_eer, evaluate_scores, score_trials
+from stores.arrays import EMBEDDING_TYPES
+from stores.open import forget_freshness
+from stores.packed import is_packed_store
+from stores.stamps import TREE_STORE, store_path_of, tree_stamp
+from stores.write import StoreBuilder
 
 RECORD_KEYS = ("name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb")
 COMPUTE_KEY = "compute_only_per_s"

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from conftest import run_script
 
-import m_DataLoader
 from m_utils import bf16_is_native
+from stores.open import open_store
 
 TOY = ["--utterances", "240", "--speakers", "12", "--sessions", "3", "--crops", "3", "--dim", "32",
        "--trials", "3000", "--baseline_trials", "500", "--baseline_batches", "3", "--workers", "2",
@@ -66,7 +66,7 @@ def test_bench_writes_every_record(tmp_path: Path):
     assert len(list(vox2.glob("embeddings/*.npy"))) == 2 * 12  # B and C files (pack_vox2)
     assert (vox2 / "embeddings" / "embeddings.store" / "header.json").is_file()
     assert len((vox2 / "part_normal_list.txt").read_text().splitlines()) >= 200
-    store = m_DataLoader.open_store(next((tmp_path / "data").glob("blink_*")) / "big.store")
+    store = open_store(next((tmp_path / "data").glob("blink_*")) / "big.store")
     assert store.matrix.shape == (5000, 16) and store.matrix.dtype == np.float16
     np.testing.assert_allclose(np.linalg.norm(store.matrix[:100].astype(np.float32), axis=1), 1, atol=2e-3)
 

@@ -46,7 +46,8 @@ def test_missing_folder_is_an_error(tmp_path):
 
 
 def test_script_packs_the_tree_and_replaces_only_its_own_store(tmp_path):
-    from m_DataLoader import open_store, store_key
+    from stores.keys import store_key
+    from stores.open import open_store
 
     root = make_embedding_tree(tmp_path / "emb", speakers=3, dim=12)
     result = run_script("m_comb_embs.py", "--embed_dir", str(root))

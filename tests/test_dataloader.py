@@ -6,11 +6,13 @@ import torch
 from conftest import make_embedding_tree
 
 import m_DataLoader
+import stores.arrays
 from m_comb_embs import combine
-from m_DataLoader import EmbeddingData, chunk_starts, embedding_file, speaker_grouped_batches
+from m_DataLoader import EmbeddingData, chunk_starts, speaker_grouped_batches
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer
 from m_utils import SINGLE, DistContext
+from stores.keys import embedding_file
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_each_file_read_once_per_run(tree, monkeypatch):
         return load
 
     monkeypatch.setattr(np, "load", counting(np.load))
-    monkeypatch.setattr(m_DataLoader, "read_npy", counting(m_DataLoader.read_npy))
+    monkeypatch.setattr(stores.arrays, "read_npy", counting(stores.arrays.read_npy))
     train = data(tree)
     trainer = Trainer(SpeakerNet("MyLinearNetv2", "MSE", nOut=8), torch.device("cpu"))
     for epoch in range(1, 4):
@@ -182,7 +184,7 @@ def test_speaker_pairs_group_every_pair_in_order(tree):
 def test_read_npy_equals_np_load_and_survives_many_threads(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from m_DataLoader import read_npy
+    from stores.arrays import read_npy
 
     rng = np.random.default_rng(0)
     arrays = [rng.normal(size=(3, 8)).astype(np.float32), rng.normal(size=7),

@@ -1,5 +1,6 @@
 """`make demo` end to end, at a tiny size, through the Makefile's own steps."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 from conftest import ROOT
 
 TINY_CORPUS = ("--train_speakers 5 --test_speakers 3 --libri_speakers 3 --sessions 2 "
-               "--test_sessions 2 --utterances 2 --min_seconds 1.5 --max_seconds 2")
+               "--test_sessions 2 --utterances 2 --min_seconds 1.5 --max_seconds 2 --calib_speakers 2")
 IGNORED = shutil.ignore_patterns(".git", ".venv", "demo_out", "bench_out", "exp_emb", "__pycache__",
                                  ".pytest_cache", ".ruff_cache", "gpu_check_out")
 
@@ -30,16 +31,32 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
     assert len(list((demo / "audio" / "libri").rglob("*.flac"))) == 3 * 2 * 2
     embeddings = sorted(p for p in (demo / "embeddings").rglob("*.npy")
                         if not any(part.endswith(".store") for part in p.parts))  # packed stores aside
-    assert len(embeddings) == (20 + 12 + 12) + 2 * (5 + 3 + 3)  # utterances + B and C files
+    assert len(list((demo / "audio" / "vox_calib").rglob("*.wav"))) == 2 * 2 * 2
+    # utterances (vox_train, vox_test, libri, vox_calib, vox_test at 1 and 2 s) + B and C files
+    assert len(embeddings) == (20 + 12 + 12 + 8 + 2 * 12) + 2 * (5 + 3 + 3 + 2 + 2 * 3)
+    for seconds in (1, 2):
+        short = demo / "embeddings" / f"vox_test_{seconds}s"
+        assert json.loads((short / "manifest.json").read_text())["max_seconds"] == seconds
+        assert all(float(line.split()[1]) <= seconds for line in (short / "utt2dur").read_text().splitlines())
     for run in ("demo_MyResidualNet",):
         result = demo / "exp" / run / "result"
         assert (result / "scores.txt").read_text().startswith("Epoch 1, TLOSS")
-        for png in ("fig.png", "fig2.png", "det.png", "dist_hist.png"):
+        for png in ("fig.png", "fig2.png", "det.png", "dist_hist.png", "eer_duration.png"):
             assert (result / png).stat().st_size > 10_000
+        for name in ("check.json", "check_1s.json", "check_2s.json", "trials_test_1s.npz",
+                     "trials_test_2s.npz"):
+            assert (result / name).is_file(), name
+        duration_table = (result / "eer_duration.txt").read_text().split("\n\n", 1)[1]
+        assert duration_table in first.stdout
+        header = duration_table.splitlines()[0]
+        assert "EER % at 1 s" in header and "EER % at 2 s" in header and "EER % at full (" in header
+        # per back-end (none, mean, asnorm, plda, qmf): original, enhanced and their difference
+        assert duration_table.count(f"{run}  test") == 3 * 5
         assert len(list((demo / "exp" / run / "enhanced").rglob("*.npy"))) == 12
     assert "[testset original EER]" in first.stdout and "[libriset processed EER]" in first.stdout
     table = first.stdout.split("Original vs enhanced")[1]
-    assert table.count("demo_MyResidualNet") == 2 * 4  # two trial lists, four back-ends
+    assert table.count("demo_MyResidualNet") == 2 * 5  # two trial lists, five back-ends
+    assert "test list, qmf" in table and "LibriSpeech list, qmf" in table
     assert "test list, asnorm" in table and "LibriSpeech list, plda" in table
 
     utterances = [path for path in embeddings if path.parent.parent != demo / "embeddings"]

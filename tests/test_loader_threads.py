@@ -12,9 +12,9 @@ import soundfile
 import yaml
 from conftest import make_experiment_data
 
-import m_DataLoader
 import m_gen_embs
 import m_trainer
+import stores.arrays
 from m_DataLoader import load_embeddings
 from m_utils import UserError
 
@@ -25,13 +25,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def reader_threads(monkeypatch) -> list[int]:
     """The thread of every embedding file read from now on."""
     threads: list[int] = []
-    read = m_DataLoader.read_embedding
+    read = stores.arrays.read_embedding
 
     def recorded(path: Path, dim: int | None = None) -> np.ndarray:
         threads.append(threading.get_ident())
         return read(path, dim)
 
-    monkeypatch.setattr(m_DataLoader, "read_embedding", recorded)
+    monkeypatch.setattr(stores.arrays, "read_embedding", recorded)
     return threads
 
 

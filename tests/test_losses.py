@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from loss.m_Losses import LOSSES, get_loss
-from m_DataLoader import LIST_FIELDS, Batch
+from loss.m_Losses import LOSSES, loss_class
+from m_DataLoader import Batch, TrainingKind, list_kind
 from m_network import options_taken
 from m_utils import UserError
 
@@ -21,19 +21,19 @@ def batch(**extra) -> Batch:
 
 @pytest.mark.parametrize("name, expected", [("MSE", 0.5), ("MAE", 0.5), ("CS", 0.5), ("MSE_CS", 1.0)])
 def test_simple_losses(name, expected):
-    value, _ = get_loss(name)(X, batch())
+    value, _ = loss_class(name)()(X, batch())
     assert value.item() == pytest.approx(expected)
 
 
 def test_triplet_cs():
-    value, _ = get_loss("MyTriplet_CS")(X, batch(others=OTHER))
+    value, _ = loss_class("MyTriplet_CS")()(X, batch(others=OTHER))
     # 1 - mean(1, 0) + mean(0, 1)
     assert value.item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("name, extra", [("Softmax", 0.0), ("MSE_Softmax", 0.5)])
 def test_softmax_losses(name, extra):
-    loss = get_loss(name, nOut=2, nClasses=2)
+    loss = loss_class(name)(nOut=2, nClasses=2)
     with torch.no_grad():
         loss.fc.weight.copy_(torch.eye(2))
         loss.fc.bias.zero_()
@@ -47,10 +47,10 @@ def test_softmax_init_from_extractor_checkpoint(tmp_path):
     path = tmp_path / "extractor.model"
     torch.save({"__S__.conv1.weight": torch.zeros(1), "__L__.softmax.fc.weight": weight,
                 "__L__.softmax.fc.bias": bias}, path)
-    loss = get_loss("Softmax", nOut=2, nClasses=3, softmax_init=str(path))
+    loss = loss_class("Softmax")(nOut=2, nClasses=3, softmax_init=str(path))
     assert torch.equal(loss.fc.weight.data, weight) and torch.equal(loss.fc.bias.data, bias)
     with pytest.raises(UserError, match="needs"):
-        get_loss("Softmax", nOut=2, nClasses=4, softmax_init=str(path))
+        loss_class("Softmax")(nOut=2, nClasses=4, softmax_init=str(path))
 
 
 def rbf(a, b, sigma):
@@ -82,7 +82,7 @@ def test_da_value():
     distance = 1 - cos(x[0::2], x[1::2])
     expected_mmd = mmd(distance[:2], distance[2:], sigma)
     expected = expected_mmd + 1 - cos(x, np.array([1.0, 0, 0])).mean()
-    value, reported = get_loss("DA", sigma=sigma)(PAIRS, pair_batch(PAIRS, [True, True, False], [0, 0, 0]))
+    value, reported = loss_class("DA")(sigma=sigma)(PAIRS, pair_batch(PAIRS, [True, True, False], [0, 0, 0]))
     assert value.item() == pytest.approx(expected, rel=1e-5)
     assert reported.item() == pytest.approx(expected_mmd, rel=1e-5)
     assert expected_mmd == pytest.approx(1.01804, rel=1e-5)  # the two kinds of pair differ: not 0
@@ -92,12 +92,12 @@ def test_da_mse_value():
     x = PAIRS.numpy().astype(np.float64)
     distance = np.sqrt(((x[0::2] - x[1::2]) ** 2).mean(axis=1))
     expected = mmd(distance[:2], distance[2:], 1.0) + ((x - np.array([1.0, 0, 0])) ** 2).mean()
-    value, _ = get_loss("DA_MSE", sigma=1.0)(PAIRS, pair_batch(PAIRS, [True, True, False], [0, 0, 0]))
+    value, _ = loss_class("DA_MSE")(sigma=1.0)(PAIRS, pair_batch(PAIRS, [True, True, False], [0, 0, 0]))
     assert value.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_da_speaker_without_different_pairs_adds_no_mmd_and_no_nan():
-    value, reported = get_loss("DA")(PAIRS, pair_batch(PAIRS, [True, True, True], [0, 0, 0]))
+    value, reported = loss_class("DA")()(PAIRS, pair_batch(PAIRS, [True, True, True], [0, 0, 0]))
     assert torch.isfinite(value) and reported.item() == 0.0
     x = PAIRS.numpy().astype(np.float64)
     assert value.item() == pytest.approx(1 - cos(x, np.array([1.0, 0, 0])).mean(), rel=1e-5)
@@ -107,7 +107,7 @@ def test_da_averages_mmd_over_speakers():
     x = PAIRS.numpy().astype(np.float64)
     distance = 1 - cos(x[0::2], x[1::2])
     # speaker 0: pairs 0 (same) and 2 (different); speaker 1: pair 1 (same) only
-    _, reported = get_loss("DA")(PAIRS, pair_batch(PAIRS, [True, True, False], [0, 1, 0]))
+    _, reported = loss_class("DA")()(PAIRS, pair_batch(PAIRS, [True, True, False], [0, 1, 0]))
     assert reported.item() == pytest.approx(mmd(distance[:1], distance[2:], 1.0) / 1, rel=1e-5)
 
 
@@ -115,7 +115,7 @@ def test_da_averages_mmd_over_speakers():
 def test_da_mmd_equals_a_loop_over_speakers_value_and_gradient(name):
     """Random multi-speaker batches (some speakers lacking one kind of pair) against the plain
     per-speaker definition, written with the loss's own pair distance."""
-    loss = get_loss(name, sigma=0.8)
+    loss = loss_class(name)(sigma=0.8)
     rng = np.random.default_rng(4)
     for _ in range(20):
         pairs = int(rng.integers(2, 30))
@@ -162,7 +162,7 @@ def test_every_loss_gives_a_scalar_with_a_gradient(name):
     """What every registered loss must do: train on a list kind that exists, take its hyper-parameters
     by constructor name, return a finite scalar loss (and accuracy) whose gradient reaches x."""
     cls = LOSSES[name]
-    assert cls.list_kind in LIST_FIELDS
+    assert isinstance(list_kind(cls.list_kind), TrainingKind)
     loss = cls(**options_taken(cls, {"nOut": 3, "nClasses": 2, "sigma": 1.0}))
     x = torch.tensor(PAIRS.tolist(), dtype=torch.float32)[:4].requires_grad_()
     value, accuracy = loss(x, batch_of_kind(cls.list_kind, x))
@@ -175,5 +175,5 @@ def test_every_loss_gives_a_scalar_with_a_gradient(name):
 
 def test_unknown_loss_lists_known_names():
     with pytest.raises(UserError, match="did you mean MSE_CS") as err:
-        get_loss("MSE_SC")
+        loss_class("MSE_SC")()
     assert str(err.value).split("; known: ")[1].split(", ") == sorted(LOSSES)

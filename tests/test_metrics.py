@@ -3,7 +3,6 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
-from m_DataLoader import embedding_type_of
 from m_network import SpeakerNet
 from m_utils import UserError
 from scoring.metrics import (
@@ -18,6 +17,7 @@ from scoring.metrics import (
     score_curve,
     score_trials,
 )
+from stores.arrays import embedding_type_of
 
 
 def brute_rates(scores, labels):

@@ -18,25 +18,17 @@ import yaml
 from conftest import make_embedding_tree, run_script
 
 import m_comb_embs
-import m_DataLoader
 import m_gen_list
 import m_trainer
 from m_comb_embs import combine
-from m_DataLoader import (
-    EmbeddingData,
-    TreeSource,
-    TrialSet,
-    load_embeddings,
-    load_speaker_embeddings,
-    open_embeddings,
-    open_store,
-    pack_arrays,
-    read_list,
-    store_key,
-    write_embeddings,
-)
+from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, load_speaker_embeddings, read_list
 from m_gen_list import make_lists
 from m_utils import UserError
+from stores.arrays import combine_speaker
+from stores.keys import store_key
+from stores.open import forget_freshness, open_embeddings, open_store
+from stores.tree import TreeSource
+from stores.write import gen_format_of, gen_target, pack_arrays, write_embeddings
 
 DIM = 16
 
@@ -53,7 +45,7 @@ def packed(tmp_path) -> Path:
                                           for k, rel in enumerate(rels_of(tree))))
     (tree / "manifest.json").write_text(json.dumps({"extractor": "GE2E", "eval_frames": 300}))
     combine(tree, pack=True)
-    m_DataLoader.forget_freshness()
+    forget_freshness()
     return tree
 
 
@@ -110,18 +102,18 @@ def test_a_stale_store_is_not_used(packed, caplog):
     changed = np.full((2, DIM), 0.5, np.float32)
     np.save(packed / rel, changed)
     os.utime(packed / rel, ns=(2**62, 2**62))  # newer than anything, even on coarse clocks
-    with caplog.at_level(logging.WARNING, logger="m_DataLoader"):
+    with caplog.at_level(logging.WARNING, logger="stores"):
         loaded = load_embeddings(packed, [rel])
     assert isinstance(open_embeddings(packed), TreeSource)
     np.testing.assert_allclose(loaded[0], np.full(DIM, 0.25), atol=1e-7)
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert str(packed / "embeddings.store") in caplog.records[0].getMessage()
     combine(packed, pack=True)  # rebuilt: fresh again, with the new values
-    m_DataLoader.forget_freshness()
+    forget_freshness()
     assert open_embeddings(packed).path == packed / "embeddings.store"
     np.testing.assert_array_equal(load_embeddings(packed, [rel]), loaded)
     (packed / rels_of(packed)[0]).unlink()  # a removed file makes it stale too
-    m_DataLoader.forget_freshness()
+    forget_freshness()
     assert isinstance(open_embeddings(packed), TreeSource)
 
 
@@ -150,7 +142,7 @@ def test_float16_store_converts_once(tmp_path):
     again = EmbeddingData(listed, tmp_path / "x.store", "normal", "C", DIM)
     assert again.embeddings.data_ptr() == data.embeddings.data_ptr()  # converted once
     np.testing.assert_allclose(load_speaker_embeddings(tmp_path / "x.store", ["s1"], "C")[0],
-                               m_DataLoader.combine_speaker(means[1::3].astype(np.float64), "C"))
+                               combine_speaker(means[1::3].astype(np.float64), "C"))
 
 
 def test_float16_store_epoch_gathers_rows_without_a_float32_copy(tmp_path):
@@ -240,8 +232,8 @@ def test_generate_writers_read_back(tmp_path, target):
     if target == "tree":
         assert np.load(tmp_path / "tree" / "s1" / "v0" / "00001.npy").shape == (1, DIM)
     np.testing.assert_allclose(load_embeddings(written, keys), rows, atol=1e-7)
-    kind = m_DataLoader.gen_format_of(written)
-    assert m_DataLoader.gen_target(tmp_path / "enhanced", kind).name == {
+    kind = gen_format_of(written)
+    assert gen_target(tmp_path / "enhanced", kind).name == {
         "tree": "enhanced", "kaldi": "xvector.scp", "packed": "enhanced.store"}[kind]
 
 
@@ -352,3 +344,20 @@ def test_missing_file_of_a_tree_or_scp_names_the_list_line_too(tmp_path):
         with pytest.raises(UserError) as caught:
             TrialSet(listed, store, DIM)
         assert f"{listed}:3" in str(caught.value) and str(store) in str(caught.value)
+
+
+def test_side_files_are_read_strictly_by_one_reader(tmp_path):
+    tree = make_embedding_tree(tmp_path / "emb", speakers=2, sessions=1, utterances=2, dim=DIM)
+    rels = rels_of(tree)
+    (tree / "utt2dur").write_text(f"{store_key(rels[0])} 1.5\n{store_key(rels[1])} -2\n")
+    with pytest.raises(UserError, match=re.escape(f"{tree / 'utt2dur'}:2: expected '<utt> <seconds>'")):
+        open_embeddings(tree).durations(rels)
+    (tree / "utt2dur").write_text(f"{store_key(rels[0])} nan\n")
+    with pytest.raises(UserError, match=re.escape(f"{tree / 'utt2dur'}:1:")):
+        open_embeddings(tree).durations(rels)
+    (tree / "manifest.json").write_text('{"extractor":\n  oops}\n')
+    with pytest.raises(UserError, match=re.escape(f"{tree / 'manifest.json'}:2: not valid JSON")):
+        _ = open_embeddings(tree).manifest
+    (tree / "manifest.json").write_text("[1, 2]\n")
+    with pytest.raises(UserError, match="a manifest is a JSON object"):
+        _ = open_embeddings(tree).manifest

@@ -147,6 +147,39 @@ def test_generate_and_eval(data, tmp_path, capsys):
     assert len(lines) == len((data / "lists" / "test_test_list.txt").read_text().splitlines())
 
 
+def test_generate_writes_kaldi_and_packed_stores_with_the_tree_values(data, tmp_path):
+    """gen_format kaldi writes <gen_target_dir>/xvector.scp (+ .ark) keyed by the list's paths, with
+    exactly the values of the tree of .npy files; packed writes <gen_target_dir>.store, which holds
+    them as every store does: L2-normalised rows (as read from the tree) and their norms."""
+    import kaldiio
+
+    from stores.keys import store_key
+    from stores.open import open_store
+
+    cfg = config(data, tmp_path, trainfunc="CS", gen_list=str(data / "lists" / "libri_normal_list.txt"),
+                 gen_path=str(data / "libri"))
+    save = tmp_path / "exp"
+    train(cfg, save, "--max_epoch", "1")
+    for kind in ("tree", "kaldi", "packed"):
+        m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--generate", "--gen_format", kind,
+                        "--gen_target_dir", f"enhanced_{kind}"])
+    tree = {store_key(path.relative_to(save / "enhanced_tree").as_posix()): np.load(path)[0]
+            for path in (save / "enhanced_tree").rglob("*.npy")}
+    scp = dict(kaldiio.load_scp(str(save / "enhanced_kaldi" / "xvector.scp")))
+    entries = (data / "lists" / "libri_normal_list.txt").read_text().split()[1::2]
+    assert {store_key(key) for key in scp} == tree.keys() == {store_key(rel) for rel in entries}
+    store = open_store(save / "enhanced_packed.store")
+    packed = dict(zip(store.keys, zip(np.asarray(store.matrix), store.norms(), strict=True), strict=True))
+    for key, values in scp.items():
+        exact = tree[store_key(key)]
+        np.testing.assert_array_equal(values, exact)
+        row, norm = packed[store_key(key)]
+        np.testing.assert_allclose(norm, np.linalg.norm(exact), rtol=1e-6)
+        np.testing.assert_allclose(row, exact / np.linalg.norm(exact), rtol=1e-6, atol=1e-7)
+    with pytest.raises(UserError, match="gen_format must be one of tree, kaldi, packed"):
+        m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--generate", "--gen_format", "hdf5"])
+
+
 def test_check_without_libri_list_gives_a_notice(data, tmp_path):
     cfg = config(data, tmp_path, trainfunc="MSE", test_list_libri=None, test_path_libri=None)
     save = tmp_path / "exp"

@@ -299,9 +299,14 @@ def direct_distance(root: Path, a: str, b: str) -> float:
     return 1 - float(unit_mean((root / a).with_suffix(".npy")) @ unit_mean((root / b).with_suffix(".npy")))
 
 
-def test_distance_study_matches_numpy(embedding_tree):
+def pair_groups(t: dict, seed: int = m_viewer.SEED) -> dict:
+    """The viewer's pair groups of the tree `t`, with distances before and after enhancement."""
+    return m_viewer.enhanced_groups(m_viewer.pair_study(t["list"], t["embed"], seed), t["run"] / "enhanced")
+
+
+def test_pair_distances_match_numpy(embedding_tree):
     t = embedding_tree
-    groups = m_viewer.distance_study(t["list"], t["embed"], t["run"] / "enhanced", seed=3)
+    groups = pair_groups(t, seed=3)
     records = [line.split() for line in t["lines"]]
     assert groups["same"].pairs == [(r[1], r[2]) for r in records if r[3] == "1"]
     assert groups["category"].pairs == [(r[1], r[2]) for r in records if r[3] == "0"]
@@ -315,9 +320,9 @@ def test_distance_study_matches_numpy(embedding_tree):
         np.testing.assert_allclose(group.before, before, atol=1e-6)
         np.testing.assert_allclose(group.after, after, atol=1e-6)
     assert groups["same"].before.mean() < groups["category"].before.mean() < groups["speaker"].before.mean()
-    again = m_viewer.distance_study(t["list"], t["embed"], t["run"] / "enhanced", seed=3)
+    again = pair_groups(t, seed=3)
     assert again["speaker"].pairs == speaker_pairs
-    other = m_viewer.distance_study(t["list"], t["embed"], t["run"] / "enhanced", seed=4)
+    other = pair_groups(t, seed=4)
     assert other["speaker"].pairs != speaker_pairs
 
 
@@ -329,7 +334,7 @@ def test_histogram_script_prints_the_means(embedding_tree, capsys):
     assert written == [result / "dist_hist.png", result / "dist_hist.txt"]
     assert_png(result / "dist_hist.png", min_kb=30)
     out = capsys.readouterr().out
-    groups = m_viewer.distance_study(t["list"], t["embed"], t["run"] / "enhanced", seed=3)
+    groups = pair_groups(t, seed=3)
     for group in groups.values():
         before = np.mean([direct_distance(t["embed"], a, b) for a, b in group.pairs])
         after = np.mean([direct_distance(t["run"] / "enhanced", a, b) for a, b in group.pairs])
@@ -357,7 +362,7 @@ def test_incomplete_enhanced_tree_is_a_clear_error(embedding_tree):
     t = embedding_tree
     (t["run"] / "enhanced" / "id002" / "catB" / "00001.npy").unlink()
     with pytest.raises(UserError, match="m_trainer.py --generate"):
-        m_viewer.distance_study(t["list"], t["embed"], t["run"] / "enhanced")
+        pair_groups(t)
 
 
 def test_dist_list_needs_embed_dir(embedding_tree):

@@ -1,0 +1,67 @@
+"""A Kaldi `.scp` with its `.ark` files (WeSpeaker, 3D-Speaker) as an embedding store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from m_utils import UserError
+from stores.arrays import check_embedding, combine_speaker, crop_means, reduce_means
+from stores.keys import key_speaker, read_utt2spk, store_key
+from stores.source import EmbeddingSource, Utterances
+from stores.stamps import scp_entries
+
+
+class KaldiSource(EmbeddingSource):
+    """A Kaldi `.scp` with its `.ark` files (read with kaldiio); speakers from `utt2spk` beside it
+    or each key's first path component. Speaker embeddings are combined from the utterances."""
+
+    def __init__(self, scp: Path, entries: list[tuple[str, str]] | None = None):
+        self.path = scp
+        self.side_dir = scp.parent
+        self.entries = entries if entries is not None else scp_entries(scp)
+        self.utt2spk = read_utt2spk(scp.parent / "utt2spk")
+        self.key_of = {store_key(utt): utt for utt, _ in self.entries}
+        self.location = dict(self.entries)
+
+    def read(self, utt: str, dim: int | None = None) -> np.ndarray:
+        import kaldiio
+
+        try:
+            array = np.asarray(kaldiio.load_mat(self.location[utt]))
+        except Exception as err:  # kaldiio raises many kinds of errors on a bad ark
+            raise UserError(f"{self.path}: cannot read {utt} from {self.location[utt]} ({err})") from None
+        return check_embedding(array, f"{self.path} ({utt})", dim)
+
+    def means(self, utts: Sequence[str], dim: int | None = None) -> np.ndarray:
+        return crop_means([self.read(utt, dim) for utt in utts])
+
+    def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
+                   desc: str = "loading embeddings", show_progress: bool = True,
+                   source: str | os.PathLike = "the list") -> Utterances:
+        utts = []
+        for rel in rels:
+            utt = self.key_of.get(store_key(rel))
+            if utt is None:
+                raise self.missing_key(rel, source)
+            utts.append(utt)
+        matrix, norms = reduce_means(self.means(utts, dim), [f"{self.path} ({u})" for u in utts])
+        return Utterances(matrix, np.arange(len(utts)), norms)
+
+    def speaker_of(self, rels: Sequence[str]) -> list[str]:
+        return [key_speaker(store_key(rel), self.utt2spk) for rel in rels]
+
+    def speaker_embeddings(self, speakers: Sequence[str], embedding_type: str,
+                           dim: int | None = None) -> np.ndarray:
+        by_speaker: dict[str, list[str]] = {}
+        for key, utt in self.key_of.items():
+            by_speaker.setdefault(key_speaker(key, self.utt2spk), []).append(utt)
+        rows = []
+        for spk in speakers:
+            if spk not in by_speaker:
+                raise UserError(f"{self.path}: no utterance of speaker {spk}")
+            rows.append(combine_speaker(self.means(by_speaker[spk], dim), embedding_type))
+        return np.stack(rows)

@@ -1,0 +1,219 @@
+"""Writing stores: a packed store built row block by row block and renamed into place
+(StoreBuilder, pack_*), and --generate's writers of the three kinds (tree, Kaldi, packed)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from m_utils import UserError, save_npy_atomic, write_error, write_text_atomic
+from stores.arrays import EMBEDDING_TYPES, combine_speaker, reduce_means
+from stores.keys import key_speaker, store_key
+from stores.packed import STORE_DTYPES, STORE_FORMAT, STORE_VERSION, is_packed_store
+from stores.stamps import SIDE_FILES, STORE_SUFFIX
+
+
+class StoreBuilder:
+    """Builds a packed store in a hidden folder beside its target, row block by row block, then
+    renames it into place: a reader sees the old store or the new one, never half of one. An old
+    store this project wrote is replaced; anything else at the target is left alone (UserError)."""
+
+    def __init__(self, target: Path, rows: int, dim: int, dtype: str = "float32"):
+        if dtype not in STORE_DTYPES:
+            raise UserError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, found {dtype!r}")
+        if target.exists() and not is_packed_store(target):
+            raise UserError(f"{target}: exists and is not a packed store this project wrote; "
+                            "not replaced (move it away)")
+        self.target = target
+        self.dtype = np.dtype(dtype)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+            self.matrix = np.lib.format.open_memmap(self.temp / "embeddings.npy", "w+", dtype, (rows, dim))
+        except OSError as err:
+            raise write_error(target, err) from None
+        self.norms = np.zeros(rows, np.float32)
+
+    def __enter__(self) -> StoreBuilder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.temp.exists():  # not finished: the half-built folder was ours
+            self.matrix = None
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+    def put(self, start: int, embeddings: np.ndarray, norms: np.ndarray) -> None:
+        self.matrix[start:start + len(embeddings)] = embeddings
+        self.norms[start:start + len(embeddings)] = norms
+
+    def finish(self, keys: Sequence[str], speakers: Sequence[str], speaker_of: np.ndarray,
+               tables: dict[str, np.ndarray], header: dict, side_dir: Path | None = None) -> Path:
+        """Write the index and header, then rename the folder into place; returns the target."""
+        try:
+            self.matrix.flush()
+            rows, dim = self.matrix.shape
+            self.matrix = None
+            (self.temp / "keys.txt").write_text("\n".join(keys) + "\n")
+            (self.temp / "speakers.txt").write_text("\n".join(speakers) + "\n")
+            np.save(self.temp / "norms.npy", self.norms)
+            np.save(self.temp / "speaker_of.npy", np.asarray(speaker_of, np.int32))
+            for name, table in tables.items():
+                np.save(self.temp / f"speakers_{name}.npy", np.asarray(table, np.float32))
+            for name in SIDE_FILES if side_dir is not None else ():
+                if (side_dir / name).is_file():
+                    shutil.copyfile(side_dir / name, self.temp / name)
+            header = {"format": STORE_FORMAT, "version": STORE_VERSION, **header,
+                      "dtype": self.dtype.name, "utterances": rows,
+                      "speakers": len(speakers), "dim": dim,
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            (self.temp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
+            sync_folder(self.temp)
+            self.replace()
+        except OSError as err:
+            raise write_error(self.target, err) from None
+        return self.target
+
+    def replace(self) -> None:
+        """Rename the built folder over the target (an old store goes aside, then away)."""
+        old = None
+        if self.target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".old",
+                                        dir=self.target.parent))
+            os.replace(self.target, old / "store")
+        os.replace(self.temp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync every file of a folder, then the folder: on disk before it is renamed into place."""
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def speaker_tables(means: np.ndarray, speaker_of: np.ndarray, count: int) -> dict[str, np.ndarray]:
+    """The (S, D) B and C speaker embeddings of rows' crop means grouped by speaker index (one
+    speaker's rows in float64 at a time)."""
+    order = np.argsort(speaker_of, kind="stable")
+    bounds = np.searchsorted(speaker_of[order], np.arange(count + 1))
+    tables = {name: np.empty((count, means.shape[1]), np.float32) for name in EMBEDDING_TYPES}
+    for s in range(count):
+        group = np.asarray(means[order[bounds[s]:bounds[s + 1]]], np.float64)
+        for name, table in tables.items():
+            table[s] = combine_speaker(group, name)
+    return tables
+
+
+def pack_arrays(target: str | os.PathLike, keys: Sequence[str], means: np.ndarray,
+                speakers_of_keys: Sequence[str] | None = None, dtype: str = "float32",
+                source: str = "arrays") -> Path:
+    """A packed store from per-utterance vectors (crop means, or embeddings): rows L2-normalised,
+    norms kept, B/C speaker embeddings combined. Speakers default to the keys' first component.
+    Rows keep their order; quick at scale (blocks of rows, no float64 copy of the whole matrix)."""
+    keys = [store_key(key) for key in keys]
+    names = list(speakers_of_keys) if speakers_of_keys is not None else [key_speaker(k) for k in keys]
+    speakers = sorted(set(names))
+    position = {spk: k for k, spk in enumerate(speakers)}
+    speaker_of = np.array([position[name] for name in names], np.int32)
+    return pack_means(target, keys, means, speakers, speaker_of, dtype,
+                      {"source": source, "source_kind": "arrays", "stamp": None})
+
+
+def pack_means(target: str | os.PathLike, keys: Sequence[str], means: np.ndarray,
+               speakers: Sequence[str], speaker_of: np.ndarray, dtype: str, header: dict,
+               side_dir: Path | None = None, block: int = 65536) -> Path:
+    """Write the packed store of crop means (N, D) under store `keys`, each row's speaker index
+    into `speakers` in `speaker_of`; `header` says the source and its Stamp."""
+    if len(set(keys)) < len(keys):
+        seen: set[str] = set()
+        twice = next(key for key in keys if key in seen or seen.add(key))
+        raise UserError(f"{header.get('source')}: two utterances have the store key {twice}")
+    with StoreBuilder(Path(target), len(keys), means.shape[1], dtype) as builder:
+        for start in range(0, len(keys), block):
+            rows = np.asarray(means[start:start + block], np.float64)
+            builder.put(start, *reduce_means(rows, keys[start:start + block]))
+        tables = speaker_tables(means, speaker_of, len(speakers))
+        return builder.finish(keys, speakers, speaker_of, tables, header, side_dir)
+
+
+GEN_FORMATS = ("tree", "kaldi", "packed")
+
+
+def gen_format_of(target: str | os.PathLike, gen_format: str | None = None) -> str:
+    """tree, kaldi or packed: `gen_format` when given, else from the target (`.scp` -> kaldi,
+    `.store` -> packed, anything else a tree)."""
+    if gen_format:
+        if gen_format not in GEN_FORMATS:
+            raise UserError(f"gen_format must be one of {', '.join(GEN_FORMATS)}, found {gen_format!r}")
+        return gen_format
+    suffix = Path(target).suffix
+    return {".scp": "kaldi", STORE_SUFFIX: "packed"}.get(suffix, "tree")
+
+
+def gen_target(folder: str | os.PathLike, gen_format: str) -> Path:
+    """Where --generate writes embeddings of `gen_format` for the folder gen_target_dir names:
+    the folder itself (tree), `<folder>/xvector.scp` (kaldi, WeSpeaker's name) or
+    `<folder>.store` (packed)."""
+    folder = Path(folder)
+    kind = gen_format_of(folder, gen_format)
+    if kind == "kaldi":
+        return folder / "xvector.scp"
+    return folder.with_name(folder.name + STORE_SUFFIX) if kind == "packed" else folder
+
+
+def write_embeddings(target: str | os.PathLike, keys: Sequence[str], matrix: np.ndarray,
+                     gen_format: str | None = None) -> Path:
+    """Write (N, D) embeddings under their keys (list paths) as a tree of (1, D) `.npy` files
+    (`<target>/<key>.npy`), a Kaldi `.scp` + `.ark` (keys as given, as WeSpeaker reads them) or a
+    packed store; the kind from `gen_format` or the target (gen_format_of). Returns the target."""
+    target = Path(target)
+    kind = gen_format_of(target, gen_format)
+    if kind == "packed":
+        return pack_arrays(target, keys, matrix, source="generated")
+    if kind == "kaldi":
+        return write_kaldi(target, keys, matrix)
+    for rel, row in zip(keys, matrix, strict=True):
+        save_npy_atomic((target / rel).with_suffix(".npy"), np.asarray(row[None, :], np.float32))
+    return target
+
+
+def write_kaldi(scp: Path, keys: Sequence[str], matrix: np.ndarray) -> Path:
+    """A Kaldi `.scp` and its `.ark` (float32 vectors, kaldiio's binary format) beside it, each
+    written to a temporary name and renamed; the .scp names the .ark by its absolute path."""
+    import kaldiio
+
+    if scp.suffix != ".scp":
+        raise UserError(f"{scp}: a Kaldi target is a .scp file")
+    ark = scp.with_suffix(".ark").resolve()
+    try:
+        scp.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{ark.name}.", suffix=".tmp", dir=ark.parent)
+        os.close(fd)
+    except OSError as err:
+        raise write_error(ark, err) from None
+    lines = io.StringIO()
+    arrays = {key: np.asarray(row, np.float32) for key, row in zip(keys, matrix, strict=True)}
+    try:
+        kaldiio.save_ark(temp, arrays, scp=lines)
+        os.replace(temp, ark)
+    except BaseException as err:
+        Path(temp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(ark, err) from None
+        raise
+    text = "".join(f"{line.split(' ', 1)[0]} {ark}:{line.rsplit(':', 1)[1]}\n"
+                   for line in lines.getvalue().splitlines())
+    write_text_atomic(scp, text)
+    return scp
