@@ -13,10 +13,16 @@ repository did the same work (one file per sample, a per-trial loop, one utteran
 stages compare formats instead: decoding .wav and .m4a files of the same audio, and m_gen_embs' whole
 path on each. Prints one table, writes it as a JSON list of records, and prints the JSON path last.
 
+The scale stages of issue 19 have data of their own (every size a --vox2_* / --blink_* flag):
+pack_vox2 and store_open a VoxCeleb2-shaped tree (1,092,009 files of (10, 256), 5,994 speakers,
+145,000 videos: 12.5 GiB, written once by --vox2_processes processes), train_vox2_steps a
+VoxBlink2-sized float16 store (9,904,382 x 256, 5 GB) and a 100,000-row one, written block by block.
+
 A stage is one row of STAGES (a Stage: name, unit, runner, the data it needs, its goals, bf16) plus
 its runner, a function (args, tree, meter) -> StageResult. A goal is a RatioGoal (project/baseline,
-per device), a StepTimeGoal (an epoch against its arithmetic limit) or a MemoryGoal (MEMORY_FACTOR x
-a sum of MemoryBudget's sizes; a new size is one field of MemoryBudget).
+per device), a StepTimeGoal (an epoch against its arithmetic limit), a GrowthGoal (a step against the
+same step from a smaller store) or a MemoryGoal (a factor, MEMORY_FACTOR unless given, x a sum of
+MemoryBudget's sizes; a new size is one field of MemoryBudget).
 """
 
 from __future__ import annotations
@@ -1168,7 +1174,7 @@ class AnonPeak:
         self.thread.join()
 
 
-STEP_ROUNDS = 5  # the big and the small store's steps alternate in rounds: the machine's drift cancels
+STEP_ROUNDS = 10  # the big and the small store's steps alternate in rounds: the machine's drift cancels
 
 
 def stage_train_vox2_steps(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
