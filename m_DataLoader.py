@@ -170,7 +170,7 @@ class TrainingKind(ListKind):
     EmbeddingData (by row); the other fields are values."""
 
     fields = ("spk", "path")
-    gathered: ClassVar[dict[str, str]] = {"inputs": "embeddings", "targets": "speaker_embeddings"}
+    gathered: ClassVar[dict[str, str]] = {"inputs": "table", "targets": "speaker_embeddings"}
 
     def files(self, records: list[tuple]) -> list[str]:
         return [r[1] for r in records]
@@ -440,7 +440,8 @@ class EmbeddingData:
         files = self.list_kind.files(records)
         # a packed store's rows are its own: the files' order does not matter there
         unique = list(dict.fromkeys(files)) if source.own_rows else sorted(set(files))
-        own_speakers = sorted(self.list_kind.speakers(records))
+        # copies: a name kept per speaker pinned the freed records' pools (2 GB at 9.9M lines)
+        own_speakers = sorted(spk.encode().decode() for spk in self.list_kind.speakers(records))
         self.speakers = list(speakers) if speakers is not None else own_speakers
         label_of = {spk: i for i, spk in enumerate(self.speakers)}
         target_of = {spk: i for i, spk in enumerate(own_speakers)}  # beside this list's files
@@ -448,11 +449,12 @@ class EmbeddingData:
         utterances = source.utterances(unique, dim, threads, source=list_path)
         self.manifest, self.source = source.manifest, str(source.path)  # provenance (contract.md)
         row_of = dict(zip(unique, utterances.rows.tolist(), strict=True))
-        # float32 on the CPU: the memory map itself. A float16 store goes to a GPU as it is and is
-        # converted there, so the host never holds a float32 copy.
-        table = utterances.table if torch.device(device).type == "cpu" else utterances.native
-        self.embeddings = torch.from_numpy(table).to(device).float()
-        self.dim = int(self.embeddings.shape[1])
+        # Batches gather from `table`: on the CPU the memory map itself (a float16 store's rows are
+        # converted as gathered), on a GPU converted there: the host never holds a float32 copy.
+        table = torch.from_numpy(utterances.native).to(device)
+        self.table = table if table.device.type == "cpu" else table.float()
+        self._utterances, self._embeddings = utterances, None
+        self.dim = int(self.table.shape[1])
         self.speaker_embeddings = torch.from_numpy(
             source.speaker_embeddings(own_speakers, embedding_type, self.dim)).to(device)
         spk = self.list_kind.index(self, records, row_of, target_of)
@@ -461,10 +463,20 @@ class EmbeddingData:
         self._speaker_pairs: list[np.ndarray] | None = None
         # Rows gathered at once in an epoch (0: one gather per batch). On a GPU each operation
         # costs the host a launch, the same for 200 rows as for 4,096, and steps are short.
-        self.chunk_rows = GPU_CHUNK_ROWS if self.embeddings.device.type != "cpu" else 0
+        self.chunk_rows = GPU_CHUNK_ROWS if self.table.device.type != "cpu" else 0
 
     def __len__(self) -> int:
         return len(self.target)
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """(rows, D) float32: `table`, or a float16 store's matrix converted on first use (once
+        per store, in RAM), for the users of the whole matrix (back-ends, enhancement)."""
+        if self.table.dtype == torch.float32:
+            return self.table
+        if self._embeddings is None:
+            self._embeddings = torch.from_numpy(self._utterances.table)
+        return self._embeddings
 
     @property
     def num_speakers(self) -> int:
@@ -472,7 +484,7 @@ class EmbeddingData:
 
     def row_speakers(self) -> np.ndarray:
         """(rows of `embeddings`,) the speaker (index into the list's speakers) of each file."""
-        speaker = np.empty(len(self.embeddings), np.int64)
+        speaker = np.empty(len(self.table), np.int64)
         rows, targets = self.list_kind.file_rows(self)
         speaker[rows] = targets
         return speaker
@@ -495,16 +507,17 @@ class EmbeddingData:
         for name, values in indices.items():
             table = self.list_kind.gathered.get(name)
             fields[name] = (self.rows_of(getattr(self, table), values) if table is not None
-                            else torch.as_tensor(values, device=self.embeddings.device))
+                            else torch.as_tensor(values, device=self.table.device))
         return Batch(**fields, weight=weight)
 
     @staticmethod
     def rows_of(table: torch.Tensor, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """table[rows]. On the CPU the gather runs in numpy on the tensor's own memory: torch's
-        threaded indexing costs more in thread wake-ups than the copy itself for small batches."""
+        """table[rows] as float32. On the CPU the gather runs in numpy on the tensor's own memory:
+        torch's threaded indexing costs more in thread wake-ups than the copy itself for small
+        batches; a float16 table's rows are converted after the gather (only the batch's rows)."""
         if isinstance(rows, np.ndarray) and table.device.type == "cpu":
-            return torch.from_numpy(table.numpy()[rows])
-        return table[torch.as_tensor(rows, device=table.device)]
+            return torch.from_numpy(table.numpy()[rows]).float()
+        return table[torch.as_tensor(rows, device=table.device)].float()
 
     def batch_of(self, records: np.ndarray, weight: float = 1.0) -> Batch:
         """The Batch of record indices `records` (pairs for a distribution list)."""
@@ -572,7 +585,7 @@ def chunked_batches(data: EmbeddingData, parts: Iterable[tuple[np.ndarray, float
     # A field has one or two entries a record (a distribution pair gives two rows).
     bounds = {name: (record_bounds * (len(values) // len(records))).tolist()
               for name, values in indices.items()}
-    flat = {name: torch.as_tensor(values, device=data.embeddings.device)
+    flat = {name: torch.as_tensor(values, device=data.table.device)
             for name, values in indices.items()}
     names = list(indices)
     gathered = data.list_kind.gathered
@@ -580,7 +593,7 @@ def chunked_batches(data: EmbeddingData, parts: Iterable[tuple[np.ndarray, float
     starts = chunk_starts(np.diff(bounds["inputs"]), data.chunk_rows)
     for first, stop in zip(starts[:-1], starts[1:], strict=True):
         chunk = {name: getattr(data, gathered[name]).index_select(
-                     0, flat[name][bounds[name][first]:bounds[name][stop]])
+                     0, flat[name][bounds[name][first]:bounds[name][stop]]).float()
                  for name in gathered_names}
         for k in range(first, stop):
             fields = {}

@@ -13,24 +13,33 @@ repository did the same work (one file per sample, a per-trial loop, one utteran
 stages compare formats instead: decoding .wav and .m4a files of the same audio, and m_gen_embs' whole
 path on each. Prints one table, writes it as a JSON list of records, and prints the JSON path last.
 
+The scale stages of issue 19 have data of their own (every size a --vox2_* / --blink_* flag):
+pack_vox2 and store_open a VoxCeleb2-shaped tree (1,092,009 files of (10, 256), 5,994 speakers,
+145,000 videos: 12.5 GiB, written once by --vox2_processes processes), train_vox2_steps a
+VoxBlink2-sized float16 store (9,904,382 x 256, 5 GB) and a 100,000-row one, written block by block.
+
 A stage is one row of STAGES (a Stage: name, unit, runner, the data it needs, its goals, bf16) plus
 its runner, a function (args, tree, meter) -> StageResult. A goal is a RatioGoal (project/baseline,
-per device), a StepTimeGoal (an epoch against its arithmetic limit) or a MemoryGoal (MEMORY_FACTOR x
-a sum of MemoryBudget's sizes; a new size is one field of MemoryBudget).
+per device), a StepTimeGoal (an epoch against its arithmetic limit), a GrowthGoal (a step against the
+same step from a smaller store) or a MemoryGoal (a factor, MEMORY_FACTOR unless given, x a sum of
+MemoryBudget's sizes; a new size is one field of MemoryBudget).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import multiprocessing
 import os
 import resource
+import shutil
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -46,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from m_comb_embs import speaker_embeddings
+from m_comb_embs import THREADS, combine, speaker_embeddings
 from m_DataLoader import Batch, EmbeddingData, TrialSet, load_embeddings, load_speaker_embeddings, read_list
 from m_gen_embs import (
     Item,
@@ -70,6 +79,10 @@ from models.m_Models import get_model
 from scoring.backends import make_backend
 from scoring.metrics import compute_eer, evaluate_scores, score_trials
 from stores.arrays import EMBEDDING_TYPES
+from stores.open import forget_freshness
+from stores.packed import is_packed_store
+from stores.stamps import TREE_STORE, store_path_of, tree_stamp
+from stores.write import StoreBuilder
 
 RECORD_KEYS = ("name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb")
 COMPUTE_KEY = "compute_only_per_s"
@@ -85,6 +98,10 @@ TRAIN_SLACK = 1.15
 GPU_TRAIN_SLACK = 1.10  # an epoch on a GPU: its batches are slices of rows gathered many at once
 MEMORY_FACTOR = 1.5
 MODEL = "MyLinearNetv2"
+STEP_MODEL = "MyResidualNet"  # train_vox2_steps: the model of the issue's VoxCeleb2 training run
+STORE_OPEN_FACTOR = 1.2  # store_open: peak RSS within 1.2x the (N, D) float32 matrix
+STEP_GROWTH = 1.15  # train_vox2_steps: a step from the VoxBlink2-sized store within 1.15x the small one's
+STEP_RSS_BYTES = 8e9  # train_vox2_steps: peak RSS under 8 GB
 EMBEDDING_TYPE = {"normal": "B", "distribution": "C"}  # multiple_embedding_flag of each list's runs
 LIST_NAME = "bench"
 SEED = 10
@@ -267,6 +284,204 @@ def ensure_vox1e(args: argparse.Namespace) -> Vox1e:
 
 
 # ----------------------------------------------------------------------------------------------
+# VoxCeleb2- and VoxBlink2-sized data (issue 19): a tree of (crops, D) files, float16 stores
+
+
+@dataclass(frozen=True)
+class Vox2:
+    """A VoxCeleb2-shaped tree under OUT/data: `<spk>/<video>/<nnnnn>.npy` files of (crops, D)
+    float32 with each speaker's B and C files, the normal list of every utterance, and `part`: links
+    to its first speakers' folders (about --file_part files), the per-file side of store_open."""
+
+    root: Path
+
+    @property
+    def embed_dir(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def list_path(self) -> Path:
+        return self.root / "vox2_normal_list.txt"
+
+    @property
+    def part_dir(self) -> Path:
+        return self.root / "part"
+
+    @property
+    def part_list(self) -> Path:
+        return self.root / "part_normal_list.txt"
+
+
+def vox2_shape(args: argparse.Namespace) -> dict[str, int]:
+    return {key: getattr(args, f"vox2_{key}") for key in ("utterances", "speakers", "videos", "crops", "dim")}
+
+
+def vox2_of(args: argparse.Namespace) -> Vox2:
+    name = "vox2_" + "_".join(f"{key}{value}" for key, value in vox2_shape(args).items())
+    return Vox2(Path(args.out) / "data" / name)
+
+
+def spread(total: int, parts: int) -> np.ndarray:
+    """`total` split into `parts` near-equal counts."""
+    return np.diff(np.linspace(0, total, parts + 1).astype(np.int64))
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """The .npy header of a float32 array of `shape` (every file of the tree has the same)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def write_vox2_speaker(task: tuple[Path, int, int, int, int, int]) -> list[str]:
+    """One speaker's utterance files (a video offset plus noise per crop around the speaker's centre;
+    raw writes of a fixed header and the data) and its B and C files; returns its list lines, in
+    the order m_gen_list writes them (the tree's sorted paths, which are the packed store's rows)."""
+    embed_dir, crops, dim, index, count, videos = task
+    rng = np.random.default_rng([SEED, index])
+    name = f"id{10000 + index:05d}"
+    video_ids = ["".join(chars) for chars in VIDEO_ID[rng.integers(len(VIDEO_ID), size=(videos, 11))]]
+    video = np.arange(count) * videos // count
+    first = np.searchsorted(video, video)
+    block = rng.standard_normal((count, crops, dim), dtype=np.float32)
+    block += (rng.standard_normal(dim, dtype=np.float32)
+              + rng.standard_normal((videos, dim), dtype=np.float32)[video])[:, None]
+    header = npy_header((crops, dim))
+    for video_id in video_ids:
+        (embed_dir / name / video_id).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for u in range(count):
+        rel = f"{name}/{video_ids[video[u]]}/{u - first[u] + 1:05d}.npy"
+        with open(embed_dir / rel, "wb") as file:
+            file.write(header + block[u].tobytes())
+        lines.append(f"{name} {rel}\n")
+    for kind, embedding in speaker_embeddings(block.astype(np.float64).mean(axis=1)).items():
+        np.save(embed_dir / EMBEDDING_TYPES[kind].speaker_file.format(name), embedding)
+    return sorted(lines, key=lambda line: line.split()[1].split("/"))  # m_gen_list's order
+
+
+def check_disk(folder: Path, needed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed * 1.2 > free:
+        raise SystemExit(f"bench: {folder} has {free / 2 ** 30:.1f} GiB free, the data needs about "
+                         f"{needed / 2 ** 30:.1f} GiB; make the size smaller")
+
+
+def ensure_vox2(args: argparse.Namespace) -> Vox2:
+    """The VoxCeleb2-shaped tree of this size, written unless complete (--vox2_processes writers)."""
+    data, shape = vox2_of(args), vox2_shape(args)
+    marker = data.root / ".complete"
+    if marker.is_file() and json.loads(marker.read_text()) == shape:
+        say(f"reusing the VoxCeleb2-shaped tree {data.root}")
+        return data
+    size = args.vox2_utterances * 4096 * (-(-(128 + 4 * args.vox2_crops * args.vox2_dim) // 4096))
+    check_disk(data.root, size)
+    say(f"writing a VoxCeleb2-shaped tree of {args.vox2_utterances} files ({args.vox2_crops}, "
+        f"{args.vox2_dim}) under {data.root} (once, {size / 2 ** 30:.1f} GiB)")
+    counts = spread(args.vox2_utterances, args.vox2_speakers)
+    videos = spread(args.vox2_videos, args.vox2_speakers)
+    tasks = [(data.embed_dir, args.vox2_crops, args.vox2_dim, k, int(n), int(max(1, min(v, n))))
+             for k, (n, v) in enumerate(zip(counts, videos, strict=True))]
+    with multiprocessing.get_context("fork").Pool(args.vox2_processes) as pool, \
+            open(data.list_path, "w") as listed:
+        for lines in tqdm(pool.imap(write_vox2_speaker, tasks, chunksize=4), total=len(tasks),
+                          desc="speakers", unit="spk", leave=False):
+            listed.writelines(lines)
+    write_part(data, counts, args.file_part)
+    marker.write_text(json.dumps(shape))
+    return data
+
+
+def write_part(data: Vox2, counts: np.ndarray, files: int) -> None:
+    """Links to the first speakers' folders and B files holding at least `files` utterances, and
+    their list (the first lines of the whole list)."""
+    speakers = int(np.searchsorted(np.cumsum(counts), files)) + 1
+    shutil.rmtree(data.part_dir, ignore_errors=True)  # links only, left by an interrupted run
+    data.part_dir.mkdir(parents=True)
+    for index in range(min(speakers, len(counts))):
+        name = f"id{10000 + index:05d}"
+        for entry in (name, *(kind.speaker_file.format(name) for kind in EMBEDDING_TYPES.values())):
+            (data.part_dir / entry).symlink_to((data.embed_dir / entry).resolve())
+    with open(data.list_path) as whole:
+        data.part_list.write_text("".join(islice(whole, int(counts[:speakers].sum()))))
+
+
+@dataclass(frozen=True)
+class Blink:
+    """VoxBlink2-sized float16 stores under OUT/data (`big`: --blink_rows, `small`:
+    --blink_small_rows, as many utterances a speaker), each with the normal list of all its rows."""
+
+    root: Path
+
+    def store(self, size: str) -> Path:
+        return self.root / f"{size}.store"
+
+    def list_path(self, size: str) -> Path:
+        return self.root / f"{size}_normal_list.txt"
+
+
+def blink_sizes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """rows and speakers of the two stores."""
+    small_speakers = max(2, round(args.blink_speakers * args.blink_small_rows / args.blink_rows))
+    return {"big": (args.blink_rows, args.blink_speakers), "small": (args.blink_small_rows, small_speakers)}
+
+
+def blink_of(args: argparse.Namespace) -> Blink:
+    return Blink(Path(args.out) / "data" / f"blink_r{args.blink_rows}_s{args.blink_speakers}_"
+                                           f"small{args.blink_small_rows}_dim{args.vox2_dim}")
+
+
+def ensure_blink(args: argparse.Namespace) -> Blink:
+    """Both stores, each written unless complete, in a child process (the keys of 9.9M rows take
+    about a GB there, not in the bench's main process)."""
+    data = blink_of(args)
+    for size, (rows, speakers) in blink_sizes(args).items():
+        if (data.root / f".{size}_complete").is_file():
+            say(f"reusing the {rows}-row float16 store {data.store(size)}")
+            continue
+        check_disk(data.root, rows * (args.vox2_dim * 2 + 60))
+        say(f"writing a {rows} x {args.vox2_dim} float16 store of {speakers} speakers, "
+            f"{data.store(size)} (once)")
+        process = multiprocessing.get_context("fork").Process(
+            target=write_blink_store, args=(data, size, rows, speakers, args.vox2_dim))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise SystemExit(f"bench: writing {data.store(size)} failed (exit code {process.exitcode})")
+        (data.root / f".{size}_complete").touch()
+    return data
+
+
+BLINK_BLOCK = 65536  # rows generated and written at a time: the float32 matrix is never whole
+
+
+def write_blink_store(data: Blink, size: str, rows: int, speakers: int, dim: int) -> None:
+    """A float16 store of random unit vectors (a speaker's centre plus noise) straight through
+    StoreBuilder, block by block; its B and C tables are the centres; and its list."""
+    rng = np.random.default_rng([SEED, rows])
+    counts = spread(rows, speakers)
+    speaker_of = np.repeat(np.arange(speakers, dtype=np.int32), counts)
+    within = np.arange(rows) - np.repeat(np.cumsum(counts) - counts, counts)
+    names = [f"id{k:06d}" for k in range(speakers)]
+    keys = [f"{names[s]}/v{w // 8:04d}/{w % 8 + 1:05d}" for s, w in zip(speaker_of.tolist(), within.tolist(),
+                                                                         strict=True)]
+    centres = rng.standard_normal((speakers, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    with StoreBuilder(data.store(size), rows, dim, "float16") as builder:
+        for start in tqdm(range(0, rows, BLINK_BLOCK), desc="rows", unit="block", leave=False):
+            block = centres[speaker_of[start:start + BLINK_BLOCK]]
+            block += 0.1 * rng.standard_normal(block.shape, dtype=np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            builder.put(start, block, np.ones(len(block), np.float32))
+        builder.finish(keys, names, speaker_of, {name: centres for name in EMBEDDING_TYPES},
+                       {"source": "bench (random unit vectors)", "source_kind": "arrays", "stamp": None})
+    with open(data.list_path(size), "w") as listed:
+        for start in range(0, rows, BLINK_BLOCK):
+            listed.writelines(f"{key.split('/', 1)[0]} {key}\n" for key in keys[start:start + BLINK_BLOCK])
+
+
+# ----------------------------------------------------------------------------------------------
 # Measuring
 
 
@@ -368,9 +583,9 @@ def train_step(net: SpeakerNet, optimizer: torch.optim.Optimizer, batch: Batch,
     optimizer.step()
 
 
-def new_trainer(loss: str, dim: int, device: torch.device) -> Trainer:
+def new_trainer(loss: str, dim: int, device: torch.device, model: str = MODEL) -> Trainer:
     torch.manual_seed(SEED)
-    return Trainer(SpeakerNet(MODEL, loss, nOut=dim), device)
+    return Trainer(SpeakerNet(model, loss, nOut=dim), device)
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -797,6 +1012,214 @@ def stage_extract_m4a(args: argparse.Namespace, tree: Tree, meter: PeakMeter) ->
                         f"random weights{', --mixedprec' if mixedprec else ''}; ratio = m4a / wav"])
 
 
+def in_child(work: Callable[[], object]) -> object:
+    """`work()` in a forked process: nothing it opens or caches (stores, freshness) outlives it."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=lambda: send.send(work()))
+    process.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = None
+    process.join()
+    if process.exitcode != 0 or result is None:
+        raise RuntimeError(f"bench: a timed child process failed (exit code {process.exitcode})")
+    return result
+
+
+def ready_seconds(list_path: Path, root: Path, dim: int, threads: int) -> tuple[float, float, int]:
+    """(seconds, peak MB above the start, rows) for a run to have every training embedding of the
+    list ready: the trainer's EmbeddingData, every row of its table read once (numpy's sum)."""
+    forget_freshness()
+    meter = PeakMeter()
+    meter.start()
+    start = time.perf_counter()
+    data = EmbeddingData(list_path, root, "normal", "B", dim, "cpu", threads=threads)
+    np.sum(data.table.numpy(), dtype=np.float64)
+    return time.perf_counter() - start, meter.peak_mb(), len(data)
+
+
+def read_through(paths: Iterable[Path]) -> None:
+    """Read files once (untimed): the page cache holds them, as after the runs before."""
+    for path in paths:
+        with open(path, "rb") as file:
+            while file.read(1 << 24):
+                pass
+
+
+def evict(paths: Iterable[Path]) -> None:
+    """Drop these files (only these) from the page cache (POSIX_FADV_DONTNEED): the next read
+    comes from the disk, as on a machine where they have not been read since they were written."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def store_is_fresh(embed_dir: Path) -> bool:
+    """Whether the tree's packed store exists and matches its files (no process cache involved)."""
+    store = store_path_of(embed_dir)
+    return (is_packed_store(store) and json.loads((store / "header.json").read_text()).get("stamp")
+            == asdict(tree_stamp(embed_dir)))
+
+
+def open_times(data: Vox2, args: argparse.Namespace, cache: str) -> dict[str, tuple[float, float, int]]:
+    """ready_seconds of the packed store, the tree's path and the files' part, each in a fresh
+    process, with the page cache `warm` (every file read once before) or `cold` (evicted)."""
+    store = store_path_of(data.embed_dir)
+    part_files = [data.part_dir / line.split()[1] for line in data.part_list.read_text().splitlines()]
+    sides = {"store": (data.list_path, store, [*store.iterdir(), data.list_path]),
+             "tree": (data.list_path, data.embed_dir, [*store.iterdir(), data.list_path]),
+             "files": (data.part_list, data.part_dir, [*part_files, data.part_list])}
+    times = {}
+    for side, (list_path, root, files) in sides.items():
+        (read_through if cache == "warm" else evict)(files)
+        times[side] = in_child(partial(ready_seconds, list_path, root, args.vox2_dim, args.workers))
+    return times
+
+
+def stage_store_open(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    """Every training embedding of the VoxCeleb2-shaped list ready: the packed store vs the files
+    (a --file_part part of the tree, scaled), each side in its own fresh process; the record with
+    the page cache cold (these files evicted), the warm figures in the notes."""
+    data = vox2_of(args)
+    if not store_is_fresh(data.embed_dir):
+        say("store_open: packing the tree first (m_comb_embs, untimed)")
+        combine(data.embed_dir, THREADS, pack=True)
+    notes = []
+    for cache in ("warm", "cold"):
+        times = open_times(data, args, cache)
+        (packed, peak, rows), (via_tree, _, _), (files, _, part_rows) = times.values()
+        scaled = files * rows / part_rows
+        notes.append(f"store_open ({cache} page cache): {rows} utterances ({args.vox2_speakers} speakers, "
+                     f"{args.vox2_dim}-dim): packed store (train_path = {TREE_STORE}) "
+                     f"{packed:.2f} s, peak {peak:.0f} MB; the tree's path (its freshness check stats every "
+                     f"file) {via_tree:.2f} s; files: a {part_rows}-file part {files:.2f} s ({args.workers} "
+                     f"reader threads), scaled linearly to {rows}: {scaled:.1f} s; ratios "
+                     f"{scaled / packed:.1f}x (store), {scaled / via_tree:.1f}x (tree's path)")
+    notes.append("store_open: each side in a fresh process (no store or freshness cache); ready = the "
+                 "trainer's EmbeddingData plus every row read once; record: the cold run")
+    return StageResult(make_record("store_open", rows / packed, part_rows / files,
+                                   {"peak_rss_mb": round(peak, 1)}), notes)
+
+
+def stage_pack_vox2(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    """m_comb_embs (combine, packing on) over the VoxCeleb2-shaped tree: files/s."""
+    data = vox2_of(args)
+    meter.start()
+    seconds = timed(lambda: combine(data.embed_dir, THREADS, pack=True))
+    peak = meter.peaks()
+    store = store_path_of(data.embed_dir)
+    header = json.loads((store / "header.json").read_text())
+    speaker_files = [name for name in os.listdir(data.embed_dir) if name.endswith(".npy")]
+    if header["utterances"] != args.vox2_utterances or len(speaker_files) != 2 * args.vox2_speakers:
+        raise RuntimeError(f"pack_vox2: {header['utterances']} rows, {len(speaker_files)} B/C files")
+    size = sum(path.stat().st_size for path in store.iterdir()) / MB
+    return StageResult(make_record("pack_vox2", args.vox2_utterances / seconds, None, peak),
+                       [f"pack_vox2: m_comb_embs.combine(pack=True, {THREADS} reader threads) over "
+                        f"{args.vox2_utterances} files of ({args.vox2_crops}, {args.vox2_dim}) float32, "
+                        f"{args.vox2_speakers} speakers, {args.vox2_videos} videos: {seconds:.1f} s; wrote "
+                        f"{len(speaker_files)} B/C files and the {header['dtype']} store ({size:.0f} MB); "
+                        f"no baseline"])
+
+
+def endless_batches(data: EmbeddingData, batch_size: int) -> Iterator[Batch]:
+    """Batches of epoch after epoch (a small store's 500 steps span several)."""
+    epoch = 1
+    while True:
+        yield from data.epoch(batch_size, SEED, epoch)
+        epoch += 1
+
+
+class Stepper:
+    """Training steps of a fresh STEP_MODEL (MSE) from `data`; one untimed step when made."""
+
+    def __init__(self, args: argparse.Namespace, data: EmbeddingData):
+        self.trainer = new_trainer("MSE", args.vox2_dim, args.device, STEP_MODEL)
+        self.batches = endless_batches(data, args.step_batch)
+        self.seconds: list[float] = []
+        self.run(1)
+        self.seconds.clear()
+
+    def run(self, steps: int) -> None:
+        """Time `steps` more steps (one entry of `seconds`)."""
+        start = time.perf_counter()
+        for batch in islice(self.batches, steps):
+            train_step(self.trainer.net, self.trainer.optimizer, batch)
+        self.seconds.append(time.perf_counter() - start)
+
+
+class AnonPeak:
+    """The peak of RssAnon (the process's own memory, not mapped file pages), sampled every 20 ms
+    on a thread while in the `with` block."""
+
+    def __enter__(self) -> AnonPeak:
+        self.peak, self.done = 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, status_mb("RssAnon") or 0.0)
+            if self.done.wait(0.02):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+STEP_ROUNDS = 10  # the big and the small store's steps alternate in rounds: the machine's drift cancels
+
+
+def stage_train_vox2_steps(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    """--steps steps from the VoxBlink2-sized float16 store against the same from the small one, in
+    alternating rounds: the cost of a step must not grow with the store."""
+    blink = blink_of(args)
+    read_through([blink.store(size) / "embeddings.npy" for size in ("small", "big")])
+
+    def stepper(size: str) -> Stepper:
+        return Stepper(args, EmbeddingData(blink.list_path(size), blink.store(size), "normal", "B",
+                                           args.vox2_dim, args.device, threads=args.workers))
+
+    small = stepper("small")
+    base_anon = status_mb("RssAnon") or 0.0
+    meter.start()
+    with AnonPeak() as anon:
+        started = time.perf_counter()
+        big = stepper("big")
+        ready = time.perf_counter() - started
+        for k in range(STEP_ROUNDS):
+            steps = args.steps // STEP_ROUNDS + (k < args.steps % STEP_ROUNDS)
+            small.run(steps)
+            big.run(steps)
+    peak = meter.peaks()
+    file_mb = status_mb("RssFile") or 0.0
+    rows = {size: rows for size, (rows, _) in blink_sizes(args).items()}
+
+    def per_step(stepper: Stepper) -> str:
+        return ", ".join(f"{1000 * t * STEP_ROUNDS / args.steps:.1f}" for t in stepper.seconds)
+
+    notes = [f"train_vox2_steps: {args.steps} steps of {STEP_MODEL} (MSE, batch {args.step_batch}) "
+             f"from a {rows['big']} x {args.vox2_dim} float16 store and from a {rows['small']}-row one, "
+             f"alternating in {STEP_ROUNDS} rounds; ms a step by round: big {per_step(big)}; small "
+             f"{per_step(small)}; page cache warm (the stores read once before)",
+             f"train_vox2_steps: the big store's EmbeddingData (a list of {rows['big']} lines parsed, "
+             f"the store mapped) took {ready:.0f} s; peak RSS {peak['peak_rss_mb']:.0f} MB above the "
+             f"start, of which the process's own (anonymous) memory peaked at {anon.peak - base_anon:.0f} "
+             f"MB; at the end {file_mb:.0f} MB of RSS were the store's pages mapped from the page cache "
+             f"(shared, reclaimable; the kernel maps 64 KB around each faulting row, so a few hundred "
+             f"random batches map nearly the whole file)"]
+    rates = (args.steps / sum(big.seconds), args.steps / sum(small.seconds))
+    record = make_record("train_vox2_steps", *rates, peak)
+    return StageResult(record, notes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Goals and stages: one row per stage
 
@@ -809,12 +1232,15 @@ def goal_line(text: str, met: bool) -> str:
 class MemoryBudget:
     """The sizes in MB that memory goals are factors of: the reduced (N, D) float32 matrix, MODEL's
     parameters and its training state (parameters, gradients and Adam's two moments), the
-    VoxCeleb1-E-sized (utterances, D) matrix and AS-Norm's (cohort speakers, D) cohort."""
+    VoxCeleb1-E-sized (utterances, D) matrix and AS-Norm's (cohort speakers, D) cohort, the
+    VoxCeleb2-shaped (utterances, D) float32 matrix, and train_vox2_steps' fixed limit (8 GB)."""
 
     matrix_mb: float
     parameters_mb: float
     vox1e_mb: float
     cohort_mb: float
+    vox2_matrix_mb: float
+    step_limit_mb: float = STEP_RSS_BYTES / MB
 
     @property
     def training_state_mb(self) -> float:
@@ -824,7 +1250,8 @@ class MemoryBudget:
 def memory_budget(args: argparse.Namespace) -> MemoryBudget:
     parameters = sum(p.numel() for p in get_model(MODEL, nOut=args.dim).parameters())
     return MemoryBudget(args.utterances * args.dim * 4 / MB, parameters * 4 / MB,
-                        args.vox1e_utterances * args.dim * 4 / MB, args.cohort_speakers * args.dim * 4 / MB)
+                        args.vox1e_utterances * args.dim * 4 / MB, args.cohort_speakers * args.dim * 4 / MB,
+                        args.vox2_utterances * args.vox2_dim * 4 / MB)
 
 
 @dataclass(frozen=True)
@@ -860,13 +1287,15 @@ class StepTimeGoal:
 
 @dataclass(frozen=True)
 class MemoryGoal:
-    """Peak memory at most MEMORY_FACTOR x the sum of `sizes` (MemoryBudget's sizes, by name). Judged
-    where the data lives: on the GPU when the stage ran there, else in the process's RSS."""
+    """Peak memory at most `factor` (MEMORY_FACTOR unless given) x the sum of `sizes` (MemoryBudget's
+    sizes, by name). Judged where the data lives: on the GPU when the stage ran there, else in the
+    process's RSS."""
 
     sizes: tuple[str, ...]
+    factor: float = MEMORY_FACTOR
 
     def limit(self, budget: MemoryBudget) -> float:
-        return MEMORY_FACTOR * sum(getattr(budget, size) for size in self.sizes)
+        return self.factor * sum(getattr(budget, size) for size in self.sizes)
 
     def verdict(self, record: dict, budget: MemoryBudget) -> str | None:
         where, peak = ("GPU", record[GPU_KEY]) if GPU_KEY in record else ("RSS", record["peak_rss_mb"])
@@ -874,7 +1303,20 @@ class MemoryGoal:
         return goal_line(f"{record['name']} peak {where} {peak:.0f} MB <= {limit:.0f} MB", peak <= limit)
 
 
-Goal = RatioGoal | StepTimeGoal | MemoryGoal
+@dataclass(frozen=True)
+class GrowthGoal:
+    """A step at most `limit` times as long as the baseline's (the same steps from a smaller store):
+    baseline_per_s / project_per_s."""
+
+    limit: float
+
+    def verdict(self, record: dict, budget: MemoryBudget) -> str | None:
+        growth = record["baseline_per_s"] / record["project_per_s"]
+        return goal_line(f"{record['name']} step time {growth:.3f}x the small store's <= {self.limit}",
+                         growth <= self.limit)
+
+
+Goal = RatioGoal | StepTimeGoal | MemoryGoal | GrowthGoal
 Runner = Callable[[argparse.Namespace, "Tree | None", PeakMeter], StageResult]
 
 
@@ -898,7 +1340,8 @@ class Stage:
 
 # The data stages share, written once before the first stage (in this order) and reused by size:
 # the synthetic embedding tree (handed to the runners), the VoxCeleb1-E-sized list and matrix.
-DATA_MAKERS: dict[str, Callable[[argparse.Namespace], object]] = {"tree": ensure_tree, "vox1e": ensure_vox1e}
+DATA_MAKERS: dict[str, Callable[[argparse.Namespace], object]] = {
+    "tree": ensure_tree, "vox1e": ensure_vox1e, "vox2": ensure_vox2, "blink": ensure_blink}
 MODEL_MEMORY = MemoryGoal(("matrix_mb", "parameters_mb"))
 TRAINING_MEMORY = MemoryGoal(("matrix_mb", "training_state_mb"))
 EPOCH_TIME = StepTimeGoal(cpu=TRAIN_SLACK, gpu=GPU_TRAIN_SLACK)
@@ -929,6 +1372,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("decode_wav", "file/s", stage_decode(".wav")),
     Stage("decode_m4a", "file/s", stage_decode(".m4a")),
     Stage("extract_resnetse34v2_m4a", "utt/s", stage_extract_m4a, goals=(RatioGoal(0.8, 0.8),)),
+    Stage("pack_vox2", "file/s", stage_pack_vox2, "vox2"),
+    Stage("store_open", "utt/s", stage_store_open, "vox2",
+          (RatioGoal(100.0, 100.0), MemoryGoal(("vox2_matrix_mb",), STORE_OPEN_FACTOR))),
+    Stage("train_vox2_steps", "step/s", stage_train_vox2_steps, "blink",
+          (GrowthGoal(STEP_GROWTH), MemoryGoal(("step_limit_mb",), 1.0))),
 )
 STAGE = {stage.name: stage for stage in STAGES}
 
@@ -1022,6 +1470,11 @@ def memory_goal_lines(args: argparse.Namespace, records: list[dict], budget: Mem
              f"{budget.matrix_mb:.1f} MB + {MODEL} parameters {budget.parameters_mb:.1f} MB) = "
              f"{limit['load']:.1f} MB; while training the model counts with its gradients and Adam's two "
              f"moments (4 x the parameters): {limit['train_mse']:.1f} MB"]
+    if any(r["name"] == "store_open" for r in records):
+        lines.append(f"memory goal of store_open: {STORE_OPEN_FACTOR} x the VoxCeleb2-shaped matrix "
+                     f"{args.vox2_utterances} x {args.vox2_dim} float32 = {budget.vox2_matrix_mb:.1f} MB: "
+                     f"{STAGE['store_open'].memory_limit(budget):.1f} MB; of train_vox2_steps: "
+                     f"{budget.step_limit_mb:.1f} MB (8 GB)")
     if any(STAGE[r["name"]].needs == "vox1e" for r in records):
         lines.append(f"memory goal of the VoxCeleb1-E stages: {MEMORY_FACTOR} x (matrix "
                      f"{args.vox1e_utterances} x {args.dim} float32 = {budget.vox1e_mb:.1f} MB, for AS-Norm "
@@ -1081,6 +1534,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rows an epoch gathers at once (0: a gather per batch; default: the project's choice for "
              "the device). Set on a CPU with a small --dim and --batch_size, it shows the GPU batch "
              "path's host cost per step")
+    add("--vox2_utterances", type=int, default=1_092_009, help="files of the VoxCeleb2-shaped tree")
+    add("--vox2_speakers", type=int, default=5_994, help="speakers of the VoxCeleb2-shaped tree")
+    add("--vox2_videos", type=int, default=145_000, help="videos (folders) of the VoxCeleb2-shaped tree")
+    add("--vox2_crops", type=int, default=10, help="crops per file of the VoxCeleb2-shaped tree")
+    add("--vox2_dim", type=int, default=256, help="dimension of the VoxCeleb2- and VoxBlink2-sized data")
+    add("--vox2_processes", type=int, default=2, help="processes writing the VoxCeleb2-shaped tree")
+    add("--file_part", type=int, default=100_000, help="files store_open reads and scales (per-file side)")
+    add("--blink_rows", type=int, default=9_904_382, help="rows of the VoxBlink2-sized float16 store")
+    add("--blink_speakers", type=int, default=111_284, help="speakers of the VoxBlink2-sized store")
+    add("--blink_small_rows", type=int, default=100_000, help="rows of train_vox2_steps' small store")
+    add("--steps", type=int, default=500, help="training steps timed by train_vox2_steps")
+    add("--step_batch", type=int, default=1_000, help="batch size of train_vox2_steps")
     add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one a core)")
     add("--min_seconds", type=float, default=1.0, help="repeat fast project timings this long")
     add("--device", default="auto", help="auto, cpu or cuda: where every stage runs")
@@ -1089,8 +1554,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.utterances < 2 * args.speakers or args.sessions < 2:
         parser.error("need at least 2 utterances per speaker and 2 sessions")
+    if (args.vox2_utterances < 2 * args.vox2_speakers or not 0 < args.file_part <= args.vox2_utterances
+            or args.blink_rows < 2 * args.blink_speakers or args.blink_small_rows > args.blink_rows
+            or args.blink_small_rows < args.step_batch):
+        parser.error("need --vox2_utterances >= 2 x --vox2_speakers, 0 < --file_part <= "
+                     "--vox2_utterances, --blink_rows >= 2 x --blink_speakers, --step_batch <= "
+                     "--blink_small_rows <= --blink_rows")
     for name in ("baseline_batches", "compute_batches", "baseline_trials", "baseline_utterances", "trials",
-                 "workers", "audio_files", "audio_utterances"):
+                 "workers", "audio_files", "audio_utterances", "vox2_videos", "vox2_crops", "vox2_processes",
+                 "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.vox1e_utterances < 4 or args.vox1e_trials < args.vox1e_utterances or args.cohort_speakers < 2:

@@ -6,22 +6,29 @@ import json
 from pathlib import Path
 
 import bench
+import numpy as np
 import torch
 from conftest import run_script
 
 from m_utils import bf16_is_native
+from stores.open import open_store
 
 TOY = ["--utterances", "240", "--speakers", "12", "--sessions", "3", "--crops", "3", "--dim", "32",
        "--trials", "3000", "--baseline_trials", "500", "--baseline_batches", "3", "--workers", "2",
        "--audio_utterances", "2", "--audio_seconds", "1.5", "--eval_frames", "60", "--num_eval", "2",
        "--extract_batch", "2", "--baseline_utterances", "1", "--min_seconds", "0.05", "--audio_files", "2",
-       "--vox1e_trials", "2000", "--vox1e_utterances", "400", "--cohort_speakers", "30"]
+       "--vox1e_trials", "2000", "--vox1e_utterances", "400", "--cohort_speakers", "30",
+       "--vox2_utterances", "600", "--vox2_speakers", "12", "--vox2_videos", "60", "--vox2_crops", "2",
+       "--vox2_dim", "16", "--file_part", "200", "--blink_rows", "5000", "--blink_speakers", "50",
+       "--blink_small_rows", "1000", "--steps", "20", "--step_batch", "50"]
 NAMES = ["load", "data_path", "train_mse", "train_da_mse", "score", "score_vox1e", "backend_asnorm",
          "extract_ge2e", "extract_resnetse34v2", "extract_ge2e_bf16", "extract_resnetse34v2_bf16",
-         "decode_wav", "decode_m4a", "extract_resnetse34v2_m4a"]
+         "decode_wav", "decode_m4a", "extract_resnetse34v2_m4a", "pack_vox2", "store_open",
+         "train_vox2_steps"]
 KEYS = {"name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb"}
-NO_BASELINE = {"load", "backend_asnorm", "decode_wav", "decode_m4a"}
-BUDGET = bench.MemoryBudget(matrix_mb=100.0, parameters_mb=10.0, vox1e_mb=300.0, cohort_mb=12.0)
+NO_BASELINE = {"load", "backend_asnorm", "decode_wav", "decode_m4a", "pack_vox2"}
+BUDGET = bench.MemoryBudget(matrix_mb=100.0, parameters_mb=10.0, vox1e_mb=300.0, cohort_mb=12.0,
+                            vox2_matrix_mb=1066.4)
 
 
 def test_bench_writes_every_record(tmp_path: Path):
@@ -34,7 +41,7 @@ def test_bench_writes_every_record(tmp_path: Path):
     for name in skipped:
         assert f"{name}: skipped: this CPU has no bfloat16 instructions" in result.stdout
     for record in records:
-        extra = {"compute_only_per_s"} if record["name"].startswith("train_") else set()
+        extra = {"compute_only_per_s"} if record["name"] in ("train_mse", "train_da_mse") else set()
         if record["name"] in ("extract_resnetse34v2", "extract_resnetse34v2_bf16"):
             assert record.pop(bench.PEAK_KEY) is None  # no peak known for a CPU
         assert set(record) == KEYS | extra, record["name"]
@@ -53,7 +60,15 @@ def test_bench_writes_every_record(tmp_path: Path):
     assert goals == expected
     judged_memory = {line.split()[-8] for line in goals if " peak " in line}  # NAME peak RSS x MB <= y MB
     assert judged_memory == {"load", "data_path", "train_mse", "train_da_mse", "score", "score_vox1e",
-                             "backend_asnorm"}
+                             "backend_asnorm", "store_open", "train_vox2_steps"}
+    vox2 = next((tmp_path / "data").glob("vox2_*"))
+    assert len(list(vox2.glob("embeddings/*/*/*.npy"))) == 600  # the VoxCeleb2-shaped tree
+    assert len(list(vox2.glob("embeddings/*.npy"))) == 2 * 12  # B and C files (pack_vox2)
+    assert (vox2 / "embeddings" / "embeddings.store" / "header.json").is_file()
+    assert len((vox2 / "part_normal_list.txt").read_text().splitlines()) >= 200
+    store = open_store(next((tmp_path / "data").glob("blink_*")) / "big.store")
+    assert store.matrix.shape == (5000, 16) and store.matrix.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(store.matrix[:100].astype(np.float32), axis=1), 1, atol=2e-3)
 
 
 def test_bench_reuses_its_tree(tmp_path: Path):
@@ -66,6 +81,24 @@ def test_bench_reuses_its_tree(tmp_path: Path):
     assert sorted((tmp_path / "data").rglob("*.npy")) == files
     assert [path.stat().st_mtime_ns for path in files] == written  # not one rewritten
     assert [r["name"] for r in json.loads((tmp_path / "bench.json").read_text())] == ["load"]
+
+
+def test_vox_goals():
+    """store_open: 100x and peak within 1.2x the matrix; train_vox2_steps: a step within 1.15x the
+    small store's, peak under 8 GB."""
+    store_open = {"name": "store_open", "project_per_s": 500_000.0, "baseline_per_s": 2_000.0,
+                  "ratio": 250.0, "peak_rss_mb": 1200.0}
+    assert bench.verdicts([store_open], BUDGET) == [
+        "  met      store_open ratio 250.00 >= 100", "  met      store_open peak RSS 1200 MB <= 1280 MB"]
+    assert bench.verdicts([{**store_open, "ratio": 99.0, "peak_rss_mb": 1300.0}], BUDGET) == [
+        "  NOT met  store_open ratio 99.00 >= 100", "  NOT met  store_open peak RSS 1300 MB <= 1280 MB"]
+    steps = {"name": "train_vox2_steps", "project_per_s": 10.0, "baseline_per_s": 11.0, "ratio": 0.91,
+             "peak_rss_mb": 7000.0}
+    assert bench.verdicts([steps], BUDGET) == [
+        "  met      train_vox2_steps step time 1.100x the small store's <= 1.15",
+        "  met      train_vox2_steps peak RSS 7000 MB <= 7629 MB"]
+    slower = {**steps, "baseline_per_s": 12.0, "peak_rss_mb": 7700.0}
+    assert [line[:9] for line in bench.verdicts([slower], BUDGET)] == ["  NOT met", "  NOT met"]
 
 
 def test_extraction_goal_depends_on_the_device():

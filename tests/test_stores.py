@@ -145,6 +145,35 @@ def test_float16_store_converts_once(tmp_path):
                                combine_speaker(means[1::3].astype(np.float64), "C"))
 
 
+def test_float16_store_epoch_gathers_rows_without_a_float32_copy(tmp_path):
+    """Training from a float16 store on the CPU gathers each batch's rows from the memory map and
+    converts only those (issue 19: no 10 GB float32 copy of a VoxBlink2-sized store); its epoch
+    equals one from a float32 store of the same values, to float16's tolerance."""
+    rng = np.random.default_rng(1)
+    means = rng.standard_normal((40, DIM)).astype(np.float32)
+    keys = [f"s{k % 4}/v{k % 2}/{k:05d}.wav" for k in range(40)]
+    listed = tmp_path / "normal.txt"
+    listed.write_text("".join(f"{key.split('/')[0]} {key}\n" for key in keys))
+    half = pack_arrays(tmp_path / "half.store", keys, means, dtype="float16")
+    full = pack_arrays(tmp_path / "full.store", keys, means, dtype="float32")
+    data16 = EmbeddingData(listed, half, "normal", "B", DIM)
+    data32 = EmbeddingData(listed, full, "normal", "B", DIM)
+    assert data16.table.dtype == torch.float16
+    assert data16.table.data_ptr() == open_store(half).matrix.ctypes.data  # the memory map itself
+    assert data16._embeddings is None  # no float32 copy made by construction
+    for chunk_rows in (0, 16):
+        data16.chunk_rows = data32.chunk_rows = chunk_rows
+        epoch16, epoch32 = list(data16.epoch(7, 3, 1)), list(data32.epoch(7, 3, 1))
+        assert len(epoch16) == len(epoch32) == 6
+        for a, b in zip(epoch16, epoch32, strict=True):
+            assert a.inputs.dtype == torch.float32
+            torch.testing.assert_close(a.inputs, b.inputs, atol=2e-3, rtol=0)
+            torch.testing.assert_close(a.targets, b.targets)
+            assert torch.equal(a.labels, b.labels)
+    assert data16._embeddings is None  # training never converted the whole matrix
+    torch.testing.assert_close(data16.embeddings, data32.embeddings, atol=2e-3, rtol=0)
+
+
 def write_scp(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
     """An xvector.scp + xvector.ark as WeSpeaker writes them (kaldiio, absolute ark path)."""
     folder.mkdir(parents=True, exist_ok=True)
