@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from m_utils import SINGLE, DistContext, UserError, user_text_lines
+from m_utils import SINGLE, DistContext, UserError, read_user_text, user_text_lines
 from stores.keys import key_speaker, store_key
 from stores.open import open_embeddings
 from stores.source import EmbeddingSource
@@ -179,10 +179,11 @@ class TrainingKind(ListKind):
         """The speakers whose embeddings the list's batches use."""
         return {r[0] for r in records}
 
-    def index(self, data: EmbeddingData, records: list[tuple], row_of: dict[str, int],
+    def index(self, data: EmbeddingData, records: list[tuple], file_rows: np.ndarray,
               target_of: dict[str, int]) -> list[str]:
-        """Set the record arrays of `data`; returns each record's speaker."""
-        data.rows = np.array([row_of[r[1]] for r in records], np.int64)
+        """Set the record arrays of `data` from the rows of the files `files(records)` names, in
+        order; returns each record's speaker."""
+        data.rows = file_rows
         return [r[0] for r in records]
 
     def file_rows(self, data: EmbeddingData) -> tuple[np.ndarray, np.ndarray]:
@@ -231,10 +232,10 @@ class TripletKind(TrainingKind):
     def speakers(self, records: list[tuple]) -> set[str]:
         return {r[0] for r in records} | {r[2] for r in records}
 
-    def index(self, data: EmbeddingData, records: list[tuple], row_of: dict[str, int],
+    def index(self, data: EmbeddingData, records: list[tuple], file_rows: np.ndarray,
               target_of: dict[str, int]) -> list[str]:
         data.other_target = np.array([target_of[r[2]] for r in records], np.int64)
-        return super().index(data, records, row_of, target_of)
+        return super().index(data, records, file_rows, target_of)
 
     def batch_indices(self, data: EmbeddingData, records: np.ndarray,
                       batch: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -263,10 +264,9 @@ class DistributionKind(TrainingKind):
     def files(self, records: list[tuple]) -> list[str]:
         return [r[1] for r in records] + [r[2] for r in records]
 
-    def index(self, data: EmbeddingData, records: list[tuple], row_of: dict[str, int],
+    def index(self, data: EmbeddingData, records: list[tuple], file_rows: np.ndarray,
               target_of: dict[str, int]) -> list[str]:
-        data.pair_a = np.array([row_of[r[1]] for r in records], np.int64)
-        data.pair_b = np.array([row_of[r[2]] for r in records], np.int64)
+        data.pair_a, data.pair_b = file_rows[:len(records)], file_rows[len(records):]
         data.pair_same = np.array([r[3] == 1 for r in records], bool)
         return [r[0] for r in records]
 
@@ -348,10 +348,27 @@ def iter_list(path: str | os.PathLike, kind: str | ListKind) -> Iterator[tuple]:
 
 def read_list(path: str | os.PathLike, kind: str | ListKind) -> list[tuple]:
     """All records of a list file of `kind` (iter_list); an empty list is a UserError."""
-    records = list(iter_list(path, kind))
+    records = plain_records(path, list_kind(kind))
+    if records is None:
+        records = list(iter_list(path, kind))
     if not records:
         raise UserError(f"{path}: the {list_kind(kind).name} list is empty")
     return records
+
+
+def plain_records(path: str | os.PathLike, kind: ListKind) -> list[tuple] | None:
+    """The records of a list of a kind without 0/1 fields whose every line is plain (its fields, no
+    blank line, no `#`): one split of the whole text, no work per line, as VoxCeleb2's 1.09M-line
+    training list needs. None for any other file: iter_list then reads it and says what is wrong."""
+    if kind.binary or type(kind).line_parser is not ListKind.line_parser:
+        return None
+    text = read_user_text(path, "list file", "m_gen_list.py")
+    lines = text.count("\n") + (not text.endswith("\n"))
+    parts = text.split()
+    width = len(kind.fields)
+    if not parts or "#" in text or len(parts) != width * lines:
+        return None
+    return list(zip(*(parts[field::width] for field in range(width)), strict=True))
 
 
 def read_trials(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -421,6 +438,15 @@ def shard(items: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, float] | Non
     return part, len(part) * ctx.world_size / len(items)
 
 
+def rows_of_files(files: list[str], unique: list[str], rows: np.ndarray) -> np.ndarray:
+    """The row of each of `files` from the rows of the (distinct) files `unique` (the same list
+    object when the store took the files as they are)."""
+    if unique is files:
+        return np.asarray(rows, np.int64)
+    row_of = dict(zip(unique, rows.tolist(), strict=True))
+    return np.fromiter((row_of[name] for name in files), np.int64, len(files))
+
+
 class EmbeddingData:
     """A list file's records with their embeddings held in memory (a packed store's memory map
     when the list names all of it, with no copy on the CPU).
@@ -438,8 +464,9 @@ class EmbeddingData:
         records = read_list(list_path, self.list_kind)
         source = open_embeddings(root)
         files = self.list_kind.files(records)
-        # a packed store's rows are its own: the files' order does not matter there
-        unique = list(dict.fromkeys(files)) if source.own_rows else sorted(set(files))
+        # a packed store's rows are its own: it takes the files as they are (repeats and all);
+        # other stores read each distinct file once, in sorted order
+        unique = files if source.own_rows else sorted(set(files))
         # copies: a name kept per speaker pinned the freed records' pools (2 GB at 9.9M lines)
         own_speakers = sorted(spk.encode().decode() for spk in self.list_kind.speakers(records))
         self.speakers = list(speakers) if speakers is not None else own_speakers
@@ -448,7 +475,6 @@ class EmbeddingData:
 
         utterances = source.utterances(unique, dim, threads, source=list_path)
         self.manifest, self.source = source.manifest, str(source.path)  # provenance (contract.md)
-        row_of = dict(zip(unique, utterances.rows.tolist(), strict=True))
         # Batches gather from `table`: on the CPU the memory map itself (a float16 store's rows are
         # converted as gathered), on a GPU converted there: the host never holds a float32 copy.
         table = torch.from_numpy(utterances.native).to(device)
@@ -457,7 +483,7 @@ class EmbeddingData:
         self.dim = int(self.table.shape[1])
         self.speaker_embeddings = torch.from_numpy(
             source.speaker_embeddings(own_speakers, embedding_type, self.dim)).to(device)
-        spk = self.list_kind.index(self, records, row_of, target_of)
+        spk = self.list_kind.index(self, records, rows_of_files(files, unique, utterances.rows), target_of)
         self.target = np.array([target_of[s] for s in spk], np.int64)
         self.label = np.array([label_of.get(s, -1) for s in spk], np.int64)
         self._speaker_pairs: list[np.ndarray] | None = None

@@ -83,17 +83,23 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
 
 
 def read_user_text(path: str | os.PathLike, what: str, maker: str = "") -> str:
-    """The text of a user's file, or a UserError naming it (`what`: "list file", ...)."""
-    return "".join(user_text_lines(path, what, maker))
+    """The text of a user's file, read at once, or a UserError naming it (`what`: "list file", ...)."""
+    with user_file_errors(path, what, maker):
+        return Path(path).read_text()
 
 
 def user_text_lines(path: str | os.PathLike, what: str, maker: str = "") -> Iterator[str]:
     """The lines of a user's file, read as they are consumed (a long list is never held whole),
     or a UserError naming it (`what`: "list file", ...)."""
-    path = Path(path)
+    with user_file_errors(path, what, maker), Path(path).open() as file:
+        yield from file
+
+
+@contextmanager
+def user_file_errors(path: str | os.PathLike, what: str, maker: str = "") -> Iterator[None]:
+    """A missing or unreadable user's file as a UserError naming it (and `maker`, who writes it)."""
     try:
-        with path.open() as file:
-            yield from file
+        yield
     except FileNotFoundError:
         hint = f" ({maker} writes it)" if maker else ""
         raise UserError(f"{path}: {what} not found{hint}") from None
