@@ -71,7 +71,7 @@ from m_gen_embs import (
 )
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, clear_gradients
-from m_utils import DistContext, bf16_is_native, resolve_device
+from m_utils import DistContext, Options, add_options, bf16_is_native, resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 from models.m_Features import SAMPLE_RATE
@@ -1502,56 +1502,60 @@ def report(args: argparse.Namespace, records: list[dict], notes: Iterable[str], 
     print("\n".join(verdicts(records, budget)))
 
 
+OPTIONS: Options = {
+    "out": ("bench_out", str, "folder of the synthetic data and the JSON"),
+    "utterances": (50_000, int, "utterance files in the tree"),
+    "speakers": (1_000, int, "speakers in the tree"),
+    "sessions": (5, int, "sessions (categories) per speaker"),
+    "crops": (10, int, "crops per utterance file"),
+    "dim": (512, int, "embedding dimension"),
+    "batch_size": (200, int, "training batch size"),
+    "workers": (5, int, "nDataLoaderThread: loader threads and baseline workers"),
+    "trials": (200_000, int, "trials to score"),
+    "baseline_batches": (30, int, "batches or DA steps timed of the baseline"),
+    "compute_batches": (100, int, "batches timed of the compute-only loop"),
+    "baseline_trials": (20_000, int, "trials timed of the per-trial loop"),
+    "vox1e_trials": (580_000, int, "trials of the VoxCeleb1-E-sized list"),
+    "vox1e_utterances": (145_000, int, "utterances the VoxCeleb1-E-sized list pairs"),
+    "cohort_speakers": (6_000, int, "AS-Norm cohort speakers (backend_asnorm)"),
+    "audio_utterances": (16, int, "utterances of synthetic audio"),
+    "audio_seconds": (12.0, float, "seconds per synthetic utterance"),
+    "eval_frames": (400, int, "extraction crop length in frames"),
+    "num_eval": (10, int, "extraction crops per utterance"),
+    "extract_batch": (0, int, "utterances per extractor pass; 0: m_gen_embs' choice for the device"),
+    "baseline_utterances": (4, int, "utterances timed one at a time"),
+    "audio_files": (4000, int, f"files of each format (links to the synthetic utterances) in the decode and "
+                    f"m4a stages; the m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU"),
+    "chunk_rows": (None, int,
+                   "rows an epoch gathers at once (0: a gather per batch; default: the project's choice for "
+                   "the device). Set on a CPU with a small --dim and --batch_size, it shows the GPU batch "
+                   "path's host cost per step"),
+    "vox2_utterances": (1_092_009, int, "files of the VoxCeleb2-shaped tree"),
+    "vox2_speakers": (5_994, int, "speakers of the VoxCeleb2-shaped tree"),
+    "vox2_videos": (145_000, int, "videos (folders) of the VoxCeleb2-shaped tree"),
+    "vox2_crops": (10, int, "crops per file of the VoxCeleb2-shaped tree"),
+    "vox2_dim": (256, int, "dimension of the VoxCeleb2- and VoxBlink2-sized data"),
+    "vox2_processes": (2, int, "processes writing the VoxCeleb2-shaped tree"),
+    "file_part": (100_000, int, "files store_open reads and scales (per-file side)"),
+    "blink_rows": (9_904_382, int, "rows of the VoxBlink2-sized float16 store"),
+    "blink_speakers": (111_284, int, "speakers of the VoxBlink2-sized store"),
+    "blink_small_rows": (100_000, int, "rows of train_vox2_steps' small store"),
+    "steps": (500, int, "training steps timed by train_vox2_steps"),
+    "step_batch": (1_000, int, "batch size of train_vox2_steps"),
+    "threads": (0, int, "torch intra-op threads (default: torch's, one a core)"),
+    "min_seconds": (1.0, float, "repeat fast project timings this long"),
+    "device": ("auto", str, "auto, cpu or cuda: where every stage runs"),
+    "stages": (tuple(stage.name for stage in STAGES), list, "stages to run (default: all, in order)"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add = parser.add_argument
-    add("--out", default="bench_out", help="folder of the synthetic data and the JSON")
-    add("--utterances", type=int, default=50_000, help="utterance files in the tree")
-    add("--speakers", type=int, default=1_000, help="speakers in the tree")
-    add("--sessions", type=int, default=5, help="sessions (categories) per speaker")
-    add("--crops", type=int, default=10, help="crops per utterance file")
-    add("--dim", type=int, default=512, help="embedding dimension")
-    add("--batch_size", type=int, default=200, help="training batch size")
-    add("--workers", type=int, default=5, help="nDataLoaderThread: loader threads and baseline workers")
-    add("--trials", type=int, default=200_000, help="trials to score")
-    add("--baseline_batches", type=int, default=30, help="batches or DA steps timed of the baseline")
-    add("--compute_batches", type=int, default=100, help="batches timed of the compute-only loop")
-    add("--baseline_trials", type=int, default=20_000, help="trials timed of the per-trial loop")
-    add("--vox1e_trials", type=int, default=580_000, help="trials of the VoxCeleb1-E-sized list")
-    add("--vox1e_utterances", type=int, default=145_000, help="utterances the VoxCeleb1-E-sized list pairs")
-    add("--cohort_speakers", type=int, default=6_000, help="AS-Norm cohort speakers (backend_asnorm)")
-    add("--audio_utterances", type=int, default=16, help="utterances of synthetic audio")
-    add("--audio_seconds", type=float, default=12.0, help="seconds per synthetic utterance")
-    add("--eval_frames", type=int, default=400, help="extraction crop length in frames")
-    add("--num_eval", type=int, default=10, help="extraction crops per utterance")
-    add("--extract_batch", type=int, default=0,
-        help="utterances per extractor pass; 0: m_gen_embs' choice for the device")
-    add("--baseline_utterances", type=int, default=4, help="utterances timed one at a time")
-    add("--audio_files", type=int, default=4000,
-        help=f"files of each format (links to the synthetic utterances) in the decode and m4a stages; the "
-             f"m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU")
-    add("--chunk_rows", type=int, default=None,
-        help="rows an epoch gathers at once (0: a gather per batch; default: the project's choice for "
-             "the device). Set on a CPU with a small --dim and --batch_size, it shows the GPU batch "
-             "path's host cost per step")
-    add("--vox2_utterances", type=int, default=1_092_009, help="files of the VoxCeleb2-shaped tree")
-    add("--vox2_speakers", type=int, default=5_994, help="speakers of the VoxCeleb2-shaped tree")
-    add("--vox2_videos", type=int, default=145_000, help="videos (folders) of the VoxCeleb2-shaped tree")
-    add("--vox2_crops", type=int, default=10, help="crops per file of the VoxCeleb2-shaped tree")
-    add("--vox2_dim", type=int, default=256, help="dimension of the VoxCeleb2- and VoxBlink2-sized data")
-    add("--vox2_processes", type=int, default=2, help="processes writing the VoxCeleb2-shaped tree")
-    add("--file_part", type=int, default=100_000, help="files store_open reads and scales (per-file side)")
-    add("--blink_rows", type=int, default=9_904_382, help="rows of the VoxBlink2-sized float16 store")
-    add("--blink_speakers", type=int, default=111_284, help="speakers of the VoxBlink2-sized store")
-    add("--blink_small_rows", type=int, default=100_000, help="rows of train_vox2_steps' small store")
-    add("--steps", type=int, default=500, help="training steps timed by train_vox2_steps")
-    add("--step_batch", type=int, default=1_000, help="batch size of train_vox2_steps")
-    add("--threads", type=int, default=0, help="torch intra-op threads (default: torch's, one a core)")
-    add("--min_seconds", type=float, default=1.0, help="repeat fast project timings this long")
-    add("--device", default="auto", help="auto, cpu or cuda: where every stage runs")
-    names = [stage.name for stage in STAGES]
-    add("--stages", nargs="+", choices=names, default=names, help="stages to run")
+    add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
+    unknown = [name for name in args.stages if name not in STAGE]
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGE)}")
     if args.utterances < 2 * args.speakers or args.sessions < 2:
         parser.error("need at least 2 utterances per speaker and 2 sessions")
     if (args.vox2_utterances < 2 * args.vox2_speakers or not 0 < args.file_part <= args.vox2_utterances
