@@ -17,7 +17,9 @@ from stores.stamps import scp_entries
 
 class KaldiSource(EmbeddingSource):
     """A Kaldi `.scp` with its `.ark` files (read with kaldiio); speakers from `utt2spk` beside it
-    or each key's first path component. Speaker embeddings are combined from the utterances."""
+    or each key's first path component. Speaker embeddings are combined from the utterances, whose
+    crop means are kept once read (N x D float64): a list's embeddings and then its speakers'
+    read the arks once. At scale, pack the .scp (m_comb_embs.py) and read the store instead."""
 
     def __init__(self, scp: Path, entries: list[tuple[str, str]] | None = None):
         self.path = scp
@@ -26,6 +28,7 @@ class KaldiSource(EmbeddingSource):
         self.utt2spk = read_utt2spk(scp.parent / "utt2spk")
         self.key_of = {store_key(utt): utt for utt, _ in self.entries}
         self.location = dict(self.entries)
+        self.read_means: dict[str, np.ndarray] = {}
 
     def read(self, utt: str, dim: int | None = None) -> np.ndarray:
         import kaldiio
@@ -37,7 +40,12 @@ class KaldiSource(EmbeddingSource):
         return check_embedding(array, f"{self.path} ({utt})", dim)
 
     def means(self, utts: Sequence[str], dim: int | None = None) -> np.ndarray:
-        return crop_means([self.read(utt, dim) for utt in utts])
+        """(len(utts), D) float64 crop means, each utterance read from its ark once."""
+        unread = [utt for utt in dict.fromkeys(utts) if utt not in self.read_means]
+        if unread:
+            self.read_means.update(zip(unread, crop_means([self.read(utt, dim) for utt in unread]),
+                                       strict=True))
+        return np.stack([self.read_means[utt] for utt in utts])
 
     def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
                    desc: str = "loading embeddings", show_progress: bool = True,

@@ -181,6 +181,24 @@ def write_scp(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
     return folder / "xvector.scp"
 
 
+def test_an_unpacked_scp_reads_each_utterance_once(tmp_path, monkeypatch):
+    """A list's embeddings and then its speakers' (B and C) come from one read of each utterance,
+    with the values a fresh read gives."""
+    rng = np.random.default_rng(2)
+    arrays = {f"s{k % 3}/v{k % 2}/{k:05d}.wav": rng.standard_normal((2, DIM)).astype(np.float32)
+              for k in range(12)}
+    scp = write_scp(tmp_path / "kaldi", arrays)
+    make_lists(scp, "k", tmp_path / "lists", seed=1, kinds=("normal",))
+    reads = []
+    load_mat = kaldiio.load_mat
+    monkeypatch.setattr(kaldiio, "load_mat", lambda location: reads.append(location) or load_mat(location))
+    data = EmbeddingData(tmp_path / "lists" / "k_normal_list.txt", scp, "normal", "C", DIM)
+    assert len(reads) == len(set(reads)) == len(arrays)
+    for k, spk in enumerate(data.speakers):
+        own = [a.mean(axis=0, dtype=np.float64) for key, a in arrays.items() if key.startswith(spk + "/")]
+        np.testing.assert_array_equal(data.speaker_embeddings[k].numpy(), combine_speaker(np.stack(own), "C"))
+
+
 def test_kaldi_ids_with_utt2spk(tmp_path):
     rng = np.random.default_rng(1)
     arrays = {f"u{k:03d}": rng.standard_normal(DIM).astype(np.float32) for k in range(12)}
