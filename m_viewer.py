@@ -63,7 +63,7 @@ from scoring.metrics import (
     mindcf_key,
     score_trials,
 )
-from scoring.report import NONE_ALIASES, SYSTEMS, TRIAL_LISTS
+from scoring.report import NONE_ALIASES, SYSTEMS, TRIAL_LISTS, text_columns
 from stores.arrays import EMBEDDING_TYPES
 from stores.keys import embedding_file
 from stores.open import open_embeddings
@@ -651,11 +651,7 @@ def duration_rows(series: dict[tuple[str, str], list[DurationPoint]]) -> list[li
 
 
 def duration_table(series: dict[tuple[str, str], list[DurationPoint]]) -> str:
-    rows = duration_rows(series)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
-    return "\n".join([lines[0], "-" * max(len(line) for line in lines), *lines[1:]])
+    return "\n".join(text_columns(duration_rows(series)))
 
 
 def write_duration_figure(points: Sequence[DurationPoint], out_dir: Path) -> tuple[Path, Path] | None:

@@ -198,7 +198,7 @@ def decision_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.n
 # The table
 
 
-def _columns(rows: list[list[str]]) -> list[str]:
+def text_columns(rows: list[list[str]]) -> list[str]:
     """Rows of cells as lines of left-aligned columns, with a rule under the first (the header)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -252,7 +252,7 @@ def records_table(records: Sequence[Record]) -> str:
                           (Decision, _decision_rows)):
         chosen = [r for r in records if isinstance(r, kind)]
         if chosen:
-            lines += ([""] if lines else []) + _columns(rows_of(chosen))
+            lines += ([""] if lines else []) + text_columns(rows_of(chosen))
     return "\n".join(lines)
 
 
