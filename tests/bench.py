@@ -134,19 +134,29 @@ def shape_of(args: argparse.Namespace) -> dict[str, int]:
     return {key: getattr(args, key) for key in ("utterances", "speakers", "sessions", "crops", "dim")}
 
 
+def written_once(root: Path, shape: dict, what: str, write: Callable[[], None]) -> None:
+    """The bench's data of `shape` under `root`, made by `write` unless a complete one is there (its
+    `.complete` marker, written last, names the shape)."""
+    marker = root / ".complete"
+    if marker.is_file() and json.loads(marker.read_text()) == shape:
+        say(f"reusing {what} {root}")
+        return
+    write()
+    marker.write_text(json.dumps(shape))
+
+
 def ensure_tree(args: argparse.Namespace) -> Tree:
     """The tree of this size, written unless a complete one is already there."""
     shape = shape_of(args)
     tree = Tree(Path(args.out) / "data" / "_".join(f"{key}{value}" for key, value in shape.items()))
-    marker = tree.root / ".complete"
-    if marker.is_file() and json.loads(marker.read_text()) == shape:
-        say(f"reusing the synthetic tree {tree.root}")
-        return tree
-    say(f"writing a synthetic tree of {args.utterances} utterances ({args.crops}, {args.dim}) "
-        f"under {tree.root} (once)")
-    write_embeddings(tree.embed_dir, args)
-    make_lists(tree.embed_dir, LIST_NAME, tree.root / "lists", SEED, kinds=("normal", "distribution"))
-    marker.write_text(json.dumps(shape))
+
+    def write() -> None:
+        say(f"writing a synthetic tree of {args.utterances} utterances ({args.crops}, {args.dim}) "
+            f"under {tree.root} (once)")
+        write_embeddings(tree.embed_dir, args)
+        make_lists(tree.embed_dir, LIST_NAME, tree.root / "lists", SEED, kinds=("normal", "distribution"))
+
+    written_once(tree.root, shape, "the synthetic tree", write)
     return tree
 
 
@@ -370,11 +380,13 @@ def check_disk(folder: Path, needed: int) -> None:
 
 def ensure_vox2(args: argparse.Namespace) -> Vox2:
     """The VoxCeleb2-shaped tree of this size, written unless complete (--vox2_processes writers)."""
-    data, shape = vox2_of(args), vox2_shape(args)
-    marker = data.root / ".complete"
-    if marker.is_file() and json.loads(marker.read_text()) == shape:
-        say(f"reusing the VoxCeleb2-shaped tree {data.root}")
-        return data
+    data = vox2_of(args)
+    written_once(data.root, vox2_shape(args), "the VoxCeleb2-shaped tree", lambda: write_vox2(data, args))
+    return data
+
+
+def write_vox2(data: Vox2, args: argparse.Namespace) -> None:
+    """Write the VoxCeleb2-shaped tree, its normal list and the per-file part (--vox2_processes writers)."""
     size = args.vox2_utterances * 4096 * (-(-(128 + 4 * args.vox2_crops * args.vox2_dim) // 4096))
     check_disk(data.root, size)
     say(f"writing a VoxCeleb2-shaped tree of {args.vox2_utterances} files ({args.vox2_crops}, "
@@ -389,8 +401,6 @@ def ensure_vox2(args: argparse.Namespace) -> Vox2:
                           desc="speakers", unit="spk", leave=False):
             listed.writelines(lines)
     write_part(data, counts, args.file_part)
-    marker.write_text(json.dumps(shape))
-    return data
 
 
 def write_part(data: Vox2, counts: np.ndarray, files: int) -> None:
