@@ -91,14 +91,12 @@ def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Itera
         yield future.result()
 
 
-def read_chunk(files: list[str]) -> np.ndarray:
-    """(files, D) float64 crop means of a chunk of one speaker's files; finiteness is checked on
-    the means (a NaN or infinity in a file makes its mean one)."""
-    arrays = [read_embedding(path, finite=False) for path in files]
-    dims = {a.shape[-1] for a in arrays}
-    if len(dims) > 1:
-        raise UserError(f"{os.path.dirname(files[0])}: utterance embeddings of different dimensions "
-                        f"{sorted(dims)}")
+def read_chunk(files: list[str], dim: int, first: str) -> np.ndarray:
+    """(files, D) float64 crop means of a chunk of one speaker's files, each of the dimension `dim`
+    of the tree's `first` file; finiteness is checked on the means (a NaN or infinity in a file
+    makes its mean one)."""
+    expected = f"{dim}, the dimension of {first}"
+    arrays = [read_embedding(path, dim, finite=False, expected=expected) for path in files]
     means = crop_means(arrays)
     if not np.isfinite(means).all():
         for path, array in zip(files, arrays, strict=True):
@@ -125,10 +123,6 @@ class TreePacker:
         self.tables: dict[str, list[np.ndarray]] = {name: [] for name in EMBEDDING_TYPES}
 
     def add(self, spk: str, rels: list[str], means: np.ndarray, total: int) -> None:
-        dims = {means.shape[1]} | ({self.builder.matrix.shape[1]} if self.builder is not None else set())
-        if len(dims) > 1:
-            raise UserError(f"{self.embed_dir / spk}: utterance embeddings of dimension {means.shape[1]}, "
-                            f"other speakers' are {min(dims - {means.shape[1]})}")
         for name, embedding in speaker_embeddings(means).items():
             self.writes.append(self.pool.submit(
                 save_npy_atomic, self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk), embedding))
@@ -183,10 +177,13 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
               for start in range(0, len(rels), CHUNK)]
     means: list[np.ndarray] = []
     root = str(embed_dir)
+    first = os.path.join(root, listing[0][1][0]) if listing else ""
+    dim = read_embedding(first, finite=False).shape[-1] if listing else 0  # every file's, as the first's
     with ThreadPoolExecutor(max(1, threads)) as pool, \
             tqdm(total=total, desc="reading embeddings", unit="file", unit_scale=True) as bar:
         packer = TreePacker(embed_dir, pack, dtype, pool)
-        results = ordered_map(pool, lambda chunk: read_chunk([os.path.join(root, rel) for rel in chunk[1]]),
+        results = ordered_map(pool, lambda chunk: read_chunk([os.path.join(root, rel) for rel in chunk[1]],
+                                                             dim, first),
                               chunks, window=4 * max(1, threads))
         for (k, chunk), chunk_means in zip(chunks, results, strict=True):
             means.append(chunk_means)

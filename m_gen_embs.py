@@ -10,7 +10,12 @@ test sets).
 
 Safe to interrupt and re-run: each file is written atomically as soon as it is computed, files that
 already exist are skipped (unless --overwrite), a tree made with other settings is refused (unless
---overwrite), and nothing is ever deleted."""
+--overwrite), and nothing is ever deleted.
+
+An audio file that cannot be read (not audio, empty, no samples, silent) is logged with its reason
+and skipped; the others are embedded, `failed_audio.txt` in EMBED_DIR lists the failed ones, and the
+run ends with an error (exit status 2). A re-run tries only the files without an embedding, and
+removes that list (its own file) when every file has one."""
 
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ from m_utils import (
     setup_logging,
     write_text_atomic,
 )
-from models.m_Extractors import DEFAULT_EXTRACTOR, EXTRACTORS, load_extractor, weights_path
+from models.m_Extractors import DEFAULT_EXTRACTOR, EXTRACTORS, extractor_entry, load_extractor, weights_path
 from models.m_Features import HOP, SAMPLE_RATE
 from stores.keys import AUDIO_SUFFIXES, read_manifest, read_utt2dur
 
@@ -81,6 +86,9 @@ SOUNDFILE_SUFFIXES = (".wav", ".flac")
 # Written beside the embeddings (formats in the module's docstring and the README).
 UTT2DUR = "utt2dur"
 MANIFEST = "manifest.json"
+# The audio files the last run could not read, one path a line (their reasons are in its log);
+# removed by a run that reads them all.
+FAILED_LIST = "failed_audio.txt"
 # Manifest fields that make embeddings incomparable: a tree is never extended with other values.
 SAME_SETTINGS = ("extractor", "checkpoint_sha256", "eval_frames", "num_eval", "max_seconds")
 REPO = Path(__file__).resolve().parent
@@ -132,6 +140,10 @@ def check_unique_outputs(files: list[Path]) -> None:
 
 class AudioError(Exception):
     """An audio file that cannot be used; it is reported and skipped."""
+
+
+class FailedFiles(UserError):
+    """Audio files that could not be read: every other file was embedded, and FAILED_LIST names them."""
 
 
 def read_soundfile(path: Path) -> tuple[np.ndarray, int]:
@@ -313,13 +325,27 @@ def skipped_durations(job: Job, skipped: list[Path], known: dict[str, float],
     return durations
 
 
-def gather_durations(ctx: DistContext, durations: dict[str, float]) -> dict[str, float]:
-    """Every rank's durations on rank 0 (others get theirs back); a process outside a group keeps its own."""
+def gather_on_main(ctx: DistContext, entries: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's entries (durations, failures) on rank 0 (others get theirs back); a process outside
+    a group keeps its own."""
     if not (ctx.distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return durations
+        return entries
     parts = [None] * ctx.world_size if ctx.is_main else None
-    torch.distributed.gather_object(durations, parts, dst=0)
-    return {utt: seconds for part in parts for utt, seconds in part.items()} if ctx.is_main else durations
+    torch.distributed.gather_object(entries, parts, dst=0)
+    return {key: value for part in parts for key, value in part.items()} if ctx.is_main else entries
+
+
+def update_failed_list(embed_dir: Path, failures: dict[str, str]) -> None:
+    """Write FAILED_LIST with the paths of `failures` (path -> reason), where that changes it; with
+    none, remove the list an earlier run wrote."""
+    path = embed_dir / FAILED_LIST
+    if failures:
+        text = "".join(f"{failed}\n" for failed in sorted(failures))
+        if not path.exists() or path.read_text() != text:
+            write_text_atomic(path, text)
+    elif path.is_file():
+        path.unlink()
+        log.info("%s: removed, every file it listed is embedded now", path)
 
 
 def file_sha256(path: Path) -> str:
@@ -510,7 +536,8 @@ def prepare_device(device: torch.device) -> None:
 def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> None:
     """Embed this rank's share of the files (every world_size-th), skipping finished ones; adds its
     number of unreadable files to the shared counter `failed_total` (a multiprocessing Value). Rank 0
-    writes the manifest first and utt2dur last, with every rank's durations."""
+    writes the manifest first, and utt2dur and FAILED_LIST last, with every rank's durations and
+    failures."""
     setup_logging()
     if ctx.is_main and job.manifest is not None:
         write_manifest(job.embed_dir, job.manifest, job.overwrite)
@@ -525,22 +552,24 @@ def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> 
     log.info("%swrote %d embedding file(s) in %.1f s (%.2f utt/s), skipped %d already present, %d failed",
              who, len(durations), elapsed, len(durations) / max(elapsed, 1e-9), len(shard) - len(todo),
              len(failures))
-    for failure in failures:
-        log.error("failed: %s", failure)
+    for failed, reason in failures.items():
+        log.error("failed: %s: %s", failed, reason)
     with failed_total.get_lock():
         failed_total.value += len(failures)
     known = read_utt2dur(job.embed_dir / UTT2DUR) or {}
     done = set(todo)
     durations.update(skipped_durations(job, [rel for rel in shard if rel not in done], known, ctx.is_main))
-    durations = gather_durations(ctx, durations)
+    durations = gather_on_main(ctx, durations)
+    failures = gather_on_main(ctx, failures)
     if ctx.is_main:
         update_utt2dur(job.embed_dir, known, durations)
+        update_failed_list(job.embed_dir, failures)
 
 
 def embed_files(ctx: DistContext, job: Job, model: nn.Module,
-                todo: list[Path]) -> tuple[dict[str, float], list[str]]:
+                todo: list[Path]) -> tuple[dict[str, float], dict[str, str]]:
     """Embed and write the files `todo`: the seconds of audio each written embedding saw (by utt key),
-    and a line for each file that could not be read."""
+    and why each file that could not be read failed (by its path)."""
     device = resolve_device(job.device, ctx.local_rank)
     prepare_device(device)
     if device.type == "cpu" and ctx.distributed:
@@ -552,7 +581,7 @@ def embed_files(ctx: DistContext, job: Job, model: nn.Module,
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list,
                         num_workers=workers_for(job.nDataLoaderThread, device, ctx.world_size))
     durations: dict[str, float] = {}
-    failures: list[str] = []
+    failures: dict[str, str] = {}
     rates_seen = {SAMPLE_RATE}
     with torch.inference_mode(), tqdm(total=len(todo), unit="utt", disable=not ctx.is_main or not todo,
                                       dynamic_ncols=True) as bar:
@@ -560,8 +589,8 @@ def embed_files(ctx: DistContext, job: Job, model: nn.Module,
             good = [item for item in batch if item.error is None]
             for item in batch:
                 if item.error is not None:
-                    failures.append(f"{job.db_path / todo[item.index]}: {item.error}")
-                    log.warning("skipped %s", failures[-1])
+                    failures[str(job.db_path / todo[item.index])] = item.error
+                    log.warning("skipped %s: %s", job.db_path / todo[item.index], item.error)
                 elif item.source_rate not in rates_seen:
                     rates_seen.add(item.source_rate)
                     log.info("resampling %d Hz audio to %d Hz (first: %s)", item.source_rate, SAMPLE_RATE,
@@ -608,7 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_options(args: argparse.Namespace) -> None:
-    """Every bound of the options, in one place."""
+    """Every bound of the options, and the extractor's name, in one place."""
+    extractor_entry(args.model, "--model")
     for name, least in MINIMUM.items():
         value = getattr(args, name)
         if value is not None and value < least:
@@ -658,8 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         launch(extract, (job, model, failed_total), distributed=args.distributed, device=args.device,
                nprocs=args.nprocs, port=args.port)
     if failed_total.value:
-        log.error("%d file(s) could not be read and have no embedding", failed_total.value)
-        return 1
+        raise FailedFiles(f"{failed_total.value} audio file(s) could not be read (the log above says why) "
+                          f"and have no embedding; {embed_dir / FAILED_LIST} lists them. Every other file "
+                          "is embedded: a run after they are fixed or removed embeds only them")
     return 0
 
 

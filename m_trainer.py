@@ -208,7 +208,33 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     for key in sorted(given & set(UNUSED_OPTIONS)):
         log.warning("option '%s' is not used: it is accepted so that the original repository's configs "
                     "load", key)
+    sources = {key: f"{args.config}:{line}: {key}" for key, line in config_lines(args.config).items()}
+    check_names(args, sources | {key: f"--{key}" for key in explicit})
     return args
+
+
+def config_lines(path: str | None) -> dict[str, int]:
+    """The line of each option of a YAML config (for error messages); none without a config."""
+    if not path:
+        return {}
+    try:
+        node = yaml.compose(read_user_text(path, "config file"))
+    except (UserError, yaml.YAMLError):
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(key.value): key.start_mark.line + 1 for key, _ in node.value}
+
+
+def check_names(args: argparse.Namespace, sources: dict[str, str]) -> None:
+    """The model, loss, optimizer and scheduler are known by their names; an unknown one is an error
+    saying where it was given (`sources`: option -> `--model` or `<config>:<line>: model`)."""
+    model_class(args.model, sources.get("model"))
+    loss_class(args.trainfunc, sources.get("trainfunc"))
+    if args.optimizer not in OPTIMIZERS:
+        raise unknown_name("optimizer", args.optimizer, OPTIMIZERS, sources.get("optimizer"))
+    if args.scheduler not in SCHEDULERS:
+        raise unknown_name("scheduler", args.scheduler, SCHEDULERS, sources.get("scheduler"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,13 +296,7 @@ def check_setup(args: argparse.Namespace, mode: str) -> None:
     embedding_type_of(args.multiple_embedding_flag)
     check_backend_options(args.backends, vars(args))
     check_result_tag(args.result_tag)
-    loss_class(args.trainfunc)
-    model_class(args.model)
     make_activation(args.activation)
-    if args.optimizer not in OPTIMIZERS:
-        raise unknown_name("optimizer", args.optimizer, OPTIMIZERS)
-    if args.scheduler not in SCHEDULERS:
-        raise unknown_name("scheduler", args.scheduler, SCHEDULERS)
     if args.gen_format is not None:
         gen_format_of(".", args.gen_format)
     resolve_device(args.device)

@@ -74,25 +74,41 @@ def options_taken(cls: type, options: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in options.items() if key in names}
 
 
-def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
-    """The error for a name that is not in a registry; lists the known names and the closest ones."""
+def unknown_name(kind: str, name: str, known: Iterable[str], source: str | None = None) -> UserError:
+    """The error for a name that is not in a registry; lists the known names and the closest ones.
+    `source` says where the name was given (`--model`, `configs/x.yaml:3: model`)."""
     known = sorted(known)
     close = get_close_matches(str(name), known, n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return UserError(f"unknown {kind} '{name}'{hint}; known: {', '.join(known)}")
+    where = f"{source}: " if source else ""
+    return UserError(f"{where}unknown {kind} '{name}'{hint}; known: {', '.join(known)}")
 
 
 def read_user_text(path: str | os.PathLike, what: str, maker: str = "") -> str:
     """The text of a user's file, read at once, or a UserError naming it (`what`: "list file", ...)."""
-    with user_file_errors(path, what, maker):
-        return Path(path).read_text()
+    return "".join(user_text_lines(path, what, maker))
 
 
 def user_text_lines(path: str | os.PathLike, what: str, maker: str = "") -> Iterator[str]:
-    """The lines of a user's file, read as they are consumed (a long list is never held whole),
-    or a UserError naming it (`what`: "list file", ...)."""
-    with user_file_errors(path, what, maker), Path(path).open() as file:
-        yield from file
+    """The UTF-8 lines of a user's file, read as they are consumed (a long list is never held
+    whole), or a UserError naming it (`what`: "list file", ...) and the line of a byte that is not
+    UTF-8."""
+    with user_file_errors(path, what, maker), \
+            Path(path).open(encoding="utf-8", errors="surrogateescape") as file:
+        for lineno, line in enumerate(file, start=1):
+            if not line.isascii():
+                check_utf8(line, f"{path}:{lineno}")
+            yield line
+
+
+def check_utf8(line: str, where: str) -> None:
+    """A line read with errors="surrogateescape" holds no undecodable byte, else a UserError
+    naming `where` (file and line), the byte and its column."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(line[err.start]) & 0xFF
+        raise UserError(f"{where}: not UTF-8 text (byte 0x{byte:02x} at column {err.start + 1})") from None
 
 
 @contextmanager
@@ -103,7 +119,7 @@ def user_file_errors(path: str | os.PathLike, what: str, maker: str = "") -> Ite
     except FileNotFoundError:
         hint = f" ({maker} writes it)" if maker else ""
         raise UserError(f"{path}: {what} not found{hint}") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise UserError(f"{path}: cannot read the {what} ({err})") from None
 
 

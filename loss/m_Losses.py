@@ -206,9 +206,10 @@ LOSSES = {cls.__name__: cls for cls in
           (MSE, MAE, CS, MSE_CS, Softmax, MSE_Softmax, MyTriplet_CS, DA, DA_MSE)}
 
 
-def loss_class(name: str) -> type[EnhancementLoss]:
+def loss_class(name: str, source: str | None = None) -> type[EnhancementLoss]:
+    """The loss class of `name`; an unknown name is an error saying where it was given (`source`)."""
     if name not in LOSSES:
-        raise unknown_name("loss (trainfunc)", name, LOSSES)
+        raise unknown_name("loss (trainfunc)", name, LOSSES, source)
     return LOSSES[name]
 
 

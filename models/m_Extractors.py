@@ -55,17 +55,22 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
     module.load_state_dict(state, strict=True)
 
 
+def extractor_entry(name: str, source: str | None = None) -> ExtractorEntry:
+    """The entry of extractor `name`; an unknown name is an error saying where it was given (`source`)."""
+    if name not in EXTRACTORS:
+        raise unknown_name("extractor", name, EXTRACTORS, source)
+    return EXTRACTORS[name]
+
+
 def weights_path(name: str, initial_model: str | Path | None = None,
                  random_init: bool = False) -> Path | None:
     """The weights file load_extractor reads for these options: `initial_model`, else the extractor's
     default weights; None with `random_init` (and no `initial_model`)."""
-    if name not in EXTRACTORS:
-        raise unknown_name("extractor", name, EXTRACTORS)
+    entry = extractor_entry(name)
     if initial_model is not None and random_init:
         raise UserError("--random_init and --initial_model exclude each other")
     if random_init:
         return None
-    entry = EXTRACTORS[name]
     path = Path(initial_model) if initial_model is not None else entry.default_weights()
     if path is None:
         raise UserError(f"{name} needs weights: {entry.no_weights_hint}")

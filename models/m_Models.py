@@ -98,9 +98,10 @@ MODELS = {cls.__name__: cls for cls in
           (MyLinearNet, MyLinearNetv2, MyLinearNetv3, MyLinearNetv4, MyResidualNet)}
 
 
-def model_class(name: str) -> type[nn.Module]:
+def model_class(name: str, source: str | None = None) -> type[nn.Module]:
+    """The model class of `name`; an unknown name is an error saying where it was given (`source`)."""
     if name not in MODELS:
-        raise unknown_name("model", name, MODELS)
+        raise unknown_name("model", name, MODELS, source)
     return MODELS[name]
 
 

@@ -55,14 +55,18 @@ def combine_speaker(means: np.ndarray, embedding_type: str) -> np.ndarray:
 
 
 def check_embedding(array: np.ndarray, path: Path | str, dim: int | None = None,
-                    finite: bool = True) -> np.ndarray:
-    """Validate an embedding file's array: (crops, D) or (D,), of dimension `dim`, finite (unless
-    the caller checks that of many arrays at once)."""
+                    finite: bool = True, expected: str | None = None) -> np.ndarray:
+    """Validate an embedding file's array: floating point, (crops, D) or (D,), of dimension `dim`
+    (`expected` says whose dimension that is; default "nOut <dim>"), finite (unless the caller
+    checks that of many arrays at once)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        raise UserError(f"{path}: embeddings must be floating point, found {array.dtype} values")
     if array.ndim not in (1, 2) or array.size == 0:
         raise UserError(f"{path}: expected an embedding of shape (crops, D) or (D,), "
                         f"found shape {array.shape}")
     if dim is not None and array.shape[-1] != dim:
-        raise UserError(f"{path}: embedding dimension {array.shape[-1]} does not match nOut {dim}")
+        raise UserError(f"{path}: embedding dimension {array.shape[-1]} does not match "
+                        f"{expected or f'nOut {dim}'}")
     if finite and not np.isfinite(array).all():
         raise UserError(f"{path}: embedding holds NaN or infinite values")
     return array
@@ -114,14 +118,16 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
     return values.reshape(shape, order="F" if fortran_order else "C")
 
 
-def read_embedding(path: Path | str, dim: int | None = None, finite: bool = True) -> np.ndarray:
+def read_embedding(path: Path | str, dim: int | None = None, finite: bool = True,
+                   expected: str | None = None) -> np.ndarray:
+    """The checked array of an embedding file (check_embedding); errors name the file."""
     try:
         array = read_npy(path)
     except FileNotFoundError:
         raise UserError(f"{path}: embedding file not found (m_gen_embs.py writes them)") from None
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable .npy embedding ({err})") from None
-    return check_embedding(np.asarray(array), path, dim, finite)
+    return check_embedding(np.asarray(array), path, dim, finite, expected)
 
 
 def crop_mean(array: np.ndarray) -> np.ndarray:
@@ -160,6 +166,7 @@ def read_files(files: Sequence[Path], dim: int | None, threads: int, desc: str,
     norms, in order; `threads` reader threads, none (the calling thread) for 0."""
     first = read_embedding(files[0], dim) if files else None
     width = dim if dim is not None else (first.shape[-1] if first is not None else 0)
+    expected = None if dim is not None or not files else f"{width}, the dimension of {files[0]}"
     matrix = np.empty((len(files), width), np.float32)
     norms = np.empty(len(files), np.float32)
     blocks = [range(start, min(start + LOAD_BLOCK, len(files)))
@@ -167,7 +174,7 @@ def read_files(files: Sequence[Path], dim: int | None, threads: int, desc: str,
 
     def load_block(rows: range) -> int:
         """Read a block of files straight into their rows of the matrix."""
-        arrays = [first if row == 0 else read_embedding(files[row], width) for row in rows]
+        arrays = [first if row == 0 else read_embedding(files[row], width, expected=expected) for row in rows]
         matrix[rows.start:rows.stop], norms[rows.start:rows.stop] = reduce_means(
             np.stack([crop_mean(a) for a in arrays]), [files[row] for row in rows])
         return len(rows)

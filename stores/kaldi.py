@@ -10,7 +10,7 @@ import numpy as np
 
 from m_utils import UserError
 from stores.arrays import check_embedding, combine_speaker, crop_means, reduce_means
-from stores.keys import key_speaker, read_utt2spk, store_key
+from stores.keys import key_speaker, line_naming, read_utt2spk, store_key
 from stores.source import EmbeddingSource, Utterances
 from stores.stamps import scp_entries
 
@@ -27,8 +27,21 @@ class KaldiSource(EmbeddingSource):
         self.entries = entries if entries is not None else scp_entries(scp)
         self.utt2spk = read_utt2spk(scp.parent / "utt2spk")
         self.key_of = {store_key(utt): utt for utt, _ in self.entries}
+        self.check_utt2spk()
         self.location = dict(self.entries)
         self.read_means: dict[str, np.ndarray] = {}
+
+    def check_utt2spk(self) -> None:
+        """A utt2spk beside the .scp gives the speaker of every utterance it lists, else a UserError
+        naming both files, the first utterance without one and its line."""
+        if self.utt2spk is None:
+            return
+        missing = [utt for key, utt in self.key_of.items() if key not in self.utt2spk]
+        if missing:
+            line = line_naming(self.path, missing[0])
+            more = f" (and {len(missing) - 1} more of its utterances)" if len(missing) > 1 else ""
+            raise UserError(f"{self.side_dir / 'utt2spk'}: no speaker for utterance {missing[0]} of "
+                            f"{self.path}{f':{line}' if line else ''}{more}")
 
     def read(self, utt: str, dim: int | None = None) -> np.ndarray:
         import kaldiio

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from m_utils import LOCK_NAME, UserError, user_text_lines
+from stores.keys import store_key
 
 STORE_SUFFIX = ".store"
 TREE_STORE = "embeddings.store"       # the packed store of a tree, inside it
@@ -102,8 +103,10 @@ def files_stamp(paths: Iterable[Path]) -> Stamp:
 
 
 def scp_entries(scp: Path) -> list[tuple[str, str]]:
-    """(utterance id, `ark:offset` location) of every line of a Kaldi .scp; errors name the line."""
+    """(utterance id, `ark:offset` location) of every line of a Kaldi .scp; errors name the line
+    (and, for an utterance listed twice, the line that listed it first)."""
     entries = []
+    first_line: dict[str, int] = {}  # store key -> the line that gave it
     for lineno, line in enumerate(user_text_lines(scp, "Kaldi scp file"), start=1):
         parts = line.strip().split(None, 1)
         if not parts:
@@ -111,6 +114,11 @@ def scp_entries(scp: Path) -> list[tuple[str, str]]:
         if len(parts) != 2:
             raise UserError(f"{scp}:{lineno}: a .scp line is `utterance-id ark-file:offset`, "
                             f"found {line.strip()!r}")
+        key = store_key(parts[0])
+        if key in first_line:
+            raise UserError(f"{scp}:{lineno}: utterance {parts[0]} is listed twice (first on line "
+                            f"{first_line[key]})")
+        first_line[key] = lineno
         entries.append((parts[0], parts[1]))
     if not entries:
         raise UserError(f"{scp}: the .scp file is empty")

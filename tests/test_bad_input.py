@@ -133,9 +133,11 @@ def test_checkpoint_of_another_kind(data, tmp_path):
 
 
 def test_command_line_error_has_no_traceback(data, tmp_path):
-    result = run_trainer(config(data, tmp_path, model="Nope"), tmp_path / "exp")
+    cfg = config(data, tmp_path, model="Nope")
+    result = run_trainer(cfg, tmp_path / "exp")
     assert result.returncode == 2
-    assert result.stderr.startswith("error: unknown model 'Nope'") and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {cfg}:") and "Traceback" not in result.stderr
+    assert ": model: unknown model 'Nope'" in result.stderr
 
 
 def test_sigkill_mid_training_resumes_from_last_complete_checkpoint(data, tmp_path):

@@ -28,6 +28,7 @@ from conftest import run_script
 import m_gen_embs
 from m_gen_embs import (
     AudioError,
+    FailedFiles,
     Job,
     batch_size_for,
     extract,
@@ -97,7 +98,11 @@ def tree(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def run(db: Path, emb: Path, *extra: str) -> int:
-    return main(["--db_path", str(db), "--embed_dir", str(emb), *FAST, *extra])
+    """The script's exit status: 0, or 2 where files could not be read (any other error is raised)."""
+    try:
+        return main(["--db_path", str(db), "--embed_dir", str(emb), *FAST, *extra])
+    except FailedFiles:
+        return 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +157,7 @@ def test_read_audio_resamples_mixes_and_rejects(tree):
 def test_run_mirrors_the_tree_and_reports_failures(tree, caplog):
     db, emb = tree
     caplog.set_level(logging.INFO)
-    assert run(db, emb) == 1
+    assert run(db, emb) == 2
     outputs = npy_files(emb)
     assert set(outputs) == expected_outputs() | {"id10001/mine.npy"}
     for rel in expected_outputs():
@@ -163,21 +168,22 @@ def test_run_mirrors_the_tree_and_reports_failures(tree, caplog):
     for rel in BAD:
         assert str(db / rel) in caplog.text
     assert "resampling 8000 Hz audio to 16000 Hz" in caplog.text
-    assert "2 file(s) could not be read" in caplog.text
+    assert (emb / "failed_audio.txt").read_text() == "".join(f"{db / rel}\n" for rel in BAD)
 
 
 def test_rerun_writes_nothing_and_keeps_user_files(tree):
     db, emb = tree
     run(db, emb)
     before = npy_files(emb)
-    written = {name: (emb / name).stat().st_mtime_ns for name in ("manifest.json", "utt2dur")}
-    assert run(db, emb) == 1
+    written = {name: (emb / name).stat().st_mtime_ns for name in ("manifest.json", "utt2dur",
+                                                                  "failed_audio.txt")}
+    assert run(db, emb) == 2
     assert npy_files(emb) == before
     assert {name: (emb / name).stat().st_mtime_ns for name in written} == written
     assert (emb / "notes.txt").read_text() == "the user's own notes"
     np.testing.assert_array_equal(np.load(emb / "id10001" / "mine.npy"), np.arange(3.0))
     assert sorted(p.name for p in emb.rglob("*") if p.is_file() and p.suffix != ".npy") == [
-        "manifest.json", "notes.txt", "utt2dur"]
+        "failed_audio.txt", "manifest.json", "notes.txt", "utt2dur"]
 
 
 def test_overwrite_recomputes_the_same_values(tree):
@@ -196,7 +202,7 @@ def test_overwrite_recomputes_the_same_values(tree):
 
 def test_resnet_random_init_with_loader_workers(tree):
     db, emb = tree
-    assert run(db, emb, "--model", "ResNetSE34V2", "--random_init", "--nDataLoaderThread", "1") == 1
+    assert run(db, emb, "--model", "ResNetSE34V2", "--random_init", "--nDataLoaderThread", "1") == 2
     for rel in expected_outputs():
         embedding = np.load(emb / rel)
         assert embedding.shape == (3, 512) and np.isfinite(embedding).all()
@@ -239,7 +245,7 @@ def test_mixedprec_stays_within_cosine_0999_of_float32(tree, caplog, extractor, 
     for mixed in (False, True):
         torch.manual_seed(0)
         emb = db.parent / f"emb_{extractor}_{mixed}"
-        assert run(db, emb, "--model", extractor, *extra, *(["--mixedprec"] if mixed else [])) == 1
+        assert run(db, emb, "--model", extractor, *extra, *(["--mixedprec"] if mixed else [])) == 2
         outputs[mixed] = {rel: np.load(emb / rel) for rel in npy_files(emb)}
     assert ("bfloat16 autocast" if bf16_is_native("cpu") else "running float32") in caplog.text
     assert outputs[True].keys() == outputs[False].keys() == expected_outputs()
@@ -269,7 +275,7 @@ def test_mixedprec_runs_float32_on_a_cpu_without_bfloat16(tree, caplog, monkeypa
     for mixed in (False, True):
         emb = db.parent / f"emb_{mixed}"
         mixedprec = ["--mixedprec"] if mixed else []
-        assert run(db, emb, "--model", "GE2E", "--eval_frames", "160", *mixedprec) == 1
+        assert run(db, emb, "--model", "GE2E", "--eval_frames", "160", *mixedprec) == 2
         outputs[mixed] = {rel: np.load(emb / rel) for rel in npy_files(emb)}
     assert caplog.text.count("running float32") == 1
     assert autocast_dtypes and not any(autocast_dtypes)
@@ -425,7 +431,7 @@ def utt2dur_of(seconds: dict[str, float]) -> str:
 def test_utt2dur_gives_the_length_of_every_embedded_file(tree):
     """One line per embedding (none for the failed files), sorted, seconds = samples / rate."""
     db, emb = tree
-    assert run(db, emb) == 1
+    assert run(db, emb) == 2
     assert (emb / "utt2dur").read_text() == utt2dur_of(written_seconds())
     assert written_seconds()["id10001/sessB/00001"] == 0.9 and written_seconds()["id10002/sessC/00001"] == 0.5
 
@@ -440,13 +446,13 @@ def test_rerun_merges_utt2dur_and_fills_what_it_lacks(tree, caplog):
     (emb / "utt2dur").write_text(utt2dur_of({**kept, "id10009/other/00001": 12.345}))
     write(db / "id10003/sessD/00001.flac", tone(0.75, seed=11))
     caplog.set_level(logging.INFO)
-    assert run(db, emb) == 1
+    assert run(db, emb) == 2
     expected = {**seconds, "id10009/other/00001": 12.345, "id10003/sessD/00001": 0.75}
     assert (emb / "utt2dur").read_text() == utt2dur_of(expected)
     assert f"reading the durations of {len(seconds) - len(kept)} file(s) embedded earlier" in caplog.text
     (emb / "utt2dur").unlink()
     (emb / "manifest.json").unlink()
-    assert run(db, emb) == 1
+    assert run(db, emb) == 2
     assert (emb / "utt2dur").read_text() == utt2dur_of({**seconds, "id10003/sessD/00001": 0.75})
 
 
@@ -463,7 +469,7 @@ def test_max_seconds_embeds_the_first_seconds(tree):
     """--max_seconds 0.3: each file's embedding equals the model's on crops of its first 0.3 s (wrap-padded
     where shorter than a crop), and utt2dur says min(length, 0.3)."""
     db, emb = tree
-    assert run(db, emb, "--max_seconds", "0.3", "--batch_size", "1") == 1
+    assert run(db, emb, "--max_seconds", "0.3", "--batch_size", "1") == 2
     model = load_extractor("GE2E")
     full = db.parent / "full"
     run(db, full, "--batch_size", "1")
@@ -492,7 +498,7 @@ def test_manifest_records_the_weights_and_settings(tree, tmp_path):
     checkpoint = tmp_path / "ge2e.pt"
     torch.manual_seed(3)
     torch.save(GE2E().state_dict(), checkpoint)
-    assert run(db, emb, "--initial_model", str(checkpoint), "--max_seconds", "2") == 1
+    assert run(db, emb, "--initial_model", str(checkpoint), "--max_seconds", "2") == 2
     manifest = json.loads((emb / "manifest.json").read_text())
     created = manifest.pop("created")
     assert abs((datetime.fromisoformat(created) - datetime.now().astimezone()).total_seconds()) < 600
@@ -528,7 +534,7 @@ def test_a_tree_made_with_other_settings_is_refused_unless_overwrite(tree, extra
                                                   f"made with other settings: {differs}")):
         run(db, emb, *extra)
     assert npy_files(emb) == before and (emb / "manifest.json").read_text() == manifest
-    assert run(db, emb, *extra, "--overwrite") == 1
+    assert run(db, emb, *extra, "--overwrite") == 2
     after = npy_files(emb)
     assert all(after[rel] != before[rel] for rel in expected_outputs())
     rewritten = json.loads((emb / "manifest.json").read_text())

@@ -15,7 +15,7 @@ import torch
 from audio_files import missing_encoder, voice_like, write_encoded
 from scipy.signal import correlate, resample_poly
 
-from m_gen_embs import AudioError, main, read_audio
+from m_gen_embs import AudioError, FailedFiles, main, read_audio
 from m_utils import UserError
 from models.GE2E import packaged_weights
 
@@ -109,7 +109,11 @@ def test_broken_m4a_files_are_audio_errors(tmp_path):
 
 
 def embed_tree(db: Path, emb: Path, *extra: str) -> int:
-    return main(["--db_path", str(db), "--embed_dir", str(emb), *GE2E_FLAGS, *extra])
+    """The script's exit status: 0, or 2 where files could not be read (any other error is raised)."""
+    try:
+        return main(["--db_path", str(db), "--embed_dir", str(emb), *GE2E_FLAGS, *extra])
+    except FailedFiles:
+        return 2
 
 
 @pytest.mark.skipif(packaged_weights() is None, reason="GE2E's weights (resemblyzer) are not installed")
@@ -161,11 +165,12 @@ def test_broken_m4a_files_are_skipped_named_and_counted(tmp_path, caplog):
     (db / "id00001" / "v" / "00002.m4a").write_bytes(data[:len(data) // 2])
     (db / "id00001" / "v" / "00003.m4a").write_bytes(data[:200] + bytes(4000))
     caplog.set_level(logging.INFO)
-    assert embed_tree(db, tmp_path / "emb", "--nDataLoaderThread", "1") == 1
+    assert embed_tree(db, tmp_path / "emb", "--nDataLoaderThread", "1") == 2
     assert [p.name for p in (tmp_path / "emb").rglob("*.npy")] == ["00001.npy"]
     for name in ("00002.m4a", "00003.m4a"):
         assert f"skipped {db / 'id00001' / 'v' / name}: cannot decode" in caplog.text
-    assert "2 file(s) could not be read" in caplog.text
+    assert (tmp_path / "emb" / "failed_audio.txt").read_text() == "".join(
+        f"{db / 'id00001' / 'v' / name}\n" for name in ("00002.m4a", "00003.m4a"))
 
 
 def test_no_audio_message_names_the_compressed_suffixes(tmp_path):

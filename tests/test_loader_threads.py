@@ -27,9 +27,9 @@ def reader_threads(monkeypatch) -> list[int]:
     threads: list[int] = []
     read = stores.arrays.read_embedding
 
-    def recorded(path: Path, dim: int | None = None) -> np.ndarray:
+    def recorded(path: Path, dim: int | None = None, **options) -> np.ndarray:
         threads.append(threading.get_ident())
-        return read(path, dim)
+        return read(path, dim, **options)
 
     monkeypatch.setattr(stores.arrays, "read_embedding", recorded)
     return threads
