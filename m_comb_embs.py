@@ -223,7 +223,7 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
                                 f"others {means.shape[1]}")
             means[row] = mean
             bar.update()
-    store = pack_means(store_path_of(scp), [keys[k] for k in order], means, speakers,
+    store = pack_means(store_path_of(scp), [keys[k] for k in order], means, speakers,  # type: ignore[arg-type]
                        np.array([position[names[k]] for k in order], np.int32), dtype,
                        {"source": str(scp), "source_kind": "kaldi", "stamp": asdict(stamp)},
                        side_dir=scp.parent)

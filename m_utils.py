@@ -36,7 +36,7 @@ import numpy as np
 try:
     import fcntl
 except ImportError:  # Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("m_utils")
 

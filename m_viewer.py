@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -254,11 +255,11 @@ def load_trial_scores(path: str | Path) -> TrialScores:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {key: np.asarray(data[key]) for key in data.files}
+            arrays: dict[str, Any] = {key: np.asarray(data[key]) for key in data.files}
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable trial scores file ({err})") from None
     arrays.setdefault("embedding_type", arrays.get(OLD_TYPE_KEY))
-    scores = {tuple(key.split("/")): values.astype(np.float64)
+    scores: dict[Any, np.ndarray] = {tuple(key.split("/")): values.astype(np.float64)
               for key, values in arrays.items() if "/" in key}
     for alias, system in NONE_ALIASES.items():
         if alias in arrays and (system, "none") not in scores:
@@ -276,7 +277,7 @@ def load_trial_scores(path: str | Path) -> TrialScores:
     return TrialScores(labels, dict(sorted(scores.items(), key=score_order)), str(arrays["embedding_type"]))
 
 
-def score_order(item: tuple[tuple[str, str], np.ndarray]) -> tuple[int, int]:
+def score_order(item: tuple[tuple[str, str], Any]) -> tuple[int, int]:
     """Sort key of (system, back-end) scores: by back-end (none first), original before enhanced."""
     (system, backend), _ = item
     known = list(BACKENDS)
@@ -839,9 +840,9 @@ def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
                 continue
             trials = load_trial_scores(path)
             for backend in trials.backends():
+                original, enhanced = (trials.scores.get((system, backend)) for system in SYSTEMS)
                 rows.append(comparison_row(name, t.title if backend == "none" else f"{t.title}, {backend}",
-                                           *(trials.scores.get((system, backend)) for system in SYSTEMS),
-                                           trials.labels))
+                                           original, enhanced, trials.labels))
     if not rows:
         return ""
     header = (f"{'run':<28} {'trials':<26} {'EER orig':>8} {'EER enh':>8} {'DCF orig':>9} {'DCF enh':>9} "
