@@ -232,7 +232,8 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
     setup_logging()
