@@ -293,6 +293,23 @@ def scoring_name(embedding_type: str) -> str:
     return "cosine distance" if known.cosine else "L2 distance"
 
 
+#: What each back-end's scores are, in words; {raw} is the embedding type's own score.
+SCORE_MEANINGS = {
+    "none": "{raw}",
+    "mean": "-(cosine distance) after subtracting the training mean",
+    "asnorm": "AS-Norm of {raw}",
+    "plda": "PLDA log-likelihood ratio (after LDA and length norm)",
+    "qmf": "QMF log-odds (base back-end's score and durations)",
+}
+
+
+def score_meanings(backends: Sequence[str], embedding_type: str) -> list[str]:
+    """One line per back-end saying what its scores are (the DET plot's panel titles)."""
+    raw = f"-({scoring_name(embedding_type)})"
+    return [f"{backend}: " + SCORE_MEANINGS.get(backend, "scores of the {name} back-end").format(
+        raw=raw, name=backend) for backend in backends]
+
+
 def probit(rate_percent: np.ndarray | Sequence[float]) -> np.ndarray:
     """Normal-deviate coordinate of a rate given in %."""
     return norm.ppf(np.clip(np.asarray(rate_percent, np.float64) / 100, 1e-9, 1 - 1e-9))
@@ -342,7 +359,8 @@ def write_det_figure(run_dir: Path, name: str) -> Path | None:
             curve = system if backend == "none" else f"{system} + {backend}"
             draw_det(ax, scores, trials.labels, curve, f"C{backends.index(backend)}",
                      SYSTEM_STYLE.get(system, "-"))
-        ax.set_title(f"{label}: {len(trials.labels)} trials, {scoring_name(trials.embedding_type)} scores")
+        ax.set_title("\n".join([f"{label}: {len(trials.labels)} trials; the scores of each back-end:",
+                                 *score_meanings(backends, trials.embedding_type)]), fontsize="medium")
         ax.legend(loc="lower left", fontsize="small")
     fig.suptitle(f"{name}: DET curves (dotted: original, solid: enhanced; colour: back-end; dots: EER; "
                  f"minDCF at P_target = {MIN_DCF_P_TARGET})")
