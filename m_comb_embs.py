@@ -212,18 +212,18 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
     order = sorted(range(len(keys)), key=lambda i: (names[i], keys[i].split("/")))
     speakers = sorted(set(names))
     position = {spk: k for k, spk in enumerate(speakers)}
-    means = None
+    means = np.empty((0, 0))
     with tqdm(total=len(keys), desc="reading embeddings", unit="file", unit_scale=True) as bar:
         for row, k in enumerate(order):
             mean = crop_mean(source.read(entries[k][0]))
-            if means is None:
+            if row == 0:
                 means = np.empty((len(keys), len(mean)), np.float64)
             if len(mean) != means.shape[1]:
                 raise UserError(f"{scp}: {entries[k][0]} has dimension {len(mean)}, "
                                 f"others {means.shape[1]}")
             means[row] = mean
             bar.update()
-    store = pack_means(store_path_of(scp), [keys[k] for k in order], means, speakers,  # type: ignore[arg-type]
+    store = pack_means(store_path_of(scp), [keys[k] for k in order], means, speakers,
                        np.array([position[names[k]] for k in order], np.int32), dtype,
                        {"source": str(scp), "source_kind": "kaldi", "stamp": asdict(stamp)},
                        side_dir=scp.parent)
