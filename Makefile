@@ -1,28 +1,37 @@
 # make demo   - install, then run the whole pipeline on a generated demo corpus (under demo_out/)
 # make test   - install, then run the test suite
 # make bench  - speed and memory benchmark (under bench_out/)
+# make lint   - ruff's checks and format check, and mypy on the non-test code (as CI runs it)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO   := demo_out
 
-.PHONY: install demo test bench lint clean-demo
+.PHONY: install install-dev demo test bench lint
 
+# install: what the scripts and the demo run on; install-dev adds the test and lint tools
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements.txt pytest ruff
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps resemblyzer==0.1.4
 	touch $@
 
-test: install
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+test: install-dev
 	$(PY) -m pytest
 
-lint: install
-	$(VENV)/bin/ruff check .
+lint: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) tests/bench.py --out bench_out

@@ -209,11 +209,11 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
     order = sorted(range(len(keys)), key=lambda i: (names[i], keys[i].split("/")))
     speakers = sorted(set(names))
     position = {spk: k for k, spk in enumerate(speakers)}
-    means = None
+    means = np.empty((0, 0))
     with tqdm(total=len(keys), desc="reading embeddings", unit="file", unit_scale=True) as bar:
         for row, k in enumerate(order):
             mean = crop_mean(source.read(entries[k][0]))
-            if means is None:
+            if row == 0:
                 means = np.empty((len(keys), len(mean)), np.float64)
             if len(mean) != means.shape[1]:
                 raise UserError(f"{scp}: {entries[k][0]} has dimension {len(mean)}, "
@@ -229,7 +229,8 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
     setup_logging()

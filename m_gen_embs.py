@@ -176,9 +176,9 @@ def decode_compressed(path: Path) -> tuple[np.ndarray, int]:
                     fifo.write(planar)
                     last_frame = planar.samples
             declared = declared_samples(stream)
-        if not fifo.samples:
+        joined = fifo.read() if fifo.samples else None
+        if joined is None:
             raise AudioError("no samples")
-        joined = fifo.read()
     except (av.FFmpegError, ValueError) as err:  # ValueError: a stream whose format changes midway
         raise AudioError(f"cannot decode: {err}") from err
     samples = joined.to_ndarray()
@@ -330,8 +330,8 @@ def gather_on_main(ctx: DistContext, entries: dict[str, Any]) -> dict[str, Any]:
     a group keeps its own."""
     if not (ctx.distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
         return entries
-    parts = [None] * ctx.world_size if ctx.is_main else None
-    torch.distributed.gather_object(entries, parts, dst=0)
+    parts: list[Any] = [None] * ctx.world_size
+    torch.distributed.gather_object(entries, parts if ctx.is_main else None, dst=0)
     return {key: value for part in parts for key, value in part.items()} if ctx.is_main else entries
 
 
@@ -518,7 +518,7 @@ def embed_batch(model: nn.Module, items: list[Item], device: torch.device,
                 mixedprec: bool = False) -> np.ndarray:
     """All crops of `items` in one forward pass -> (len(items), num_eval, D) float32; with `mixedprec`
     under bfloat16 autocast (the extractors keep their front ends, and GE2E its LSTM, in float32)."""
-    crops = torch.cat([item.crops for item in items]).to(device)
+    crops = torch.cat([item.crops for item in items]).to(device)  # type: ignore[misc]  # decoded items only
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixedprec):
         embeddings = model(crops)
     return embeddings.float().cpu().numpy().reshape(len(items), -1, model.embed_dim)
@@ -697,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
 def check_tree(job: Job) -> None:
     """Before any work: the embedding tree's manifest agrees with this run and its utt2dur is readable.
     A tree with embeddings and no manifest (made before manifests) is assumed to share these settings."""
-    check_manifest(job.embed_dir, job.manifest, job.overwrite)
+    if job.manifest is not None:
+        check_manifest(job.embed_dir, job.manifest, job.overwrite)
     read_utt2dur(job.embed_dir / UTT2DUR)
     if (not (job.embed_dir / MANIFEST).exists() and not job.overwrite
             and any(output_path(job.embed_dir, rel).exists() for rel in job.files)):

@@ -36,7 +36,7 @@ import numpy as np
 try:
     import fcntl
 except ImportError:  # Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("m_utils")
 
@@ -46,8 +46,11 @@ class UserError(Exception):
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Log to stdout. Under torchrun every rank runs the whole script: ranks other than 0 log
+    warnings and errors only, so that each run-level line is written once."""
+    quiet = launched_by_torchrun() and os.environ["RANK"] != "0"
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stdout,

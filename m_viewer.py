@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -254,11 +255,11 @@ def load_trial_scores(path: str | Path) -> TrialScores:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {key: np.asarray(data[key]) for key in data.files}
+            arrays: dict[str, Any] = {key: np.asarray(data[key]) for key in data.files}
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable trial scores file ({err})") from None
     arrays.setdefault("embedding_type", arrays.get(OLD_TYPE_KEY))
-    scores = {tuple(key.split("/")): values.astype(np.float64)
+    scores: dict[Any, np.ndarray] = {tuple(key.split("/")): values.astype(np.float64)
               for key, values in arrays.items() if "/" in key}
     for alias, system in NONE_ALIASES.items():
         if alias in arrays and (system, "none") not in scores:
@@ -276,7 +277,7 @@ def load_trial_scores(path: str | Path) -> TrialScores:
     return TrialScores(labels, dict(sorted(scores.items(), key=score_order)), str(arrays["embedding_type"]))
 
 
-def score_order(item: tuple[tuple[str, str], np.ndarray]) -> tuple[int, int]:
+def score_order(item: tuple[tuple[str, str], Any]) -> tuple[int, int]:
     """Sort key of (system, back-end) scores: by back-end (none first), original before enhanced."""
     (system, backend), _ = item
     known = list(BACKENDS)
@@ -290,6 +291,23 @@ def scoring_name(embedding_type: str) -> str:
     if known is None:
         return f"type {embedding_type}"
     return "cosine distance" if known.cosine else "L2 distance"
+
+
+#: What each back-end's scores are, in words; {raw} is the embedding type's own score.
+SCORE_MEANINGS = {
+    "none": "{raw}",
+    "mean": "-(cosine distance) after subtracting the training mean",
+    "asnorm": "AS-Norm of {raw}",
+    "plda": "PLDA log-likelihood ratio (after LDA and length norm)",
+    "qmf": "QMF log-odds (base back-end's score and durations)",
+}
+
+
+def score_meanings(backends: Sequence[str], embedding_type: str) -> list[str]:
+    """One line per back-end saying what its scores are (the DET plot's panel titles)."""
+    raw = f"-({scoring_name(embedding_type)})"
+    return [f"{backend}: " + SCORE_MEANINGS.get(backend, "scores of the {name} back-end").format(
+        raw=raw, name=backend) for backend in backends]
 
 
 def probit(rate_percent: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -341,7 +359,8 @@ def write_det_figure(run_dir: Path, name: str) -> Path | None:
             curve = system if backend == "none" else f"{system} + {backend}"
             draw_det(ax, scores, trials.labels, curve, f"C{backends.index(backend)}",
                      SYSTEM_STYLE.get(system, "-"))
-        ax.set_title(f"{label}: {len(trials.labels)} trials, {scoring_name(trials.embedding_type)} scores")
+        ax.set_title("\n".join([f"{label}: {len(trials.labels)} trials; the scores of each back-end:",
+                                 *score_meanings(backends, trials.embedding_type)]), fontsize="medium")
         ax.legend(loc="lower left", fontsize="small")
     fig.suptitle(f"{name}: DET curves (dotted: original, solid: enhanced; colour: back-end; dots: EER; "
                  f"minDCF at P_target = {MIN_DCF_P_TARGET})")
@@ -839,9 +858,9 @@ def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
                 continue
             trials = load_trial_scores(path)
             for backend in trials.backends():
+                original, enhanced = (trials.scores.get((system, backend)) for system in SYSTEMS)
                 rows.append(comparison_row(name, t.title if backend == "none" else f"{t.title}, {backend}",
-                                           *(trials.scores.get((system, backend)) for system in SYSTEMS),
-                                           trials.labels))
+                                           original, enhanced, trials.labels))
     if not rows:
         return ""
     header = (f"{'run':<28} {'trials':<26} {'EER orig':>8} {'EER enh':>8} {'DCF orig':>9} {'DCF enh':>9} "

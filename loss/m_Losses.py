@@ -86,7 +86,7 @@ class Softmax(EnhancementLoss):
 
     reports_accuracy = True
     classifies = True
-    terms = ("cross-entropy",)
+    terms: tuple[str, ...] = ("cross-entropy",)
 
     def __init__(self, nOut: int = 512, nClasses: int = 5994, softmax_init: str | None = None):
         super().__init__()

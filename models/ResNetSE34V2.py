@@ -64,6 +64,11 @@ def attentive_stats_pool(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 class ResNetSE34V2(nn.Module):
     """Waveform crops (B, samples) at 16 kHz -> embeddings (B, nOut)."""
 
+    layer1: nn.Sequential  # added by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, nOut: int = 512, n_mels: int = 64, layers: tuple[int, ...] = (3, 4, 6, 3),
                  filters: tuple[int, ...] = (32, 64, 128, 256)):
         super().__init__()

@@ -20,7 +20,7 @@ _SLANEY_BREAK_MEL = _SLANEY_BREAK_HZ / _SLANEY_HZ_PER_MEL
 _SLANEY_LOG_STEP = math.log(6.4) / 27.0
 
 
-def hz_to_mel(hz: np.ndarray, scale: str) -> np.ndarray:
+def hz_to_mel(hz: np.ndarray | float, scale: str) -> np.ndarray:
     """Frequency in Hz to mel, on the `htk` or `slaney` scale."""
     hz = np.asarray(hz, dtype=np.float64)
     if scale == "htk":
@@ -85,6 +85,9 @@ class LogMelInstanceNorm(nn.Module):
     per-utterance instance normalisation. (B, N) -> (B, n_mels, frames), always in float32: under
     bfloat16 autocast the mel sums before the log made most of ResNetSE34V2's distance to float32."""
 
+    window: torch.Tensor
+    mel_fb: torch.Tensor
+
     def __init__(self, n_mels: int = 64, n_fft: int = 512, win_length: int = 400, hop: int = 160):
         super().__init__()
         self.n_fft, self.win_length, self.hop = n_fft, win_length, hop
@@ -103,6 +106,9 @@ class LogMelInstanceNorm(nn.Module):
 class PowerMel(nn.Module):
     """GE2E front end: Hann power STFT with zero-padded centred frames and Slaney-normalised mel,
     not logged. (B, N) -> (B, frames, n_mels), always in float32."""
+
+    window: torch.Tensor
+    mel_fb: torch.Tensor
 
     def __init__(self, n_mels: int = 40, n_fft: int = 400, hop: int = 160):
         super().__init__()

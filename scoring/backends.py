@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -76,7 +77,7 @@ def speaker_moments(table: torch.Tensor, labels: np.ndarray, speakers: int,
     first = table[:1].double()
     width = (transform(first) if transform is not None else first).shape[1]
     sums = torch.zeros((speakers, width), dtype=torch.float64, device=table.device)
-    products = torch.zeros((width, width), dtype=torch.float64, device=table.device) if second else None
+    products = torch.zeros((width, width) if second else (0, 0), dtype=torch.float64, device=table.device)
     index = torch.from_numpy(labels).to(table.device)
     for rows in _row_chunks(len(table), max(width, table.shape[1]), itemsize=8):
         x = table[rows].double()
@@ -130,6 +131,7 @@ class Backend:
     least: dict[str, int] = {}
     base_name: str | None = None  # the back-end whose scores this one rescores (qmf)
     fits_on_trials = False  # fitted on a labelled trial list (calib_list) by fit_trials
+    base: Backend | None = None  # the fitted back-end of base_name, set before fit_trials
 
     def __init__(self, cosine: bool):
         if not isinstance(cosine, bool):
@@ -165,6 +167,11 @@ class Backend:
                 quality: Quality | None) -> np.ndarray:
         """A back-end with a `base_name`: its scores from those of its base back-end."""
         raise NotImplementedError(f"the {self.name} back-end does not rescore another's scores")
+
+    def fit_trials(self, table: torch.Tensor | np.ndarray, left: np.ndarray, right: np.ndarray,
+                   labels: np.ndarray, quality: Quality | None) -> Backend:
+        """A back-end that `fits_on_trials`: fitted on labelled trials instead of speakers."""
+        raise NotImplementedError(f"the {self.name} back-end is not fitted on trials")
 
     def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
         pass
@@ -236,7 +243,7 @@ class AsNormBackend(Backend):
         cohort = _on(self.cohort, table)
         topk = min(self.asnorm_topk, len(cohort))
         cosine = self.cosine
-        cohort_norms = None if cosine else (cohort * cohort).sum(dim=1)
+        cohort_norms = (cohort * cohort).sum(dim=1)  # L2 scoring only
         index = torch.from_numpy(np.asarray(rows, np.int64)).to(table.device)
         means = torch.empty(len(index), dtype=torch.float64, device=table.device)
         stds = torch.empty_like(means)
@@ -377,9 +384,9 @@ class PldaBackend(Backend):
 
     def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
                quality: Quality | None) -> np.ndarray:
-        transform, product, square, constant = self._scoring
-        mean, transform = _on(self.plda.mean, table), _on(transform, table)
-        root_product, square = _on(np.sqrt(product), table), _on(square, table).double()
+        transform_array, product, square_array, constant = self._scoring
+        mean, transform = _on(self.plda.mean, table), _on(transform_array, table)
+        root_product, square = _on(np.sqrt(product), table), _on(square_array, table).double()
         # Per row: w = sqrt(P) u, so that sum(P u_a u_b) is the dot product w_a.w_b, and its own
         # term Q.u^2 / 2, computed once per row.
         scaled = torch.empty((len(table), len(product)), dtype=torch.float32, device=table.device)
@@ -388,9 +395,9 @@ class PldaBackend(Backend):
             u = (self.project(table[rows]) - mean) @ transform
             scaled[rows] = u * root_product
             own[rows] = 0.5 * (u.double() ** 2 @ square)
-        own = own.cpu().numpy()
+        own_terms = own.cpu().numpy()
         cross = pair_scores(scaled, left, right, "dot")
-        return (cross + own[left] + own[right] + constant).astype(np.float32)
+        return (cross + own_terms[left] + own_terms[right] + constant).astype(np.float32)
 
 
 def quality_features(scores: np.ndarray, left: np.ndarray, right: np.ndarray, quality: Quality,
@@ -426,8 +433,8 @@ class QmfBackend(Backend):
             raise UserError(f"option 'qmf_base' must be one of the back-ends scored ({', '.join(allowed)}) "
                             f"other than qmf, found {self.base_name!r}")
         self.norms = qmf_norms
-        self.base: Backend | None = None
-        self.model = None
+        self.base = None
+        self.model: Any = None
 
     def missing(self, quality: Quality | None) -> str | None:
         if quality is None or quality.durations is None:
@@ -455,7 +462,7 @@ class QmfBackend(Backend):
         features = self._features(base_scores, left, right, quality)
         return self.model.decision_function(features).astype(np.float32)
 
-    def _base_scores(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
+    def _base_scores(self, table: torch.Tensor | np.ndarray, left: np.ndarray, right: np.ndarray,
                      quality: Quality | None) -> np.ndarray:
         if self.base is None:
             raise RuntimeError("the qmf back-end needs its base back-end (`base`) before it scores")
@@ -464,7 +471,7 @@ class QmfBackend(Backend):
     def _features(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
                   quality: Quality | None) -> np.ndarray:
         lacking = self.missing(quality)
-        if lacking:
+        if lacking or quality is None:
             raise UserError(f"the qmf back-end needs {lacking}")
         return quality_features(base_scores, np.asarray(left), np.asarray(right), quality, self.norms)
 

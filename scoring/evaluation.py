@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +119,9 @@ def evaluate(lists: Sequence[TrialList], systems: Mapping[str, System], settings
     calibrations = {} if calib is None else {
         key: Calibration.fit(scores, calib.labels)
         for key, scores in _scores(backends, tables, calib, set()).items()}
-    results, records, said = {}, [], set()
+    results: dict[str, ListResult] = {}
+    records: list[Record] = []
+    said: set[tuple[str, str]] = set()
     for trials in lists:
         scores = _scores(backends, tables, trials, said)
         results[trials.name] = ListResult(trials, scores)
@@ -148,10 +150,10 @@ def _named(train: TrainingSet | None, calib: TrialList | None, lists: Sequence[T
 
 
 def _scores(backends: Mapping[Key, Backend], tables: Mapping[Key, np.ndarray], trials: TrialList,
-            said: set[str]) -> dict[Key, np.ndarray]:
+            said: set[tuple[str, str]]) -> dict[Key, np.ndarray]:
     """Scores of every (system, back-end) that can score this list; for one that lacks what it
     needs (qmf without the list's durations) a notice, once (`said`)."""
-    scores = {}
+    scores: dict[Key, np.ndarray] = {}
     for (system, name), backend in backends.items():
         lacking = backend.missing(trials.quality)
         if lacking:
@@ -159,9 +161,10 @@ def _scores(backends: Mapping[Key, Backend], tables: Mapping[Key, np.ndarray], t
                 said.add((name, trials.name))
                 log.info("back-end %s skipped on the %s trials: they lack %s", name, trials.name, lacking)
             continue
-        base = (system, backend.base_name)
-        if base in scores:  # a back-end over another's scores (qmf) takes them as they are
-            scores[(system, name)] = backend.rescore(scores[base], trials.left, trials.right, trials.quality)
+        base = backend.base_name
+        if base is not None and (system, base) in scores:  # over another's scores (qmf): as they are
+            scores[(system, name)] = backend.rescore(scores[(system, base)], trials.left, trials.right,
+                                                     trials.quality)
         else:
             scores[(system, name)] = backend.score(tables[(system, trials.name)], trials.left, trials.right,
                                                    trials.quality)
@@ -191,32 +194,33 @@ class _Fitter:
             return "it is fitted on the training embeddings, and train_list is not set"
         if backend.base_name is not None and backend.base_name not in self.usable:
             return f"its base back-end {backend.base_name} is skipped"
-        if backend.fits_on_trials and self.calib is None:
-            return "it is fitted on calib_list's trials, and calib_list is not set"
-        if backend.fits_on_trials and (what := backend.missing(self.calib.quality)):
-            return f"it is fitted on calib_list's trials, and they lack {what}"
+        if backend.fits_on_trials:
+            if self.calib is None:
+                return "it is fitted on calib_list's trials, and calib_list is not set"
+            if what := backend.missing(self.calib.quality):
+                return f"it is fitted on calib_list's trials, and they lack {what}"
         return None
 
-    def fit(self, systems: Sequence[str]) -> dict[Key, Backend]:
+    def fit(self, systems: Iterable[str]) -> dict[Key, Backend]:
         """Every usable (system, back-end), fitted: on the training embeddings first, then those
         fitted on calib_list's trials (over their base back-end of the same system)."""
         fitted: dict[Key, Backend] = {}
         for system in systems:
             for name in self.usable:
                 fitted[(system, name)] = backend = make_backend(name, self.settings.cosine, **self.options)
-                if backend.min_speakers:
-                    self._fit_on_training(system, backend)
+                if backend.min_speakers and self.train is not None:
+                    self._fit_on_training(system, backend, self.train)
             for name in self.usable:
                 backend = fitted[(system, name)]
-                if backend.fits_on_trials:
-                    backend.base = fitted[(system, backend.base_name)]
+                if backend.fits_on_trials and self.calib is not None:
+                    backend.base = fitted[(system, backend.base_name)] if backend.base_name else None
                     backend.fit_trials(self.tables[(system, "calib")], self.calib.left, self.calib.right,
                                        self.calib.labels, self.calib.quality)
         return fitted
 
-    def _fit_on_training(self, system: str, backend: Backend) -> None:
+    def _fit_on_training(self, system: str, backend: Backend, train: TrainingSet) -> None:
         began = time.perf_counter()
-        speakers = self.train.speakers
+        speakers = train.speakers
         backend.fit(self.tables[(system, "train")], speakers)
         log.info("%s back-end of the %s embeddings fitted on %d training utterances of %d speakers in "
                  "%.1f s", backend.name, system, len(speakers), len(set(speakers.tolist())),

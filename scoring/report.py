@@ -48,6 +48,7 @@ TRIAL_LISTS = (TrialListName("test", "test_list", "test_path", "testset", "", "t
                              "LibriSpeech list"))
 
 
+@dataclass
 class Record:
     """A record of check.json / eval.json; its JSON is its fields unless a subclass says otherwise."""
 
@@ -136,9 +137,6 @@ class Sources(Record):
     def as_json(self) -> dict:
         return {"trials": None, "sources": {name: asdict(source) for name, source in self.lists.items()},
                 "model": self.model}
-
-
-Record = SystemResult | Difference | Decision | CalibrationResult | Sources
 
 
 def list_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.ndarray,
@@ -250,7 +248,7 @@ def records_table(records: Sequence[Record]) -> str:
     lines: list[str] = []
     for kind, rows_of in ((SystemResult, _system_rows), (Difference, _difference_rows),
                           (Decision, _decision_rows)):
-        chosen = [r for r in records if isinstance(r, kind)]
+        chosen: list[Any] = [r for r in records if isinstance(r, kind)]
         if chosen:
             lines += ([""] if lines else []) + text_columns(rows_of(chosen))
     return "\n".join(lines)
@@ -293,7 +291,7 @@ def save_trial_scores(path: Path, labels: np.ndarray, embedding_type: str,
                       scores: Mapping[Key, np.ndarray]) -> Path:
     """trials_<list>.npz: labels, embedding type, and the scores of every (system, back-end) as
     `<system>/<back-end>`; `original` and `processed` (NONE_ALIASES) are the none back-end's."""
-    arrays = {f"{system}/{backend}": values for (system, backend), values in scores.items()}
+    arrays: dict[str, Any] = {f"{system}/{backend}": values for (system, backend), values in scores.items()}
     arrays.update({alias: scores[(system, "none")] for alias, system in NONE_ALIASES.items()
                    if (system, "none") in scores})
     atomic_write(path, lambda handle: np.savez(handle, labels=labels, embedding_type=np.array(embedding_type),

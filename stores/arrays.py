@@ -174,7 +174,8 @@ def read_files(files: Sequence[Path], dim: int | None, threads: int, desc: str,
 
     def load_block(rows: range) -> int:
         """Read a block of files straight into their rows of the matrix."""
-        arrays = [first if row == 0 else read_embedding(files[row], width, expected=expected) for row in rows]
+        arrays = [read_embedding(files[row], width, expected=expected) if row or first is None else first
+                  for row in rows]
         matrix[rows.start:rows.stop], norms[rows.start:rows.stop] = reduce_means(
             np.stack([crop_mean(a) for a in arrays]), [files[row] for row in rows])
         return len(rows)

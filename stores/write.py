@@ -47,7 +47,7 @@ class StoreBuilder:
 
     def __exit__(self, *exc: object) -> None:
         if self.temp.exists():  # not finished: the half-built folder was ours
-            self.matrix = None
+            self.matrix = None  # type: ignore[assignment]  # releases the memory map
             shutil.rmtree(self.temp, ignore_errors=True)
 
     def put(self, start: int, embeddings: np.ndarray, norms: np.ndarray) -> None:
@@ -60,7 +60,7 @@ class StoreBuilder:
         try:
             self.matrix.flush()
             rows, dim = self.matrix.shape
-            self.matrix = None
+            self.matrix = None  # type: ignore[assignment]  # releases the memory map
             (self.temp / "keys.txt").write_text("\n".join(keys) + "\n")
             (self.temp / "speakers.txt").write_text("\n".join(speakers) + "\n")
             np.save(self.temp / "norms.npy", self.norms)
@@ -68,7 +68,7 @@ class StoreBuilder:
             for name, table in tables.items():
                 np.save(self.temp / f"speakers_{name}.npy", np.asarray(table, np.float32))
             for name in SIDE_FILES if side_dir is not None else ():
-                if (side_dir / name).is_file():
+                if side_dir is not None and (side_dir / name).is_file():
                     shutil.copyfile(side_dir / name, self.temp / name)
             header = {"format": STORE_FORMAT, "version": STORE_VERSION, **header,
                       "dtype": self.dtype.name, "utterances": rows,
@@ -138,7 +138,7 @@ def pack_means(target: str | os.PathLike, keys: Sequence[str], means: np.ndarray
     into `speakers` in `speaker_of`; `header` says the source and its Stamp."""
     if len(set(keys)) < len(keys):
         seen: set[str] = set()
-        twice = next(key for key in keys if key in seen or seen.add(key))
+        twice = next(key for key in keys if key in seen or seen.add(key))  # type: ignore[func-returns-value]
         raise UserError(f"{header.get('source')}: two utterances have the store key {twice}")
     with StoreBuilder(Path(target), len(keys), means.shape[1], dtype) as builder:
         for start in range(0, len(keys), block):

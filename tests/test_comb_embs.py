@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import make_embedding_tree, run_script
 
+import m_comb_embs
 from m_comb_embs import combine
 
 
@@ -70,3 +71,10 @@ def test_script_packs_the_tree_and_replaces_only_its_own_store(tmp_path):
     result = run_script("m_comb_embs.py", "--embed_dir", str(other), check=False)
     assert result.returncode == 2 and "not replaced" in result.stderr
     assert (other / "embeddings.store" / "mine.txt").read_text() == "the user's"
+
+
+def test_help_prints_the_whole_description(capsys):
+    with pytest.raises(SystemExit):
+        m_comb_embs.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert " ".join(m_comb_embs.__doc__.split()) in shown

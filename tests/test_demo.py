@@ -10,8 +10,8 @@ from conftest import ROOT
 
 TINY_CORPUS = ("--train_speakers 5 --test_speakers 3 --libri_speakers 3 --sessions 2 "
                "--test_sessions 2 --utterances 2 --min_seconds 1.5 --max_seconds 2 --calib_speakers 2")
-IGNORED = shutil.ignore_patterns(".git", ".venv", "demo_out", "bench_out", "exp_emb", "__pycache__",
-                                 ".pytest_cache", ".ruff_cache", "gpu_check_out")
+IGNORED = shutil.ignore_patterns(".git", ".venv*", "demo_out", "bench_out", "exp_emb", "__pycache__",
+                                 ".pytest_cache", ".ruff_cache", ".mypy_cache", "gpu_check_out")
 
 
 def make_demo(repo: Path) -> subprocess.CompletedProcess:

@@ -58,10 +58,11 @@ def test_torchrun_launch_and_distributed_check(data, tmp_path):
     cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=1, test_interval=1)
     run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(tmp_path / "one"),
                "--batch_size", "16")
-    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(ROOT / "m_trainer.py"), "--config", str(cfg),
-               "--save_path", str(tmp_path / "two"), "--batch_size", "8")
+    torchrun = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), str(ROOT / "m_trainer.py"), "--config", str(cfg),
+                          "--save_path", str(tmp_path / "two"), "--batch_size", "8")
     assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert (torchrun.stdout + torchrun.stderr).count(f"save_path {tmp_path / 'two'}") == 1  # not per rank
     single = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(tmp_path / "two"),
                         "--check")
     group = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(tmp_path / "two"),

@@ -209,6 +209,15 @@ def test_det_figure_from_saved_trial_scores(tmp_path, capsys):
     assert "skipped fig.png and fig2.png" in capsys.readouterr().out
 
 
+def test_det_titles_say_what_each_back_ends_scores_are():
+    assert m_viewer.score_meanings(["none", "asnorm", "plda", "qmf"], "C") == [
+        "none: -(cosine distance)", "asnorm: AS-Norm of -(cosine distance)",
+        "plda: PLDA log-likelihood ratio (after LDA and length norm)",
+        "qmf: QMF log-odds (base back-end's score and durations)"]
+    assert m_viewer.score_meanings(["none", "mean"], "B") == [
+        "none: -(L2 distance)", "mean: -(cosine distance) after subtracting the training mean"]
+
+
 def test_results_table_of_original_and_enhanced(tmp_path, capsys):
     run = tmp_path / "tablerun"
     labels, original, _ = write_trials(run / "result" / "trials_test.npz")
