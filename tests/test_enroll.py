@@ -209,3 +209,18 @@ def test_check_over_enrolment_models(tmp_path, one_thread):
         probe = single(data / "test", test)
         by_hand.append(enrolled @ probe / np.linalg.norm(enrolled) - 1)
     np.testing.assert_allclose(saved["original/none"], by_hand, atol=1e-5)
+
+
+def test_model_quality_sums_durations_and_averages_norms(tmp_path):
+    tree = make_embedding_tree(tmp_path / "emb", speakers=4, dim=DIM)
+    files = sorted(str(p.relative_to(tree)) for p in tree.glob("*/*/*.npy"))
+    seconds = {rel: 1.0 + k for k, rel in enumerate(files)}
+    (tree / "utt2dur").write_text("".join(f"{rel} {s}\n" for rel, s in seconds.items()))
+    spk2utt, trials = write_lists(tmp_path)
+    read = ModelTrials(trials, tree, spk2utt, tree, "C", DIM, threads=0)
+    tests = read.files[:len(read.embeddings)]
+    assert read.durations.tolist() == [seconds[t] for t in tests] + [
+        sum(seconds[u] for u in SPK2UTT[m]) for m in ("a", "b", "c")]
+    norm = {rel: np.linalg.norm(np.load(tree / rel).astype(np.float64).mean(axis=0)) for rel in files}
+    np.testing.assert_allclose(read.norms, [norm[t] for t in tests] + [
+        np.mean([norm[u] for u in SPK2UTT[m]]) for m in ("a", "b", "c")], rtol=1e-5)
