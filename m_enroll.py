@@ -8,6 +8,7 @@ made per system when scoring (of the enhanced outputs for the enhanced system)."
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def _with_models(tests: np.ndarray | None, utterances: np.ndarray | None, model_
     return np.concatenate([np.asarray(tests, np.float64), per_model]).astype(np.asarray(tests).dtype)
 
 
-def enrolled_trials(args, name: str, list_path: str, root: str) -> ModelTrials | None:
+def enrolled_trials(args: argparse.Namespace, name: str, list_path: str, root: str) -> ModelTrials | None:
     """The trial list `name` (with its `list_path` and store `root`) over the models of its
     enrolment list option; None where that option is not set."""
     list_option, path_option = ENROLL_OPTIONS.get(name, (None, None))
