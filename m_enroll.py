@@ -16,7 +16,7 @@ import numpy as np
 
 from m_DataLoader import read_trials
 from m_utils import UserError, user_text_lines
-from scoring.evaluation import Models
+from scoring.evaluation import Models, System, trial_table
 from stores.keys import line_naming
 from stores.open import open_embeddings
 
@@ -99,6 +99,16 @@ class ModelTrials:
         """(trials,) index of the speaker of each trial's model."""
         models = self.left - len(self.embeddings)
         return np.unique(np.array(self.model_speakers), return_inverse=True)[1][models]
+
+
+def models_of(trials: object) -> Models | None:
+    """The models of a trial set: those of a ModelTrials, None for a TrialSet (files only)."""
+    return trials.models if isinstance(trials, ModelTrials) else None
+
+
+def trials_table(system: System, trials: object) -> np.ndarray:
+    """The rows a TrialSet's or ModelTrials' `left` and `right` index, through `system`."""
+    return trial_table(system, trials.embeddings, models_of(trials))
 
 
 def _with_models(tests: np.ndarray | None, utterances: np.ndarray | None, model_of: np.ndarray,

@@ -26,7 +26,7 @@ import yaml
 
 from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
-from m_enroll import ENROLL_OPTIONS, ModelTrials, enrolled_trials
+from m_enroll import ENROLL_OPTIONS, ModelTrials, enrolled_trials, models_of, trials_table
 from m_network import (
     CHECKPOINT_NAME,
     OPTIMIZERS,
@@ -413,11 +413,11 @@ class Run:
     def enhanced_metrics(self, name: str) -> dict[str, float] | None:
         """EER and minDCF of the enhanced embeddings on one trial list, at validation. Every rank
         takes part; the main rank alone gets the result."""
-        trials = trial_list(self, name)
+        trials = self.trials(name)
         if trials is None:
             return None
         cosine = embedding_type_of(self.args.multiple_embedding_flag).cosine
-        enhanced = score_trials(trials.table(self.trainer.enhance), trials.left, trials.right, cosine)
+        enhanced = score_trials(trials_table(self.trainer.enhance, trials), trials.left, trials.right, cosine)
         return evaluate_scores(enhanced, trials.labels) if self.ctx.is_main else None
 
 
@@ -441,7 +441,7 @@ def trial_list(run: Run, name: str) -> TrialList | None:
     return TrialList(name, str(trials.list_path), trials.labels, trials.left, trials.right, trials.files,
                      trials.embeddings, trials.speaker_of_trials(), Quality(trials.durations, trials.norms),
                      getattr(run.args, LISTS[name][1]), trials.manifest,
-                     trials.models if isinstance(trials, ModelTrials) else None)
+                     models_of(trials))
 
 
 def training_set(run: Run) -> TrainingSet | None:

@@ -75,15 +75,19 @@ class TrialList:
         return len(self.labels)
 
     def table(self, system: System) -> np.ndarray:
-        """The rows `left` and `right` index, through `system`: the files' embeddings, then each
-        model's embedding over its utterances' embeddings through the system."""
-        table = system(self.embeddings)
-        if self.models is None:
-            return table
-        return np.concatenate([table, self.models.pool(system(self.models.embeddings))])
+        return trial_table(system, self.embeddings, self.models)
 
     def source(self) -> ListSource:
         return ListSource(self.path, len(self), self.embedding_root, self.manifest)
+
+
+def trial_table(system: System, embeddings: np.ndarray, models: Models | None) -> np.ndarray:
+    """The rows a trial list's `left` and `right` index, through `system`: the files' embeddings,
+    then each model's embedding over its utterances' embeddings through the system."""
+    table = system(embeddings)
+    if models is None:
+        return table
+    return np.concatenate([table, models.pool(system(models.embeddings))])
 
 
 @dataclass
