@@ -167,8 +167,8 @@ def enrolment_pools(corpus: Corpus, largest: int, rng: np.random.Generator
         pools[spk] = pool[:largest]
         tests[spk] = [path for category in categories for path in by_category[category]]
     if left_out:
-        log.info("enrolment: %d of %d speakers left out (fewer than %d utterances outside one category "
-                 "left for tests)", left_out, len(corpus.speakers), largest)
+        log.info("enrolment: %d of %d speakers left out (no %d of their utterances leave one of their "
+                 "categories for tests)", left_out, len(corpus.speakers), largest)
     return pools, tests
 
 
