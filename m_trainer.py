@@ -26,6 +26,7 @@ import yaml
 
 from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
+from m_enroll import ENROLL_OPTIONS, ModelTrials, enrolled_trials, models_of, trials_table
 from m_network import (
     CHECKPOINT_NAME,
     OPTIMIZERS,
@@ -135,6 +136,13 @@ OPTIONS: Options = {
     "gen_format": (None, str, "what --generate writes: tree (one .npy per entry), kaldi (<gen_target_dir>/"
                    "xvector.scp + .ark) or packed (<gen_target_dir>.store); default: the kind of gen_path"),
     **HARDWARE_OPTIONS,
+    "enroll_list": (None, str, "spk2utt-style list of the enrolment models test_list's left side names"),
+    "enroll_list_libri": (None, str, "spk2utt-style list of the enrolment models of test_list_libri"),
+    "calib_enroll_list": (None, str, "spk2utt-style list of the enrolment models of calib_list"),
+    "enroll_path": (None, str, "embedding root of enroll_list's utterances (default test_path)"),
+    "enroll_path_libri": (None, str, "embedding root of enroll_list_libri's utterances (default "
+                          "test_path_libri)"),
+    "calib_enroll_path": (None, str, "embedding root of calib_enroll_list's utterances (default calib_path)"),
 }
 # Options of the original repository that nothing here uses; setting one says so.
 UNUSED_OPTIONS = ("triplet", "margin", "scale")
@@ -282,6 +290,11 @@ def check_paths(args: argparse.Namespace, mode: str) -> None:
         list_key, path_key = LISTS[name]
         require_path(args, list_key, LIST_MAKER)
         require_path(args, path_key, EMBED_MAKER)
+        enroll_list, enroll_path = ENROLL_OPTIONS.get(name, (None, None))
+        if enroll_list and getattr(args, enroll_list):
+            require_path(args, enroll_list, LIST_MAKER)
+            if getattr(args, enroll_path):
+                require_path(args, enroll_path, EMBED_MAKER)
     if args.initial_model:
         require_path(args, "initial_model", "m_trainer.py or the original repository")
 
@@ -334,7 +347,7 @@ class Run:
                                scheduler=args.scheduler, lr=args.lr, lr_decay=args.lr_decay,
                                weight_decay=args.weight_decay, test_interval=args.test_interval,
                                max_epoch=args.max_epoch, mixedprec=args.mixedprec)
-        self.trial_sets: dict[str, TrialSet] = {}
+        self.trial_sets: dict[str, TrialSet | ModelTrials] = {}
         self.notes_said: set[str] = set()
         self.model_record: dict[str, Any] | None = None  # the model --check/--eval used
 
@@ -354,7 +367,7 @@ class Run:
                              a.multiple_embedding_flag, a.nOut, self.device, speakers,
                              threads=a.nDataLoaderThread)
 
-    def trials(self, name: str) -> TrialSet | None:
+    def trials(self, name: str) -> TrialSet | ModelTrials | None:
         """The trial list `name` (a TRIAL_LISTS key, or calib) with its embeddings, read once;
         None (said once for a TRIAL_LISTS one) when it is not set."""
         list_key, path_key = LISTS[name]
@@ -364,8 +377,11 @@ class Run:
                 self.say_once(f"{titles[name]} ({list_key}) not set: skipped")
             return None
         if name not in self.trial_sets:
-            self.trial_sets[name] = TrialSet(getattr(self.args, list_key), getattr(self.args, path_key),
-                                             self.args.nOut, self.args.nDataLoaderThread)
+            a = self.args
+            list_path, root = getattr(a, list_key), getattr(a, path_key)
+            enrolled = enrolled_trials(a, name, list_path, root)
+            self.trial_sets[name] = (enrolled if enrolled is not None
+                                     else TrialSet(list_path, root, a.nOut, a.nDataLoaderThread))
         return self.trial_sets[name]
 
     def sampling(self) -> dict[str, int]:
@@ -401,7 +417,7 @@ class Run:
         if trials is None:
             return None
         cosine = embedding_type_of(self.args.multiple_embedding_flag).cosine
-        enhanced = score_trials(self.trainer.enhance(trials.embeddings), trials.left, trials.right, cosine)
+        enhanced = score_trials(trials_table(self.trainer.enhance, trials), trials.left, trials.right, cosine)
         return evaluate_scores(enhanced, trials.labels) if self.ctx.is_main else None
 
 
@@ -424,7 +440,8 @@ def trial_list(run: Run, name: str) -> TrialList | None:
         return None
     return TrialList(name, str(trials.list_path), trials.labels, trials.left, trials.right, trials.files,
                      trials.embeddings, trials.speaker_of_trials(), Quality(trials.durations, trials.norms),
-                     getattr(run.args, LISTS[name][1]), trials.manifest)
+                     getattr(run.args, LISTS[name][1]), trials.manifest,
+                     models_of(trials))
 
 
 def training_set(run: Run) -> TrainingSet | None:

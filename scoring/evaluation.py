@@ -25,6 +25,7 @@ from scoring.report import (
     decision_records,
     list_records,
 )
+from stores.arrays import combine_speaker
 
 log = logging.getLogger("scoring")
 
@@ -34,9 +35,28 @@ System = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
+class Models:
+    """Enrolment models as plain values: model m is the embedding of `embedding_type` (B or C)
+    over the rows of `embeddings` (single-utterance embeddings) whose `model_of` is m."""
+
+    embeddings: np.ndarray
+    model_of: np.ndarray
+    embedding_type: str
+
+    def pool(self, table: np.ndarray) -> np.ndarray:
+        """(models, D) float32: each model's embedding over its rows of `table` (`embeddings`
+        through a system)."""
+        order = np.argsort(self.model_of, kind="stable")
+        ends = np.cumsum(np.bincount(self.model_of))[:-1]
+        return np.stack([combine_speaker(rows, self.embedding_type)
+                         for rows in np.split(np.asarray(table)[order], ends)])
+
+
+@dataclass
 class TrialList:
-    """One trial list as plain values: `left`/`right` index rows of `embeddings` (one per file of
-    `files`), `speakers` is each trial's speaker (for the bootstrap)."""
+    """One trial list as plain values: `left`/`right` index rows of its table (one per name of
+    `files`), `speakers` is each trial's speaker (for the bootstrap). The table is `embeddings`
+    (one row per file); with `models`, the models' rows follow (their names end `files`)."""
 
     name: str
     path: str
@@ -49,12 +69,25 @@ class TrialList:
     quality: Quality = field(default_factory=Quality)
     embedding_root: str = ""
     manifest: dict | None = None
+    models: Models | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def table(self, system: System) -> np.ndarray:
+        return trial_table(system, self.embeddings, self.models)
+
     def source(self) -> ListSource:
         return ListSource(self.path, len(self), self.embedding_root, self.manifest)
+
+
+def trial_table(system: System, embeddings: np.ndarray, models: Models | None) -> np.ndarray:
+    """The rows a trial list's `left` and `right` index, through `system`: the files' embeddings,
+    then each model's embedding over its utterances' embeddings through the system."""
+    table = system(embeddings)
+    if models is None:
+        return table
+    return np.concatenate([table, models.pool(system(models.embeddings))])
 
 
 @dataclass
@@ -111,8 +144,8 @@ def evaluate(lists: Sequence[TrialList], systems: Mapping[str, System], settings
     """The results of `lists` for every system and back-end; None off the main rank. Without
     `train` the back-ends fitted on training embeddings are skipped, without `calib` (or its
     durations) qmf, each with a notice; `model` describes the model in the records' Sources."""
-    tables = {(system, which.name): apply(which.embeddings)
-              for system, apply in systems.items() for which in _named(train, calib, lists)}
+    tables = {(system, name): table(apply)
+              for system, apply in systems.items() for name, table in _named(train, calib, lists)}
     if not is_main:
         return None
     backends = _Fitter(settings, tables, train, calib).fit(systems)
@@ -136,17 +169,13 @@ def evaluate(lists: Sequence[TrialList], systems: Mapping[str, System], settings
     return Results(results, records + [Sources(sources, model)])
 
 
-@dataclass
-class _Named:
-    name: str
-    embeddings: np.ndarray
-
-
-def _named(train: TrainingSet | None, calib: TrialList | None, lists: Sequence[TrialList]) -> list[_Named]:
-    """The tables a run passes through each system, named: train, calib, then each trial list."""
-    named = [_Named("train", train.embeddings)] if train is not None else []
-    named += [_Named("calib", calib.embeddings)] if calib is not None else []
-    return named + [_Named(trials.name, trials.embeddings) for trials in lists]
+def _named(train: TrainingSet | None, calib: TrialList | None,
+           lists: Sequence[TrialList]) -> list[tuple[str, Callable[[System], np.ndarray]]]:
+    """The tables a run passes through each system, named, each as the function that makes it
+    through a system: train, calib, then each trial list."""
+    named = [("train", lambda system: system(train.embeddings))] if train is not None else []
+    named += [("calib", calib.table)] if calib is not None else []
+    return named + [(trials.name, trials.table) for trials in lists]
 
 
 def _scores(backends: Mapping[Key, Backend], tables: Mapping[Key, np.ndarray], trials: TrialList,
