@@ -26,7 +26,6 @@ import yaml
 
 from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
-from m_enroll import ENROLL_OPTIONS, ModelTrials, enrolled_trials, models_of, trials_table
 from m_network import (
     CHECKPOINT_NAME,
     OPTIMIZERS,
@@ -55,6 +54,7 @@ from m_utils import (
 )
 from models.m_Models import make_activation, model_class
 from scoring.backends import Quality, check_backend_options
+from scoring.enrollment import ENROLL_OPTIONS, ModelTrials, enrolled_trials, models_of, trials_table
 from scoring.evaluation import Results, Settings, TrainingSet, TrialList, evaluate, needs_training
 from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key, score_trials
 from scoring.report import (
@@ -290,7 +290,7 @@ def check_paths(args: argparse.Namespace, mode: str) -> None:
         list_key, path_key = LISTS[name]
         require_path(args, list_key, LIST_MAKER)
         require_path(args, path_key, EMBED_MAKER)
-        enroll_list, enroll_path = ENROLL_OPTIONS.get(name, (None, None))
+        enroll_list, enroll_path = ENROLL_OPTIONS.get(name, ("", ""))
         if enroll_list and getattr(args, enroll_list):
             require_path(args, enroll_list, LIST_MAKER)
             if getattr(args, enroll_path):

@@ -14,11 +14,11 @@ from conftest import config, make_embedding_tree, train
 
 import m_trainer
 from m_comb_embs import combine
-from m_enroll import ModelTrials, read_spk2utt
 from m_gen_list import make_lists
 from m_network import parse_score_line
 from m_utils import UserError
 from scoring.backends import make_backend
+from scoring.enrollment import ModelTrials, read_spk2utt
 from scoring.evaluation import Settings, TrainingSet, TrialList, evaluate
 from stores.keys import key_category
 

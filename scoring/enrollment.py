@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m_DataLoader import read_trials
+from m_DataLoader import TrialSet, read_trials
 from m_utils import UserError, user_text_lines
 from scoring.evaluation import Models, System, trial_table
 from stores.keys import line_naming
@@ -101,12 +101,12 @@ class ModelTrials:
         return np.unique(np.array(self.model_speakers), return_inverse=True)[1][models]
 
 
-def models_of(trials: object) -> Models | None:
+def models_of(trials: TrialSet | ModelTrials) -> Models | None:
     """The models of a trial set: those of a ModelTrials, None for a TrialSet (files only)."""
     return trials.models if isinstance(trials, ModelTrials) else None
 
 
-def trials_table(system: System, trials: object) -> np.ndarray:
+def trials_table(system: System, trials: TrialSet | ModelTrials) -> np.ndarray:
     """The rows a TrialSet's or ModelTrials' `left` and `right` index, through `system`."""
     return trial_table(system, trials.embeddings, models_of(trials))
 
@@ -125,8 +125,10 @@ def _with_models(tests: np.ndarray | None, utterances: np.ndarray | None, model_
 def enrolled_trials(args: argparse.Namespace, name: str, list_path: str, root: str) -> ModelTrials | None:
     """The trial list `name` (with its `list_path` and store `root`) over the models of its
     enrolment list option; None where that option is not set."""
-    list_option, path_option = ENROLL_OPTIONS.get(name, (None, None))
-    if list_option is None or not getattr(args, list_option, None):
+    if name not in ENROLL_OPTIONS:
+        return None
+    list_option, path_option = ENROLL_OPTIONS[name]
+    if not getattr(args, list_option, None):
         return None
     enroll_root = getattr(args, path_option) or root
     return ModelTrials(list_path, root, getattr(args, list_option), enroll_root,
