@@ -11,8 +11,9 @@ such file still holds what it was built from (its new stamps are then recorded, 
 is cheap), and is stale at the first one that does not. A file added or removed makes it stale.
 
 Coarse file-system clocks: a file changed within a clock tick of its stat can keep all three
-values, so a file whose recorded times are within RACY_NS of `stamped_ns` is always checked by
-content (as git treats a "racily clean" file).
+values, so a file whose recorded ctime is within RACY_NS of `stamped_ns` (when the stats were
+taken) is checked by content (as git treats a "racily clean" file) until a later check, long
+enough after, records it as settled.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def check_store(store: Path, now: Sources, hash_of: Callable[[str], int]) -> Fre
         current = np.where((rows >= 0)[:, None], now.stats[rows], GONE)
         added = sorted(set(now.names).difference(names))
     differs = (current != stats).any(axis=1)
-    racy = (stats[:, 1:] >= stamped - RACY_NS).any(axis=1)
+    racy = stats[:, 2] >= stamped - RACY_NS
     undecided = np.flatnonzero(differs | racy)
     unproven = {*added, *(names[k] for k in undecided)}
     if added:
@@ -102,7 +103,7 @@ def check_store(store: Path, now: Sources, hash_of: Callable[[str], int]) -> Fre
     if mismatch is not None:
         return Freshness(False, f"{names[undecided[mismatch]]} holds other values than when it was "
                          "built (its size kept)", unproven)
-    still_racy = (current[:, 1:] >= now.taken_ns - RACY_NS).any(axis=1)
+    still_racy = current[:, 2] >= now.taken_ns - RACY_NS
     if differs.any() or still_racy.sum() < racy.sum():
         restamp(store, current, hashes, now.taken_ns)
     return Freshness(True, verified=len(undecided))

@@ -71,8 +71,8 @@ def fresh_store(store: Path, sources: Callable[[], Sources],
         return opened, found
     if str(store) not in _SAID_STALE:
         _SAID_STALE.add(str(store))
-        log.warning("%s is older than the files it was built from: %s. Reading the files instead; "
-                    "run m_comb_embs.py again to rebuild it", store, found.reason)
+        log.warning("%s is not used: %s. Reading the files instead; run m_comb_embs.py again to "
+                    "rebuild it", store, found.reason)
     return None, found
 
 
