@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,14 +97,16 @@ def tree_sources(root: Path) -> Sources:
     """Every utterance file of a tree in walk order, then its side files (utt2dur, manifest), with
     a stat each: the freshness check of a tree (one scandir walk and a stat per file)."""
     taken = time.time_ns()
-    names, rows = [], []
+    names, values = [], array("q")  # 24 bytes a file, not a tuple of three ints
     for folder in speaker_folders(root):
         for entry, prefix in utterance_entries(folder):
             stat = entry.stat()
             names.append(prefix + entry.name)
-            rows.append((stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
-    rows += side_stats(root, SIDE_FILES)
-    return Sources(names + list(SIDE_FILES), stats_array(rows), taken)
+            values.extend((stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    for row in side_stats(root, SIDE_FILES):
+        values.extend(row)
+    stats = np.frombuffer(values, np.int64).reshape(-1, 3).copy()
+    return Sources(names + list(SIDE_FILES), stats, taken)
 
 
 def scp_entries(scp: Path) -> list[tuple[str, str]]:
