@@ -238,3 +238,27 @@ def test_check_numbers_come_from_the_files(tree, tmp_path):
     trial_set = TrialSet(trials, tree, DIM)
     np.testing.assert_array_equal(trial_set.embeddings,
                                   TreeSource(tree).utterances(trial_set.files, threads=0).matrix())
+
+
+def test_an_scp_side_file_rewritten_with_its_size_and_mtime_kept_is_seen(tmp_path):
+    """utt2spk with two speakers' names swapped (same bytes count), its mtime kept: the speakers
+    a run gets are the new file's, and their B/C combine the new speakers' utterances."""
+    rng = np.random.default_rng(4)
+    arrays = {f"u{k:03d}": rng.standard_normal(DIM).astype(np.float32) for k in range(8)}
+    folder = tmp_path / "kaldi"
+    folder.mkdir()
+    scp = folder / "xvector.scp"
+    kaldiio.save_ark(str(folder / "xvector.ark"), arrays, scp=str(scp))
+    utt2spk = folder / "utt2spk"
+    utt2spk.write_text("".join(f"{utt} spk{k % 2}\n" for k, utt in enumerate(arrays)))
+    combine(scp)
+    old = utt2spk.stat()
+    utt2spk.write_text("".join(f"{utt} spk{(k + (k < 2)) % 2}\n" for k, utt in enumerate(arrays)))
+    os.utime(utt2spk, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert utt2spk.stat().st_size == old.st_size
+    source = served_source(scp)
+    assert isinstance(source, KaldiSource)
+    assert source.speaker_of(["u000", "u001", "u002"]) == ["spk1", "spk0", "spk0"]
+    spk0 = [utt for k, utt in enumerate(arrays) if (k + (k < 2)) % 2 == 0]
+    expected = combine_speaker(np.stack([arrays[utt].astype(np.float64) for utt in spk0]), "B")
+    np.testing.assert_array_equal(source.speaker_embeddings(["spk0"], "B")[0], expected)
