@@ -121,11 +121,9 @@ class TreePacker:
     """Reads a tree speaker by speaker, writes each speaker's B and C files and (when packing)
     fills the packed store's rows."""
 
-    def __init__(self, embed_dir: Path, pack: bool, dtype: str, pool: ThreadPoolExecutor, sources: Sources):
+    def __init__(self, embed_dir: Path, pack: bool, dtype: str, pool: ThreadPoolExecutor):
         self.embed_dir, self.pack, self.dtype, self.pool = embed_dir, pack, dtype, pool
-        self.sources = sources
-        self.position = {name: k for k, name in enumerate(sources.names)} if pack else {}
-        self.hashes = np.zeros(len(sources.names), np.int64)  # of each source file's crop mean
+        self.hashes: dict[str, int] = {}  # of each file's crop mean, for the store's record
         self.writes: list[Future] = []  # B/C files, written (and synced) on the pool's threads
         self.builder: StoreBuilder | None = None
         self.keys: list[str] = []
@@ -149,8 +147,7 @@ class TreePacker:
             self.builder = StoreBuilder(store_path_of(self.embed_dir), total, means.shape[1], self.dtype)
         self.builder.put(len(self.keys), *reduce_means(means, [f"{self.embed_dir}/{rel}" for rel in rels]))
         self.keys += [store_key(rel) for rel in rels]
-        for rel, mean in zip(rels, means, strict=True):
-            self.hashes[self.position[rel]] = content_hash(mean)
+        self.hashes.update((rel, content_hash(mean)) for rel, mean in zip(rels, means, strict=True))
         self.speaker_of.append(np.full(len(rels), len(self.speakers), np.int32))
         self.speakers.append(spk)
 
@@ -160,7 +157,8 @@ class TreePacker:
         while self.writes and (wait or self.writes[0].done()):
             self.writes.pop(0).result()
 
-    def finish(self) -> Path | None:
+    def finish(self, sources: Sources) -> Path | None:
+        """Write the store (when packing) with the record of `sources`, the files it was read from."""
         self.settle(wait=True)
         if self.builder is None:
             return None
@@ -169,10 +167,11 @@ class TreePacker:
             if rows != len(self.builder.norms):  # the listing and the reads disagree
                 raise UserError(f"{self.embed_dir}: the files changed while they were read; run again")
             tables = {name: np.stack(rows_) for name, rows_ in self.tables.items()}
-            self.hashes[-len(SIDE_FILES):] = side_hashes(self.embed_dir, SIDE_FILES)
+            hashes = [*(self.hashes[name] for name in sources.names[:-len(SIDE_FILES)]),
+                      *side_hashes(self.embed_dir, SIDE_FILES)]
             return self.builder.finish(self.keys, self.speakers, np.concatenate(self.speaker_of), tables,
                                        {"source": str(self.embed_dir), "source_kind": "tree"},
-                                       side_dir=self.embed_dir, sources=(self.sources, self.hashes))
+                                       side_dir=self.embed_dir, sources=(sources, np.array(hashes, np.int64)))
 
 
 def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
@@ -199,7 +198,7 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
     root = str(embed_dir)
     with ThreadPoolExecutor(max(1, threads)) as pool, \
             tqdm(total=total, desc="reading embeddings", unit="file", unit_scale=True) as bar:
-        packer = TreePacker(embed_dir, pack, dtype, pool, sources)
+        packer = TreePacker(embed_dir, pack, dtype, pool)
         results = ordered_map(pool, lambda chunk: read_chunk([os.path.join(root, rel) for rel in chunk[1]]),
                               chunks, window=4 * max(1, threads))
         for (k, chunk), chunk_means in zip(chunks, results, strict=True):
@@ -209,7 +208,7 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
             if sum(len(m) for m in means) == len(rels):
                 packer.add(folder.name, rels, np.concatenate(means), total)
                 means = []
-        store = packer.finish()
+        store = packer.finish(sources)
     if store is not None:
         log.info("packed %d utterances into %s", total, store)
     return len(listing)

@@ -155,11 +155,11 @@ def single_utterance_embedding(array: np.ndarray, path: Path | None = None) -> n
 
 
 def read_files(files: Sequence[Path], dim: int | None, threads: int, desc: str,
-               show_progress: bool, keep: Callable[[range, np.ndarray], None] | None = None
+               show_progress: bool, keep: Callable[[range, list[np.ndarray]], None] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
     """Read and reduce embedding files: (N, D) float32 single-utterance embeddings and their
     norms, in order; `threads` reader threads, none (the calling thread) for 0. `keep(rows,
-    means)` is given each block's float64 crop means (from its reader thread)."""
+    arrays)` is given each block's arrays as read (from its reader thread)."""
     first = read_embedding(files[0], dim) if files else None
     width = dim if dim is not None else (first.shape[-1] if first is not None else 0)
     matrix = np.empty((len(files), width), np.float32)
@@ -170,11 +170,10 @@ def read_files(files: Sequence[Path], dim: int | None, threads: int, desc: str,
     def load_block(rows: range) -> int:
         """Read a block of files straight into their rows of the matrix."""
         arrays = [first if row == 0 else read_embedding(files[row], width) for row in rows]
-        means = np.stack([crop_mean(a) for a in arrays])
         matrix[rows.start:rows.stop], norms[rows.start:rows.stop] = reduce_means(
-            means, [files[row] for row in rows])
+            np.stack([crop_mean(a) for a in arrays]), [files[row] for row in rows])
         if keep is not None:
-            keep(rows, means)
+            keep(rows, arrays)
         return len(rows)
 
     # threads 0 (nDataLoaderThread 0): read in the calling thread, as the original's num_workers 0

@@ -14,6 +14,7 @@ from m_utils import UserError
 from stores.arrays import (
     EMBEDDING_TYPES,
     combine_speaker,
+    crop_mean,
     crop_means,
     embedding_type_of,
     read_embedding,
@@ -109,7 +110,8 @@ class SpeakerGather:
                 self.position[spk] = {key: k for k, key in enumerate(folder)}
                 self.left[spk] = len(folder)
 
-    def keep(self, rows: range, means: np.ndarray) -> None:
+    def keep(self, rows: range, arrays: list[np.ndarray]) -> None:
+        means = np.stack([crop_mean(a) for a in arrays])  # as read_files and m_comb_embs take them
         with self.lock:
             for row, mean in zip(rows, means, strict=True):
                 key = self.keys[row]
