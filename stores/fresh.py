@@ -19,6 +19,7 @@ enough after, records it as settled.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,7 +80,10 @@ def check_store(store: Path, now: Sources, hash_of: Callable[[str], int]) -> Fre
     if not has_record(store):
         return Freshness(False, "it has no record of its files' stamps (packed by an older version)",
                          set(now.names))
-    names, stats, hashes, stamped = read_record(store)
+    try:
+        names, stats, hashes, stamped = read_record(store)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        return Freshness(False, f"its record of its files' stamps cannot be read ({err})", set(now.names))
     current, added = now.stats, []
     if now.names != names:  # another walk order, or files added or removed
         position = dict(zip(now.names, range(len(now.names)), strict=True))

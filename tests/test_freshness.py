@@ -262,3 +262,9 @@ def test_an_scp_side_file_rewritten_with_its_size_and_mtime_kept_is_seen(tmp_pat
     spk0 = [utt for k, utt in enumerate(arrays) if (k + (k < 2)) % 2 == 0]
     expected = combine_speaker(np.stack([arrays[utt].astype(np.float64) for utt in spk0]), "B")
     np.testing.assert_array_equal(source.speaker_embeddings(["spk0"], "B")[0], expected)
+
+
+def test_a_store_whose_record_is_damaged_is_not_used(tree):
+    (tree / "embeddings.store" / "sources.npz").write_bytes(b"PK\x03\x04 cut short")
+    assert isinstance(served_source(tree), TreeSource)
+    np.testing.assert_array_equal(served(tree), from_files(tree))
