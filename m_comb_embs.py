@@ -10,7 +10,9 @@ manifest.json when the tree has them). Given a Kaldi .scp (WeSpeaker's xvector.s
 <dir>/<scp stem>.store/ beside it, holding the speaker embeddings too. Every later run given the
 tree or the .scp reads the packed store instead of the files, while the store is fresh (no file
 changed, added or removed since, each file checked by its size, mtime and ctime and, where only
-a time changed, by a hash of its content; else the run says so and reads the files).
+a time changed, by a hash of its content; else the run says so and reads the files). A run that
+reads a tree's files combines its speakers' B and C from them in memory, the same values as
+these files hold while they are new; the `<spk>.npy` files are for other tools and for reading.
 
     python ./m_comb_embs.py --embed_dir data/embeddings/voxceleb2
     python ./m_comb_embs.py --embed_dir exp/wespeaker/embeddings/xvector.scp
