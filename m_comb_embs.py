@@ -9,7 +9,10 @@ single-utterance embeddings, their index, norms, the B and C speaker embeddings,
 manifest.json when the tree has them). Given a Kaldi .scp (WeSpeaker's xvector.scp), it writes
 <dir>/<scp stem>.store/ beside it, holding the speaker embeddings too. Every later run given the
 tree or the .scp reads the packed store instead of the files, while the store is fresh (no file
-changed, added or removed since; else the run says so and reads the files).
+changed, added or removed since, each file checked by its size, mtime and ctime and, where only
+a time changed, by a hash of its content; else the run says so and reads the files). A run that
+reads a tree's files combines its speakers' B and C from them in memory, the same values as
+these files hold while they are new; the `<spk>.npy` files are for other tools and for reading.
 
     python ./m_comb_embs.py --embed_dir data/embeddings/voxceleb2
     python ./m_comb_embs.py --embed_dir exp/wespeaker/embeddings/xvector.scp
@@ -24,7 +27,6 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +47,19 @@ from stores.kaldi import KaldiSource
 from stores.keys import key_speaker, store_key
 from stores.packed import STORE_DTYPES
 from stores.stamps import (
-    Stamp,
-    folder_files,
+    KALDI_SIDE_FILES,
+    SIDE_FILES,
+    Sources,
+    ark_of,
+    content_hash,
+    file_hash,
     scp_entries,
-    scp_stamp,
+    scp_sources,
+    side_hashes,
+    sorted_files,
     speaker_folders,
     store_path_of,
-    tree_stamp,
+    tree_sources,
 )
 from stores.write import StoreBuilder, pack_means
 
@@ -115,6 +123,7 @@ class TreePacker:
 
     def __init__(self, embed_dir: Path, pack: bool, dtype: str, pool: ThreadPoolExecutor):
         self.embed_dir, self.pack, self.dtype, self.pool = embed_dir, pack, dtype, pool
+        self.hashes: dict[str, int] = {}  # of each file's crop mean, for the store's record
         self.writes: list[Future] = []  # B/C files, written (and synced) on the pool's threads
         self.builder: StoreBuilder | None = None
         self.keys: list[str] = []
@@ -134,6 +143,7 @@ class TreePacker:
             self.builder = StoreBuilder(store_path_of(self.embed_dir), total, means.shape[1], self.dtype)
         self.builder.put(len(self.keys), *reduce_means(means, [f"{self.embed_dir}/{rel}" for rel in rels]))
         self.keys += [store_key(rel) for rel in rels]
+        self.hashes.update((rel, content_hash(mean)) for rel, mean in zip(rels, means, strict=True))
         self.speaker_of.append(np.full(len(rels), len(self.speakers), np.int32))
         self.speakers.append(spk)
 
@@ -143,7 +153,8 @@ class TreePacker:
         while self.writes and (wait or self.writes[0].done()):
             self.writes.pop(0).result()
 
-    def finish(self, stamp: Stamp | None) -> Path | None:
+    def finish(self, sources: Sources) -> Path | None:
+        """Write the store (when packing) with the record of `sources`, the files it was read from."""
         self.settle(wait=True)
         if self.builder is None:
             return None
@@ -152,10 +163,11 @@ class TreePacker:
             if rows != len(self.builder.norms):  # the listing and the reads disagree
                 raise UserError(f"{self.embed_dir}: the files changed while they were read; run again")
             tables = {name: np.stack(rows_) for name, rows_ in self.tables.items()}
+            hashes = [*(self.hashes[name] for name in sources.names[:-len(SIDE_FILES)]),
+                      *side_hashes(self.embed_dir, SIDE_FILES)]
             return self.builder.finish(self.keys, self.speakers, np.concatenate(self.speaker_of), tables,
-                                       {"source": str(self.embed_dir), "source_kind": "tree",
-                                        "stamp": asdict(stamp) if stamp else None},
-                                       side_dir=self.embed_dir)
+                                       {"source": str(self.embed_dir), "source_kind": "tree"},
+                                       side_dir=self.embed_dir, sources=(sources, np.array(hashes, np.int64)))
 
 
 def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
@@ -166,8 +178,11 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
     if embed_dir.suffix == ".scp":
         return pack_scp(embed_dir, dtype)
     folders = tree_speakers(embed_dir)
-    stamp = tree_stamp(embed_dir) if pack else None  # before reading: a file changed later is seen
-    listing = [(folder, folder_files(folder)) for folder in folders]
+    sources = tree_sources(embed_dir)  # stamped before reading: a file changed later is seen
+    files_of: dict[str, list[str]] = {folder.name: [] for folder in folders}
+    for name in sources.names[:-len(SIDE_FILES)]:
+        files_of[name.split("/", 1)[0]].append(name)
+    listing = [(folder, sorted_files(files_of[folder.name])) for folder in folders]
     for folder, rels in listing:
         if not rels:
             log.warning("%s: no utterance embeddings, skipped", folder)
@@ -192,7 +207,7 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
             if sum(len(m) for m in means) == len(rels):
                 packer.add(folder.name, rels, np.concatenate(means), total)
                 means = []
-        store = packer.finish(stamp)
+        store = packer.finish(sources)
     if store is not None:
         log.info("packed %d utterances into %s", total, store)
     return len(listing)
@@ -202,7 +217,7 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
     """The packed store of a Kaldi .scp beside it (speakers from utt2spk or the keys), rows sorted
     by speaker then key; returns the number of speakers. Holds the crop means in memory."""
     entries = scp_entries(scp)
-    stamp = scp_stamp(scp, entries)
+    sources = scp_sources(scp, entries)
     source = KaldiSource(scp, entries)
     keys = [store_key(utt) for utt, _ in entries]
     names = [key_speaker(key, source.utt2spk) for key in keys]
@@ -222,10 +237,24 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
             bar.update()
     store = pack_means(store_path_of(scp), [keys[k] for k in order], means, speakers,
                        np.array([position[names[k]] for k in order], np.int32), dtype,
-                       {"source": str(scp), "source_kind": "kaldi", "stamp": asdict(stamp)},
-                       side_dir=scp.parent)
+                       {"source": str(scp), "source_kind": "kaldi"}, side_dir=scp.parent,
+                       sources=(sources, scp_hashes(scp, entries, means, order)))
     log.info("packed %d utterances of %d speakers into %s", len(keys), len(speakers), store)
     return len(speakers)
+
+
+def scp_hashes(scp: Path, entries: list[tuple[str, str]], means: np.ndarray,
+               order: list[int]) -> list[int]:
+    """The content hash of each file of scp_sources: the .scp's bytes, each ark's crop means of
+    its utterances in the .scp's order (`means` holds entry order[r] at row r), the side files'
+    bytes."""
+    row_of = np.empty(len(order), np.int64)
+    row_of[order] = np.arange(len(order))
+    entries_of: dict[str, list[int]] = {}
+    for k, (_, location) in enumerate(entries):
+        entries_of.setdefault(ark_of(location), []).append(k)
+    arks = [content_hash(means[row_of[entries_of[ark]]]) for ark in sorted(entries_of)]
+    return [file_hash(scp), *arks, *side_hashes(scp.parent, KALDI_SIDE_FILES)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -161,9 +161,11 @@ def single_utterance_embedding(array: np.ndarray, path: Path | None = None) -> n
 
 
 def read_files(files: Sequence[Path], dim: int | None, threads: int, desc: str,
-               show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+               show_progress: bool, keep: Callable[[range, list[np.ndarray]], None] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Read and reduce embedding files: (N, D) float32 single-utterance embeddings and their
-    norms, in order; `threads` reader threads, none (the calling thread) for 0."""
+    norms, in order; `threads` reader threads, none (the calling thread) for 0. `keep(rows,
+    arrays)` is given each block's arrays as read (from its reader thread)."""
     first = read_embedding(files[0], dim) if files else None
     width = dim if dim is not None else (first.shape[-1] if first is not None else 0)
     expected = None if dim is not None or not files else f"{width}, the dimension of {files[0]}"
@@ -178,6 +180,8 @@ def read_files(files: Sequence[Path], dim: int | None, threads: int, desc: str,
                   for row in rows]
         matrix[rows.start:rows.stop], norms[rows.start:rows.stop] = reduce_means(
             np.stack([crop_mean(a) for a in arrays]), [files[row] for row in rows])
+        if keep is not None:
+            keep(rows, arrays)
         return len(rows)
 
     # threads 0 (nDataLoaderThread 0): read in the calling thread, as the original's num_workers 0

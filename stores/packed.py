@@ -16,13 +16,15 @@ from stores.source import EmbeddingSource, Utterances
 
 # Packed stores: <name>.store/ holds
 #   header.json      {"format", "version", "source", "source_kind", "dtype", "utterances",
-#                     "speakers", "dim", "stamp" (of the source files), "created"}
+#                     "speakers", "dim", "created"}
 #   embeddings.npy   (N, D) float32 or float16 single-utterance embeddings (crop mean, L2 norm)
 #   keys.txt         the N store keys, in row order
 #   norms.npy        (N,) float32 crop-mean norms before normalisation
 #   speakers.txt     the S speaker names; speaker_of.npy (N,) int32 each row's speaker
 #   speakers_B.npy, speakers_C.npy   (S, D) float32 speaker embeddings of type B and C
 #   utt2dur, manifest.json           copied from the source when it had them
+#   sources.txt, sources.npz         the files it was built from, their size, mtime_ns, ctime_ns
+#                                    and content hash (a tree's or .scp's store; stores.fresh)
 
 STORE_FORMAT = "m-embedding-store"
 STORE_VERSION = 1

@@ -1,13 +1,18 @@
-"""The files a packed store is built from and their Stamp (what makes a store fresh): the
-speaker folders and `.npy` files of a tree, the lines and ark files of a Kaldi `.scp`, and where
-the packed store of each lies."""
+"""The files a packed store is built from and their stamps (what shows a store fresh): the
+speaker folders and `.npy` files of a tree, the lines and ark files of a Kaldi `.scp`, each
+file's size, mtime and ctime, a hash of what it holds, and where the packed store of each lies."""
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from m_utils import LOCK_NAME, UserError, user_text_lines
 from stores.keys import store_key
@@ -15,23 +20,41 @@ from stores.keys import store_key
 STORE_SUFFIX = ".store"
 TREE_STORE = "embeddings.store"       # the packed store of a tree, inside it
 SIDE_FILES = ("utt2dur", "manifest.json")  # carried into a packed store when the source has them
+KALDI_SIDE_FILES = ("utt2spk", *SIDE_FILES)  # beside a .scp: its speakers too
 IGNORED_NAMES = (LOCK_NAME, *SIDE_FILES)
+MISSING = (-1, -1, -1)  # the stamp of a side file that does not exist
 
 
-@dataclass(frozen=True)
-class Stamp:
-    """What a packed store was built from, cheap to take again: the number of source files, the
-    newest modification time (ns) and the total size. A store is fresh when they are unchanged."""
+@dataclass
+class Sources:
+    """The files a store is built from, as found at `taken_ns` (time.time_ns() before the first
+    stat): their names (a tree's relative paths in walk order, then its side files) and (F, 3)
+    int64 `stats`: size, mtime_ns and ctime_ns, MISSING for a side file that does not exist.
+    ctime is set by the kernel on every change and no user tool sets it back, so a file whose
+    three values are unchanged is unchanged (see stores.fresh for coarse clocks)."""
 
-    files: int
-    newest_ns: int
-    size: int
-
-    def add(self, stat: os.stat_result) -> Stamp:
-        return Stamp(self.files + 1, max(self.newest_ns, stat.st_mtime_ns), self.size + stat.st_size)
+    names: list[str]
+    stats: np.ndarray
+    taken_ns: int
 
 
-EMPTY_STAMP = Stamp(0, 0, 0)
+def stat_row(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def stats_array(rows: list[tuple[int, int, int]]) -> np.ndarray:
+    return np.array(rows, np.int64).reshape(len(rows), 3)
+
+
+def side_stats(folder: Path, names: Sequence[str]) -> list[tuple[int, int, int]]:
+    """The stat rows of the named files of `folder`, MISSING where one does not exist."""
+    rows = []
+    for name in names:
+        try:
+            rows.append(stat_row((folder / name).stat()))
+        except FileNotFoundError:
+            rows.append(MISSING)
+    return rows
 
 
 def speaker_folders(root: Path) -> list[Path]:
@@ -63,43 +86,28 @@ def folder_files(folder: Path) -> list[str]:
     """The `.npy` files below `folder` as `/`-joined paths relative to its parent, sorted as pathlib
     sorts them."""
     found = [prefix + entry.name for entry, prefix in utterance_entries(folder)]
-    found.sort(key=lambda rel: rel.split("/"))
-    return found
+    return sorted_files(found)
 
 
-def folder_stamp(folder: Path) -> Stamp:
-    """The Stamp of the files folder_files lists, with a stat per file: the freshness check of a
-    tree (about 0.7 s per 100,000 files on 2 busy cores, so 7 s at 1.09M)."""
-    files = newest = size = 0
-    for entry, _ in utterance_entries(folder):
-        stat = entry.stat()
-        files += 1
-        size += stat.st_size
-        newest = max(newest, stat.st_mtime_ns)
-    return Stamp(files, newest, size)
+def sorted_files(rels: list[str]) -> list[str]:
+    """`/`-joined relative paths sorted as pathlib sorts them (component by component)."""
+    return sorted(rels, key=lambda rel: rel.split("/"))
 
 
-def tree_stamp(root: Path) -> Stamp:
-    """The Stamp of every utterance file of a tree and of its side files (utt2dur, manifest)."""
-    stamp = files_stamp(root / name for name in SIDE_FILES)
+def tree_sources(root: Path) -> Sources:
+    """Every utterance file of a tree in walk order, then its side files (utt2dur, manifest), with
+    a stat each: the freshness check of a tree (one scandir walk and a stat per file)."""
+    taken = time.time_ns()
+    names, values = [], array("q")  # 24 bytes a file, not a tuple of three ints
     for folder in speaker_folders(root):
-        stamp = merge_stamps(stamp, folder_stamp(folder))
-    return stamp
-
-
-def merge_stamps(a: Stamp, b: Stamp) -> Stamp:
-    return Stamp(a.files + b.files, max(a.newest_ns, b.newest_ns), a.size + b.size)
-
-
-def files_stamp(paths: Iterable[Path]) -> Stamp:
-    """The Stamp of the named files that exist."""
-    stamp = EMPTY_STAMP
-    for path in paths:
-        try:
-            stamp = stamp.add(path.stat())
-        except FileNotFoundError:
-            continue
-    return stamp
+        for entry, prefix in utterance_entries(folder):
+            stat = entry.stat()
+            names.append(prefix + entry.name)
+            values.extend((stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    for row in side_stats(root, SIDE_FILES):
+        values.extend(row)
+    stats = np.frombuffer(values, np.int64).reshape(-1, 3).copy()
+    return Sources(names + list(SIDE_FILES), stats, taken)
 
 
 def scp_entries(scp: Path) -> list[tuple[str, str]]:
@@ -130,11 +138,38 @@ def ark_of(location: str) -> str:
     return location.rsplit(":", 1)[0] if ":" in location else location
 
 
-def scp_stamp(scp: Path, entries: Sequence[tuple[str, str]]) -> Stamp:
-    """The Stamp of a .scp, its ark files and the Kaldi side files beside it."""
-    arks = sorted({ark_of(location) for _, location in entries})
-    return files_stamp([scp, *(Path(ark) for ark in arks),
-                        *(scp.parent / name for name in ("utt2spk", *SIDE_FILES))])
+def scp_arks(entries: Sequence[tuple[str, str]]) -> list[str]:
+    """The ark files a .scp names, sorted, as it names them."""
+    return sorted({ark_of(location) for _, location in entries})
+
+
+def scp_sources(scp: Path, entries: Sequence[tuple[str, str]]) -> Sources:
+    """The .scp itself, its ark files (as the .scp names them) and the Kaldi side files beside it
+    (utt2spk, utt2dur, manifest), with a stat each."""
+    taken = time.time_ns()
+    arks = scp_arks(entries)
+    rows = [stat_row(scp.stat()), *(stat_row(Path(ark).stat()) for ark in arks),
+            *side_stats(scp.parent, KALDI_SIDE_FILES)]
+    return Sources([scp.name, *arks, *KALDI_SIDE_FILES], stats_array(rows), taken)
+
+
+def content_hash(data: bytes | memoryview | np.ndarray) -> int:
+    """A 64-bit hash (signed, for an int64 array) of bytes or of an array's C-ordered bytes."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).data
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def file_hash(path: Path) -> int:
+    """content_hash of a file's bytes; 0 for a file that does not exist (as MISSING's hash)."""
+    try:
+        return content_hash(path.read_bytes())
+    except FileNotFoundError:
+        return 0
+
+
+def side_hashes(folder: Path, names: Sequence[str]) -> list[int]:
+    return [file_hash(folder / name) for name in names]
 
 
 def store_path_of(source: Path) -> Path:

@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from m_utils import UserError
-from stores.arrays import crop_mean, embedding_type_of, read_embedding, read_files
-from stores.keys import embedding_file, line_naming
+from stores.arrays import (
+    EMBEDDING_TYPES,
+    combine_speaker,
+    crop_mean,
+    crop_means,
+    embedding_type_of,
+    read_embedding,
+    read_files,
+)
+from stores.keys import embedding_file, line_naming, store_keys
+from stores.packed import PackedStore
 from stores.source import EmbeddingSource, Utterances
+from stores.stamps import folder_files
+
+SPEAKER_THREADS = 4  # speakers whose files are read at once to combine them
 
 
 class TreeSource(EmbeddingSource):
-    """The project's tree of per-utterance `.npy` files, `<spk>.npy` speaker files beside."""
+    """The project's tree of per-utterance `.npy` files. Its speakers' B/C embeddings are combined
+    from their folders' files as m_comb_embs.py combines them, never read from the `<spk>.npy`
+    files beside (nothing shows those as new as the utterances). A tree whose packed store is
+    stale passes it with the files not shown unchanged (`unproven`): a speaker none of whose files
+    is among them takes the store's B/C rows, equal to a new combination, without reading."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, stale_store: PackedStore | None = None,
+                 unproven: Iterable[str] = ()):
         self.path = self.side_dir = root
+        self.stale_store = stale_store
+        self.changed_speakers = {name.split("/", 1)[0] for name in unproven}
+        self.combined: dict[str, dict[str, np.ndarray]] = {}  # B/C of speakers whose files were read
 
     def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
                    desc: str = "loading embeddings", show_progress: bool = True,
@@ -32,16 +54,75 @@ class TreeSource(EmbeddingSource):
             where = f"{source}:{line}" if line is not None else str(source)
             raise UserError(f"{len(missing)} embedding file(s) named by {where} are missing under "
                             f"{self.path}:\n  {shown}{more}\n(m_gen_embs.py writes them)")
-        matrix, norms = read_files(files, dim, threads, desc, show_progress)
+        gathered = SpeakerGather(self.path, store_keys(rels), self.vouched_speakers())
+        matrix, norms = read_files(files, dim, threads, desc, show_progress, gathered.keep)
+        self.combined.update(gathered.combined)
         return Utterances(matrix, np.arange(len(files)), norms)
+
+    def vouched_speakers(self) -> set[str]:
+        """Speakers whose B/C rows the stale store holds as a new combination would give."""
+        if self.stale_store is None:
+            return set()
+        return set(self.stale_store.speakers) - self.changed_speakers
 
     def speaker_embeddings(self, speakers: Sequence[str], embedding_type: str,
                            dim: int | None = None) -> np.ndarray:
-        pattern = embedding_type_of(embedding_type).speaker_file
-        rows = []
-        for spk in speakers:
-            path = self.path / pattern.format(spk)
-            if not path.is_file():
-                raise UserError(f"{path}: speaker embedding not found (m_comb_embs.py writes it)")
-            rows.append(crop_mean(read_embedding(path, dim)).astype(np.float32))
-        return np.stack(rows)
+        embedding_type_of(embedding_type)
+        vouched = self.vouched_speakers()
+        from_store = [spk for spk in speakers if spk in vouched]
+        rows = {spk: self.combined[spk][embedding_type] for spk in speakers if spk in self.combined}
+        unread = [spk for spk in speakers if spk not in vouched and spk not in rows]
+        with ThreadPoolExecutor(SPEAKER_THREADS) as pool:
+            rows.update(zip(unread, pool.map(
+                lambda spk: combine_speaker(self.speaker_means(spk, dim), embedding_type), unread),
+                strict=True))
+        if from_store:
+            rows.update(zip(from_store, self.stale_store.speaker_embeddings(from_store, embedding_type, dim),
+                            strict=True))
+        return np.stack([rows[spk] for spk in speakers])
+
+    def speaker_means(self, spk: str, dim: int | None) -> np.ndarray:
+        """(U, D) float64 crop means of every file of a speaker's folder, in m_comb_embs' order."""
+        folder = self.path / spk
+        rels = folder_files(folder) if folder.is_dir() else []
+        if not rels:
+            raise UserError(f"{folder}: no utterance embeddings of speaker {spk} to combine into its "
+                            "speaker embeddings")
+        return crop_means([read_embedding(self.path / rel, dim) for rel in rels])
+
+
+class SpeakerGather:
+    """Combines the B and C embeddings of each speaker a read covers whole (every file of its
+    folder among the keys read) from the crop means the read gives, so its files are not read
+    again for them; a speaker's means are held only until its last file is read."""
+
+    def __init__(self, root: Path, keys: Sequence[str], skip: set[str]):
+        self.lock = threading.Lock()
+        self.keys = keys
+        self.combined: dict[str, dict[str, np.ndarray]] = {}
+        self.position: dict[str, dict[str, int]] = {}  # speaker -> key -> row in its folder's order
+        self.means: dict[str, np.ndarray] = {}
+        self.left: dict[str, int] = {}
+        read = set(keys)
+        for spk in sorted({key.split("/", 1)[0] for key in keys if "/" in key} - skip):
+            folder = store_keys(folder_files(root / spk)) if (root / spk).is_dir() else []
+            if folder and read.issuperset(folder):
+                self.position[spk] = {key: k for k, key in enumerate(folder)}
+                self.left[spk] = len(folder)
+
+    def keep(self, rows: range, arrays: list[np.ndarray]) -> None:
+        means = np.stack([crop_mean(a) for a in arrays])  # as read_files and m_comb_embs take them
+        with self.lock:
+            for row, mean in zip(rows, means, strict=True):
+                key = self.keys[row]
+                spk = key.split("/", 1)[0]
+                k = self.position.get(spk, {}).pop(key, None)
+                if k is None:  # not a speaker read whole, or a key read twice
+                    continue
+                if spk not in self.means:
+                    self.means[spk] = np.empty((self.left[spk], len(mean)), np.float64)  # none counted yet
+                self.means[spk][k] = mean
+                self.left[spk] -= 1
+                if not self.left[spk]:
+                    done = self.means.pop(spk)
+                    self.combined[spk] = {name: combine_speaker(done, name) for name in EMBEDDING_TYPES}

@@ -16,9 +16,10 @@ import numpy as np
 
 from m_utils import UserError, save_npy_atomic, write_error, write_text_atomic
 from stores.arrays import EMBEDDING_TYPES, combine_speaker, reduce_means
+from stores.fresh import record_sources
 from stores.keys import key_speaker, store_key
 from stores.packed import STORE_DTYPES, STORE_FORMAT, STORE_VERSION, is_packed_store
-from stores.stamps import SIDE_FILES, STORE_SUFFIX
+from stores.stamps import SIDE_FILES, STORE_SUFFIX, Sources
 
 
 class StoreBuilder:
@@ -55,8 +56,10 @@ class StoreBuilder:
         self.norms[start:start + len(embeddings)] = norms
 
     def finish(self, keys: Sequence[str], speakers: Sequence[str], speaker_of: np.ndarray,
-               tables: dict[str, np.ndarray], header: dict, side_dir: Path | None = None) -> Path:
-        """Write the index and header, then rename the folder into place; returns the target."""
+               tables: dict[str, np.ndarray], header: dict, side_dir: Path | None = None,
+               sources: tuple[Sources, np.ndarray] | None = None) -> Path:
+        """Write the index and header (and the record of the source files with their content
+        hashes, stores.fresh), then rename the folder into place; returns the target."""
         try:
             self.matrix.flush()
             rows, dim = self.matrix.shape
@@ -74,6 +77,8 @@ class StoreBuilder:
                       "dtype": self.dtype.name, "utterances": rows,
                       "speakers": len(speakers), "dim": dim,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if sources is not None:
+                record_sources(self.temp, *sources)
             (self.temp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
             sync_folder(self.temp)
             self.replace()
@@ -128,14 +133,16 @@ def pack_arrays(target: str | os.PathLike, keys: Sequence[str], means: np.ndarra
     position = {spk: k for k, spk in enumerate(speakers)}
     speaker_of = np.array([position[name] for name in names], np.int32)
     return pack_means(target, keys, means, speakers, speaker_of, dtype,
-                      {"source": source, "source_kind": "arrays", "stamp": None})
+                      {"source": source, "source_kind": "arrays"})
 
 
 def pack_means(target: str | os.PathLike, keys: Sequence[str], means: np.ndarray,
                speakers: Sequence[str], speaker_of: np.ndarray, dtype: str, header: dict,
-               side_dir: Path | None = None, block: int = 65536) -> Path:
+               side_dir: Path | None = None, block: int = 65536,
+               sources: tuple[Sources, np.ndarray] | None = None) -> Path:
     """Write the packed store of crop means (N, D) under store `keys`, each row's speaker index
-    into `speakers` in `speaker_of`; `header` says the source and its Stamp."""
+    into `speakers` in `speaker_of`; `header` says the source, `sources` the files it was built
+    from with their content hashes."""
     if len(set(keys)) < len(keys):
         seen: set[str] = set()
         twice = next(key for key in keys if key in seen or seen.add(key))  # type: ignore[func-returns-value]
@@ -145,7 +152,7 @@ def pack_means(target: str | os.PathLike, keys: Sequence[str], means: np.ndarray
             rows = np.asarray(means[start:start + block], np.float64)
             builder.put(start, *reduce_means(rows, keys[start:start + block]))
         tables = speaker_tables(means, speaker_of, len(speakers))
-        return builder.finish(keys, speakers, speaker_of, tables, header, side_dir)
+        return builder.finish(keys, speakers, speaker_of, tables, header, side_dir, sources)
 
 
 GEN_FORMATS = ("tree", "kaldi", "packed")

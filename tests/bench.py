@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -79,9 +79,10 @@ from models.m_Models import get_model
 from scoring.backends import make_backend
 from scoring.metrics import compute_eer, evaluate_scores, score_trials
 from stores.arrays import EMBEDDING_TYPES
-from stores.open import forget_freshness
+from stores.fresh import check_store
+from stores.open import forget_freshness, tree_hash_of
 from stores.packed import is_packed_store
-from stores.stamps import TREE_STORE, store_path_of, tree_stamp
+from stores.stamps import TREE_STORE, store_path_of, tree_sources
 from stores.write import StoreBuilder
 
 RECORD_KEYS = ("name", "project_per_s", "baseline_per_s", "ratio", "peak_rss_mb")
@@ -1073,8 +1074,8 @@ def evict(paths: Iterable[Path]) -> None:
 def store_is_fresh(embed_dir: Path) -> bool:
     """Whether the tree's packed store exists and matches its files (no process cache involved)."""
     store = store_path_of(embed_dir)
-    return (is_packed_store(store) and json.loads((store / "header.json").read_text()).get("stamp")
-            == asdict(tree_stamp(embed_dir)))
+    return (is_packed_store(store)
+            and check_store(store, tree_sources(embed_dir), tree_hash_of(embed_dir)).fresh)
 
 
 def open_times(data: Vox2, args: argparse.Namespace, cache: str) -> dict[str, tuple[float, float, int]]:
