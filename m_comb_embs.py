@@ -238,7 +238,7 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
     store = pack_means(store_path_of(scp), [keys[k] for k in order], means, speakers,
                        np.array([position[names[k]] for k in order], np.int32), dtype,
                        {"source": str(scp), "source_kind": "kaldi"}, side_dir=scp.parent,
-                       sources=(sources, scp_hashes(scp, entries, means, order)))
+                       sources=(sources, np.array(scp_hashes(scp, entries, means, order), np.int64)))
     log.info("packed %d utterances of %d speakers into %s", len(keys), len(speakers), store)
     return len(speakers)
 

@@ -76,7 +76,7 @@ class TreeSource(EmbeddingSource):
             rows.update(zip(unread, pool.map(
                 lambda spk: combine_speaker(self.speaker_means(spk, dim), embedding_type), unread),
                 strict=True))
-        if from_store:
+        if from_store and self.stale_store is not None:
             rows.update(zip(from_store, self.stale_store.speaker_embeddings(from_store, embedding_type, dim),
                             strict=True))
         return np.stack([rows[spk] for spk in speakers])
