@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from scoring.bootstrap import bootstrap_eer, interval, speaker_resamples
+from scoring.bootstrap import _RankedTrials, bootstrap_eer, interval, speaker_resamples
 
 
 def sklearn_eer(scores, labels):
@@ -75,6 +75,16 @@ def test_one_resample_of_every_speaker_once_is_the_eer():
     rng = np.random.default_rng(6)
     scores, labels, speaker = trial_list("tied", rng)
     ones = np.ones((1, len(np.unique(speaker))), np.int64)
-    from scoring.bootstrap import _RankedTrials
     ranked = _RankedTrials(scores, labels, np.unique(speaker, return_inverse=True)[1], ones.shape[1])
     assert ranked.eers(ones)[0] == sklearn_eer(scores, labels)
+
+
+def test_weights_too_large_for_float32_sums_give_the_same_eers():
+    """Scaling every weight by 2 ** 20 leaves each EER as it is (the same ratios), and takes the
+    float64 matrix product where float32 sums would no longer be exact."""
+    rng = np.random.default_rng(7)
+    scores, labels, speaker = trial_list("tied", rng)
+    speakers, speaker = np.unique(speaker, return_inverse=True)
+    ranked = _RankedTrials(scores, labels, speaker, len(speakers))
+    draws = speaker_resamples(len(speakers), 30, 1)
+    np.testing.assert_array_equal(ranked.eers(draws * 2 ** 20), ranked.eers(draws))
