@@ -62,7 +62,7 @@ class _RankedTrials:
         totals = at_ends[:, -1]
         eers = np.full(len(draws), np.nan)
         rows = np.flatnonzero(totals.min(axis=1) > 0)
-        fnr, fpr = _rates(accepted[rows, 1:], totals[rows, None])
+        fnr, fpr = _rates(accepted[rows, 1:, 0], accepted[rows, 1:, 1], totals[rows])
         # The first bin at whose end FNR < FPR: the curve crosses inside it.
         lo = hi = np.argmax(fnr - fpr < 0, axis=1)
         while len(rows):
@@ -79,32 +79,18 @@ class _RankedTrials:
 
     def _settle(self, draws: np.ndarray, before: np.ndarray, after: np.ndarray, totals: np.ndarray,
                 lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The EERs of resamples whose curve crosses FNR = FPR in bins lo..hi, walked trial by trial
-        (`before`/`after`: the (non-targets, targets) accepted before and after those bins), with
-        whether the window must grow left or right to reach the kept curve point on that side
-        (EER NaN there).
+        """The EERs of resamples whose curve crosses FNR = FPR in bins lo..hi (`before`/`after`:
+        the (non-targets, targets) accepted before and after those bins), with whether the window
+        must grow left or right to reach the kept curve point on that side (EER NaN there).
 
         compute_eer takes sklearn's ROC points, which drop a point whose step (targets,
         non-targets accepted) equals the next point's, keeping the first and the last point. A
         threshold whose trials all weigh 0 adds no point. FNR - FPR falls at every point, so the
         EER is at the last kept point before the crossing (or the curve's start: FNR 1, FPR 0) or
         the first kept point after it, whichever is nearer to FNR = FPR (the earlier on a tie)."""
-        start, stop = self.edges[lo], self.edges[hi + 1]
-        columns = np.arange((stop - start).max())
-        inside = columns < (stop - start)[:, None]
-        position = np.minimum(start[:, None] + columns, len(self.target) - 1)
-        weight = np.take_along_axis(draws, self.speaker[position], axis=1) * inside
-        target_weight = weight * self.target[position]
-        targets = np.cumsum(target_weight, axis=1)
-        nontargets = np.cumsum(weight - target_weight, axis=1)
-        del weight, target_weight
-        # A point's step: what its group of tied trials adds, counted at the group's last trial.
-        group_first = self.group_start[position] - start[:, None]
-        step_t = targets - _before(targets, group_first)
-        step_n = nontargets - _before(nontargets, group_first)
-        moved = inside & self.ends_group[position] & ((step_t > 0) | (step_n > 0))
-        fnr, fpr = _rates(np.stack([before[:, :1] + nontargets, before[:, 1:] + targets], axis=2),
-                          totals[:, None])
+        nontargets, targets, step_n, step_t, moved = self._walk(draws, lo, hi)
+        columns = np.arange(moved.shape[1])
+        fnr, fpr = _rates(before[:, :1] + nontargets, before[:, 1:] + targets, totals)
         rows = np.arange(len(draws))
         crossed = np.argmax(moved & (fnr - fpr < 0), axis=1)  # the first point past the crossing
         following = _next_moved(moved)
@@ -119,23 +105,41 @@ class _RankedTrials:
         first = np.argmax(moved, axis=1)[starts_curve]
         kept[starts_curve, first], unknown[starts_curve, first] = True, False
         past = np.argmax((kept | unknown) & (columns >= crossed[:, None]), axis=1)
-        needs_right = unknown[rows, past]
         earlier = kept & (columns < crossed[:, None])
         has_earlier = earlier.any(axis=1)
         last_earlier = len(columns) - 1 - np.argmax(earlier[:, ::-1], axis=1)
-        needs_left = ~has_earlier & ~starts_curve
         fnr_before = np.where(has_earlier, fnr[rows, last_earlier], 1.0)
         fpr_before = np.where(has_earlier, fpr[rows, last_earlier], 0.0)
         fnr_past, fpr_past = fnr[rows, past], fpr[rows, past]
         before_wins = np.abs(fnr_before - fpr_before) <= np.abs(fnr_past - fpr_past)
         eer = np.where(before_wins, np.maximum(fpr_before, fnr_before), np.maximum(fpr_past, fnr_past)) * 100
-        return eer, needs_left, needs_right
+        return eer, ~has_earlier & ~starts_curve, unknown[rows, past]
+
+    def _walk(self, draws: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Bins lo..hi of each resample trial by trial, a column per trial: the non-targets and
+        targets accepted in the window up to it, the step of the curve point it ends (the
+        non-targets and targets its group of tied trials adds), and whether that point moved
+        (not where the column ends no group or lies past the window)."""
+        start, stop = self.edges[lo], self.edges[hi + 1]
+        columns = np.arange((stop - start).max())
+        inside = columns < (stop - start)[:, None]
+        position = np.minimum(start[:, None] + columns, len(self.target) - 1)
+        weight = np.take_along_axis(draws, self.speaker[position], axis=1) * inside
+        target_weight = weight * self.target[position]
+        targets = np.cumsum(target_weight, axis=1)
+        nontargets = np.cumsum(weight - target_weight, axis=1)
+        del weight, target_weight
+        group_first = self.group_start[position] - start[:, None]
+        step_n = nontargets - _before(nontargets, group_first)
+        step_t = targets - _before(targets, group_first)
+        moved = inside & self.ends_group[position] & ((step_t > 0) | (step_n > 0))
+        return nontargets, targets, step_n, step_t, moved
 
 
-def _rates(accepted: np.ndarray, totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FNR, FPR) of accepted (..., 2) counts (non-targets, targets) against their totals, as
+def _rates(nontargets: np.ndarray, targets: np.ndarray, totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FNR, FPR) of each row's accepted counts against its (non-target, target) totals, as
     compute_eer divides them."""
-    return 1 - accepted[..., 1] / totals[..., 1], accepted[..., 0] / totals[..., 0]
+    return 1 - targets / totals[:, 1:], nontargets / totals[:, :1]
 
 
 def _before(cumulative: np.ndarray, columns: np.ndarray) -> np.ndarray:
