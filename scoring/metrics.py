@@ -59,24 +59,21 @@ def pair_scores(embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right: 
     if kind == "cosine":
         table = l2_normalize(table).astype(np.float32)
     check_rows(left, right, len(table))
-    # Each row as one opaque item: take() then copies whole rows, faster than float-wise indexing.
-    rows = table.view(np.dtype((np.void, table.shape[1] * table.itemsize))).reshape(-1)
-    order, left = _sorted_with_order(left)
-    right = right[order]
+    order = np.argsort(left)
+    left, right = left[order], right[order]
     out = np.empty(len(left), np.float32)
     starts = range(0, len(left), SCORE_CHUNK)
     threads = max(1, min(torch.get_num_threads(), len(starts)))
     # Each thread gathers into its own two buffers, allocated once: fresh memory for every chunk
     # would cost a page fault per 4 KB, more than the arithmetic.
-    buffers = np.empty((threads, 2, SCORE_CHUNK), rows.dtype)
+    buffers = np.empty((threads, 2, SCORE_CHUNK, table.shape[1]), np.float32)
 
     def score_part(part: int) -> None:
         for start in starts[part::threads]:
             stop = min(start + SCORE_CHUNK, len(left))
             # mode="clip" (rows were checked above) lets take() write straight into the buffer
-            a = rows.take(left[start:stop], out=buffers[part, 0, :stop - start], mode="clip")
-            b = rows.take(right[start:stop], out=buffers[part, 1, :stop - start], mode="clip")
-            a, b = (x.view(np.float32).reshape(stop - start, -1) for x in (a, b))
+            a = table.take(left[start:stop], axis=0, out=buffers[part, 0, :stop - start], mode="clip")
+            b = table.take(right[start:stop], axis=0, out=buffers[part, 1, :stop - start], mode="clip")
             if kind == "l2":
                 a -= b
                 out[start:stop] = -np.sqrt(np.einsum("ij,ij->i", a, a))
@@ -98,17 +95,6 @@ def check_rows(left: np.ndarray, right: np.ndarray, rows: int) -> None:
     """A UserError unless every trial row lies in the table of `rows` rows."""
     if len(left) and (min(left.min(), right.min()) < 0 or max(left.max(), right.max()) >= rows):
         raise UserError(f"trial rows must lie in 0..{rows - 1}")
-
-
-def _sorted_with_order(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(order, indices[order]) with `indices` (non-negative int64) sorted, stably. Index and
-    position are packed into one int64 key: a plain sort of it is several times faster than argsort."""
-    position_bits = max(1, (len(indices) - 1).bit_length())
-    if len(indices) == 0 or int(indices.max()).bit_length() + position_bits > 62:
-        order = np.argsort(indices, kind="stable")
-        return order, indices[order]
-    keys = np.sort((indices << position_bits) | np.arange(len(indices)))
-    return keys & ((1 << position_bits) - 1), keys >> position_bits
 
 
 def _score_on_device(table: torch.Tensor, left: np.ndarray, right: np.ndarray, kind: str) -> np.ndarray:

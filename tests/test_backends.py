@@ -218,7 +218,7 @@ def test_weighted_eer_is_compute_eer_of_the_repeated_list(tied):
     for _ in range(300):
         scores, labels = random_list(rng, tied)
         speaker = rng.integers(0, 4, len(scores))
-        ranked = _RankedTrials(scores, labels, speaker)
+        ranked = _RankedTrials(scores, labels, speaker, 4)
         assert ranked.eers(np.ones((1, 4), np.int64))[0] == compute_eer(scores, labels)[0]
         draws = rng.integers(0, 3, (4, 4))
         for weights, eer in zip(draws, ranked.eers(draws), strict=True):
@@ -240,7 +240,7 @@ def test_bootstrap_is_seeded_paired_and_chunk_independent(monkeypatch):
     np.testing.assert_array_equal(eers[0], eers[2])
     assert interval(eers[2] - eers[0]) == (0.0, 0.0)
     np.testing.assert_array_equal(bootstrap_eer(first, labels, speaker, 50, 3)[0], eers[0])
-    monkeypatch.setattr(scoring.bootstrap, "BOOTSTRAP_CHUNK", 1000)  # one resample a chunk
+    monkeypatch.setattr(scoring.bootstrap, "RESAMPLE_BLOCK", 1)  # one resample a block
     np.testing.assert_array_equal(bootstrap_eer([first, second], labels, speaker, 50, 3), eers[:2])
     assert not np.array_equal(bootstrap_eer(first, labels, speaker, 50, 4)[0], eers[0])
 

@@ -8,7 +8,6 @@ from m_utils import UserError
 from scoring.metrics import (
     P_TARGETS,
     _score_on_device,
-    _sorted_with_order,
     compute_eer,
     compute_min_dcf,
     error_rates,
@@ -171,14 +170,6 @@ def test_float32_curve_equals_the_float64_one():
         for got, expected in zip(fast, generic, strict=True):
             np.testing.assert_array_equal(got, expected)
     assert len(score_curve(np.array([-0.0, 0.0, 0.0], np.float32), np.array([0, 1, 1]))[0]) == 1
-
-
-def test_trials_sorted_by_row_keep_their_positions():
-    rng = np.random.default_rng(11)
-    for rows in (np.array([], np.int64), rng.integers(0, 50, 1000), rng.integers(0, 2 ** 60, 50)):
-        order, ordered = _sorted_with_order(rows)
-        np.testing.assert_array_equal(order, np.argsort(rows, kind="stable"))
-        np.testing.assert_array_equal(ordered, rows[order])
 
 
 def test_trial_rows_outside_the_table_are_refused():
