@@ -180,6 +180,23 @@ def error_rates(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return miss, false_alarm, np.concatenate([[-np.inf], thresholds[::-1][1:], [np.inf]])
 
 
+def interpolated_eer_of_rates(miss: np.ndarray, false_alarm: np.ndarray) -> float:
+    """EER in % as WeSpeaker and most papers define it: where the miss and false-alarm rates cross,
+    on the straight line between the last operating point where false alarms exceed misses and the
+    next one (compute_eer keeps voxceleb_trainer's definition, the tables' default)."""
+    gap = false_alarm - miss  # 1 when everything is accepted, falling to -1 when nothing is
+    after = int(np.flatnonzero(gap <= 0)[0])
+    before = after - 1
+    share = gap[before] / (gap[before] - gap[after])
+    return float((miss[before] + share * (miss[after] - miss[before])) * 100)
+
+
+def interpolated_eer(scores: np.ndarray, labels: np.ndarray) -> float:
+    """interpolated_eer_of_rates of a list's scores."""
+    miss, false_alarm, _ = error_rates(scores, labels)
+    return interpolated_eer_of_rates(miss, false_alarm)
+
+
 def min_dcf_of_rates(miss: np.ndarray, false_alarm: np.ndarray, p_target: float,
                      c_miss: float = 1.0, c_fa: float = 1.0) -> float:
     cost = c_miss * miss * p_target + c_fa * false_alarm * (1 - p_target)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scoring.interpolated_eer import interpolated_eer
-from scoring.metrics import compute_eer
+from scoring.metrics import compute_eer, interpolated_eer
 
 
 def direct_eer(scores: np.ndarray, labels: np.ndarray) -> float:
