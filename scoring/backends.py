@@ -127,13 +127,13 @@ class Backend:
     of each integer one, checked by check_limits for the constructor and the config check alike.
 
     As a step of a chain (`mean+asnorm+qmf`, see chain_steps) a back-end is of one `kind`:
-    EMBEDDING (it transforms the embeddings the next step sees: `transform`), SCORE (it scores
-    the embeddings it is given) or RESCORE (it rescores the scores of the steps before it, its
-    `base`: `rescore`, `fit_trials`).
+    `embedding` (it transforms the embeddings the next step sees: `transform`), `score` (it
+    scores the embeddings it is given) or `rescore` (a Rescorer: it rescores the scores of the
+    steps before it, its `base`).
     """
 
     name = "none"
-    kind = "score"  # EMBEDDING, SCORE or RESCORE: its place in a chain
+    kind = "score"  # embedding, score or rescore: its place in a chain (KIND_ORDER)
     first_only = False  # a step that may only begin a chain (plda: it centres and projects itself)
     min_speakers = 0  # training speakers a fit needs; 0: no fit on training embeddings
     least: dict[str, int] = {}
@@ -176,9 +176,8 @@ class Backend:
         return None
 
     def transform(self, table: torch.Tensor) -> torch.Tensor:
-        """An EMBEDDING step: the embeddings the next step of a chain sees."""
+        """An embedding-level step: the embeddings the next step of a chain sees."""
         raise NotImplementedError(f"the {self.name} back-end does not transform embeddings")
-
 
     def rescore(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
                 quality: Quality | None) -> np.ndarray:
@@ -437,7 +436,7 @@ def quality_features(scores: np.ndarray, left: np.ndarray, right: np.ndarray, qu
 
 
 class Rescorer(Backend):
-    """A RESCORE step: it rescores the scores of its `base` back-end (`on`), which it fits when
+    """A rescoring step: it rescores the scores of its `base` back-end (`on`), which it fits when
     it is fitted on training embeddings; evaluate may instead give it a fitted base it scores too."""
 
     kind = "rescore"
@@ -533,7 +532,7 @@ class QmfBackend(Rescorer):
 
 
 class Chain(Backend):
-    """A chain that ends with a step scoring embeddings: EMBEDDING steps, each fitted on the
+    """A chain that ends with a step scoring embeddings: embedding-level steps, each fitted on the
     embeddings the one before produced and transforming them, then `scorer`, fitted on and
     scoring their output (by cosine, as the `mean` back-end does)."""
 
@@ -618,7 +617,7 @@ def chain_problem(steps: Sequence[str]) -> str | None:
 
 
 def rescores(name: str) -> bool:
-    """Whether the back-end `name` rescores another's scores (its last step is a RESCORE one)."""
+    """Whether the back-end `name` rescores another's scores (its last step is a Rescorer)."""
     return BACKENDS[chain_steps(name)[-1]].kind == "rescore"
 
 

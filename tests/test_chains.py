@@ -17,6 +17,7 @@ from test_backends import speaker_data, speaker_trials
 from test_check_report import DIM, enhancer, m_trainer_output
 
 import m_trainer
+import m_viewer
 from m_DataLoader import EmbeddingData, TrialSet
 from m_utils import UserError
 from scoring.backends import Quality, chain_steps, check_backend_options, make_backend
@@ -149,7 +150,7 @@ CHECKED = ["none", "asnorm", "mean+asnorm"]
 def test_check_records_a_chain_like_any_backend(data, tmp_path):
     """--check with chains in the config: their records in check.json for both systems, their paired
     difference, their scores in trials_test.npz equal to the chain fitted by hand on the enhanced
-    embeddings, and their rows in the table."""
+    embeddings, their rows in the table, and the viewer's labels."""
     lists = data / "lists"
     cfg = config(data, tmp_path, trainfunc="MSE_CS", multiple_embedding_flag="C", backends=CHECKED,
                  max_epoch=1, bootstrap=50, asnorm_topk=10, calib_list=str(lists / "train_test_list.txt"),
@@ -172,3 +173,6 @@ def test_check_records_a_chain_like_any_backend(data, tmp_path):
     np.testing.assert_allclose(saved["enhanced/mean+asnorm"],
                                chain.score(trainer.enhance(trials.embeddings), trials.left, trials.right),
                                rtol=1e-4, atol=1e-4)
+    viewed = m_viewer.load_trial_scores(save / "result" / "trials_test.npz")
+    assert viewed.backends() == CHECKED
+    assert m_viewer.score_meanings(viewed.backends(), "C")[-1].startswith("mean+asnorm: ")
