@@ -175,4 +175,6 @@ def test_check_records_a_chain_like_any_backend(data, tmp_path):
                                rtol=1e-4, atol=1e-4)
     viewed = m_viewer.load_trial_scores(save / "result" / "trials_test.npz")
     assert viewed.backends() == CHECKED
-    assert m_viewer.score_meanings(viewed.backends(), "C")[-1].startswith("mean+asnorm: ")
+    assert m_viewer.score_meanings(viewed.backends(), "C")[1:] == [
+        "asnorm: AS-Norm of -(cosine distance)",
+        "mean+asnorm: AS-Norm of -(cosine distance) after subtracting the training mean"]
