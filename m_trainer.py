@@ -53,7 +53,7 @@ from m_utils import (
     write_text_atomic,
 )
 from models.m_Models import make_activation, model_class
-from scoring.backends import Quality, check_backend_options
+from scoring.backends import Quality, check_backend_names, check_backend_options
 from scoring.enrollment import ENROLL_OPTIONS, ModelTrials, enrolled_trials, models_of, trials_table
 from scoring.evaluation import Results, Settings, TrainingSet, TrialList, evaluate, needs_training
 from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key, score_trials
@@ -100,7 +100,7 @@ OPTIONS: Options = {
     "softmax_init": (None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"),
     # Scoring (--check and --eval)
     "backends": (("none", "asnorm"), list, "scoring back-ends of --check and --eval: none, mean, asnorm, "
-                 "plda, qmf (none is always scored)"),
+                 "plda, qmf, or chains of them such as mean+asnorm+qmf (none is always scored)"),
     "asnorm_topk": (300, int, "AS-Norm: the top cohort scores averaged on each side of a trial"),
     "lda_dim": (200, int, "PLDA: dimension of the LDA before it (at most nOut-1 and speakers-1)"),
     "qmf_base": (None, str, "QMF: the back-end whose score it rescores (default asnorm when among the "
@@ -235,14 +235,16 @@ def config_lines(path: str | None) -> dict[str, int]:
 
 
 def check_names(args: argparse.Namespace, sources: dict[str, str]) -> None:
-    """The model, loss, optimizer and scheduler are known by their names; an unknown one is an error
-    saying where it was given (`sources`: option -> `--model` or `<config>:<line>: model`)."""
+    """The model, loss, optimizer, scheduler and back-ends are known by their names; an unknown
+    one is an error saying where it was given (`sources`: option -> `--model` or
+    `<config>:<line>: model`)."""
     model_class(args.model, sources.get("model"))
     loss_class(args.trainfunc, sources.get("trainfunc"))
     if args.optimizer not in OPTIMIZERS:
         raise unknown_name("optimizer", args.optimizer, OPTIMIZERS, sources.get("optimizer"))
     if args.scheduler not in SCHEDULERS:
         raise unknown_name("scheduler", args.scheduler, SCHEDULERS, sources.get("scheduler"))
+    check_backend_names(args.backends, sources.get("backends"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from m_utils import (
     run_main,
     write_text_atomic,
 )
-from scoring.backends import BACKENDS
+from scoring.backends import BACKENDS, step_names
 from scoring.metrics import (
     P_TARGETS,
     compute_eer,
@@ -306,8 +306,14 @@ SCORE_MEANINGS = {
 def score_meanings(backends: Sequence[str], embedding_type: str) -> list[str]:
     """One line per back-end saying what its scores are (the DET plot's panel titles)."""
     raw = f"-({scoring_name(embedding_type)})"
-    return [f"{backend}: " + SCORE_MEANINGS.get(backend, "scores of the {name} back-end").format(
-        raw=raw, name=backend) for backend in backends]
+    return [f"{backend}: " + score_meaning(step_names(backend), raw) for backend in backends]
+
+
+def score_meaning(steps: Sequence[str], raw: str) -> str:
+    """What the scores of a back-end's steps are: the last step's over those before it."""
+    if len(steps) > 1:
+        raw = score_meaning(steps[:-1], raw)
+    return SCORE_MEANINGS.get(steps[-1], "scores of the {name} back-end").format(raw=raw, name=steps[-1])
 
 
 def probit(rate_percent: np.ndarray | Sequence[float]) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -124,14 +125,21 @@ class Backend:
     A back-end's hyper-parameters are the parameters of its constructor after `cosine`, named as
     the trainer's options (make_backend passes those it takes); `least` holds the smallest value
     of each integer one, checked by check_limits for the constructor and the config check alike.
+
+    As a step of a chain (`mean+asnorm+qmf`, see chain_steps) a back-end is of one `kind`:
+    `embedding` (it transforms the embeddings the next step sees: `transform`), `score` (it
+    scores the embeddings it is given) or `rescore` (a Rescorer: it rescores the scores of the
+    steps before it, its `base`).
     """
 
     name = "none"
+    kind = "score"  # embedding, score or rescore: its place in a chain (KIND_ORDER)
+    first_only = False  # a step that may only begin a chain (plda: it centres and projects itself)
     min_speakers = 0  # training speakers a fit needs; 0: no fit on training embeddings
     least: dict[str, int] = {}
     base_name: str | None = None  # the back-end whose scores this one rescores (qmf)
     fits_on_trials = False  # fitted on a labelled trial list (calib_list) by fit_trials
-    base: Backend | None = None  # the fitted back-end of base_name, set before fit_trials
+    base: Backend | None = None  # the back-end of base_name (its own, or the fitted one shared)
 
     def __init__(self, cosine: bool):
         if not isinstance(cosine, bool):
@@ -152,16 +160,24 @@ class Backend:
         table = _as_tensor(embeddings)
         left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
         check_rows(left, right, len(table))
-        if self.min_speakers and self.dim is None:
+        if self.needs_fit():
             raise RuntimeError(f"the {self.name} back-end must be fitted before it scores")
         if self.dim is not None and table.shape[1] != self.dim:
             raise UserError(f"the {self.name} back-end was fitted on {self.dim}-dimensional embeddings, "
                             f"these have {table.shape[1]}")
         return self._score(table, left, right, quality)
 
+    def needs_fit(self) -> bool:
+        """Whether it must still be fitted on training embeddings before it scores."""
+        return bool(self.min_speakers) and self.dim is None
+
     def missing(self, quality: Quality | None) -> str | None:
         """What this back-end lacks to score trials with `quality`; None when nothing."""
         return None
+
+    def transform(self, table: torch.Tensor) -> torch.Tensor:
+        """An embedding-level step: the embeddings the next step of a chain sees."""
+        raise NotImplementedError(f"the {self.name} back-end does not transform embeddings")
 
     def rescore(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
                 quality: Quality | None) -> np.ndarray:
@@ -191,9 +207,11 @@ def check_limits(cls: type[Backend], values: dict[str, int]) -> None:
 
 class MeanBackend(Backend):
     """Mean normalisation: subtract the training mean, L2-normalise, cosine score -(1 - cos),
-    whatever the embedding type."""
+    whatever the embedding type. As a step of a chain it subtracts the mean (`transform`), and
+    the steps after it score by cosine."""
 
     name = "mean"
+    kind = "embedding"
     min_speakers = 1
 
     def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
@@ -206,6 +224,9 @@ class MeanBackend(Backend):
         for rows in _row_chunks(len(table), table.shape[1]):
             centred[rows] = nn.functional.normalize(table[rows] - mean, dim=1)
         return pair_scores(centred, left, right, "dot") - 1
+
+    def transform(self, table: torch.Tensor) -> torch.Tensor:
+        return table - _on(self.mean, table)
 
 
 class AsNormBackend(Backend):
@@ -361,6 +382,7 @@ class PldaBackend(Backend):
     two-covariance PLDA fitted on the training utterances (so whatever the embedding type)."""
 
     name = "plda"
+    first_only = True
     min_speakers = 2
 
     least = {"lda_dim": 1}
@@ -413,28 +435,57 @@ def quality_features(scores: np.ndarray, left: np.ndarray, right: np.ndarray, qu
     return np.stack(columns, axis=1)
 
 
-class QmfBackend(Backend):
-    """Quality measure functions (QMF): a logistic regression on the score of another back-end
-    (`qmf_base`: none or asnorm; by default asnorm when it is among the back-ends, else none) and
-    quality measures of the trial, the log durations of both sides and with `qmf_norms` the log
-    norms of both embeddings before normalisation (features: quality_features). Fitted on a
-    labelled trial list (calib_list) by fit_trials, both classes weighed equally, on features
-    standardised there; the score is the regression's log-odds."""
+class Rescorer(Backend):
+    """A rescoring step: it rescores the scores of its `base` back-end (`on`), which it fits when
+    it is fitted on training embeddings; evaluate may instead give it a fitted base it scores too."""
+
+    kind = "rescore"
+
+    @classmethod
+    def base_of(cls, options: dict) -> str:
+        """Named alone: the back-end whose scores it rescores, from the options."""
+        raise NotImplementedError
+
+    def on(self, base: Backend, name: str) -> Rescorer:
+        """This step rescoring the scores of `base`, the whole called `name`."""
+        self.base, self.base_name, self.name = base, base.name, name
+        self.min_speakers = base.min_speakers
+        return self
+
+    def needs_fit(self) -> bool:
+        return self.base is not None and self.base.needs_fit()
+
+    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
+        if self.base is not None:
+            self.base.fit(table, labels)
+
+
+class QmfBackend(Rescorer):
+    """Quality measure functions (QMF): a logistic regression on the score of another back-end,
+    its `base` (in a chain the steps before it; named alone, `qmf_base`: by default asnorm when
+    it is among the back-ends, else none) and quality measures of the trial, the log durations
+    of both sides and with `qmf_norms` the log norms of both embeddings before normalisation
+    (features: quality_features). Fitted on a labelled trial list (calib_list) by fit_trials,
+    both classes weighed equally, on features standardised there; the score is the regression's
+    log-odds. Fitting it on training embeddings fits its base."""
 
     name = "qmf"
     fits_on_trials = True
 
-    def __init__(self, cosine: bool, qmf_base: str | None = None, qmf_norms: bool = False,
-                 backends: Sequence[str] = ()):
+    def __init__(self, cosine: bool, qmf_norms: bool = False):
         super().__init__(cosine)
-        self.base_name = qmf_base or ("asnorm" if "asnorm" in backends else "none")
-        allowed = [name for name in ("none", *backends) if name in BASES]
-        if self.base_name not in allowed:
-            raise UserError(f"option 'qmf_base' must be one of the back-ends scored ({', '.join(allowed)}) "
-                            f"other than qmf, found {self.base_name!r}")
         self.norms = qmf_norms
-        self.base = None
         self.model: Any = None
+
+    @classmethod
+    def base_of(cls, options: dict) -> str:
+        backends = options.get("backends") or ()
+        base = options.get("qmf_base") or ("asnorm" if "asnorm" in backends else "none")
+        allowed = [name for name in ("none", *backends) if not rescores(name)]
+        if base not in allowed:
+            raise UserError(f"option 'qmf_base' must be one of the back-ends scored ({', '.join(allowed)}) "
+                            f"other than qmf, found {base!r}")
+        return base
 
     def missing(self, quality: Quality | None) -> str | None:
         if quality is None or quality.durations is None:
@@ -480,27 +531,129 @@ class QmfBackend(Backend):
         return self.rescore(self._base_scores(table, left, right, quality), left, right, quality)
 
 
+class Chain(Backend):
+    """A chain that ends with a step scoring embeddings: embedding-level steps, each fitted on the
+    embeddings the one before produced and transforming them, then `scorer`, fitted on and
+    scoring their output (by cosine, as the `mean` back-end does)."""
+
+    def __init__(self, name: str, transforms: Sequence[Backend], scorer: Backend):
+        super().__init__(scorer.cosine)
+        self.name, self.transforms, self.scorer = name, list(transforms), scorer
+        self.min_speakers = max(step.min_speakers for step in (*self.transforms, scorer))
+
+    def transform(self, table: torch.Tensor) -> torch.Tensor:
+        for step in self.transforms:
+            table = step.transform(table)
+        return table
+
+    def missing(self, quality: Quality | None) -> str | None:
+        return self.scorer.missing(quality)
+
+    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
+        for step in self.transforms:
+            table = step.fit(table, labels).transform(table)
+        self.scorer.fit(table, labels)
+
+    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
+               quality: Quality | None) -> np.ndarray:
+        return self.scorer.score(self.transform(table), left, right, quality)
+
+
 BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (Backend, MeanBackend, AsNormBackend,
                                                                   PldaBackend, QmfBackend)}
-# Back-ends whose scores QMF may rescore: those scored from embeddings alone.
-BASES = tuple(name for name, cls in BACKENDS.items() if not cls.fits_on_trials)
+SEPARATOR = "+"  # between the steps of a chain: mean+asnorm+qmf
+KIND_ORDER = ("embedding", "score", "rescore")  # the order of the steps of a chain
+
+
+def step_names(name: str) -> list[str]:
+    """The names of the steps of the back-end `name`, unchecked (chain_steps checks them)."""
+    return name.split(SEPARATOR)
+
+
+def chain_rule() -> str:
+    """How a chain is built, in words, from the kinds of the steps in BACKENDS."""
+    def named(kind: str) -> str:
+        return ", ".join(step for step, cls in BACKENDS.items() if cls.kind == kind and step != "none")
+    first = ", ".join(step for step, cls in BACKENDS.items() if cls.first_only)
+    return (f"a chain is steps that transform embeddings ({named('embedding')}), then at most one that "
+            f"scores them ({named('score')}; {first} only first), then those that rescore scores "
+            f"({named('rescore')}), each at most once, joined by '{SEPARATOR}'; none stands alone")
+
+
+def chain_steps(name: str, source: str | None = None) -> list[str]:
+    """The steps of the back-end `name` (one, or a chain `mean+asnorm+qmf`), or a UserError
+    saying where it was given (`source`), listing the known steps and the rule of a chain."""
+    steps = step_names(name)
+    if len(steps) == 1:
+        if name not in BACKENDS:
+            raise unknown_name("back-end", name, BACKENDS, source)
+        return steps
+    where = f"{source}: back-end '{name}'" if source else f"back-end '{name}'"
+    for step in steps:
+        if step not in BACKENDS:
+            raise unknown_name("step", step, BACKENDS, where)
+    problem = chain_problem(steps)
+    if problem is None:
+        return steps
+    raise UserError(f"{where}: {problem}; {chain_rule()}; known steps: {', '.join(sorted(BACKENDS))}")
+
+
+def chain_problem(steps: Sequence[str]) -> str | None:
+    """Why known steps in this order cannot make a chain (chain_rule), in words; None when they can."""
+    kinds = [BACKENDS[step].kind for step in steps]
+    late = next(((a, b) for a, b in pairwise(range(len(steps)))
+                 if KIND_ORDER.index(kinds[b]) < KIND_ORDER.index(kinds[a])), None)
+    scorers = [step for step, kind in zip(steps, kinds, strict=True) if kind == "score"]
+    if "none" in steps:
+        return "none is the back-end of no step"
+    if len(set(steps)) < len(steps):
+        return f"{next(step for step in steps if steps.count(step) > 1)} twice"
+    if late is not None:
+        a, b = late
+        return f"the {kinds[a]}-level step {steps[a]} before the {kinds[b]}-level step {steps[b]}"
+    if len(scorers) > 1:
+        return f"two steps that score embeddings ({', '.join(scorers)})"
+    return next((f"{step} not first" for step in steps[1:] if BACKENDS[step].first_only), None)
+
+
+def rescores(name: str) -> bool:
+    """Whether the back-end `name` rescores another's scores (its last step is a Rescorer)."""
+    return BACKENDS[chain_steps(name)[-1]].kind == "rescore"
 
 
 def make_backend(name: str, cosine: bool, **options) -> Backend:
-    """The back-end called `name` (BACKENDS) for cosine (type C) or L2 (type B) scoring, given
-    the entries of `options` that its constructor takes by name (the trainer's options)."""
-    if name not in BACKENDS:
-        raise unknown_name("back-end", name, BACKENDS)
-    cls = BACKENDS[name]
-    return cls(cosine, **options_taken(cls, options))
+    """The back-end called `name` (one of BACKENDS, or a chain of them: chain_steps) for cosine
+    (type C) or L2 (type B) scoring, given the entries of `options` that the constructors take
+    by name (the trainer's options). Each step is fitted on what the step before produced."""
+    *before, last = chain_steps(name)
+    cls = BACKENDS[last]
+    if issubclass(cls, Rescorer):
+        base = SEPARATOR.join(before) if before else cls.base_of(options)
+        return cls(cosine, **options_taken(cls, options)).on(make_backend(base, cosine, **options), name)
+    if not before:
+        return cls(cosine, **options_taken(cls, options))
+    transforms = [BACKENDS[step](cosine, **options_taken(BACKENDS[step], options)) for step in before]
+    return Chain(name, transforms, cls(True, **options_taken(cls, options)))
+
+
+def needs_training_embeddings(names: Sequence[str]) -> bool:
+    """Whether any of these back-ends (or a step of them) is fitted on training embeddings."""
+    return any(BACKENDS[step].min_speakers > 0 for name in names for step in step_names(name)
+               if step in BACKENDS)
+
+
+def check_backend_names(names: Sequence[str], source: str | None = None) -> None:
+    """Every back-end of `names` known, a chain's steps in an order that can be fitted
+    (chain_steps); `source` says where they were given (`<config>:<line>: backends`)."""
+    for name in names:
+        chain_steps(name, source)
 
 
 def check_backend_options(names: Sequence[str], options: dict) -> None:
-    """The config check of the back-ends: every name known, every back-end's hyper-parameters
-    within its limits (check_limits), and those chosen constructible with these options."""
-    for name in names:
-        if name not in BACKENDS:
-            raise unknown_name("back-end", name, BACKENDS)
+    """The config check of the back-ends: every name known (check_backend_names), every
+    back-end's hyper-parameters within its limits (check_limits), and those chosen constructible
+    with these options."""
+    check_backend_names(names)
     for cls in BACKENDS.values():
         check_limits(cls, options_taken(cls, options))
     for name in names:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from scoring.backends import BACKENDS, Backend, Quality, make_backend
+from scoring.backends import Backend, Quality, make_backend, needs_training_embeddings
 from scoring.calibration import Calibration
 from scoring.report import (
     CalibrationResult,
@@ -134,8 +134,8 @@ class Results:
 
 
 def needs_training(backends: Sequence[str]) -> bool:
-    """Whether any of these back-ends is fitted on training embeddings."""
-    return any(BACKENDS[name].min_speakers > 0 for name in backends if name in BACKENDS)
+    """Whether any of these back-ends (or a step of a chain) is fitted on training embeddings."""
+    return needs_training_embeddings(backends)
 
 
 def evaluate(lists: Sequence[TrialList], systems: Mapping[str, System], settings: Settings,
@@ -221,7 +221,7 @@ class _Fitter:
         """Why `backend` cannot be fitted with this data; None when it can."""
         if backend.min_speakers and self.train is None:
             return "it is fitted on the training embeddings, and train_list is not set"
-        if backend.base_name is not None and backend.base_name not in self.usable:
+        if backend.base_name in self.settings.names() and backend.base_name not in self.usable:
             return f"its base back-end {backend.base_name} is skipped"
         if backend.fits_on_trials:
             if self.calib is None:
@@ -232,17 +232,19 @@ class _Fitter:
 
     def fit(self, systems: Iterable[str]) -> dict[Key, Backend]:
         """Every usable (system, back-end), fitted: on the training embeddings first, then those
-        fitted on calib_list's trials (over their base back-end of the same system)."""
+        fitted on calib_list's trials (over their base back-end of the same system: the one
+        scored too where it is, fitted once)."""
         fitted: dict[Key, Backend] = {}
         for system in systems:
             for name in self.usable:
                 fitted[(system, name)] = backend = make_backend(name, self.settings.cosine, **self.options)
-                if backend.min_speakers and self.train is not None:
+                if (system, backend.base_name) in fitted:
+                    backend.base = fitted[(system, str(backend.base_name))]
+                if backend.needs_fit() and self.train is not None:
                     self._fit_on_training(system, backend, self.train)
             for name in self.usable:
                 backend = fitted[(system, name)]
                 if backend.fits_on_trials and self.calib is not None:
-                    backend.base = fitted[(system, backend.base_name)] if backend.base_name else None
                     backend.fit_trials(self.tables[(system, "calib")], self.calib.left, self.calib.right,
                                        self.calib.labels, self.calib.quality)
         return fitted
