@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +32,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from m_utils import Options, UserError, add_options, run_lock, run_main, save_npy_atomic, setup_logging
+from m_utils import (
+    Options,
+    UserError,
+    add_options,
+    clear_leftovers,
+    fault_point,
+    run_lock,
+    run_main,
+    save_npy_atomic,
+    setup_logging,
+)
 from stores.arrays import (
     EMBEDDING_TYPES,
     check_embedding,
@@ -134,6 +145,7 @@ class TreePacker:
                 save_npy_atomic, self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk), embedding))
             self.tables[name].append(embedding)
         self.settle()
+        fault_point("comb_embs.speaker")
         if not self.pack:
             return
         if self.builder is None:
@@ -231,6 +243,13 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
     return len(speakers)
 
 
+def written_names(embed_dir: Path) -> str:
+    """The pattern of the names combine writes beside a tree's speaker folders (B and C files, the
+    store) or beside a .scp (its store): their temporaries are a killed run's leftovers."""
+    store = re.escape(store_path_of(embed_dir).name)
+    return store if embed_dir.suffix == ".scp" else rf"{store}|[^/]+\.npy"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_options(parser, OPTIONS)
@@ -243,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     # folder has nothing to guard, and combine reports it.
     folder = embed_dir.parent if embed_dir.suffix == ".scp" else embed_dir
     with run_lock(folder, "embed_dir") if folder.is_dir() else nullcontext():
+        clear_leftovers([folder], written_names(embed_dir), folder)
         count = combine(embed_dir, max(1, args.threads), args.pack, args.store_dtype)
     log.info("wrote type B and C embeddings of %d speakers for %s", count, args.embed_dir)
 
