@@ -141,7 +141,7 @@ def test_training_stopped_hard_resumes_from_its_last_checkpoint(data, tmp_path):
     """A run stopped hard (fault_point, as kill -9) right after its second checkpoint: every
     checkpoint under its final name is complete, and the re-run ends with the scores.txt and weights
     of an uninterrupted run."""
-    cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=8, test_interval=2, batch_size=8)
+    cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=6, test_interval=2)
     reference = run_trainer(cfg, tmp_path / "ref")
     assert reference.returncode == 0, reference.stderr
     save = tmp_path / "killed"

@@ -526,14 +526,14 @@ def test_manifest_records_the_weights_and_settings(tree, tmp_path):
 def test_a_tree_made_with_other_settings_is_refused_unless_overwrite(tree, extra, differs):
     db, emb = tree
     run(db, emb)
-    before = npy_inodes(emb)
+    before = npy_files(emb)
     manifest = (emb / "manifest.json").read_text()
     with pytest.raises(UserError, match=re.escape(f"{emb / 'manifest.json'}: the embeddings in {emb} were "
                                                   f"made with other settings: {differs}")):
         run(db, emb, *extra)
-    assert npy_inodes(emb) == before and (emb / "manifest.json").read_text() == manifest
+    assert npy_files(emb) == before and (emb / "manifest.json").read_text() == manifest
     assert run(db, emb, *extra, "--overwrite") == 1
-    after = npy_inodes(emb)
+    after = npy_files(emb)
     assert all(after[rel] != before[rel] for rel in expected_outputs())
     rewritten = json.loads((emb / "manifest.json").read_text())
     assert [rewritten[key] for key in ("num_eval", "max_seconds", "extractor")] != \
