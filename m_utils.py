@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from difflib import get_close_matches
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +178,10 @@ def os_error_behind(err: BaseException) -> OSError | None:
     return None
 
 
+@cache
 def current_umask() -> int:
-    """This process's umask, read without changing it where Linux shows it (/proc/self/status),
-    else set and restored at once."""
+    """This process's umask (read once: a run does not change it), without changing it where Linux
+    shows it (/proc/self/status), else set and restored at once."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):

@@ -567,10 +567,15 @@ def test_two_generates_into_one_folder_are_refused(data, tmp_path, capsys):
 
 @pytest.fixture
 def umask():
-    """Sets this process's umask for a test, then puts the earlier one back."""
+    """Sets this process's umask for a test (m_utils reads it once), then puts the earlier one back."""
+
+    def set_umask(mask: int) -> None:
+        os.umask(mask)
+        m_utils.current_umask.cache_clear()
+
     earlier = os.umask(0o022)
-    yield os.umask
-    os.umask(earlier)
+    yield set_umask
+    set_umask(earlier)
 
 
 @pytest.mark.parametrize("mask", [0o002, 0o027])
