@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +34,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from m_utils import Options, UserError, add_options, run_lock, run_main, save_npy_atomic, setup_logging
+from m_utils import (
+    Options,
+    UserError,
+    add_options,
+    clear_leftovers,
+    fault_point,
+    run_lock,
+    run_main,
+    save_npy_atomic,
+    setup_logging,
+)
 from stores.arrays import (
     EMBEDDING_TYPES,
     check_embedding,
@@ -137,6 +148,7 @@ class TreePacker:
                 save_npy_atomic, self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk), embedding))
             self.tables[name].append(embedding)
         self.settle()
+        fault_point("comb_embs.speaker")
         if not self.pack:
             return
         if self.builder is None:
@@ -257,6 +269,13 @@ def scp_hashes(scp: Path, entries: list[tuple[str, str]], means: np.ndarray,
     return [file_hash(scp), *arks, *side_hashes(scp.parent, KALDI_SIDE_FILES)]
 
 
+def written_names(embed_dir: Path) -> str:
+    """The pattern of the names combine writes beside a tree's speaker folders (B and C files, the
+    store) or beside a .scp (its store): their temporaries are a killed run's leftovers."""
+    store = re.escape(store_path_of(embed_dir).name)
+    return store if embed_dir.suffix == ".scp" else rf"{store}|[^/]+\.npy"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     # folder has nothing to guard, and combine reports it.
     folder = embed_dir.parent if embed_dir.suffix == ".scp" else embed_dir
     with run_lock(folder, "embed_dir") if folder.is_dir() else nullcontext():
+        clear_leftovers([folder], written_names(embed_dir), folder)
         count = combine(embed_dir, max(1, args.threads), args.pack, args.store_dtype)
     log.info("wrote type B and C embeddings of %d speakers for %s", count, args.embed_dir)
 

@@ -52,6 +52,8 @@ from m_utils import (
     UserError,
     add_options,
     bf16_is_native,
+    clear_leftovers,
+    fault_point,
     launch,
     resolve_device,
     run_lock,
@@ -91,6 +93,8 @@ MANIFEST = "manifest.json"
 FAILED_LIST = "failed_audio.txt"
 # Manifest fields that make embeddings incomparable: a tree is never extended with other values.
 SAME_SETTINGS = ("extractor", "checkpoint_sha256", "eval_frames", "num_eval", "max_seconds")
+# The names this script writes (their temporaries are a killed run's leftovers).
+WRITTEN_NAMES = rf"[^/]+\.npy|{UTT2DUR}|{re.escape(MANIFEST)}|{re.escape(FAILED_LIST)}"
 REPO = Path(__file__).resolve().parent
 
 log = logging.getLogger("m_gen_embs")
@@ -599,6 +603,7 @@ def embed_files(ctx: DistContext, job: Job, model: nn.Module,
                 embeddings = embed_batch(model, good, device, job.mixedprec)
                 for item, embedding in zip(good, embeddings, strict=True):
                     save_npy_atomic(output_path(job.embed_dir, todo[item.index]), embedding)
+                    fault_point("gen_embs.file")
                     durations[utt_key(todo[item.index])] = item.seconds
             bar.update(len(batch))
     return durations, failures
@@ -685,6 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{embed_dir}: cannot create the embedding folder ({err.strerror})") from None
     with run_lock(embed_dir, "embed_dir"):  # one extraction at a time writes into embed_dir
         check_tree(job)
+        folders = {embed_dir} | {output_path(embed_dir, rel).parent for rel in files}
+        clear_leftovers(sorted(folders), WRITTEN_NAMES, embed_dir)
         launch(extract, (job, model, failed_total), distributed=args.distributed, device=args.device,
                nprocs=args.nprocs, port=args.port)
     if failed_total.value:

@@ -20,6 +20,7 @@ from m_utils import (
     SINGLE,
     DistContext,
     UserError,
+    fault_point,
     options_taken,
     torch_save_atomic,
     unknown_name,
@@ -154,6 +155,7 @@ class Trainer:
             count += batch.size
         self.scheduler.step()
         total = self.all_reduce(torch.tensor([loss_sum.item(), count], dtype=torch.float64))
+        fault_point("trainer.epoch")
         return float(total[0] / max(total[1], 1))
 
     def step(self, batch: Batch) -> torch.Tensor:

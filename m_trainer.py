@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
+import json
 import logging
+import os
+import re
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from loss.m_Losses import loss_class
 from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
 from m_network import (
     CHECKPOINT_NAME,
+    CHECKPOINT_PATTERN,
     OPTIMIZERS,
     SCHEDULERS,
     SpeakerNet,
@@ -38,12 +43,16 @@ from m_network import (
 )
 from m_utils import (
     HARDWARE_OPTIONS,
+    LOCK_NAME,
     DistContext,
     Options,
     UserError,
     add_options,
     append_line,
+    clear_leftovers,
+    fault_point,
     launch,
+    launched_by_torchrun,
     read_user_text,
     resolve_device,
     run_lock,
@@ -135,6 +144,8 @@ OPTIONS: Options = {
     "gen_target_dir": ("enhanced", str, "folder under save_path for generated embeddings"),
     "gen_format": (None, str, "what --generate writes: tree (one .npy per entry), kaldi (<gen_target_dir>/"
                    "xvector.scp + .ark) or packed (<gen_target_dir>.store); default: the kind of gen_path"),
+    "restart": (None, str, "training a save_path trained with other data or settings: resume (go on with "
+                "these) or new (move its model/ and result/ to <save_path>/earlier/ and start anew)"),
     **HARDWARE_OPTIONS,
     "enroll_list": (None, str, "spk2utt-style list of the enrolment models test_list's left side names"),
     "enroll_list_libri": (None, str, "spk2utt-style list of the enrolment models of test_list_libri"),
@@ -467,8 +478,14 @@ def score_lists(run: Run, systems: tuple[str, ...]) -> Results | None:
                        trial_list(run, "calib"), run.model_record, run.ctx.is_main)
     for name, result in (results.lists if results else {}).items():
         save_trial_scores(run.result_dir / result_name(f"trials_{name}.npz", a.result_tag),
-                          result.trials.labels, a.multiple_embedding_flag, result.scores)
+                          result.trials.labels, a.multiple_embedding_flag, result.scores,
+                          trials_source(result.trials))
     return results
+
+
+def trials_source(trials: TrialList) -> str:
+    """What a saved trials_<list>.npz was scored on: the list and its embeddings, as absolute paths."""
+    return f"{Path(trials.path).resolve()}\t{Path(trials.embedding_root).resolve()}"
 
 
 def report(run: Run, results: Results | None, json_name: str) -> None:
@@ -543,9 +560,40 @@ def generate_mode(run: Run) -> None:
     if not run.ctx.is_main:
         return
     kind = gen_format_of(a.gen_path, a.gen_format)
-    target = write_embeddings(gen_target(run.save_path / a.gen_target_dir, kind), files,
-                              enhanced.astype(np.float32), kind)
+    target = generated_target(a)
+    folders = {target.parent} if kind != "tree" else {target} | {(target / rel).parent for rel in files}
+    clear_leftovers(sorted(folders), generated_names(target, kind), target)
+    target = write_embeddings(target, files, enhanced.astype(np.float32), kind)
     log.info("wrote %d enhanced embeddings (%s) to %s", len(files), kind, target)
+
+
+def generated_target(args: argparse.Namespace) -> Path:
+    """Where --generate writes: <gen_target_dir> (a tree), its xvector.scp or <gen_target_dir>.store."""
+    kind = gen_format_of(args.gen_path, args.gen_format)
+    return gen_target(Path(args.save_path) / args.gen_target_dir, kind)
+
+
+def generated_names(target: Path, kind: str) -> str:
+    """The pattern of the names --generate writes in its folders (their temporaries are leftovers)."""
+    if kind == "tree":
+        return r"[^/]+\.npy"
+    if kind == "kaldi":
+        return f"{re.escape(target.name)}|{re.escape(target.with_suffix('.ark').name)}"
+    return re.escape(target.name)
+
+
+def generate_lock(args: argparse.Namespace) -> AbstractContextManager:
+    """One --generate at a time writes into a target: the lock of its folder (a tree's, a .scp's), or
+    for a packed store (a folder replaced whole) a lock file named after it beside it."""
+    target = generated_target(args)
+    kind = gen_format_of(args.gen_path, args.gen_format)
+    folder = target if kind == "tree" else target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{folder}: cannot create the folder of --generate ({err.strerror})") from None
+    name = f".{target.name}{LOCK_NAME}" if kind == "packed" else LOCK_NAME
+    return run_lock(folder, "gen_target_dir", name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,6 +636,8 @@ def resume(run: Run) -> int:
         if run.ctx.is_main:
             truncate_scorefile(run.scorefile, epoch)
         return epoch
+    if run.ctx.is_main:
+        truncate_scorefile(run.scorefile, 0)  # a run killed before its first checkpoint logged epochs
     if run.args.initial_model:
         run.trainer.load(run.args.initial_model, weights_only=True)
         run.say("model initialised from %s", run.args.initial_model)
@@ -619,6 +669,7 @@ def validate_and_save(run: Run, epoch: int, valid: EmbeddingData | None) -> None
     options = {key: getattr(a, key) for key in ("model", "trainfunc", "nOut", "activation")}
     run.trainer.save(run.model_dir / CHECKPOINT_NAME.format(epoch), epoch, {"options": options})
     append_line(run.scorefile, line)
+    fault_point("trainer.checkpoint")
 
 
 def truncate_scorefile(scorefile: Path, last_epoch: int) -> None:
@@ -660,11 +711,127 @@ def main(argv: list[str] | None = None) -> None:
     if args.mixedprec and not torch.cuda.is_available():
         log.info("--mixedprec needs CUDA: ignored on CPU")
     log.info("save_path %s", args.save_path)
-    # Training writes checkpoints and scores.txt: one training run at a time in a save_path.
-    # --check, --eval and --generate only write whole files, so they may run beside it.
-    with run_lock(args.save_path, "save_path") if mode == "train" else nullcontext():
+    with mode_lock(args, mode):
+        if mode == "train":
+            check_restart(args)
+            clear_training_leftovers(Path(args.save_path))
         launch(run, (args, mode), distributed=args.distributed, device=args.device, nprocs=args.nprocs,
                port=args.port)
+
+
+def mode_lock(args: argparse.Namespace, mode: str) -> AbstractContextManager:
+    """Training writes checkpoints and scores.txt: one training run at a time in a save_path.
+    --generate: one at a time into its target. --check and --eval only write whole files of their
+    own, so they may run beside either."""
+    if mode == "train":
+        return run_lock(args.save_path, "save_path")
+    return generate_lock(args) if mode == "generate" else nullcontext()
+
+
+def clear_training_leftovers(save_path: Path) -> None:
+    """The temporaries of a killed training run: of its checkpoints, its settings record and its
+    scores.txt (not those of a --check or --eval, which may be running)."""
+    model_names = f"{CHECKPOINT_PATTERN.pattern.strip('^$')}|{re.escape(SETTINGS_RECORD)}"
+    clear_leftovers([save_path / "model"], model_names, save_path)
+    clear_leftovers([save_path / "result"], re.escape("scores.txt"), save_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a save_path was trained with: a run that differs stops, unless --restart says what to do
+
+
+SETTINGS_RECORD = "training.json"  # in <save_path>/model
+# The options that make a training run what it is; max_epoch is left out (training further is a
+# new max_epoch), and so are the test lists (they only score it) and the hardware.
+TRAINING_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "initial_model", "softmax_init",
+                     "model", "nOut", "activation", "trainfunc", "nClasses", "sigma", "batch_size", "seed",
+                     "max_seg_per_spk", "multiple_embedding_flag", "nPerSpeaker", "da_speakers_per_step",
+                     "test_interval", "optimizer", "scheduler", "lr", "lr_decay", "weight_decay")
+PATH_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "initial_model", "softmax_init")
+LIST_SETTINGS = ("train_list", "valid_list")  # their content counts too
+RESTARTS = ("resume", "new")
+
+
+def training_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """This run's TRAINING_SETTINGS (paths made absolute) and the sha256 of its lists' content."""
+    found = {key: getattr(args, key) for key in TRAINING_SETTINGS}
+    for key in PATH_SETTINGS:
+        if found[key]:
+            found[key] = str(Path(found[key]).resolve())
+    for key in LIST_SETTINGS:
+        if getattr(args, key):
+            content = Path(getattr(args, key)).read_bytes()
+            found[f"{key} content (sha256)"] = hashlib.sha256(content).hexdigest()
+    return found
+
+
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = dict.fromkeys([*recorded, *current])
+    return [f"{key} {recorded.get(key)!r} (this run: {current.get(key)!r})" for key in keys
+            if recorded.get(key) != current.get(key)]
+
+
+def read_settings_record(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(read_user_text(path, "settings record"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); m_trainer.py writes it") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: expected the settings a run was trained with, as m_trainer.py writes them")
+    return record
+
+
+def check_restart(args: argparse.Namespace) -> None:
+    """Training into a save_path that holds a run (its checkpoints): go on when this run's data
+    and settings are the ones it was trained with (its model/training.json; a run from before the
+    record is taken as is). Else a UserError naming the differences, unless --restart resume (go
+    on with these) or --restart new (the old run moved to <save_path>/earlier/<time>/ first)."""
+    if args.restart is not None and args.restart not in RESTARTS:
+        raise unknown_name("restart", args.restart, RESTARTS)
+    save_path = Path(args.save_path)
+    record_path = save_path / "model" / SETTINGS_RECORD
+    current = training_settings(args)
+    trained = bool(checkpoints(save_path / "model"))
+    if trained and args.restart == "new":
+        move_run_aside(save_path)
+    elif trained:
+        recorded = read_settings_record(record_path)
+        differ = settings_differences(recorded, current) if recorded is not None else []
+        if differ and args.restart is None:
+            raise UserError(f"{record_path}: {save_path} was trained with other data or settings: "
+                            f"{'; '.join(differ)}. Use --restart resume to train it further with these, "
+                            "--restart new to start anew (its model/ and result/ move to "
+                            f"{save_path / 'earlier'}/), or another save_path")
+        if differ:
+            log.warning("--restart resume: %s goes on with other data or settings: %s", save_path,
+                        "; ".join(differ))
+        if recorded == current:
+            return
+    if not launched_by_torchrun() or os.environ["RANK"] == "0":
+        write_text_atomic(record_path, json.dumps(current, indent=1) + "\n")
+
+
+def move_run_aside(save_path: Path) -> Path:
+    """Move a save_path's model/ and result/ to <save_path>/earlier/<time>/ (nothing is deleted)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = save_path / "earlier" / stamp
+    count = 1
+    while aside.exists():
+        count += 1
+        aside = save_path / "earlier" / f"{stamp}-{count}"
+    try:
+        aside.mkdir(parents=True)
+        for name in ("model", "result"):
+            if (save_path / name).exists():
+                os.replace(save_path / name, aside / name)
+            (save_path / name).mkdir()
+    except OSError as err:
+        raise UserError(f"{save_path}: cannot move the earlier run aside to {aside} "
+                        f"({err.strerror})") from None
+    log.info("--restart new: the earlier run of %s moved to %s", save_path, aside)
+    return aside
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 - options: the Options table type, HARDWARE_OPTIONS, add_options, parse_bool;
 - atomic writes: atomic_write, save_npy_atomic, write_text_atomic, torch_save_atomic, append_line,
   write_error (a failed write as a UserError);
-- folder locks: folder_lock, run_lock (one run at a time writes into a folder);
+- folder locks: folder_lock, run_lock (one run at a time writes into a folder), and
+  remove_leftovers (the temporaries of a killed run, removed by the next one);
+- fault injection for tests: fault_point (a named point where a test can stop a run hard);
 - device and process group: resolve_device, bf16_is_native, DistContext, launch (one helper for the
   trainer and the extractor);
 
@@ -20,14 +22,18 @@ import errno
 import inspect
 import logging
 import os
+import re
 import shlex
+import shutil
 import socket
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from difflib import get_close_matches
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +197,46 @@ def os_error_behind(err: BaseException) -> OSError | None:
     return None
 
 
+@cache
+def current_umask() -> int:
+    """This process's umask (read once: a run does not change it), without changing it where Linux
+    shows it (/proc/self/status), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(folder: bool = False) -> int:
+    """The mode a new file (or folder) gets under the umask, as any Unix tool creates it;
+    tempfile's files (0600) and folders (0700) are given it before they take their final name."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
 def temporary_beside(path: Path) -> tuple[int, str]:
-    """An open, new, hidden temporary file in path's folder: (descriptor, name)."""
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """An open, new, hidden temporary file in path's folder, with the umask's mode: (descriptor,
+    name). Its name is TEMPORARY_NAME's: `.<path's name>.<8 random characters>.tmp`."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, new_file_mode())
+    except OSError:
+        os.close(fd)
+        Path(name).unlink(missing_ok=True)
+        raise
+    return fd, name
+
+
+def temporary_folder_beside(path: Path, suffix: str = ".tmp") -> Path:
+    """A new, hidden temporary folder in path's folder, with the umask's mode:
+    `.<path's name>.<8 random characters><suffix>` (suffix .tmp or .old, see TEMPORARY_NAME)."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
+    os.chmod(folder, new_file_mode(folder=True))
+    return folder
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -237,7 +280,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     write (a full disk) cuts the file back to its earlier content."""
     data = (line.rstrip("\n") + "\n").encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
     except OSError as err:
         raise write_error(path, err) from None
     try:
@@ -258,6 +301,9 @@ def append_line(path: str | os.PathLike, line: str) -> None:
 # Folder locks: one run at a time writes into a save_path or an embed_dir.
 
 LOCK_NAME = ".m_lock"
+# The locks this process holds: (device, inode) of the lock file -> its holder, as written in it.
+# A POSIX record lock does not conflict with its own process, which must refuse itself.
+_held_locks: dict[tuple[int, int], str] = {}
 
 
 def lock_holder(fd: int) -> str:
@@ -277,53 +323,76 @@ def lock_file_is_current(fd: int, lock_path: Path) -> bool:
         return False
 
 
+def held_here(lock_path: Path) -> str | None:
+    """The holder of lock_path when this process holds it; found without opening the file (closing
+    any descriptor of a file drops this process's record locks on it)."""
+    try:
+        found = os.stat(lock_path)
+    except OSError:
+        return None
+    return _held_locks.get((found.st_dev, found.st_ino))
+
+
+def in_use(folder: Path, holder: str, what: str) -> UserError:
+    return UserError(f"{folder} is in use by {holder}; wait for it or use another {what}")
+
+
 @contextmanager
-def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> Iterator[None]:
     """Hold `folder` (which must exist) for this process, or raise a UserError naming the holder.
 
-    An exclusive flock on the hidden file folder/.m_lock, which holds the holder's PID, host and
-    command. The kernel drops the lock when its process dies, so a killed run never blocks the
-    next one (its file stays and is reused). The holder removes the file on release; a process
-    that locked a file just removed tries again on the new one. Without fcntl (Windows) there is
-    no lock. `what` names the option that chose the folder (save_path, embed_dir).
+    An exclusive POSIX record lock (fcntl.lockf) on the hidden file folder/<name> (.m_lock), which
+    holds the holder's PID, host and command. Such a lock belongs to the process that took it: the
+    processes it forks (decoding workers) do not inherit it, and the kernel drops it when its
+    process dies, so a killed run never blocks the next one, whatever its workers still do (the
+    file stays and is reused). The holder removes the file on release; a process that locked a file
+    just removed tries again on the new one. Without fcntl (Windows) there is no lock. `what` names
+    the option that chose the folder (save_path, embed_dir).
     """
     folder = Path(folder)
     if fcntl is None:
         log.debug("%s: no fcntl on this system, the folder is not locked", folder)
         yield
         return
-    lock_path = folder / LOCK_NAME
+    lock_path = folder / name
     while True:
+        holder = held_here(lock_path)
+        if holder is not None:
+            raise in_use(folder, holder, what)
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
             raise UserError(f"{lock_path}: cannot create the lock file of {what} "
                             f"({err.strerror})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks
+                log.warning("%s: cannot be locked (%s); make sure no other run writes into it",
+                            folder, err.strerror)
+                os.close(fd)
+                unlockable = True
+                break
             holder = lock_holder(fd)
             os.close(fd)
-            raise UserError(f"{folder} is in use by {holder}; wait for it or use another {what}") from None
-        except OSError as err:  # a file system without locks (some network mounts)
-            log.warning("%s: cannot be locked (%s); make sure no other run writes into it",
-                        folder, err.strerror)
-            os.close(fd)
-            unlockable = True
-            break
+            raise in_use(folder, holder, what) from None
         unlockable = False
         if lock_file_is_current(fd, lock_path):
             break
         os.close(fd)
-    if unlockable:  # outside the except clause: the run's own errors must not chain to the flock's
+    if unlockable:  # outside the except clause: the run's own errors must not chain to the lock's
         yield
         return
+    identity = os.fstat(fd)
     try:
-        record = f"{os.getpid()}\t{socket.gethostname()}\t{shlex.join(run_command())[:500]}\n".encode()
+        pid, host, command = os.getpid(), socket.gethostname(), shlex.join(run_command())[:500]
+        record = f"{pid}\t{host}\t{command}\n".encode()
         os.pwrite(fd, record, 0)
         os.ftruncate(fd, len(record))
+        _held_locks[(identity.st_dev, identity.st_ino)] = f"process {pid} ({command}) on {host}"
         yield
     finally:
+        _held_locks.pop((identity.st_dev, identity.st_ino), None)
         Path(lock_path).unlink(missing_ok=True)
         os.close(fd)
 
@@ -333,13 +402,93 @@ def run_command() -> list[str]:
     return [Path(sys.executable).name, *sys.argv]
 
 
-def run_lock(folder: str | os.PathLike, what: str) -> AbstractContextManager:
+def run_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> AbstractContextManager:
     """The folder_lock of a script's whole run. Under torchrun only rank 0 takes it (every rank
     runs the script; a second job's rank 0 is refused before it joins its group, so its other
     ranks never start work and torchrun stops them)."""
     if launched_by_torchrun() and os.environ["RANK"] != "0":
         return nullcontext()
-    return folder_lock(folder, what)
+    return folder_lock(folder, what, name)
+
+
+# The hidden temporaries this project writes, named by tempfile: `.<target>.<8 random characters>`
+# then `.tmp` (an atomic write's file, a packed store being built) or `.old` (a store being
+# replaced). A killed run leaves them behind; the next run into the folder removes them.
+TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.(?:tmp|old)")
+
+
+def remove_leftovers(folders: Iterable[str | os.PathLike], targets: str) -> int:
+    """Remove from each folder (not below it) the temporaries (TEMPORARY_NAME) of the files this run
+    writes there, whose names match the pattern `targets`; returns how many were removed. Call it
+    holding the folders' lock: a temporary there is a dead run's."""
+    wanted = re.compile(targets)
+    removed = 0
+    for folder in folders:
+        try:
+            entries = list(os.scandir(os.fspath(folder)))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            match = TEMPORARY_NAME.fullmatch(entry.name)
+            if match is None or not wanted.fullmatch(match["target"]):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def clear_leftovers(folders: Iterable[str | os.PathLike], targets: str, where: str | os.PathLike) -> int:
+    """remove_leftovers in the process that holds the run's lock (run_lock; under torchrun rank 0),
+    saying how many it removed (below `where`)."""
+    if launched_by_torchrun() and os.environ["RANK"] != "0":
+        return 0
+    removed = remove_leftovers(folders, targets)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run in %s", removed, where)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault injection: tests stop a script hard at a named point, as kill -9 would, and check what
+# the next run makes of it.
+
+FAULT_VARIABLE = "EMBENHANCE_FAULT"
+FAULT_EXIT_STATUS = 86  # what a run stopped by fault_point exits with
+_fault_counts: Counter[str] = Counter()
+
+
+def fault_point(name: str) -> None:
+    """A named point where a test can stop this process as kill -9 would.
+
+    With EMBENHANCE_FAULT=exit_after:<point>:<n> in the environment, the n-th time (n >= 1) this
+    process reaches the point named <point> it ends at once with os._exit(FAULT_EXIT_STATUS): no
+    cleanup, no finally blocks, no flushing; its temporaries stay and the kernel drops its locks, as
+    after a kill. Its child processes (decoding workers) are left running. Unset, it does nothing.
+    The points: gen_embs.file (an embedding file written), comb_embs.speaker (a speaker's B and C
+    files asked for), store.block (a block of a packed store's rows written), trainer.epoch (an
+    epoch trained, before its scores line), trainer.checkpoint (a checkpoint and its scores line
+    written), generate.entry (an entry of --generate's tree written)."""
+    spec = os.environ.get(FAULT_VARIABLE)
+    if not spec:
+        return
+    point, count = parse_fault(spec)
+    if point != name:
+        return
+    _fault_counts[name] += 1
+    if _fault_counts[name] >= count:
+        os._exit(FAULT_EXIT_STATUS)
+
+
+def parse_fault(spec: str) -> tuple[str, int]:
+    """(point, n) of an EMBENHANCE_FAULT value, or a UserError naming the variable."""
+    action, _, rest = spec.partition(":")
+    point, _, count = rest.rpartition(":")
+    if action != "exit_after" or not point or not count.isdigit() or int(count) < 1:
+        raise UserError(f"{FAULT_VARIABLE}: expected exit_after:<point>:<n> (n at least 1), found {spec!r}")
+    return point, int(count)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -607,7 +607,9 @@ def read_duration_points(path: Path, run: str) -> list[DurationPoint]:
 
 def duration_series(points: Sequence[DurationPoint]) -> dict[tuple[str, str], list[DurationPoint]]:
     """The points by (run, trial list), ordered by duration (full length last); only the lists
-    seen at two durations or more. Two results of one list at one duration are an error."""
+    seen at two durations or more. Of two results of one list at one duration (a --check with a
+    result tag that scored an untagged list again, say) the more recent file's is drawn, with a
+    warning; the others are drawn all the same."""
     series: dict[tuple[str, str], list[DurationPoint]] = {}
     for point in points:
         series.setdefault((point.run, point.trials), []).append(point)
@@ -615,12 +617,22 @@ def duration_series(points: Sequence[DurationPoint]) -> dict[tuple[str, str], li
     for key, found in series.items():
         by_label: dict[str, DurationPoint] = {}
         for point in found:
-            if point.label in by_label:
-                raise UserError(f"{by_label[point.label].source} and {point.source} both hold {point.trials} "
-                                f"results at test duration {point.label}: keep one of them")
-            by_label[point.label] = point
+            earlier = by_label.get(point.label)
+            by_label[point.label] = point if earlier is None else more_recent(earlier, point)
         if len(by_label) > 1:
             kept[key] = sorted(by_label.values(), key=DurationPoint.order)
+    return kept
+
+
+def more_recent(first: DurationPoint, second: DurationPoint) -> DurationPoint:
+    """Of two results of one trial list at one test duration, the one of the file written last
+    (the second on a tie), said in a warning."""
+    if first.source == second.source:
+        return second
+    times = [point.source.stat().st_mtime_ns if point.source.exists() else 0 for point in (first, second)]
+    kept, left = (first, second) if times[0] > times[1] else (second, first)
+    print(f"warning: {first.source} and {second.source} both hold {first.trials} results at test duration "
+          f"{first.label}: drawn from {kept.source} (written last), not from {left.source}")
     return kept
 
 

@@ -288,15 +288,39 @@ def write_records(path: Path, records: Sequence[Record]) -> None:
 
 
 def save_trial_scores(path: Path, labels: np.ndarray, embedding_type: str,
-                      scores: Mapping[Key, np.ndarray]) -> Path:
-    """trials_<list>.npz: labels, embedding type, and the scores of every (system, back-end) as
-    `<system>/<back-end>`; `original` and `processed` (NONE_ALIASES) are the none back-end's."""
-    arrays: dict[str, Any] = {f"{system}/{backend}": values for (system, backend), values in scores.items()}
-    arrays.update({alias: scores[(system, "none")] for alias, system in NONE_ALIASES.items()
-                   if (system, "none") in scores})
+                      scores: Mapping[Key, np.ndarray], source: str = "") -> Path:
+    """trials_<list>.npz: labels, embedding type, the trial list's `source` (its list and
+    embeddings), and the scores of every (system, back-end) as `<system>/<back-end>`; `original` and
+    `processed` (NONE_ALIASES) are the none back-end's. The scores of the systems this run did not
+    score are kept from the file it replaces when that one holds the same trials (--eval scores the
+    enhanced system alone, and keeps the original scores of a --check before it)."""
+    systems = {system for system, _ in scores}
+    kept = {key: values for key, values in earlier_scores(path, labels, embedding_type, source).items()
+            if key[0] not in systems}
+    every = {**kept, **scores}
+    arrays: dict[str, Any] = {f"{system}/{backend}": values for (system, backend), values in every.items()}
+    arrays.update({alias: every[(system, "none")] for alias, system in NONE_ALIASES.items()
+                   if (system, "none") in every})
     atomic_write(path, lambda handle: np.savez(handle, labels=labels, embedding_type=np.array(embedding_type),
-                                               **arrays))
+                                               source=np.array(source), **arrays))
     return path
+
+
+def earlier_scores(path: Path, labels: np.ndarray, embedding_type: str, source: str) -> dict[Key, np.ndarray]:
+    """The (system, back-end) scores of an earlier trials_<list>.npz of the same trials (same
+    source, labels and embedding type); none where it is missing, unreadable or of other trials."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: np.asarray(data[key]) for key in data.files}
+    except (OSError, ValueError):
+        return {}
+    same = (str(arrays.get("source", "")) == source
+            and str(arrays.get("embedding_type", "")) == embedding_type
+            and np.array_equal(arrays.get("labels", np.empty(0)), labels))
+    if not same:
+        return {}
+    return {tuple(key.split("/", 1)): values for key, values in arrays.items()
+            if "/" in key and len(values) == len(labels)}
 
 
 def write_score_file(path: Path, scores: np.ndarray, labels: np.ndarray, left: np.ndarray,

@@ -7,14 +7,21 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from m_utils import UserError, save_npy_atomic, write_error, write_text_atomic
+from m_utils import (
+    UserError,
+    fault_point,
+    save_npy_atomic,
+    temporary_beside,
+    temporary_folder_beside,
+    write_error,
+    write_text_atomic,
+)
 from stores.arrays import EMBEDDING_TYPES, combine_speaker, reduce_means
 from stores.fresh import record_sources
 from stores.keys import key_speaker, store_key
@@ -37,7 +44,7 @@ class StoreBuilder:
         self.dtype = np.dtype(dtype)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+            self.temp = temporary_folder_beside(target)
             self.matrix = np.lib.format.open_memmap(self.temp / "embeddings.npy", "w+", dtype, (rows, dim))
         except OSError as err:
             raise write_error(target, err) from None
@@ -54,6 +61,7 @@ class StoreBuilder:
     def put(self, start: int, embeddings: np.ndarray, norms: np.ndarray) -> None:
         self.matrix[start:start + len(embeddings)] = embeddings
         self.norms[start:start + len(embeddings)] = norms
+        fault_point("store.block")
 
     def finish(self, keys: Sequence[str], speakers: Sequence[str], speaker_of: np.ndarray,
                tables: dict[str, np.ndarray], header: dict, side_dir: Path | None = None,
@@ -90,8 +98,7 @@ class StoreBuilder:
         """Rename the built folder over the target (an old store goes aside, then away)."""
         old = None
         if self.target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".old",
-                                        dir=self.target.parent))
+            old = temporary_folder_beside(self.target, ".old")
             os.replace(self.target, old / "store")
         os.replace(self.temp, self.target)
         if old is not None:
@@ -193,6 +200,7 @@ def write_embeddings(target: str | os.PathLike, keys: Sequence[str], matrix: np.
         return write_kaldi(target, keys, matrix)
     for rel, row in zip(keys, matrix, strict=True):
         save_npy_atomic((target / rel).with_suffix(".npy"), np.asarray(row[None, :], np.float32))
+        fault_point("generate.entry")
     return target
 
 
@@ -206,7 +214,7 @@ def write_kaldi(scp: Path, keys: Sequence[str], matrix: np.ndarray) -> Path:
     ark = scp.with_suffix(".ark").resolve()
     try:
         scp.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{ark.name}.", suffix=".tmp", dir=ark.parent)
+        fd, temp = temporary_beside(ark)
         os.close(fd)
     except OSError as err:
         raise write_error(ark, err) from None

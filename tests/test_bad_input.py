@@ -2,10 +2,8 @@
 
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from conftest import ROOT, config, make_embedding_tree
 import m_trainer
 from m_DataLoader import read_list
 from m_network import checkpoints
-from m_utils import UserError
+from m_utils import FAULT_EXIT_STATUS, FAULT_VARIABLE, UserError
 
 
 def trainer_error(argv: list[str]) -> str:
@@ -26,10 +24,11 @@ def trainer_error(argv: list[str]) -> str:
     return str(err.value)
 
 
-def run_trainer(cfg: Path, save: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_trainer(cfg: Path, save: Path, *extra: str, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "m_trainer.py", "--config", str(cfg), "--save_path",
                            str(save), *extra], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("content, kind, message", [
@@ -140,20 +139,17 @@ def test_command_line_error_has_no_traceback(data, tmp_path):
     assert ": model: unknown model 'Nope'" in result.stderr
 
 
-def test_sigkill_mid_training_resumes_from_last_complete_checkpoint(data, tmp_path):
-    cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=24, test_interval=2, batch_size=8)
+def test_training_stopped_hard_resumes_from_its_last_checkpoint(data, tmp_path):
+    """A run stopped hard (fault_point, as kill -9) right after its second checkpoint: every
+    checkpoint under its final name is complete, and the re-run ends with the scores.txt and weights
+    of an uninterrupted run."""
+    cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=6, test_interval=2)
     reference = run_trainer(cfg, tmp_path / "ref")
     assert reference.returncode == 0, reference.stderr
     save = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "m_trainer.py", "--config", str(cfg), "--save_path",
-                                str(save)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(checkpoints(save / "model")) < 2:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert 2 <= len(checkpoints(save / "model")) < 12
+    stopped = run_trainer(cfg, save, env={FAULT_VARIABLE: "exit_after:trainer.checkpoint:2"})
+    assert stopped.returncode == FAULT_EXIT_STATUS, stopped.stderr
+    assert sorted(checkpoints(save / "model")) == [2, 4]
     for path in checkpoints(save / "model").values():
         torch.load(path, weights_only=True)  # every checkpoint under its final name is complete
     resumed = run_trainer(cfg, save)

@@ -10,11 +10,9 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from m_gen_embs import (
     read_audio,
     workers_for,
 )
-from m_utils import DistContext, UserError, bf16_is_native
+from m_utils import FAULT_EXIT_STATUS, FAULT_VARIABLE, DistContext, UserError, bf16_is_native
 from models.GE2E import GE2E, packaged_weights
 from models.m_Extractors import load_extractor
 
@@ -186,14 +184,19 @@ def test_rerun_writes_nothing_and_keeps_user_files(tree):
         "failed_audio.txt", "manifest.json", "notes.txt", "utt2dur"]
 
 
+def npy_inodes(root: Path) -> dict[str, int]:
+    """Relative path -> inode of every .npy below root: a file written again (atomically, a new file
+    renamed over the old) has a new one, whatever the clock's resolution."""
+    return {p.relative_to(root).as_posix(): p.stat().st_ino for p in root.rglob("*.npy")}
+
+
 def test_overwrite_recomputes_the_same_values(tree):
     db, emb = tree
     run(db, emb)
     first = {rel: np.load(emb / rel) for rel in expected_outputs()}
-    before = npy_files(emb)
-    time.sleep(0.01)
+    before = npy_inodes(emb)
     run(db, emb, "--overwrite", "--batch_size", "1")
-    after = npy_files(emb)
+    after = npy_inodes(emb)
     assert all(after[rel] != before[rel] for rel in expected_outputs())
     assert after["id10001/mine.npy"] == before["id10001/mine.npy"]
     for rel, values in first.items():
@@ -324,31 +327,32 @@ def test_missing_db_path_and_clashing_outputs(tmp_path):
 # Interruption and distribution
 
 
-def test_killed_run_resumes_without_truncated_files(tmp_path, caplog):
+def test_run_stopped_hard_resumes_without_truncated_files(tmp_path, caplog):
+    """A run stopped hard (fault_point, as kill -9) after its third file: those three files are
+    whole, the re-run leaves them as they are and writes the rest, equal to an uninterrupted run's."""
     db, emb = tmp_path / "db", tmp_path / "emb"
     count = 24
     for index in range(count):
         write(db / f"id{index % 4:05d}" / "sess" / f"{index:05d}.wav", tone(0.3, seed=index))
     command = [sys.executable, "m_gen_embs.py", "--db_path", str(db), "--embed_dir", str(emb), *FAST,
                "--batch_size", "1"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while len(npy_files(emb)) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    fault = {"OMP_NUM_THREADS": "1", FAULT_VARIABLE: "exit_after:gen_embs.file:3"}
+    stopped = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **fault})
+    assert stopped.returncode == FAULT_EXIT_STATUS, stopped.stderr
     done = npy_files(emb)
-    assert 3 <= len(done) < count
+    assert len(done) == 3
     for rel in done:
         assert np.load(emb / rel).shape == (3, 256)
     caplog.set_level(logging.INFO)
-    assert run(db, emb) == 0
+    assert run(db, emb, "--batch_size", "1") == 0
     after = npy_files(emb)
     assert len(after) == count
     assert all(after[rel] == mtime for rel, mtime in done.items())
-    assert f"{len(done)} already done, {count - len(done)} to extract" in caplog.text
+    assert f"3 already done, {count - 3} to extract" in caplog.text
+    whole = tmp_path / "whole"
+    assert run(db, whole, "--batch_size", "1") == 0
+    for rel in after:
+        np.testing.assert_allclose(np.load(emb / rel), np.load(whole / rel), atol=1e-5)
 
 
 def test_ranks_take_disjoint_shares(tree):

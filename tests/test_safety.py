@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,17 @@ import m_utils
 from m_comb_embs import combine
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, checkpoints
-from m_utils import LOCK_NAME, UserError, append_line, atomic_write, folder_lock, run_main, write_text_atomic
+from m_utils import (
+    LOCK_NAME,
+    UserError,
+    append_line,
+    atomic_write,
+    folder_lock,
+    run_main,
+    torch_save_atomic,
+    write_text_atomic,
+)
+from stores.write import write_embeddings
 
 
 def disk_full(path: Path) -> str:
@@ -321,15 +332,266 @@ def test_a_write_failure_in_a_distributed_extraction_stops_it_with_the_message(t
 
 
 def test_a_folder_that_cannot_be_locked_runs_with_a_warning(tmp_path, monkeypatch, caplog):
-    """A file system without flock (ENOLCK on some network mounts): the run goes on, unlocked, with
-    a warning, and an error of the run itself is not reported as raised while handling the flock's."""
+    """A file system without locks (ENOLCK on some network mounts): the run goes on, unlocked, with
+    a warning, and an error of the run itself is not reported as raised while handling the lock's."""
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(m_utils.fcntl, "flock", no_locks)
+    monkeypatch.setattr(m_utils.fcntl, "lockf", no_locks)
     with pytest.raises(ValueError, match="the run's own error") as raised:
         with folder_lock(tmp_path, "save_path"):
             raise ValueError("the run's own error")
     assert raised.value.__context__ is None
     assert "cannot be locked" in caplog.text and str(tmp_path) in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault injection (m_utils.fault_point) and what the next run makes of a run stopped hard
+
+REACH_POINT = """
+import sys
+from m_utils import fault_point
+for count in range(1, 6):
+    print(count, flush=True)
+    fault_point(sys.argv[1])
+print("done", flush=True)
+"""
+
+
+def faulty(point: str, count: int) -> dict[str, str]:
+    """The environment of a run stopped hard the `count`-th time it reaches `point`."""
+    return {m_utils.FAULT_VARIABLE: f"exit_after:{point}:{count}"}
+
+
+def run_with_fault(point: str, count: int, *args: str) -> subprocess.CompletedProcess:
+    """run_script with the fault `faulty(point, count)` set, whatever it does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(m_utils.FAULT_VARIABLE, f"exit_after:{point}:{count}")
+        return run_script(*args, check=False)
+
+
+def run_faulty(point: str, count: int, *args: str) -> subprocess.CompletedProcess:
+    """A script run (as run_script) that fault_point stops at `point`; checks that it did."""
+    result = run_with_fault(point, count, *args)
+    assert result.returncode == m_utils.FAULT_EXIT_STATUS, result.stderr
+    return result
+
+
+def test_fault_point_stops_the_process_the_nth_time(monkeypatch):
+    result = run_faulty("here", 3, "-c", REACH_POINT, "here")
+    assert result.stdout.split() == ["1", "2", "3"]
+    assert run_faulty("here", 1, "-c", REACH_POINT, "here").stdout.split() == ["1"]
+    assert run_with_fault("here", 1, "-c", REACH_POINT, "elsewhere").stdout.split()[-1] == "done"
+    monkeypatch.setenv(m_utils.FAULT_VARIABLE, "exit_after:here:0")
+    with pytest.raises(UserError, match=r"EMBENHANCE_FAULT: expected exit_after:<point>:<n>"):
+        m_utils.fault_point("here")
+
+
+LOCK_AND_FORK = """
+import os, sys
+from m_utils import fault_point, folder_lock
+with folder_lock(sys.argv[1], "embed_dir"):
+    if os.fork() == 0:  # a worker, as a DataLoader's: it lives on until its stdin closes
+        print(os.getpid(), flush=True)
+        sys.stdin.read()
+        os._exit(0)
+    os.wait() if sys.argv[2] == "wait" else fault_point("locked")
+"""
+
+
+def test_the_lock_of_a_run_killed_hard_dies_with_it_whatever_its_workers_do(tmp_path):
+    """The process that locked a folder forked a worker, then stopped hard; the worker is still
+    alive (blocked on its stdin, which this test holds open), and the folder is free."""
+    child = subprocess.Popen([sys.executable, "-c", LOCK_AND_FORK, str(tmp_path), "stop"], cwd=ROOT,
+                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env={**os.environ, **faulty("locked", 1)})
+    worker = int(child.stdout.readline())
+    assert child.wait() == m_utils.FAULT_EXIT_STATUS
+    try:
+        os.kill(worker, 0)  # alive
+        with folder_lock(tmp_path, "embed_dir"):
+            assert (tmp_path / LOCK_NAME).read_text().startswith(f"{os.getpid()}\t")
+    finally:
+        child.stdin.close()
+
+
+def test_a_worker_does_not_hold_its_parents_lock(tmp_path):
+    """While the run that took the lock lives, it holds it (a worker of it changes nothing)."""
+    child = subprocess.Popen([sys.executable, "-c", LOCK_AND_FORK, str(tmp_path), "wait"], cwd=ROOT,
+                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()
+        with pytest.raises(UserError, match=f"is in use by process {child.pid} "), \
+                folder_lock(tmp_path, "embed_dir"):
+            pass
+    finally:
+        child.stdin.close()
+        child.wait()
+    with folder_lock(tmp_path, "embed_dir"):
+        pass
+
+
+def temporaries(root: Path) -> list[str]:
+    """The project's temporaries (m_utils.TEMPORARY_NAME) below root."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob(".*")
+                  if m_utils.TEMPORARY_NAME.fullmatch(p.name))
+
+
+USER_LOOKALIKES = (".notes.tmp", ".mine.npy.1234.tmp", ".id10000.npy.backup.tmp", ".x.abcdefgh.tmp.keep")
+
+
+def plant_lookalikes(folder: Path) -> None:
+    """A user's hidden files whose names look like the project's temporaries but are not."""
+    for name in USER_LOOKALIKES:
+        (folder / name).write_text("the user's")
+
+
+def test_a_gen_embs_run_stopped_with_its_workers_alive_is_finished_by_the_next(tmp_path, caplog):
+    """m_gen_embs.py stopped hard after its second file, its two decoding workers left running: the
+    immediate re-run gets the folder's lock and finishes the tree; every file equals an
+    uninterrupted run's."""
+    db = make_audio(tmp_path / "db", count=8)
+    args = [*GEN_FAST, "--nDataLoaderThread", "2", "--batch_size", "1"]
+    reference = tmp_path / "reference"
+    assert m_gen_embs.main(["--db_path", str(db), "--embed_dir", str(reference), *args]) == 0
+    emb = tmp_path / "emb"
+    command = [sys.executable, "m_gen_embs.py", "--db_path", str(db), "--embed_dir", str(emb), *args]
+    stopped = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **faulty("gen_embs.file", 2)},
+                               start_new_session=True)
+    try:
+        assert stopped.wait() == m_utils.FAULT_EXIT_STATUS
+        assert len(list(emb.rglob("*.npy"))) == 2
+        caplog.set_level("INFO")
+        assert m_gen_embs.main(["--db_path", str(db), "--embed_dir", str(emb), *args]) == 0
+    finally:
+        try:
+            os.killpg(stopped.pid, signal.SIGKILL)  # the workers, where they still run
+        except ProcessLookupError:
+            pass
+    assert "2 already done, 6 to extract" in caplog.text
+    assert contents(emb).keys() == contents(reference).keys()
+    for path in reference.rglob("*.npy"):
+        np.testing.assert_allclose(np.load(emb / path.relative_to(reference)), np.load(path), atol=1e-5)
+    assert not temporaries(emb)
+
+
+def test_comb_embs_stopped_hard_while_packing_leaves_nothing_after_the_next_run(tmp_path, caplog):
+    """m_comb_embs.py stopped after the store's second block (a half-built hidden store folder
+    left): the next run removes that, keeps the user's look-alike files, and writes the files an
+    uninterrupted run writes."""
+    tree = make_embedding_tree(tmp_path / "emb", speakers=4)
+    reference = make_embedding_tree(tmp_path / "reference", speakers=4)
+    m_comb_embs.main(["--embed_dir", str(reference)])
+    run_faulty("store.block", 2, "m_comb_embs.py", "--embed_dir", str(tree))
+    left = temporaries(tree)
+    assert any(name.startswith(".embeddings.store.") and name.endswith(".tmp") for name in left)
+    plant_lookalikes(tree)
+    caplog.set_level("INFO")
+    m_comb_embs.main(["--embed_dir", str(tree)])
+    assert not temporaries(tree)
+    assert f"removed {len([n for n in left if '/' not in n])} temporary file(s) left by an interrupted run" \
+        in caplog.text
+    assert all((tree / name).read_text() == "the user's" for name in USER_LOOKALIKES)
+    ours, theirs = contents(tree), contents(reference)
+    assert ours.keys() - set(USER_LOOKALIKES) == theirs.keys()
+    for rel in theirs:
+        if rel.endswith(".npy") or rel.endswith(".txt"):
+            assert ours[rel] == theirs[rel], rel
+
+
+def test_training_stopped_hard_leaves_no_temporaries_after_the_next_run(data, tmp_path, caplog):
+    """A training run stopped after its first checkpoint, with a dead run's temporaries of a
+    checkpoint and of scores.txt beside it: the next run removes those (and says so), keeps a
+    --check's temporary (a --check may run beside training) and the user's look-alikes."""
+    cfg = config(data, tmp_path, max_epoch=3)
+    save = tmp_path / "exp"
+    run_faulty("trainer.checkpoint", 1, "m_trainer.py", "--config", str(cfg), "--save_path", str(save))
+    assert sorted(checkpoints(save / "model")) == [1]
+    dead = [save / "model" / ".model000000002.model.k2j4_x9a.tmp",
+            save / "result" / ".scores.txt.a1b2c3d4.tmp"]
+    live = save / "result" / ".trials_test.npz.abcd1234.tmp"
+    for path in [*dead, live]:
+        path.write_bytes(b"partial")
+    plant_lookalikes(save / "model")
+    caplog.set_level("INFO")
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save)])
+    assert sorted(checkpoints(save / "model")) == [1, 2, 3]
+    assert not any(path.exists() for path in dead) and live.exists()
+    assert all((save / "model" / name).read_text() == "the user's" for name in USER_LOOKALIKES)
+    assert "removed 1 temporary file(s) left by an interrupted run" in caplog.text
+    reference = tmp_path / "reference"
+    m_trainer.main(["--config", str(cfg), "--save_path", str(reference)])
+    assert (save / "result" / "scores.txt").read_text() == (reference / "result" / "scores.txt").read_text()
+
+
+@pytest.mark.parametrize("gen_format, point", [("packed", "store.block"), ("tree", "generate.entry")])
+def test_generate_stopped_hard_is_finished_by_the_next_run(data, tmp_path, gen_format, point):
+    """--generate stopped hard (in its store's first block; after its third file): the re-run leaves
+    no temporary and writes what an uninterrupted one writes."""
+    cfg = config(data, tmp_path, gen_list=str(data / "lists" / "libri_normal_list.txt"),
+                 gen_path=str(data / "libri"), gen_format=gen_format)
+    save = tmp_path / "exp"
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save)])
+    run_faulty(point, 1 if gen_format == "packed" else 3, "m_trainer.py", "--config", str(cfg),
+               "--save_path", str(save), "--generate")
+    assert bool(temporaries(save)) == (gen_format == "packed")
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--generate"])
+    assert not temporaries(save)
+    reference = tmp_path / "reference"
+    shutil.copytree(save / "model", reference / "model")
+    m_trainer.main(["--config", str(cfg), "--save_path", str(reference), "--generate"])
+    target = "enhanced.store" if gen_format == "packed" else "enhanced"
+    ours, theirs = contents(save / target), contents(reference / target)
+    assert ours.keys() == theirs.keys() and len(ours) > 3
+    assert all(ours[rel] == theirs[rel] for rel in ours if rel != "header.json")
+
+
+def test_two_generates_into_one_folder_are_refused(data, tmp_path, capsys):
+    cfg = config(data, tmp_path, gen_list=str(data / "lists" / "libri_normal_list.txt"),
+                 gen_path=str(data / "libri"))
+    save = tmp_path / "exp"
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save)])
+    (save / "enhanced").mkdir()
+    with folder_lock(save / "enhanced", "gen_target_dir"):
+        error = script_error(lambda: m_trainer.main(["--config", str(cfg), "--save_path", str(save),
+                                                     "--generate"]), capsys)
+    assert error.startswith(f"error: {save / 'enhanced'} is in use by process {os.getpid()} (")
+    assert not list((save / "enhanced").rglob("*.npy"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Modes of new files: the user's umask, as any Unix tool
+
+
+@pytest.fixture
+def umask():
+    """Sets this process's umask for a test (m_utils reads it once), then puts the earlier one back."""
+
+    def set_umask(mask: int) -> None:
+        os.umask(mask)
+        m_utils.current_umask.cache_clear()
+
+    earlier = os.umask(0o022)
+    yield set_umask
+    set_umask(earlier)
+
+
+@pytest.mark.parametrize("mask", [0o002, 0o027])
+def test_files_and_stores_are_created_with_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    write_text_atomic(tmp_path / "list.txt", "a b\n")
+    torch_save_atomic({"epoch": 1}, tmp_path / "model.model")
+    tree = make_embedding_tree(tmp_path / "emb", speakers=2)
+    combine(tree, pack=True)
+    write_embeddings(tmp_path / "gen" / "xvector.scp", ["a", "b"], np.ones((2, 3), np.float32))
+    with folder_lock(tmp_path, "save_path"):
+        lock = (tmp_path / LOCK_NAME).stat().st_mode & 0o777
+    files = [tmp_path / "list.txt", tmp_path / "model.model", tree / "id10000.npy",
+             tree / "embeddings.store" / "embeddings.npy", tmp_path / "gen" / "xvector.ark",
+             tmp_path / "gen" / "xvector.scp"]
+    assert {path.name: path.stat().st_mode & 0o777 for path in files} == \
+        {path.name: 0o666 & ~mask for path in files}
+    assert (tree / "embeddings.store").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert lock == 0o666 & ~mask

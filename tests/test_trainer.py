@@ -10,7 +10,7 @@ import m_trainer
 from loss.m_Losses import LOSSES
 from m_DataLoader import EmbeddingData
 from m_network import SpeakerNet, Trainer, checkpoints, parse_score_line, score_line
-from m_utils import UserError
+from m_utils import FAULT_EXIT_STATUS, FAULT_VARIABLE, UserError
 
 
 @pytest.mark.parametrize("trainfunc", sorted(LOSSES))
@@ -221,3 +221,62 @@ def test_missing_data_says_which_script_makes_it(tmp_path):
     assert result.returncode == 2
     assert "none_test.txt does not exist (m_gen_list.py makes it)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Restarts: each epoch logged once; a save_path trained with other data or settings is not
+# silently trained further
+
+
+def test_a_run_stopped_before_its_first_checkpoint_logs_each_epoch_once(data, tmp_path):
+    """Stopped hard (fault_point) in epoch 3 of 4, before the first checkpoint (test_interval 4),
+    epochs 1 and 2 logged: the re-run's scores.txt equals an uninterrupted run's."""
+    cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=4, test_interval=4)
+    save = tmp_path / "exp"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAULT_VARIABLE, "exit_after:trainer.epoch:3")
+        stopped = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), check=False)
+    assert stopped.returncode == FAULT_EXIT_STATUS, stopped.stderr
+    assert not checkpoints(save / "model")
+    logged = (save / "result" / "scores.txt").read_text().splitlines()
+    assert [line.split(",")[0] for line in logged] == ["Epoch 1", "Epoch 2"]
+    assert train(cfg, save) == train(cfg, tmp_path / "whole")
+
+
+def test_other_training_data_is_refused_unless_restart_says_what_to_do(data, tmp_path):
+    cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=1)
+    save = tmp_path / "exp"
+    first = train(cfg, save)
+    weights = (save / "model" / "model000000001.model").read_bytes()
+    other_list = tmp_path / "other_train.txt"
+    lines = (data / "lists" / "train_normal_list.txt").read_text().splitlines()
+    other_list.write_text("\n".join(lines[::2]) + "\n")
+    with pytest.raises(UserError) as refused:
+        train(cfg, save, "--train_list", str(other_list), "--lr", "0.01")
+    message = str(refused.value)
+    assert message.startswith(f"{save / 'model' / 'training.json'}: {save} was trained with other data or "
+                              "settings: train_list ")
+    assert f"(this run: '{other_list}')" in message and "lr 0.001 (this run: 0.01)" in message
+    assert "train_list content (sha256)" in message and "--restart resume" in message
+    assert (save / "model" / "model000000001.model").read_bytes() == weights
+    assert (save / "result" / "scores.txt").read_text().splitlines() == first
+    # The same data and settings, trained further: no question asked.
+    assert len(train(cfg, save, "--max_epoch", "2")) == len(first) + 2
+
+
+def test_restart_resume_goes_on_and_restart_new_moves_the_old_run_aside(data, tmp_path):
+    cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=1)
+    save = tmp_path / "exp"
+    first = train(cfg, save)
+    weights = (save / "model" / "model000000001.model").read_bytes()
+    resumed = train(cfg, save, "--lr", "0.01", "--max_epoch", "2", "--restart", "resume")
+    assert resumed[:len(first)] == first and len(resumed) == len(first) + 2
+    assert train(cfg, save, "--lr", "0.01", "--max_epoch", "2") == resumed  # recorded: no question now
+    anew = train(cfg, save, "--restart", "new")
+    assert anew == train(cfg, tmp_path / "fresh")
+    earlier = list((save / "earlier").iterdir())
+    assert len(earlier) == 1
+    assert (earlier[0] / "model" / "model000000001.model").read_bytes() == weights
+    assert (earlier[0] / "result" / "scores.txt").read_text().splitlines() == resumed
+    with pytest.raises(UserError, match="unknown restart 'again'"):
+        train(cfg, save, "--restart", "again")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -378,3 +380,65 @@ def test_dist_list_needs_embed_dir(embedding_tree):
     with pytest.raises(UserError, match="--embed_dir"):
         m_viewer.make_figures(["--save_path", str(embedding_tree["run"]),
                                "--dist_list", str(embedding_tree["list"])])
+
+
+# ----------------------------------------------------------------------------------------------
+# Results never lost: --eval keeps what --check saved; two results at one duration
+
+
+def test_eval_after_check_keeps_the_original_scores(data, tmp_path, capsys):
+    """--check then --eval (the README's order): trials_test.npz holds the original system's scores
+    of --check and the enhanced ones of --eval, and the viewer's table shows both."""
+    from conftest import config, train
+
+    import m_trainer
+
+    cfg = config(data, tmp_path, trainfunc="MSE", max_epoch=1, backends=["none"], bootstrap=10)
+    save = tmp_path / "exp"
+    train(cfg, save)
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--check"])
+    checked = m_viewer.load_trial_scores(save / "result" / "trials_test.npz")
+    m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--eval"])
+    saved = m_viewer.load_trial_scores(save / "result" / "trials_test.npz")
+    assert set(saved.scores) == {("original", "none"), ("enhanced", "none")}
+    np.testing.assert_array_equal(saved.original, checked.original)
+    evaluated = np.loadtxt(save / "result" / "eval_scores_test.txt", usecols=0)
+    np.testing.assert_allclose(saved.enhanced, evaluated, atol=1e-6)
+    capsys.readouterr()
+    m_viewer.main(["--save_path", str(save)])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("exp ")
+               and "test list" in line)
+    eer = m_viewer.compute_eer(checked.original, checked.labels)[0]
+    assert f"{eer:.2f}" in row.split() and row.endswith("better")
+
+
+def write_check(path: Path, seconds: dict[str, float | None], eer: float) -> None:
+    """A check*.json with the test and libri lists' none-back-end EERs, their durations
+    (a manifest's max_seconds, or none: full length) in its sources record."""
+    sources = {trials: {"manifest": {"max_seconds": value} if value else None}
+               for trials, value in seconds.items()}
+    records = [{"trials": None, "sources": sources}]
+    records += [{"trials": trials, "system": system, "backend": "none", "eer": eer + k,
+                 "eer_ci95": [eer + k - 1, eer + k + 1]}
+                for trials in seconds for k, system in enumerate(("original", "enhanced"))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+
+
+def test_two_results_at_one_duration_keep_the_more_recent_and_draw_the_rest(tmp_path, capsys):
+    """--check, then --check --result_tag 2s on a 2 s test set that scored the full-length libri
+    list again: the viewer draws every figure, the libri list from the more recent file, and says
+    which it left out."""
+    run = tmp_path / "run"
+    write_scores(run, long_scores())
+    write_check(run / "result" / "check.json", {"test": None, "libri": None}, eer=10.0)
+    write_check(run / "result" / "check_2s.json", {"test": 2.0, "libri": None}, eer=20.0)
+    os.utime(run / "result" / "check.json", ns=(1_000_000_000, 1_000_000_000))
+    written = m_viewer.make_figures(["--save_path", str(run)])
+    assert run / "result" / "eer_duration.png" in written and run / "result" / "fig.png" in written
+    out = capsys.readouterr().out
+    assert (f"warning: {run / 'result' / 'check.json'} and {run / 'result' / 'check_2s.json'} both hold "
+            f"libri results at test duration full: drawn from {run / 'result' / 'check_2s.json'} (written "
+            f"last), not from {run / 'result' / 'check.json'}") in out
+    table = (run / "result" / "eer_duration.txt").read_text()
+    assert "test" in table and "libri" not in table.split("\n\n", 1)[1]  # one duration: not a series
