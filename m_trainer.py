@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from loss.m_Losses import loss_class
-from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
+from m_DataLoader import EmbeddingData, Sampling, TrialSet, load_embeddings, read_list
 from m_network import (
     CHECKPOINT_NAME,
     OPTIMIZERS,
@@ -314,6 +314,9 @@ class Run:
                                scheduler=args.scheduler, lr=args.lr, lr_decay=args.lr_decay,
                                weight_decay=args.weight_decay, test_interval=args.test_interval,
                                max_epoch=args.max_epoch, mixedprec=args.mixedprec)
+        self.sampling = Sampling(batch_size=args.batch_size, seed=args.seed, n_per_speaker=args.nPerSpeaker,
+                                 max_seg_per_spk=args.max_seg_per_spk,
+                                 speakers_per_step=args.da_speakers_per_step)
         self.trial_sets: dict[str, TrialSet] = {}
         self.notes_said: set[str] = set()
         self.model_record: dict[str, Any] | None = None  # the model --check/--eval used
@@ -347,11 +350,6 @@ class Run:
             self.trial_sets[name] = TrialSet(getattr(self.args, list_key), getattr(self.args, path_key),
                                              self.args.nOut, self.args.nDataLoaderThread)
         return self.trial_sets[name]
-
-    def sampling(self) -> dict[str, int]:
-        a = self.args
-        return {"n_per_speaker": a.nPerSpeaker, "max_seg_per_spk": a.max_seg_per_spk,
-                "speakers_per_step": a.da_speakers_per_step}
 
     def load_trained_model(self, required: bool = True) -> bool:
         """Load the model of --check/--eval/--generate: initial_model, else the newest checkpoint.
@@ -531,7 +529,7 @@ def train_mode(run: Run) -> None:
             a.trainfunc, len(train_data), train_data.num_speakers, run.device, run.ctx.world_size)
     for epoch in range(resume(run) + 1, a.max_epoch + 1):
         began, lr = time.perf_counter(), run.trainer.lr
-        loss = run.trainer.train_epoch(train_data, epoch, a.batch_size, a.seed, **run.sampling())
+        loss = run.trainer.train_epoch(train_data, epoch, run.sampling)
         run.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr, time.perf_counter() - began)
         if run.ctx.is_main:
             append_line(run.scorefile, score_line({"Epoch": epoch, "TLOSS": loss, "LR": lr},
@@ -562,7 +560,7 @@ def validate_and_save(run: Run, epoch: int, valid: EmbeddingData | None) -> None
     nan = float("nan")
     vloss, vacc = nan, nan
     if valid is not None:
-        validation = run.trainer.validate(valid, a.batch_size, a.seed, **run.sampling())
+        validation = run.trainer.validate(valid, run.sampling)
         vloss, vacc = validation.loss, validation.accuracy
         if validation.left_out:
             run.say_once(f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "

@@ -56,7 +56,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from m_comb_embs import THREADS, combine, speaker_embeddings
-from m_DataLoader import Batch, EmbeddingData, TrialSet, load_embeddings, load_speaker_embeddings, read_list
+from m_DataLoader import (
+    Batch,
+    EmbeddingData,
+    Sampling,
+    TrialSet,
+    load_embeddings,
+    load_speaker_embeddings,
+    read_list,
+)
 from m_gen_embs import (
     Item,
     Job,
@@ -95,7 +103,7 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 # utterance there); on a GPU on all --audio_files.
 CPU_EXTRACT_FILES = 32
 TRAIN_SLACK = 1.15
-GPU_TRAIN_SLACK = 1.10  # an epoch on a GPU: its batches are slices of rows gathered many at once
+GPU_TRAIN_SLACK = 1.10  # an epoch on a GPU (set for the chunked batch path, since removed: to re-measure)
 MEMORY_FACTOR = 1.5
 MODEL = "MyLinearNetv2"
 STEP_MODEL = "MyResidualNet"  # train_vox2_steps: the model of the issue's VoxCeleb2 training run
@@ -741,11 +749,8 @@ def make_record(name: str, project: float, baseline: float | None, peaks: dict[s
 
 
 def load_list(args: argparse.Namespace, tree: Tree, kind: str) -> EmbeddingData:
-    data = EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, EMBEDDING_TYPE[kind], args.dim,
+    return EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, EMBEDDING_TYPE[kind], args.dim,
                          args.device, threads=args.workers)
-    if args.chunk_rows is not None:
-        data.chunk_rows = args.chunk_rows
-    return data
 
 
 def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
@@ -761,8 +766,9 @@ def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageR
 def stage_data_path(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
     data = load_list(args, tree, "normal")
     meter.start()
-    batches = len(data.global_batches(args.batch_size, SEED, 1))
-    project = repeated_rate(lambda: sum(1 for _ in data.epoch(args.batch_size, SEED, 1)), batches,
+    sampling = Sampling(batch_size=args.batch_size, seed=SEED)
+    batches = sum(1 for _ in data.batches(1, sampling))
+    project = repeated_rate(lambda: sum(1 for _ in data.batches(1, sampling)), batches,
                             args.min_seconds)
     peak = meter.peaks()
     loader = per_file_loader(args, tree, "normal")
@@ -782,20 +788,21 @@ def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
 
     def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
         data = load_list(args, tree, kind)
-        sampling = {"speakers_per_step": 1} if kind == "distribution" else {}
-        rows = sum(batch.size for batch in data.epoch(args.batch_size, SEED, 1, **sampling))
+        sampling = Sampling(batch_size=args.batch_size, seed=SEED)
+        sizes = [batch.size for batch in data.batches(1, sampling)]
+        rows = sum(sizes)
         trainer = new_trainer(loss, args.dim, args.device)
 
         def epoch_time(epoch: int) -> float:
-            return timed(lambda: trainer.train_epoch(data, epoch, args.batch_size, SEED, **sampling))
+            return timed(lambda: trainer.train_epoch(data, epoch, sampling))
 
         meter.start()
         first_epoch = epoch_time(1)
         peak = meter.peaks()  # epoch 1 also builds the optimiser state: the peak epoch
         # Spread over the epoch: DA steps differ in size (one speaker's pairs each).
-        total = len(data.global_batches(args.batch_size, SEED, 1, **sampling))
+        total = len(sizes)
         stride = max(1, total // args.compute_batches)
-        batches = list(islice(data.epoch(args.batch_size, SEED, 1, **sampling), 0, None, stride))
+        batches = list(islice(data.batches(1, sampling), 0, None, stride))
         batches = batches[:args.compute_batches]
 
         def compute_time() -> float:
@@ -1141,7 +1148,7 @@ def endless_batches(data: EmbeddingData, batch_size: int) -> Iterator[Batch]:
     """Batches of epoch after epoch (a small store's 500 steps span several)."""
     epoch = 1
     while True:
-        yield from data.epoch(batch_size, SEED, epoch)
+        yield from data.batches(epoch, Sampling(batch_size=batch_size, seed=SEED))
         epoch += 1
 
 
@@ -1536,10 +1543,6 @@ OPTIONS: Options = {
     "baseline_utterances": (4, int, "utterances timed one at a time"),
     "audio_files": (4000, int, f"files of each format (links to the synthetic utterances) in the decode and "
                     f"m4a stages; the m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU"),
-    "chunk_rows": (None, int,
-                   "rows an epoch gathers at once (0: a gather per batch; default: the project's choice for "
-                   "the device). Set on a CPU with a small --dim and --batch_size, it shows the GPU batch "
-                   "path's host cost per step"),
     "vox2_utterances": (1_092_009, int, "files of the VoxCeleb2-shaped tree"),
     "vox2_speakers": (5_994, int, "speakers of the VoxCeleb2-shaped tree"),
     "vox2_videos": (145_000, int, "videos (folders) of the VoxCeleb2-shaped tree"),

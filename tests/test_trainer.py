@@ -8,7 +8,7 @@ from conftest import config, run_script, train
 
 import m_trainer
 from loss.m_Losses import LOSSES
-from m_DataLoader import EmbeddingData
+from m_DataLoader import EmbeddingData, Sampling
 from m_network import SpeakerNet, Trainer, checkpoints, parse_score_line, score_line
 from m_utils import UserError
 
@@ -37,24 +37,23 @@ def test_every_loss_trains_an_epoch(data, tmp_path, trainfunc):
 
 @pytest.mark.parametrize("trainfunc", ["MSE_CS", "MSE_Softmax", "MyTriplet_CS", "DA_MSE"])
 def test_trainer_epochs_equal_a_plain_loop(data, trainfunc):
-    """The Trainer's epoch, with batches built one by one (the CPU path) or sliced from rows
-    gathered many batches at once (the GPU path, run here on CPU tensors), gives the weights and
-    the mean loss of a plain loop: gradients dropped each step (torch's default; the Trainer zeroes
-    them in place on a CPU), the loss read back each step."""
+    """The Trainer's epoch gives the weights and the mean loss of a plain loop over the same
+    batches: gradients dropped each step (torch's default; the Trainer zeroes them in place on a
+    CPU), the loss read back each step."""
     kind = LOSSES[trainfunc].list_kind
     train_data = EmbeddingData(data / "lists" / f"train_{kind}_list.txt", data / "train", kind, "B", 24)
+    sampling = Sampling(batch_size=32, seed=5)
     results = {}
-    for way, chunk_rows in (("per batch", 0), ("chunks", 70), ("loop", 0)):
-        train_data.chunk_rows = chunk_rows
+    for way in ("trainer", "loop"):
         torch.manual_seed(3)
         trainer = Trainer(SpeakerNet("MyLinearNetv2", trainfunc, nOut=24, nClasses=40), torch.device("cpu"))
-        if way != "loop":
-            mean_loss = trainer.train_epoch(train_data, 1, 32, seed=5)
+        if way == "trainer":
+            mean_loss = trainer.train_epoch(train_data, 1, sampling)
         else:
             torch.manual_seed(5 + 1)
             trainer.net.train()
             total, count = 0.0, 0
-            for batch in train_data.epoch(32, 5, 1):
+            for batch in train_data.batches(1, sampling):
                 trainer.optimizer.zero_grad(set_to_none=True)
                 loss = trainer.net(batch)[0]
                 loss.backward()
@@ -63,12 +62,10 @@ def test_trainer_epochs_equal_a_plain_loop(data, trainfunc):
             mean_loss = total / count
             assert all(p.grad is not None for p in trainer.net.parameters() if p.requires_grad)
         results[way] = (mean_loss, trainer.net.state_dict())
-    loop_loss, loop_state = results["loop"]
-    for way in ("per batch", "chunks"):
-        mean_loss, state = results[way]
-        assert mean_loss == pytest.approx(loop_loss, rel=1e-12), way
-        for name, value in state.items():
-            torch.testing.assert_close(value, loop_state[name], rtol=0, atol=0, msg=f"{way}: {name}")
+    (mean_loss, state), (loop_loss, loop_state) = results["trainer"], results["loop"]
+    assert mean_loss == pytest.approx(loop_loss, rel=1e-12)
+    for name, value in state.items():
+        torch.testing.assert_close(value, loop_state[name], rtol=0, atol=0, msg=name)
 
 
 def test_score_lines_keep_the_original_format():
