@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from m_DataLoader import LIST_KINDS, Corpus, list_kind
-from m_utils import Options, UserError, add_options, run_main, setup_logging, write_text_atomic
+from m_utils import Option, Options, UserError, add_options, run_main, setup_logging, write_text_atomic
 from stores.kaldi import KaldiSource
 from stores.keys import key_category, key_speaker, store_key
 from stores.open import open_store
@@ -33,11 +33,12 @@ LIST_DIR = "lists"
 SEED = 10
 
 OPTIONS: Options = {
-    "embed_dir": (EMBED_DIR, str, "embedding store: a tree of .npy files, a Kaldi .scp or a packed .store"),
-    "filename": (FILENAME, str, "NAME of the list files"),
-    "list_dir": (LIST_DIR, str, "folder of the list files"),
-    "seed": (SEED, int, "seed of the random choices"),
-    "lists": (tuple(LIST_KINDS), list, f"which lists to write ({', '.join(LIST_KINDS)})"),
+    "embed_dir": Option(
+        EMBED_DIR, str, "embedding store: a tree of .npy files, a Kaldi .scp or a packed .store"),
+    "filename": Option(FILENAME, str, "NAME of the list files"),
+    "list_dir": Option(LIST_DIR, str, "folder of the list files"),
+    "seed": Option(SEED, int, "seed of the random choices"),
+    "lists": Option(tuple(LIST_KINDS), list, f"which lists to write ({', '.join(LIST_KINDS)})"),
 }
 
 log = logging.getLogger("m_gen_list")

@@ -27,9 +27,9 @@ def reader_threads(monkeypatch) -> list[int]:
     threads: list[int] = []
     read = stores.arrays.read_embedding
 
-    def recorded(path: Path, dim: int | None = None) -> np.ndarray:
+    def recorded(path: Path, dim: int | None = None, finite: bool = True) -> np.ndarray:
         threads.append(threading.get_ident())
-        return read(path, dim)
+        return read(path, dim, finite)
 
     monkeypatch.setattr(stores.arrays, "read_embedding", recorded)
     return threads
@@ -63,7 +63,7 @@ def test_trainer_accepts_zero_and_refuses_negative(tmp_path, reader_threads):
     train("five", "--nDataLoaderThread", "5")
     scores = [(tmp_path / run / "result" / "scores.txt").read_text() for run in ("zero", "five")]
     assert scores[0] == scores[1] and "--Val-- Epoch 1" in scores[0]
-    with pytest.raises(UserError, match="option 'nDataLoaderThread' must be 0 or more, found -1"):
+    with pytest.raises(UserError, match="--nDataLoaderThread must be 0 or more, found -1"):
         train("neg", "--nDataLoaderThread", "-1")
     assert not (tmp_path / "neg").exists()
 

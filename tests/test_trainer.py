@@ -7,10 +7,11 @@ import torch
 from conftest import config, run_script, train
 
 import m_trainer
+import m_utils
 from loss.m_Losses import LOSSES
 from m_DataLoader import EmbeddingData, Sampling
 from m_network import SpeakerNet, Trainer, checkpoints, parse_score_line, score_line
-from m_utils import UserError
+from m_utils import UserError, hyper_parameters
 
 
 @pytest.mark.parametrize("trainfunc", sorted(LOSSES))
@@ -207,6 +208,66 @@ def test_config_rules(data, tmp_path, monkeypatch):
     bad.write_text("distributed: 1\n")
     with pytest.raises(UserError, match="bool"):
         m_trainer.parse_options(["--config", str(bad)])
+
+
+def test_bounds_and_choices_name_the_config_file_or_the_flag(tmp_path):
+    cfg = tmp_path / "bounds.yaml"
+    for text, message in (("batch_size: 0\n", "bounds.yaml: option 'batch_size' must be at least 1, found 0"),
+                          ("nDataLoaderThread: -2\n", "option 'nDataLoaderThread' must be 0 or more"),
+                          ("port: 70000\n", "option 'port' must be at most 65535, found 70000"),
+                          ("optimizer: adamm\n", "bounds.yaml: unknown optimizer 'adamm' (did you mean adam"),
+                          ("gen_format: hdf5\n", "gen_format must be one of tree, kaldi, packed")):
+        cfg.write_text(text)
+        with pytest.raises(UserError, match=re.escape(message)):
+            m_trainer.parse_options(["--config", str(cfg)])
+    cfg.write_text("batch_size: 0\n")
+    assert m_trainer.parse_options(["--config", str(cfg), "--batch_size", "4"]).batch_size == 4  # flag wins
+    with pytest.raises(UserError, match="^--max_epoch must be at least 1, found 0$"):
+        m_trainer.parse_options(["--max_epoch", "0"])
+    with pytest.raises(UserError, match="^unknown scheduler 'step'.*; scheduler must be one of steplr"):
+        m_trainer.parse_options(["--scheduler", "step"])
+
+
+def test_every_hyper_parameter_is_an_option():
+    """A constructor's parameter that no option sets would keep its default whatever a config says."""
+    from models.m_Models import MODELS
+    from scoring.backends import BACKENDS
+
+    for cls in (*MODELS.values(), *LOSSES.values(), *BACKENDS.values(), Trainer):
+        missing = set(hyper_parameters(cls)) - set(m_trainer.OPTIONS) - {"ctx"}  # ctx: the process group
+        assert not missing, f"{cls.__name__}: {missing}"
+
+
+def test_a_hyper_parameter_without_an_option_is_an_error_and_an_unused_one_is_said(tmp_path, monkeypatch,
+                                                                                    caplog):
+    import models.m_Models
+
+    class Widened(models.m_Models.MyLinearNetv2):
+        def __init__(self, nOut: int = 512, widht: int = 2):
+            super().__init__(nOut)
+
+    monkeypatch.setitem(models.m_Models.MODELS, "Widened", Widened)
+    with pytest.raises(UserError, match="Widened takes widht, which no option sets"):
+        m_trainer.parse_options(["--model", "Widened"])
+    cfg = tmp_path / "unused.yaml"
+    cfg.write_text("trainfunc: MSE\nsigma: 0.5\nnClasses: 10\n")
+    m_trainer.parse_options(["--config", str(cfg)])
+    said = [record.getMessage() for record in caplog.records]
+    assert any(str(cfg) in line and "'sigma' is not used" in line for line in said)
+    assert any("'nClasses' is not used" in line for line in said)
+    caplog.clear()
+    m_trainer.parse_options(["--config", str(cfg), "--trainfunc", "DA"])
+    assert not any("'sigma'" in record.getMessage() for record in caplog.records)
+
+
+def test_trainer_options_reach_the_trainer_by_name(data, tmp_path):
+    cfg = config(data, tmp_path, optimizer="sgd", lr=0.25, weight_decay=0.5, scheduler="none")
+    args = m_trainer.parse_options(["--config", str(cfg), "--save_path", str(tmp_path / "exp")])
+    trainer = m_trainer.Run(args, m_utils.SINGLE).trainer
+    group = trainer.optimizer.param_groups[0]
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.25, 0.5, 0.9)
+    assert isinstance(trainer.scheduler, torch.optim.lr_scheduler.LambdaLR)
 
 
 def test_missing_data_says_which_script_makes_it(tmp_path):
