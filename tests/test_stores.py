@@ -222,7 +222,7 @@ def test_kaldi_ids_with_utt2spk(tmp_path):
     from_store = EmbeddingData(tmp_path / "lists" / "k_normal_list.txt", scp, "normal", "B", DIM)
     np.testing.assert_array_equal(from_store.speaker_embeddings, from_scp.speaker_embeddings)
     for name in ("embeddings",):
-        rows = [from_store.rows, from_scp.rows]
+        rows = [from_store.records.inputs, from_scp.records.inputs]
         np.testing.assert_array_equal(getattr(from_store, name)[rows[0]], getattr(from_scp, name)[rows[1]])
 
 
