@@ -115,13 +115,18 @@ def test_ranks_split_each_global_batch(tree, kind, sampling, world_size):
             assert part.weight == pytest.approx(expected)
 
 
-def test_a_global_batch_too_small_to_split_is_left_out_by_every_rank(tree):
+def test_a_global_batch_too_small_to_split_is_left_out_and_the_rest_split_as_before(tree):
     train = data(tree)  # 90 records: global batches of 44, 44 and 2
     single = list(train.batches(1, Sampling(batch_size=44, seed=1)))
     ranks = [list(train.batches(1, Sampling(batch_size=11, seed=1), DistContext(rank=r, world_size=4)))
              for r in range(4)]
     assert [batch.size for batch in single] == [44, 44, 2]
     assert [[batch.size for batch in batches] for batches in ranks] == [[11, 11]] * 4
+    # a global batch that does not split evenly: the first processes take one more (numpy's
+    # array_split, as before: DDP runs keep their exact weights)
+    ranks = [list(train.batches(1, Sampling(batch_size=10, seed=1), DistContext(rank=r, world_size=4)))
+             for r in range(4)]
+    assert [[batch.size for batch in batches] for batches in ranks] == [[10, 10, 3]] * 2 + [[10, 10, 2]] * 2
 
 
 def test_n_per_speaker_sampler():
