@@ -3,8 +3,9 @@
 Embeddings come from a store (`stores.open_embeddings`: a tree of `.npy` files, a Kaldi `.scp`
 or a packed store; the `stores/` package holds them all). Every embedding named by a list is reduced
 once to its single-utterance embedding (mean over crops, then L2 norm) and kept in one matrix;
-batches are index lookups into that matrix. List kinds (normal, triplet, distribution, test trials)
-are small classes that know their fields, how m_gen_list.py writes them and what a batch gathers.
+a training list becomes, once, one Records of index arrays into it, and a batch is those arrays
+indexed (EmbeddingData.batches). List kinds (normal, triplet, distribution, test trials) are small
+classes that know their fields, how m_gen_list.py writes them and the Records they make.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,7 +60,7 @@ def speaker_pairs(paths_by_category: dict[str, list[str]]) -> tuple[list, list]:
     same = [(files[k], files[k + 1]) for files in paths_by_category.values()
             for k in range(0, len(files) - 1, 2)]
     remaining = {cat: list(files) for cat, files in paths_by_category.items()}
-    different = []
+    different: list[tuple[str, str]] = []
     while len(different) < len(same):
         left = [cat for cat in remaining if remaining[cat]]
         if len(left) < 2:
@@ -72,7 +73,7 @@ def speaker_pairs(paths_by_category: dict[str, list[str]]) -> tuple[list, list]:
 
 # ----------------------------------------------------------------------------------------------
 # List kinds: each knows its fields, how its lines are read and written, and (for the kinds a
-# network trains on) which files a list names, what a batch gathers and how an epoch samples it.
+# network trains on) which files a list names and the Records it makes of them.
 
 
 class ListKind:
@@ -82,7 +83,7 @@ class ListKind:
     fields: ClassVar[tuple[str, ...]] = ()
     binary: ClassVar[dict[int, str]] = {}  # field index -> name of a 0/1 field
 
-    def line_parser(self, path: Path) -> Callable[[list[str], int], tuple]:
+    def line_parser(self, path: Path) -> Callable[..., tuple]:
         """The parser of one file's lines (a kind whose format is detected per file keeps state)."""
         return partial(self.parse, path=path)
 
@@ -92,9 +93,10 @@ class ListKind:
                             f"({' '.join(self.fields)}), this one has {len(parts)}: {' '.join(parts)!r}")
         if not self.binary:
             return tuple(parts)
+        values: list[str | int] = list(parts)
         for index, what in self.binary.items():
-            parts[index] = _binary(parts[index], path, lineno, what)
-        return tuple(parts)
+            values[index] = _binary(parts[index], path, lineno, what)
+        return tuple(values)
 
     def lines(self, corpus: Corpus, rng: np.random.Generator, missing: Counter) -> list[str]:
         raise NotImplementedError
@@ -166,52 +168,29 @@ class TrialKind(ListKind):
 
 class TrainingKind(ListKind):
     """A list a network trains on (`spk path ...`): one row of inputs per record, its speaker's
-    embedding as target. `gathered` names the Batch fields gathered from a table of
-    EmbeddingData (by row); the other fields are values."""
+    embedding as target."""
 
-    fields = ("spk", "path")
-    gathered: ClassVar[dict[str, str]] = {"inputs": "table", "targets": "speaker_embeddings"}
+    fields: ClassVar[tuple[str, ...]] = ("spk", "path")
 
-    def files(self, records: list[tuple]) -> list[str]:
-        return [r[1] for r in records]
+    def files(self, parsed: list[tuple]) -> list[str]:
+        return [r[1] for r in parsed]
 
-    def speakers(self, records: list[tuple]) -> set[str]:
+    def speakers(self, parsed: list[tuple]) -> set[str]:
         """The speakers whose embeddings the list's batches use."""
-        return {r[0] for r in records}
+        return {r[0] for r in parsed}
 
-    def index(self, data: EmbeddingData, records: list[tuple], file_rows: np.ndarray,
-              target_of: dict[str, int]) -> list[str]:
-        """Set the record arrays of `data` from the rows of the files `files(records)` names, in
-        order; returns each record's speaker."""
-        data.rows = file_rows
-        return [r[0] for r in records]
+    def records(self, parsed: list[tuple], file_rows: np.ndarray, target_of: dict[str, int],
+                label_of: dict[str, int]) -> Records:
+        """The list's Records; `file_rows` holds the table row of each of `files(parsed)`."""
+        targets, labels = speaker_indices([r[0] for r in parsed], target_of, label_of)
+        return Records(inputs=file_rows, targets=targets, labels=labels)
 
-    def file_rows(self, data: EmbeddingData) -> tuple[np.ndarray, np.ndarray]:
-        """(rows of `embeddings`, their speaker index) of every record's files."""
-        return data.rows, data.target
 
-    def batch_indices(self, data: EmbeddingData, records: np.ndarray,
-                      batch: np.ndarray | None) -> dict[str, np.ndarray]:
-        return {"inputs": data.rows[records], "targets": data.target[records],
-                "labels": data.label[records]}
-
-    def global_batches(self, data: EmbeddingData, rng: np.random.Generator, batch_size: int,
-                       world_size: int, n_per_speaker: int, max_seg_per_spk: int,
-                       speakers_per_step: int, shuffle: bool) -> list[np.ndarray]:
-        if n_per_speaker > 1:
-            return speaker_grouped_batches(data.target, batch_size * world_size, n_per_speaker,
-                                           max_seg_per_spk, rng)
-        order = rng.permutation(len(data)) if shuffle else np.arange(len(data))
-        step = batch_size * world_size
-        return [order[i:i + step] for i in range(0, len(order), step)]
-
-    def rank_part(self, data: EmbeddingData, items: np.ndarray, ctx: DistContext,
-                  n_per_speaker: int) -> tuple[np.ndarray, float] | None:
-        if n_per_speaker > 1:
-            groups = items.reshape(-1, n_per_speaker)
-            mine = shard(groups, ctx)
-            return None if mine is None else (mine[0].reshape(-1), mine[1])
-        return shard(items, ctx)
+def speaker_indices(speakers: list[str], target_of: dict[str, int],
+                    label_of: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(target row, class label) of each of `speakers`; -1 for a speaker without a class."""
+    return (np.array([target_of[s] for s in speakers], np.int64),
+            np.array([label_of.get(s, -1) for s in speakers], np.int64))
 
 
 class NormalKind(TrainingKind):
@@ -227,19 +206,15 @@ class TripletKind(TrainingKind):
 
     name = "triplet"
     fields = ("spk", "path", "other_spk")
-    gathered = {**TrainingKind.gathered, "others": "speaker_embeddings"}
 
-    def speakers(self, records: list[tuple]) -> set[str]:
-        return {r[0] for r in records} | {r[2] for r in records}
+    def speakers(self, parsed: list[tuple]) -> set[str]:
+        return {r[0] for r in parsed} | {r[2] for r in parsed}
 
-    def index(self, data: EmbeddingData, records: list[tuple], file_rows: np.ndarray,
-              target_of: dict[str, int]) -> list[str]:
-        data.other_target = np.array([target_of[r[2]] for r in records], np.int64)
-        return super().index(data, records, file_rows, target_of)
-
-    def batch_indices(self, data: EmbeddingData, records: np.ndarray,
-                      batch: np.ndarray | None) -> dict[str, np.ndarray]:
-        return {**super().batch_indices(data, records, batch), "others": data.other_target[records]}
+    def records(self, parsed: list[tuple], file_rows: np.ndarray, target_of: dict[str, int],
+                label_of: dict[str, int]) -> Records:
+        records = super().records(parsed, file_rows, target_of, label_of)
+        records.others = np.array([target_of[r[2]] for r in parsed], np.int64)
+        return records
 
     def lines(self, corpus: Corpus, rng: np.random.Generator, missing: Counter) -> list[str]:
         """`spk path other_spk`, other_spk a random different speaker."""
@@ -261,39 +236,18 @@ class DistributionKind(TrainingKind):
     fields = ("spk", "path1", "path2", "flag")
     binary = {3: "flag"}
 
-    def files(self, records: list[tuple]) -> list[str]:
-        return [r[1] for r in records] + [r[2] for r in records]
+    def files(self, parsed: list[tuple]) -> list[str]:
+        return [r[1] for r in parsed] + [r[2] for r in parsed]
 
-    def index(self, data: EmbeddingData, records: list[tuple], file_rows: np.ndarray,
-              target_of: dict[str, int]) -> list[str]:
-        data.pair_a, data.pair_b = file_rows[:len(records)], file_rows[len(records):]
-        data.pair_same = np.array([r[3] == 1 for r in records], bool)
-        return [r[0] for r in records]
-
-    def file_rows(self, data: EmbeddingData) -> tuple[np.ndarray, np.ndarray]:
-        return np.concatenate([data.pair_a, data.pair_b]), np.concatenate([data.target, data.target])
-
-    def batch_indices(self, data: EmbeddingData, records: np.ndarray,
-                      batch: np.ndarray | None) -> dict[str, np.ndarray]:
-        keys = (~data.pair_same[records], data.target[records]) + (() if batch is None else (batch,))
-        pairs = records[np.lexsort(keys)]
-        per_row = np.repeat(pairs, 2)
-        return {"inputs": np.stack([data.pair_a[pairs], data.pair_b[pairs]], axis=1).reshape(-1),
-                "targets": data.target[per_row], "labels": data.label[per_row],
-                "pair_same": data.pair_same[pairs], "pair_speaker": data.target[pairs]}
-
-    def global_batches(self, data: EmbeddingData, rng: np.random.Generator, batch_size: int,
-                       world_size: int, n_per_speaker: int, max_seg_per_spk: int,
-                       speakers_per_step: int, shuffle: bool) -> list[np.ndarray]:
-        groups = data.speaker_pairs()
-        order = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
-        step = speakers_per_step * world_size
-        return [np.concatenate([groups[g] for g in order[i:i + step]])
-                for i in range(0, len(order), step)]
-
-    def rank_part(self, data: EmbeddingData, items: np.ndarray, ctx: DistContext,
-                  n_per_speaker: int) -> tuple[np.ndarray, float] | None:
-        return data._speaker_shard(items, ctx)
+    def records(self, parsed: list[tuple], file_rows: np.ndarray, target_of: dict[str, int],
+                label_of: dict[str, int]) -> Records:
+        """A record per pair, laid out as batches take them: speaker by speaker, each speaker's
+        same-category pairs first (in list order), then its others."""
+        targets, labels = speaker_indices([r[0] for r in parsed], target_of, label_of)
+        same = np.array([r[3] == 1 for r in parsed], bool)
+        order = np.lexsort((~same, targets))
+        return Records(inputs=file_rows.reshape(2, -1).T[order], targets=targets[order],
+                       labels=labels[order], pair_same=same[order])
 
     def lines(self, corpus: Corpus, rng: np.random.Generator, missing: Counter) -> list[str]:
         lines = []
@@ -409,6 +363,31 @@ def load_speaker_embeddings(root: str | os.PathLike, speakers: Sequence[str], em
 
 
 @dataclass
+class Records:
+    """A training list as flat index arrays, one entry per record (a distribution list's record
+    is a pair), built once by its TrainingKind; a batch is these arrays indexed by its records.
+    Records are in list order, but for a distribution list's, laid out speaker by speaker."""
+
+    inputs: np.ndarray   # (R,) row of `table` of each record's file; (R, 2) a pair's two rows
+    targets: np.ndarray  # (R,) its speaker: row of `speaker_embeddings`
+    labels: np.ndarray   # (R,) its class: index into `speakers`, -1 for a speaker without one
+    others: np.ndarray | None = None     # (R,) triplet: another speaker's row
+    pair_same: np.ndarray | None = None  # (R,) distribution: True for a same-category pair
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How an epoch's batches are drawn: the trainer's options of the same meaning."""
+
+    batch_size: int                # records a step and process (normal and triplet lists)
+    seed: int = 10
+    n_per_speaker: int = 1         # utterances of one speaker grouped in a batch (nPerSpeaker)
+    max_seg_per_spk: int = 500     # utterances per speaker and epoch with n_per_speaker > 1
+    speakers_per_step: int = 1     # distribution lists: speakers a step and process
+    shuffle: bool = True
+
+
+@dataclass
 class Batch:
     """One step's data. DA batches lay pairs out as rows (2p, 2p + 1) of `inputs`."""
 
@@ -419,23 +398,11 @@ class Batch:
     pair_same: torch.Tensor | None = None     # (P,) True for a same-category pair (DA)
     pair_speaker: torch.Tensor | None = None  # (P,) speaker group of each pair (DA)
     weight: float = 1.0                # this rank's share of the global batch x world size
+    records: np.ndarray | None = None  # its records: indices into EmbeddingData.records
 
     @property
     def size(self) -> int:
         return int(self.inputs.shape[0])
-
-
-# Input rows an epoch on a GPU gathers in one operation per field: 8 MB of inputs at 512
-# dimensions, and as much again of targets (about 20 steps at batch size 200).
-GPU_CHUNK_ROWS = 4096
-
-
-def shard(items: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, float] | None:
-    """This rank's part of one global batch and its weight, or None when some rank gets nothing."""
-    if len(items) < ctx.world_size:
-        return None
-    part = np.array_split(items, ctx.world_size)[ctx.rank]
-    return part, len(part) * ctx.world_size / len(items)
 
 
 def rows_of_files(files: list[str], unique: list[str], rows: np.ndarray) -> np.ndarray:
@@ -448,12 +415,12 @@ def rows_of_files(files: list[str], unique: list[str], rows: np.ndarray) -> np.n
 
 
 class EmbeddingData:
-    """A list file's records with their embeddings held in memory (a packed store's memory map
-    when the list names all of it, with no copy on the CPU).
+    """A training list's Records with their embeddings held in memory (a packed store's memory map
+    when the list names all of it, with no copy on the CPU); `batches` draws an epoch from them.
 
-    `kind` is normal, triplet or distribution (a TrainingKind, which the batches ask). Speaker
-    labels index `speakers` (the training speakers when given, so validation shares the training
-    classes). `root` is the embedding store (tree, .scp or packed store).
+    `kind` is normal, triplet or distribution. Speaker labels index `speakers` (the training
+    speakers when given, so validation shares the training classes). `root` is the embedding
+    store (tree, .scp or packed store).
     """
 
     def __init__(self, list_path: str | os.PathLike, root: str | os.PathLike, kind: str,
@@ -461,14 +428,14 @@ class EmbeddingData:
                  speakers: Sequence[str] | None = None, threads: int = 8):
         self.list_kind = training_kind(kind)
         self.kind = self.list_kind.name
-        records = read_list(list_path, self.list_kind)
+        parsed = read_list(list_path, self.list_kind)
         source = open_embeddings(root)
-        files = self.list_kind.files(records)
+        files = self.list_kind.files(parsed)
         # a packed store's rows are its own: it takes the files as they are (repeats and all);
         # other stores read each distinct file once, in sorted order
         unique = files if source.own_rows else sorted(set(files))
         # copies: a name kept per speaker pinned the freed records' pools (2 GB at 9.9M lines)
-        own_speakers = sorted(spk.encode().decode() for spk in self.list_kind.speakers(records))
+        own_speakers = sorted(spk.encode().decode() for spk in self.list_kind.speakers(parsed))
         self.speakers = list(speakers) if speakers is not None else own_speakers
         label_of = {spk: i for i, spk in enumerate(self.speakers)}
         target_of = {spk: i for i, spk in enumerate(own_speakers)}  # beside this list's files
@@ -479,20 +446,16 @@ class EmbeddingData:
         # converted as gathered), on a GPU converted there: the host never holds a float32 copy.
         table = torch.from_numpy(utterances.native).to(device)
         self.table = table if table.device.type == "cpu" else table.float()
-        self._utterances, self._embeddings = utterances, None
+        self._utterances = utterances
+        self._embeddings: torch.Tensor | None = None
         self.dim = int(self.table.shape[1])
         self.speaker_embeddings = torch.from_numpy(
             source.speaker_embeddings(own_speakers, embedding_type, self.dim)).to(device)
-        spk = self.list_kind.index(self, records, rows_of_files(files, unique, utterances.rows), target_of)
-        self.target = np.array([target_of[s] for s in spk], np.int64)
-        self.label = np.array([label_of.get(s, -1) for s in spk], np.int64)
-        self._speaker_pairs: list[np.ndarray] | None = None
-        # Rows gathered at once in an epoch (0: one gather per batch). On a GPU each operation
-        # costs the host a launch, the same for 200 rows as for 4,096, and steps are short.
-        self.chunk_rows = GPU_CHUNK_ROWS if self.table.device.type != "cpu" else 0
+        self.records = self.list_kind.records(parsed, rows_of_files(files, unique, utterances.rows),
+                                              target_of, label_of)
 
     def __len__(self) -> int:
-        return len(self.target)
+        return len(self.records.targets)
 
     @property
     def embeddings(self) -> torch.Tensor:
@@ -506,143 +469,89 @@ class EmbeddingData:
 
     @property
     def num_speakers(self) -> int:
-        return len(set(self.target.tolist()))
+        return len(np.unique(self.records.targets))
 
     def row_speakers(self) -> np.ndarray:
         """(rows of `embeddings`,) the speaker (index into the list's speakers) of each file."""
         speaker = np.empty(len(self.table), np.int64)
-        rows, targets = self.list_kind.file_rows(self)
-        speaker[rows] = targets
+        inputs = self.records.inputs
+        speaker[inputs.reshape(len(inputs), -1)] = self.records.targets[:, None]
         return speaker
 
-    # -- batch assembly ------------------------------------------------------------------------
-    # A batch is first a set of index arrays (numpy), then gathered from the tables. On a GPU the
-    # index arrays of a whole epoch travel in one copy (a copy per batch would make the host wait
-    # for the GPU to finish the previous step every time) and rows are gathered for many batches
-    # at once (see chunk_rows).
+    def batches(self, epoch: int, sampling: Sampling, ctx: DistContext = SINGLE) -> Iterator[Batch]:
+        """This process's batches of one epoch. The global batches depend on the seed and the epoch
+        alone; each process takes its share of every one, whole groups, and weighs its loss by its
+        share, so that DDP's mean over the processes is the loss of the global batch."""
+        rng = np.random.default_rng([sampling.seed, epoch])
+        for items, starts in global_batches(self.records, sampling, rng, ctx.world_size):
+            if len(starts) < ctx.world_size:
+                continue  # some process would get nothing: every process leaves it out
+            lo, hi = process_share(len(starts), ctx)
+            bounds = np.append(starts, len(items))
+            mine = items[bounds[lo]:bounds[hi]]
+            # a DA loss is a mean over speakers, each process's over its own: unweighted
+            weight = 1.0 if self.records.pair_same is not None else len(mine) * ctx.world_size / len(items)
+            yield self.batch(mine, weight)
 
-    def batch_indices(self, records: np.ndarray, batch: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Index arrays of the batch of record indices `records` (pairs for a distribution list):
-        rows of the tables for the Batch fields the kind gathers, values for the others. `batch`
-        numbers the batch of each record where `records` holds several batches back to back."""
-        return self.list_kind.batch_indices(self, records, batch)
-
-    def assemble(self, indices: dict[str, np.ndarray | torch.Tensor], weight: float = 1.0) -> Batch:
-        """The Batch of `indices` (numpy, or tensors already on the tables' device)."""
-        fields = {}
-        for name, values in indices.items():
-            table = self.list_kind.gathered.get(name)
-            fields[name] = (self.rows_of(getattr(self, table), values) if table is not None
-                            else torch.as_tensor(values, device=self.table.device))
-        return Batch(**fields, weight=weight)
-
-    @staticmethod
-    def rows_of(table: torch.Tensor, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """table[rows] as float32. On the CPU the gather runs in numpy on the tensor's own memory:
-        torch's threaded indexing costs more in thread wake-ups than the copy itself for small
-        batches; a float16 table's rows are converted after the gather (only the batch's rows)."""
-        if isinstance(rows, np.ndarray) and table.device.type == "cpu":
-            return torch.from_numpy(table.numpy()[rows]).float()
-        return table[torch.as_tensor(rows, device=table.device)].float()
-
-    def batch_of(self, records: np.ndarray, weight: float = 1.0) -> Batch:
-        """The Batch of record indices `records` (pairs for a distribution list)."""
-        return self.assemble(self.batch_indices(records), weight)
-
-    def _batches_in_chunks(self, parts: Iterable[tuple[np.ndarray, float]]) -> Iterator[Batch]:
-        return chunked_batches(self, parts)
-
-    def speaker_pairs(self) -> list[np.ndarray]:
-        """Pair indices grouped by speaker, in speaker order (distribution lists)."""
-        if self._speaker_pairs is None:
-            order = np.argsort(self.target, kind="stable")
-            starts = np.flatnonzero(np.diff(self.target[order])) + 1
-            self._speaker_pairs = np.split(order, starts) if len(order) else []
-        return self._speaker_pairs
-
-    # -- epochs ----------------------------------------------------------------------------------
-
-    def global_batches(self, batch_size: int, seed: int, epoch: int, world_size: int = 1,
-                       n_per_speaker: int = 1, max_seg_per_spk: int = 500,
-                       speakers_per_step: int = 1, shuffle: bool = True) -> list[np.ndarray]:
-        """The epoch's global batches (record indices), identical on every rank."""
-        rng = np.random.default_rng([seed, epoch])
-        return self.list_kind.global_batches(self, rng, batch_size, world_size, n_per_speaker,
-                                             max_seg_per_spk, speakers_per_step, shuffle)
-
-    def epoch(self, batch_size: int, seed: int, epoch: int, ctx: DistContext = SINGLE,
-              **sampling) -> Iterator[Batch]:
-        """This rank's batches of one epoch; the global order depends on seed and epoch only."""
-        parts = (self._rank_part(items, ctx, sampling.get("n_per_speaker", 1))
-                 for items in self.global_batches(batch_size, seed, epoch, ctx.world_size, **sampling))
-        parts = (part for part in parts if part is not None)
-        if self.chunk_rows:
-            yield from self._batches_in_chunks(parts)
-            return
-        for part in parts:
-            yield self.batch_of(*part)
-
-    def _rank_part(self, items: np.ndarray, ctx: DistContext,
-                   n_per_speaker: int) -> tuple[np.ndarray, float] | None:
-        """This rank's records of a global batch and their loss weight (None: nothing here)."""
-        if ctx.world_size == 1:
-            return items, 1.0
-        return self.list_kind.rank_part(self, items, ctx, n_per_speaker)
-
-    def _speaker_shard(self, pairs: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, float] | None:
-        speakers = np.unique(self.target[pairs])
-        mine = shard(speakers, ctx)
-        if mine is None:
-            return None
-        return pairs[np.isin(self.target[pairs], mine[0])], 1.0
+    def batch(self, records: np.ndarray, weight: float = 1.0) -> Batch:
+        """The Batch of `records` (indices into `self.records`): the tables' rows gathered on their
+        device. A pair gives two rows of inputs, targets and labels."""
+        r, device = self.records, self.table.device
+        per_row = records if r.inputs.ndim == 1 else np.repeat(records, 2)
+        batch = Batch(inputs=rows_of(self.table, r.inputs[records].reshape(-1)),
+                      targets=rows_of(self.speaker_embeddings, r.targets[per_row]),
+                      labels=torch.as_tensor(r.labels[per_row], device=device), weight=weight,
+                      records=records)
+        if r.others is not None:
+            batch.others = rows_of(self.speaker_embeddings, r.others[records])
+        if r.pair_same is not None:
+            batch.pair_same = torch.as_tensor(r.pair_same[records], device=device)
+            batch.pair_speaker = torch.as_tensor(r.targets[records], device=device)
+        return batch
 
 
-def chunked_batches(data: EmbeddingData, parts: Iterable[tuple[np.ndarray, float]]) -> Iterator[Batch]:
-    """Batches of `parts` built with a few device operations per many steps: the epoch's index
-    arrays go to the device in one copy, the table rows of about `chunk_rows` inputs are
-    gathered in one operation per field, and each batch is a slice of those (a view)."""
-    parts = list(parts)
-    sizes = np.array([len(records) for records, _ in parts], np.int64)
-    if not sizes.sum():
-        return
-    records = np.concatenate([records for records, _ in parts])
-    indices = data.batch_indices(records, np.repeat(np.arange(len(parts)), sizes))
-    record_bounds = np.concatenate([[0], np.cumsum(sizes)])
-    # A field has one or two entries a record (a distribution pair gives two rows).
-    bounds = {name: (record_bounds * (len(values) // len(records))).tolist()
-              for name, values in indices.items()}
-    flat = {name: torch.as_tensor(values, device=data.table.device)
-            for name, values in indices.items()}
-    names = list(indices)
-    gathered = data.list_kind.gathered
-    gathered_names = [name for name in names if name in gathered]
-    starts = chunk_starts(np.diff(bounds["inputs"]), data.chunk_rows)
-    for first, stop in zip(starts[:-1], starts[1:], strict=True):
-        chunk = {name: getattr(data, gathered[name]).index_select(
-                     0, flat[name][bounds[name][first]:bounds[name][stop]]).float()
-                 for name in gathered_names}
-        for k in range(first, stop):
-            fields = {}
-            for name in names:
-                lo, hi = bounds[name][k], bounds[name][k + 1]
-                if name in chunk:
-                    offset = bounds[name][first]
-                    fields[name] = chunk[name][lo - offset:hi - offset]
-                else:
-                    fields[name] = flat[name][lo:hi]
-            yield Batch(**fields, weight=parts[k][1])
+def rows_of(table: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """table[rows] as float32. On the CPU the gather runs in numpy on the tensor's own memory:
+    torch's threaded indexing costs more in thread wake-ups than the copy itself for small
+    batches; a float16 table's rows are converted after the gather (only the batch's rows)."""
+    if table.device.type == "cpu":
+        return torch.from_numpy(table.numpy()[rows]).float()
+    return table[torch.as_tensor(rows, device=table.device)].float()
 
 
-def chunk_starts(batch_rows: np.ndarray, chunk_rows: int) -> list[int]:
-    """Where chunks of consecutive batches start (and, last, the number of batches), each chunk
-    holding at most `chunk_rows` rows or a single batch that has more."""
-    starts, rows = [0], 0
-    for k, size in enumerate(batch_rows.tolist()):
-        if rows and rows + size > chunk_rows:
-            starts.append(k)
-            rows = 0
-        rows += size
-    return starts + [len(batch_rows)]
+def global_batches(records: Records, sampling: Sampling, rng: np.random.Generator,
+                   world_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The epoch's batches over all processes, each (its record indices, where each of its groups
+    starts): a group, which one process takes whole, is a record, an nPerSpeaker group or (a
+    distribution list) a speaker's pairs, whole speakers a step in speaker order."""
+    count = len(records.targets)
+    if records.pair_same is not None:
+        first = np.flatnonzero(np.diff(records.targets, prepend=-1))  # records are by speaker
+        ends = np.append(first[1:], count)
+        order = rng.permutation(len(first)) if sampling.shuffle else np.arange(len(first))
+        step = sampling.speakers_per_step * world_size
+        batches = []
+        for i in range(0, len(order), step):
+            chosen = np.sort(order[i:i + step])
+            sizes = ends[chosen] - first[chosen]
+            items = np.concatenate([np.arange(first[g], ends[g]) for g in chosen])
+            batches.append((items, np.cumsum(sizes) - sizes))
+        return batches
+    if sampling.n_per_speaker > 1:
+        n = sampling.n_per_speaker
+        return [(items, np.arange(0, len(items), n)) for items in speaker_grouped_batches(
+            records.targets, sampling.batch_size * world_size, n, sampling.max_seg_per_spk, rng)]
+    order = rng.permutation(count) if sampling.shuffle else np.arange(count)
+    step = sampling.batch_size * world_size
+    return [(order[i:i + step], np.arange(len(order[i:i + step]))) for i in range(0, count, step)]
+
+
+def process_share(groups: int, ctx: DistContext) -> tuple[int, int]:
+    """The range [lo, hi) of `groups` this process takes: as numpy's array_split, the first
+    `groups % world_size` processes one more."""
+    each, extra = divmod(groups, ctx.world_size)
+    lo = ctx.rank * each + min(ctx.rank, extra)
+    return lo, lo + each + (ctx.rank < extra)
 
 
 def speaker_grouped_batches(speaker: np.ndarray, groups_per_batch: int, n_per_speaker: int,
@@ -663,7 +572,9 @@ def speaker_grouped_batches(speaker: np.ndarray, groups_per_batch: int, n_per_sp
     # so a speaker recurs only once every other speaker of its round has been placed.
     order = rng.permutation(len(groups))
     order = order[np.argsort(np.asarray(rounds)[order], kind="stable")]
-    batches, current, seen = [], [], set()
+    batches: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    seen: set[str] = set()
     for g in order:
         if group_speaker[g] in seen or len(current) == groups_per_batch:
             batches.append(np.concatenate(current))

@@ -35,9 +35,11 @@ import numpy as np
 from tqdm import tqdm
 
 from m_utils import (
+    Option,
     Options,
     UserError,
     add_options,
+    check_options,
     clear_leftovers,
     fault_point,
     run_lock,
@@ -79,10 +81,10 @@ THREADS = 4  # reader threads: more help a cold or network disk, fewer a warm pa
 STORE_DTYPE = "float32"
 
 OPTIONS: Options = {
-    "embed_dir": (EMBED_DIR, str, "single-utterance embeddings: a tree of .npy files or a Kaldi .scp"),
-    "threads": (THREADS, int, "threads reading embedding files"),
-    "pack": (True, bool, "also write the packed store (always for a .scp)"),
-    "store_dtype": (STORE_DTYPE, str, f"dtype of the packed store's matrix ({', '.join(STORE_DTYPES)})"),
+    "embed_dir": Option(EMBED_DIR, str, "single-utterance embeddings: a tree of .npy files or a Kaldi .scp"),
+    "threads": Option(THREADS, int, "threads reading embedding files"),
+    "pack": Option(True, bool, "also write the packed store (always for a .scp)"),
+    "store_dtype": Option(STORE_DTYPE, str, "dtype of the packed store's matrix", choices=STORE_DTYPES),
 }
 
 CHUNK = 64  # files a reader thread reads at a time
@@ -281,10 +283,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
+    check_options(args, OPTIONS)
     setup_logging()
     embed_dir = Path(args.embed_dir)
-    if args.store_dtype not in STORE_DTYPES:
-        raise UserError(f"--store_dtype must be one of {', '.join(STORE_DTYPES)}, found {args.store_dtype!r}")
     # Not beside an m_gen_embs.py (or another m_comb_embs.py) writing the same tree; a missing
     # folder has nothing to guard, and combine reports it.
     folder = embed_dir.parent if embed_dir.suffix == ".scp" else embed_dir

@@ -48,10 +48,12 @@ from tqdm import tqdm
 from m_utils import (
     HARDWARE_OPTIONS,
     DistContext,
+    Option,
     Options,
     UserError,
     add_options,
     bf16_is_native,
+    check_options,
     clear_leftovers,
     fault_point,
     launch,
@@ -614,22 +616,25 @@ def embed_files(ctx: DistContext, job: Job, model: nn.Module,
 
 
 OPTIONS: Options = {
-    "db_path": (DB_PATH, str, "audio tree (default %(default)s)"),
-    "embed_dir": (EMBED_DIR, str, "embedding tree, with utt2dur and manifest.json (default %(default)s)"),
-    "model": (DEFAULT_EXTRACTOR, str, f"extractor: {', '.join(sorted(EXTRACTORS))} (default %(default)s)"),
-    "initial_model": (None, str, "weights file (e.g. baseline_v2_ap.model); default: the extractor's own"),
-    "random_init": (False, bool, "untrained weights (for tests)"),
-    "eval_frames": (400, int, "crop length in 10 ms frames"),
-    "num_eval": (10, int, "crops (embeddings) per utterance"),
-    "max_seconds": (None, float, "embed only the first this many seconds of each file (short test sets)"),
-    "batch_size": (0, int, "utterances per forward pass; 0: chosen for the device"),
-    "nDataLoaderThread": (None, int, f"audio decoding worker processes (default: {CPU_WORKERS} on a CPU; on "
-                          f"a GPU machine its cores less one, at most {MAX_CUDA_WORKERS})"),
-    "overwrite": (False, bool, "recompute files that already exist, whatever settings made them"),
+    "db_path": Option(DB_PATH, str, "audio tree (default %(default)s)"),
+    "embed_dir": Option(
+        EMBED_DIR, str, "embedding tree, with utt2dur and manifest.json (default %(default)s)"),
+    "model": Option(
+        DEFAULT_EXTRACTOR, str, f"extractor: {', '.join(sorted(EXTRACTORS))} (default %(default)s)"),
+    "initial_model": Option(
+        None, str, "weights file (e.g. baseline_v2_ap.model); default: the extractor's own"),
+    "random_init": Option(False, bool, "untrained weights (for tests)"),
+    "eval_frames": Option(400, int, "crop length in 10 ms frames", bounds=(1, None)),
+    "num_eval": Option(10, int, "crops (embeddings) per utterance", bounds=(1, None)),
+    "max_seconds": Option(
+        None, float, "embed only the first this many seconds of each file (short test sets)"),
+    "batch_size": Option(0, int, "utterances per forward pass; 0: chosen for the device", bounds=(0, None)),
+    "nDataLoaderThread": Option(
+        None, int, f"audio decoding worker processes (default: {CPU_WORKERS} on a CPU; on "
+        f"a GPU machine its cores less one, at most {MAX_CUDA_WORKERS})", bounds=(0, None)),
+    "overwrite": Option(False, bool, "recompute files that already exist, whatever settings made them"),
     **HARDWARE_OPTIONS,
 }
-# The smallest value of each numeric option (an unset one is not checked); --max_seconds must be above 0.
-MINIMUM = {"eval_frames": 1, "num_eval": 1, "nprocs": 1, "batch_size": 0, "nDataLoaderThread": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -637,20 +642,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
-    check_options(args)
-    return args
-
-
-def check_options(args: argparse.Namespace) -> None:
-    """Every bound of the options, and the extractor's name, in one place."""
+    check_options(args, OPTIONS)
     extractor_entry(args.model, "--model")
-    for name, least in MINIMUM.items():
-        value = getattr(args, name)
-        if value is not None and value < least:
-            bound = f"at least {least}" if least else "0 or more"
-            raise UserError(f"--{name} must be {bound}, got {value}")
+    # the one bound above a value (0) rather than from it
     if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
         raise UserError(f"--max_seconds must be a number of seconds above 0, got {args.max_seconds}")
+    return args
 
 
 def mixed_precision(asked: bool, device: torch.device) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from m_DataLoader import LIST_KINDS, Corpus, list_kind
-from m_utils import Options, UserError, add_options, run_main, setup_logging, write_text_atomic
+from m_utils import Option, Options, UserError, add_options, run_main, setup_logging, write_text_atomic
 from stores.kaldi import KaldiSource
 from stores.keys import key_category, key_speaker, store_key
 from stores.open import open_store
@@ -37,14 +37,15 @@ LIST_DIR = "lists"
 SEED = 10
 
 OPTIONS: Options = {
-    "embed_dir": (EMBED_DIR, str, "embedding store: a tree of .npy files, a Kaldi .scp or a packed .store"),
-    "filename": (FILENAME, str, "NAME of the list files"),
-    "list_dir": (LIST_DIR, str, "folder of the list files"),
-    "seed": (SEED, int, "seed of the random choices"),
-    "lists": (tuple(LIST_KINDS), list, f"which lists to write ({', '.join(LIST_KINDS)}, or enroll: "
-              "enrolment models and their trials, see --enroll_utts)"),
-    "enroll_utts": (("3",), list, "--lists enroll: utterances K of each model, a pair of files per K; "
-                    "give every K in one call (the largest sets the test utterances of all)"),
+    "embed_dir": Option(
+        EMBED_DIR, str, "embedding store: a tree of .npy files, a Kaldi .scp or a packed .store"),
+    "filename": Option(FILENAME, str, "NAME of the list files"),
+    "list_dir": Option(LIST_DIR, str, "folder of the list files"),
+    "seed": Option(SEED, int, "seed of the random choices"),
+    "lists": Option(tuple(LIST_KINDS), list, f"which lists to write ({', '.join(LIST_KINDS)}, or enroll: "
+                    "enrolment models and their trials, see --enroll_utts)"),
+    "enroll_utts": Option(("3",), list, "--lists enroll: utterances K of each model, a pair of files per K; "
+                          "give every K in one call (the largest sets the test utterances of all)"),
 }
 ENROLL = "enroll"  # the kind of --lists that writes enrolment models (not a LIST_KINDS list)
 ENROLL_STREAM = 100  # the seed stream of the enrolment lists (LIST_KINDS use their index)

@@ -6,16 +6,17 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from loss.m_Losses import CLASSIFIER_KEYS, loss_class
-from m_DataLoader import Batch, EmbeddingData
+from m_DataLoader import EmbeddingData, Sampling
 from m_utils import (
     SINGLE,
     DistContext,
@@ -32,6 +33,7 @@ log = logging.getLogger("m_network")
 
 CHECKPOINT_NAME = "model{:09d}.model"
 CHECKPOINT_PATTERN = re.compile(r"^model(\d{9})\.model$")
+BAR_STEPS = 50  # the running loss on the epoch's progress bar is read back every this many steps
 
 
 class SpeakerNet(nn.Module):
@@ -122,7 +124,7 @@ class Trainer:
         self.net = net.to(device)
         self.device = device
         self.ctx = ctx
-        self.module = net
+        self.module: nn.Module = net
         if ctx.distributed:
             ids = [device.index] if device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(net, device_ids=ids)
@@ -142,40 +144,38 @@ class Trainer:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def train_epoch(self, data: EmbeddingData, epoch: int, batch_size: int, seed: int,
-                    **sampling) -> float:
-        """One epoch; returns the mean training loss over this rank's samples (all ranks)."""
-        torch.manual_seed(seed + epoch)
+    def train_epoch(self, data: EmbeddingData, epoch: int, sampling: Sampling) -> float:
+        """One epoch; returns the mean training loss over the samples of every process."""
+        torch.manual_seed(sampling.seed + epoch)
         self.module.train()
-        # Summed on the device, in one operation a step: reading the loss back every step would
-        # stall a GPU once per batch.
+        # Summed on the device: reading the loss back every step would stall a GPU once a step.
         loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for batch in data.epoch(batch_size, seed, epoch, self.ctx, **sampling):
-            loss_sum.add_(self.step(batch), alpha=batch.size)
+        bar = tqdm(data.batches(epoch, sampling, self.ctx), desc=f"epoch {epoch}", unit="step",
+                   leave=False, disable=not self.ctx.is_main)
+        for step, batch in enumerate(bar, start=1):
+            clear_gradients(self.optimizer, self.device)
+            with self._autocast():
+                loss, _ = self.module(batch)
+            # this process's share of the global batch (1 for a whole one)
+            weighted = loss if batch.weight == 1.0 else loss * batch.weight
+            if self.mixedprec:
+                self.scaler.scale(weighted).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                weighted.backward()
+                self.optimizer.step()
+            loss_sum.add_(loss.detach(), alpha=batch.size)
             count += batch.size
+            if step % BAR_STEPS == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / count:.5f}")
         self.scheduler.step()
         total = self.all_reduce(torch.tensor([loss_sum.item(), count], dtype=torch.float64))
         fault_point("trainer.epoch")
-        return float(total[0] / max(total[1], 1))
-
-    def step(self, batch: Batch) -> torch.Tensor:
-        """One optimiser step on `batch`; returns its loss (detached, on the device). Without mixed
-        precision the gradient scaler is skipped, and so is the weight of a whole batch (1)."""
-        clear_gradients(self.optimizer, self.device)
-        with self._autocast():
-            loss, _ = self.module(batch)
-        weighted = loss if batch.weight == 1.0 else loss * batch.weight
-        if self.mixedprec:
-            self.scaler.scale(weighted).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            weighted.backward()
-            self.optimizer.step()
-        return loss.detach()
+        return float(total[0]) / max(float(total[1]), 1.0)
 
     @torch.no_grad()
-    def validate(self, data: EmbeddingData, batch_size: int, seed: int, **sampling) -> Validation:
+    def validate(self, data: EmbeddingData, sampling: Sampling) -> Validation:
         """The loss and accuracy over a whole list, gathered across ranks. Each term of the loss is
         averaged over the samples where it is defined (a classifier's term only over speakers with a
         class); a term defined nowhere is left out of the loss and named in `left_out`."""
@@ -183,7 +183,7 @@ class Trainer:
         loss = self.net.loss
         sums = torch.zeros(len(loss.terms) + 1, dtype=torch.float64, device=self.device)
         counts = torch.zeros_like(sums)
-        for batch in data.epoch(batch_size, seed, 0, self.ctx, **{**sampling, "shuffle": False}):
+        for batch in data.batches(0, replace(sampling, shuffle=False), self.ctx):
             with self._autocast():
                 batch_sums, batch_counts = loss.validation_sums(self.net.model(batch.inputs), batch)
             sums += batch_sums.double()

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import yaml
 
-from loss.m_Losses import loss_class
-from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, read_list
+from loss.m_Losses import LOSSES, loss_class
+from m_DataLoader import EmbeddingData, Sampling, TrialSet, load_embeddings, read_list
 from m_network import (
     CHECKPOINT_NAME,
     CHECKPOINT_PATTERN,
@@ -42,27 +42,31 @@ from m_network import (
     score_line,
 )
 from m_utils import (
+    COMMAND_LINE,
     HARDWARE_OPTIONS,
     LOCK_NAME,
     DistContext,
+    Option,
     Options,
     UserError,
     add_options,
     append_line,
+    check_options,
     clear_leftovers,
     fault_point,
+    hyper_parameters,
     launch,
     launched_by_torchrun,
+    options_taken,
     read_user_text,
     resolve_device,
     run_lock,
     run_main,
     setup_logging,
-    unknown_name,
     write_text_atomic,
 )
-from models.m_Models import make_activation, model_class
-from scoring.backends import Quality, check_backend_names, check_backend_options
+from models.m_Models import ACTIVATIONS, MODELS, model_class
+from scoring.backends import BACKEND_OPTIONS, Quality, check_backend_names, check_backend_options
 from scoring.enrollment import ENROLL_OPTIONS, ModelTrials, enrolled_trials, models_of, trials_table
 from scoring.evaluation import Results, Settings, TrainingSet, TrialList, evaluate, needs_training
 from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key, score_trials
@@ -78,82 +82,93 @@ from scoring.report import (
     write_score_file,
 )
 from stores.arrays import embedding_type_of
-from stores.write import gen_format_of, gen_target, write_embeddings
+from stores.write import GEN_FORMATS, gen_format_of, gen_target, write_embeddings
 
 log = logging.getLogger("m_trainer")
 
 OPTIONS: Options = {
-    "config": (None, str, "YAML config file"),
+    "config": Option(None, str, "YAML config file"),
     # Data loader
-    "batch_size": (1000, int, "samples per step and process (DA losses: see da_speakers_per_step)"),
-    "nDataLoaderThread": (5, int, "threads that read embedding files (0: the main thread)"),
-    "seed": (10, int, "seed of every random choice"),
-    "max_seg_per_spk": (500, int, "utterances per speaker and epoch with nPerSpeaker > 1"),
-    "multiple_embedding_flag": ("B", str, "B: avg-norm-avg target, L2 scoring; C: avg-avg-norm, cosine"),
-    "triplet": (False, bool, "not used: kept so old configs load (the list type follows the loss)"),
-    "nPerSpeaker": (1, int, "utterances of one speaker grouped in a batch"),
-    "da_speakers_per_step": (1, int, "speakers per step for the DA losses (the original repository used 1)"),
+    "batch_size": Option(1000, int, "samples per step and process (DA losses: see da_speakers_per_step)",
+                         bounds=(1, None)),
+    "nDataLoaderThread": Option(5, int, "threads that read embedding files (0: the main thread)",
+                                bounds=(0, None)),
+    "seed": Option(10, int, "seed of every random choice"),
+    "max_seg_per_spk": Option(500, int, "utterances per speaker and epoch with nPerSpeaker > 1",
+                              bounds=(1, None)),
+    "multiple_embedding_flag": Option(
+        "B", str, "B: avg-norm-avg target, L2 scoring; C: avg-avg-norm, cosine"),
+    "triplet": Option(False, bool, "not used: kept so old configs load (the list type follows the loss)"),
+    "nPerSpeaker": Option(1, int, "utterances of one speaker grouped in a batch", bounds=(1, None)),
+    "da_speakers_per_step": Option(
+        1, int, "speakers per step for the DA losses (the original repository used 1)", bounds=(1, None)),
     # Training
-    "test_interval": (5, int, "validate, test and save every this many epochs"),
-    "max_epoch": (100, int, "epochs to train"),
-    "trainfunc": ("MSE", str, "loss name"),
-    "optimizer": ("adam", str, "adam, adamw or sgd"),
-    "scheduler": ("steplr", str, "steplr, cosine or none"),
-    "lr": (0.001, float, "learning rate"),
-    "lr_decay": (0.95, float, "steplr: factor every test_interval epochs"),
-    "weight_decay": (0.0, float, "weight decay"),
-    "margin": (0.1, float, "not used: kept so old configs load (no loss has a margin)"),
-    "scale": (30.0, float, "not used: kept so old configs load (no loss has a scale)"),
-    "nClasses": (5994, int, "Softmax classes (at least the training speakers)"),
-    "sigma": (1.0, float, "RBF kernel width of the DA losses"),
-    "softmax_init": (None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"),
+    "test_interval": Option(5, int, "validate, test and save every this many epochs", bounds=(1, None)),
+    "max_epoch": Option(100, int, "epochs to train", bounds=(1, None)),
+    "trainfunc": Option("MSE", str, "loss name"),
+    "optimizer": Option("adam", str, "the optimiser", choices=tuple(OPTIMIZERS)),
+    "scheduler": Option("steplr", str, "learning-rate schedule, stepped once an epoch", choices=SCHEDULERS),
+    "lr": Option(0.001, float, "learning rate"),
+    "lr_decay": Option(0.95, float, "steplr: factor every test_interval epochs"),
+    "weight_decay": Option(0.0, float, "weight decay"),
+    "margin": Option(0.1, float, "not used: kept so old configs load (no loss has a margin)"),
+    "scale": Option(30.0, float, "not used: kept so old configs load (no loss has a scale)"),
+    "nClasses": Option(5994, int, "Softmax classes (at least the training speakers)", bounds=(1, None)),
+    "sigma": Option(1.0, float, "RBF kernel width of the DA losses"),
+    "softmax_init": Option(
+        None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"),
     # Scoring (--check and --eval)
-    "backends": (("none", "asnorm"), list, "scoring back-ends of --check and --eval: none, mean, asnorm, "
-                 "plda, qmf, or chains of them such as mean+asnorm+qmf (none is always scored)"),
-    "asnorm_topk": (300, int, "AS-Norm: the top cohort scores averaged on each side of a trial"),
-    "lda_dim": (200, int, "PLDA: dimension of the LDA before it (at most nOut-1 and speakers-1)"),
-    "qmf_base": (None, str, "QMF: the back-end whose score it rescores (default asnorm when among the "
-                 "back-ends, else none)"),
-    "qmf_norms": (False, bool, "QMF: the embedding norms before normalisation as quality measures too"),
-    "bootstrap": (1000, int, "resamples of the test speakers for the 95 %% intervals of the EER"),
-    "calib_list": (None, str, "trial list over held-out embeddings to calibrate scores on"),
-    "calib_path": (None, str, "embedding root of calib_list"),
-    "result_tag": (None, str, "--check/--eval: results saved as check_<tag>.json, trials_<list>_<tag>.npz, "
-                   "... so that runs on other test sets (e.g. one per duration) keep each other's"),
+    "backends": Option(
+        ("none", "asnorm"), list, "scoring back-ends of --check and --eval: none, mean, asnorm, "
+        "plda, qmf, or chains of them such as mean+asnorm+qmf (none is always scored)"),
+    **BACKEND_OPTIONS,
+    "bootstrap": Option(1000, int, "resamples of the test speakers for the 95 %% intervals of the EER",
+                        bounds=(1, None)),
+    "calib_list": Option(None, str, "trial list over held-out embeddings to calibrate scores on"),
+    "calib_path": Option(None, str, "embedding root of calib_list"),
+    "result_tag": Option(
+        None, str, "--check/--eval: results saved as check_<tag>.json, trials_<list>_<tag>.npz, "
+        "... so that runs on other test sets (e.g. one per duration) keep each other's"),
     # Paths
-    "initial_model": (None, str, "start from (or, with --check/--eval/--generate, use) this model"),
-    "save_path": (None, str, "experiment folder (default exp_emb/<config name>)"),
-    "train_list": (None, str, "training list"),
-    "valid_list": (None, str, "validation list (same type as the training list)"),
-    "test_list": (None, str, "in-domain trial list"),
-    "test_list_libri": (None, str, "out-of-domain (LibriSpeech) trial list"),
-    "train_path": (None, str, "embedding root of train_list"),
-    "valid_path": (None, str, "embedding root of valid_list"),
-    "test_path": (None, str, "embedding root of test_list"),
-    "test_path_libri": (None, str, "embedding root of test_list_libri"),
+    "initial_model": Option(None, str, "start from (or, with --check/--eval/--generate, use) this model"),
+    "save_path": Option(None, str, "experiment folder (default exp_emb/<config name>)"),
+    "train_list": Option(None, str, "training list"),
+    "valid_list": Option(None, str, "validation list (same type as the training list)"),
+    "test_list": Option(None, str, "in-domain trial list"),
+    "test_list_libri": Option(None, str, "out-of-domain (LibriSpeech) trial list"),
+    "train_path": Option(None, str, "embedding root of train_list"),
+    "valid_path": Option(None, str, "embedding root of valid_list"),
+    "test_path": Option(None, str, "embedding root of test_list"),
+    "test_path_libri": Option(None, str, "embedding root of test_list_libri"),
     # Model
-    "model": ("MyLinearNetv2", str, "enhancement model name"),
-    "nOut": (512, int, "embedding dimension"),
-    "activation": ("ReLU", str, "ReLU or ELU"),
+    "model": Option("MyLinearNetv2", str, "enhancement model name"),
+    "nOut": Option(512, int, "embedding dimension", bounds=(1, None)),
+    "activation": Option("ReLU", str, "activation of the model's layers", choices=tuple(ACTIVATIONS)),
     # Modes
-    "eval": (False, bool, "score the test lists with a trained model, no training"),
-    "check": (False, bool, "original vs enhanced EER on both test lists"),
-    "generate": (False, bool, "write the enhanced embedding of every gen_list entry"),
-    "gen_list": (None, str, "normal list of the embeddings to enhance"),
-    "gen_path": (None, str, "embedding root of gen_list"),
-    "gen_target_dir": ("enhanced", str, "folder under save_path for generated embeddings"),
-    "gen_format": (None, str, "what --generate writes: tree (one .npy per entry), kaldi (<gen_target_dir>/"
-                   "xvector.scp + .ark) or packed (<gen_target_dir>.store); default: the kind of gen_path"),
-    "restart": (None, str, "training a save_path trained with other data or settings: resume (go on with "
-                "these) or new (move its model/ and result/ to <save_path>/earlier/ and start anew)"),
+    "eval": Option(False, bool, "score the test lists with a trained model, no training"),
+    "check": Option(False, bool, "original vs enhanced EER on both test lists"),
+    "generate": Option(False, bool, "write the enhanced embedding of every gen_list entry"),
+    "gen_list": Option(None, str, "normal list of the embeddings to enhance"),
+    "gen_path": Option(None, str, "embedding root of gen_list"),
+    "gen_target_dir": Option("enhanced", str, "folder under save_path for generated embeddings"),
+    "gen_format": Option(
+        None, str, "what --generate writes: tree (one .npy per entry), kaldi (<gen_target_dir>/"
+        "xvector.scp + .ark) or packed (<gen_target_dir>.store); default: the kind of gen_path",
+        choices=GEN_FORMATS),
+    "restart": Option(
+        None, str, "training a save_path trained with other data or settings: resume (go on with these) "
+        "or new (move its model/ and result/ to <save_path>/earlier/ and start anew)",
+        choices=("resume", "new")),
     **HARDWARE_OPTIONS,
-    "enroll_list": (None, str, "spk2utt-style list of the enrolment models test_list's left side names"),
-    "enroll_list_libri": (None, str, "spk2utt-style list of the enrolment models of test_list_libri"),
-    "calib_enroll_list": (None, str, "spk2utt-style list of the enrolment models of calib_list"),
-    "enroll_path": (None, str, "embedding root of enroll_list's utterances (default test_path)"),
-    "enroll_path_libri": (None, str, "embedding root of enroll_list_libri's utterances (default "
-                          "test_path_libri)"),
-    "calib_enroll_path": (None, str, "embedding root of calib_enroll_list's utterances (default calib_path)"),
+    "enroll_list": Option(
+        None, str, "spk2utt-style list of the enrolment models test_list's left side names"),
+    "enroll_list_libri": Option(None, str, "spk2utt-style list of the enrolment models of test_list_libri"),
+    "calib_enroll_list": Option(None, str, "spk2utt-style list of the enrolment models of calib_list"),
+    "enroll_path": Option(None, str, "embedding root of enroll_list's utterances (default test_path)"),
+    "enroll_path_libri": Option(
+        None, str, "embedding root of enroll_list_libri's utterances (default test_path_libri)"),
+    "calib_enroll_path": Option(
+        None, str, "embedding root of calib_enroll_list's utterances (default calib_path)"),
 }
 # Options of the original repository that nothing here uses; setting one says so.
 UNUSED_OPTIONS = ("triplet", "margin", "scale")
@@ -172,7 +187,7 @@ def check_config_value(path: Path, key: str, value: Any) -> Any:
         close = difflib.get_close_matches(key, OPTIONS, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UserError(f"{path}: unknown option '{key}'{hint}")
-    default, kind, _ = OPTIONS[key]
+    default, kind = OPTIONS[key].default, OPTIONS[key].type
     if value is None:
         if default is None:
             return None
@@ -210,25 +225,28 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
-    """Defaults, then the config, then options written on the command line."""
+    """Defaults, then the config, then options written on the command line; each value within its
+    option's choices and bounds, an error naming the config file or the flag that set it."""
     args = build_parser().parse_args(argv)
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    given = set(explicit)
+    sources = dict.fromkeys(explicit, COMMAND_LINE)  # where each option given was set
     if args.config:
         config = read_config(args.config)
-        given |= set(config)
+        lines = config_lines(args.config)
         for key, value in config.items():
             if key not in explicit and key != "config":
                 setattr(args, key, value)
+                sources[key] = f"{args.config}:{lines[key]}" if key in lines else args.config
         if args.save_path is None:
             args.save_path = str(Path("exp_emb") / Path(args.config).stem)
     if args.save_path is None:
         args.save_path = "exp_emb/default"
-    for key in sorted(given & set(UNUSED_OPTIONS)):
+    check_options(args, OPTIONS, sources)
+    check_names(args, {key: option_source(key, source) for key, source in sources.items()})
+    check_hyper_parameters(args, sources)
+    for key in sorted(sources.keys() & set(UNUSED_OPTIONS)):
         log.warning("option '%s' is not used: it is accepted so that the original repository's configs "
                     "load", key)
-    sources = {key: f"{args.config}:{line}: {key}" for key, line in config_lines(args.config).items()}
-    check_names(args, sources | {key: f"--{key}" for key in explicit})
     return args
 
 
@@ -245,17 +263,35 @@ def config_lines(path: str | None) -> dict[str, int]:
     return {str(key.value): key.start_mark.line + 1 for key, _ in node.value}
 
 
+def option_source(key: str, source: str) -> str:
+    """Where an option was set, as the unknown-name errors say it: `--key` or `<config>:<line>: key`."""
+    return f"--{key}" if source == COMMAND_LINE else f"{source}: {key}"
+
+
 def check_names(args: argparse.Namespace, sources: dict[str, str]) -> None:
-    """The model, loss, optimizer, scheduler and back-ends are known by their names; an unknown
+    """The model, loss and back-ends are known by their names; an unknown
     one is an error saying where it was given (`sources`: option -> `--model` or
     `<config>:<line>: model`)."""
     model_class(args.model, sources.get("model"))
     loss_class(args.trainfunc, sources.get("trainfunc"))
-    if args.optimizer not in OPTIMIZERS:
-        raise unknown_name("optimizer", args.optimizer, OPTIMIZERS, sources.get("optimizer"))
-    if args.scheduler not in SCHEDULERS:
-        raise unknown_name("scheduler", args.scheduler, SCHEDULERS, sources.get("scheduler"))
     check_backend_names(args.backends, sources.get("backends"))
+
+
+def check_hyper_parameters(args: argparse.Namespace, sources: dict[str, str]) -> None:
+    """Every hyper-parameter of the chosen model and loss is an option (else it would keep its
+    default whatever the config says); a model's or loss' option that neither takes is said when
+    set, naming where."""
+    chosen = (model_class(args.model), loss_class(args.trainfunc))
+    for cls in chosen:
+        missing = [name for name in hyper_parameters(cls) if name not in OPTIONS]
+        if missing:
+            raise UserError(f"{cls.__name__} takes {', '.join(missing)}, which no option sets: add "
+                            "its row to m_trainer.OPTIONS")
+    taken = {name for cls in chosen for name in hyper_parameters(cls)}
+    every = {name for cls in (*MODELS.values(), *LOSSES.values()) for name in hyper_parameters(cls)}
+    for name in sorted((every - taken - {"nOut"}) & sources.keys()):
+        log.warning("%s: option '%s' is not used: model %s and loss %s do not take it", sources[name],
+                    name, args.model, args.trainfunc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,18 +349,10 @@ def check_paths(args: argparse.Namespace, mode: str) -> None:
 
 
 def check_setup(args: argparse.Namespace, mode: str) -> None:
-    for key in ("batch_size", "test_interval", "max_epoch", "nPerSpeaker", "nOut", "nClasses",
-                "da_speakers_per_step", "max_seg_per_spk", "nprocs", "bootstrap"):
-        if getattr(args, key) < 1:
-            raise UserError(f"option '{key}' must be at least 1, found {getattr(args, key)}")
-    if args.nDataLoaderThread < 0:
-        raise UserError(f"option 'nDataLoaderThread' must be 0 or more, found {args.nDataLoaderThread}")
+    """What parse_options cannot check alone (choices and bounds are checked there)."""
     embedding_type_of(args.multiple_embedding_flag)
     check_backend_options(args.backends, vars(args))
     check_result_tag(args.result_tag)
-    make_activation(args.activation)
-    if args.gen_format is not None:
-        gen_format_of(".", args.gen_format)
     resolve_device(args.device)
     check_paths(args, mode)
     save_path = Path(args.save_path)
@@ -356,10 +384,10 @@ class Run:
         self.loss_kind = loss_class(args.trainfunc).list_kind
         torch.manual_seed(args.seed)
         self.net = SpeakerNet(**vars(args))
-        self.trainer = Trainer(self.net, self.device, ctx, optimizer=args.optimizer,
-                               scheduler=args.scheduler, lr=args.lr, lr_decay=args.lr_decay,
-                               weight_decay=args.weight_decay, test_interval=args.test_interval,
-                               max_epoch=args.max_epoch, mixedprec=args.mixedprec)
+        self.trainer = Trainer(self.net, self.device, ctx, **options_taken(Trainer, vars(args)))
+        self.sampling = Sampling(batch_size=args.batch_size, seed=args.seed, n_per_speaker=args.nPerSpeaker,
+                                 max_seg_per_spk=args.max_seg_per_spk,
+                                 speakers_per_step=args.da_speakers_per_step)
         self.trial_sets: dict[str, TrialSet | ModelTrials] = {}
         self.notes_said: set[str] = set()
         self.model_record: dict[str, Any] | None = None  # the model --check/--eval used
@@ -396,11 +424,6 @@ class Run:
             self.trial_sets[name] = (enrolled if enrolled is not None
                                      else TrialSet(list_path, root, a.nOut, a.nDataLoaderThread))
         return self.trial_sets[name]
-
-    def sampling(self) -> dict[str, int]:
-        a = self.args
-        return {"n_per_speaker": a.nPerSpeaker, "max_seg_per_spk": a.max_seg_per_spk,
-                "speakers_per_step": a.da_speakers_per_step}
 
     def load_trained_model(self, required: bool = True) -> bool:
         """Load the model of --check/--eval/--generate: initial_model, else the newest checkpoint.
@@ -618,7 +641,7 @@ def train_mode(run: Run) -> None:
             a.trainfunc, len(train_data), train_data.num_speakers, run.device, run.ctx.world_size)
     for epoch in range(resume(run) + 1, a.max_epoch + 1):
         began, lr = time.perf_counter(), run.trainer.lr
-        loss = run.trainer.train_epoch(train_data, epoch, a.batch_size, a.seed, **run.sampling())
+        loss = run.trainer.train_epoch(train_data, epoch, run.sampling)
         run.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr, time.perf_counter() - began)
         if run.ctx.is_main:
             append_line(run.scorefile, score_line({"Epoch": epoch, "TLOSS": loss, "LR": lr},
@@ -651,7 +674,7 @@ def validate_and_save(run: Run, epoch: int, valid: EmbeddingData | None) -> None
     nan = float("nan")
     vloss, vacc = nan, nan
     if valid is not None:
-        validation = run.trainer.validate(valid, a.batch_size, a.seed, **run.sampling())
+        validation = run.trainer.validate(valid, run.sampling)
         vloss, vacc = validation.loss, validation.accuracy
         if validation.left_out:
             run.say_once(f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "
@@ -749,7 +772,6 @@ TRAINING_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "in
                      "test_interval", "optimizer", "scheduler", "lr", "lr_decay", "weight_decay")
 PATH_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "initial_model", "softmax_init")
 LIST_SETTINGS = ("train_list", "valid_list")  # their content counts too
-RESTARTS = ("resume", "new")
 
 
 def training_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -788,8 +810,6 @@ def check_restart(args: argparse.Namespace) -> None:
     and settings are the ones it was trained with (its model/training.json; a run from before the
     record is taken as is). Else a UserError naming the differences, unless --restart resume (go
     on with these) or --restart new (the old run moved to <save_path>/earlier/<time>/ first)."""
-    if args.restart is not None and args.restart not in RESTARTS:
-        raise unknown_name("restart", args.restart, RESTARTS)
     save_path = Path(args.save_path)
     record_path = save_path / "model" / SETTINGS_RECORD
     current = training_settings(args)

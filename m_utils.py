@@ -2,7 +2,8 @@
 
 - user-facing errors: UserError, unknown_name, run_main, setup_logging, reading a user's text file
   (read_user_text, user_text_lines);
-- options: the Options table type, HARDWARE_OPTIONS, add_options, parse_bool;
+- options: Option and the Options table type, HARDWARE_OPTIONS, add_options, check_options,
+  options_taken (hyper-parameters by name), parse_bool;
 - atomic writes: atomic_write, save_npy_atomic, write_text_atomic, torch_save_atomic, append_line,
   write_error (a failed write as a UserError);
 - folder locks: folder_lock, run_lock (one run at a time writes into a folder), and
@@ -76,11 +77,17 @@ def run_main(main: Callable[[], Any]) -> None:
     sys.exit(int(status or 0))
 
 
+def hyper_parameters(cls: type) -> list[str]:
+    """The parameters of `cls`'s constructor that have a default: a model's, a loss', a back-end's
+    or the Trainer's hyper-parameters, each set by the option of the same name."""
+    return [name for name, param in inspect.signature(cls).parameters.items()
+            if param.default is not inspect.Parameter.empty]
+
+
 def options_taken(cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `options` that `cls` takes by name: a model's, a loss' or a back-end's
-    hyper-parameters are the parameters of its constructor, so a new one needs only its OPTIONS row."""
-    names = inspect.signature(cls).parameters
-    return {key: value for key, value in options.items() if key in names}
+    """The entries of `options` that `cls` takes by name (its hyper_parameters), so that a new
+    hyper-parameter needs only its OPTIONS row."""
+    return {name: options[name] for name in hyper_parameters(cls) if name in options}
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str], source: str | None = None) -> UserError:
@@ -133,19 +140,61 @@ def user_file_errors(path: str | os.PathLike, what: str, maker: str = "") -> Ite
 
 
 # ----------------------------------------------------------------------------------------------
-# Options: name -> (default, type, help). Types: int, float, str, bool, list (of names, a tuple
-# default); a None default is "unset".
+# Options: a script's OPTIONS table maps each name (`--name` on the command line, `name:` in a
+# config file) to its Option.
 
-Options = dict[str, tuple[Any, type, str]]
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its default (None: unset), type (int, float, str, bool, or list: names, with a
+    tuple default), help text and the values it allows: `choices`, or `bounds` (the least and the
+    most; None leaves that side open)."""
+
+    default: Any
+    type: type
+    help: str
+    choices: tuple[str, ...] = ()
+    bounds: tuple[float | None, float | None] = (None, None)
+
+    def check(self, name: str, value: Any, source: str = "") -> None:
+        """A UserError when `value` is outside the choices or the bounds, naming where it was set:
+        `source` is a config file, COMMAND_LINE or "" (a default, a constructor's argument). An
+        unset value (None) passes."""
+        if value is None:
+            return
+        prefix = f"{source}: " if source not in ("", COMMAND_LINE) else ""
+        subject = f"--{name}" if source == COMMAND_LINE else f"option '{name}'"
+        if self.choices and value not in self.choices:
+            where = f"--{name}" if source == COMMAND_LINE else f"{source}: {name}" if source else None
+            raise unknown_name(name, value, self.choices, where)
+        least, most = self.bounds
+        if least is not None and not least <= value:
+            bound = "0 or more" if least == 0 else f"at least {least}"
+            raise UserError(f"{prefix}{subject} must be {bound}, found {value}")
+        if most is not None and not value <= most:
+            raise UserError(f"{prefix}{subject} must be at most {most}, found {value}")
+
+
+Options = dict[str, Option]
+COMMAND_LINE = "the command line"  # the source of an option given as --name
 
 # Where the work runs; m_trainer and m_gen_embs both take these.
 HARDWARE_OPTIONS: Options = {
-    "device": ("auto", str, "auto, cpu or cuda (auto: CUDA when present)"),
-    "mixedprec": (False, bool, "mixed precision (autocast) on CUDA"),
-    "distributed": (False, bool, "one process per GPU (or --nprocs CPU processes)"),
-    "nprocs": (2, int, "CPU processes for --distributed without CUDA"),
-    "port": (8888, int, "MASTER_PORT of the process group"),
+    "device": Option("auto", str, "where the work runs (auto: CUDA when present)",
+                     choices=("auto", "cpu", "cuda")),
+    "mixedprec": Option(False, bool, "mixed precision (autocast) on CUDA"),
+    "distributed": Option(False, bool, "one process per GPU (or --nprocs CPU processes)"),
+    "nprocs": Option(2, int, "CPU processes for --distributed without CUDA", bounds=(1, None)),
+    "port": Option(8888, int, "MASTER_PORT of the process group", bounds=(1, 65535)),
 }
+
+
+def check_options(args: argparse.Namespace, options: Options, sources: dict[str, str] | None = None) -> None:
+    """Every option's value within its choices and bounds (Option.check); `sources` names where
+    each was set (a config file or COMMAND_LINE; by default every one from the command line)."""
+    for name, option in options.items():
+        source = COMMAND_LINE if sources is None else sources.get(name, "")
+        option.check(name, getattr(args, name), source)
 
 
 def parse_bool(text: str) -> bool:
@@ -157,9 +206,20 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
 
 
+def allowed_text(option: Option) -> str:
+    """What an option allows, for its help: ` (one of a, b)`, ` (at least 1)`, or nothing."""
+    least, most = option.bounds
+    parts = [f"one of {', '.join(option.choices)}"] if option.choices else []
+    parts += [f"at least {least}"] if least is not None else []
+    parts += [f"at most {most}"] if most is not None else []
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def add_options(parser: argparse.ArgumentParser, options: Options, with_defaults: bool = True) -> None:
-    """One `--name` per option; a bool option is a flag that also takes true/false."""
-    for name, (default, kind, text) in options.items():
+    """One `--name` per option; a bool option is a flag that also takes true/false. Choices and bounds
+    are checked by check_options, which names the config file or the flag that set a value."""
+    for name, option in options.items():
+        default, kind, text = option.default, option.type, option.help + allowed_text(option)
         keep = {"default": default} if with_defaults else {}
         if kind is bool:
             parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, help=text, **keep)

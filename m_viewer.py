@@ -46,6 +46,7 @@ from scipy.stats import norm
 from m_DataLoader import load_embeddings, read_list, read_trials
 from m_network import TRAIN_FIELDS, VAL_FIELDS, parse_score_line
 from m_utils import (
+    Option,
     Options,
     UserError,
     add_options,
@@ -717,16 +718,18 @@ def write_duration_figure(points: Sequence[DurationPoint], out_dir: Path) -> tup
 
 
 OPTIONS: Options = {
-    "save_path": (None, list, f"run folder(s) holding result/scores.txt; several are compared (default "
-                  f"{SAVE_PATH}, none with --duration_results)"),
-    "out_dir": (None, str, "folder of the comparison figures (default: the first run's result folder)"),
-    "dist_list": (None, str, "distribution list for the distance histograms"),
-    "embed_dir": (None, str, "root of the original embeddings of --dist_list"),
-    "enhanced_dir": (None, str, "root of the enhanced embeddings (default <save_path>/enhanced, written by "
-                     "m_trainer.py --generate)"),
-    "seed": (SEED, int, "seed of the different-speaker pairs"),
-    "duration_results": (None, list, "--check results (check*.json) of one model on test sets of several "
-                         "durations: EER against duration in --out_dir (default: the first file's folder)"),
+    "save_path": Option(None, list, f"run folder(s) holding result/scores.txt; several are compared (default "
+                        f"{SAVE_PATH}, none with --duration_results)"),
+    "out_dir": Option(None, str, "folder of the comparison figures (default: the first run's result folder)"),
+    "dist_list": Option(None, str, "distribution list for the distance histograms"),
+    "embed_dir": Option(None, str, "root of the original embeddings of --dist_list"),
+    "enhanced_dir": Option(
+        None, str, "root of the enhanced embeddings (default <save_path>/enhanced, written by "
+        "m_trainer.py --generate)"),
+    "seed": Option(SEED, int, "seed of the different-speaker pairs"),
+    "duration_results": Option(
+        None, list, "--check results (check*.json) of one model on test sets of several "
+        "durations: EER against duration in --out_dir (default: the first file's folder)"),
 }
 
 

@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from m_utils import UserError, options_taken, unknown_name
+from m_utils import Option, Options, UserError, options_taken, unknown_name
 from scoring.metrics import check_rows, l2_normalize, pair_scores, score_trials
 
 MB = 2 ** 20
@@ -115,6 +115,18 @@ class Quality:
     norms: np.ndarray | None = None
 
 
+# The back-ends' hyper-parameters: options of m_trainer (its OPTIONS table holds these rows).
+BACKEND_OPTIONS: Options = {
+    "asnorm_topk": Option(300, int, "AS-Norm: the top cohort scores averaged on each side of a trial",
+                          bounds=(2, None)),  # a standard deviation needs two scores
+    "lda_dim": Option(200, int, "PLDA: dimension of the LDA before it (at most nOut-1 and speakers-1)",
+                      bounds=(1, None)),
+    "qmf_base": Option(None, str, "QMF: the back-end whose score it rescores (default asnorm when among the "
+                       "back-ends, else none)"),
+    "qmf_norms": Option(False, bool, "QMF: the embedding norms before normalisation as quality measures too"),
+}
+
+
 class Backend:
     """No back-end (`none`): the raw scores of the embedding type, as score_trials gives them.
 
@@ -123,8 +135,8 @@ class Backend:
     trial). Tables may be numpy arrays or tensors; a table on a GPU is processed there.
 
     A back-end's hyper-parameters are the parameters of its constructor after `cosine`, named as
-    the trainer's options (make_backend passes those it takes); `least` holds the smallest value
-    of each integer one, checked by check_limits for the constructor and the config check alike.
+    the trainer's options (make_backend passes those it takes), declared in BACKEND_OPTIONS with
+    their bounds, checked by check_limits for the constructor and the config check alike.
 
     As a step of a chain (`mean+asnorm+qmf`, see chain_steps) a back-end is of one `kind`:
     `embedding` (it transforms the embeddings the next step sees: `transform`), `score` (it
@@ -136,7 +148,6 @@ class Backend:
     kind = "score"  # embedding, score or rescore: its place in a chain (KIND_ORDER)
     first_only = False  # a step that may only begin a chain (plda: it centres and projects itself)
     min_speakers = 0  # training speakers a fit needs; 0: no fit on training embeddings
-    least: dict[str, int] = {}
     base_name: str | None = None  # the back-end whose scores this one rescores (qmf)
     fits_on_trials = False  # fitted on a labelled trial list (calib_list) by fit_trials
     base: Backend | None = None  # the back-end of base_name (its own, or the fitted one shared)
@@ -146,7 +157,7 @@ class Backend:
             raise TypeError(f"cosine must be a bool, found {cosine!r}")
         self.cosine = cosine
         self.dim: int | None = None
-        check_limits(type(self), {key: getattr(self, key) for key in self.least if hasattr(self, key)})
+        check_limits(type(self), {key: getattr(self, key) for key in BACKEND_OPTIONS if hasattr(self, key)})
 
     def fit(self, embeddings: np.ndarray | torch.Tensor, speakers: np.ndarray | Sequence) -> Backend:
         table = _as_tensor(embeddings)
@@ -198,11 +209,10 @@ class Backend:
 
 
 def check_limits(cls: type[Backend], values: dict[str, int]) -> None:
-    """A UserError for a hyper-parameter of `cls` below its least value (cls.least)."""
-    for key, least in cls.least.items():
-        if key in values and values[key] < least:
-            raise UserError(f"option '{key}' must be at least {least} (the {cls.name} back-end), "
-                            f"found {values[key]}")
+    """A UserError for a hyper-parameter of `cls` outside its option's bounds (BACKEND_OPTIONS)."""
+    for key, value in options_taken(cls, values).items():
+        if key in BACKEND_OPTIONS:
+            BACKEND_OPTIONS[key].check(key, value)
 
 
 class MeanBackend(Backend):
@@ -242,7 +252,6 @@ class AsNormBackend(Backend):
     name = "asnorm"
     min_speakers = 2
 
-    least = {"asnorm_topk": 2}  # a standard deviation needs two scores
 
     def __init__(self, cosine: bool, asnorm_topk: int = 300):
         self.asnorm_topk = asnorm_topk
@@ -385,7 +394,6 @@ class PldaBackend(Backend):
     first_only = True
     min_speakers = 2
 
-    least = {"lda_dim": 1}
 
     def __init__(self, cosine: bool, lda_dim: int = 200):
         self.lda_dim = lda_dim

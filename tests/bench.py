@@ -56,7 +56,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from m_comb_embs import THREADS, combine, speaker_embeddings
-from m_DataLoader import Batch, EmbeddingData, TrialSet, load_embeddings, load_speaker_embeddings, read_list
+from m_DataLoader import (
+    Batch,
+    EmbeddingData,
+    Sampling,
+    TrialSet,
+    load_embeddings,
+    load_speaker_embeddings,
+    read_list,
+)
 from m_gen_embs import (
     Item,
     Job,
@@ -71,7 +79,7 @@ from m_gen_embs import (
 )
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, clear_gradients
-from m_utils import DistContext, Options, add_options, bf16_is_native, resolve_device
+from m_utils import DistContext, Option, Options, add_options, bf16_is_native, resolve_device
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
 from models.m_Features import SAMPLE_RATE
@@ -96,7 +104,7 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 # utterance there); on a GPU on all --audio_files.
 CPU_EXTRACT_FILES = 32
 TRAIN_SLACK = 1.15
-GPU_TRAIN_SLACK = 1.10  # an epoch on a GPU: its batches are slices of rows gathered many at once
+GPU_TRAIN_SLACK = 1.10  # an epoch on a GPU (set for the chunked batch path, since removed: to re-measure)
 MEMORY_FACTOR = 1.5
 MODEL = "MyLinearNetv2"
 STEP_MODEL = "MyResidualNet"  # train_vox2_steps: the model of the issue's VoxCeleb2 training run
@@ -742,11 +750,8 @@ def make_record(name: str, project: float, baseline: float | None, peaks: dict[s
 
 
 def load_list(args: argparse.Namespace, tree: Tree, kind: str) -> EmbeddingData:
-    data = EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, EMBEDDING_TYPE[kind], args.dim,
+    return EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, EMBEDDING_TYPE[kind], args.dim,
                          args.device, threads=args.workers)
-    if args.chunk_rows is not None:
-        data.chunk_rows = args.chunk_rows
-    return data
 
 
 def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
@@ -762,8 +767,9 @@ def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageR
 def stage_data_path(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
     data = load_list(args, tree, "normal")
     meter.start()
-    batches = len(data.global_batches(args.batch_size, SEED, 1))
-    project = repeated_rate(lambda: sum(1 for _ in data.epoch(args.batch_size, SEED, 1)), batches,
+    sampling = Sampling(batch_size=args.batch_size, seed=SEED)
+    batches = sum(1 for _ in data.batches(1, sampling))
+    project = repeated_rate(lambda: sum(1 for _ in data.batches(1, sampling)), batches,
                             args.min_seconds)
     peak = meter.peaks()
     loader = per_file_loader(args, tree, "normal")
@@ -783,20 +789,21 @@ def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
 
     def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
         data = load_list(args, tree, kind)
-        sampling = {"speakers_per_step": 1} if kind == "distribution" else {}
-        rows = sum(batch.size for batch in data.epoch(args.batch_size, SEED, 1, **sampling))
+        sampling = Sampling(batch_size=args.batch_size, seed=SEED)
+        sizes = [batch.size for batch in data.batches(1, sampling)]
+        rows = sum(sizes)
         trainer = new_trainer(loss, args.dim, args.device)
 
         def epoch_time(epoch: int) -> float:
-            return timed(lambda: trainer.train_epoch(data, epoch, args.batch_size, SEED, **sampling))
+            return timed(lambda: trainer.train_epoch(data, epoch, sampling))
 
         meter.start()
         first_epoch = epoch_time(1)
         peak = meter.peaks()  # epoch 1 also builds the optimiser state: the peak epoch
         # Spread over the epoch: DA steps differ in size (one speaker's pairs each).
-        total = len(data.global_batches(args.batch_size, SEED, 1, **sampling))
+        total = len(sizes)
         stride = max(1, total // args.compute_batches)
-        batches = list(islice(data.epoch(args.batch_size, SEED, 1, **sampling), 0, None, stride))
+        batches = list(islice(data.batches(1, sampling), 0, None, stride))
         batches = batches[:args.compute_batches]
 
         def compute_time() -> float:
@@ -1142,7 +1149,7 @@ def endless_batches(data: EmbeddingData, batch_size: int) -> Iterator[Batch]:
     """Batches of epoch after epoch (a small store's 500 steps span several)."""
     epoch = 1
     while True:
-        yield from data.epoch(batch_size, SEED, epoch)
+        yield from data.batches(epoch, Sampling(batch_size=batch_size, seed=SEED))
         epoch += 1
 
 
@@ -1514,49 +1521,46 @@ def report(args: argparse.Namespace, records: list[dict], notes: Iterable[str], 
 
 
 OPTIONS: Options = {
-    "out": ("bench_out", str, "folder of the synthetic data and the JSON"),
-    "utterances": (50_000, int, "utterance files in the tree"),
-    "speakers": (1_000, int, "speakers in the tree"),
-    "sessions": (5, int, "sessions (categories) per speaker"),
-    "crops": (10, int, "crops per utterance file"),
-    "dim": (512, int, "embedding dimension"),
-    "batch_size": (200, int, "training batch size"),
-    "workers": (5, int, "nDataLoaderThread: loader threads and baseline workers"),
-    "trials": (200_000, int, "trials to score"),
-    "baseline_batches": (30, int, "batches or DA steps timed of the baseline"),
-    "compute_batches": (100, int, "batches timed of the compute-only loop"),
-    "baseline_trials": (20_000, int, "trials timed of the per-trial loop"),
-    "vox1e_trials": (580_000, int, "trials of the VoxCeleb1-E-sized list"),
-    "vox1e_utterances": (145_000, int, "utterances the VoxCeleb1-E-sized list pairs"),
-    "cohort_speakers": (6_000, int, "AS-Norm cohort speakers (backend_asnorm)"),
-    "audio_utterances": (16, int, "utterances of synthetic audio"),
-    "audio_seconds": (12.0, float, "seconds per synthetic utterance"),
-    "eval_frames": (400, int, "extraction crop length in frames"),
-    "num_eval": (10, int, "extraction crops per utterance"),
-    "extract_batch": (0, int, "utterances per extractor pass; 0: m_gen_embs' choice for the device"),
-    "baseline_utterances": (4, int, "utterances timed one at a time"),
-    "audio_files": (4000, int, f"files of each format (links to the synthetic utterances) in the decode and "
-                    f"m4a stages; the m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU"),
-    "chunk_rows": (None, int,
-                   "rows an epoch gathers at once (0: a gather per batch; default: the project's choice for "
-                   "the device). Set on a CPU with a small --dim and --batch_size, it shows the GPU batch "
-                   "path's host cost per step"),
-    "vox2_utterances": (1_092_009, int, "files of the VoxCeleb2-shaped tree"),
-    "vox2_speakers": (5_994, int, "speakers of the VoxCeleb2-shaped tree"),
-    "vox2_videos": (145_000, int, "videos (folders) of the VoxCeleb2-shaped tree"),
-    "vox2_crops": (10, int, "crops per file of the VoxCeleb2-shaped tree"),
-    "vox2_dim": (256, int, "dimension of the VoxCeleb2- and VoxBlink2-sized data"),
-    "vox2_processes": (2, int, "processes writing the VoxCeleb2-shaped tree"),
-    "file_part": (100_000, int, "files store_open reads and scales (per-file side)"),
-    "blink_rows": (9_904_382, int, "rows of the VoxBlink2-sized float16 store"),
-    "blink_speakers": (111_284, int, "speakers of the VoxBlink2-sized store"),
-    "blink_small_rows": (100_000, int, "rows of train_vox2_steps' small store"),
-    "steps": (500, int, "training steps timed by train_vox2_steps"),
-    "step_batch": (1_000, int, "batch size of train_vox2_steps"),
-    "threads": (0, int, "torch intra-op threads (default: torch's, one a core)"),
-    "min_seconds": (1.0, float, "repeat fast project timings this long"),
-    "device": ("auto", str, "auto, cpu or cuda: where every stage runs"),
-    "stages": (tuple(stage.name for stage in STAGES), list, "stages to run (default: all, in order)"),
+    "out": Option("bench_out", str, "folder of the synthetic data and the JSON"),
+    "utterances": Option(50_000, int, "utterance files in the tree"),
+    "speakers": Option(1_000, int, "speakers in the tree"),
+    "sessions": Option(5, int, "sessions (categories) per speaker"),
+    "crops": Option(10, int, "crops per utterance file"),
+    "dim": Option(512, int, "embedding dimension"),
+    "batch_size": Option(200, int, "training batch size"),
+    "workers": Option(5, int, "nDataLoaderThread: loader threads and baseline workers"),
+    "trials": Option(200_000, int, "trials to score"),
+    "baseline_batches": Option(30, int, "batches or DA steps timed of the baseline"),
+    "compute_batches": Option(100, int, "batches timed of the compute-only loop"),
+    "baseline_trials": Option(20_000, int, "trials timed of the per-trial loop"),
+    "vox1e_trials": Option(580_000, int, "trials of the VoxCeleb1-E-sized list"),
+    "vox1e_utterances": Option(145_000, int, "utterances the VoxCeleb1-E-sized list pairs"),
+    "cohort_speakers": Option(6_000, int, "AS-Norm cohort speakers (backend_asnorm)"),
+    "audio_utterances": Option(16, int, "utterances of synthetic audio"),
+    "audio_seconds": Option(12.0, float, "seconds per synthetic utterance"),
+    "eval_frames": Option(400, int, "extraction crop length in frames"),
+    "num_eval": Option(10, int, "extraction crops per utterance"),
+    "extract_batch": Option(0, int, "utterances per extractor pass; 0: m_gen_embs' choice for the device"),
+    "baseline_utterances": Option(4, int, "utterances timed one at a time"),
+    "audio_files": Option(
+        4000, int, f"files of each format (links to the synthetic utterances) in the decode and "
+        f"m4a stages; the m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU"),
+    "vox2_utterances": Option(1_092_009, int, "files of the VoxCeleb2-shaped tree"),
+    "vox2_speakers": Option(5_994, int, "speakers of the VoxCeleb2-shaped tree"),
+    "vox2_videos": Option(145_000, int, "videos (folders) of the VoxCeleb2-shaped tree"),
+    "vox2_crops": Option(10, int, "crops per file of the VoxCeleb2-shaped tree"),
+    "vox2_dim": Option(256, int, "dimension of the VoxCeleb2- and VoxBlink2-sized data"),
+    "vox2_processes": Option(2, int, "processes writing the VoxCeleb2-shaped tree"),
+    "file_part": Option(100_000, int, "files store_open reads and scales (per-file side)"),
+    "blink_rows": Option(9_904_382, int, "rows of the VoxBlink2-sized float16 store"),
+    "blink_speakers": Option(111_284, int, "speakers of the VoxBlink2-sized store"),
+    "blink_small_rows": Option(100_000, int, "rows of train_vox2_steps' small store"),
+    "steps": Option(500, int, "training steps timed by train_vox2_steps"),
+    "step_batch": Option(1_000, int, "batch size of train_vox2_steps"),
+    "threads": Option(0, int, "torch intra-op threads (default: torch's, one a core)"),
+    "min_seconds": Option(1.0, float, "repeat fast project timings this long"),
+    "device": Option("auto", str, "auto, cpu or cuda: where every stage runs"),
+    "stages": Option(tuple(stage.name for stage in STAGES), list, "stages to run (default: all, in order)"),
 }
 
 

@@ -15,7 +15,7 @@ from conftest import config, make_embedding_tree, random_checkpoint, reference_k
 
 import m_trainer
 from m_comb_embs import combine
-from m_DataLoader import EmbeddingData, TrialSet
+from m_DataLoader import EmbeddingData, Sampling, TrialSet
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer, parse_score_line
 from m_utils import UserError
@@ -205,16 +205,16 @@ def test_validation_on_speakers_without_a_class_is_not_made_up(data, tmp_path):
     train_data = EmbeddingData(lists / "train_normal_list.txt", data / "train", "normal", "B", DIM)
     unseen = EmbeddingData(tmp_path / "lists" / "unseen_normal_list.txt", root, "normal", "B", DIM,
                            speakers=train_data.speakers)
-    assert (unseen.label == -1).all()
+    assert (unseen.records.labels == -1).all()
     trainer = mse_softmax_trainer()
-    result = trainer.validate(unseen, 32, seed=1)
+    result = trainer.validate(unseen, Sampling(batch_size=32, seed=1))
     with torch.no_grad():
-        out = trainer.net.model(unseen.embeddings[unseen.rows])
-        mse = torch.nn.functional.mse_loss(out, unseen.speaker_embeddings[unseen.target]).item()
+        out = trainer.net.model(unseen.embeddings[unseen.records.inputs])
+        mse = torch.nn.functional.mse_loss(out, unseen.speaker_embeddings[unseen.records.targets]).item()
     assert result.loss == pytest.approx(mse, rel=1e-5)  # the MSE part alone
     assert np.isnan(result.accuracy) and result.left_out == ["cross-entropy"]
     softmax = Trainer(SpeakerNet("MyLinearNetv2", "Softmax", nOut=DIM, nClasses=40), torch.device("cpu"))
-    nothing = softmax.validate(unseen, 32, seed=1)
+    nothing = softmax.validate(unseen, Sampling(batch_size=32, seed=1))
     assert np.isnan(nothing.loss) and np.isnan(nothing.accuracy)
 
 
@@ -231,13 +231,13 @@ def test_validation_classifier_term_counts_only_speakers_with_a_class(data, tmp_
     train_data = EmbeddingData(lists / "train_normal_list.txt", data / "train", "normal", "B", DIM)
     valid = EmbeddingData(mixed, root, "normal", "B", DIM, speakers=train_data.speakers)
     trainer = mse_softmax_trainer()
-    result = trainer.validate(valid, 4, seed=1)
+    result = trainer.validate(valid, Sampling(batch_size=4, seed=1))
     with torch.no_grad():
-        out = trainer.net.model(valid.embeddings[valid.rows])
-        known = torch.from_numpy(valid.label >= 0)
-        labels = torch.from_numpy(valid.label)
+        out = trainer.net.model(valid.embeddings[valid.records.inputs])
+        known = torch.from_numpy(valid.records.labels >= 0)
+        labels = torch.from_numpy(valid.records.labels)
         entropy = torch.nn.functional.cross_entropy(trainer.net.loss.fc(out[known]), labels[known]).item()
-        mse = torch.nn.functional.mse_loss(out, valid.speaker_embeddings[valid.target]).item()
+        mse = torch.nn.functional.mse_loss(out, valid.speaker_embeddings[valid.records.targets]).item()
         correct = (trainer.net.loss.fc(out[known]).argmax(1) == labels[known]).double().mean().item() * 100
     assert int(known.sum()) == 1
     assert result.loss == pytest.approx(entropy + mse, rel=1e-5)

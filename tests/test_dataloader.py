@@ -8,10 +8,10 @@ from conftest import make_embedding_tree
 import m_DataLoader
 import stores.arrays
 from m_comb_embs import combine
-from m_DataLoader import EmbeddingData, chunk_starts, speaker_grouped_batches
+from m_DataLoader import EmbeddingData, Sampling, speaker_grouped_batches
 from m_gen_list import make_lists
 from m_network import SpeakerNet, Trainer
-from m_utils import SINGLE, DistContext
+from m_utils import DistContext
 from stores.keys import embedding_file
 
 
@@ -42,44 +42,91 @@ def test_each_file_read_once_per_run(tree, monkeypatch):
     train = data(tree)
     trainer = Trainer(SpeakerNet("MyLinearNetv2", "MSE", nOut=8), torch.device("cpu"))
     for epoch in range(1, 4):
-        trainer.train_epoch(train, epoch, batch_size=7, seed=1)
+        trainer.train_epoch(train, epoch, Sampling(batch_size=7, seed=1))
     assert len(calls) == 6 * 3 * 5 and set(calls.values()) == {1}  # B/C combined from the files read
 
 
-def test_batches_come_from_memory_and_match_files(tree):
+def stored(tree, rel: str) -> np.ndarray:
+    """A file's single-utterance embedding as the list's files hold it: crop mean, L2-normalised."""
+    mean = np.load(embedding_file(tree / "emb", rel)).mean(axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+def test_batches_hold_the_listed_files_and_speakers(tree):
     train = data(tree, "triplet")
-    batch = next(train.epoch(4, seed=3, epoch=1))
     records = [line.split() for line in (tree / "lists" / "t_triplet_list.txt").read_text().splitlines()]
-    order = train.global_batches(4, 3, 1)[0]
-    for row, record_index in enumerate(order):
-        spk, rel, other = records[record_index]
-        stored = np.load(embedding_file(tree / "emb", rel)).mean(axis=0)
-        np.testing.assert_allclose(batch.inputs[row].numpy(), stored / np.linalg.norm(stored), atol=1e-6)
-        np.testing.assert_allclose(batch.targets[row].numpy(), np.load(tree / "emb" / f"{spk}.npy"))
-        np.testing.assert_allclose(batch.others[row].numpy(), np.load(tree / "emb" / f"{other}.npy"))
-        assert train.speakers[batch.labels[row]] == spk
+    seen = []
+    for batch in train.batches(1, Sampling(batch_size=4, seed=3)):
+        assert batch.size == len(batch.records) <= 4
+        for row, record in enumerate(batch.records):
+            spk, rel, other = records[record]
+            np.testing.assert_allclose(batch.inputs[row].numpy(), stored(tree, rel), atol=1e-6)
+            np.testing.assert_allclose(batch.targets[row].numpy(), np.load(tree / "emb" / f"{spk}.npy"))
+            np.testing.assert_allclose(batch.others[row].numpy(), np.load(tree / "emb" / f"{other}.npy"))
+            assert train.speakers[batch.labels[row]] == spk
+        seen += batch.records.tolist()
+    assert sorted(seen) == list(range(len(records)))  # every record once an epoch
+
+
+def epoch_records(train, epoch: int, **sampling) -> list[list[int]]:
+    return [batch.records.tolist() for batch in train.batches(epoch, Sampling(**sampling))]
 
 
 def test_epochs_reshuffle_reproducibly(tree):
     train = data(tree)
-    first = train.global_batches(10, seed=1, epoch=1)
-    assert all(np.array_equal(a, b) for a, b in zip(first, train.global_batches(10, 1, 1), strict=True))
-    assert not np.array_equal(first[0], train.global_batches(10, 1, 2)[0])
-    assert sorted(np.concatenate(first).tolist()) == list(range(len(train)))
+    first = epoch_records(train, 1, batch_size=10, seed=1)
+    assert first == epoch_records(train, 1, batch_size=10, seed=1)
+    assert first != epoch_records(train, 2, batch_size=10, seed=1)
+    assert first != epoch_records(train, 1, batch_size=10, seed=2)
+    assert sorted(sum(first, [])) == list(range(len(train)))
+    in_order = epoch_records(train, 1, batch_size=10, seed=1, shuffle=False)
+    assert sum(in_order, []) == list(range(len(train)))
 
 
-def test_ranks_split_each_global_batch(tree):
-    train = data(tree)
-    ranks = [list(train.epoch(4, 1, 1, DistContext(rank=r, world_size=3))) for r in range(3)]
-    single = list(train.epoch(12, 1, 1))
-    assert len(ranks[0]) == len(ranks[1]) == len(ranks[2]) == len(single)
-    for step, whole in enumerate(single):
-        parts = torch.cat([ranks[r][step].inputs for r in range(3)])
-        assert torch.equal(parts, whole.inputs)
-        # DDP averages the ranks' weighted mean losses: every sample must count 1 / global size
-        for r in range(3):
-            part = ranks[r][step]
-            assert part.weight / part.size / 3 == pytest.approx(1 / whole.size)
+@pytest.mark.parametrize(("kind", "sampling"), [
+    ("normal", {}), ("triplet", {}), ("normal", {"n_per_speaker": 2}),
+    ("distribution", {"speakers_per_step": 1}), ("distribution", {"speakers_per_step": 2}),
+])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_split_each_global_batch(tree, kind, sampling, world_size):
+    """The processes' batches of a step, put together, are the batch one process draws with the
+    global size; each weighs its loss so that every sample counts 1 / the global batch (a DA loss,
+    a mean over speakers: each process's speakers count alike); a global batch some process
+    would get nothing of is left out by all."""
+    train = data(tree, kind)
+    size = sampling.get("speakers_per_step", 5)
+    ranks = [list(train.batches(2, Sampling(batch_size=5, seed=3, **sampling),
+                                DistContext(rank=r, world_size=world_size)))
+             for r in range(world_size)]
+    bigger = {"speakers_per_step": size * world_size} if kind == "distribution" else {}
+    single = list(train.batches(2, Sampling(batch_size=5 * world_size, seed=3, **{**sampling, **bigger})))
+    kept = [whole for whole in single if whole.size >= world_size * (2 if kind == "distribution" else 1)
+            and (kind != "distribution" or len(torch.unique(whole.pair_speaker)) >= world_size)]
+    assert all(len(batches) == len(kept) for batches in ranks) and kept
+    for step, whole in enumerate(kept):
+        parts = [ranks[r][step] for r in range(world_size)]
+        for name in ("inputs", "targets", "labels", "others", "pair_same", "pair_speaker"):
+            if getattr(whole, name) is None:
+                assert all(getattr(part, name) is None for part in parts)
+            else:
+                assert torch.equal(torch.cat([getattr(part, name) for part in parts]), getattr(whole, name))
+        for part in parts:
+            expected = 1.0 if kind == "distribution" else part.size * world_size / whole.size
+            assert part.weight == pytest.approx(expected)
+
+
+def test_a_global_batch_too_small_to_split_is_left_out_and_the_rest_split_as_before(tree):
+    train = data(tree)  # 90 records: global batches of 44, 44 and 2
+    single = list(train.batches(1, Sampling(batch_size=44, seed=1)))
+    ranks = [list(train.batches(1, Sampling(batch_size=11, seed=1), DistContext(rank=r, world_size=4)))
+             for r in range(4)]
+    assert [batch.size for batch in single] == [44, 44, 2]
+    assert [[batch.size for batch in batches] for batches in ranks] == [[11, 11]] * 4
+    # a global batch that does not split evenly: the first processes take one more (numpy's
+    # array_split, as before: DDP runs keep their exact weights)
+    ranks = [list(train.batches(1, Sampling(batch_size=10, seed=1), DistContext(rank=r, world_size=4)))
+             for r in range(4)]
+    assert [[batch.size for batch in batches] for batches in ranks] == [[10, 10, 3]] * 2 + [[10, 10, 2]] * 2
 
 
 def test_n_per_speaker_sampler():
@@ -102,83 +149,39 @@ def test_n_per_speaker_sampler():
 
 def test_n_per_speaker_labels_every_item(tree):
     train = data(tree)
-    for batch in train.epoch(3, 1, 1, n_per_speaker=2, max_seg_per_spk=10):
+    for batch in train.batches(1, Sampling(batch_size=3, seed=1, n_per_speaker=2, max_seg_per_spk=10)):
         labels = batch.labels.view(-1, 2)
         assert (labels[:, 0] == labels[:, 1]).all() and len(set(labels[:, 0].tolist())) == len(labels)
         np.testing.assert_allclose(batch.targets.numpy(),
                                    train.speaker_embeddings[batch.labels].numpy())
 
 
-def test_distribution_batches_one_speaker_same_pairs_first(tree):
+def test_distribution_batches_are_whole_speakers_same_pairs_first(tree):
+    """A step holds whole speakers in speaker order, each one's same-category pairs first, as
+    rows (2p, 2p + 1); an epoch holds every pair of the list once."""
     train = data(tree, "distribution")
-    batches = list(train.epoch(12321, 1, 1))
-    assert len(batches) == 6
-    for batch in batches:
-        assert len(torch.unique(batch.pair_speaker)) == 1
-        same = batch.pair_same.tolist()
-        assert same == sorted(same, reverse=True) and any(same) and not all(same)
-        assert batch.inputs.shape[0] == 2 * len(same)
-    two = list(train.epoch(1, 1, 1, speakers_per_step=2))
-    assert len(two) == 3 and all(len(torch.unique(b.pair_speaker)) == 2 for b in two)
+    lines = [line.split() for line in (tree / "lists" / "t_distribution_list.txt").read_text().splitlines()]
 
+    def key(spk: str, first: np.ndarray, second: np.ndarray, flag: bool) -> tuple:
+        return spk, tuple(np.round(first, 4)), tuple(np.round(second, 4)), flag
 
-@pytest.mark.parametrize(("kind", "sampling"), [
-    ("normal", {}), ("triplet", {}), ("normal", {"n_per_speaker": 2}),
-    ("distribution", {"speakers_per_step": 2}),
-])
-@pytest.mark.parametrize("chunk_rows", [1, 9, 100_000])
-def test_batches_sliced_from_chunks_equal_per_batch_ones(tree, kind, sampling, chunk_rows):
-    """The GPU path (an epoch's index arrays moved at once, rows gathered for several batches at a
-    time, each batch a slice) builds the same batches as the per-batch path; run here on CPU
-    tensors, which exercise the same code. Chunks of 1 row hold one batch each, of 9 rows one or
-    two, of 100,000 the whole epoch."""
-    train = data(tree, kind)
-    ctx = DistContext(rank=1, world_size=2, local_rank=1)
-    parts = [train._rank_part(items, ctx, sampling.get("n_per_speaker", 1))
-             for items in train.global_batches(5, 3, 2, ctx.world_size, **sampling)]
-    parts = [part for part in parts if part is not None]
-    expected = [train.batch_of(*part) for part in parts]
-    train.chunk_rows = chunk_rows
-    got = list(train._batches_in_chunks(parts))
-    assert len(got) == len(expected) > 1
-    for a, b in zip(got, expected, strict=True):
-        assert a.weight == b.weight
-        for name in ("inputs", "targets", "labels", "others", "pair_same", "pair_speaker"):
-            x, y = getattr(a, name), getattr(b, name)
-            assert (x is None) == (y is None), name
-            if x is not None:
-                assert torch.equal(x, y), name
-
-
-def test_chunks_hold_whole_batches_up_to_their_rows():
-    assert chunk_starts(np.array([5, 5, 5, 20, 1, 4]), 10) == [0, 2, 3, 4, 6]
-    assert chunk_starts(np.array([3, 3]), 1) == [0, 1, 2]
-    assert chunk_starts(np.array([], np.int64), 10) == [0, 0]
-
-
-def test_single_process_epochs_equal_a_one_rank_shard(tree):
-    """One process takes each global batch whole (no split): the same batches as sharding it over
-    a world of one would give."""
-    for kind, sampling in (("normal", {}), ("normal", {"n_per_speaker": 2}),
-                           ("distribution", {"speakers_per_step": 2})):
-        train = data(tree, kind)
-        for items in train.global_batches(5, 3, 2, 1, **sampling):
-            records, weight = train._rank_part(items, SINGLE, sampling.get("n_per_speaker", 1))
-            assert weight == 1.0 and np.array_equal(records, items)
-            if kind == "distribution":
-                records, weight = train._speaker_shard(items, SINGLE)
-            else:
-                records, weight = m_DataLoader.shard(items, SINGLE)
-            assert weight == 1.0 and np.array_equal(np.sort(records), np.sort(items))
-
-
-def test_speaker_pairs_group_every_pair_in_order(tree):
-    train = data(tree, "distribution")
-    groups = train.speaker_pairs()
-    assert [int(train.target[g[0]]) for g in groups] == sorted(set(train.target.tolist()))
-    for group in groups:
-        assert np.all(np.diff(group) > 0) and len(set(train.target[group].tolist())) == 1
-    assert sum(len(g) for g in groups) == len(train.target)
+    listed = Counter(key(spk, stored(tree, a), stored(tree, b), flag == "1") for spk, a, b, flag in lines)
+    for per_step, steps in ((1, 6), (2, 3)):
+        batches = list(train.batches(1, Sampling(batch_size=1, seed=1, speakers_per_step=per_step)))
+        assert len(batches) == steps
+        found = Counter()
+        for batch in batches:
+            speakers = batch.pair_speaker.tolist()
+            assert len(set(speakers)) == per_step and speakers == sorted(speakers)
+            for spk in set(speakers):
+                same = batch.pair_same[batch.pair_speaker == spk].tolist()
+                assert same == sorted(same, reverse=True) and any(same) and not all(same)
+            assert batch.inputs.shape[0] == 2 * len(speakers)
+            torch.testing.assert_close(batch.targets, train.speaker_embeddings[batch.labels])
+            for p, spk in enumerate(speakers):
+                found[key(train.speakers[spk], batch.inputs[2 * p].numpy(), batch.inputs[2 * p + 1].numpy(),
+                          bool(batch.pair_same[p]))] += 1
+        assert found == listed
 
 
 def test_read_npy_equals_np_load_and_survives_many_threads(tmp_path):

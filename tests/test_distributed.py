@@ -1,7 +1,6 @@
 """DDP on CPU (Gloo): two processes must train exactly as one process on the same global batch."""
 
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,4 +77,4 @@ def test_error_in_a_worker_is_reported_cleanly(data, tmp_path):
                         "--distributed", "--nprocs", "2", "--port", str(free_port()), check=False)
     assert result.returncode == 2, result.stderr
     assert "nClasses 3 is smaller than the 10 training speakers" in result.stderr
-    assert sys.executable  # the group was started from this interpreter
+    assert "Traceback" not in result.stderr

@@ -63,7 +63,7 @@ def test_trainer_accepts_zero_and_refuses_negative(tmp_path, reader_threads):
     train("five", "--nDataLoaderThread", "5")
     scores = [(tmp_path / run / "result" / "scores.txt").read_text() for run in ("zero", "five")]
     assert scores[0] == scores[1] and "--Val-- Epoch 1" in scores[0]
-    with pytest.raises(UserError, match="option 'nDataLoaderThread' must be 0 or more, found -1"):
+    with pytest.raises(UserError, match="--nDataLoaderThread must be 0 or more, found -1"):
         train("neg", "--nDataLoaderThread", "-1")
     assert not (tmp_path / "neg").exists()
 

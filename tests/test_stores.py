@@ -21,7 +21,14 @@ import m_comb_embs
 import m_gen_list
 import m_trainer
 from m_comb_embs import combine
-from m_DataLoader import EmbeddingData, TrialSet, load_embeddings, load_speaker_embeddings, read_list
+from m_DataLoader import (
+    EmbeddingData,
+    Sampling,
+    TrialSet,
+    load_embeddings,
+    load_speaker_embeddings,
+    read_list,
+)
 from m_gen_list import make_lists
 from m_utils import UserError
 from stores.arrays import combine_speaker
@@ -91,10 +98,9 @@ def test_training_data_is_the_memory_map_not_a_copy(packed, tmp_path):
     assert data.embeddings.data_ptr() == store.matrix.ctypes.data
     part = EmbeddingData(tmp_path / "half.txt", packed, "normal", "B", DIM)
     assert len(part.embeddings) == len(lines) < len(store.keys)  # a subset: just its rows
-    batch = next(part.epoch(5, seed=1, epoch=1))
+    batch = next(part.batches(1, Sampling(batch_size=5, seed=1)))
     files = TreeSource(packed).utterances([line.split()[1] for line in lines], threads=0).matrix()
-    order = part.global_batches(5, 1, 1)[0]
-    np.testing.assert_array_equal(batch.inputs.numpy(), files[order])
+    np.testing.assert_array_equal(batch.inputs.numpy(), files[batch.records])
 
 
 def test_a_stale_store_is_not_used(packed, caplog):
@@ -161,15 +167,14 @@ def test_float16_store_epoch_gathers_rows_without_a_float32_copy(tmp_path):
     assert data16.table.dtype == torch.float16
     assert data16.table.data_ptr() == open_store(half).matrix.ctypes.data  # the memory map itself
     assert data16._embeddings is None  # no float32 copy made by construction
-    for chunk_rows in (0, 16):
-        data16.chunk_rows = data32.chunk_rows = chunk_rows
-        epoch16, epoch32 = list(data16.epoch(7, 3, 1)), list(data32.epoch(7, 3, 1))
-        assert len(epoch16) == len(epoch32) == 6
-        for a, b in zip(epoch16, epoch32, strict=True):
-            assert a.inputs.dtype == torch.float32
-            torch.testing.assert_close(a.inputs, b.inputs, atol=2e-3, rtol=0)
-            torch.testing.assert_close(a.targets, b.targets)
-            assert torch.equal(a.labels, b.labels)
+    sampling = Sampling(batch_size=7, seed=3)
+    epoch16, epoch32 = list(data16.batches(1, sampling)), list(data32.batches(1, sampling))
+    assert len(epoch16) == len(epoch32) == 6
+    for a, b in zip(epoch16, epoch32, strict=True):
+        assert a.inputs.dtype == torch.float32
+        torch.testing.assert_close(a.inputs, b.inputs, atol=2e-3, rtol=0)
+        torch.testing.assert_close(a.targets, b.targets)
+        assert torch.equal(a.labels, b.labels)
     assert data16._embeddings is None  # training never converted the whole matrix
     torch.testing.assert_close(data16.embeddings, data32.embeddings, atol=2e-3, rtol=0)
 
@@ -217,7 +222,7 @@ def test_kaldi_ids_with_utt2spk(tmp_path):
     from_store = EmbeddingData(tmp_path / "lists" / "k_normal_list.txt", scp, "normal", "B", DIM)
     np.testing.assert_array_equal(from_store.speaker_embeddings, from_scp.speaker_embeddings)
     for name in ("embeddings",):
-        rows = [from_store.rows, from_scp.rows]
+        rows = [from_store.records.inputs, from_scp.records.inputs]
         np.testing.assert_array_equal(getattr(from_store, name)[rows[0]], getattr(from_scp, name)[rows[1]])
 
 

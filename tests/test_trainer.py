@@ -7,10 +7,11 @@ import torch
 from conftest import config, run_script, train
 
 import m_trainer
+import m_utils
 from loss.m_Losses import LOSSES
-from m_DataLoader import EmbeddingData
+from m_DataLoader import EmbeddingData, Sampling
 from m_network import SpeakerNet, Trainer, checkpoints, parse_score_line, score_line
-from m_utils import FAULT_EXIT_STATUS, FAULT_VARIABLE, UserError
+from m_utils import FAULT_EXIT_STATUS, FAULT_VARIABLE, UserError, hyper_parameters
 
 
 @pytest.mark.parametrize("trainfunc", sorted(LOSSES))
@@ -37,24 +38,23 @@ def test_every_loss_trains_an_epoch(data, tmp_path, trainfunc):
 
 @pytest.mark.parametrize("trainfunc", ["MSE_CS", "MSE_Softmax", "MyTriplet_CS", "DA_MSE"])
 def test_trainer_epochs_equal_a_plain_loop(data, trainfunc):
-    """The Trainer's epoch, with batches built one by one (the CPU path) or sliced from rows
-    gathered many batches at once (the GPU path, run here on CPU tensors), gives the weights and
-    the mean loss of a plain loop: gradients dropped each step (torch's default; the Trainer zeroes
-    them in place on a CPU), the loss read back each step."""
+    """The Trainer's epoch gives the weights and the mean loss of a plain loop over the same
+    batches: gradients dropped each step (torch's default; the Trainer zeroes them in place on a
+    CPU), the loss read back each step."""
     kind = LOSSES[trainfunc].list_kind
     train_data = EmbeddingData(data / "lists" / f"train_{kind}_list.txt", data / "train", kind, "B", 24)
+    sampling = Sampling(batch_size=32, seed=5)
     results = {}
-    for way, chunk_rows in (("per batch", 0), ("chunks", 70), ("loop", 0)):
-        train_data.chunk_rows = chunk_rows
+    for way in ("trainer", "loop"):
         torch.manual_seed(3)
         trainer = Trainer(SpeakerNet("MyLinearNetv2", trainfunc, nOut=24, nClasses=40), torch.device("cpu"))
-        if way != "loop":
-            mean_loss = trainer.train_epoch(train_data, 1, 32, seed=5)
+        if way == "trainer":
+            mean_loss = trainer.train_epoch(train_data, 1, sampling)
         else:
             torch.manual_seed(5 + 1)
             trainer.net.train()
             total, count = 0.0, 0
-            for batch in train_data.epoch(32, 5, 1):
+            for batch in train_data.batches(1, sampling):
                 trainer.optimizer.zero_grad(set_to_none=True)
                 loss = trainer.net(batch)[0]
                 loss.backward()
@@ -63,12 +63,10 @@ def test_trainer_epochs_equal_a_plain_loop(data, trainfunc):
             mean_loss = total / count
             assert all(p.grad is not None for p in trainer.net.parameters() if p.requires_grad)
         results[way] = (mean_loss, trainer.net.state_dict())
-    loop_loss, loop_state = results["loop"]
-    for way in ("per batch", "chunks"):
-        mean_loss, state = results[way]
-        assert mean_loss == pytest.approx(loop_loss, rel=1e-12), way
-        for name, value in state.items():
-            torch.testing.assert_close(value, loop_state[name], rtol=0, atol=0, msg=f"{way}: {name}")
+    (mean_loss, state), (loop_loss, loop_state) = results["trainer"], results["loop"]
+    assert mean_loss == pytest.approx(loop_loss, rel=1e-12)
+    for name, value in state.items():
+        torch.testing.assert_close(value, loop_state[name], rtol=0, atol=0, msg=name)
 
 
 def test_score_lines_keep_the_original_format():
@@ -210,6 +208,66 @@ def test_config_rules(data, tmp_path, monkeypatch):
     bad.write_text("distributed: 1\n")
     with pytest.raises(UserError, match="bool"):
         m_trainer.parse_options(["--config", str(bad)])
+
+
+def test_bounds_and_choices_name_the_config_file_or_the_flag(tmp_path):
+    cfg = tmp_path / "bounds.yaml"
+    for text, message in (("batch_size: 0\n", "bounds.yaml: option 'batch_size' must be at least 1, found 0"),
+                          ("nDataLoaderThread: -2\n", "option 'nDataLoaderThread' must be 0 or more"),
+                          ("port: 70000\n", "option 'port' must be at most 65535, found 70000"),
+                          ("optimizer: adamm\n", "bounds.yaml: unknown optimizer 'adamm' (did you mean adam"),
+                          ("gen_format: hdf5\n", "gen_format must be one of tree, kaldi, packed")):
+        cfg.write_text(text)
+        with pytest.raises(UserError, match=re.escape(message)):
+            m_trainer.parse_options(["--config", str(cfg)])
+    cfg.write_text("batch_size: 0\n")
+    assert m_trainer.parse_options(["--config", str(cfg), "--batch_size", "4"]).batch_size == 4  # flag wins
+    with pytest.raises(UserError, match="^--max_epoch must be at least 1, found 0$"):
+        m_trainer.parse_options(["--max_epoch", "0"])
+    with pytest.raises(UserError, match="^unknown scheduler 'step'.*; scheduler must be one of steplr"):
+        m_trainer.parse_options(["--scheduler", "step"])
+
+
+def test_every_hyper_parameter_is_an_option():
+    """A constructor's parameter that no option sets would keep its default whatever a config says."""
+    from models.m_Models import MODELS
+    from scoring.backends import BACKENDS
+
+    for cls in (*MODELS.values(), *LOSSES.values(), *BACKENDS.values(), Trainer):
+        missing = set(hyper_parameters(cls)) - set(m_trainer.OPTIONS) - {"ctx"}  # ctx: the process group
+        assert not missing, f"{cls.__name__}: {missing}"
+
+
+def test_a_hyper_parameter_without_an_option_is_an_error_and_an_unused_one_is_said(tmp_path, monkeypatch,
+                                                                                    caplog):
+    import models.m_Models
+
+    class Widened(models.m_Models.MyLinearNetv2):
+        def __init__(self, nOut: int = 512, widht: int = 2):
+            super().__init__(nOut)
+
+    monkeypatch.setitem(models.m_Models.MODELS, "Widened", Widened)
+    with pytest.raises(UserError, match="Widened takes widht, which no option sets"):
+        m_trainer.parse_options(["--model", "Widened"])
+    cfg = tmp_path / "unused.yaml"
+    cfg.write_text("trainfunc: MSE\nsigma: 0.5\nnClasses: 10\n")
+    m_trainer.parse_options(["--config", str(cfg)])
+    said = [record.getMessage() for record in caplog.records]
+    assert any(str(cfg) in line and "'sigma' is not used" in line for line in said)
+    assert any("'nClasses' is not used" in line for line in said)
+    caplog.clear()
+    m_trainer.parse_options(["--config", str(cfg), "--trainfunc", "DA"])
+    assert not any("'sigma'" in record.getMessage() for record in caplog.records)
+
+
+def test_trainer_options_reach_the_trainer_by_name(data, tmp_path):
+    cfg = config(data, tmp_path, optimizer="sgd", lr=0.25, weight_decay=0.5, scheduler="none")
+    args = m_trainer.parse_options(["--config", str(cfg), "--save_path", str(tmp_path / "exp")])
+    trainer = m_trainer.Run(args, m_utils.SINGLE).trainer
+    group = trainer.optimizer.param_groups[0]
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.25, 0.5, 0.9)
+    assert isinstance(trainer.scheduler, torch.optim.lr_scheduler.LambdaLR)
 
 
 def test_missing_data_says_which_script_makes_it(tmp_path):
