@@ -60,6 +60,7 @@ from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key, score_trials
 from scoring.report import (
     SYSTEMS,
     TRIAL_LISTS,
+    check_eer_definition,
     check_result_tag,
     records_table,
     result_name,
@@ -106,6 +107,8 @@ OPTIONS: Options = {
     "qmf_base": (None, str, "QMF: the back-end whose score it rescores (default asnorm when among the "
                  "back-ends, else none)"),
     "qmf_norms": (False, bool, "QMF: the embedding norms before normalisation as quality measures too"),
+    "eer": ("roc", str, "EER the tables and --check lines show: roc (voxceleb_trainer's, on sklearn's ROC "
+            "points) or interpolated (WeSpeaker's); check.json records both"),
     "bootstrap": (1000, int, "resamples of the test speakers for the 95 %% intervals of the EER"),
     "calib_list": (None, str, "trial list over held-out embeddings to calibrate scores on"),
     "calib_path": (None, str, "embedding root of calib_list"),
@@ -311,6 +314,7 @@ def check_setup(args: argparse.Namespace, mode: str) -> None:
     embedding_type_of(args.multiple_embedding_flag)
     check_backend_options(args.backends, vars(args))
     check_result_tag(args.result_tag)
+    check_eer_definition(args.eer)
     make_activation(args.activation)
     if args.gen_format is not None:
         gen_format_of(".", args.gen_format)
@@ -428,7 +432,8 @@ def model_record(args: argparse.Namespace, path: Path, original: bool) -> dict[s
     checkpoint of the original repository, whose model and loss are the options' assumption."""
     return {"checkpoint": str(path), "format": "original repository" if original else "m_trainer",
             "assumed": original, **{key: getattr(args, key) for key in ("model", "trainfunc", "nOut",
-                                                                         "activation")}}
+                                                                         "activation", "seed")},
+            "options": {key: value for key, value in sorted(vars(args).items()) if key in OPTIONS}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,7 +480,8 @@ def report(run: Run, results: Results | None, json_name: str) -> None:
     """Print the results table and save its records as result/<json_name> (main rank)."""
     if results is None or not results.lists:
         return
-    print(f"\n{table_heading(run.args.bootstrap)}\n{records_table(results.records)}", flush=True)
+    heading = table_heading(run.args.bootstrap, run.args.eer)
+    print(f"\n{heading}\n{records_table(results.records)}", flush=True)
     path = run.result_dir / result_name(json_name, run.args.result_tag)
     write_records(path, results.records)
     run.say("results saved to %s", path)
@@ -484,13 +490,15 @@ def report(run: Run, results: Results | None, json_name: str) -> None:
 FIRST_MINDCF = mindcf_key(P_TARGETS[0])  # the minDCF of the --check lines and of scores.txt
 
 
-def check_line(label: str, scores: dict[tuple[str, str], np.ndarray], labels: np.ndarray) -> str:
+def check_line(label: str, scores: dict[tuple[str, str], np.ndarray], labels: np.ndarray,
+               eer: str = "roc") -> str:
     """The original repository's --check line of one trial list, from the none back-end's scores;
-    the original embeddings' values alone without the enhanced ones."""
+    the original embeddings' values alone without the enhanced ones. `eer`: the EER definition."""
+    eer_key = "eer_interpolated" if eer == "interpolated" else "eer"
     found = {system: evaluate_scores(scores[(system, "none")], labels) for system in SYSTEMS
              if (system, "none") in scores}
     words = {"original": "original", "enhanced": "processed"}  # as the original repository printed
-    parts = [f"[{label} {words[system]} EER] {values['eer']:.4f}" for system, values in found.items()]
+    parts = [f"[{label} {words[system]} EER] {values[eer_key]:.4f}" for system, values in found.items()]
     parts += [f"[{label} {words[system]} minDCF] {values[FIRST_MINDCF]:.4f}"
               for system, values in found.items()]
     return ", ".join(parts)
@@ -508,7 +516,8 @@ def check_mode(run: Run) -> None:
     for trials in TRIAL_LISTS:
         if results is not None and trials.key in results.lists:
             result = results.lists[trials.key]
-            print(check_line(trials.check_label, result.scores, result.trials.labels), flush=True)
+            print(check_line(trials.check_label, result.scores, result.trials.labels, run.args.eer),
+                  flush=True)
     report(run, results, "check.json")
 
 
@@ -523,7 +532,8 @@ def eval_mode(run: Run) -> None:
             metrics = evaluate_scores(scores, trials.labels)
             heading, suffix = (name, "") if backend == "none" else (f"{name} {backend}", f"_{backend}")
             mindcfs = ", ".join(f"minDCF({p:g}) {metrics[mindcf_key(p)]:.4f}" for p in P_TARGETS)
-            print(f"[{heading}] EER {metrics['eer']:.4f}, {mindcfs}, threshold {metrics['threshold']:.6f}, "
+            eer = metrics["eer_interpolated" if run.args.eer == "interpolated" else "eer"]
+            print(f"[{heading}] EER {eer:.4f}, {mindcfs}, threshold {metrics['threshold']:.6f}, "
                   f"trials {len(trials)}", flush=True)
             score_path = run.result_dir / result_name(f"eval_scores_{name}{suffix}.txt",
                                                       run.args.result_tag)
