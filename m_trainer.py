@@ -429,11 +429,12 @@ class Run:
 
 def model_record(args: argparse.Namespace, path: Path, original: bool) -> dict[str, Any]:
     """The model behind a --check/--eval result, for its records: with `assumed` true for a
-    checkpoint of the original repository, whose model and loss are the options' assumption."""
+    checkpoint of the original repository, whose model and loss are the options' assumption; with
+    the run's seed and options (by which the viewer pools runs across seeds)."""
     return {"checkpoint": str(path), "format": "original repository" if original else "m_trainer",
             "assumed": original, **{key: getattr(args, key) for key in ("model", "trainfunc", "nOut",
                                                                          "activation", "seed")},
-            "options": {key: value for key, value in sorted(vars(args).items()) if key in OPTIONS}}
+            "options": dict(sorted(vars(args).items()))}
 
 
 # ----------------------------------------------------------------------------------------------
