@@ -71,6 +71,7 @@ from scoring.enrollment import ENROLL_OPTIONS, ModelTrials, enrolled_trials, mod
 from scoring.evaluation import Results, Settings, TrainingSet, TrialList, evaluate, needs_training
 from scoring.metrics import P_TARGETS, evaluate_scores, mindcf_key, score_trials
 from scoring.report import (
+    EER_DEFINITIONS,
     SYSTEMS,
     TRIAL_LISTS,
     check_result_tag,
@@ -122,6 +123,9 @@ OPTIONS: Options = {
         ("none", "asnorm"), list, "scoring back-ends of --check and --eval: none, mean, asnorm, "
         "plda, qmf, or chains of them such as mean+asnorm+qmf (none is always scored)"),
     **BACKEND_OPTIONS,
+    "eer": Option("roc", str, "EER the tables and --check lines show: roc (voxceleb_trainer's, on sklearn's "
+                  "ROC points) or interpolated (WeSpeaker's); check.json records both",
+                  choices=EER_DEFINITIONS),
     "bootstrap": Option(1000, int, "resamples of the test speakers for the 95 %% intervals of the EER",
                         bounds=(1, None)),
     "calib_list": Option(None, str, "trial list over held-out embeddings to calibrate scores on"),
@@ -459,10 +463,12 @@ class Run:
 
 def model_record(args: argparse.Namespace, path: Path, original: bool) -> dict[str, Any]:
     """The model behind a --check/--eval result, for its records: with `assumed` true for a
-    checkpoint of the original repository, whose model and loss are the options' assumption."""
+    checkpoint of the original repository, whose model and loss are the options' assumption; with
+    the run's seed and options (by which the viewer pools runs across seeds)."""
     return {"checkpoint": str(path), "format": "original repository" if original else "m_trainer",
             "assumed": original, **{key: getattr(args, key) for key in ("model", "trainfunc", "nOut",
-                                                                         "activation")}}
+                                                                         "activation", "seed")},
+            "options": dict(sorted(vars(args).items()))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,7 +521,8 @@ def report(run: Run, results: Results | None, json_name: str) -> None:
     """Print the results table and save its records as result/<json_name> (main rank)."""
     if results is None or not results.lists:
         return
-    print(f"\n{table_heading(run.args.bootstrap)}\n{records_table(results.records)}", flush=True)
+    heading = table_heading(run.args.bootstrap, run.args.eer)
+    print(f"\n{heading}\n{records_table(results.records)}", flush=True)
     path = run.result_dir / result_name(json_name, run.args.result_tag)
     write_records(path, results.records)
     run.say("results saved to %s", path)
@@ -524,13 +531,15 @@ def report(run: Run, results: Results | None, json_name: str) -> None:
 FIRST_MINDCF = mindcf_key(P_TARGETS[0])  # the minDCF of the --check lines and of scores.txt
 
 
-def check_line(label: str, scores: dict[tuple[str, str], np.ndarray], labels: np.ndarray) -> str:
+def check_line(label: str, scores: dict[tuple[str, str], np.ndarray], labels: np.ndarray,
+               eer: str = "roc") -> str:
     """The original repository's --check line of one trial list, from the none back-end's scores;
-    the original embeddings' values alone without the enhanced ones."""
+    the original embeddings' values alone without the enhanced ones. `eer`: the EER definition."""
+    eer_key = "eer_interpolated" if eer == "interpolated" else "eer"
     found = {system: evaluate_scores(scores[(system, "none")], labels) for system in SYSTEMS
              if (system, "none") in scores}
     words = {"original": "original", "enhanced": "processed"}  # as the original repository printed
-    parts = [f"[{label} {words[system]} EER] {values['eer']:.4f}" for system, values in found.items()]
+    parts = [f"[{label} {words[system]} EER] {values[eer_key]:.4f}" for system, values in found.items()]
     parts += [f"[{label} {words[system]} minDCF] {values[FIRST_MINDCF]:.4f}"
               for system, values in found.items()]
     return ", ".join(parts)
@@ -548,7 +557,8 @@ def check_mode(run: Run) -> None:
     for trials in TRIAL_LISTS:
         if results is not None and trials.key in results.lists:
             result = results.lists[trials.key]
-            print(check_line(trials.check_label, result.scores, result.trials.labels), flush=True)
+            print(check_line(trials.check_label, result.scores, result.trials.labels, run.args.eer),
+                  flush=True)
     report(run, results, "check.json")
 
 
@@ -563,7 +573,8 @@ def eval_mode(run: Run) -> None:
             metrics = evaluate_scores(scores, trials.labels)
             heading, suffix = (name, "") if backend == "none" else (f"{name} {backend}", f"_{backend}")
             mindcfs = ", ".join(f"minDCF({p:g}) {metrics[mindcf_key(p)]:.4f}" for p in P_TARGETS)
-            print(f"[{heading}] EER {metrics['eer']:.4f}, {mindcfs}, threshold {metrics['threshold']:.6f}, "
+            eer = metrics["eer_interpolated" if run.args.eer == "interpolated" else "eer"]
+            print(f"[{heading}] EER {eer:.4f}, {mindcfs}, threshold {metrics['threshold']:.6f}, "
                   f"trials {len(trials)}", flush=True)
             score_path = run.result_dir / result_name(f"eval_scores_{name}{suffix}.txt",
                                                       run.args.result_tag)

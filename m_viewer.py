@@ -66,6 +66,7 @@ from scoring.metrics import (
     score_trials,
 )
 from scoring.report import NONE_ALIASES, SYSTEMS, TRIAL_LISTS, text_columns
+from scoring.seeds import seed_run, write_seed_summary
 from stores.arrays import EMBEDDING_TYPES
 from stores.keys import embedding_file
 from stores.open import open_embeddings
@@ -833,6 +834,16 @@ def duration_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: 
     return written
 
 
+def seed_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str]) -> list[Path]:
+    """With several runs, the across-seed summary (scoring.seeds) of those with a result/check.json,
+    in --out_dir (default the first run's result folder)."""
+    if len(run_dirs) < 2:
+        return []
+    found = [(name, path / "result" / "check.json") for path, name in zip(run_dirs, names, strict=True)]
+    runs = [seed_run(name, read_records(path)) for name, path in found if path.is_file()]
+    return write_seed_summary(runs, Path(args.out_dir) if args.out_dir else run_dirs[0] / "result")
+
+
 def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
     """Every figure whose inputs exist; returns the paths written."""
     args = build_parser().parse_args(argv)
@@ -853,6 +864,7 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
     else:
         print("skipped dist_hist.png: no --dist_list (with --embed_dir)")
     written += duration_outputs(args, run_dirs, names)
+    written += seed_outputs(args, run_dirs, names)
     report_written(written)
     table = results_table(run_dirs, names)
     if table:

@@ -159,7 +159,7 @@ def evaluate(lists: Sequence[TrialList], systems: Mapping[str, System], settings
         scores = _scores(backends, tables, trials, said)
         results[trials.name] = ListResult(trials, scores)
         records += list_records(trials.name, scores, trials.labels, trials.speakers, calibrations,
-                                settings.resamples, settings.seed)
+                                settings.resamples, settings.seed, settings.options.get("eer", "roc"))
         records += decision_records(trials.name, scores, trials.labels, calibrations)
     records += [CalibrationResult(system, backend, calibration)
                 for (system, backend), calibration in calibrations.items()]

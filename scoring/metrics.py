@@ -211,9 +211,11 @@ def compute_min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.
 
 
 def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """EER, its threshold, and minDCF at each of P_TARGETS (keys by mindcf_key), from one sort."""
+    """EER (compute_eer's), its threshold, the interpolated EER (`eer_interpolated`) and minDCF
+    at each of P_TARGETS (keys by mindcf_key), from one sort."""
     curve = score_curve(scores, labels)
     eer, threshold = _eer_of_curve(*curve)
     miss, false_alarm = _rates_of_curve(*curve[1:])
     return {"eer": eer, "threshold": threshold,
+            "eer_interpolated": interpolated_eer_of_rates(miss, false_alarm),
             **{mindcf_key(p): min_dcf_of_rates(miss, false_alarm, p) for p in P_TARGETS}}

@@ -7,6 +7,7 @@ its suffix: check_T.json, trials_<list>_T.npz, eval_scores_<list>[_<back-end>]_T
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,9 @@ SYSTEMS = ("original", "enhanced")
 # versions hold, still written beside `<system>/<back-end>` for readers of those files.
 NONE_ALIASES = {"original": "original", "processed": "enhanced"}
 THRESHOLD_NAMES = {"eer": "equal error", "far": "false accepts 1 %"}
+# The EER definitions a table may show (option `eer`): voxceleb_trainer's on the ROC points
+# (compute_eer, the default) or interpolated where the miss and false-alarm rates cross.
+EER_DEFINITIONS = ("roc", "interpolated")
 
 Key = tuple[str, str]  # (system, back-end)
 
@@ -59,7 +63,8 @@ class Record:
 @dataclass
 class SystemResult(Record):
     """One (trial list, system, back-end): EER % with its 95 % bootstrap interval, minDCF at each
-    of P_TARGETS, and with a calibration Cllr and min Cllr."""
+    of P_TARGETS, and with a calibration Cllr and min Cllr. `eer` is compute_eer's; beside it the
+    interpolated EER, and which of the two (EER_DEFINITIONS) the tables show."""
 
     trials: str
     system: str
@@ -69,10 +74,16 @@ class SystemResult(Record):
     mindcf: dict[float, float]
     cllr: float | None = None
     min_cllr: float | None = None
+    eer_interpolated: float = math.nan  # nan: not recorded (a check.json from before it was)
+    eer_shown: str = "roc"
+
+    def shown_eer(self) -> float:
+        return self.eer_interpolated if self.eer_shown == "interpolated" else self.eer
 
     def as_json(self) -> dict:
         record = {"trials": self.trials, "system": self.system, "backend": self.backend, "eer": self.eer,
-                  "eer_ci95": self.eer_ci95, **{mindcf_key(p): self.mindcf[p] for p in P_TARGETS}}
+                  "eer_ci95": self.eer_ci95, "eer_interpolated": self.eer_interpolated,
+                  "eer_shown": self.eer_shown, **{mindcf_key(p): self.mindcf[p] for p in P_TARGETS}}
         if self.cllr is not None:
             record.update(cllr=self.cllr, min_cllr=self.min_cllr)
         return record
@@ -80,12 +91,18 @@ class SystemResult(Record):
 
 @dataclass
 class Difference(Record):
-    """The paired EER difference enhanced - original of one back-end on one trial list."""
+    """The paired EER difference enhanced - original of one back-end on one trial list (its
+    interval from the bootstrap of compute_eer's EER), of both EER definitions."""
 
     trials: str
     backend: str
     eer_diff: float
     eer_diff_ci95: list[float]
+    eer_diff_interpolated: float = math.nan
+    eer_shown: str = "roc"
+
+    def shown_diff(self) -> float:
+        return self.eer_diff_interpolated if self.eer_shown == "interpolated" else self.eer_diff
 
 
 @dataclass
@@ -141,10 +158,12 @@ class Sources(Record):
 
 def list_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.ndarray,
                  trial_speakers: np.ndarray, calibrations: Mapping[Key, Calibration] | None = None,
-                 resamples: int = 1000, seed: int = 0) -> list[SystemResult | Difference]:
+                 resamples: int = 1000, seed: int = 0,
+                 eer_shown: str = "roc") -> list[SystemResult | Difference]:
     """The records of one trial list: per (system, back-end) of `scores` a SystemResult (Cllr
     where a calibration of it is given); then per back-end scored by both SYSTEMS the paired
-    Difference enhanced - original (the same resamples for both)."""
+    Difference enhanced - original (the same resamples for both). `eer_shown`: the EER
+    definition the tables show."""
     records, differences = [], []
     for backend in dict.fromkeys(backend for _, backend in scores):
         systems = [system for system, name in scores if name == backend]
@@ -154,11 +173,14 @@ def list_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.ndarr
         for system, sample in zip(systems, eers, strict=True):
             records.append(system_result(trials, system, backend, scores[(system, backend)], labels, sample,
                                          (calibrations or {}).get((system, backend))))
-            point[system] = records[-1].eer
+            records[-1].eer_shown = eer_shown
+            point[system] = records[-1]
         if all(system in systems for system in SYSTEMS):
             original, enhanced = (systems.index(system) for system in SYSTEMS)
-            differences.append(Difference(trials, backend, point[SYSTEMS[1]] - point[SYSTEMS[0]],
-                                          list(interval(eers[enhanced] - eers[original]))))
+            before, after = point[SYSTEMS[0]], point[SYSTEMS[1]]
+            differences.append(Difference(trials, backend, after.eer - before.eer,
+                                          list(interval(eers[enhanced] - eers[original])),
+                                          after.eer_interpolated - before.eer_interpolated, eer_shown))
     return records + differences
 
 
@@ -166,7 +188,8 @@ def system_result(trials: str, system: str, backend: str, scores: np.ndarray, la
                   resampled_eers: np.ndarray, calibration: Calibration | None) -> SystemResult:
     metrics = evaluate_scores(scores, labels)
     result = SystemResult(trials, system, backend, metrics["eer"], list(interval(resampled_eers)),
-                          {p: metrics[mindcf_key(p)] for p in P_TARGETS})
+                          {p: metrics[mindcf_key(p)] for p in P_TARGETS},
+                          eer_interpolated=metrics["eer_interpolated"])
     if calibration is not None:
         result.cllr, result.min_cllr = cllr(calibration.llr(scores), labels), min_cllr(scores, labels)
     return result
@@ -217,7 +240,7 @@ def _system_rows(results: list[SystemResult]) -> list[list[str]]:
     rows = [["trials", "system", "back-end", "EER %", "[95 % CI]", *(f"minDCF {p:g}" for p in P_TARGETS)]
             + (["Cllr", "min Cllr"] if calibrated else [])]
     for r in results:
-        rows.append([r.trials, r.system, r.backend, f"{r.eer:.2f}", _ci(r.eer_ci95),
+        rows.append([r.trials, r.system, r.backend, f"{r.shown_eer():.2f}", _ci(r.eer_ci95),
                      *(f"{r.mindcf[p]:.4f}" for p in P_TARGETS)]
                     + ([_optional(r.cllr), _optional(r.min_cllr)] if calibrated else []))
     return rows
@@ -227,7 +250,7 @@ def _difference_rows(differences: list[Difference]) -> list[list[str]]:
     rows = [["trials", "back-end", "EER enhanced - original", "[95 % CI]", "excludes 0"]]
     for r in differences:
         lo, hi = r.eer_diff_ci95
-        rows.append([r.trials, r.backend, f"{r.eer_diff:+.2f}", _ci(r.eer_diff_ci95),
+        rows.append([r.trials, r.backend, f"{r.shown_diff():+.2f}", _ci(r.eer_diff_ci95),
                      "yes" if lo > 0 or hi < 0 else "no"])
     return rows
 
@@ -254,9 +277,11 @@ def records_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
-def table_heading(resamples: int) -> str:
+def table_heading(resamples: int, eer_shown: str = "roc") -> str:
     targets = " and ".join(f"{p:g}" for p in P_TARGETS)
-    return (f"EER in % with its 95 % interval over {resamples} resamples of the test speakers; "
+    which = ("EER in % (interpolated where the miss and false-alarm rates cross; the interval is that of "
+             "voxceleb_trainer's EER)" if eer_shown == "interpolated" else "EER in %")
+    return (f"{which} with its 95 % interval over {resamples} resamples of the test speakers; "
             f"minDCF at P_target {targets}:")
 
 

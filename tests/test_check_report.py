@@ -18,7 +18,7 @@ from m_DataLoader import EmbeddingData, TrialSet
 from m_network import SpeakerNet, Trainer
 from m_utils import UserError
 from scoring.backends import make_backend
-from scoring.metrics import evaluate_scores, score_trials
+from scoring.metrics import evaluate_scores, interpolated_eer, score_trials
 
 DIM = 24
 BACKENDS = ["none", "mean", "asnorm", "plda"]
@@ -84,6 +84,24 @@ def test_check_records_cover_every_system_and_backend(checked):
     assert float(line.group(2)) == pytest.approx(point[("test", "enhanced", "none")], abs=1e-4)
     assert "[95 % CI]" in out and "excludes 0" in out and "false accepts 1 %" in out
 
+
+def test_check_records_both_eer_definitions_and_the_seed(checked):
+    """Every system record holds the interpolated EER of its saved scores beside compute_eer's,
+    and says the tables show the latter (the default); the sources record holds the seed."""
+    save, _, _ = checked
+    records = json.loads((save / "result" / "check.json").read_text())
+    for trials in ("test", "libri"):
+        saved = np.load(save / "result" / f"trials_{trials}.npz")
+        rows = {(r["system"], r["backend"]): r for r in records if "eer" in r and r["trials"] == trials}
+        for (system, backend), r in rows.items():
+            assert r["eer_interpolated"] == pytest.approx(interpolated_eer(saved[f"{system}/{backend}"],
+                                                                           saved["labels"]), abs=1e-9)
+            assert r["eer_shown"] == "roc"
+        for r in (r for r in records if "eer_diff" in r and r["trials"] == trials):
+            assert r["eer_diff_interpolated"] == pytest.approx(
+                rows[("enhanced", r["backend"])]["eer_interpolated"]
+                - rows[("original", r["backend"])]["eer_interpolated"])
+    assert next(r for r in records if r["trials"] is None)["model"]["seed"] == 10
 
 def test_saved_backend_scores_equal_a_direct_fit(data, checked):
     """The enhanced PLDA and AS-Norm scores are those of the back-ends fitted on the enhanced
@@ -192,3 +210,4 @@ def test_records_name_their_sources_and_an_assumed_model(data, checked, tmp_path
     eer = {(r["trials"], r["system"]): r["eer"] for r in again if r.get("backend") == "none" and "eer" in r}
     assert eer[("test", "enhanced")] == next(r["eer"] for r in records if "eer" in r and r["trials"] == "test"
                                             and r["system"] == "enhanced" and r["backend"] == "none")
+
