@@ -472,6 +472,197 @@ def model_record(args: argparse.Namespace, path: Path, original: bool) -> dict[s
 
 
 # ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train_mode(run: Run) -> None:
+    """Train from the newest checkpoint (or initial_model) to max_epoch, validating, testing and
+    saving every test_interval epochs."""
+    a = run.args
+    train_data = run.load_data("train")
+    if run.net.loss.classifies and a.nClasses < len(train_data.speakers):
+        raise UserError(f"nClasses {a.nClasses} is smaller than the {len(train_data.speakers)} "
+                        f"training speakers of {a.train_list}")
+    valid = run.load_data("valid", train_data.speakers) if a.valid_list else None
+    for trials in TRIAL_LISTS:
+        run.trials(trials.key)  # read before the first epoch: a bad list fails now
+    if run.loss_kind == "distribution":
+        run.say("DA loss: %d speaker(s) per step and process (da_speakers_per_step); "
+                "batch_size %d is not used", a.da_speakers_per_step, a.batch_size)
+    run.say("training %s + %s on %d samples of %d speakers, %s, %d process(es)", a.model,
+            a.trainfunc, len(train_data), train_data.num_speakers, run.device, run.ctx.world_size)
+    for epoch in range(resume(run) + 1, a.max_epoch + 1):
+        began, lr = time.perf_counter(), run.trainer.lr
+        loss = run.trainer.train_epoch(train_data, epoch, run.sampling)
+        run.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr, time.perf_counter() - began)
+        if run.ctx.is_main:
+            append_line(run.scorefile, score_line({"Epoch": epoch, "TLOSS": loss, "LR": lr},
+                                                  validation=False))
+        if epoch % a.test_interval == 0 or epoch == a.max_epoch:
+            validate_and_save(run, epoch, valid)
+
+
+def resume(run: Run) -> int:
+    """Restore the newest complete checkpoint (or initial_model); returns the last epoch done."""
+    found = checkpoints(run.model_dir)
+    if found:
+        epoch = run.trainer.load(found[max(found)])
+        run.say("resuming after epoch %d from %s", epoch, found[max(found)])
+        if run.ctx.is_main:
+            truncate_scorefile(run.scorefile, epoch)
+        return epoch
+    if run.ctx.is_main:
+        truncate_scorefile(run.scorefile, 0)  # a run killed before its first checkpoint logged epochs
+    if run.args.initial_model:
+        run.trainer.load(run.args.initial_model, weights_only=True)
+        run.say("model initialised from %s", run.args.initial_model)
+    return 0
+
+
+def validate_and_save(run: Run, epoch: int, valid: EmbeddingData | None) -> None:
+    """The validation line of scores.txt (loss, accuracy, EER and minDCF of every trial list) and
+    the epoch's checkpoint."""
+    a = run.args
+    nan = float("nan")
+    vloss, vacc = nan, nan
+    if valid is not None:
+        validation = run.trainer.validate(valid, run.sampling)
+        vloss, vacc = validation.loss, validation.accuracy
+        if validation.left_out:
+            run.say_once(f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "
+                         f"speaker of {a.valid_list} has a class of the training speakers")
+    found = {trials: run.enhanced_metrics(trials.key) for trials in TRIAL_LISTS}
+    if not run.ctx.is_main:
+        return
+    values = {"Epoch": epoch, "VLoss": vloss, "Vacc": vacc}
+    for trials, metrics in found.items():
+        metrics = metrics or {"eer": nan, FIRST_MINDCF: nan}
+        values |= {f"VEER{trials.scorefile_suffix}": metrics["eer"],
+                   f"VMINDCF{trials.scorefile_suffix}": metrics[FIRST_MINDCF]}
+    line = score_line(values, validation=True)
+    log.info(line)
+    options = {key: getattr(a, key) for key in ("model", "trainfunc", "nOut", "activation")}
+    run.trainer.save(run.model_dir / CHECKPOINT_NAME.format(epoch), epoch, {"options": options})
+    append_line(run.scorefile, line)
+    fault_point("trainer.checkpoint")
+
+
+def truncate_scorefile(scorefile: Path, last_epoch: int) -> None:
+    """Drop the lines of epochs after `last_epoch` (written before a crash, to be redone)."""
+    if not scorefile.exists():
+        return
+    kept = [line for line in scorefile.read_text().splitlines()
+            if (epoch := scorefile_epoch(line)) is None or epoch <= last_epoch]
+    write_text_atomic(scorefile, "".join(line + "\n" for line in kept))
+
+
+def scorefile_epoch(line: str) -> int | None:
+    """The epoch of a scores.txt line; None for a line that is not one."""
+    try:
+        return int(parse_score_line(line)[1]["Epoch"])
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# What a save_path was trained with: a run that differs stops, unless --restart says what to do
+
+
+SETTINGS_RECORD = "training.json"  # in <save_path>/model
+# The options that make a training run what it is; max_epoch is left out (training further is a
+# new max_epoch), and so are the test lists (they only score it) and the hardware.
+TRAINING_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "initial_model", "softmax_init",
+                     "model", "nOut", "activation", "trainfunc", "nClasses", "sigma", "batch_size", "seed",
+                     "max_seg_per_spk", "multiple_embedding_flag", "nPerSpeaker", "da_speakers_per_step",
+                     "test_interval", "optimizer", "scheduler", "lr", "lr_decay", "weight_decay")
+PATH_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "initial_model", "softmax_init")
+LIST_SETTINGS = ("train_list", "valid_list")  # their content counts too
+
+
+def training_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """This run's TRAINING_SETTINGS (paths made absolute) and the sha256 of its lists' content."""
+    found = {key: getattr(args, key) for key in TRAINING_SETTINGS}
+    for key in PATH_SETTINGS:
+        if found[key]:
+            found[key] = str(Path(found[key]).resolve())
+    for key in LIST_SETTINGS:
+        if getattr(args, key):
+            content = Path(getattr(args, key)).read_bytes()
+            found[f"{key} content (sha256)"] = hashlib.sha256(content).hexdigest()
+    return found
+
+
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = dict.fromkeys([*recorded, *current])
+    return [f"{key} {recorded.get(key)!r} (this run: {current.get(key)!r})" for key in keys
+            if recorded.get(key) != current.get(key)]
+
+
+def read_settings_record(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(read_user_text(path, "settings record"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); m_trainer.py writes it") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: expected the settings a run was trained with, as m_trainer.py writes them")
+    return record
+
+
+def check_restart(args: argparse.Namespace) -> None:
+    """Training into a save_path that holds a run (its checkpoints): go on when this run's data
+    and settings are the ones it was trained with (its model/training.json; a run from before the
+    record is taken as is). Else a UserError naming the differences, unless --restart resume (go
+    on with these) or --restart new (the old run moved to <save_path>/earlier/<time>/ first)."""
+    save_path = Path(args.save_path)
+    record_path = save_path / "model" / SETTINGS_RECORD
+    current = training_settings(args)
+    trained = bool(checkpoints(save_path / "model"))
+    if trained and args.restart == "new":
+        move_run_aside(save_path)
+    elif trained:
+        recorded = read_settings_record(record_path)
+        differ = settings_differences(recorded, current) if recorded is not None else []
+        if differ and args.restart is None:
+            raise UserError(f"{record_path}: {save_path} was trained with other data or settings: "
+                            f"{'; '.join(differ)}. Use --restart resume to train it further with these, "
+                            "--restart new to start anew (its model/ and result/ move to "
+                            f"{save_path / 'earlier'}/), or another save_path")
+        if differ:
+            log.warning("--restart resume: %s goes on with other data or settings: %s", save_path,
+                        "; ".join(differ))
+        if recorded == current:
+            return
+    if not launched_by_torchrun() or os.environ["RANK"] == "0":
+        write_text_atomic(record_path, json.dumps(current, indent=1) + "\n")
+
+
+def move_run_aside(save_path: Path) -> Path:
+    """Move a save_path's model/ and result/ to <save_path>/earlier/<time>/ (nothing is deleted)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = save_path / "earlier" / stamp
+    count = 1
+    while aside.exists():
+        count += 1
+        aside = save_path / "earlier" / f"{stamp}-{count}"
+    try:
+        aside.mkdir(parents=True)
+        for name in ("model", "result"):
+            if (save_path / name).exists():
+                os.replace(save_path / name, aside / name)
+            (save_path / name).mkdir()
+    except OSError as err:
+        raise UserError(f"{save_path}: cannot move the earlier run aside to {aside} "
+                        f"({err.strerror})") from None
+    log.info("--restart new: the earlier run of %s moved to %s", save_path, aside)
+    return aside
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))
+
+# ----------------------------------------------------------------------------------------------
 # --check and --eval: the trial lists scored by every system and back-end (scoring.evaluation)
 
 
@@ -631,99 +822,6 @@ def generate_lock(args: argparse.Namespace) -> AbstractContextManager:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
-
-
-def train_mode(run: Run) -> None:
-    """Train from the newest checkpoint (or initial_model) to max_epoch, validating, testing and
-    saving every test_interval epochs."""
-    a = run.args
-    train_data = run.load_data("train")
-    if run.net.loss.classifies and a.nClasses < len(train_data.speakers):
-        raise UserError(f"nClasses {a.nClasses} is smaller than the {len(train_data.speakers)} "
-                        f"training speakers of {a.train_list}")
-    valid = run.load_data("valid", train_data.speakers) if a.valid_list else None
-    for trials in TRIAL_LISTS:
-        run.trials(trials.key)  # read before the first epoch: a bad list fails now
-    if run.loss_kind == "distribution":
-        run.say("DA loss: %d speaker(s) per step and process (da_speakers_per_step); "
-                "batch_size %d is not used", a.da_speakers_per_step, a.batch_size)
-    run.say("training %s + %s on %d samples of %d speakers, %s, %d process(es)", a.model,
-            a.trainfunc, len(train_data), train_data.num_speakers, run.device, run.ctx.world_size)
-    for epoch in range(resume(run) + 1, a.max_epoch + 1):
-        began, lr = time.perf_counter(), run.trainer.lr
-        loss = run.trainer.train_epoch(train_data, epoch, run.sampling)
-        run.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr, time.perf_counter() - began)
-        if run.ctx.is_main:
-            append_line(run.scorefile, score_line({"Epoch": epoch, "TLOSS": loss, "LR": lr},
-                                                  validation=False))
-        if epoch % a.test_interval == 0 or epoch == a.max_epoch:
-            validate_and_save(run, epoch, valid)
-
-
-def resume(run: Run) -> int:
-    """Restore the newest complete checkpoint (or initial_model); returns the last epoch done."""
-    found = checkpoints(run.model_dir)
-    if found:
-        epoch = run.trainer.load(found[max(found)])
-        run.say("resuming after epoch %d from %s", epoch, found[max(found)])
-        if run.ctx.is_main:
-            truncate_scorefile(run.scorefile, epoch)
-        return epoch
-    if run.ctx.is_main:
-        truncate_scorefile(run.scorefile, 0)  # a run killed before its first checkpoint logged epochs
-    if run.args.initial_model:
-        run.trainer.load(run.args.initial_model, weights_only=True)
-        run.say("model initialised from %s", run.args.initial_model)
-    return 0
-
-
-def validate_and_save(run: Run, epoch: int, valid: EmbeddingData | None) -> None:
-    """The validation line of scores.txt (loss, accuracy, EER and minDCF of every trial list) and
-    the epoch's checkpoint."""
-    a = run.args
-    nan = float("nan")
-    vloss, vacc = nan, nan
-    if valid is not None:
-        validation = run.trainer.validate(valid, run.sampling)
-        vloss, vacc = validation.loss, validation.accuracy
-        if validation.left_out:
-            run.say_once(f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "
-                         f"speaker of {a.valid_list} has a class of the training speakers")
-    found = {trials: run.enhanced_metrics(trials.key) for trials in TRIAL_LISTS}
-    if not run.ctx.is_main:
-        return
-    values = {"Epoch": epoch, "VLoss": vloss, "Vacc": vacc}
-    for trials, metrics in found.items():
-        metrics = metrics or {"eer": nan, FIRST_MINDCF: nan}
-        values |= {f"VEER{trials.scorefile_suffix}": metrics["eer"],
-                   f"VMINDCF{trials.scorefile_suffix}": metrics[FIRST_MINDCF]}
-    line = score_line(values, validation=True)
-    log.info(line)
-    options = {key: getattr(a, key) for key in ("model", "trainfunc", "nOut", "activation")}
-    run.trainer.save(run.model_dir / CHECKPOINT_NAME.format(epoch), epoch, {"options": options})
-    append_line(run.scorefile, line)
-    fault_point("trainer.checkpoint")
-
-
-def truncate_scorefile(scorefile: Path, last_epoch: int) -> None:
-    """Drop the lines of epochs after `last_epoch` (written before a crash, to be redone)."""
-    if not scorefile.exists():
-        return
-    kept = [line for line in scorefile.read_text().splitlines()
-            if (epoch := scorefile_epoch(line)) is None or epoch <= last_epoch]
-    write_text_atomic(scorefile, "".join(line + "\n" for line in kept))
-
-
-def scorefile_epoch(line: str) -> int | None:
-    """The epoch of a scores.txt line; None for a line that is not one."""
-    try:
-        return int(parse_score_line(line)[1]["Epoch"])
-    except ValueError:
-        return None
-
-
-# ----------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -769,101 +867,3 @@ def clear_training_leftovers(save_path: Path) -> None:
     clear_leftovers([save_path / "model"], model_names, save_path)
     clear_leftovers([save_path / "result"], re.escape("scores.txt"), save_path)
 
-
-# ----------------------------------------------------------------------------------------------
-# What a save_path was trained with: a run that differs stops, unless --restart says what to do
-
-
-SETTINGS_RECORD = "training.json"  # in <save_path>/model
-# The options that make a training run what it is; max_epoch is left out (training further is a
-# new max_epoch), and so are the test lists (they only score it) and the hardware.
-TRAINING_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "initial_model", "softmax_init",
-                     "model", "nOut", "activation", "trainfunc", "nClasses", "sigma", "batch_size", "seed",
-                     "max_seg_per_spk", "multiple_embedding_flag", "nPerSpeaker", "da_speakers_per_step",
-                     "test_interval", "optimizer", "scheduler", "lr", "lr_decay", "weight_decay")
-PATH_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "initial_model", "softmax_init")
-LIST_SETTINGS = ("train_list", "valid_list")  # their content counts too
-
-
-def training_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """This run's TRAINING_SETTINGS (paths made absolute) and the sha256 of its lists' content."""
-    found = {key: getattr(args, key) for key in TRAINING_SETTINGS}
-    for key in PATH_SETTINGS:
-        if found[key]:
-            found[key] = str(Path(found[key]).resolve())
-    for key in LIST_SETTINGS:
-        if getattr(args, key):
-            content = Path(getattr(args, key)).read_bytes()
-            found[f"{key} content (sha256)"] = hashlib.sha256(content).hexdigest()
-    return found
-
-
-def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = dict.fromkeys([*recorded, *current])
-    return [f"{key} {recorded.get(key)!r} (this run: {current.get(key)!r})" for key in keys
-            if recorded.get(key) != current.get(key)]
-
-
-def read_settings_record(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(read_user_text(path, "settings record"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err}); m_trainer.py writes it") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{path}: expected the settings a run was trained with, as m_trainer.py writes them")
-    return record
-
-
-def check_restart(args: argparse.Namespace) -> None:
-    """Training into a save_path that holds a run (its checkpoints): go on when this run's data
-    and settings are the ones it was trained with (its model/training.json; a run from before the
-    record is taken as is). Else a UserError naming the differences, unless --restart resume (go
-    on with these) or --restart new (the old run moved to <save_path>/earlier/<time>/ first)."""
-    save_path = Path(args.save_path)
-    record_path = save_path / "model" / SETTINGS_RECORD
-    current = training_settings(args)
-    trained = bool(checkpoints(save_path / "model"))
-    if trained and args.restart == "new":
-        move_run_aside(save_path)
-    elif trained:
-        recorded = read_settings_record(record_path)
-        differ = settings_differences(recorded, current) if recorded is not None else []
-        if differ and args.restart is None:
-            raise UserError(f"{record_path}: {save_path} was trained with other data or settings: "
-                            f"{'; '.join(differ)}. Use --restart resume to train it further with these, "
-                            "--restart new to start anew (its model/ and result/ move to "
-                            f"{save_path / 'earlier'}/), or another save_path")
-        if differ:
-            log.warning("--restart resume: %s goes on with other data or settings: %s", save_path,
-                        "; ".join(differ))
-        if recorded == current:
-            return
-    if not launched_by_torchrun() or os.environ["RANK"] == "0":
-        write_text_atomic(record_path, json.dumps(current, indent=1) + "\n")
-
-
-def move_run_aside(save_path: Path) -> Path:
-    """Move a save_path's model/ and result/ to <save_path>/earlier/<time>/ (nothing is deleted)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = save_path / "earlier" / stamp
-    count = 1
-    while aside.exists():
-        count += 1
-        aside = save_path / "earlier" / f"{stamp}-{count}"
-    try:
-        aside.mkdir(parents=True)
-        for name in ("model", "result"):
-            if (save_path / name).exists():
-                os.replace(save_path / name, aside / name)
-            (save_path / name).mkdir()
-    except OSError as err:
-        raise UserError(f"{save_path}: cannot move the earlier run aside to {aside} "
-                        f"({err.strerror})") from None
-    log.info("--restart new: the earlier run of %s moved to %s", save_path, aside)
-    return aside
-
-
-if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
