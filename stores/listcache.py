@@ -50,11 +50,13 @@ def cache_path(store: PackedStore, list_path: Path, kind: str) -> Path:
     return store.path / f"list-{name:016x}.npz"
 
 
-def list_stamps(list_path: Path) -> np.ndarray:
+def list_stamps(list_path: Path) -> np.ndarray | None:
+    """The list file's size, mtime_ns and ctime_ns; None where it cannot be found (reading it says
+    what is wrong)."""
     try:
         stat = os.stat(list_path)
-    except OSError as err:
-        raise UserError(f"{list_path}: list file cannot be read ({err.strerror})") from None
+    except OSError:
+        return None
     return np.array([stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns], np.int64)
 
 
@@ -65,6 +67,8 @@ def resolved_list(list_path: str | os.PathLike, store: PackedStore, kind: str,
     list_path = Path(list_path)
     path = cache_path(store, list_path, kind)
     stamps = list_stamps(list_path)
+    if stamps is None:
+        return resolve()
     found = read_cache(path, store, list_path, kind, stamps)
     if found is not None:
         return found
@@ -97,7 +101,8 @@ def keep(path: Path, store: PackedStore, list_path: Path, kind: str, stamps: np.
     """Write the cache of a resolution (the list's stamps from before it was read); a store that
     cannot be written is left without one."""
     try:
-        if not list_stamps(list_path).tolist() == stamps.tolist():  # changed while read
+        now = list_stamps(list_path)
+        if now is None or not np.array_equal(now, stamps):  # changed while read
             return
         list_hash = content_hash(list_path.read_bytes())
         arrays = {"version": np.int64(CACHE_VERSION), "list": str(list_path.resolve()), "kind": kind,
