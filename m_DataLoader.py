@@ -24,7 +24,9 @@ import torch
 
 from m_utils import SINGLE, DistContext, UserError, read_user_text, user_text_lines
 from stores.keys import key_speaker, store_key
+from stores.listcache import ResolvedList, resolved_list
 from stores.open import open_embeddings
+from stores.packed import PackedStore
 from stores.source import EmbeddingSource
 
 # ----------------------------------------------------------------------------------------------
@@ -325,6 +327,25 @@ def plain_records(path: str | os.PathLike, kind: ListKind) -> list[tuple] | None
     return list(zip(*(parts[field::width] for field in range(width)), strict=True))
 
 
+def kept_resolution(list_path: str | os.PathLike, source: EmbeddingSource,
+                    kind: ListKind) -> ResolvedList | None:
+    """A normal list in a packed store: each record's row and speaker, kept in the store
+    (stores.listcache) so that a run does not parse the list again; None for another kind or
+    store (the list is then read as it is)."""
+    if not isinstance(source, PackedStore) or type(kind) is not NormalKind:
+        return None
+
+    def resolve() -> ResolvedList:
+        records = read_list(list_path, kind)
+        rows = source.rows_of(kind.files(records), list_path)
+        speakers = sorted(spk.encode().decode() for spk in kind.speakers(records))
+        position = {spk: k for k, spk in enumerate(speakers)}
+        speaker = np.fromiter((position[r[0]] for r in records), np.int64, len(records))
+        return ResolvedList(rows, speaker, speakers, source)
+
+    return resolved_list(list_path, source, kind.name, resolve)
+
+
 def read_trials(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """A trial list as arrays: labels (int8), the rows of each trial's two files (int64) in the
     sorted list of the files it names, and that list. Parsed line by line, keeping only the
@@ -428,19 +449,22 @@ class EmbeddingData:
                  speakers: Sequence[str] | None = None, threads: int = 8):
         self.list_kind = training_kind(kind)
         self.kind = self.list_kind.name
-        parsed = read_list(list_path, self.list_kind)
         source = open_embeddings(root)
+        resolved = kept_resolution(list_path, source, self.list_kind)
+        parsed = read_list(list_path, self.list_kind) if resolved is None else []
         files = self.list_kind.files(parsed)
         # a packed store's rows are its own: it takes the files as they are (repeats and all);
         # other stores read each distinct file once, in sorted order
         unique = files if source.own_rows else sorted(set(files))
         # copies: a name kept per speaker pinned the freed records' pools (2 GB at 9.9M lines)
-        own_speakers = sorted(spk.encode().decode() for spk in self.list_kind.speakers(parsed))
+        own_speakers = (resolved.speakers if resolved is not None else
+                        sorted(spk.encode().decode() for spk in self.list_kind.speakers(parsed)))
         self.speakers = list(speakers) if speakers is not None else own_speakers
         label_of = {spk: i for i, spk in enumerate(self.speakers)}
         target_of = {spk: i for i, spk in enumerate(own_speakers)}  # beside this list's files
 
-        utterances = source.utterances(unique, dim, threads, source=list_path)
+        utterances = (source.utterances(unique, dim, threads, source=list_path) if resolved is None
+                      else resolved.utterances(dim))
         self.manifest, self.source = source.manifest, str(source.path)  # provenance (contract.md)
         # Batches gather from `table`: on the CPU the memory map itself (a float16 store's rows are
         # converted as gathered), on a GPU converted there: the host never holds a float32 copy.
@@ -451,8 +475,12 @@ class EmbeddingData:
         self.dim = int(self.table.shape[1])
         self.speaker_embeddings = torch.from_numpy(
             source.speaker_embeddings(own_speakers, embedding_type, self.dim)).to(device)
-        self.records = self.list_kind.records(parsed, rows_of_files(files, unique, utterances.rows),
-                                              target_of, label_of)
+        if resolved is None:
+            self.records = self.list_kind.records(parsed, rows_of_files(files, unique, utterances.rows),
+                                                  target_of, label_of)
+        else:  # a normal list: its speakers are `own_speakers`, in order
+            labels = np.array([label_of.get(s, -1) for s in own_speakers], np.int64)[resolved.speaker]
+            self.records = Records(inputs=utterances.rows, targets=resolved.speaker, labels=labels)
 
     def __len__(self) -> int:
         return len(self.records.targets)

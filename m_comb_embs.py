@@ -21,6 +21,7 @@ these files hold while they are new; the `<spk>.npy` files are for other tools a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
@@ -65,7 +66,9 @@ from stores.stamps import (
     Sources,
     ark_of,
     content_hash,
+    content_hasher,
     file_hash,
+    hash_value,
     scp_entries,
     scp_sources,
     side_hashes,
@@ -74,7 +77,7 @@ from stores.stamps import (
     store_path_of,
     tree_sources,
 )
-from stores.write import StoreBuilder, pack_means
+from stores.write import StoreBuilder
 
 EMBED_DIR = "data/embeddings/voxceleb2"
 THREADS = 4  # reader threads: more help a cold or network disk, fewer a warm page cache
@@ -229,7 +232,9 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
 
 def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
     """The packed store of a Kaldi .scp beside it (speakers from utt2spk or the keys), rows sorted
-    by speaker then key; returns the number of speakers. Holds the crop means in memory."""
+    by speaker then key; returns the number of speakers. Streams: each speaker's rows are written
+    to the store once read and its B/C combined from them, so one speaker's crop means are held at
+    a time, not the matrix."""
     entries = scp_entries(scp)
     sources = scp_sources(scp, entries)
     source = KaldiSource(scp, entries)
@@ -238,37 +243,76 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
     order = sorted(range(len(keys)), key=lambda i: (names[i], keys[i].split("/")))
     speakers = sorted(set(names))
     position = {spk: k for k, spk in enumerate(speakers)}
-    means = np.empty((0, 0))
-    with tqdm(total=len(keys), desc="reading embeddings", unit="file", unit_scale=True) as bar:
-        for row, k in enumerate(order):
-            mean = crop_mean(source.read(entries[k][0]))
-            if row == 0:
-                means = np.empty((len(keys), len(mean)), np.float64)
-            if len(mean) != means.shape[1]:
-                raise UserError(f"{scp}: {entries[k][0]} has dimension {len(mean)}, "
-                                f"others {means.shape[1]}")
-            means[row] = mean
-            bar.update()
-    store = pack_means(store_path_of(scp), [keys[k] for k in order], means, speakers,
-                       np.array([position[names[k]] for k in order], np.int32), dtype,
-                       {"source": str(scp), "source_kind": "kaldi"}, side_dir=scp.parent,
-                       sources=(sources, np.array(scp_hashes(scp, entries, means, order), np.int64)))
+    speaker_of = np.array([position[names[k]] for k in order], np.int32)
+    arks = ArkHashes(entries, order)
+    dim = len(crop_mean(source.read(entries[order[0]][0])))
+    tables = {name: np.empty((len(speakers), dim), np.float32) for name in EMBEDDING_TYPES}
+    bounds = np.searchsorted(speaker_of, np.arange(len(speakers) + 1))
+    with StoreBuilder(store_path_of(scp), len(keys), dim, dtype) as builder, \
+            tqdm(total=len(keys), desc="reading embeddings", unit="file", unit_scale=True) as bar:
+        for s in range(len(speakers)):
+            rows = range(int(bounds[s]), int(bounds[s + 1]))
+            means = np.empty((len(rows), dim), np.float64)
+            for j, row in enumerate(rows):
+                means[j] = scp_mean(scp, source, entries[order[row]][0], dim)
+                arks.add(order[row], means[j])
+            builder.put(rows.start, *reduce_means(means, [keys[order[row]] for row in rows]))
+            for name, table in tables.items():
+                table[s] = combine_speaker(means, name)
+            bar.update(len(rows))
+        hashes = [file_hash(scp), *arks.values(lambda k: scp_mean(scp, source, entries[k][0], dim)),
+                  *side_hashes(scp.parent, KALDI_SIDE_FILES)]
+        store = builder.finish([keys[k] for k in order], speakers, speaker_of, tables,
+                               {"source": str(scp), "source_kind": "kaldi"}, side_dir=scp.parent,
+                               sources=(sources, np.array(hashes, np.int64)))
     log.info("packed %d utterances of %d speakers into %s", len(keys), len(speakers), store)
     return len(speakers)
 
 
-def scp_hashes(scp: Path, entries: list[tuple[str, str]], means: np.ndarray,
-               order: list[int]) -> list[int]:
-    """The content hash of each file of scp_sources: the .scp's bytes, each ark's crop means of
-    its utterances in the .scp's order (`means` holds entry order[r] at row r), the side files'
-    bytes."""
-    row_of = np.empty(len(order), np.int64)
-    row_of[order] = np.arange(len(order))
-    entries_of: dict[str, list[int]] = {}
-    for k, (_, location) in enumerate(entries):
-        entries_of.setdefault(ark_of(location), []).append(k)
-    arks = [content_hash(means[row_of[entries_of[ark]]]) for ark in sorted(entries_of)]
-    return [file_hash(scp), *arks, *side_hashes(scp.parent, KALDI_SIDE_FILES)]
+def scp_mean(scp: Path, source: KaldiSource, utt: str, dim: int) -> np.ndarray:
+    """The (D,) float64 crop mean of a .scp's utterance, of the dimension `dim` of the others."""
+    mean = crop_mean(source.read(utt))
+    if len(mean) != dim:
+        raise UserError(f"{scp}: {utt} has dimension {len(mean)}, others {dim}")
+    return mean
+
+
+class ArkHashes:
+    """The content hash of each ark of a .scp (sorted by name): the float64 crop means of its
+    utterances in the .scp's order, hashed as they are read where packing reads them in that
+    order, else hashed in a second read of that ark in the .scp's order."""
+
+    def __init__(self, entries: list[tuple[str, str]], order: list[int]):
+        row_of = np.empty(len(order), np.int64)
+        row_of[order] = np.arange(len(order))
+        of_ark: dict[str, list[int]] = {}
+        for k, (_, location) in enumerate(entries):
+            of_ark.setdefault(ark_of(location), []).append(k)
+        self.entries_of = {ark: of_ark[ark] for ark in sorted(of_ark)}
+        self.ark_of = np.empty(len(entries), np.int32)
+        self.hashers: list[hashlib.blake2b | None] = []
+        for a, members in enumerate(self.entries_of.values()):
+            self.ark_of[members] = a
+            in_order = bool((np.diff(row_of[members]) > 0).all())
+            self.hashers.append(content_hasher() if in_order else None)
+
+    def add(self, k: int, mean: np.ndarray) -> None:
+        """Entry k's crop mean, read in the packing order."""
+        hasher = self.hashers[self.ark_of[k]]
+        if hasher is not None:
+            hasher.update(mean.tobytes())
+
+    def values(self, mean_of: Callable[[int], np.ndarray]) -> list[int]:
+        """Every ark's hash; `mean_of(k)` reads entry k again for an ark read out of order."""
+        found = []
+        for hasher, (ark, members) in zip(self.hashers, self.entries_of.items(), strict=True):
+            if hasher is None:
+                log.info("%s: its utterances are not in speaker order; read again to hash them", ark)
+                hasher = content_hasher()
+                for k in members:
+                    hasher.update(mean_of(k).tobytes())
+            found.append(hash_value(hasher))
+        return found
 
 
 def written_names(embed_dir: Path) -> str:

@@ -27,6 +27,8 @@ Modules, by job:
 - `open`: `open_embeddings` (any kind, by path), `open_store` (a packed store, once per process),
   `fresh_store` (the check, once a minute per process; `forget_freshness`). A tree read from its
   files combines its speakers' B/C from them (stores.tree), never from the `<spk>.npy` files.
+- `listcache`: what a normal training list resolves to in a packed store (`resolved_list`: each
+  record's row and speaker), kept in the store while the list is unchanged.
 - `write`: `StoreBuilder`, `pack_arrays`/`pack_means`, and --generate's writers (`gen_format_of`,
   `gen_target`, `write_embeddings`, `write_kaldi`).
 """

@@ -96,9 +96,12 @@ class PackedStore(EmbeddingSource):
     def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
                    desc: str = "loading embeddings", show_progress: bool = True,
                    source: str | os.PathLike = "the list") -> Utterances:
+        return self.utterances_at(self.rows_of(rels, source), dim)
+
+    def utterances_at(self, rows: np.ndarray, dim: int | None = None) -> Utterances:
+        """The Utterances of the store's `rows` (as rows_of gives them)."""
         if dim is not None and dim != self.dim:
             raise UserError(f"{self.path}: embedding dimension {self.dim} does not match nOut {dim}")
-        rows = self.rows_of(rels, source)
         norms = np.asarray(self.norms()[rows], np.float32)
         used = np.zeros(len(self.matrix), bool)
         used[rows] = True

@@ -157,7 +157,19 @@ def content_hash(data: bytes | memoryview | np.ndarray) -> int:
     """A 64-bit hash (signed, for an int64 array) of bytes or of an array's C-ordered bytes."""
     if isinstance(data, np.ndarray):
         data = np.ascontiguousarray(data).data
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+    hasher = content_hasher()
+    hasher.update(data)
+    return hash_value(hasher)
+
+
+def content_hasher() -> hashlib.blake2b:
+    """content_hash in pieces: update() it with the bytes in order, then hash_value() it (the same
+    value as content_hash of all of them at once)."""
+    return hashlib.blake2b(digest_size=8)
+
+
+def hash_value(hasher: hashlib.blake2b) -> int:
+    return int.from_bytes(hasher.digest(), "little", signed=True)
 
 
 def file_hash(path: Path) -> int:

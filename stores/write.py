@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import shutil
 import time
@@ -28,6 +29,8 @@ from stores.keys import key_speaker, store_key
 from stores.packed import STORE_DTYPES, STORE_FORMAT, STORE_VERSION, is_packed_store
 from stores.stamps import SIDE_FILES, STORE_SUFFIX, Sources
 
+RELEASE_BYTES = 64 << 20  # rows a StoreBuilder holds in memory before writing them out
+
 
 class StoreBuilder:
     """Builds a packed store in a hidden folder beside its target, row block by row block, then
@@ -49,6 +52,7 @@ class StoreBuilder:
         except OSError as err:
             raise write_error(target, err) from None
         self.norms = np.zeros(rows, np.float32)
+        self.unreleased = 0  # bytes put since the last release
 
     def __enter__(self) -> StoreBuilder:
         return self
@@ -62,6 +66,19 @@ class StoreBuilder:
         self.matrix[start:start + len(embeddings)] = embeddings
         self.norms[start:start + len(embeddings)] = norms
         fault_point("store.block")
+        self.unreleased += embeddings.nbytes
+        if self.unreleased >= RELEASE_BYTES:
+            self.release()
+
+    def release(self) -> None:
+        """Write the rows put so far to the file and drop them from this process's memory: the
+        rows written stay in the page cache, not in the process (its peak stays near one block
+        of rows, not the matrix)."""
+        self.matrix.flush()
+        mapped = getattr(self.matrix, "_mmap", None)  # numpy's own mmap of the file
+        if hasattr(mmap, "MADV_DONTNEED") and isinstance(mapped, mmap.mmap):
+            mapped.madvise(mmap.MADV_DONTNEED)
+        self.unreleased = 0
 
     def finish(self, keys: Sequence[str], speakers: Sequence[str], speaker_of: np.ndarray,
                tables: dict[str, np.ndarray], header: dict, side_dir: Path | None = None,
