@@ -1,0 +1,560 @@
+"""The bench's stages (tests/bench.py): each a runner (args, tree, meter) -> StageResult, run in
+its own forked process, timing the project's way and, where there is one, the baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
+from functools import partial
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_baseline import original_trial_parse, per_file_loader, per_trial_metrics, per_trial_scores
+from bench_data import (
+    EMBEDDING_TYPE,
+    Tree,
+    Vox2,
+    blink_of,
+    blink_sizes,
+    ensure_audio_trees,
+    make_trials,
+    synthetic_audio,
+    vox1e_of,
+    vox2_of,
+)
+from bench_measure import (
+    MB,
+    PEAK_KEY,
+    SEED,
+    PeakMeter,
+    StageResult,
+    batch_to,
+    in_child,
+    make_record,
+    new_trainer,
+    repeated_rate,
+    sampled_epoch_seconds,
+    say,
+    status_mb,
+    timed,
+    train_step,
+)
+from torch.utils.flop_counter import FlopCounterMode
+
+from m_comb_embs import THREADS, combine
+from m_DataLoader import Batch, EmbeddingData, TrialSet, load_embeddings, read_list
+from m_gen_embs import (
+    Item,
+    Job,
+    batch_size_for,
+    embed_batch,
+    extract,
+    find_audio,
+    make_crops,
+    prepare_device,
+    read_audio,
+    workers_for,
+)
+from m_utils import DistContext
+from models.GE2E import packaged_weights
+from models.m_Extractors import load_extractor
+from scoring.backends import make_backend
+from scoring.metrics import evaluate_scores, score_trials
+from stores.open import forget_freshness
+from stores.packed import is_packed_store
+from stores.stamps import TREE_STORE, store_path_of, tree_stamp
+
+# Dense bfloat16 tensor-core peak in TFLOP/s by a fragment of the CUDA device's name (first match).
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("A100", 312.0))
+# The m4a stage runs ResNetSE34V2 on at most this many files of each format on a CPU (about 0.3 s an
+# utterance there); on a GPU on all --audio_files.
+CPU_EXTRACT_FILES = 32
+STEP_MODEL = "MyResidualNet"  # train_vox2_steps: the model of the issue's VoxCeleb2 training run
+VOX1E_TYPE = "B"  # scored by L2 distance, as the score stage (type C would copy the table to normalise it)
+ASNORM_TOPK = 300
+
+
+def load_list(args: argparse.Namespace, tree: Tree, kind: str) -> EmbeddingData:
+    data = EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, EMBEDDING_TYPE[kind], args.dim,
+                         args.device, threads=args.workers)
+    if args.chunk_rows is not None:
+        data.chunk_rows = args.chunk_rows
+    return data
+
+
+def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+    meter.start()
+    start = time.perf_counter()
+    data = load_list(args, tree, "normal")
+    seconds = time.perf_counter() - start
+    return StageResult(make_record("load", len(data) / seconds, None, meter.peaks()),
+                       ["load: first load of the normal list (page cache warm); the baseline has no "
+                        "load step (it read files every epoch: see data_path), so no ratio"])
+
+
+def stage_data_path(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+    data = load_list(args, tree, "normal")
+    meter.start()
+    batches = len(data.global_batches(args.batch_size, SEED, 1))
+    project = repeated_rate(lambda: sum(1 for _ in data.epoch(args.batch_size, SEED, 1)), batches,
+                            args.min_seconds)
+    peak = meter.peaks()
+    loader = per_file_loader(args, tree, "normal")
+    baseline = len(loader) / sampled_epoch_seconds(loader, args.baseline_batches, lambda batch: None)
+    return StageResult(make_record("data_path", project, baseline, peak),
+                       [sampled_note("data_path", args.baseline_batches, len(loader), "batches")])
+
+
+def sampled_note(name: str, sample: int, total: int, what: str) -> str:
+    if sample >= total:
+        return f"{name}: baseline timed over the whole epoch ({total} {what})"
+    return f"{name}: baseline timed on its first {sample} of {total} {what}, extrapolated to the epoch"
+
+
+def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
+    """One epoch of MODEL with `loss` on the `kind` list: project, compute only, baseline."""
+
+    def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+        data = load_list(args, tree, kind)
+        sampling = {"speakers_per_step": 1} if kind == "distribution" else {}
+        rows = sum(batch.size for batch in data.epoch(args.batch_size, SEED, 1, **sampling))
+        trainer = new_trainer(loss, args.dim, args.device)
+
+        def epoch_time(epoch: int) -> float:
+            return timed(lambda: trainer.train_epoch(data, epoch, args.batch_size, SEED, **sampling))
+
+        meter.start()
+        first_epoch = epoch_time(1)
+        peak = meter.peaks()  # epoch 1 also builds the optimiser state: the peak epoch
+        # Spread over the epoch: DA steps differ in size (one speaker's pairs each).
+        total = len(data.global_batches(args.batch_size, SEED, 1, **sampling))
+        stride = max(1, total // args.compute_batches)
+        batches = list(islice(data.epoch(args.batch_size, SEED, 1, **sampling), 0, None, stride))
+        batches = batches[:args.compute_batches]
+
+        def compute_time() -> float:
+            return timed(lambda: [train_step(trainer.net, trainer.optimizer, batch) for batch in batches])
+
+        # Each the better of two runs, the two kinds alternating: the first epoch also pays one-time
+        # costs (optimiser state, a GPU's lazily loaded kernels), and this machine's speed drifts.
+        compute_seconds = [compute_time()]
+        seconds = min(first_epoch, epoch_time(2))
+        compute_seconds.append(compute_time())
+        compute = sum(batch.size for batch in batches) / min(compute_seconds)
+        baseline = new_trainer(loss, args.dim, args.device)
+        loader = per_file_loader(args, tree, kind)
+        baseline_seconds = sampled_epoch_seconds(
+            loader, args.baseline_batches,
+            lambda batch: train_step(baseline.net, baseline.optimizer, batch_to(batch, args.device), True))
+        notes = [sampled_note(name, args.baseline_batches, len(loader), "steps"),
+                 f"{name}: project time is the better of epochs 1 and 2, compute-only the better of "
+                 f"two runs, one after each epoch",
+                 f"{name}: compute-only timed on {len(batches)} of the epoch's {total} batches (every "
+                 f"{stride}th), built beforehand, pushed through the project epoch's model and optimiser"]
+        return StageResult(make_record(name, rows / seconds, rows / baseline_seconds, peak, compute), notes)
+
+    return run
+
+
+def stage_score(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+    records = read_list(tree.list_path("normal"), "normal")
+    matrix = load_embeddings(tree.embed_dir, [rel for _, rel in records], args.dim, args.workers,
+                             show_progress=False)
+    index = {spk: i for i, spk in enumerate(sorted({spk for spk, _ in records}))}
+    speaker = np.array([index[spk] for spk, _ in records], np.int64)
+    left, right, labels = make_trials(speaker, args.trials, np.random.default_rng(SEED))
+    # Held where training keeps its embeddings: on the GPU when there is one.
+    table = matrix if args.device.type == "cpu" else torch.from_numpy(matrix).to(args.device)
+    meter.start()
+    project = repeated_rate(lambda: evaluate_scores(score_trials(table, left, right, cosine=False), labels),
+                            args.trials, args.min_seconds)
+    peak = meter.peaks()
+    scores = score_trials(table, left, right, cosine=False)
+    sample = min(args.baseline_trials, args.trials)
+    loop = timed(lambda: per_trial_scores(matrix, left[:sample], right[:sample], args.device))
+    metrics = timed(lambda: per_trial_metrics(scores, labels))
+    baseline = args.trials / (loop * args.trials / sample + metrics)
+    note = (f"score: baseline per-trial loop timed on {sample} of {args.trials} trials and extrapolated, "
+            f"its EER/minDCF on all {args.trials}" + ("; on CPU its per-trial device transfer is a no-op"
+                                                     if args.device.type == "cpu" else ""))
+    return StageResult(make_record("score", project, baseline, peak), [note])
+
+
+def vox1e_trial_set(args: argparse.Namespace, matrix: np.ndarray) -> TrialSet:
+    """The VoxCeleb1-E-sized TrialSet as --check builds it (the list parsed, its files indexed), with
+    the embeddings supplied from `matrix` instead of read from 145,000 files."""
+    data = vox1e_of(args)
+    return TrialSet(data.list_path, data.root, args.dim, load=lambda files: matrix)
+
+
+def on_device(matrix: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
+    """The table where training keeps its embeddings: on the GPU when there is one."""
+    return matrix if device.type == "cpu" else torch.from_numpy(matrix).to(device)
+
+
+def stage_score_vox1e(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    data = vox1e_of(args)
+    matrix = np.load(data.matrix_path)  # what reading the embedding files would give; not timed
+    meter.start()
+    start = time.perf_counter()
+    trials = vox1e_trial_set(args, matrix)
+    table = on_device(trials.embeddings, args.device)
+    scores = score_trials(table, trials.left, trials.right, VOX1E_TYPE == "C")
+    evaluate_scores(scores, trials.labels)
+    seconds = time.perf_counter() - start
+    peak = meter.peaks()
+    parse = timed(lambda: original_trial_parse(data.list_path))
+    sample = min(args.baseline_trials, len(trials))
+    loop = timed(lambda: per_trial_scores(trials.embeddings, trials.left[:sample], trials.right[:sample],
+                                          args.device))
+    metrics = timed(lambda: per_trial_metrics(scores, trials.labels))
+    baseline = len(trials) / (parse + loop * len(trials) / sample + metrics)
+    notes = [f"score_vox1e: {len(trials)} trials over {len(trials.files)} utterances ({args.dim}-dim, type "
+             f"{VOX1E_TYPE}); project: the list parsed and indexed by TrialSet (embeddings supplied from one "
+             f"matrix, loaded before the timing, counted in the peak), scored, EER and minDCF; baseline: the "
+             f"list read whole and split, the per-trial loop timed on {sample} trials and extrapolated, its "
+             f"EER/minDCF"]
+    return StageResult(make_record("score_vox1e", len(trials) / seconds, baseline, peak), notes)
+
+
+def stage_backend_asnorm(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    rng = np.random.default_rng(SEED)
+    matrix = np.load(vox1e_of(args).matrix_path)
+    meter.start()
+    trials = vox1e_trial_set(args, matrix)
+    table = on_device(trials.embeddings, args.device)
+    # Training embeddings: two utterances of each cohort speaker.
+    speakers = np.repeat(np.arange(args.cohort_speakers), 2)
+    training = rng.standard_normal((args.cohort_speakers, args.dim), dtype=np.float32)[speakers]
+    training += rng.standard_normal(training.shape, dtype=np.float32)
+    backend = make_backend("asnorm", VOX1E_TYPE == "C", asnorm_topk=ASNORM_TOPK)
+    fit = timed(partial(backend.fit, on_device(training, args.device), speakers))
+    del training
+    score = timed(lambda: backend.score(table, trials.left, trials.right))
+    peak = meter.peaks()
+    note = (f"backend_asnorm: AS-Norm (top {ASNORM_TOPK}) of {len(trials)} trials over {len(trials.files)} "
+            f"utterances against {args.cohort_speakers} cohort speakers (fitted on 2 utterances each in "
+            f"{fit:.2f} s); time: the scoring; peak: the trial set, the fit and the scoring; no baseline")
+    return StageResult(make_record("backend_asnorm", len(trials) / score, None, peak), [note])
+
+
+def bf16_peak_flops(device: torch.device) -> float | None:
+    """The card's dense bfloat16 peak in FLOP/s, from BF16_PEAK_TFLOPS; None for a CPU or another card."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for fragment, tflops in BF16_PEAK_TFLOPS if fragment in name), None)
+
+
+def flops_per_utterance(model: torch.nn.Module, item: Item, device: torch.device) -> float:
+    """Floating-point operations of one utterance's pass (matrix products and convolutions, counted by
+    torch's FlopCounterMode; the STFT is not among them)."""
+    with FlopCounterMode(display=False) as counter:
+        embed_batch(model, [item], device)
+    return float(counter.get_total_flops())
+
+
+def stage_extract(name: str, extractor: str, mixedprec: bool = False) -> Callable[..., StageResult]:
+    """`extractor` on synthetic audio: m_gen_embs' batches of utterances (under bfloat16 autocast with
+    `mixedprec`, as --mixedprec) vs one utterance a pass in float32."""
+
+    def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+        notes = []
+        random_init = extractor != "GE2E" or packaged_weights() is None
+        model = load_extractor(extractor, random_init=random_init).to(args.device)
+        if random_init:
+            notes.append(f"{name}: random weights (the speed does not depend on them)")
+        items = [Item(i, torch.from_numpy(make_crops(audio, args.eval_frames, args.num_eval)))
+                 for i, audio in enumerate(synthetic_audio(args.audio_utterances, args.audio_seconds))]
+        sample = items[:args.baseline_utterances]
+        size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval, mixedprec)
+        with torch.inference_mode():
+            # The baseline first: m_gen_embs then changes how this process's malloc keeps memory (on
+            # a CPU) or lets cuDNN autotune (on CUDA).
+            embed_batch(model, items[:1], args.device)
+            baseline = len(sample) / timed(lambda: [embed_batch(model, [item], args.device)
+                                                    for item in sample])
+            prepare_device(args.device)
+            notes.append(f"{name}: the project's passes run with m_gen_embs' settings for the device "
+                         + ("(cuDNN's autotuner)" if args.device.type == "cuda" else
+                            "(malloc keeps freed memory)"))
+            embed_batch(model, items[:size], args.device, mixedprec)
+            meter.start()
+            project = len(items) / timed(lambda: [embed_batch(model, items[i:i + size], args.device,
+                                                              mixedprec) for i in range(0, len(items), size)])
+            peak = meter.peaks()
+            flops = flops_per_utterance(model, items[0], args.device) if extractor == "ResNetSE34V2" else None
+        notes.append(f"{name}: {len(items)} utterances of {args.audio_seconds:g} s, {args.num_eval} crops of "
+                     f"{args.eval_frames} frames each, {min(size, len(items))} utterance(s) per pass"
+                     f"{' in bfloat16 autocast' if mixedprec else ''}; baseline (one utterance per pass, "
+                     f"float32) timed on {len(sample)} of them")
+        record = make_record(name, project, baseline, peak)
+        if flops is not None:
+            peak_flops = bf16_peak_flops(args.device)
+            record[PEAK_KEY] = None if peak_flops is None else round(project * flops / peak_flops, 4)
+            notes.append(f"{name}: {flops / 1e9:.1f} GFLOP per utterance (FlopCounterMode), "
+                         + (f"{project * flops / 1e12:.1f} TFLOP/s of the card's {peak_flops / 1e12:g}"
+                            if peak_flops else "no bfloat16 peak known for this device"))
+        return StageResult(record, notes)
+
+    return run
+
+
+def stage_decode(suffix: str) -> Callable[..., StageResult]:
+    """m_gen_embs' decoding (read_audio: decode, mix to mono, check) of --audio_files `suffix` files of
+    the same audio in this one process: files/s per core."""
+
+    def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+        root = ensure_audio_trees(args)[suffix]
+        paths = [root / rel for rel in find_audio(root)]
+        def decode_all() -> None:
+            for path in paths:
+                read_audio(path)  # each result dropped before the next, as a worker hands it on
+
+        read_audio(paths[0])
+        meter.start()
+        rate = len(paths) / timed(decode_all)
+        name = f"decode_{suffix.lstrip('.')}"
+        return StageResult(make_record(name, rate, None, meter.peaks()),
+                           [f"{name}: {len(paths)} files of {args.audio_seconds:g} s, decoded one after the "
+                            f"other in one process on one core (the crops excluded); no baseline"])
+
+    return run
+
+
+def stage_extract_m4a(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
+    """m_gen_embs' whole path (DataLoader workers decoding and cropping, passes, atomic writes) with
+    ResNetSE34V2 on .m4a files against the same on .wav files of the same audio: the ratio says whether
+    decoding keeps up."""
+    trees = ensure_audio_trees(args)
+    count = args.audio_files if args.device.type == "cuda" else min(args.audio_files, CPU_EXTRACT_FILES)
+    mixedprec = args.device.type == "cuda"
+    model = load_extractor("ResNetSE34V2", random_init=True)
+    logging.getLogger("m_gen_embs").setLevel(logging.WARNING)
+    failed = multiprocessing.Value("i", 0)
+
+    def files_per_second(suffix: str, files: int) -> float:
+        root = trees[suffix]
+        job = Job(db_path=root, embed_dir=root.parent / f"embeddings_{root.name}",
+                  files=tuple(find_audio(root)[:files]), eval_frames=args.eval_frames, num_eval=args.num_eval,
+                  batch_size=args.extract_batch, device=args.device.type, overwrite=True, mixedprec=mixedprec)
+        return files / timed(lambda: extract(DistContext(), job, model, failed))
+
+    size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval, mixedprec)
+    # cuDNN's autotuning and lazy loading, not timed: a full pass and the timed runs' last, shorter one
+    files_per_second(".wav", size + count % size)
+    meter.start()
+    m4a = files_per_second(".m4a", count)
+    peak = meter.peaks()
+    wav = files_per_second(".wav", count)
+    if failed.value:
+        raise RuntimeError(f"extract_resnetse34v2_m4a: {failed.value} file(s) failed")
+    workers = workers_for(None, args.device)
+    return StageResult(make_record("extract_resnetse34v2_m4a", m4a, wav, peak),
+                       [f"extract_resnetse34v2_m4a: m_gen_embs' path on {count} .m4a files (project) and "
+                        f"the same on .wav files of the same audio (baseline): {workers} decoding workers, "
+                        f"random weights{', --mixedprec' if mixedprec else ''}; ratio = m4a / wav"])
+
+
+
+def ready_seconds(list_path: Path, root: Path, dim: int, threads: int) -> tuple[float, float, int]:
+    """(seconds, peak MB above the start, rows) for a run to have every training embedding of the
+    list ready: the trainer's EmbeddingData, every row of its table read once (numpy's sum)."""
+    forget_freshness()
+    meter = PeakMeter()
+    meter.start()
+    start = time.perf_counter()
+    data = EmbeddingData(list_path, root, "normal", "B", dim, "cpu", threads=threads)
+    np.sum(data.table.numpy(), dtype=np.float64)
+    return time.perf_counter() - start, meter.peak_mb(), len(data)
+
+
+def read_through(paths: Iterable[Path]) -> None:
+    """Read files once (untimed): the page cache holds them, as after the runs before."""
+    for path in paths:
+        with open(path, "rb") as file:
+            while file.read(1 << 24):
+                pass
+
+
+def evict(paths: Iterable[Path]) -> None:
+    """Drop these files (only these) from the page cache (POSIX_FADV_DONTNEED): the next read
+    comes from the disk, as on a machine where they have not been read since they were written."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def store_is_fresh(embed_dir: Path) -> bool:
+    """Whether the tree's packed store exists and matches its files (no process cache involved)."""
+    store = store_path_of(embed_dir)
+    return (is_packed_store(store) and json.loads((store / "header.json").read_text()).get("stamp")
+            == asdict(tree_stamp(embed_dir)))
+
+
+def open_times(data: Vox2, args: argparse.Namespace, cache: str) -> dict[str, tuple[float, float, int]]:
+    """ready_seconds of the packed store, the tree's path and the files' part, each in a fresh
+    process, with the page cache `warm` (every file read once before) or `cold` (evicted)."""
+    store = store_path_of(data.embed_dir)
+    part_files = [data.part_dir / line.split()[1] for line in data.part_list.read_text().splitlines()]
+    sides = {"store": (data.list_path, store, [*store.iterdir(), data.list_path]),
+             "tree": (data.list_path, data.embed_dir, [*store.iterdir(), data.list_path]),
+             "files": (data.part_list, data.part_dir, [*part_files, data.part_list])}
+    times = {}
+    for side, (list_path, root, files) in sides.items():
+        (read_through if cache == "warm" else evict)(files)
+        times[side] = in_child(partial(ready_seconds, list_path, root, args.vox2_dim, args.workers))
+    return times
+
+
+def stage_store_open(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    """Every training embedding of the VoxCeleb2-shaped list ready: the packed store vs the files
+    (a --file_part part of the tree, scaled), each side in its own fresh process; the record with
+    the page cache cold (these files evicted), the warm figures in the notes."""
+    data = vox2_of(args)
+    if not store_is_fresh(data.embed_dir):
+        say("store_open: packing the tree first (m_comb_embs, untimed)")
+        combine(data.embed_dir, THREADS, pack=True)
+    notes = []
+    for cache in ("warm", "cold"):
+        times = open_times(data, args, cache)
+        (packed, peak, rows), (via_tree, _, _), (files, _, part_rows) = times.values()
+        scaled = files * rows / part_rows
+        notes.append(f"store_open ({cache} page cache): {rows} utterances ({args.vox2_speakers} speakers, "
+                     f"{args.vox2_dim}-dim): packed store (train_path = {TREE_STORE}) "
+                     f"{packed:.2f} s, peak {peak:.0f} MB; the tree's path (its freshness check stats every "
+                     f"file) {via_tree:.2f} s; files: a {part_rows}-file part {files:.2f} s ({args.workers} "
+                     f"reader threads), scaled linearly to {rows}: {scaled:.1f} s; ratios "
+                     f"{scaled / packed:.1f}x (store), {scaled / via_tree:.1f}x (tree's path)")
+    notes.append("store_open: each side in a fresh process (no store or freshness cache); ready = the "
+                 "trainer's EmbeddingData plus every row read once; record: the cold run")
+    return StageResult(make_record("store_open", rows / packed, part_rows / files,
+                                   {"peak_rss_mb": round(peak, 1)}), notes)
+
+
+def stage_pack_vox2(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    """m_comb_embs (combine, packing on) over the VoxCeleb2-shaped tree: files/s."""
+    data = vox2_of(args)
+    meter.start()
+    seconds = timed(lambda: combine(data.embed_dir, THREADS, pack=True))
+    peak = meter.peaks()
+    store = store_path_of(data.embed_dir)
+    header = json.loads((store / "header.json").read_text())
+    speaker_files = [name for name in os.listdir(data.embed_dir) if name.endswith(".npy")]
+    if header["utterances"] != args.vox2_utterances or len(speaker_files) != 2 * args.vox2_speakers:
+        raise RuntimeError(f"pack_vox2: {header['utterances']} rows, {len(speaker_files)} B/C files")
+    size = sum(path.stat().st_size for path in store.iterdir()) / MB
+    return StageResult(make_record("pack_vox2", args.vox2_utterances / seconds, None, peak),
+                       [f"pack_vox2: m_comb_embs.combine(pack=True, {THREADS} reader threads) over "
+                        f"{args.vox2_utterances} files of ({args.vox2_crops}, {args.vox2_dim}) float32, "
+                        f"{args.vox2_speakers} speakers, {args.vox2_videos} videos: {seconds:.1f} s; wrote "
+                        f"{len(speaker_files)} B/C files and the {header['dtype']} store ({size:.0f} MB); "
+                        f"no baseline"])
+
+
+def endless_batches(data: EmbeddingData, batch_size: int) -> Iterator[Batch]:
+    """Batches of epoch after epoch (a small store's 500 steps span several)."""
+    epoch = 1
+    while True:
+        yield from data.epoch(batch_size, SEED, epoch)
+        epoch += 1
+
+
+class Stepper:
+    """Training steps of a fresh STEP_MODEL (MSE) from `data`; one untimed step when made."""
+
+    def __init__(self, args: argparse.Namespace, data: EmbeddingData):
+        self.trainer = new_trainer("MSE", args.vox2_dim, args.device, STEP_MODEL)
+        self.batches = endless_batches(data, args.step_batch)
+        self.seconds: list[float] = []
+        self.run(1)
+        self.seconds.clear()
+
+    def run(self, steps: int) -> None:
+        """Time `steps` more steps (one entry of `seconds`)."""
+        start = time.perf_counter()
+        for batch in islice(self.batches, steps):
+            train_step(self.trainer.net, self.trainer.optimizer, batch)
+        self.seconds.append(time.perf_counter() - start)
+
+
+class AnonPeak:
+    """The peak of RssAnon (the process's own memory, not mapped file pages), sampled every 20 ms
+    on a thread while in the `with` block."""
+
+    def __enter__(self) -> AnonPeak:
+        self.peak, self.done = 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, status_mb("RssAnon") or 0.0)
+            if self.done.wait(0.02):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+STEP_ROUNDS = 10  # the big and the small store's steps alternate in rounds: the machine's drift cancels
+
+
+def stage_train_vox2_steps(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    """--steps steps from the VoxBlink2-sized float16 store against the same from the small one, in
+    alternating rounds: the cost of a step must not grow with the store."""
+    blink = blink_of(args)
+    read_through([blink.store(size) / "embeddings.npy" for size in ("small", "big")])
+
+    def stepper(size: str) -> Stepper:
+        return Stepper(args, EmbeddingData(blink.list_path(size), blink.store(size), "normal", "B",
+                                           args.vox2_dim, args.device, threads=args.workers))
+
+    small = stepper("small")
+    base_anon = status_mb("RssAnon") or 0.0
+    meter.start()
+    with AnonPeak() as anon:
+        started = time.perf_counter()
+        big = stepper("big")
+        ready = time.perf_counter() - started
+        for k in range(STEP_ROUNDS):
+            steps = args.steps // STEP_ROUNDS + (k < args.steps % STEP_ROUNDS)
+            small.run(steps)
+            big.run(steps)
+    peak = meter.peaks()
+    file_mb = status_mb("RssFile") or 0.0
+    rows = {size: rows for size, (rows, _) in blink_sizes(args).items()}
+
+    def per_step(stepper: Stepper) -> str:
+        return ", ".join(f"{1000 * t * STEP_ROUNDS / args.steps:.1f}" for t in stepper.seconds)
+
+    notes = [f"train_vox2_steps: {args.steps} steps of {STEP_MODEL} (MSE, batch {args.step_batch}) "
+             f"from a {rows['big']} x {args.vox2_dim} float16 store and from a {rows['small']}-row one, "
+             f"alternating in {STEP_ROUNDS} rounds; ms a step by round: big {per_step(big)}; small "
+             f"{per_step(small)}; page cache warm (the stores read once before)",
+             f"train_vox2_steps: the big store's EmbeddingData (a list of {rows['big']} lines parsed, "
+             f"the store mapped) took {ready:.0f} s; peak RSS {peak['peak_rss_mb']:.0f} MB above the "
+             f"start, of which the process's own (anonymous) memory peaked at {anon.peak - base_anon:.0f} "
+             f"MB; at the end {file_mb:.0f} MB of RSS were the store's pages mapped from the page cache "
+             f"(shared, reclaimable; the kernel maps 64 KB around each faulting row, so a few hundred "
+             f"random batches map nearly the whole file)"]
+    rates = (args.steps / sum(big.seconds), args.steps / sum(small.seconds))
+    record = make_record("train_vox2_steps", *rates, peak)
+    return StageResult(record, notes)
+
+
