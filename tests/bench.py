@@ -43,13 +43,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from bench_data import Tree, ensure_blink, ensure_tree, ensure_vox1e, ensure_vox2
+from bench_data import DATA_MAKERS, Tree
 from bench_goals import (
+    BOOTSTRAP_SHARE,
+    CHECK_SECONDS,
     GPU_TRAIN_SLACK,
     MEMORY_FACTOR,
     STEP_GROWTH,
     STORE_OPEN_FACTOR,
     TRAIN_SLACK,
+    AtMostGoal,
     Goal,
     GrowthGoal,
     MemoryBudget,
@@ -58,10 +61,21 @@ from bench_goals import (
     StepTimeGoal,
     memory_budget,
 )
-from bench_measure import COMPUTE_KEY, GPU_KEY, MODEL, PEAK_KEY, PeakMeter, StageResult, say
+from bench_measure import (
+    CHECK_KEY,
+    COMPUTE_KEY,
+    GPU_KEY,
+    MODEL,
+    PEAK_KEY,
+    SHARE_KEY,
+    PeakMeter,
+    StageResult,
+    say,
+)
 from bench_stages import (
     CPU_EXTRACT_FILES,
     stage_backend_asnorm,
+    stage_check_vox1h,
     stage_data_path,
     stage_decode,
     stage_extract,
@@ -72,6 +86,7 @@ from bench_stages import (
     stage_score_vox1e,
     stage_store_open,
     stage_train,
+    stage_train_vox2_epoch,
     stage_train_vox2_steps,
 )
 
@@ -98,10 +113,6 @@ class Stage:
         return next((goal.limit(budget) for goal in self.goals if isinstance(goal, MemoryGoal)), None)
 
 
-# The data stages share, written once before the first stage (in this order) and reused by size:
-# the synthetic embedding tree (handed to the runners), the VoxCeleb1-E-sized list and matrix.
-DATA_MAKERS: dict[str, Callable[[argparse.Namespace], object]] = {
-    "tree": ensure_tree, "vox1e": ensure_vox1e, "vox2": ensure_vox2, "blink": ensure_blink}
 MODEL_MEMORY = MemoryGoal(("matrix_mb", "parameters_mb"))
 TRAINING_MEMORY = MemoryGoal(("matrix_mb", "training_state_mb"))
 EPOCH_TIME = StepTimeGoal(cpu=TRAIN_SLACK, gpu=GPU_TRAIN_SLACK)
@@ -137,6 +148,12 @@ STAGES: tuple[Stage, ...] = (
           (RatioGoal(100.0, 100.0), MemoryGoal(("vox2_matrix_mb",), STORE_OPEN_FACTOR))),
     Stage("train_vox2_steps", "step/s", stage_train_vox2_steps, "blink",
           (GrowthGoal(STEP_GROWTH), MemoryGoal(("step_limit_mb",), 1.0))),
+    Stage("train_vox2_epoch", "utt/s", stage_train_vox2_epoch, "vox2_store",
+          (StepTimeGoal(cpu=TRAIN_SLACK, gpu=TRAIN_SLACK),)),
+    Stage("check_vox1h", "trial/s", stage_check_vox1h, "vox1h",
+          (AtMostGoal(CHECK_KEY, CHECK_SECONDS, "--check {value:.1f} s after the stores are open <= "
+                                                "{limit:g} s"),
+           AtMostGoal(SHARE_KEY, BOOTSTRAP_SHARE, "bootstrap {value:.0%} of it <= {limit:.0%}"))),
 )
 STAGE = {stage.name: stage for stage in STAGES}
 
@@ -297,7 +314,13 @@ OPTIONS: Options = {
     "blink_speakers": (111_284, int, "speakers of the VoxBlink2-sized store"),
     "blink_small_rows": (100_000, int, "rows of train_vox2_steps' small store"),
     "steps": (500, int, "training steps timed by train_vox2_steps"),
-    "step_batch": (1_000, int, "batch size of train_vox2_steps"),
+    "step_batch": (1_000, int, "batch size of train_vox2_steps, train_vox2_epoch and check_vox1h's model"),
+    "vox1h_utterances": (153_516, int, "utterances of check_vox1h's VoxCeleb1-shaped store"),
+    "vox1h_speakers": (1_251, int, "speakers of check_vox1h's VoxCeleb1-shaped store"),
+    "vox1h_trial_speakers": (1_190, int, "speakers whose utterances check_vox1h's H-sized list pairs"),
+    "vox1h_trials": (552_536, int, "trials of check_vox1h's H-sized list"),
+    "check_resamples": (1_000, int, "bootstrap resamples of check_vox1h's --check (also timed with 1)"),
+    "check_model_steps": (100, int, "training steps of check_vox1h's model before its --check"),
     "threads": (0, int, "torch intra-op threads (default: torch's, one a core)"),
     "min_seconds": (1.0, float, "repeat fast project timings this long"),
     "device": ("auto", str, "auto, cpu or cuda: where every stage runs"),
@@ -322,12 +345,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "--blink_small_rows <= --blink_rows")
     for name in ("baseline_batches", "compute_batches", "baseline_trials", "baseline_utterances", "trials",
                  "workers", "audio_files", "audio_utterances", "vox2_videos", "vox2_crops", "vox2_processes",
-                 "steps"):
+                 "steps", "vox1h_trials", "check_resamples", "check_model_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.vox1e_utterances < 4 or args.vox1e_trials < args.vox1e_utterances or args.cohort_speakers < 2:
         parser.error("need --vox1e_utterances >= 4, --vox1e_trials >= --vox1e_utterances (each utterance "
                      "enrols) and --cohort_speakers >= 2")
+    if (not 2 <= args.vox1h_trial_speakers <= args.vox1h_speakers
+            or args.vox1h_utterances < 2 * args.vox1h_speakers):
+        parser.error("need 2 <= --vox1h_trial_speakers <= --vox1h_speakers and --vox1h_utterances >= 2 x "
+                     "--vox1h_speakers")
     return args
 
 

@@ -373,41 +373,164 @@ def ensure_blink(args: argparse.Namespace) -> Blink:
         check_disk(data.root, rows * (args.vox2_dim * 2 + 60))
         say(f"writing a {rows} x {args.vox2_dim} float16 store of {speakers} speakers, "
             f"{data.store(size)} (once)")
-        process = multiprocessing.get_context("fork").Process(
-            target=write_blink_store, args=(data, size, rows, speakers, args.vox2_dim))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            raise SystemExit(f"bench: writing {data.store(size)} failed (exit code {process.exitcode})")
+        write_in_child(data.store(size), data.list_path(size), rows, speakers, args.vox2_dim, "float16")
         (data.root / f".{size}_complete").touch()
     return data
 
 
-BLINK_BLOCK = 65536  # rows generated and written at a time: the float32 matrix is never whole
+def write_in_child(store: Path, list_path: Path, rows: int, speakers: int, dim: int, dtype: str) -> None:
+    """write_store in a forked child process: what it holds is freed with the process."""
+    process = multiprocessing.get_context("fork").Process(
+        target=write_store, args=(store, list_path, rows, speakers, dim, dtype))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise SystemExit(f"bench: writing {store} failed (exit code {process.exitcode})")
 
 
-def write_blink_store(data: Blink, size: str, rows: int, speakers: int, dim: int) -> None:
-    """A float16 store of random unit vectors (a speaker's centre plus noise) straight through
-    StoreBuilder, block by block; its B and C tables are the centres; and its list."""
-    rng = np.random.default_rng([SEED, rows])
+STORE_BLOCK = 65536  # rows generated and written at a time: the float32 matrix is never whole
+
+
+def store_rows(rows: int, speakers: int) -> tuple[list[str], np.ndarray, list[str]]:
+    """The speakers' names, the speaker of each row and each row's key (`<spk>/<video>/<nnnnn>`, 8
+    utterances a video) of a bench store: `rows` spread over `speakers`, in order."""
     counts = spread(rows, speakers)
     speaker_of = np.repeat(np.arange(speakers, dtype=np.int32), counts)
     within = np.arange(rows) - np.repeat(np.cumsum(counts) - counts, counts)
     names = [f"id{k:06d}" for k in range(speakers)]
     keys = [f"{names[s]}/v{w // 8:04d}/{w % 8 + 1:05d}" for s, w in zip(speaker_of.tolist(), within.tolist(),
                                                                          strict=True)]
+    return names, speaker_of, keys
+
+
+def write_store(store: Path, list_path: Path, rows: int, speakers: int, dim: int, dtype: str) -> None:
+    """A `dtype` store of random unit vectors (a speaker's centre plus noise) straight through
+    StoreBuilder, block by block; its B and C tables are the centres; and its normal list."""
+    rng = np.random.default_rng([SEED, rows])
+    names, speaker_of, keys = store_rows(rows, speakers)
     centres = rng.standard_normal((speakers, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    with StoreBuilder(data.store(size), rows, dim, "float16") as builder:
-        for start in tqdm(range(0, rows, BLINK_BLOCK), desc="rows", unit="block", leave=False):
-            block = centres[speaker_of[start:start + BLINK_BLOCK]]
+    with StoreBuilder(store, rows, dim, dtype) as builder:
+        for start in tqdm(range(0, rows, STORE_BLOCK), desc="rows", unit="block", leave=False):
+            block = centres[speaker_of[start:start + STORE_BLOCK]]
             block += 0.1 * rng.standard_normal(block.shape, dtype=np.float32)
             block /= np.linalg.norm(block, axis=1, keepdims=True)
             builder.put(start, block, np.ones(len(block), np.float32))
         builder.finish(keys, names, speaker_of, {name: centres for name in EMBEDDING_TYPES},
                        {"source": "bench (random unit vectors)", "source_kind": "arrays", "stamp": None})
-    with open(data.list_path(size), "w") as listed:
-        for start in range(0, rows, BLINK_BLOCK):
-            listed.writelines(f"{key.split('/', 1)[0]} {key}\n" for key in keys[start:start + BLINK_BLOCK])
+    with open(list_path, "w") as listed:
+        for start in range(0, rows, STORE_BLOCK):
+            listed.writelines(f"{key.split('/', 1)[0]} {key}\n" for key in keys[start:start + STORE_BLOCK])
 
 
+# ----------------------------------------------------------------------------------------------
+# VoxCeleb-sized stores (issue 25): a VoxCeleb2-sized training store and a VoxCeleb1-shaped test
+# store with a trial list of the H list's size
+
+
+@dataclass(frozen=True)
+class StoreData:
+    """A bench store (`<name>.store`) and the normal list of all its rows, under `root`."""
+
+    root: Path
+    name: str
+
+    @property
+    def store(self) -> Path:
+        return self.root / f"{self.name}.store"
+
+    @property
+    def list_path(self) -> Path:
+        return self.root / f"{self.name}_normal_list.txt"
+
+
+@dataclass(frozen=True)
+class Vox1h:
+    """The VoxCeleb1-shaped float32 store (`test`) and a trial list of the H list's size over the
+    utterances of its first --vox1h_trial_speakers speakers, with the training store (`train`)."""
+
+    test: StoreData
+    train: StoreData
+
+    @property
+    def trial_list(self) -> Path:
+        return self.test.root / "vox1h_test_list.txt"
+
+
+def vox2_store_shape(args: argparse.Namespace) -> dict[str, int]:
+    return {"rows": args.vox2_utterances, "speakers": args.vox2_speakers, "dim": args.vox2_dim}
+
+
+def vox1h_shape(args: argparse.Namespace) -> dict[str, int]:
+    return {"rows": args.vox1h_utterances, "speakers": args.vox1h_speakers,
+            "trial_speakers": args.vox1h_trial_speakers, "trials": args.vox1h_trials, "dim": args.vox2_dim}
+
+
+def folder_of(args: argparse.Namespace, prefix: str, shape: dict[str, int]) -> Path:
+    return Path(args.out) / "data" / (prefix + "_".join(f"{key}{value}" for key, value in shape.items()))
+
+
+def vox2_store_of(args: argparse.Namespace) -> StoreData:
+    return StoreData(folder_of(args, "vox2store_", vox2_store_shape(args)), "vox2")
+
+
+def vox1h_of(args: argparse.Namespace) -> Vox1h:
+    return Vox1h(StoreData(folder_of(args, "vox1h_", vox1h_shape(args)), "vox1"), vox2_store_of(args))
+
+
+def ensure_vox2_store(args: argparse.Namespace) -> StoreData:
+    """The VoxCeleb2-sized float32 store (--vox2_utterances x --vox2_dim, --vox2_speakers) and its
+    normal list, written unless complete."""
+    data = vox2_store_of(args)
+    shape = vox2_store_shape(args)
+
+    def write() -> None:
+        check_disk(data.root, shape["rows"] * (shape["dim"] * 4 + 60))
+        say(f"writing a {shape['rows']} x {shape['dim']} float32 store of {shape['speakers']} speakers, "
+            f"{data.store} (once)")
+        write_in_child(data.store, data.list_path, shape["rows"], shape["speakers"], shape["dim"], "float32")
+
+    written_once(data.root, shape, "the VoxCeleb2-sized store", write)
+    return data
+
+
+def ensure_vox1h(args: argparse.Namespace) -> Vox1h:
+    """The training store (ensure_vox2_store) and the VoxCeleb1-shaped store with its H-sized trial
+    list, each written unless complete."""
+    ensure_vox2_store(args)
+    data = vox1h_of(args)
+    shape = vox1h_shape(args)
+
+    def write() -> None:
+        say(f"writing a {shape['rows']} x {shape['dim']} float32 store of {shape['speakers']} speakers "
+            f"and a list of {shape['trials']} trials over {shape['trial_speakers']} of them, "
+            f"under {data.test.root} (once)")
+        write_in_child(data.test.store, data.test.list_path, shape["rows"], shape["speakers"], shape["dim"],
+                       "float32")
+        write_trial_list(data.trial_list, shape["rows"], shape["speakers"], shape["trial_speakers"],
+                         shape["trials"])
+
+    written_once(data.test.root, shape, "the VoxCeleb1-shaped store and its H-sized list", write)
+    return data
+
+
+def write_trial_list(path: Path, rows: int, speakers: int, trial_speakers: int, trials: int) -> None:
+    """`trials` lines `label a.wav b.wav` over the rows of the first `trial_speakers` speakers of a
+    store_rows store: each of their utterances enrols in turn, alternately against another
+    utterance of its speaker and a random one of theirs (make_trials)."""
+    _, speaker_of, keys = store_rows(rows, speakers)
+    used = int(np.searchsorted(speaker_of, trial_speakers))
+    left, right, labels = make_trials(speaker_of[:used], trials, np.random.default_rng(SEED),
+                                      every_utterance=True)
+    with open(path, "w") as file:
+        file.writelines(f"{label} {keys[a]}.wav {keys[b]}.wav\n"
+                        for label, a, b in zip(labels.tolist(), left.tolist(), right.tolist(), strict=True))
+
+
+# The data stages share, written once before the first stage (in this order) and reused by size:
+# the synthetic embedding tree (handed to the runners), the VoxCeleb1-E-sized list and matrix, the
+# VoxCeleb2-shaped tree, the VoxBlink2-sized stores, the VoxCeleb2-sized store and the
+# VoxCeleb1-shaped one.
+DATA_MAKERS: dict[str, Callable[[argparse.Namespace], object]] = {
+    "tree": ensure_tree, "vox1e": ensure_vox1e, "vox2": ensure_vox2, "blink": ensure_blink,
+    "vox2_store": ensure_vox2_store, "vox1h": ensure_vox1h}

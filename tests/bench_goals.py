@@ -1,8 +1,9 @@
 """The bench's goals (tests/bench.py): what a stage's record must show, each judged as one
 `met` / `NOT met` line naming the stage. A goal is a RatioGoal (project/baseline, per device), a
 StepTimeGoal (an epoch against its arithmetic limit), a GrowthGoal (a step against the same step
-from a smaller store) or a MemoryGoal (a factor, MEMORY_FACTOR unless given, x a sum of
-MemoryBudget's sizes; a new size is one field of MemoryBudget)."""
+from a smaller store), an AtMostGoal (a field of the record at most a limit) or a MemoryGoal (a
+factor, MEMORY_FACTOR unless given, x a sum of MemoryBudget's sizes; a new size is one field of
+MemoryBudget)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ MEMORY_FACTOR = 1.5
 STORE_OPEN_FACTOR = 1.2  # store_open: peak RSS within 1.2x the (N, D) float32 matrix
 STEP_GROWTH = 1.15  # train_vox2_steps: a step from the VoxBlink2-sized store within 1.15x the small one's
 STEP_RSS_BYTES = 8e9  # train_vox2_steps: peak RSS under 8 GB
+CHECK_SECONDS = 90.0  # check_vox1h: --check within 90 s after the stores are open
+BOOTSTRAP_SHARE = 0.30  # check_vox1h: the bootstrap at most 30 % of those seconds
 
 
 def goal_line(text: str, met: bool) -> str:
@@ -113,4 +116,21 @@ class GrowthGoal:
                          growth <= self.limit)
 
 
-Goal = RatioGoal | StepTimeGoal | MemoryGoal | GrowthGoal
+@dataclass(frozen=True)
+class AtMostGoal:
+    """The record's field `key` at most `limit`; `text` says what it is, formatted with `value` and
+    `limit` (no line where the record has no such field)."""
+
+    key: str
+    limit: float
+    text: str
+
+    def verdict(self, record: dict, budget: MemoryBudget) -> str | None:
+        if self.key not in record:
+            return None
+        value = record[self.key]
+        return goal_line(f"{record['name']} {self.text.format(value=value, limit=self.limit)}",
+                         value <= self.limit)
+
+
+Goal = RatioGoal | StepTimeGoal | MemoryGoal | GrowthGoal | AtMostGoal

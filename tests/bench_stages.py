@@ -8,10 +8,11 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -21,7 +22,9 @@ import torch
 from bench_baseline import original_trial_parse, per_file_loader, per_trial_metrics, per_trial_scores
 from bench_data import (
     EMBEDDING_TYPE,
+    StoreData,
     Tree,
+    Vox1h,
     Vox2,
     blink_of,
     blink_sizes,
@@ -29,12 +32,16 @@ from bench_data import (
     make_trials,
     synthetic_audio,
     vox1e_of,
+    vox1h_of,
     vox2_of,
+    vox2_store_of,
 )
 from bench_measure import (
+    CHECK_KEY,
     MB,
     PEAK_KEY,
     SEED,
+    SHARE_KEY,
     PeakMeter,
     StageResult,
     batch_to,
@@ -50,6 +57,7 @@ from bench_measure import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
+import m_trainer
 from m_comb_embs import THREADS, combine
 from m_DataLoader import Batch, EmbeddingData, TrialSet, load_embeddings, read_list
 from m_gen_embs import (
@@ -64,6 +72,7 @@ from m_gen_embs import (
     read_audio,
     workers_for,
 )
+from m_network import Trainer
 from m_utils import DistContext
 from models.GE2E import packaged_weights
 from models.m_Extractors import load_extractor
@@ -121,47 +130,68 @@ def sampled_note(name: str, sample: int, total: int, what: str) -> str:
     return f"{name}: baseline timed on its first {sample} of {total} {what}, extrapolated to the epoch"
 
 
+@dataclass
+class EpochRates:
+    """An epoch's rows, its rows/s (the better of epochs 1 and 2), its arithmetic limit (compute-only
+    rows/s), the peak of epoch 1 and the notes saying how they were timed."""
+
+    rows: int
+    rows_per_s: float
+    compute_per_s: float
+    peak: dict[str, float]
+    notes: list[str]
+
+
+def epoch_rates(name: str, data: EmbeddingData, trainer: Trainer, batch_size: int, compute_batches: int,
+                meter: PeakMeter, **sampling: int) -> EpochRates:
+    """Two epochs of `trainer` on `data` and, twice, its arithmetic limit: some of the epoch's
+    batches, built beforehand, pushed through the same model and optimiser."""
+    rows = sum(batch.size for batch in data.epoch(batch_size, SEED, 1, **sampling))
+
+    def epoch_time(epoch: int) -> float:
+        return timed(lambda: trainer.train_epoch(data, epoch, batch_size, SEED, **sampling))
+
+    meter.start()
+    first_epoch = epoch_time(1)
+    peak = meter.peaks()  # epoch 1 also builds the optimiser state: the peak epoch
+    # Spread over the epoch: DA steps differ in size (one speaker's pairs each).
+    total = len(data.global_batches(batch_size, SEED, 1, **sampling))
+    stride = max(1, total // compute_batches)
+    batches = list(islice(data.epoch(batch_size, SEED, 1, **sampling), 0, None, stride))
+    batches = batches[:compute_batches]
+
+    def compute_time() -> float:
+        return timed(lambda: [train_step(trainer.net, trainer.optimizer, batch) for batch in batches])
+
+    # Each the better of two runs, the two kinds alternating: the first epoch also pays one-time
+    # costs (optimiser state, a GPU's lazily loaded kernels), and this machine's speed drifts.
+    compute_seconds = [compute_time()]
+    seconds = min(first_epoch, epoch_time(2))
+    compute_seconds.append(compute_time())
+    compute = sum(batch.size for batch in batches) / min(compute_seconds)
+    notes = [f"{name}: project time is the better of epochs 1 and 2, compute-only the better of "
+             f"two runs, one after each epoch",
+             f"{name}: compute-only timed on {len(batches)} of the epoch's {total} batches (every "
+             f"{stride}th), built beforehand, pushed through the project epoch's model and optimiser"]
+    return EpochRates(rows, rows / seconds, compute, peak, notes)
+
+
 def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
     """One epoch of MODEL with `loss` on the `kind` list: project, compute only, baseline."""
 
     def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
         data = load_list(args, tree, kind)
         sampling = {"speakers_per_step": 1} if kind == "distribution" else {}
-        rows = sum(batch.size for batch in data.epoch(args.batch_size, SEED, 1, **sampling))
         trainer = new_trainer(loss, args.dim, args.device)
-
-        def epoch_time(epoch: int) -> float:
-            return timed(lambda: trainer.train_epoch(data, epoch, args.batch_size, SEED, **sampling))
-
-        meter.start()
-        first_epoch = epoch_time(1)
-        peak = meter.peaks()  # epoch 1 also builds the optimiser state: the peak epoch
-        # Spread over the epoch: DA steps differ in size (one speaker's pairs each).
-        total = len(data.global_batches(args.batch_size, SEED, 1, **sampling))
-        stride = max(1, total // args.compute_batches)
-        batches = list(islice(data.epoch(args.batch_size, SEED, 1, **sampling), 0, None, stride))
-        batches = batches[:args.compute_batches]
-
-        def compute_time() -> float:
-            return timed(lambda: [train_step(trainer.net, trainer.optimizer, batch) for batch in batches])
-
-        # Each the better of two runs, the two kinds alternating: the first epoch also pays one-time
-        # costs (optimiser state, a GPU's lazily loaded kernels), and this machine's speed drifts.
-        compute_seconds = [compute_time()]
-        seconds = min(first_epoch, epoch_time(2))
-        compute_seconds.append(compute_time())
-        compute = sum(batch.size for batch in batches) / min(compute_seconds)
+        rates = epoch_rates(name, data, trainer, args.batch_size, args.compute_batches, meter, **sampling)
         baseline = new_trainer(loss, args.dim, args.device)
         loader = per_file_loader(args, tree, kind)
         baseline_seconds = sampled_epoch_seconds(
             loader, args.baseline_batches,
             lambda batch: train_step(baseline.net, baseline.optimizer, batch_to(batch, args.device), True))
-        notes = [sampled_note(name, args.baseline_batches, len(loader), "steps"),
-                 f"{name}: project time is the better of epochs 1 and 2, compute-only the better of "
-                 f"two runs, one after each epoch",
-                 f"{name}: compute-only timed on {len(batches)} of the epoch's {total} batches (every "
-                 f"{stride}th), built beforehand, pushed through the project epoch's model and optimiser"]
-        return StageResult(make_record(name, rows / seconds, rows / baseline_seconds, peak, compute), notes)
+        notes = [sampled_note(name, args.baseline_batches, len(loader), "steps"), *rates.notes]
+        return StageResult(make_record(name, rates.rows_per_s, rates.rows / baseline_seconds, rates.peak,
+                                       rates.compute_per_s), notes)
 
     return run
 
@@ -558,3 +588,100 @@ def stage_train_vox2_steps(args: argparse.Namespace, tree: Tree | None, meter: P
     return StageResult(record, notes)
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# VoxCeleb-sized stages of issue 25: an epoch from the VoxCeleb2-sized store, --check on the H list
+
+VOX2_LOSS = "MSE_CS"  # the loss of the issue's VoxCeleb2 training run
+CHECK_BACKENDS = ("none", "mean", "asnorm", "plda")
+
+
+def store_data(args: argparse.Namespace, data: StoreData) -> EmbeddingData:
+    """The trainer's EmbeddingData of a bench store's normal list (type B)."""
+    return EmbeddingData(data.list_path, data.store, "normal", "B", args.vox2_dim, args.device,
+                         threads=args.workers)
+
+
+def stage_train_vox2_epoch(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    """One whole epoch of STEP_MODEL (VOX2_LOSS, --step_batch) from the VoxCeleb2-sized store
+    against its arithmetic limit, as train_mse measures it."""
+    data = store_data(args, vox2_store_of(args))
+    trainer = new_trainer(VOX2_LOSS, args.vox2_dim, args.device, STEP_MODEL)
+    rates = epoch_rates("train_vox2_epoch", data, trainer, args.step_batch, args.compute_batches, meter)
+    note = (f"train_vox2_epoch: an epoch of {STEP_MODEL} ({VOX2_LOSS}, batch {args.step_batch}) from a "
+            f"{len(data)} x {args.vox2_dim} float32 store of {args.vox2_speakers} speakers; no baseline")
+    record = make_record("train_vox2_epoch", rates.rows_per_s, None, rates.peak, rates.compute_per_s)
+    return StageResult(record, [note, *rates.notes])
+
+
+def trained_model(args: argparse.Namespace, train: StoreData, path: Path) -> Path:
+    """A checkpoint of STEP_MODEL (VOX2_LOSS) after --check_model_steps steps from the training store."""
+    trainer = new_trainer(VOX2_LOSS, args.vox2_dim, args.device, STEP_MODEL)
+    for batch in islice(endless_batches(store_data(args, train), args.step_batch), args.check_model_steps):
+        train_step(trainer.net, trainer.optimizer, batch)
+    trainer.save(path, 1)
+    return path
+
+
+def check_argv(args: argparse.Namespace, data: Vox1h, model: Path, save_path: Path,
+               resamples: int) -> list[str]:
+    """The options of m_trainer.py --check on the H-sized list with a back-end of each kind."""
+    return ["--check", "--model", STEP_MODEL, "--trainfunc", VOX2_LOSS, "--nOut", str(args.vox2_dim),
+            "--backends", *CHECK_BACKENDS, "--bootstrap", str(resamples),
+            "--test_list", str(data.trial_list), "--test_path", str(data.test.store),
+            "--train_list", str(data.train.list_path), "--train_path", str(data.train.store),
+            "--initial_model", str(model), "--save_path", str(save_path), "--result_tag", f"r{resamples}",
+            "--device", args.device.type, "--nDataLoaderThread", str(args.workers)]
+
+
+def timed_check(argv: list[str], log_path: Path) -> tuple[float, float]:
+    """(seconds, peak MB) of m_trainer's main on `argv`, run as `m_trainer.py` would be (in a child
+    process: call through in_child), its output written to `log_path`."""
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    meter = PeakMeter()
+    meter.start()
+    seconds = timed(lambda: m_trainer.main(argv))
+    sys.stdout.flush()
+    return seconds, meter.peak_mb()
+
+
+def open_seconds(args: argparse.Namespace, data: Vox1h) -> float:
+    """Seconds to open what --check opens before it scores: the trial list's TrialSet and the
+    training list's EmbeddingData (the back-ends' training embeddings)."""
+    start = time.perf_counter()
+    TrialSet(data.trial_list, data.test.store, args.vox2_dim, args.workers)
+    store_data(args, data.train)
+    return time.perf_counter() - start
+
+
+def stage_check_vox1h(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
+    """m_trainer.py --check of a trained model on the H-sized list, back-ends CHECK_BACKENDS fitted
+    on the VoxCeleb2-sized store, with --check_resamples resamples and with 1, each in a fresh
+    process: its seconds after the stores are open (less open_seconds) and the bootstrap's share
+    of them (the difference of the two checks)."""
+    data = vox1h_of(args)
+    work = Path(args.out) / "check_vox1h"
+    work.mkdir(parents=True, exist_ok=True)
+    model = in_child(partial(trained_model, args, data.train, work / "model.model"))
+    opened = in_child(partial(open_seconds, args, data))
+    runs = {resamples: in_child(partial(timed_check, check_argv(args, data, model, work, resamples),
+                                        work / f"check_r{resamples}.log"))
+            for resamples in (1, args.check_resamples)}
+    (once, _), (seconds, peak) = runs[1], runs[args.check_resamples]
+    after_open = seconds - opened
+    record = make_record("check_vox1h", args.vox1h_trials / after_open, None, {"peak_rss_mb": round(peak, 1)})
+    record.update({CHECK_KEY: round(after_open, 2), SHARE_KEY: round((seconds - once) / after_open, 4)})
+    notes = [f"check_vox1h: m_trainer.py --check of {STEP_MODEL} ({VOX2_LOSS}, trained "
+             f"{args.check_model_steps} steps of {args.step_batch}) on {args.vox1h_trials} trials over the "
+             f"utterances of {args.vox1h_trial_speakers} speakers of a {args.vox1h_utterances} x "
+             f"{args.vox2_dim} float32 store; back-ends {', '.join(CHECK_BACKENDS)} fitted on the "
+             f"{args.vox2_utterances}-row store; each run in a fresh process, page cache warm, "
+             f"output in {work}",
+             f"check_vox1h: opening the stores (TrialSet of the list, EmbeddingData of the training list) "
+             f"{opened:.1f} s; the check with {args.check_resamples} resamples {seconds:.1f} s "
+             f"({after_open:.1f} s after the opening), with 1 resample {once:.1f} s: the bootstrap "
+             f"{seconds - once:.1f} s; peak RSS (the {args.check_resamples}-resample check) {peak:.0f} MB"]
+    return StageResult(record, notes)
