@@ -120,6 +120,12 @@ EPOCH_TIME = StepTimeGoal(cpu=TRAIN_SLACK, gpu=GPU_TRAIN_SLACK)
 # 80 % of a large matrix product's FLOP rate on 2 cores), so batching cannot give 1.5x there: the
 # goal on a CPU is not to be slower than the baseline (BENCHMARK.md, "Tests and benchmark").
 EXTRACT_SPEED = RatioGoal(gpu=1.5, cpu=1.0)
+# Issue 25: the VoxCeleb2-sized epoch within 1.15x its limit on either device; --check on the H list
+# within 90 s after the stores are open, the bootstrap at most 30 % of that.
+VOX2_EPOCH_TIME = StepTimeGoal(cpu=TRAIN_SLACK, gpu=TRAIN_SLACK)
+CHECK_TIME = AtMostGoal(CHECK_KEY, CHECK_SECONDS,
+                        "--check {value:.1f} s after the stores are open <= {limit:g} s")
+BOOTSTRAP_PART = AtMostGoal(SHARE_KEY, BOOTSTRAP_SHARE, "bootstrap {value:.0%} of it <= {limit:.0%}")
 # bfloat16 is meant for GPUs (a CPU without bfloat16 instructions emulates it): no goal on a CPU.
 STAGES: tuple[Stage, ...] = (
     Stage("load", "utt/s", stage_load, "tree", (MODEL_MEMORY,)),
@@ -148,12 +154,8 @@ STAGES: tuple[Stage, ...] = (
           (RatioGoal(100.0, 100.0), MemoryGoal(("vox2_matrix_mb",), STORE_OPEN_FACTOR))),
     Stage("train_vox2_steps", "step/s", stage_train_vox2_steps, "blink",
           (GrowthGoal(STEP_GROWTH), MemoryGoal(("step_limit_mb",), 1.0))),
-    Stage("train_vox2_epoch", "utt/s", stage_train_vox2_epoch, "vox2_store",
-          (StepTimeGoal(cpu=TRAIN_SLACK, gpu=TRAIN_SLACK),)),
-    Stage("check_vox1h", "trial/s", stage_check_vox1h, "vox1h",
-          (AtMostGoal(CHECK_KEY, CHECK_SECONDS, "--check {value:.1f} s after the stores are open <= "
-                                                "{limit:g} s"),
-           AtMostGoal(SHARE_KEY, BOOTSTRAP_SHARE, "bootstrap {value:.0%} of it <= {limit:.0%}"))),
+    Stage("train_vox2_epoch", "utt/s", stage_train_vox2_epoch, "vox2_store", (VOX2_EPOCH_TIME,)),
+    Stage("check_vox1h", "trial/s", stage_check_vox1h, "vox1h", (CHECK_TIME, BOOTSTRAP_PART)),
 )
 STAGE = {stage.name: stage for stage in STAGES}
 
