@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import sys
 import threading
 import time
@@ -635,17 +636,33 @@ def check_argv(args: argparse.Namespace, data: Vox1h, model: Path, save_path: Pa
             "--device", args.device.type, "--nDataLoaderThread", str(args.workers)]
 
 
-def timed_check(argv: list[str], log_path: Path) -> tuple[float, float]:
-    """(seconds, peak MB) of m_trainer's main on `argv`, run as `m_trainer.py` would be (in a child
-    process: call through in_child), its output written to `log_path`."""
+@dataclass(frozen=True)
+class CheckRun:
+    """One --check: wall seconds, CPU seconds (user and system, all its threads: on a busy machine
+    what the check itself used) and peak RSS in MB above its start."""
+
+    seconds: float
+    cpu_seconds: float
+    peak_mb: float
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_check(argv: list[str], log_path: Path) -> CheckRun:
+    """m_trainer's main on `argv`, run as `m_trainer.py` would be (in a child process: call through
+    in_child), its output written to `log_path`."""
     with open(log_path, "w") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     meter = PeakMeter()
     meter.start()
+    cpu = cpu_seconds()
     seconds = timed(lambda: m_trainer.main(argv))
     sys.stdout.flush()
-    return seconds, meter.peak_mb()
+    return CheckRun(seconds, cpu_seconds() - cpu, meter.peak_mb())
 
 
 def open_seconds(args: argparse.Namespace, data: Vox1h) -> float:
@@ -670,10 +687,12 @@ def stage_check_vox1h(args: argparse.Namespace, tree: Tree | None, meter: PeakMe
     runs = {resamples: in_child(partial(timed_check, check_argv(args, data, model, work, resamples),
                                         work / f"check_r{resamples}.log"))
             for resamples in (1, args.check_resamples)}
-    (once, _), (seconds, peak) = runs[1], runs[args.check_resamples]
-    after_open = seconds - opened
-    record = make_record("check_vox1h", args.vox1h_trials / after_open, None, {"peak_rss_mb": round(peak, 1)})
-    record.update({CHECK_KEY: round(after_open, 2), SHARE_KEY: round((seconds - once) / after_open, 4)})
+    once, full = runs[1], runs[args.check_resamples]
+    after_open = full.seconds - opened
+    record = make_record("check_vox1h", args.vox1h_trials / after_open, None,
+                         {"peak_rss_mb": round(full.peak_mb, 1)})
+    bootstrap = full.seconds - once.seconds
+    record.update({CHECK_KEY: round(after_open, 2), SHARE_KEY: round(bootstrap / after_open, 4)})
     notes = [f"check_vox1h: m_trainer.py --check of {STEP_MODEL} ({VOX2_LOSS}, trained "
              f"{args.check_model_steps} steps of {args.step_batch}) on {args.vox1h_trials} trials over the "
              f"utterances of {args.vox1h_trial_speakers} speakers of a {args.vox1h_utterances} x "
@@ -681,7 +700,12 @@ def stage_check_vox1h(args: argparse.Namespace, tree: Tree | None, meter: PeakMe
              f"{args.vox2_utterances}-row store; each run in a fresh process, page cache warm, "
              f"output in {work}",
              f"check_vox1h: opening the stores (TrialSet of the list, EmbeddingData of the training list) "
-             f"{opened:.1f} s; the check with {args.check_resamples} resamples {seconds:.1f} s "
-             f"({after_open:.1f} s after the opening), with 1 resample {once:.1f} s: the bootstrap "
-             f"{seconds - once:.1f} s; peak RSS (the {args.check_resamples}-resample check) {peak:.0f} MB"]
+             f"{opened:.1f} s; the check with {args.check_resamples} resamples {full.seconds:.1f} s "
+             f"({after_open:.1f} s after the opening), with 1 resample {once.seconds:.1f} s: the bootstrap "
+             f"{bootstrap:.1f} s; peak RSS (the {args.check_resamples}-resample check) "
+             f"{full.peak_mb:.0f} MB",
+             f"check_vox1h: CPU time (user + system, all threads) of the checks: {full.cpu_seconds:.1f} s "
+             f"with "
+             f"{args.check_resamples} resamples, {once.cpu_seconds:.1f} s with 1 (on a busy machine the wall "
+             f"times include waiting for a core; these do not)"]
     return StageResult(record, notes)

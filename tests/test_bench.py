@@ -144,7 +144,8 @@ def test_vox1h_data_pairs_the_trial_speakers_utterances(tmp_path: Path):
 def test_check_vox1h_times_after_the_opening_and_the_bootstrap_as_a_difference(monkeypatch, tmp_path: Path):
     """Known timings through the stage: the open stores' seconds are taken off the check's, and the
     bootstrap's share is the check with all resamples less the one with 1, over that."""
-    seconds = {"open_seconds": 10.0, "r1": (40.0, 100.0), "r1000": (100.0, 900.0)}
+    seconds = {"open_seconds": 10.0, "r1": bench_stages.CheckRun(40.0, 70.0, 100.0),
+               "r1000": bench_stages.CheckRun(100.0, 190.0, 900.0)}
 
     def fake_child(work: partial) -> object:
         name = work.func.__name__
