@@ -89,7 +89,7 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 # The m4a stage runs ResNetSE34V2 on at most this many files of each format on a CPU (about 0.3 s an
 # utterance there); on a GPU on all --audio_files.
 CPU_EXTRACT_FILES = 32
-STEP_MODEL = "MyResidualNet"  # train_vox2_steps: the model of the issue's VoxCeleb2 training run
+STEP_MODEL = "MyResidualNet"  # the model of the VoxCeleb2 training runs of issues 19 and 25
 VOX1E_TYPE = "B"  # scored by L2 distance, as the score stage (type C would copy the table to normalise it)
 ASNORM_TOPK = 300
 
