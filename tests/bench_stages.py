@@ -577,12 +577,13 @@ def stage_train_vox2_steps(args: argparse.Namespace, tree: Tree | None, meter: P
              f"from a {rows['big']} x {args.vox2_dim} float16 store and from a {rows['small']}-row one, "
              f"alternating in {STEP_ROUNDS} rounds; ms a step by round: big {per_step(big)}; small "
              f"{per_step(small)}; page cache warm (the stores read once before)",
-             f"train_vox2_steps: the big store's EmbeddingData (a list of {rows['big']} lines parsed, "
-             f"the store mapped) took {ready:.0f} s; peak RSS {peak['peak_rss_mb']:.0f} MB above the "
-             f"start, of which the process's own (anonymous) memory peaked at {anon.peak - base_anon:.0f} "
-             f"MB; at the end {file_mb:.0f} MB of RSS were the store's pages mapped from the page cache "
-             f"(shared, reclaimable; the kernel maps 64 KB around each faulting row, so a few hundred "
-             f"random batches map nearly the whole file)"]
+             f"train_vox2_steps: the big store's EmbeddingData (its list of {rows['big']} lines "
+             f"resolved, or read back from the store's list cache, the store mapped) took {ready:.0f} s; "
+             f"peak RSS {peak['peak_rss_mb']:.0f} MB above the start, of which the process's own "
+             f"(anonymous) memory peaked at {anon.peak - base_anon:.0f} MB; at the end {file_mb:.0f} MB "
+             f"of RSS were the store's pages mapped from the page cache (shared, reclaimable; the "
+             f"kernel maps 64 KB around each faulting row, so a few hundred random batches map nearly "
+             f"the whole file)"]
     rates = (args.steps / sum(big.seconds), args.steps / sum(small.seconds))
     record = make_record("train_vox2_steps", *rates, peak)
     return StageResult(record, notes)
@@ -667,7 +668,8 @@ def timed_check(argv: list[str], log_path: Path) -> CheckRun:
 
 def open_seconds(args: argparse.Namespace, data: Vox1h) -> float:
     """Seconds to open what --check opens before it scores: the trial list's TrialSet and the
-    training list's EmbeddingData (the back-ends' training embeddings)."""
+    training list's EmbeddingData (the back-ends' training embeddings; its resolution already kept
+    in the store by trained_model, as the checks find it)."""
     start = time.perf_counter()
     TrialSet(data.trial_list, data.test.store, args.vox2_dim, args.workers)
     store_data(args, data.train)
