@@ -659,8 +659,6 @@ def move_run_aside(save_path: Path) -> Path:
     return aside
 
 
-if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
 
 # ----------------------------------------------------------------------------------------------
 # --check and --eval: the trial lists scored by every system and back-end (scoring.evaluation)
@@ -867,3 +865,6 @@ def clear_training_leftovers(save_path: Path) -> None:
     clear_leftovers([save_path / "model"], model_names, save_path)
     clear_leftovers([save_path / "result"], re.escape("scores.txt"), save_path)
 
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))

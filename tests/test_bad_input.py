@@ -93,7 +93,7 @@ def test_test_list_naming_missing_files(data, tmp_path):
     ("trainfunc", "MSE_XX", "unknown loss (trainfunc) 'MSE_XX'"),
     ("optimizer", "adagrad", "unknown optimizer 'adagrad'"),
     ("scheduler", "exp", "unknown scheduler 'exp'"),
-    ("activation", "tanh", "activation must be one of"),
+    ("activation", "tanh", "unknown activation 'tanh'"),
     ("multiple_embedding_flag", "A", "must be B or C"),
     ("batch_size", 0, "'batch_size' must be at least 1"),
 ])

@@ -44,9 +44,9 @@ def count_parses(monkeypatch) -> list[int]:
 
 
 def assert_same(data: EmbeddingData, other: EmbeddingData) -> None:
-    np.testing.assert_array_equal(data.rows, other.rows)
-    np.testing.assert_array_equal(data.target, other.target)
-    np.testing.assert_array_equal(data.label, other.label)
+    np.testing.assert_array_equal(data.records.inputs, other.records.inputs)
+    np.testing.assert_array_equal(data.records.targets, other.records.targets)
+    np.testing.assert_array_equal(data.records.labels, other.records.labels)
     assert data.speakers == other.speakers
     np.testing.assert_array_equal(data.table.numpy(), other.table.numpy())
     np.testing.assert_array_equal(data.speaker_embeddings.numpy(), other.speaker_embeddings.numpy())
@@ -61,16 +61,17 @@ def test_kept_resolution_equals_a_fresh_parse(packed, monkeypatch):
     assert len(parses) == 1  # served from the store
     assert_same(kept, first)
     spk = [line.split()[0] for line in listed.read_text().splitlines()]
-    assert [kept.speakers[t] for t in kept.target] == spk
+    assert [kept.speakers[t] for t in kept.records.targets] == spk
     others = ["id03", "id99", "id00"]  # a validation list labelled by the training speakers
     labelled = loaded(listed, store, others)
     assert len(parses) == 1
-    np.testing.assert_array_equal(labelled.label, [others.index(s) if s in others else -1 for s in spk])
+    expected = [others.index(s) if s in others else -1 for s in spk]
+    np.testing.assert_array_equal(labelled.records.labels, expected)
 
 
 def test_a_changed_list_is_parsed_again(packed, monkeypatch):
     store, listed = packed
-    before = loaded(listed, store).rows
+    before = loaded(listed, store).records.inputs
     stat = listed.stat()
     lines = listed.read_text().splitlines(keepends=True)
     listed.write_text("".join([lines[1], lines[0], *lines[2:]]))  # same size
@@ -79,7 +80,7 @@ def test_a_changed_list_is_parsed_again(packed, monkeypatch):
     parses = count_parses(monkeypatch)
     data = loaded(listed, store)
     assert len(parses) == 1
-    np.testing.assert_array_equal(data.rows, [before[1], before[0], *before[2:]])
+    np.testing.assert_array_equal(data.records.inputs, [before[1], before[0], *before[2:]])
 
 
 def test_a_store_that_cannot_be_written_is_used_without_a_cache(packed, monkeypatch):

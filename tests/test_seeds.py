@@ -120,6 +120,6 @@ def test_the_eer_option_switches_what_the_tables_show(runs):
 
 def test_an_unknown_eer_definition_is_a_user_error(runs):
     save = runs[0][0]
-    with pytest.raises(UserError, match="option 'eer' must be one of roc, interpolated"):
+    with pytest.raises(UserError, match="^--eer: unknown eer 'det'; known: interpolated, roc$"):
         m_trainer.main(["--config", str(save.parent / "cfg_s3" / "exp.yaml"), "--save_path", str(save),
                         "--check", "--eer", "det"])
