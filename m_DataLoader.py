@@ -81,7 +81,7 @@ class ListKind:
 
     name: ClassVar[str] = ""
     fields: ClassVar[tuple[str, ...]] = ()
-    binary: ClassVar[dict[int, str]] = {}  # field index -> name of a 0/1 field
+    binary: ClassVar[dict[int, str]] = {}  # field index -> name of a field read as a 0/1 int
 
     def line_parser(self, path: Path) -> Callable[..., tuple]:
         """The parser of one file's lines (a kind whose format is detected per file keeps state)."""
@@ -114,6 +114,7 @@ class TrialKind(ListKind):
 
     name = "test"
     fields = ("label", "path1", "path2")
+    binary = {0: "label"}  # checked by this kind's own parse, in either style
     KALDI_LABELS: ClassVar[dict[str, int]] = {"target": 1, "nontarget": 0}
 
     def line_parser(self, path: Path) -> Callable[[list[str], int], tuple]:
@@ -292,12 +293,11 @@ def iter_list(path: str | os.PathLike, kind: str | ListKind) -> Iterator[tuple]:
     skipped. Labels and flags come back as ints (0/1). Errors name the file and line."""
     kind = list_kind(kind)
     parse = kind.line_parser(Path(path))
-    plain = len(kind.fields) if not kind.binary and type(kind).line_parser is ListKind.line_parser else 0
     for lineno, line in enumerate(user_text_lines(path, "list file", "m_gen_list.py"), start=1):
         parts = line.split()
         if not parts or parts[0][0] == "#":
             continue
-        yield tuple(parts) if len(parts) == plain else parse(parts, lineno=lineno)
+        yield parse(parts, lineno=lineno)
 
 
 def read_list(path: str | os.PathLike, kind: str | ListKind) -> list[tuple]:
@@ -314,7 +314,7 @@ def plain_records(path: str | os.PathLike, kind: ListKind) -> list[tuple] | None
     """The records of a list of a kind without 0/1 fields whose every line is plain (its fields, no
     blank line, no `#`): one split of the whole text, no work per line, as VoxCeleb2's 1.09M-line
     training list needs. None for any other file: iter_list then reads it and says what is wrong."""
-    if kind.binary or type(kind).line_parser is not ListKind.line_parser:
+    if kind.binary:
         return None
     text = read_user_text(path, "list file", "m_gen_list.py")
     lines = text.count("\n") + (not text.endswith("\n"))
