@@ -434,7 +434,8 @@ class EmbeddingData:
         # a packed store's rows are its own: it takes the files as they are (repeats and all);
         # other stores read each distinct file once, in sorted order
         unique = files if source.own_rows else sorted(set(files))
-        # copies: a name kept per speaker pinned the freed records' pools (2 GB at 9.9M lines)
+        # copies of the names: one kept from `parsed` would keep the memory of the freed records
+        # in use (tests/BENCHMARK.md, "Plain code")
         own_speakers = sorted(spk.encode().decode() for spk in self.list_kind.speakers(parsed))
         self.speakers = list(speakers) if speakers is not None else own_speakers
         label_of = {spk: i for i, spk in enumerate(self.speakers)}
