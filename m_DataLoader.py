@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -83,7 +83,7 @@ class ListKind:
 
     name: ClassVar[str] = ""
     fields: ClassVar[tuple[str, ...]] = ()
-    binary: ClassVar[dict[int, str]] = {}  # field index -> name of a 0/1 field
+    binary: ClassVar[dict[int, str]] = {}  # field index -> name of a field read as a 0/1 int
 
     def line_parser(self, path: Path) -> Callable[..., tuple]:
         """The parser of one file's lines (a kind whose format is detected per file keeps state)."""
@@ -116,6 +116,7 @@ class TrialKind(ListKind):
 
     name = "test"
     fields = ("label", "path1", "path2")
+    binary = {0: "label"}  # checked by this kind's own parse, in either style
     KALDI_LABELS: ClassVar[dict[str, int]] = {"target": 1, "nontarget": 0}
 
     def line_parser(self, path: Path) -> Callable[[list[str], int], tuple]:
@@ -294,12 +295,11 @@ def iter_list(path: str | os.PathLike, kind: str | ListKind) -> Iterator[tuple]:
     skipped. Labels and flags come back as ints (0/1). Errors name the file and line."""
     kind = list_kind(kind)
     parse = kind.line_parser(Path(path))
-    plain = len(kind.fields) if not kind.binary and type(kind).line_parser is ListKind.line_parser else 0
     for lineno, line in enumerate(user_text_lines(path, "list file", "m_gen_list.py"), start=1):
         parts = line.split()
         if not parts or parts[0][0] == "#":
             continue
-        yield tuple(parts) if len(parts) == plain else parse(parts, lineno=lineno)
+        yield parse(parts, lineno=lineno)
 
 
 def read_list(path: str | os.PathLike, kind: str | ListKind) -> list[tuple]:
@@ -316,7 +316,7 @@ def plain_records(path: str | os.PathLike, kind: ListKind) -> list[tuple] | None
     """The records of a list of a kind without 0/1 fields whose every line is plain (its fields, no
     blank line, no `#`): one split of the whole text, no work per line, as VoxCeleb2's 1.09M-line
     training list needs. None for any other file: iter_list then reads it and says what is wrong."""
-    if kind.binary or type(kind).line_parser is not ListKind.line_parser:
+    if kind.binary:
         return None
     text = read_user_text(path, "list file", "m_gen_list.py")
     lines = text.count("\n") + (not text.endswith("\n"))
@@ -325,6 +325,12 @@ def plain_records(path: str | os.PathLike, kind: ListKind) -> list[tuple] | None
     if not parts or "#" in text or len(parts) != width * lines:
         return None
     return list(zip(*(parts[field::width] for field in range(width)), strict=True))
+
+
+def speaker_names(speakers: Iterable[str]) -> list[str]:
+    """The sorted speaker names, as copies: a name kept from the parsed records would keep the
+    memory of the freed records in use (tests/BENCHMARK.md, "Plain code")."""
+    return sorted(spk.encode().decode() for spk in speakers)
 
 
 def kept_resolution(list_path: str | os.PathLike, source: EmbeddingSource,
@@ -338,7 +344,7 @@ def kept_resolution(list_path: str | os.PathLike, source: EmbeddingSource,
     def resolve() -> ResolvedList:
         records = read_list(list_path, kind)
         rows = source.rows_of(kind.files(records), list_path)
-        speakers = sorted(spk.encode().decode() for spk in kind.speakers(records))
+        speakers = speaker_names(kind.speakers(records))
         position = {spk: k for k, spk in enumerate(speakers)}
         speaker = np.fromiter((position[r[0]] for r in records), np.int64, len(records))
         return ResolvedList(rows, speaker, speakers, source)
@@ -456,9 +462,8 @@ class EmbeddingData:
         # a packed store's rows are its own: it takes the files as they are (repeats and all);
         # other stores read each distinct file once, in sorted order
         unique = files if source.own_rows else sorted(set(files))
-        # copies: a name kept per speaker pinned the freed records' pools (2 GB at 9.9M lines)
-        own_speakers = (resolved.speakers if resolved is not None else
-                        sorted(spk.encode().decode() for spk in self.list_kind.speakers(parsed)))
+        own_speakers = (resolved.speakers if resolved is not None
+                        else speaker_names(self.list_kind.speakers(parsed)))
         self.speakers = list(speakers) if speakers is not None else own_speakers
         label_of = {spk: i for i, spk in enumerate(self.speakers)}
         target_of = {spk: i for i, spk in enumerate(own_speakers)}  # beside this list's files

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, fields
@@ -362,53 +361,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def is_commit(text: str) -> bool:
-    return re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", text) is not None
-
-
-def read_git_head(root: Path) -> str | None:
-    """The commit checked out in `root`, read from its .git (a folder, or a worktree's `gitdir:` file)
-    without git: HEAD, then the loose ref it names, then packed-refs; None where none is found."""
-    git_dir = root / ".git"
-    try:
-        if git_dir.is_file():
-            text = git_dir.read_text().strip()
-            if not text.startswith("gitdir:"):
-                return None
-            git_dir = root / text.removeprefix("gitdir:").strip()
-        head = (git_dir / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head if is_commit(head) else None
-        ref = head.removeprefix("ref:").strip()
-        common = git_dir / "commondir"
-        common = git_dir / common.read_text().strip() if common.is_file() else git_dir
-        for base in (git_dir, common):
-            if (base / ref).is_file():
-                value = (base / ref).read_text().strip()
-                return value if is_commit(value) else None
-        for line in (common / "packed-refs").read_text().splitlines():
-            value, _, name = line.partition(" ")
-            if name == ref and is_commit(value):
-                return value
-    except OSError:
-        return None
-    return None
-
-
 def git_commit(root: Path = REPO) -> str | None:
-    """The project's commit: `git rev-parse HEAD` where git is installed, else read from .git; None
-    where `root` is not a git checkout."""
+    """The commit checked out in `root` (`git rev-parse HEAD`); None where git is not installed or
+    `root` is not a git checkout (a folder inside another checkout is not one)."""
     if not (root / ".git").exists():
         return None
-    if shutil.which("git"):
-        try:
-            result = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
-                                    capture_output=True, text=True, timeout=30)
-            if result.returncode == 0 and is_commit(result.stdout.strip()):
-                return result.stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return read_git_head(root)
+    try:
+        result = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit) else None
 
 
 def make_manifest(args: argparse.Namespace, checkpoint: Path | None) -> dict[str, Any]:

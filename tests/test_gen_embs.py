@@ -492,6 +492,9 @@ def test_max_seconds_embeds_the_first_seconds(tree):
 
 
 def git_head() -> str | None:
+    """The project's commit as git itself names it; None without git."""
+    if shutil.which("git") is None:
+        return None
     result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else None
 
@@ -509,9 +512,7 @@ def test_manifest_records_the_weights_and_settings(tree, tmp_path):
     assert manifest == {"extractor": "GE2E", "checkpoint": str(checkpoint),
                         "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
                         "eval_frames": 20, "num_eval": 3, "sample_rate": 16000, "max_seconds": 2.0,
-                        "mixedprec": False, "git_commit": m_gen_embs.read_git_head(REPO)}
-    if shutil.which("git") and git_head():
-        assert manifest["git_commit"] == git_head()
+                        "mixedprec": False, "git_commit": git_head()}
     packaged = db.parent / "packaged"
     run(db, packaged)
     manifest = json.loads((packaged / "manifest.json").read_text())
@@ -546,26 +547,33 @@ def test_a_tree_made_with_other_settings_is_refused_unless_overwrite(tree, extra
         [json.loads(manifest)[key] for key in ("num_eval", "max_seconds", "extractor")]
 
 
-def test_git_commit_is_read_without_git(tmp_path):
-    """A checkout's .git folder (a loose ref, packed-refs, a detached HEAD) and a worktree's .git file."""
-    commit, other = "a" * 40, "b" * 40
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_commit_names_the_checked_out_commit(tmp_path):
+    """A checkout's HEAD, a detached HEAD, and None for a folder that is no checkout (even one inside
+    a checkout)."""
     root = tmp_path / "project"
-    (root / ".git" / "refs" / "heads").mkdir(parents=True)
-    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    (root / ".git" / "packed-refs").write_text(f"# pack-refs with: peeled\n{commit} refs/heads/main\n")
-    assert m_gen_embs.read_git_head(root) == commit
-    (root / ".git" / "refs" / "heads" / "main").write_text(other + "\n")
-    assert m_gen_embs.read_git_head(root) == other
-    worktree = tmp_path / "wt"
-    (root / ".git" / "worktrees" / "wt").mkdir(parents=True)
-    (root / ".git" / "worktrees" / "wt" / "HEAD").write_text("ref: refs/heads/main\n")
-    (root / ".git" / "worktrees" / "wt" / "commondir").write_text("../..\n")
-    worktree.mkdir()
-    (worktree / ".git").write_text(f"gitdir: {root / '.git' / 'worktrees' / 'wt'}\n")
-    assert m_gen_embs.read_git_head(worktree) == other
-    (root / ".git" / "HEAD").write_text(commit + "\n")
-    assert m_gen_embs.read_git_head(root) == commit
-    assert m_gen_embs.git_commit(tmp_path) is None and m_gen_embs.read_git_head(tmp_path) is None
+    root.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert m_gen_embs.git_commit(root) is None
+    git("init", "-q")
+    assert m_gen_embs.git_commit(root) is None
+    (root / "a").write_text("a")
+    git("add", "a")
+    git("commit", "-q", "-m", "one")
+    first = git("log", "-1", "--format=%H")
+    assert len(first) == 40 and m_gen_embs.git_commit(root) == first
+    (root / "a").write_text("b")
+    git("commit", "-q", "-am", "two")
+    second = git("log", "-1", "--format=%H")
+    assert second != first and m_gen_embs.git_commit(root) == second
+    git("checkout", "-q", first)
+    assert m_gen_embs.git_commit(root) == first
+    (root / "sub").mkdir()
+    assert m_gen_embs.git_commit(root / "sub") is None and m_gen_embs.git_commit(tmp_path) is None
 
 
 def test_manifest_keeps_the_run_that_began_the_tree(tree, monkeypatch, caplog):
