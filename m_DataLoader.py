@@ -38,14 +38,16 @@ class Corpus:
     """Utterances of an embedding store: list path, speaker and category (a session, a video)."""
 
     paths: list[str]
-    speaker: np.ndarray   # (N,) speaker index into `speakers`; files are sorted by speaker
+    speaker: np.ndarray  # (N,) speaker index into `speakers`; files are sorted by speaker
     category: list[str]
     speakers: list[str]
 
     def span(self, index: int) -> tuple[int, int]:
         """Files are sorted by speaker, so each speaker's utterances are one range [lo, hi)."""
-        return (int(np.searchsorted(self.speaker, index, "left")),
-                int(np.searchsorted(self.speaker, index, "right")))
+        return (
+            int(np.searchsorted(self.speaker, index, "left")),
+            int(np.searchsorted(self.speaker, index, "right")),
+        )
 
     def of_speaker(self, index: int) -> np.ndarray:
         lo, hi = self.span(index)
@@ -59,8 +61,9 @@ def speaker_pairs(paths_by_category: dict[str, list[str]]) -> tuple[list, list]:
     """Same-category pairs (consecutive files of each category) and as many different-category
     pairs, each taking one remaining file of the category with the fewest remaining files and
     one of the category with the most, while two categories have files left."""
-    same = [(files[k], files[k + 1]) for files in paths_by_category.values()
-            for k in range(0, len(files) - 1, 2)]
+    same = [
+        (files[k], files[k + 1]) for files in paths_by_category.values() for k in range(0, len(files) - 1, 2)
+    ]
     remaining = {cat: list(files) for cat, files in paths_by_category.items()}
     different: list[tuple[str, str]] = []
     while len(different) < len(same):
@@ -91,8 +94,10 @@ class ListKind:
 
     def parse(self, parts: list[str], path: Path, lineno: int) -> tuple:
         if len(parts) != len(self.fields):
-            raise UserError(f"{path}:{lineno}: a {self.name} list line has {len(self.fields)} fields "
-                            f"({' '.join(self.fields)}), this one has {len(parts)}: {' '.join(parts)!r}")
+            raise UserError(
+                f"{path}:{lineno}: a {self.name} list line has {len(self.fields)} fields "
+                f"({' '.join(self.fields)}), this one has {len(parts)}: {' '.join(parts)!r}"
+            )
         if not self.binary:
             return tuple(parts)
         values: list[str | int] = list(parts)
@@ -128,12 +133,15 @@ class TrialKind(ListKind):
             if not style:
                 style.append(here)
             elif here != style[0]:
-                raise UserError(f"{path}:{lineno}: a {style[0]}-style trial list ("
-                                f"{self.style_text(style[0])}) has a line of the other style: "
-                                f"{' '.join(parts)!r}")
+                raise UserError(
+                    f"{path}:{lineno}: a {style[0]}-style trial list ("
+                    f"{self.style_text(style[0])}) has a line of the other style: "
+                    f"{' '.join(parts)!r}"
+                )
             if here == "kaldi":
                 return self.KALDI_LABELS[parts[2]], parts[0], parts[1]
             return self.parse(parts, path, lineno)
+
         return parse
 
     @staticmethod
@@ -142,9 +150,11 @@ class TrialKind(ListKind):
 
     def parse(self, parts: list[str], path: Path, lineno: int) -> tuple:
         if len(parts) != 3:
-            raise UserError(f"{path}:{lineno}: a test list line has 3 fields (label path1 path2, "
-                            f"or enroll test target|nontarget), this one has {len(parts)}: "
-                            f"{' '.join(parts)!r}")
+            raise UserError(
+                f"{path}:{lineno}: a test list line has 3 fields (label path1 path2, "
+                f"or enroll test target|nontarget), this one has {len(parts)}: "
+                f"{' '.join(parts)!r}"
+            )
         return (_binary(parts[0], path, lineno, "label"), parts[1], parts[2])
 
     def lines(self, corpus: Corpus, rng: np.random.Generator, missing: Counter) -> list[str]:
@@ -153,8 +163,7 @@ class TrialKind(ListKind):
         n = len(corpus.paths)
         for i, path in enumerate(corpus.paths):
             lo, hi = corpus.span(corpus.speaker[i])
-            same = lo + rng.choice(hi - lo - 1, size=min(TRIALS_PER_UTTERANCE, hi - lo - 1),
-                                   replace=False)
+            same = lo + rng.choice(hi - lo - 1, size=min(TRIALS_PER_UTTERANCE, hi - lo - 1), replace=False)
             same = np.where(same < i, same, same + 1)
             others = n - (hi - lo)
             picks = rng.choice(others, size=min(TRIALS_PER_UTTERANCE, others), replace=False)
@@ -182,26 +191,29 @@ class TrainingKind(ListKind):
         """The speakers whose embeddings the list's batches use."""
         return {r[0] for r in parsed}
 
-    def records(self, parsed: list[tuple], file_rows: np.ndarray, target_of: dict[str, int],
-                label_of: dict[str, int]) -> Records:
+    def records(
+        self, parsed: list[tuple], file_rows: np.ndarray, target_of: dict[str, int], label_of: dict[str, int]
+    ) -> Records:
         """The list's Records; `file_rows` holds the table row of each of `files(parsed)`."""
         targets, labels = speaker_indices([r[0] for r in parsed], target_of, label_of)
         return Records(inputs=file_rows, targets=targets, labels=labels)
 
 
-def speaker_indices(speakers: list[str], target_of: dict[str, int],
-                    label_of: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def speaker_indices(
+    speakers: list[str], target_of: dict[str, int], label_of: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """(target row, class label) of each of `speakers`; -1 for a speaker without a class."""
-    return (np.array([target_of[s] for s in speakers], np.int64),
-            np.array([label_of.get(s, -1) for s in speakers], np.int64))
+    return (
+        np.array([target_of[s] for s in speakers], np.int64),
+        np.array([label_of.get(s, -1) for s in speakers], np.int64),
+    )
 
 
 class NormalKind(TrainingKind):
     name = "normal"
 
     def lines(self, corpus: Corpus, rng: np.random.Generator, missing: Counter) -> list[str]:
-        return [f"{corpus.speakers[s]} {path}" for s, path in zip(corpus.speaker, corpus.paths,
-                                                                 strict=True)]
+        return [f"{corpus.speakers[s]} {path}" for s, path in zip(corpus.speaker, corpus.paths, strict=True)]
 
 
 class TripletKind(TrainingKind):
@@ -213,8 +225,9 @@ class TripletKind(TrainingKind):
     def speakers(self, parsed: list[tuple]) -> set[str]:
         return {r[0] for r in parsed} | {r[2] for r in parsed}
 
-    def records(self, parsed: list[tuple], file_rows: np.ndarray, target_of: dict[str, int],
-                label_of: dict[str, int]) -> Records:
+    def records(
+        self, parsed: list[tuple], file_rows: np.ndarray, target_of: dict[str, int], label_of: dict[str, int]
+    ) -> Records:
         records = super().records(parsed, file_rows, target_of, label_of)
         records.others = np.array([target_of[r[2]] for r in parsed], np.int64)
         return records
@@ -227,8 +240,10 @@ class TripletKind(TrainingKind):
             return []
         shift = rng.integers(1, count, size=len(corpus.paths))
         other = (corpus.speaker + shift) % count
-        return [f"{corpus.speakers[s]} {path} {corpus.speakers[o]}"
-                for s, path, o in zip(corpus.speaker, corpus.paths, other, strict=True)]
+        return [
+            f"{corpus.speakers[s]} {path} {corpus.speakers[o]}"
+            for s, path, o in zip(corpus.speaker, corpus.paths, other, strict=True)
+        ]
 
 
 class DistributionKind(TrainingKind):
@@ -242,15 +257,20 @@ class DistributionKind(TrainingKind):
     def files(self, parsed: list[tuple]) -> list[str]:
         return [r[1] for r in parsed] + [r[2] for r in parsed]
 
-    def records(self, parsed: list[tuple], file_rows: np.ndarray, target_of: dict[str, int],
-                label_of: dict[str, int]) -> Records:
+    def records(
+        self, parsed: list[tuple], file_rows: np.ndarray, target_of: dict[str, int], label_of: dict[str, int]
+    ) -> Records:
         """A record per pair, laid out as batches take them: speaker by speaker, each speaker's
         same-category pairs first (in list order), then its others."""
         targets, labels = speaker_indices([r[0] for r in parsed], target_of, label_of)
         same = np.array([r[3] == 1 for r in parsed], bool)
         order = np.lexsort((~same, targets))
-        return Records(inputs=file_rows.reshape(2, -1).T[order], targets=targets[order],
-                       labels=labels[order], pair_same=same[order])
+        return Records(
+            inputs=file_rows.reshape(2, -1).T[order],
+            targets=targets[order],
+            labels=labels[order],
+            pair_same=same[order],
+        )
 
     def lines(self, corpus: Corpus, rng: np.random.Generator, missing: Counter) -> list[str]:
         lines = []
@@ -266,8 +286,9 @@ class DistributionKind(TrainingKind):
 
 
 # In m_gen_list.py's order: a list's random stream is seeded by its position here.
-LIST_KINDS: dict[str, ListKind] = {kind.name: kind for kind in (
-    NormalKind(), TrialKind(), TripletKind(), DistributionKind())}
+LIST_KINDS: dict[str, ListKind] = {
+    kind.name: kind for kind in (NormalKind(), TrialKind(), TripletKind(), DistributionKind())
+}
 
 
 def list_kind(kind: str | ListKind) -> ListKind:
@@ -333,8 +354,9 @@ def speaker_names(speakers: Iterable[str]) -> list[str]:
     return sorted(spk.encode().decode() for spk in speakers)
 
 
-def kept_resolution(list_path: str | os.PathLike, source: EmbeddingSource,
-                    kind: ListKind) -> ResolvedList | None:
+def kept_resolution(
+    list_path: str | os.PathLike, source: EmbeddingSource, kind: ListKind
+) -> ResolvedList | None:
     """A normal list in a packed store: each record's row and speaker, kept in the store
     (stores.listcache) so that a run does not parse the list again; None for another kind or
     store (the list is then read as it is)."""
@@ -371,19 +393,26 @@ def read_trials(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.nda
     return np.array(labels, np.int8), pairs[:, 0].copy(), pairs[:, 1].copy(), files
 
 
-def load_embeddings(root: str | os.PathLike, rel_paths: Sequence[str], dim: int | None = None,
-                    threads: int = 8, desc: str = "loading embeddings",
-                    show_progress: bool = True, source: str | os.PathLike = "the list") -> np.ndarray:
+def load_embeddings(
+    root: str | os.PathLike,
+    rel_paths: Sequence[str],
+    dim: int | None = None,
+    threads: int = 8,
+    desc: str = "loading embeddings",
+    show_progress: bool = True,
+    source: str | os.PathLike = "the list",
+) -> np.ndarray:
     """The (N, D) float32 single-utterance embeddings of the list entries `rel_paths`, in order,
     from the store `root` (tree, .scp or packed store); `threads` reader threads for files."""
-    return open_embeddings(root).utterances(rel_paths, dim, threads, desc, show_progress,
-                                            source).matrix()
+    return open_embeddings(root).utterances(rel_paths, dim, threads, desc, show_progress, source).matrix()
 
 
-def load_speaker_embeddings(root: str | os.PathLike, speakers: Sequence[str], embedding_type: str,
-                            dim: int | None = None) -> np.ndarray:
+def load_speaker_embeddings(
+    root: str | os.PathLike, speakers: Sequence[str], embedding_type: str, dim: int | None = None
+) -> np.ndarray:
     """The (S, D) multi-utterance embeddings of `speakers`, of `embedding_type` (B or C)."""
     return open_embeddings(root).speaker_embeddings(speakers, embedding_type, dim)
+
 
 # ----------------------------------------------------------------------------------------------
 # Batches
@@ -395,10 +424,10 @@ class Records:
     is a pair), built once by its TrainingKind; a batch is these arrays indexed by its records.
     Records are in list order, but for a distribution list's, laid out speaker by speaker."""
 
-    inputs: np.ndarray   # (R,) row of `table` of each record's file; (R, 2) a pair's two rows
+    inputs: np.ndarray  # (R,) row of `table` of each record's file; (R, 2) a pair's two rows
     targets: np.ndarray  # (R,) its speaker: row of `speaker_embeddings`
-    labels: np.ndarray   # (R,) its class: index into `speakers`, -1 for a speaker without one
-    others: np.ndarray | None = None     # (R,) triplet: another speaker's row
+    labels: np.ndarray  # (R,) its class: index into `speakers`, -1 for a speaker without one
+    others: np.ndarray | None = None  # (R,) triplet: another speaker's row
     pair_same: np.ndarray | None = None  # (R,) distribution: True for a same-category pair
 
 
@@ -406,11 +435,11 @@ class Records:
 class Sampling:
     """How an epoch's batches are drawn: the trainer's options of the same meaning."""
 
-    batch_size: int                # records a step and process (normal and triplet lists)
+    batch_size: int  # records a step and process (normal and triplet lists)
     seed: int = 10
-    n_per_speaker: int = 1         # utterances of one speaker grouped in a batch (nPerSpeaker)
-    max_seg_per_spk: int = 500     # utterances per speaker and epoch with n_per_speaker > 1
-    speakers_per_step: int = 1     # distribution lists: speakers a step and process
+    n_per_speaker: int = 1  # utterances of one speaker grouped in a batch (nPerSpeaker)
+    max_seg_per_spk: int = 500  # utterances per speaker and epoch with n_per_speaker > 1
+    speakers_per_step: int = 1  # distribution lists: speakers a step and process
     shuffle: bool = True
 
 
@@ -418,13 +447,13 @@ class Sampling:
 class Batch:
     """One step's data. DA batches lay pairs out as rows (2p, 2p + 1) of `inputs`."""
 
-    inputs: torch.Tensor               # (N, D) single-utterance embeddings to enhance
-    targets: torch.Tensor              # (N, D) their speakers' multi-utterance embeddings
-    labels: torch.Tensor               # (N,) speaker index, -1 for a speaker unknown to training
-    others: torch.Tensor | None = None        # (N, D) another speaker's embedding (triplet)
-    pair_same: torch.Tensor | None = None     # (P,) True for a same-category pair (DA)
+    inputs: torch.Tensor  # (N, D) single-utterance embeddings to enhance
+    targets: torch.Tensor  # (N, D) their speakers' multi-utterance embeddings
+    labels: torch.Tensor  # (N,) speaker index, -1 for a speaker unknown to training
+    others: torch.Tensor | None = None  # (N, D) another speaker's embedding (triplet)
+    pair_same: torch.Tensor | None = None  # (P,) True for a same-category pair (DA)
     pair_speaker: torch.Tensor | None = None  # (P,) speaker group of each pair (DA)
-    weight: float = 1.0                # this rank's share of the global batch x world size
+    weight: float = 1.0  # this rank's share of the global batch x world size
     records: np.ndarray | None = None  # its records: indices into EmbeddingData.records
 
     @property
@@ -450,9 +479,17 @@ class EmbeddingData:
     store (tree, .scp or packed store).
     """
 
-    def __init__(self, list_path: str | os.PathLike, root: str | os.PathLike, kind: str,
-                 embedding_type: str, dim: int | None, device: torch.device | str = "cpu",
-                 speakers: Sequence[str] | None = None, threads: int = 8):
+    def __init__(
+        self,
+        list_path: str | os.PathLike,
+        root: str | os.PathLike,
+        kind: str,
+        embedding_type: str,
+        dim: int | None,
+        device: torch.device | str = "cpu",
+        speakers: Sequence[str] | None = None,
+        threads: int = 8,
+    ):
         self.list_kind = training_kind(kind)
         self.kind = self.list_kind.name
         source = open_embeddings(root)
@@ -462,14 +499,18 @@ class EmbeddingData:
         # a packed store's rows are its own: it takes the files as they are (repeats and all);
         # other stores read each distinct file once, in sorted order
         unique = files if source.own_rows else sorted(set(files))
-        own_speakers = (resolved.speakers if resolved is not None
-                        else speaker_names(self.list_kind.speakers(parsed)))
+        own_speakers = (
+            resolved.speakers if resolved is not None else speaker_names(self.list_kind.speakers(parsed))
+        )
         self.speakers = list(speakers) if speakers is not None else own_speakers
         label_of = {spk: i for i, spk in enumerate(self.speakers)}
         target_of = {spk: i for i, spk in enumerate(own_speakers)}  # beside this list's files
 
-        utterances = (source.utterances(unique, dim, threads, source=list_path) if resolved is None
-                      else resolved.utterances(dim))
+        utterances = (
+            source.utterances(unique, dim, threads, source=list_path)
+            if resolved is None
+            else resolved.utterances(dim)
+        )
         self.manifest, self.source = source.manifest, str(source.path)  # provenance (contract.md)
         # Batches gather from `table`: on the CPU the memory map itself (a float16 store's rows are
         # converted as gathered), on a GPU converted there: the host never holds a float32 copy.
@@ -479,10 +520,12 @@ class EmbeddingData:
         self._embeddings: torch.Tensor | None = None
         self.dim = int(self.table.shape[1])
         self.speaker_embeddings = torch.from_numpy(
-            source.speaker_embeddings(own_speakers, embedding_type, self.dim)).to(device)
+            source.speaker_embeddings(own_speakers, embedding_type, self.dim)
+        ).to(device)
         if resolved is None:
-            self.records = self.list_kind.records(parsed, rows_of_files(files, unique, utterances.rows),
-                                                  target_of, label_of)
+            self.records = self.list_kind.records(
+                parsed, rows_of_files(files, unique, utterances.rows), target_of, label_of
+            )
         else:  # a normal list: its speakers are `own_speakers`, in order
             labels = np.array([label_of.get(s, -1) for s in own_speakers], np.int64)[resolved.speaker]
             self.records = Records(inputs=utterances.rows, targets=resolved.speaker, labels=labels)
@@ -521,7 +564,7 @@ class EmbeddingData:
                 continue  # some process would get nothing: every process leaves it out
             lo, hi = process_share(len(starts), ctx)
             bounds = np.append(starts, len(items))
-            mine = items[bounds[lo]:bounds[hi]]
+            mine = items[bounds[lo] : bounds[hi]]
             # a DA loss is a mean over speakers, each process's over its own: unweighted
             weight = 1.0 if self.records.pair_same is not None else len(mine) * ctx.world_size / len(items)
             yield self.batch(mine, weight)
@@ -531,10 +574,13 @@ class EmbeddingData:
         device. A pair gives two rows of inputs, targets and labels."""
         r, device = self.records, self.table.device
         per_row = records if r.inputs.ndim == 1 else np.repeat(records, 2)
-        batch = Batch(inputs=rows_of(self.table, r.inputs[records].reshape(-1)),
-                      targets=rows_of(self.speaker_embeddings, r.targets[per_row]),
-                      labels=torch.as_tensor(r.labels[per_row], device=device), weight=weight,
-                      records=records)
+        batch = Batch(
+            inputs=rows_of(self.table, r.inputs[records].reshape(-1)),
+            targets=rows_of(self.speaker_embeddings, r.targets[per_row]),
+            labels=torch.as_tensor(r.labels[per_row], device=device),
+            weight=weight,
+            records=records,
+        )
         if r.others is not None:
             batch.others = rows_of(self.speaker_embeddings, r.others[records])
         if r.pair_same is not None:
@@ -552,8 +598,9 @@ def rows_of(table: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     return table[torch.as_tensor(rows, device=table.device)].float()
 
 
-def global_batches(records: Records, sampling: Sampling, rng: np.random.Generator,
-                   world_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def global_batches(
+    records: Records, sampling: Sampling, rng: np.random.Generator, world_size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """The epoch's batches over all processes, each (its record indices, where each of its groups
     starts): a group, which one process takes whole, is a record, an nPerSpeaker group or (a
     distribution list) a speaker's pairs, whole speakers a step in speaker order."""
@@ -565,18 +612,22 @@ def global_batches(records: Records, sampling: Sampling, rng: np.random.Generato
         step = sampling.speakers_per_step * world_size
         batches = []
         for i in range(0, len(order), step):
-            chosen = np.sort(order[i:i + step])
+            chosen = np.sort(order[i : i + step])
             sizes = ends[chosen] - first[chosen]
             items = np.concatenate([np.arange(first[g], ends[g]) for g in chosen])
             batches.append((items, np.cumsum(sizes) - sizes))
         return batches
     if sampling.n_per_speaker > 1:
         n = sampling.n_per_speaker
-        return [(items, np.arange(0, len(items), n)) for items in speaker_grouped_batches(
-            records.targets, sampling.batch_size * world_size, n, sampling.max_seg_per_spk, rng)]
+        return [
+            (items, np.arange(0, len(items), n))
+            for items in speaker_grouped_batches(
+                records.targets, sampling.batch_size * world_size, n, sampling.max_seg_per_spk, rng
+            )
+        ]
     order = rng.permutation(count) if sampling.shuffle else np.arange(count)
     step = sampling.batch_size * world_size
-    return [(order[i:i + step], np.arange(len(order[i:i + step]))) for i in range(0, count, step)]
+    return [(order[i : i + step], np.arange(len(order[i : i + step]))) for i in range(0, count, step)]
 
 
 def process_share(groups: int, ctx: DistContext) -> tuple[int, int]:
@@ -587,8 +638,13 @@ def process_share(groups: int, ctx: DistContext) -> tuple[int, int]:
     return lo, lo + each + (ctx.rank < extra)
 
 
-def speaker_grouped_batches(speaker: np.ndarray, groups_per_batch: int, n_per_speaker: int,
-                            max_seg_per_spk: int, rng: np.random.Generator) -> list[np.ndarray]:
+def speaker_grouped_batches(
+    speaker: np.ndarray,
+    groups_per_batch: int,
+    n_per_speaker: int,
+    max_seg_per_spk: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
     """nPerSpeaker sampling: batches of `groups_per_batch` groups of `n_per_speaker` utterances
     of one speaker, at most `max_seg_per_spk` utterances a speaker, no speaker twice in a batch."""
     groups, group_speaker, rounds = [], [], []
@@ -596,7 +652,7 @@ def speaker_grouped_batches(speaker: np.ndarray, groups_per_batch: int, n_per_sp
         utts = rng.permutation(np.flatnonzero(speaker == spk))[:max_seg_per_spk]
         usable = len(utts) - len(utts) % n_per_speaker
         for k, start in enumerate(range(0, usable, n_per_speaker)):
-            groups.append(utts[start:start + n_per_speaker])
+            groups.append(utts[start : start + n_per_speaker])
             group_speaker.append(spk)
             rounds.append(k)
     if not groups:
@@ -627,8 +683,14 @@ class TrialSet:
     `load` gives the (files, D) embeddings of the sorted list of files the trials name; by default
     they are read from the store `root`. A caller that holds them already supplies them."""
 
-    def __init__(self, list_path: str | os.PathLike, root: str | os.PathLike, dim: int | None,
-                 threads: int = 8, load: Callable[[list[str]], np.ndarray] | None = None):
+    def __init__(
+        self,
+        list_path: str | os.PathLike,
+        root: str | os.PathLike,
+        dim: int | None,
+        threads: int = 8,
+        load: Callable[[list[str]], np.ndarray] | None = None,
+    ):
         self.list_path = Path(list_path)
         self.labels, self.left, self.right, self.files = read_trials(list_path)
         self.store: EmbeddingSource | None = None
@@ -636,19 +698,23 @@ class TrialSet:
         self.source = str(root)
         if load is None:
             self.store = open_embeddings(root)
-            utterances = self.store.utterances(self.files, dim, threads, desc="loading trials",
-                                               source=list_path)
+            utterances = self.store.utterances(
+                self.files, dim, threads, desc="loading trials", source=list_path
+            )
             self.embeddings = np.asarray(utterances.matrix())
             self.norms, self.source = utterances.norms, str(self.store.path)
             self.durations, self.manifest = self.store.durations(self.files), self.store.manifest
         else:
             self.embeddings = load(self.files)
             if len(self.embeddings) != len(self.files):
-                raise ValueError(f"{len(self.files)} files need as many embeddings, "
-                                 f"got {len(self.embeddings)}")
+                raise ValueError(
+                    f"{len(self.files)} files need as many embeddings, got {len(self.embeddings)}"
+                )
         if len(np.unique(self.labels)) < 2:
-            raise UserError(f"{self.list_path}: a trial list needs both target (1) and "
-                            "non-target (0) trials to compute an EER")
+            raise UserError(
+                f"{self.list_path}: a trial list needs both target (1) and "
+                "non-target (0) trials to compute an EER"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -656,6 +722,9 @@ class TrialSet:
     def speaker_of_trials(self) -> np.ndarray:
         """(trials,) index of the speaker of each trial's enrolment (left) file: its first folder,
         or its utt2spk speaker."""
-        names = (self.store.speaker_of(self.files) if self.store is not None
-                 else [key_speaker(store_key(rel)) for rel in self.files])
+        names = (
+            self.store.speaker_of(self.files)
+            if self.store is not None
+            else [key_speaker(store_key(rel)) for rel in self.files]
+        )
         return np.unique(np.array(names), return_inverse=True)[1][self.left]

@@ -103,8 +103,9 @@ def tree_speakers(embed_dir: Path) -> list[Path]:
     return folders
 
 
-def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
-                window: int) -> Iterator[Any]:
+def ordered_map(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], window: int
+) -> Iterator[Any]:
     """pool.map in order, with at most `window` tasks ahead of the consumer (bounded memory)."""
     pending: list[Future] = []
     for item in items:
@@ -149,8 +150,13 @@ class TreePacker:
 
     def add(self, spk: str, rels: list[str], means: np.ndarray, total: int) -> None:
         for name, embedding in speaker_embeddings(means).items():
-            self.writes.append(self.pool.submit(
-                save_npy_atomic, self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk), embedding))
+            self.writes.append(
+                self.pool.submit(
+                    save_npy_atomic,
+                    self.embed_dir / EMBEDDING_TYPES[name].speaker_file.format(spk),
+                    embedding,
+                )
+            )
             self.tables[name].append(embedding)
         self.settle()
         fault_point("comb_embs.speaker")
@@ -180,15 +186,22 @@ class TreePacker:
             if rows != len(self.builder.norms):  # the listing and the reads disagree
                 raise UserError(f"{self.embed_dir}: the files changed while they were read; run again")
             tables = {name: np.stack(rows_) for name, rows_ in self.tables.items()}
-            hashes = [*(self.hashes[name] for name in sources.names[:-len(SIDE_FILES)]),
-                      *side_hashes(self.embed_dir, SIDE_FILES)]
-            return self.builder.finish(self.keys, self.speakers, np.concatenate(self.speaker_of), tables,
-                                       {"source": str(self.embed_dir), "source_kind": "tree"},
-                                       side_dir=self.embed_dir, sources=(sources, np.array(hashes, np.int64)))
+            hashes = [
+                *(self.hashes[name] for name in sources.names[: -len(SIDE_FILES)]),
+                *side_hashes(self.embed_dir, SIDE_FILES),
+            ]
+            return self.builder.finish(
+                self.keys,
+                self.speakers,
+                np.concatenate(self.speaker_of),
+                tables,
+                {"source": str(self.embed_dir), "source_kind": "tree"},
+                side_dir=self.embed_dir,
+                sources=(sources, np.array(hashes, np.int64)),
+            )
 
 
-def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
-            dtype: str = STORE_DTYPE) -> int:
+def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False, dtype: str = STORE_DTYPE) -> int:
     """Write the B and C files of every speaker folder (and, with `pack`, the packed store of the
     tree); a .scp is packed with its speaker embeddings. Returns the number of speakers."""
     embed_dir = Path(embed_dir)
@@ -197,7 +210,7 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
     folders = tree_speakers(embed_dir)
     sources = tree_sources(embed_dir)  # stamped before reading: a file changed later is seen
     files_of: dict[str, list[str]] = {folder.name: [] for folder in folders}
-    for name in sources.names[:-len(SIDE_FILES)]:
+    for name in sources.names[: -len(SIDE_FILES)]:
         files_of[name.split("/", 1)[0]].append(name)
     listing = [(folder, sorted_files(files_of[folder.name])) for folder in folders]
     for folder, rels in listing:
@@ -205,18 +218,26 @@ def combine(embed_dir: Path, threads: int = THREADS, pack: bool = False,
             log.warning("%s: no utterance embeddings, skipped", folder)
     listing = [(folder, rels) for folder, rels in listing if rels]
     total = sum(len(rels) for _, rels in listing)
-    chunks = [(k, rels[start:start + CHUNK]) for k, (_, rels) in enumerate(listing)
-              for start in range(0, len(rels), CHUNK)]
+    chunks = [
+        (k, rels[start : start + CHUNK])
+        for k, (_, rels) in enumerate(listing)
+        for start in range(0, len(rels), CHUNK)
+    ]
     means: list[np.ndarray] = []
     root = str(embed_dir)
     first = os.path.join(root, listing[0][1][0]) if listing else ""
     dim = read_embedding(first, finite=False).shape[-1] if listing else 0  # every file's, as the first's
-    with ThreadPoolExecutor(max(1, threads)) as pool, \
-            tqdm(total=total, desc="reading embeddings", unit="file", unit_scale=True) as bar:
+    with (
+        ThreadPoolExecutor(max(1, threads)) as pool,
+        tqdm(total=total, desc="reading embeddings", unit="file", unit_scale=True) as bar,
+    ):
         packer = TreePacker(embed_dir, pack, dtype, pool)
-        results = ordered_map(pool, lambda chunk: read_chunk([os.path.join(root, rel) for rel in chunk[1]],
-                                                             dim, first),
-                              chunks, window=4 * max(1, threads))
+        results = ordered_map(
+            pool,
+            lambda chunk: read_chunk([os.path.join(root, rel) for rel in chunk[1]], dim, first),
+            chunks,
+            window=4 * max(1, threads),
+        )
         for (k, chunk), chunk_means in zip(chunks, results, strict=True):
             means.append(chunk_means)
             bar.update(len(chunk))
@@ -248,8 +269,10 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
     dim = len(crop_mean(source.read(entries[order[0]][0])))
     tables = {name: np.empty((len(speakers), dim), np.float32) for name in EMBEDDING_TYPES}
     bounds = np.searchsorted(speaker_of, np.arange(len(speakers) + 1))
-    with StoreBuilder(store_path_of(scp), len(keys), dim, dtype) as builder, \
-            tqdm(total=len(keys), desc="reading embeddings", unit="file", unit_scale=True) as bar:
+    with (
+        StoreBuilder(store_path_of(scp), len(keys), dim, dtype) as builder,
+        tqdm(total=len(keys), desc="reading embeddings", unit="file", unit_scale=True) as bar,
+    ):
         for s in range(len(speakers)):
             rows = range(int(bounds[s]), int(bounds[s + 1]))
             means = np.empty((len(rows), dim), np.float64)
@@ -260,11 +283,20 @@ def pack_scp(scp: Path, dtype: str = STORE_DTYPE) -> int:
             for name, table in tables.items():
                 table[s] = combine_speaker(means, name)
             bar.update(len(rows))
-        hashes = [file_hash(scp), *arks.values(lambda k: scp_mean(scp, source, entries[k][0], dim)),
-                  *side_hashes(scp.parent, KALDI_SIDE_FILES)]
-        store = builder.finish([keys[k] for k in order], speakers, speaker_of, tables,
-                               {"source": str(scp), "source_kind": "kaldi"}, side_dir=scp.parent,
-                               sources=(sources, np.array(hashes, np.int64)))
+        hashes = [
+            file_hash(scp),
+            *arks.values(lambda k: scp_mean(scp, source, entries[k][0], dim)),
+            *side_hashes(scp.parent, KALDI_SIDE_FILES),
+        ]
+        store = builder.finish(
+            [keys[k] for k in order],
+            speakers,
+            speaker_of,
+            tables,
+            {"source": str(scp), "source_kind": "kaldi"},
+            side_dir=scp.parent,
+            sources=(sources, np.array(hashes, np.int64)),
+        )
     log.info("packed %d utterances of %d speakers into %s", len(keys), len(speakers), store)
     return len(speakers)
 
@@ -323,8 +355,9 @@ def written_names(embed_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
     check_options(args, OPTIONS)

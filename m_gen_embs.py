@@ -115,8 +115,9 @@ def find_audio(root: Path) -> list[Path]:
             dirs.clear()
             continue
         visited.add(real)
-        found += [Path(folder, name).relative_to(root) for name in files
-                  if name.lower().endswith(AUDIO_SUFFIXES)]
+        found += [
+            Path(folder, name).relative_to(root) for name in files if name.lower().endswith(AUDIO_SUFFIXES)
+        ]
     return sorted(found, key=Path.as_posix)
 
 
@@ -255,7 +256,7 @@ def make_crops(audio: np.ndarray, eval_frames: int, num_eval: int) -> np.ndarray
     if len(audio) <= crop:
         audio = np.pad(audio, (0, crop - len(audio) + 1), mode="wrap")
     starts = crop_starts(len(audio), crop, num_eval)
-    return np.stack([audio[start:start + crop] for start in starts]).astype(np.float32)
+    return np.stack([audio[start : start + crop] for start in starts]).astype(np.float32)
 
 
 @dataclass
@@ -287,7 +288,7 @@ class CropDataset(Dataset):
         except AudioError as err:
             return Item(index, error=str(err))
         if self.keep is not None:
-            audio = audio[:self.keep]
+            audio = audio[: self.keep]
         crops = torch.from_numpy(make_crops(audio, self.eval_frames, self.num_eval))
         return Item(index, crops, source_rate=rate, seconds=len(audio) / SAMPLE_RATE)
 
@@ -310,15 +311,19 @@ def update_utt2dur(embed_dir: Path, known: dict[str, float], new: dict[str, floa
         write_text_atomic(path, text)
 
 
-def skipped_durations(job: Job, skipped: list[Path], known: dict[str, float],
-                      show: bool = True) -> dict[str, float]:
+def skipped_durations(
+    job: Job, skipped: list[Path], known: dict[str, float], show: bool = True
+) -> dict[str, float]:
     """Durations of files embedded by an earlier run that utt2dur lacks (a run from before utt2dur, or
     one that was interrupted), from their headers or decoded; a file that cannot be read gets none.
     `show`: a progress bar."""
     missing = [rel for rel in skipped if utt_key(rel) not in known]
     if missing:
-        log.info("reading the durations of %d file(s) embedded earlier and missing from %s", len(missing),
-                 job.embed_dir / UTT2DUR)
+        log.info(
+            "reading the durations of %d file(s) embedded earlier and missing from %s",
+            len(missing),
+            job.embed_dir / UTT2DUR,
+        )
     keep = max_samples(job.max_seconds)
     limit = math.inf if keep is None else keep / SAMPLE_RATE
     durations = {}
@@ -367,8 +372,12 @@ def git_commit(root: Path = REPO) -> str | None:
     if not (root / ".git").exists():
         return None
     try:
-        result = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     commit = result.stdout.strip()
@@ -377,11 +386,18 @@ def git_commit(root: Path = REPO) -> str | None:
 
 def make_manifest(args: argparse.Namespace, checkpoint: Path | None) -> dict[str, Any]:
     """What made the embeddings of this run (`args.mixedprec`: what runs, after the CPU check)."""
-    return {"extractor": args.model, "checkpoint": None if checkpoint is None else str(checkpoint),
-            "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint),
-            "eval_frames": args.eval_frames, "num_eval": args.num_eval, "sample_rate": SAMPLE_RATE,
-            "max_seconds": args.max_seconds, "mixedprec": args.mixedprec, "git_commit": git_commit(),
-            "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    return {
+        "extractor": args.model,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint),
+        "eval_frames": args.eval_frames,
+        "num_eval": args.num_eval,
+        "sample_rate": SAMPLE_RATE,
+        "max_seconds": args.max_seconds,
+        "mixedprec": args.mixedprec,
+        "git_commit": git_commit(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def check_manifest(embed_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
@@ -391,18 +407,28 @@ def check_manifest(embed_dir: Path, manifest: dict[str, Any], overwrite: bool) -
     existing = read_manifest(path)
     if existing is None:
         return
-    differ = [f"{key} {existing.get(key)!r} (this run: {manifest[key]!r})" for key in SAME_SETTINGS
-              if existing.get(key) != manifest[key]]
+    differ = [
+        f"{key} {existing.get(key)!r} (this run: {manifest[key]!r})"
+        for key in SAME_SETTINGS
+        if existing.get(key) != manifest[key]
+    ]
     if differ and not overwrite:
-        raise UserError(f"{path}: the embeddings in {embed_dir} were made with other settings: "
-                        f"{'; '.join(differ)}. Use another --embed_dir, or --overwrite to recompute them all")
+        raise UserError(
+            f"{path}: the embeddings in {embed_dir} were made with other settings: "
+            f"{'; '.join(differ)}. Use another --embed_dir, or --overwrite to recompute them all"
+        )
     if differ:
         log.warning("%s: other settings (%s); --overwrite recomputes every file", path, "; ".join(differ))
     elif not overwrite:
         for key in ("mixedprec", "git_commit"):
             if existing.get(key) != manifest[key]:
-                log.info("%s: %s %r, this run %r; the manifest keeps the run that began the tree", path, key,
-                         existing.get(key), manifest[key])
+                log.info(
+                    "%s: %s %r, this run %r; the manifest keeps the run that began the tree",
+                    path,
+                    key,
+                    existing.get(key),
+                    manifest[key],
+                )
 
 
 def write_manifest(embed_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
@@ -439,12 +465,20 @@ class Job:
     manifest: dict[str, Any] | None = None  # written by rank 0 before it starts (None: not written)
 
     @classmethod
-    def from_options(cls, args: argparse.Namespace, files: list[Path],
-                     manifest: dict[str, Any] | None = None) -> Job:
+    def from_options(
+        cls, args: argparse.Namespace, files: list[Path], manifest: dict[str, Any] | None = None
+    ) -> Job:
         """The job of the parsed options `args` (each field from the option of its name)."""
         values = {field.name: getattr(args, field.name) for field in fields(cls) if hasattr(args, field.name)}
-        return cls(**{**values, "db_path": Path(args.db_path), "embed_dir": Path(args.embed_dir),
-                      "files": tuple(files), "manifest": manifest})
+        return cls(
+            **{
+                **values,
+                "db_path": Path(args.db_path),
+                "embed_dir": Path(args.embed_dir),
+                "files": tuple(files),
+                "manifest": manifest,
+            }
+        )
 
 
 def keep_freed_memory() -> bool:
@@ -460,11 +494,12 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def batch_size_for(requested: int, device: torch.device, eval_frames: int, num_eval: int,
-                   mixedprec: bool = False) -> int:
+def batch_size_for(
+    requested: int, device: torch.device, eval_frames: int, num_eval: int, mixedprec: bool = False
+) -> int:
     """Utterances per forward pass: --batch_size, or where it is 0 the measured best for the device."""
     if requested:
         return requested
@@ -484,8 +519,9 @@ def workers_for(requested: int | None, device: torch.device, world_size: int = 1
     return min(CPU_WORKERS, cores)
 
 
-def embed_batch(model: nn.Module, items: list[Item], device: torch.device,
-                mixedprec: bool = False) -> np.ndarray:
+def embed_batch(
+    model: nn.Module, items: list[Item], device: torch.device, mixedprec: bool = False
+) -> np.ndarray:
     """All crops of `items` in one forward pass -> (len(items), num_eval, D) float32; with `mixedprec`
     under bfloat16 autocast (the extractors keep their front ends, and GE2E its LSTM, in float32)."""
     crops = torch.cat([item.crops for item in items]).to(device)  # type: ignore[misc]  # decoded items only
@@ -511,17 +547,24 @@ def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> 
     setup_logging()
     if ctx.is_main and job.manifest is not None:
         write_manifest(job.embed_dir, job.manifest, job.overwrite)
-    shard = job.files[ctx.rank::ctx.world_size]
+    shard = job.files[ctx.rank :: ctx.world_size]
     todo = [rel for rel in shard if job.overwrite or not output_path(job.embed_dir, rel).exists()]
     who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.distributed else ""
-    log.info("%s%d file(s), %d already done, %d to extract", who, len(shard), len(shard) - len(todo),
-             len(todo))
+    log.info(
+        "%s%d file(s), %d already done, %d to extract", who, len(shard), len(shard) - len(todo), len(todo)
+    )
     started = time.perf_counter()
     durations, failures = embed_files(ctx, job, model, todo)
     elapsed = time.perf_counter() - started
-    log.info("%swrote %d embedding file(s) in %.1f s (%.2f utt/s), skipped %d already present, %d failed",
-             who, len(durations), elapsed, len(durations) / max(elapsed, 1e-9), len(shard) - len(todo),
-             len(failures))
+    log.info(
+        "%swrote %d embedding file(s) in %.1f s (%.2f utt/s), skipped %d already present, %d failed",
+        who,
+        len(durations),
+        elapsed,
+        len(durations) / max(elapsed, 1e-9),
+        len(shard) - len(todo),
+        len(failures),
+    )
     for failed, reason in failures.items():
         log.error("failed: %s: %s", failed, reason)
     with failed_total.get_lock():
@@ -536,8 +579,9 @@ def extract(ctx: DistContext, job: Job, model: nn.Module, failed_total: Any) -> 
         update_failed_list(job.embed_dir, failures)
 
 
-def embed_files(ctx: DistContext, job: Job, model: nn.Module,
-                todo: list[Path]) -> tuple[dict[str, float], dict[str, str]]:
+def embed_files(
+    ctx: DistContext, job: Job, model: nn.Module, todo: list[Path]
+) -> tuple[dict[str, float], dict[str, str]]:
     """Embed and write the files `todo`: the seconds of audio each written embedding saw (by utt key),
     and why each file that could not be read failed (by its path)."""
     device = resolve_device(job.device, ctx.local_rank)
@@ -546,15 +590,22 @@ def embed_files(ctx: DistContext, job: Job, model: nn.Module,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
     model = model.to(device).eval()
     batch_size = batch_size_for(job.batch_size, device, job.eval_frames, job.num_eval, job.mixedprec)
-    dataset = CropDataset([job.db_path / rel for rel in todo], job.eval_frames, job.num_eval,
-                          max_samples(job.max_seconds))
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list,
-                        num_workers=workers_for(job.nDataLoaderThread, device, ctx.world_size))
+    dataset = CropDataset(
+        [job.db_path / rel for rel in todo], job.eval_frames, job.num_eval, max_samples(job.max_seconds)
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=list,
+        num_workers=workers_for(job.nDataLoaderThread, device, ctx.world_size),
+    )
     durations: dict[str, float] = {}
     failures: dict[str, str] = {}
     rates_seen = {SAMPLE_RATE}
-    with torch.inference_mode(), tqdm(total=len(todo), unit="utt", disable=not ctx.is_main or not todo,
-                                      dynamic_ncols=True) as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(todo), unit="utt", disable=not ctx.is_main or not todo, dynamic_ncols=True) as bar,
+    ):
         for batch in loader:
             good = [item for item in batch if item.error is None]
             for item in batch:
@@ -563,8 +614,12 @@ def embed_files(ctx: DistContext, job: Job, model: nn.Module,
                     log.warning("skipped %s: %s", job.db_path / todo[item.index], item.error)
                 elif item.source_rate not in rates_seen:
                     rates_seen.add(item.source_rate)
-                    log.info("resampling %d Hz audio to %d Hz (first: %s)", item.source_rate, SAMPLE_RATE,
-                             todo[item.index])
+                    log.info(
+                        "resampling %d Hz audio to %d Hz (first: %s)",
+                        item.source_rate,
+                        SAMPLE_RATE,
+                        todo[item.index],
+                    )
             if good:
                 embeddings = embed_batch(model, good, device, job.mixedprec)
                 for item, embedding in zip(good, embeddings, strict=True):
@@ -582,28 +637,37 @@ def embed_files(ctx: DistContext, job: Job, model: nn.Module,
 OPTIONS: Options = {
     "db_path": Option(DB_PATH, str, "audio tree (default %(default)s)"),
     "embed_dir": Option(
-        EMBED_DIR, str, "embedding tree, with utt2dur and manifest.json (default %(default)s)"),
+        EMBED_DIR, str, "embedding tree, with utt2dur and manifest.json (default %(default)s)"
+    ),
     "model": Option(
-        DEFAULT_EXTRACTOR, str, f"extractor: {', '.join(sorted(EXTRACTORS))} (default %(default)s)"),
+        DEFAULT_EXTRACTOR, str, f"extractor: {', '.join(sorted(EXTRACTORS))} (default %(default)s)"
+    ),
     "initial_model": Option(
-        None, str, "weights file (e.g. baseline_v2_ap.model); default: the extractor's own"),
+        None, str, "weights file (e.g. baseline_v2_ap.model); default: the extractor's own"
+    ),
     "random_init": Option(False, bool, "untrained weights (for tests)"),
     "eval_frames": Option(400, int, "crop length in 10 ms frames", bounds=(1, None)),
     "num_eval": Option(10, int, "crops (embeddings) per utterance", bounds=(1, None)),
     "max_seconds": Option(
-        None, float, "embed only the first this many seconds of each file (short test sets)"),
+        None, float, "embed only the first this many seconds of each file (short test sets)"
+    ),
     "batch_size": Option(0, int, "utterances per forward pass; 0: chosen for the device", bounds=(0, None)),
     "nDataLoaderThread": Option(
-        None, int, f"audio decoding worker processes (default: {CPU_WORKERS} on a CPU; on "
-        f"a GPU machine its cores less one, at most {MAX_CUDA_WORKERS})", bounds=(0, None)),
+        None,
+        int,
+        f"audio decoding worker processes (default: {CPU_WORKERS} on a CPU; on "
+        f"a GPU machine its cores less one, at most {MAX_CUDA_WORKERS})",
+        bounds=(0, None),
+    ),
     "overwrite": Option(False, bool, "recompute files that already exist, whatever settings made them"),
     **HARDWARE_OPTIONS,
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
     check_options(args, OPTIONS)
@@ -622,8 +686,10 @@ def mixed_precision(asked: bool, device: torch.device) -> bool:
     if bf16_is_native(device):
         log.info("--mixedprec on a CPU: bfloat16 autocast (this CPU has bfloat16 instructions)")
         return True
-    log.info("--mixedprec: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where bfloat16 is "
-             "emulated and many times slower; running float32")
+    log.info(
+        "--mixedprec: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where bfloat16 is "
+        "emulated and many times slower; running float32"
+    )
     return False
 
 
@@ -641,8 +707,17 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{db_path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) below it")
     check_unique_outputs(files)
     first = "" if args.max_seconds is None else f", the first {args.max_seconds:g} s of each file"
-    log.info("%s: %d audio file(s) -> %s, extractor %s (%d-dim), %d crop(s) of %d frames%s", db_path,
-             len(files), embed_dir, args.model, model.embed_dim, args.num_eval, args.eval_frames, first)
+    log.info(
+        "%s: %d audio file(s) -> %s, extractor %s (%d-dim), %d crop(s) of %d frames%s",
+        db_path,
+        len(files),
+        embed_dir,
+        args.model,
+        model.embed_dim,
+        args.num_eval,
+        args.eval_frames,
+        first,
+    )
     job = Job.from_options(args, files, make_manifest(args, checkpoint))
     failed_total = torch.multiprocessing.get_context("spawn").Value("i", 0)
     try:
@@ -653,12 +728,20 @@ def main(argv: list[str] | None = None) -> int:
         check_tree(job)
         folders = {embed_dir} | {output_path(embed_dir, rel).parent for rel in files}
         clear_leftovers(sorted(folders), WRITTEN_NAMES, embed_dir)
-        launch(extract, (job, model, failed_total), distributed=args.distributed, device=args.device,
-               nprocs=args.nprocs, port=args.port)
+        launch(
+            extract,
+            (job, model, failed_total),
+            distributed=args.distributed,
+            device=args.device,
+            nprocs=args.nprocs,
+            port=args.port,
+        )
     if failed_total.value:
-        raise FailedFiles(f"{failed_total.value} audio file(s) could not be read (the log above says why) "
-                          f"and have no embedding; {embed_dir / FAILED_LIST} lists them. Every other file "
-                          "is embedded: a run after they are fixed or removed embeds only them")
+        raise FailedFiles(
+            f"{failed_total.value} audio file(s) could not be read (the log above says why) "
+            f"and have no embedding; {embed_dir / FAILED_LIST} lists them. Every other file "
+            "is embedded: a run after they are fixed or removed embeds only them"
+        )
     return 0
 
 
@@ -668,10 +751,17 @@ def check_tree(job: Job) -> None:
     if job.manifest is not None:
         check_manifest(job.embed_dir, job.manifest, job.overwrite)
     read_utt2dur(job.embed_dir / UTT2DUR)
-    if (not (job.embed_dir / MANIFEST).exists() and not job.overwrite
-            and any(output_path(job.embed_dir, rel).exists() for rel in job.files)):
-        log.warning("%s: embeddings made before manifests are kept; %s records this run's settings, which "
-                    "they are assumed to share (--overwrite recomputes them)", job.embed_dir, MANIFEST)
+    if (
+        not (job.embed_dir / MANIFEST).exists()
+        and not job.overwrite
+        and any(output_path(job.embed_dir, rel).exists() for rel in job.files)
+    ):
+        log.warning(
+            "%s: embeddings made before manifests are kept; %s records this run's settings, which "
+            "they are assumed to share (--overwrite recomputes them)",
+            job.embed_dir,
+            MANIFEST,
+        )
 
 
 if __name__ == "__main__":

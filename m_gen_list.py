@@ -38,14 +38,23 @@ SEED = 10
 
 OPTIONS: Options = {
     "embed_dir": Option(
-        EMBED_DIR, str, "embedding store: a tree of .npy files, a Kaldi .scp or a packed .store"),
+        EMBED_DIR, str, "embedding store: a tree of .npy files, a Kaldi .scp or a packed .store"
+    ),
     "filename": Option(FILENAME, str, "NAME of the list files"),
     "list_dir": Option(LIST_DIR, str, "folder of the list files"),
     "seed": Option(SEED, int, "seed of the random choices"),
-    "lists": Option(tuple(LIST_KINDS), list, f"which lists to write ({', '.join(LIST_KINDS)}, or enroll: "
-                    "enrolment models and their trials, see --enroll_utts)"),
-    "enroll_utts": Option(("3",), list, "--lists enroll: utterances K of each model, a pair of files per K; "
-                          "give every K in one call (the largest sets the test utterances of all)"),
+    "lists": Option(
+        tuple(LIST_KINDS),
+        list,
+        f"which lists to write ({', '.join(LIST_KINDS)}, or enroll: "
+        "enrolment models and their trials, see --enroll_utts)",
+    ),
+    "enroll_utts": Option(
+        ("3",),
+        list,
+        "--lists enroll: utterances K of each model, a pair of files per K; "
+        "give every K in one call (the largest sets the test utterances of all)",
+    ),
 }
 ENROLL = "enroll"  # the kind of --lists that writes enrolment models (not a LIST_KINDS list)
 ENROLL_STREAM = 100  # the seed stream of the enrolment lists (LIST_KINDS use their index)
@@ -66,13 +75,17 @@ def tree_paths(embed_dir: Path) -> list[str]:
 
 def corpus_of(paths: list[str], speaker_names: list[str]) -> Corpus:
     """The Corpus of list paths and their speakers, sorted by speaker, then as a tree's paths."""
-    order = sorted(range(len(paths)),
-                   key=lambda i: (speaker_names[i], (store_key(paths[i]) + ".npy").split("/")))
+    order = sorted(
+        range(len(paths)), key=lambda i: (speaker_names[i], (store_key(paths[i]) + ".npy").split("/"))
+    )
     speakers = sorted(set(speaker_names))
     index = {spk: i for i, spk in enumerate(speakers)}
-    return Corpus(paths=[paths[i] for i in order],
-                  speaker=np.array([index[speaker_names[i]] for i in order], np.int64),
-                  category=[key_category(store_key(paths[i])) for i in order], speakers=speakers)
+    return Corpus(
+        paths=[paths[i] for i in order],
+        speaker=np.array([index[speaker_names[i]] for i in order], np.int64),
+        category=[key_category(store_key(paths[i])) for i in order],
+        speakers=speakers,
+    )
 
 
 def scan(embed_dir: Path) -> Corpus:
@@ -91,9 +104,14 @@ def scan(embed_dir: Path) -> Corpus:
     return corpus_of(paths, [key_speaker(path) for path in paths])
 
 
-def make_lists(embed_dir: Path, name: str, list_dir: Path, seed: int,
-               kinds: tuple[str, ...] = tuple(LIST_KINDS),
-               enroll_utts: tuple[int, ...] = (3,)) -> dict[str, Path]:
+def make_lists(
+    embed_dir: Path,
+    name: str,
+    list_dir: Path,
+    seed: int,
+    kinds: tuple[str, ...] = tuple(LIST_KINDS),
+    enroll_utts: tuple[int, ...] = (3,),
+) -> dict[str, Path]:
     """Write the chosen lists; returns their paths (enrolment lists as `enroll<K>` and
     `enroll<K>_test`). Each list draws from its own seeded stream."""
     chosen = [list_kind(kind) for kind in kinds if kind != ENROLL]
@@ -108,16 +126,20 @@ def make_lists(embed_dir: Path, name: str, list_dir: Path, seed: int,
         write_text_atomic(path, "".join(line + "\n" for line in lines))
         written[kind.name] = path
         shortfall = ", ".join(f"{count} {what}" for what, count in missing.items() if count)
-        log.info("%s: %d lines%s", path, len(lines),
-                 f" (could not make {shortfall}: too few utterances or categories)"
-                 if shortfall else "")
+        log.info(
+            "%s: %d lines%s",
+            path,
+            len(lines),
+            f" (could not make {shortfall}: too few utterances or categories)" if shortfall else "",
+        )
     if ENROLL in kinds:
         written |= write_enrolment(corpus, name, list_dir, seed, enroll_utts)
     return written
 
 
-def write_enrolment(corpus: Corpus, name: str, list_dir: Path, seed: int,
-                    sizes: tuple[int, ...]) -> dict[str, Path]:
+def write_enrolment(
+    corpus: Corpus, name: str, list_dir: Path, seed: int, sizes: tuple[int, ...]
+) -> dict[str, Path]:
     """Per K of `sizes`, <name>_enroll<K>.spk2utt and <name>_enroll<K>_test_list.txt (models
     `<spk>-enroll<K>`); every K has the same test utterances and trials."""
     if not sizes or min(sizes) < 1:
@@ -125,8 +147,10 @@ def write_enrolment(corpus: Corpus, name: str, list_dir: Path, seed: int,
     rng = np.random.default_rng([seed, ENROLL_STREAM])
     pools, tests = enrolment_pools(corpus, max(sizes), rng)
     if not pools:
-        raise UserError(f"{name}: no speaker has {max(sizes)} utterances in some of its categories "
-                        "(videos) and another category left to test on (--enroll_utts)")
+        raise UserError(
+            f"{name}: no speaker has {max(sizes)} utterances in some of its categories "
+            "(videos) and another category left to test on (--enroll_utts)"
+        )
     trials = enrolment_trials(tests, rng)
     written = {}
     for size in sizes:
@@ -137,13 +161,19 @@ def write_enrolment(corpus: Corpus, name: str, list_dir: Path, seed: int,
             path = list_dir / f"{name}_enroll{size}{suffix}"
             write_text_atomic(path, "".join(line + "\n" for line in text))
             written[f"enroll{size}" + ("_test" if suffix.endswith(".txt") else "")] = path
-        log.info("%s: %d models of %d utterances, %d trials", list_dir / f"{name}_enroll{size}.spk2utt",
-                 len(pools), size, len(lines))
+        log.info(
+            "%s: %d models of %d utterances, %d trials",
+            list_dir / f"{name}_enroll{size}.spk2utt",
+            len(pools),
+            size,
+            len(lines),
+        )
     return written
 
 
-def enrolment_pools(corpus: Corpus, largest: int, rng: np.random.Generator
-                    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def enrolment_pools(
+    corpus: Corpus, largest: int, rng: np.random.Generator
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Per speaker that can have one: its enrolment pool, `largest` utterances from as few
     categories (videos) as possible, in the order models take them (a model of K utterances is
     the first K, so from the fewest categories too), and its test utterances, those of the
@@ -168,8 +198,13 @@ def enrolment_pools(corpus: Corpus, largest: int, rng: np.random.Generator
         pools[spk] = pool[:largest]
         tests[spk] = [path for category in categories for path in by_category[category]]
     if left_out:
-        log.info("enrolment: %d of %d speakers left out (no %d of their utterances leave one of their "
-                 "categories for tests)", left_out, len(corpus.speakers), largest)
+        log.info(
+            "enrolment: %d of %d speakers left out (no %d of their utterances leave one of their "
+            "categories for tests)",
+            left_out,
+            len(corpus.speakers),
+            largest,
+        )
     return pools, tests
 
 
@@ -193,8 +228,14 @@ def main(argv: list[str] | None = None) -> None:
     add_options(parser, OPTIONS)
     args = parser.parse_args(argv)
     setup_logging()
-    make_lists(Path(args.embed_dir), args.filename, Path(args.list_dir), args.seed,
-               tuple(args.lists), enrollment_sizes(args.enroll_utts))
+    make_lists(
+        Path(args.embed_dir),
+        args.filename,
+        Path(args.list_dir),
+        args.seed,
+        tuple(args.lists),
+        enrollment_sizes(args.enroll_utts),
+    )
 
 
 def enrollment_sizes(values: list[str]) -> tuple[int, ...]:

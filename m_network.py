@@ -71,8 +71,9 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, **extra)
 
 
-def make_scheduler(name: str, optimizer: torch.optim.Optimizer, test_interval: int,
-                   lr_decay: float, max_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, test_interval: int, lr_decay: float, max_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per epoch. steplr: x lr_decay every test_interval epochs."""
     if name == "steplr":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=test_interval, gamma=lr_decay)
@@ -117,10 +118,21 @@ def clear_gradients(optimizer: torch.optim.Optimizer, device: torch.device) -> N
 class Trainer:
     """Trains a SpeakerNet, alone or as one rank of a DistributedDataParallel group."""
 
-    def __init__(self, net: SpeakerNet, device: torch.device, ctx: DistContext = SINGLE, *,
-                 optimizer: str = "adam", scheduler: str = "steplr", lr: float = 1e-3,
-                 lr_decay: float = 0.95, weight_decay: float = 0.0, test_interval: int = 5,
-                 max_epoch: int = 100, mixedprec: bool = False):
+    def __init__(
+        self,
+        net: SpeakerNet,
+        device: torch.device,
+        ctx: DistContext = SINGLE,
+        *,
+        optimizer: str = "adam",
+        scheduler: str = "steplr",
+        lr: float = 1e-3,
+        lr_decay: float = 0.95,
+        weight_decay: float = 0.0,
+        test_interval: int = 5,
+        max_epoch: int = 100,
+        mixedprec: bool = False,
+    ):
         self.net = net.to(device)
         self.device = device
         self.ctx = ctx
@@ -129,8 +141,7 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(net, device_ids=ids)
         self.optimizer = make_optimizer(optimizer, self.net.parameters(), lr, weight_decay)
-        self.scheduler = make_scheduler(scheduler, self.optimizer, test_interval, lr_decay,
-                                        max_epoch)
+        self.scheduler = make_scheduler(scheduler, self.optimizer, test_interval, lr_decay, max_epoch)
         self.mixedprec = mixedprec and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.mixedprec)
         self.loaded_original = False  # the last checkpoint loaded: one of the original repository
@@ -150,8 +161,13 @@ class Trainer:
         self.module.train()
         # Summed on the device: reading the loss back every step would stall a GPU once a step.
         loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        bar = tqdm(data.batches(epoch, sampling, self.ctx), desc=f"epoch {epoch}", unit="step",
-                   leave=False, disable=not self.ctx.is_main)
+        bar = tqdm(
+            data.batches(epoch, sampling, self.ctx),
+            desc=f"epoch {epoch}",
+            unit="step",
+            leave=False,
+            disable=not self.ctx.is_main,
+        )
         for step, batch in enumerate(bar, start=1):
             clear_gradients(self.optimizer, self.device)
             with self._autocast():
@@ -193,9 +209,11 @@ class Trainer:
         terms = dict(zip(loss.terms, means[:-1], strict=True))
         defined = [value for value in terms.values() if value is not None]
         accuracy = means[-1] if means[-1] is not None else float("nan")
-        return Validation(loss=sum(defined) if defined else float("nan"),
-                          accuracy=accuracy if loss.reports_accuracy else NO_ACCURACY,
-                          left_out=[name for name, value in terms.items() if value is None])
+        return Validation(
+            loss=sum(defined) if defined else float("nan"),
+            accuracy=accuracy if loss.reports_accuracy else NO_ACCURACY,
+            left_out=[name for name, value in terms.items() if value is None],
+        )
 
     @torch.no_grad()
     def enhance(self, embeddings: np.ndarray, chunk: int = 65_536) -> np.ndarray:
@@ -203,17 +221,19 @@ class Trainer:
         self.net.eval()
         parts = np.array_split(np.arange(len(embeddings)), self.ctx.world_size)
         mine = parts[self.ctx.rank]
-        rows = [self.net.enhance(torch.as_tensor(embeddings[mine[i:i + chunk]], device=self.device))
-                .float() for i in range(0, len(mine), chunk)]
+        rows = [
+            self.net.enhance(torch.as_tensor(embeddings[mine[i : i + chunk]], device=self.device)).float()
+            for i in range(0, len(mine), chunk)
+        ]
         local = torch.cat(rows) if rows else torch.zeros((0, embeddings.shape[1]), device=self.device)
         if not self.ctx.distributed:
             return local.cpu().numpy()
         longest = max(len(p) for p in parts)
         padded = torch.zeros((longest, local.shape[1]), device=self.device)
-        padded[:len(local)] = local
+        padded[: len(local)] = local
         gathered = [torch.empty_like(padded) for _ in range(self.ctx.world_size)]
         dist.all_gather(gathered, padded)
-        return torch.cat([g[:len(p)] for g, p in zip(gathered, parts, strict=True)]).cpu().numpy()
+        return torch.cat([g[: len(p)] for g, p in zip(gathered, parts, strict=True)]).cpu().numpy()
 
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         if not self.ctx.distributed:
@@ -225,10 +245,14 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self, path: str | Path, epoch: int, extra: dict | None = None) -> None:
-        state = {"epoch": epoch, "network": self.net.state_dict(),
-                 "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), **(extra or {})}
+        state = {
+            "epoch": epoch,
+            "network": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            **(extra or {}),
+        }
         torch_save_atomic(state, path)
 
     def load(self, path: str | Path, weights_only: bool = False) -> int:
@@ -243,12 +267,16 @@ class Trainer:
             load_network(self.net, original_network_state(checkpoint, self.net, path), path)
             match = CHECKPOINT_PATTERN.match(Path(path).name)
             if not weights_only:
-                log.info("%s: a checkpoint of the original repository; the optimiser and scheduler "
-                         "start afresh", path)
+                log.info(
+                    "%s: a checkpoint of the original repository; the optimiser and scheduler start afresh",
+                    path,
+                )
             return int(match.group(1)) if match else 0
         else:
-            raise UserError(f"{path}: neither a checkpoint of this project (no 'network' entry) nor "
-                            "one of the original repository (no __S__.* weights)")
+            raise UserError(
+                f"{path}: neither a checkpoint of this project (no 'network' entry) nor "
+                "one of the original repository (no __S__.* weights)"
+            )
         if weights_only:
             return 0
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -264,8 +292,12 @@ def load_network(net: SpeakerNet, state: dict, path: str | Path, trained: dict |
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        hint = (f"it was trained with model {trained.get('model')}, loss "
-                f"{trained.get('trainfunc')}, nOut {trained.get('nOut')}; " if trained else "")
+        hint = (
+            f"it was trained with model {trained.get('model')}, loss "
+            f"{trained.get('trainfunc')}, nOut {trained.get('nOut')}; "
+            if trained
+            else ""
+        )
         detail = " ".join(str(err).split())[:300]
         raise UserError(f"{path}: does not fit this model/loss ({hint}{detail})") from None
 
@@ -282,12 +314,17 @@ def original_network_state(checkpoint: dict, net: SpeakerNet, path: str | Path) 
     ours, dim = list(linear), next(iter(linear.values())).in_features
     theirs = sorted({int(match.group(1)) for key in checkpoint if (match := ORIGINAL_LAYER.match(key))})
     if theirs != list(range(1, len(ours) + 1)):
-        raise UserError(f"{path}: an original checkpoint with linear layers "
-                        f"{', '.join(f'l{n}' for n in theirs) or 'none'}; {model_name} has {len(ours)} "
-                        f"(l1..l{len(ours)}): set `model` to the one it was trained with")
+        raise UserError(
+            f"{path}: an original checkpoint with linear layers "
+            f"{', '.join(f'l{n}' for n in theirs) or 'none'}; {model_name} has {len(ours)} "
+            f"(l1..l{len(ours)}): set `model` to the one it was trained with"
+        )
     state = net.state_dict()
-    pairs = [(f"{SPEAKER_PREFIX}l{number}.{part}", f"model.{name}.{part}")
-             for number, name in zip(theirs, ours, strict=True) for part in ("weight", "bias")]
+    pairs = [
+        (f"{SPEAKER_PREFIX}l{number}.{part}", f"model.{name}.{part}")
+        for number, name in zip(theirs, ours, strict=True)
+        for part in ("weight", "bias")
+    ]
     if "loss.fc.weight" in state:
         if all(key in checkpoint for key in CLASSIFIER_KEYS.values()):
             pairs += [(key, f"loss.fc.{part}") for part, key in CLASSIFIER_KEYS.items()]
@@ -298,8 +335,10 @@ def original_network_state(checkpoint: dict, net: SpeakerNet, path: str | Path) 
             raise UserError(f"{path}: '{theirs_key}' is missing")
         found, needed = tuple(checkpoint[theirs_key].shape), tuple(state[our_key].shape)
         if found != needed:
-            raise UserError(f"{path}: '{theirs_key}' has shape {found}, {model_name} "
-                            f"(nOut {dim}) needs {needed} for {our_key}")
+            raise UserError(
+                f"{path}: '{theirs_key}' has shape {found}, {model_name} "
+                f"(nOut {dim}) needs {needed} for {our_key}"
+            )
         state[our_key] = checkpoint[theirs_key]
     unused = sorted(set(checkpoint) - {key for key, _ in pairs})
     if unused:
@@ -316,8 +355,17 @@ TRAIN_FIELDS = ("Epoch", "TLOSS", "LR")
 VAL_PREFIX = "--Val--"
 VAL_FIELDS_ORIGINAL = ("Epoch", "VLoss", "VEER", "VEER_LIBRI", "Vacc")
 VAL_FIELDS = VAL_FIELDS_ORIGINAL + ("VMINDCF", "VMINDCF_LIBRI")
-FIELD_FORMAT = {"Epoch": "d", "TLOSS": "f", "LR": "f", "VLoss": "f", "VEER": "2.4f",
-                "VEER_LIBRI": "2.4f", "Vacc": "2.4f", "VMINDCF": ".4f", "VMINDCF_LIBRI": ".4f"}
+FIELD_FORMAT = {
+    "Epoch": "d",
+    "TLOSS": "f",
+    "LR": "f",
+    "VLoss": "f",
+    "VEER": "2.4f",
+    "VEER_LIBRI": "2.4f",
+    "Vacc": "2.4f",
+    "VMINDCF": ".4f",
+    "VMINDCF_LIBRI": ".4f",
+}
 NO_ACCURACY = -1.0  # Vacc of a loss without accuracy, as the original repository wrote it
 
 
@@ -325,8 +373,9 @@ def score_line(values: dict[str, float], validation: bool) -> str:
     """One scores.txt line, e.g. `Epoch 3, TLOSS 0.512000, LR 0.001000`."""
     fields = VAL_FIELDS if validation else TRAIN_FIELDS
     # + 0.0 turns -0.0 into 0.0: a signed zero would read as a different value to a reader
-    body = ", ".join(f"{key} {values[key] + (0 if key == 'Epoch' else 0.0):{FIELD_FORMAT[key]}}"
-                     for key in fields)
+    body = ", ".join(
+        f"{key} {values[key] + (0 if key == 'Epoch' else 0.0):{FIELD_FORMAT[key]}}" for key in fields
+    )
     return f"{VAL_PREFIX} {body}" if validation else body
 
 
@@ -342,7 +391,7 @@ def parse_score_line(line: str) -> tuple[bool, dict[str, float]]:
     text = line.strip()
     validation = text.startswith(VAL_PREFIX)
     if validation:
-        text = text[len(VAL_PREFIX):]
+        text = text[len(VAL_PREFIX) :]
     fields = [field.split() for field in text.split(",")]
     keys = tuple(field[0] if field else "" for field in fields)
     allowed = (VAL_FIELDS_ORIGINAL, VAL_FIELDS) if validation else (TRAIN_FIELDS,)

@@ -90,19 +90,24 @@ log = logging.getLogger("m_trainer")
 OPTIONS: Options = {
     "config": Option(None, str, "YAML config file"),
     # Data loader
-    "batch_size": Option(1000, int, "samples per step and process (DA losses: see da_speakers_per_step)",
-                         bounds=(1, None)),
-    "nDataLoaderThread": Option(5, int, "threads that read embedding files (0: the main thread)",
-                                bounds=(0, None)),
+    "batch_size": Option(
+        1000, int, "samples per step and process (DA losses: see da_speakers_per_step)", bounds=(1, None)
+    ),
+    "nDataLoaderThread": Option(
+        5, int, "threads that read embedding files (0: the main thread)", bounds=(0, None)
+    ),
     "seed": Option(10, int, "seed of every random choice"),
-    "max_seg_per_spk": Option(500, int, "utterances per speaker and epoch with nPerSpeaker > 1",
-                              bounds=(1, None)),
+    "max_seg_per_spk": Option(
+        500, int, "utterances per speaker and epoch with nPerSpeaker > 1", bounds=(1, None)
+    ),
     "multiple_embedding_flag": Option(
-        "B", str, "B: avg-norm-avg target, L2 scoring; C: avg-avg-norm, cosine"),
+        "B", str, "B: avg-norm-avg target, L2 scoring; C: avg-avg-norm, cosine"
+    ),
     "triplet": Option(False, bool, "not used: kept so old configs load (the list type follows the loss)"),
     "nPerSpeaker": Option(1, int, "utterances of one speaker grouped in a batch", bounds=(1, None)),
     "da_speakers_per_step": Option(
-        1, int, "speakers per step for the DA losses (the original repository used 1)", bounds=(1, None)),
+        1, int, "speakers per step for the DA losses (the original repository used 1)", bounds=(1, None)
+    ),
     # Training
     "test_interval": Option(5, int, "validate, test and save every this many epochs", bounds=(1, None)),
     "max_epoch": Option(100, int, "epochs to train", bounds=(1, None)),
@@ -117,22 +122,34 @@ OPTIONS: Options = {
     "nClasses": Option(5994, int, "Softmax classes (at least the training speakers)", bounds=(1, None)),
     "sigma": Option(1.0, float, "RBF kernel width of the DA losses"),
     "softmax_init": Option(
-        None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"),
+        None, str, "extractor checkpoint whose __L__.softmax.fc.* start the Softmax layer"
+    ),
     # Scoring (--check and --eval)
     "backends": Option(
-        ("none", "asnorm"), list, "scoring back-ends of --check and --eval: none, mean, asnorm, "
-        "plda, qmf, or chains of them such as mean+asnorm+qmf (none is always scored)"),
+        ("none", "asnorm"),
+        list,
+        "scoring back-ends of --check and --eval: none, mean, asnorm, "
+        "plda, qmf, or chains of them such as mean+asnorm+qmf (none is always scored)",
+    ),
     **BACKEND_OPTIONS,
-    "eer": Option("roc", str, "EER the tables and --check lines show: roc (voxceleb_trainer's, on sklearn's "
-                  "ROC points) or interpolated (WeSpeaker's); check.json records both",
-                  choices=EER_DEFINITIONS),
-    "bootstrap": Option(1000, int, "resamples of the test speakers for the 95 %% intervals of the EER",
-                        bounds=(1, None)),
+    "eer": Option(
+        "roc",
+        str,
+        "EER the tables and --check lines show: roc (voxceleb_trainer's, on sklearn's "
+        "ROC points) or interpolated (WeSpeaker's); check.json records both",
+        choices=EER_DEFINITIONS,
+    ),
+    "bootstrap": Option(
+        1000, int, "resamples of the test speakers for the 95 %% intervals of the EER", bounds=(1, None)
+    ),
     "calib_list": Option(None, str, "trial list over held-out embeddings to calibrate scores on"),
     "calib_path": Option(None, str, "embedding root of calib_list"),
     "result_tag": Option(
-        None, str, "--check/--eval: results saved as check_<tag>.json, trials_<list>_<tag>.npz, "
-        "... so that runs on other test sets (e.g. one per duration) keep each other's"),
+        None,
+        str,
+        "--check/--eval: results saved as check_<tag>.json, trials_<list>_<tag>.npz, "
+        "... so that runs on other test sets (e.g. one per duration) keep each other's",
+    ),
     # Paths
     "initial_model": Option(None, str, "start from (or, with --check/--eval/--generate, use) this model"),
     "save_path": Option(None, str, "experiment folder (default exp_emb/<config name>)"),
@@ -156,31 +173,41 @@ OPTIONS: Options = {
     "gen_path": Option(None, str, "embedding root of gen_list"),
     "gen_target_dir": Option("enhanced", str, "folder under save_path for generated embeddings"),
     "gen_format": Option(
-        None, str, "what --generate writes: tree (one .npy per entry), kaldi (<gen_target_dir>/"
+        None,
+        str,
+        "what --generate writes: tree (one .npy per entry), kaldi (<gen_target_dir>/"
         "xvector.scp + .ark) or packed (<gen_target_dir>.store); default: the kind of gen_path",
-        choices=GEN_FORMATS),
+        choices=GEN_FORMATS,
+    ),
     "restart": Option(
-        None, str, "training a save_path trained with other data or settings: resume (go on with these) "
+        None,
+        str,
+        "training a save_path trained with other data or settings: resume (go on with these) "
         "or new (move its model/ and result/ to <save_path>/earlier/ and start anew)",
-        choices=("resume", "new")),
+        choices=("resume", "new"),
+    ),
     **HARDWARE_OPTIONS,
     "enroll_list": Option(
-        None, str, "spk2utt-style list of the enrolment models test_list's left side names"),
+        None, str, "spk2utt-style list of the enrolment models test_list's left side names"
+    ),
     "enroll_list_libri": Option(None, str, "spk2utt-style list of the enrolment models of test_list_libri"),
     "calib_enroll_list": Option(None, str, "spk2utt-style list of the enrolment models of calib_list"),
     "enroll_path": Option(None, str, "embedding root of enroll_list's utterances (default test_path)"),
     "enroll_path_libri": Option(
-        None, str, "embedding root of enroll_list_libri's utterances (default test_path_libri)"),
+        None, str, "embedding root of enroll_list_libri's utterances (default test_path_libri)"
+    ),
     "calib_enroll_path": Option(
-        None, str, "embedding root of calib_enroll_list's utterances (default calib_path)"),
+        None, str, "embedding root of calib_enroll_list's utterances (default calib_path)"
+    ),
 }
 # Options of the original repository that nothing here uses; setting one says so.
 UNUSED_OPTIONS = ("triplet", "margin", "scale")
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS if suppress_defaults else None
+    )
     add_options(parser, OPTIONS, with_defaults=not suppress_defaults)
     return parser
 
@@ -209,8 +236,9 @@ def check_config_value(path: Path, key: str, value: Any) -> Any:
         ok = isinstance(value, str)
     if not ok:
         kind_name = "list of names" if kind is list else kind.__name__
-        raise UserError(f"{path}: option '{key}' must be of type {kind_name}, "
-                        f"found {type(value).__name__} {value!r}")
+        raise UserError(
+            f"{path}: option '{key}' must be of type {kind_name}, found {type(value).__name__} {value!r}"
+        )
     return kind(value)
 
 
@@ -224,8 +252,7 @@ def read_config(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise UserError(f"{config_path}: a config is a mapping of option: value")
-    return {str(key): check_config_value(config_path, str(key), value)
-            for key, value in loaded.items()}
+    return {str(key): check_config_value(config_path, str(key), value) for key, value in loaded.items()}
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -249,8 +276,9 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     check_names(args, {key: option_source(key, source) for key, source in sources.items()})
     check_hyper_parameters(args, sources)
     for key in sorted(sources.keys() & set(UNUSED_OPTIONS)):
-        log.warning("option '%s' is not used: it is accepted so that the original repository's configs "
-                    "load", key)
+        log.warning(
+            "option '%s' is not used: it is accepted so that the original repository's configs load", key
+        )
     return args
 
 
@@ -289,13 +317,20 @@ def check_hyper_parameters(args: argparse.Namespace, sources: dict[str, str]) ->
     for cls in chosen:
         missing = [name for name in hyper_parameters(cls) if name not in OPTIONS]
         if missing:
-            raise UserError(f"{cls.__name__} takes {', '.join(missing)}, which no option sets: add "
-                            "its row to m_trainer.OPTIONS")
+            raise UserError(
+                f"{cls.__name__} takes {', '.join(missing)}, which no option sets: add "
+                "its row to m_trainer.OPTIONS"
+            )
     taken = {name for cls in chosen for name in hyper_parameters(cls)}
     every = {name for cls in (*MODELS.values(), *LOSSES.values()) for name in hyper_parameters(cls)}
     for name in sorted((every - taken - {"nOut"}) & sources.keys()):
-        log.warning("%s: option '%s' is not used: model %s and loss %s do not take it", sources[name],
-                    name, args.model, args.trainfunc)
+        log.warning(
+            "%s: option '%s' is not used: model %s and loss %s do not take it",
+            sources[name],
+            name,
+            args.model,
+            args.trainfunc,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,15 +341,21 @@ LIST_MAKER = "m_gen_list.py"
 EMBED_MAKER = "m_gen_embs.py and m_comb_embs.py"
 # Every list the trainer reads: its option and the option of its embedding root. The trial lists
 # scored by --check and --eval are scoring.report.TRIAL_LISTS.
-LISTS = {"train": ("train_list", "train_path"), "valid": ("valid_list", "valid_path"),
-         "gen": ("gen_list", "gen_path"), "calib": ("calib_list", "calib_path"),
-         **{trials.key: (trials.list_option, trials.path_option) for trials in TRIAL_LISTS}}
+LISTS = {
+    "train": ("train_list", "train_path"),
+    "valid": ("valid_list", "valid_path"),
+    "gen": ("gen_list", "gen_path"),
+    "calib": ("calib_list", "calib_path"),
+    **{trials.key: (trials.list_option, trials.path_option) for trials in TRIAL_LISTS},
+}
 FIRST_TRIALS, *OTHER_TRIALS = (trials.key for trials in TRIAL_LISTS)
 # Lists each mode needs; `optional` ones are checked when set.
-MODE_LISTS = {"train": {"required": (FIRST_TRIALS, "train"), "optional": (*OTHER_TRIALS, "valid")},
-              "check": {"required": (FIRST_TRIALS,), "optional": (*OTHER_TRIALS, "calib")},
-              "eval": {"required": (FIRST_TRIALS,), "optional": (*OTHER_TRIALS, "calib")},
-              "generate": {"required": ("gen",), "optional": ()}}
+MODE_LISTS = {
+    "train": {"required": (FIRST_TRIALS, "train"), "optional": (*OTHER_TRIALS, "valid")},
+    "check": {"required": (FIRST_TRIALS,), "optional": (*OTHER_TRIALS, "calib")},
+    "eval": {"required": (FIRST_TRIALS,), "optional": (*OTHER_TRIALS, "calib")},
+    "generate": {"required": ("gen",), "optional": ()},
+}
 FLAGGED_MODES = ("check", "eval", "generate")  # modes asked for by their option; else train
 
 
@@ -389,9 +430,13 @@ class Run:
         torch.manual_seed(args.seed)
         self.net = SpeakerNet(**vars(args))
         self.trainer = Trainer(self.net, self.device, ctx, **options_taken(Trainer, vars(args)))
-        self.sampling = Sampling(batch_size=args.batch_size, seed=args.seed, n_per_speaker=args.nPerSpeaker,
-                                 max_seg_per_spk=args.max_seg_per_spk,
-                                 speakers_per_step=args.da_speakers_per_step)
+        self.sampling = Sampling(
+            batch_size=args.batch_size,
+            seed=args.seed,
+            n_per_speaker=args.nPerSpeaker,
+            max_seg_per_spk=args.max_seg_per_spk,
+            speakers_per_step=args.da_speakers_per_step,
+        )
         self.trial_sets: dict[str, TrialSet | ModelTrials] = {}
         self.notes_said: set[str] = set()
         self.model_record: dict[str, Any] | None = None  # the model --check/--eval used
@@ -408,9 +453,16 @@ class Run:
     def load_data(self, name: str, speakers=None) -> EmbeddingData:
         a = self.args
         list_key, path_key = LISTS[name]
-        return EmbeddingData(getattr(a, list_key), getattr(a, path_key), self.loss_kind,
-                             a.multiple_embedding_flag, a.nOut, self.device, speakers,
-                             threads=a.nDataLoaderThread)
+        return EmbeddingData(
+            getattr(a, list_key),
+            getattr(a, path_key),
+            self.loss_kind,
+            a.multiple_embedding_flag,
+            a.nOut,
+            self.device,
+            speakers,
+            threads=a.nDataLoaderThread,
+        )
 
     def trials(self, name: str) -> TrialSet | ModelTrials | None:
         """The trial list `name` (a TRIAL_LISTS key, or calib) with its embeddings, read once;
@@ -425,8 +477,9 @@ class Run:
             a = self.args
             list_path, root = getattr(a, list_key), getattr(a, path_key)
             enrolled = enrolled_trials(a, name, list_path, root)
-            self.trial_sets[name] = (enrolled if enrolled is not None
-                                     else TrialSet(list_path, root, a.nOut, a.nDataLoaderThread))
+            self.trial_sets[name] = (
+                enrolled if enrolled is not None else TrialSet(list_path, root, a.nOut, a.nDataLoaderThread)
+            )
         return self.trial_sets[name]
 
     def load_trained_model(self, required: bool = True) -> bool:
@@ -436,18 +489,25 @@ class Run:
         path = Path(self.args.initial_model) if self.args.initial_model else found.get(max(found, default=0))
         if path is None:
             if required:
-                raise UserError(f"no trained model: {self.model_dir} holds no checkpoint and "
-                                "initial_model is not set")
+                raise UserError(
+                    f"no trained model: {self.model_dir} holds no checkpoint and initial_model is not set"
+                )
             return False
         self.trainer.load(path, weights_only=True)
         self.say("model loaded from %s", path)
         self.model_record = model_record(self.args, path, self.trainer.loaded_original)
         if self.trainer.loaded_original and self.ctx.is_main:
-            log.warning("%s: a checkpoint of the original repository records neither its model nor its "
-                        "loss: assumed model %s (nOut %d, activation %s) and loss %s, which must match its "
-                        "training run (with type B the loss' output normalisation changes the enhanced "
-                        "scores)", path, self.args.model, self.args.nOut, self.args.activation,
-                        self.args.trainfunc)
+            log.warning(
+                "%s: a checkpoint of the original repository records neither its model nor its "
+                "loss: assumed model %s (nOut %d, activation %s) and loss %s, which must match its "
+                "training run (with type B the loss' output normalisation changes the enhanced "
+                "scores)",
+                path,
+                self.args.model,
+                self.args.nOut,
+                self.args.activation,
+                self.args.trainfunc,
+            )
         return True
 
     def enhanced_metrics(self, name: str) -> dict[str, float] | None:
@@ -465,10 +525,13 @@ def model_record(args: argparse.Namespace, path: Path, original: bool) -> dict[s
     """The model behind a --check/--eval result, for its records: with `assumed` true for a
     checkpoint of the original repository, whose model and loss are the options' assumption; with
     the run's seed and options (by which the viewer pools runs across seeds)."""
-    return {"checkpoint": str(path), "format": "original repository" if original else "m_trainer",
-            "assumed": original, **{key: getattr(args, key) for key in ("model", "trainfunc", "nOut",
-                                                                         "activation", "seed")},
-            "options": dict(sorted(vars(args).items()))}
+    return {
+        "checkpoint": str(path),
+        "format": "original repository" if original else "m_trainer",
+        "assumed": original,
+        **{key: getattr(args, key) for key in ("model", "trainfunc", "nOut", "activation", "seed")},
+        "options": dict(sorted(vars(args).items())),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,23 +544,36 @@ def train_mode(run: Run) -> None:
     a = run.args
     train_data = run.load_data("train")
     if run.net.loss.classifies and a.nClasses < len(train_data.speakers):
-        raise UserError(f"nClasses {a.nClasses} is smaller than the {len(train_data.speakers)} "
-                        f"training speakers of {a.train_list}")
+        raise UserError(
+            f"nClasses {a.nClasses} is smaller than the {len(train_data.speakers)} "
+            f"training speakers of {a.train_list}"
+        )
     valid = run.load_data("valid", train_data.speakers) if a.valid_list else None
     for trials in TRIAL_LISTS:
         run.trials(trials.key)  # read before the first epoch: a bad list fails now
     if run.loss_kind == "distribution":
-        run.say("DA loss: %d speaker(s) per step and process (da_speakers_per_step); "
-                "batch_size %d is not used", a.da_speakers_per_step, a.batch_size)
-    run.say("training %s + %s on %d samples of %d speakers, %s, %d process(es)", a.model,
-            a.trainfunc, len(train_data), train_data.num_speakers, run.device, run.ctx.world_size)
+        run.say(
+            "DA loss: %d speaker(s) per step and process (da_speakers_per_step); batch_size %d is not used",
+            a.da_speakers_per_step,
+            a.batch_size,
+        )
+    run.say(
+        "training %s + %s on %d samples of %d speakers, %s, %d process(es)",
+        a.model,
+        a.trainfunc,
+        len(train_data),
+        train_data.num_speakers,
+        run.device,
+        run.ctx.world_size,
+    )
     for epoch in range(resume(run) + 1, a.max_epoch + 1):
         began, lr = time.perf_counter(), run.trainer.lr
         loss = run.trainer.train_epoch(train_data, epoch, run.sampling)
         run.say("epoch %d: loss %.6f, lr %.6f, %.1f s", epoch, loss, lr, time.perf_counter() - began)
         if run.ctx.is_main:
-            append_line(run.scorefile, score_line({"Epoch": epoch, "TLOSS": loss, "LR": lr},
-                                                  validation=False))
+            append_line(
+                run.scorefile, score_line({"Epoch": epoch, "TLOSS": loss, "LR": lr}, validation=False)
+            )
         if epoch % a.test_interval == 0 or epoch == a.max_epoch:
             validate_and_save(run, epoch, valid)
 
@@ -529,16 +605,20 @@ def validate_and_save(run: Run, epoch: int, valid: EmbeddingData | None) -> None
         validation = run.trainer.validate(valid, run.sampling)
         vloss, vacc = validation.loss, validation.accuracy
         if validation.left_out:
-            run.say_once(f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "
-                         f"speaker of {a.valid_list} has a class of the training speakers")
+            run.say_once(
+                f"validation: {' and '.join(validation.left_out)} left out of VLoss: no "
+                f"speaker of {a.valid_list} has a class of the training speakers"
+            )
     found = {trials: run.enhanced_metrics(trials.key) for trials in TRIAL_LISTS}
     if not run.ctx.is_main:
         return
     values = {"Epoch": epoch, "VLoss": vloss, "Vacc": vacc}
     for trials, metrics in found.items():
         metrics = metrics or {"eer": nan, FIRST_MINDCF: nan}
-        values |= {f"VEER{trials.scorefile_suffix}": metrics["eer"],
-                   f"VMINDCF{trials.scorefile_suffix}": metrics[FIRST_MINDCF]}
+        values |= {
+            f"VEER{trials.scorefile_suffix}": metrics["eer"],
+            f"VMINDCF{trials.scorefile_suffix}": metrics[FIRST_MINDCF],
+        }
     line = score_line(values, validation=True)
     log.info(line)
     options = {key: getattr(a, key) for key in ("model", "trainfunc", "nOut", "activation")}
@@ -551,8 +631,11 @@ def truncate_scorefile(scorefile: Path, last_epoch: int) -> None:
     """Drop the lines of epochs after `last_epoch` (written before a crash, to be redone)."""
     if not scorefile.exists():
         return
-    kept = [line for line in scorefile.read_text().splitlines()
-            if (epoch := scorefile_epoch(line)) is None or epoch <= last_epoch]
+    kept = [
+        line
+        for line in scorefile.read_text().splitlines()
+        if (epoch := scorefile_epoch(line)) is None or epoch <= last_epoch
+    ]
     write_text_atomic(scorefile, "".join(line + "\n" for line in kept))
 
 
@@ -571,10 +654,32 @@ def scorefile_epoch(line: str) -> int | None:
 SETTINGS_RECORD = "training.json"  # in <save_path>/model
 # The options that make a training run what it is; max_epoch is left out (training further is a
 # new max_epoch), and so are the test lists (they only score it) and the hardware.
-TRAINING_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "initial_model", "softmax_init",
-                     "model", "nOut", "activation", "trainfunc", "nClasses", "sigma", "batch_size", "seed",
-                     "max_seg_per_spk", "multiple_embedding_flag", "nPerSpeaker", "da_speakers_per_step",
-                     "test_interval", "optimizer", "scheduler", "lr", "lr_decay", "weight_decay")
+TRAINING_SETTINGS = (
+    "train_list",
+    "train_path",
+    "valid_list",
+    "valid_path",
+    "initial_model",
+    "softmax_init",
+    "model",
+    "nOut",
+    "activation",
+    "trainfunc",
+    "nClasses",
+    "sigma",
+    "batch_size",
+    "seed",
+    "max_seg_per_spk",
+    "multiple_embedding_flag",
+    "nPerSpeaker",
+    "da_speakers_per_step",
+    "test_interval",
+    "optimizer",
+    "scheduler",
+    "lr",
+    "lr_decay",
+    "weight_decay",
+)
 PATH_SETTINGS = ("train_list", "train_path", "valid_list", "valid_path", "initial_model", "softmax_init")
 LIST_SETTINGS = ("train_list", "valid_list")  # their content counts too
 
@@ -594,8 +699,11 @@ def training_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = dict.fromkeys([*recorded, *current])
-    return [f"{key} {recorded.get(key)!r} (this run: {current.get(key)!r})" for key in keys
-            if recorded.get(key) != current.get(key)]
+    return [
+        f"{key} {recorded.get(key)!r} (this run: {current.get(key)!r})"
+        for key in keys
+        if recorded.get(key) != current.get(key)
+    ]
 
 
 def read_settings_record(path: Path) -> dict[str, Any] | None:
@@ -625,13 +733,16 @@ def check_restart(args: argparse.Namespace) -> None:
         recorded = read_settings_record(record_path)
         differ = settings_differences(recorded, current) if recorded is not None else []
         if differ and args.restart is None:
-            raise UserError(f"{record_path}: {save_path} was trained with other data or settings: "
-                            f"{'; '.join(differ)}. Use --restart resume to train it further with these, "
-                            "--restart new to start anew (its model/ and result/ move to "
-                            f"{save_path / 'earlier'}/), or another save_path")
+            raise UserError(
+                f"{record_path}: {save_path} was trained with other data or settings: "
+                f"{'; '.join(differ)}. Use --restart resume to train it further with these, "
+                "--restart new to start anew (its model/ and result/ move to "
+                f"{save_path / 'earlier'}/), or another save_path"
+            )
         if differ:
-            log.warning("--restart resume: %s goes on with other data or settings: %s", save_path,
-                        "; ".join(differ))
+            log.warning(
+                "--restart resume: %s goes on with other data or settings: %s", save_path, "; ".join(differ)
+            )
         if recorded == current:
             return
     if not launched_by_torchrun() or os.environ["RANK"] == "0":
@@ -653,11 +764,11 @@ def move_run_aside(save_path: Path) -> Path:
                 os.replace(save_path / name, aside / name)
             (save_path / name).mkdir()
     except OSError as err:
-        raise UserError(f"{save_path}: cannot move the earlier run aside to {aside} "
-                        f"({err.strerror})") from None
+        raise UserError(
+            f"{save_path}: cannot move the earlier run aside to {aside} ({err.strerror})"
+        ) from None
     log.info("--restart new: the earlier run of %s moved to %s", save_path, aside)
     return aside
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,10 +780,20 @@ def trial_list(run: Run, name: str) -> TrialList | None:
     trials = run.trials(name)
     if trials is None:
         return None
-    return TrialList(name, str(trials.list_path), trials.labels, trials.left, trials.right, trials.files,
-                     trials.embeddings, trials.speaker_of_trials(), Quality(trials.durations, trials.norms),
-                     getattr(run.args, LISTS[name][1]), trials.manifest,
-                     models_of(trials))
+    return TrialList(
+        name,
+        str(trials.list_path),
+        trials.labels,
+        trials.left,
+        trials.right,
+        trials.files,
+        trials.embeddings,
+        trials.speaker_of_trials(),
+        Quality(trials.durations, trials.norms),
+        getattr(run.args, LISTS[name][1]),
+        trials.manifest,
+        models_of(trials),
+    )
 
 
 def training_set(run: Run) -> TrainingSet | None:
@@ -680,24 +801,41 @@ def training_set(run: Run) -> TrainingSet | None:
     if not (needs_training(run.args.backends) and run.args.train_list):
         return None
     train = run.load_data("train")
-    return TrainingSet(train.embeddings.cpu().numpy(), train.row_speakers(), run.args.train_list,
-                       run.args.train_path, train.manifest)
+    return TrainingSet(
+        train.embeddings.cpu().numpy(),
+        train.row_speakers(),
+        run.args.train_list,
+        run.args.train_path,
+        train.manifest,
+    )
 
 
 def score_lists(run: Run, systems: tuple[str, ...]) -> Results | None:
     """Every trial list of TRIAL_LISTS scored by `systems` with every back-end, the scores saved
     for the viewer (result/trials_<list>.npz); None off the main rank."""
     a = run.args
-    settings = Settings(a.backends, vars(a), embedding_type_of(a.multiple_embedding_flag).cosine,
-                        a.bootstrap, a.seed)
+    settings = Settings(
+        a.backends, vars(a), embedding_type_of(a.multiple_embedding_flag).cosine, a.bootstrap, a.seed
+    )
     maps = {"original": lambda table: table, "enhanced": run.trainer.enhance}
     lists = [trials for trials in (trial_list(run, t.key) for t in TRIAL_LISTS) if trials is not None]
-    results = evaluate(lists, {system: maps[system] for system in systems}, settings, training_set(run),
-                       trial_list(run, "calib"), run.model_record, run.ctx.is_main)
+    results = evaluate(
+        lists,
+        {system: maps[system] for system in systems},
+        settings,
+        training_set(run),
+        trial_list(run, "calib"),
+        run.model_record,
+        run.ctx.is_main,
+    )
     for name, result in (results.lists if results else {}).items():
-        save_trial_scores(run.result_dir / result_name(f"trials_{name}.npz", a.result_tag),
-                          result.trials.labels, a.multiple_embedding_flag, result.scores,
-                          trials_source(result.trials))
+        save_trial_scores(
+            run.result_dir / result_name(f"trials_{name}.npz", a.result_tag),
+            result.trials.labels,
+            a.multiple_embedding_flag,
+            result.scores,
+            trials_source(result.trials),
+        )
     return results
 
 
@@ -720,17 +858,22 @@ def report(run: Run, results: Results | None, json_name: str) -> None:
 FIRST_MINDCF = mindcf_key(P_TARGETS[0])  # the minDCF of the --check lines and of scores.txt
 
 
-def check_line(label: str, scores: dict[tuple[str, str], np.ndarray], labels: np.ndarray,
-               eer: str = "roc") -> str:
+def check_line(
+    label: str, scores: dict[tuple[str, str], np.ndarray], labels: np.ndarray, eer: str = "roc"
+) -> str:
     """The original repository's --check line of one trial list, from the none back-end's scores;
     the original embeddings' values alone without the enhanced ones. `eer`: the EER definition."""
     eer_key = "eer_interpolated" if eer == "interpolated" else "eer"
-    found = {system: evaluate_scores(scores[(system, "none")], labels) for system in SYSTEMS
-             if (system, "none") in scores}
+    found = {
+        system: evaluate_scores(scores[(system, "none")], labels)
+        for system in SYSTEMS
+        if (system, "none") in scores
+    }
     words = {"original": "original", "enhanced": "processed"}  # as the original repository printed
     parts = [f"[{label} {words[system]} EER] {values[eer_key]:.4f}" for system, values in found.items()]
-    parts += [f"[{label} {words[system]} minDCF] {values[FIRST_MINDCF]:.4f}"
-              for system, values in found.items()]
+    parts += [
+        f"[{label} {words[system]} minDCF] {values[FIRST_MINDCF]:.4f}" for system, values in found.items()
+    ]
     return ", ".join(parts)
 
 
@@ -740,14 +883,18 @@ def check_mode(run: Run) -> None:
     them before training."""
     with_model = run.load_trained_model(required=False)
     if not with_model:
-        run.say("no trained model yet (%s holds no checkpoint, initial_model is not set): the "
-                "original embeddings' EER alone; the enhanced EER needs a model", run.model_dir)
+        run.say(
+            "no trained model yet (%s holds no checkpoint, initial_model is not set): the "
+            "original embeddings' EER alone; the enhanced EER needs a model",
+            run.model_dir,
+        )
     results = score_lists(run, SYSTEMS if with_model else SYSTEMS[:1])
     for trials in TRIAL_LISTS:
         if results is not None and trials.key in results.lists:
             result = results.lists[trials.key]
-            print(check_line(trials.check_label, result.scores, result.trials.labels, run.args.eer),
-                  flush=True)
+            print(
+                check_line(trials.check_label, result.scores, result.trials.labels, run.args.eer), flush=True
+            )
     report(run, results, "check.json")
 
 
@@ -763,10 +910,12 @@ def eval_mode(run: Run) -> None:
             heading, suffix = (name, "") if backend == "none" else (f"{name} {backend}", f"_{backend}")
             mindcfs = ", ".join(f"minDCF({p:g}) {metrics[mindcf_key(p)]:.4f}" for p in P_TARGETS)
             eer = metrics["eer_interpolated" if run.args.eer == "interpolated" else "eer"]
-            print(f"[{heading}] EER {eer:.4f}, {mindcfs}, threshold {metrics['threshold']:.6f}, "
-                  f"trials {len(trials)}", flush=True)
-            score_path = run.result_dir / result_name(f"eval_scores_{name}{suffix}.txt",
-                                                      run.args.result_tag)
+            print(
+                f"[{heading}] EER {eer:.4f}, {mindcfs}, threshold {metrics['threshold']:.6f}, "
+                f"trials {len(trials)}",
+                flush=True,
+            )
+            score_path = run.result_dir / result_name(f"eval_scores_{name}{suffix}.txt", run.args.result_tag)
             write_score_file(score_path, scores, trials.labels, trials.left, trials.right, trials.files)
             run.say("per-trial scores written to %s", score_path)
     report(run, results, "eval.json")
@@ -845,8 +994,14 @@ def main(argv: list[str] | None = None) -> None:
         if mode == "train":
             check_restart(args)
             clear_training_leftovers(Path(args.save_path))
-        launch(run, (args, mode), distributed=args.distributed, device=args.device, nprocs=args.nprocs,
-               port=args.port)
+        launch(
+            run,
+            (args, mode),
+            distributed=args.distributed,
+            device=args.device,
+            nprocs=args.nprocs,
+            port=args.port,
+        )
 
 
 def mode_lock(args: argparse.Namespace, mode: str) -> AbstractContextManager:

@@ -80,8 +80,11 @@ def run_main(main: Callable[[], Any]) -> None:
 def hyper_parameters(cls: type) -> list[str]:
     """The parameters of `cls`'s constructor that have a default: a model's, a loss', a back-end's
     or the Trainer's hyper-parameters, each set by the option of the same name."""
-    return [name for name, param in inspect.signature(cls).parameters.items()
-            if param.default is not inspect.Parameter.empty]
+    return [
+        name
+        for name, param in inspect.signature(cls).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    ]
 
 
 def options_taken(cls: type, options: dict[str, Any]) -> dict[str, Any]:
@@ -109,8 +112,10 @@ def user_text_lines(path: str | os.PathLike, what: str, maker: str = "") -> Iter
     """The UTF-8 lines of a user's file, read as they are consumed (a long list is never held
     whole), or a UserError naming it (`what`: "list file", ...) and the line of a byte that is not
     UTF-8."""
-    with user_file_errors(path, what, maker), \
-            Path(path).open(encoding="utf-8", errors="surrogateescape") as file:
+    with (
+        user_file_errors(path, what, maker),
+        Path(path).open(encoding="utf-8", errors="surrogateescape") as file,
+    ):
         for lineno, line in enumerate(file, start=1):
             if not line.isascii():
                 check_utf8(line, f"{path}:{lineno}")
@@ -180,8 +185,9 @@ COMMAND_LINE = "the command line"  # the source of an option given as --name
 
 # Where the work runs; m_trainer and m_gen_embs both take these.
 HARDWARE_OPTIONS: Options = {
-    "device": Option("auto", str, "where the work runs (auto: CUDA when present)",
-                     choices=("auto", "cpu", "cuda")),
+    "device": Option(
+        "auto", str, "where the work runs (auto: CUDA when present)", choices=("auto", "cpu", "cuda")
+    ),
     "mixedprec": Option(False, bool, "mixed precision (autocast) on CUDA"),
     "distributed": Option(False, bool, "one process per GPU (or --nprocs CPU processes)"),
     "nprocs": Option(2, int, "CPU processes for --distributed without CUDA", bounds=(1, None)),
@@ -241,8 +247,10 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def write_error(path: str | os.PathLike, err: OSError) -> UserError:
     """The UserError of a failed write of `path`: a full disk (or quota) said plainly."""
     if err.errno in DISK_FULL:
-        return UserError(f"{path}: the disk is full (no space left while writing it); earlier files "
-                         "are intact, free some space and run again")
+        return UserError(
+            f"{path}: the disk is full (no space left while writing it); earlier files "
+            "are intact, free some space and run again"
+        )
     return UserError(f"{path}: cannot write it ({err.strerror or err})")
 
 
@@ -348,7 +356,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         except OSError as err:
             os.ftruncate(fd, start)
@@ -422,14 +430,14 @@ def folder_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) -> 
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
-            raise UserError(f"{lock_path}: cannot create the lock file of {what} "
-                            f"({err.strerror})") from None
+            raise UserError(f"{lock_path}: cannot create the lock file of {what} ({err.strerror})") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks
-                log.warning("%s: cannot be locked (%s); make sure no other run writes into it",
-                            folder, err.strerror)
+                log.warning(
+                    "%s: cannot be locked (%s); make sure no other run writes into it", folder, err.strerror
+                )
                 os.close(fd)
                 unlockable = True
                 break
@@ -607,8 +615,9 @@ def launched_by_torchrun() -> bool:
     return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def init_process_group(rank: int, world_size: int, local_rank: int, backend: str,
-                       port: int | None = None) -> DistContext:
+def init_process_group(
+    rank: int, world_size: int, local_rank: int, backend: str, port: int | None = None
+) -> DistContext:
     """Join (or form) the default process group; MASTER_ADDR/PORT default to localhost/`port`."""
     import torch.distributed as dist
 
@@ -652,8 +661,15 @@ def _reporting_user_errors(ctx: DistContext, fn: Callable[..., Any], args: tuple
         raise
 
 
-def _spawned_worker(local_rank: int, world_size: int, backend: str, port: int,
-                    fn: Callable[..., Any], args: tuple, errors: Any) -> None:
+def _spawned_worker(
+    local_rank: int,
+    world_size: int,
+    backend: str,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple,
+    errors: Any,
+) -> None:
     ctx = init_process_group(local_rank, world_size, local_rank, backend, port)
     try:
         _run_in_group(ctx, _reporting_user_errors, (fn, args, errors))
@@ -661,8 +677,9 @@ def _spawned_worker(local_rank: int, world_size: int, backend: str, port: int,
         sys.exit(2)  # the parent reports it
 
 
-def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: str,
-           nprocs: int, port: int) -> None:
+def launch(
+    fn: Callable[..., Any], args: tuple, *, distributed: bool, device: str, nprocs: int, port: int
+) -> None:
     """Run `fn(ctx, *args)` once, or in every process of a group.
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) this process joins that group. Otherwise,
@@ -674,8 +691,9 @@ def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: st
     use_cuda = device != "cpu" and torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     if launched_by_torchrun():
-        ctx = init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                                 int(os.environ["LOCAL_RANK"]), backend)
+        ctx = init_process_group(
+            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), backend
+        )
         _run_in_group(ctx, fn, args)
         return
     if not distributed:
@@ -684,20 +702,28 @@ def launch(fn: Callable[..., Any], args: tuple, *, distributed: bool, device: st
     world_size = torch.cuda.device_count() if use_cuda else nprocs
     if world_size < 1:
         raise UserError("--distributed needs at least one process (see --nprocs)")
-    log.info("distributed: %d %s process(es), backend %s, port %d", world_size,
-             "GPU" if use_cuda else "CPU", backend, port)
+    log.info(
+        "distributed: %d %s process(es), backend %s, port %d",
+        world_size,
+        "GPU" if use_cuda else "CPU",
+        backend,
+        port,
+    )
     os.environ["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "localhost")
     os.environ["MASTER_PORT"] = str(port)
     errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
     failed = (torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException)
     try:
-        torch.multiprocessing.spawn(_spawned_worker, args=(world_size, backend, port, fn, args, errors),
-                                    nprocs=world_size, join=True)
+        torch.multiprocessing.spawn(
+            _spawned_worker, args=(world_size, backend, port, fn, args, errors), nprocs=world_size, join=True
+        )
     except failed as err:
         # Whichever process the join saw fail first, a UserError of any one is the cause.
         if not errors.empty():
             raise UserError(errors.get()) from None
         if isinstance(err, torch.multiprocessing.ProcessRaisedException):
             raise
-        raise UserError(f"distributed process {err.error_index} stopped with exit code "
-                        f"{err.exit_code} (its message is above)") from None
+        raise UserError(
+            f"distributed process {err.error_index} stopped with exit code "
+            f"{err.exit_code} (its message is above)"
+        ) from None

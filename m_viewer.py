@@ -85,6 +85,7 @@ MIN_DCF_P_TARGET = P_TARGETS[0]  # the minDCF of the DET legends
 OLD_TYPE_KEY = "metric"
 SYSTEM_STYLE = dict(zip(SYSTEMS, (":", "-"), strict=True))  # DET line style of each system
 
+
 @dataclass
 class Scores:
     """The curves of one scores.txt: one row per training line, one per --Val-- line.
@@ -125,8 +126,14 @@ def parse_scores(path: str | Path, name: str | None = None) -> Scores:
         raise UserError(f"{path}: the scores file holds no epoch lines yet")
     train = np.array(rows[False], np.float64).reshape(-1, len(TRAIN_FIELDS))
     val = np.array(rows[True], np.float64).reshape(-1, len(VAL_FIELDS))
-    return Scores(name or path.parent.parent.name, train[:, 0].astype(int), train[:, 1], train[:, 2],
-                  val[:, 0].astype(int), *val[:, 1:].T)
+    return Scores(
+        name or path.parent.parent.name,
+        train[:, 0].astype(int),
+        train[:, 1],
+        train[:, 2],
+        val[:, 0].astype(int),
+        *val[:, 1:].T,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,8 +157,7 @@ CURVES = (
     Curve("epoch", "tloss", "train loss", "loss", "C0", {"linestyle": "-"}),
     Curve("val_epoch", "vloss", "validation loss", "loss", "C1", {"linestyle": "--", "marker": "o"}),
     Curve("val_epoch", "veer", "EER, test list", "eer", "C2", {"linestyle": "-", "marker": "s"}),
-    Curve("val_epoch", "veer_libri", "EER, LibriSpeech list", "eer", "C3",
-          {"linestyle": ":", "marker": "^"}),
+    Curve("val_epoch", "veer_libri", "EER, LibriSpeech list", "eer", "C3", {"linestyle": ":", "marker": "^"}),
 )
 AXIS_LABELS = {"loss": "loss", "eer": "EER (%)"}
 
@@ -177,8 +183,14 @@ def draw_curves(axes: dict[str, Axes], runs: Sequence[Scores], curves: Sequence[
                 notes.append(f"{run.name}: no finite {curve.label} values, not drawn")
                 continue
             x, y = x[finite], y[finite]
-            axes[curve.axis].plot(x, y, color=f"C{r}" if several else curve.color, markersize=4,
-                                  label=curve_label(run, curve, x, y, several), **curve.style)
+            axes[curve.axis].plot(
+                x,
+                y,
+                color=f"C{r}" if several else curve.color,
+                markersize=4,
+                label=curve_label(run, curve, x, y, several),
+                **curve.style,
+            )
     for key, ax in axes.items():
         ax.set_ylabel(AXIS_LABELS[key])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -216,9 +228,10 @@ def write_curve_figures(runs: Sequence[Scores], out_dir: Path, prefix: str = "")
     names = ", ".join(run.name for run in runs)
     title = f"Comparison of {names}" if len(runs) > 1 else names
     written = []
-    for filename, curves, what in ((f"{prefix}fig.png", CURVES, "loss and EER per epoch"),
-                                   (f"{prefix}fig2.png", [c for c in CURVES if c.axis == "eer"],
-                                    "EER per epoch")):
+    for filename, curves, what in (
+        (f"{prefix}fig.png", CURVES, "loss and EER per epoch"),
+        (f"{prefix}fig2.png", [c for c in CURVES if c.axis == "eer"], "EER per epoch"),
+    ):
         fig, notes = curve_figure(runs, curves, f"{title}: {what}")
         for note in notes:
             print(f"{filename}: {note}")
@@ -261,16 +274,20 @@ def load_trial_scores(path: str | Path) -> TrialScores:
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable trial scores file ({err})") from None
     arrays.setdefault("embedding_type", arrays.get(OLD_TYPE_KEY))
-    scores: dict[Any, np.ndarray] = {tuple(key.split("/")): values.astype(np.float64)
-              for key, values in arrays.items() if "/" in key}
+    scores: dict[Any, np.ndarray] = {
+        tuple(key.split("/")): values.astype(np.float64) for key, values in arrays.items() if "/" in key
+    }
     for alias, system in NONE_ALIASES.items():
         if alias in arrays and (system, "none") not in scores:
             scores[(system, "none")] = arrays[alias].astype(np.float64)
-    missing = ([] if scores else list(NONE_ALIASES)) + [key for key in ("labels", "embedding_type")
-                                                         if arrays.get(key) is None]
+    missing = ([] if scores else list(NONE_ALIASES)) + [
+        key for key in ("labels", "embedding_type") if arrays.get(key) is None
+    ]
     if missing:
-        raise UserError(f"{path}: trial scores lack the array(s) {', '.join(missing)} (expected labels, "
-                        "embedding_type and scores as <system>/<back-end>, or original and processed)")
+        raise UserError(
+            f"{path}: trial scores lack the array(s) {', '.join(missing)} (expected labels, "
+            "embedding_type and scores as <system>/<back-end>, or original and processed)"
+        )
     labels = arrays["labels"].astype(np.int8)
     if any(len(values) != len(labels) for values in scores.values()):
         raise UserError(f"{path}: labels and scores have different lengths")
@@ -283,8 +300,10 @@ def score_order(item: tuple[tuple[str, str], Any]) -> tuple[int, int]:
     """Sort key of (system, back-end) scores: by back-end (none first), original before enhanced."""
     (system, backend), _ = item
     known = list(BACKENDS)
-    return (known.index(backend) if backend in known else len(known),
-            SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS))
+    return (
+        known.index(backend) if backend in known else len(known),
+        SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS),
+    )
 
 
 def scoring_name(embedding_type: str) -> str:
@@ -331,31 +350,40 @@ def setup_det_axes(ax: Axes) -> None:
     for axis, lim in ((ax.xaxis, ax.set_xlim), (ax.yaxis, ax.set_ylim)):
         axis.set_ticks(ticks, labels)
         lim(low, high)
-    ax.plot([low, high], [low, high], color="0.6", linestyle=":", linewidth=1,
-            label="miss = false alarm")
+    ax.plot([low, high], [low, high], color="0.6", linestyle=":", linewidth=1, label="miss = false alarm")
     ax.set_xlabel("false-alarm probability (%)")
     ax.set_ylabel("miss probability (%)")
     ax.set_aspect("equal")
     ax.grid(True, alpha=0.3)
 
 
-def draw_det(ax: Axes, scores: np.ndarray, labels: np.ndarray, name: str, color: str,
-             linestyle: str = "-") -> None:
+def draw_det(
+    ax: Axes, scores: np.ndarray, labels: np.ndarray, name: str, color: str, linestyle: str = "-"
+) -> None:
     """One DET curve with its EER point; EER and minDCF in the legend."""
     miss, false_alarm, _ = error_rates(scores, labels)
     eer = compute_eer(scores, labels)[0]
     min_dcf = min_dcf_of_rates(miss, false_alarm, MIN_DCF_P_TARGET)
     hidden = " (curve below the plotted range)" if eer < DET_RANGE_PERCENT[0] else ""
-    ax.plot(probit(false_alarm * 100), probit(miss * 100), color=color, linewidth=1.5, linestyle=linestyle,
-            label=f"{name}: EER {eer:.2f} %, minDCF {min_dcf:.3f}{hidden}")
+    ax.plot(
+        probit(false_alarm * 100),
+        probit(miss * 100),
+        color=color,
+        linewidth=1.5,
+        linestyle=linestyle,
+        label=f"{name}: EER {eer:.2f} %, minDCF {min_dcf:.3f}{hidden}",
+    )
     ax.plot(probit([eer]), probit([eer]), "o", color=color, markersize=7, markeredgecolor="black")
 
 
 def write_det_figure(run_dir: Path, name: str) -> Path | None:
     """det.png from the trials_*.npz present in <run>/result, or None when there is none."""
     result = run_dir / "result"
-    found = [(t.title, load_trial_scores(result / f"trials_{t.key}.npz"))
-             for t in TRIAL_LISTS if (result / f"trials_{t.key}.npz").is_file()]
+    found = [
+        (t.title, load_trial_scores(result / f"trials_{t.key}.npz"))
+        for t in TRIAL_LISTS
+        if (result / f"trials_{t.key}.npz").is_file()
+    ]
     if not found:
         return None
     fig = Figure(figsize=(6.5 * len(found), 7), layout="constrained")
@@ -365,13 +393,23 @@ def write_det_figure(run_dir: Path, name: str) -> Path | None:
         backends = trials.backends()
         for (system, backend), scores in trials.scores.items():
             curve = system if backend == "none" else f"{system} + {backend}"
-            draw_det(ax, scores, trials.labels, curve, f"C{backends.index(backend)}",
-                     SYSTEM_STYLE.get(system, "-"))
-        ax.set_title("\n".join([f"{label}: {len(trials.labels)} trials; the scores of each back-end:",
-                                 *score_meanings(backends, trials.embedding_type)]), fontsize="medium")
+            draw_det(
+                ax, scores, trials.labels, curve, f"C{backends.index(backend)}", SYSTEM_STYLE.get(system, "-")
+            )
+        ax.set_title(
+            "\n".join(
+                [
+                    f"{label}: {len(trials.labels)} trials; the scores of each back-end:",
+                    *score_meanings(backends, trials.embedding_type),
+                ]
+            ),
+            fontsize="medium",
+        )
         ax.legend(loc="lower left", fontsize="small")
-    fig.suptitle(f"{name}: DET curves (dotted: original, solid: enhanced; colour: back-end; dots: EER; "
-                 f"minDCF at P_target = {MIN_DCF_P_TARGET})")
+    fig.suptitle(
+        f"{name}: DET curves (dotted: original, solid: enhanced; colour: back-end; dots: EER; "
+        f"minDCF at P_target = {MIN_DCF_P_TARGET})"
+    )
     return save_figure(fig, result / "det.png")
 
 
@@ -379,8 +417,11 @@ def write_det_figure(run_dir: Path, name: str) -> Path | None:
 # Distance histograms
 
 
-PAIR_KINDS = (("same", "same category"), ("category", "different category, same speaker"),
-              ("speaker", "different speakers"))
+PAIR_KINDS = (
+    ("same", "same category"),
+    ("category", "different category, same speaker"),
+    ("speaker", "different speakers"),
+)
 
 
 @dataclass
@@ -407,8 +448,9 @@ def other_speaker_pairs(records: Sequence[tuple], seed: int) -> list[tuple[str, 
     return [(files[i][1], files[j][1]) for i, j in enumerate(partner)]
 
 
-def cosine_distances(embeddings: np.ndarray, row_of: dict[str, int],
-                     pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+def cosine_distances(
+    embeddings: np.ndarray, row_of: dict[str, int], pairs: Sequence[tuple[str, str]]
+) -> np.ndarray:
     """1 - cos of each pair of files, by scoring.metrics.score_trials with cosine scoring."""
     left = np.array([row_of[a] for a, _ in pairs], np.int64)
     right = np.array([row_of[b] for _, b in pairs], np.int64)
@@ -419,9 +461,11 @@ def check_enhanced_tree(root: Path, files: Sequence[str]) -> None:
     """A clear error when the enhanced tree lacks files of the distribution list."""
     missing = [rel for rel in files if not embedding_file(root, rel).is_file()]
     if missing:
-        raise UserError(f"{len(missing)} of {len(files)} embeddings of the distribution list are missing "
-                        f"under {root} (first: {embedding_file(root, missing[0])}); run m_trainer.py "
-                        "--generate with a gen_list that covers the distribution list")
+        raise UserError(
+            f"{len(missing)} of {len(files)} embeddings of the distribution list are missing "
+            f"under {root} (first: {embedding_file(root, missing[0])}); run m_trainer.py "
+            "--generate with a gen_list that covers the distribution list"
+        )
 
 
 @dataclass
@@ -440,23 +484,38 @@ class PairStudy:
 
 def pair_study(dist_list: str | Path, embed_dir: str | Path, seed: int = SEED) -> PairStudy:
     records = read_list(dist_list, "distribution")
-    pairs = {"same": [(r[1], r[2]) for r in records if r[3] == 1],
-             "category": [(r[1], r[2]) for r in records if r[3] == 0],
-             "speaker": other_speaker_pairs(records, seed)}
+    pairs = {
+        "same": [(r[1], r[2]) for r in records if r[3] == 1],
+        "category": [(r[1], r[2]) for r in records if r[3] == 0],
+        "speaker": other_speaker_pairs(records, seed),
+    }
     files = sorted({rel for group in pairs.values() for pair in group for rel in pair})
     row_of = {rel: i for i, rel in enumerate(files)}
     original = load_embeddings(embed_dir, files, desc="loading original embeddings")
-    return PairStudy(Path(dist_list), Path(embed_dir), seed, pairs, files, row_of,
-                     {key: cosine_distances(original, row_of, pairs[key]) for key, _ in PAIR_KINDS})
+    return PairStudy(
+        Path(dist_list),
+        Path(embed_dir),
+        seed,
+        pairs,
+        files,
+        row_of,
+        {key: cosine_distances(original, row_of, pairs[key]) for key, _ in PAIR_KINDS},
+    )
 
 
 def enhanced_groups(study: PairStudy, enhanced_dir: str | Path) -> dict[str, PairGroup]:
     """The study's pair groups with their distances on one run's enhanced embeddings."""
     check_enhanced_tree(Path(enhanced_dir), study.files)
     enhanced = load_embeddings(enhanced_dir, study.files, desc="loading enhanced embeddings")
-    return {key: PairGroup(label, study.pairs[key], study.before[key],
-                           cosine_distances(enhanced, study.row_of, study.pairs[key]))
-            for key, label in PAIR_KINDS}
+    return {
+        key: PairGroup(
+            label,
+            study.pairs[key],
+            study.before[key],
+            cosine_distances(enhanced, study.row_of, study.pairs[key]),
+        )
+        for key, label in PAIR_KINDS
+    }
 
 
 def mean_or_nan(values: np.ndarray) -> float:
@@ -465,17 +524,27 @@ def mean_or_nan(values: np.ndarray) -> float:
 
 def distance_table(groups: dict[str, PairGroup]) -> str:
     """Mean cosine distances per pair kind, before and after, and the category gap."""
-    rows = [(g.label, str(len(g.pairs)), mean_or_nan(g.before), mean_or_nan(g.after))
-            for g in groups.values()]
+    rows = [
+        (g.label, str(len(g.pairs)), mean_or_nan(g.before), mean_or_nan(g.after)) for g in groups.values()
+    ]
     same, category = groups["same"], groups["category"]
-    rows.append(("gap: different - same category", "",
-                 mean_or_nan(category.before) - mean_or_nan(same.before),
-                 mean_or_nan(category.after) - mean_or_nan(same.after)))
+    rows.append(
+        (
+            "gap: different - same category",
+            "",
+            mean_or_nan(category.before) - mean_or_nan(same.before),
+            mean_or_nan(category.after) - mean_or_nan(same.after),
+        )
+    )
     width = max(len(row[0]) for row in rows)
-    lines = [f"{'mean cosine distance (1 - cos)':<{width}}  {'pairs':>6}  {'before':>8}  "
-             f"{'after':>8}  {'change':>8}"]
-    lines += [f"{label:<{width}}  {n:>6}  {before:8.4f}  {after:8.4f}  {after - before:+8.4f}"
-              for label, n, before, after in rows]
+    lines = [
+        f"{'mean cosine distance (1 - cos)':<{width}}  {'pairs':>6}  {'before':>8}  "
+        f"{'after':>8}  {'change':>8}"
+    ]
+    lines += [
+        f"{label:<{width}}  {n:>6}  {before:8.4f}  {after:8.4f}  {after - before:+8.4f}"
+        for label, n, before, after in rows
+    ]
     return "\n".join(lines)
 
 
@@ -485,16 +554,25 @@ def histogram_figure(groups: dict[str, PairGroup], title: str) -> Figure:
     edges = np.histogram_bin_edges(np.concatenate(values), bins=50)
     fig = Figure(figsize=(12, 5), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True, sharey=True)
-    for ax, when, attr in zip(axes, ("before enhancement (original)", "after enhancement"),
-                              ("before", "after"), strict=True):
+    for ax, when, attr in zip(
+        axes, ("before enhancement (original)", "after enhancement"), ("before", "after"), strict=True
+    ):
         for i, group in enumerate(groups.values()):
             distances = getattr(group, attr)
             if not len(distances):
                 continue
             mean = distances.mean()
-            ax.hist(distances, bins=edges, density=True, histtype="stepfilled", alpha=0.35,
-                    color=f"C{i}", edgecolor=f"C{i}", linewidth=1.2,
-                    label=f"{group.label}: mean {mean:.3f} (n={len(distances)})")
+            ax.hist(
+                distances,
+                bins=edges,
+                density=True,
+                histtype="stepfilled",
+                alpha=0.35,
+                color=f"C{i}",
+                edgecolor=f"C{i}",
+                linewidth=1.2,
+                label=f"{group.label}: mean {mean:.3f} (n={len(distances)})",
+            )
             ax.axvline(mean, color=f"C{i}", linestyle="--", linewidth=1)
         ax.set_title(when)
         ax.set_xlabel("cosine distance (1 - cos)")
@@ -505,17 +583,21 @@ def histogram_figure(groups: dict[str, PairGroup], title: str) -> Figure:
     return fig
 
 
-def write_distance_figure(run_dir: Path, name: str, study: PairStudy,
-                          enhanced_dir: Path) -> tuple[Path, Path]:
+def write_distance_figure(
+    run_dir: Path, name: str, study: PairStudy, enhanced_dir: Path
+) -> tuple[Path, Path]:
     """dist_hist.png and dist_hist.txt (the table, also printed) of one run."""
     groups = enhanced_groups(study, enhanced_dir)
     table = distance_table(groups)
     print(f"{name}: {study.dist_list.name}, enhanced embeddings from {enhanced_dir}\n{table}")
     result = run_dir / "result"
     log_path = result / "dist_hist.txt"
-    write_text_atomic(log_path, f"run {name}\ndistribution list {study.dist_list}\noriginal embeddings "
-                                f"{study.embed_dir}\nenhanced embeddings {enhanced_dir}\nseed {study.seed}\n"
-                                f"{table}\n")
+    write_text_atomic(
+        log_path,
+        f"run {name}\ndistribution list {study.dist_list}\noriginal embeddings "
+        f"{study.embed_dir}\nenhanced embeddings {enhanced_dir}\nseed {study.seed}\n"
+        f"{table}\n",
+    )
     fig = histogram_figure(groups, f"{name}: pair distances of {study.dist_list.name}")
     return save_figure(fig, result / "dist_hist.png"), log_path
 
@@ -594,16 +676,25 @@ def read_duration_points(path: Path, run: str) -> list[DurationPoint]:
     records = read_records(path)
     sources = next((r["sources"] for r in records if r.get("trials") is None and "sources" in r), None)
     if sources is None:
-        raise UserError(f"{path}: no sources record (written before m_trainer.py recorded them): the "
-                        "test duration of its results is unknown; run --check again")
+        raise UserError(
+            f"{path}: no sources record (written before m_trainer.py recorded them): the "
+            "test duration of its results is unknown; run --check again"
+        )
     points = []
     for trials in dict.fromkeys(r["trials"] for r in records if "eer" in r):
-        eers = {(r["system"], r["backend"]): (r["eer"], *r["eer_ci95"]) for r in records
-                if r.get("trials") == trials and "eer" in r}
-        differences = {r["backend"]: (r["eer_diff"], *r["eer_diff_ci95"]) for r in records
-                       if r.get("trials") == trials and "eer_diff" in r}
-        points.append(DurationPoint(path, run, trials, *list_duration(sources.get(trials)), eers,
-                                    differences))
+        eers = {
+            (r["system"], r["backend"]): (r["eer"], *r["eer_ci95"])
+            for r in records
+            if r.get("trials") == trials and "eer" in r
+        }
+        differences = {
+            r["backend"]: (r["eer_diff"], *r["eer_diff_ci95"])
+            for r in records
+            if r.get("trials") == trials and "eer_diff" in r
+        }
+        points.append(
+            DurationPoint(path, run, trials, *list_duration(sources.get(trials)), eers, differences)
+        )
     return points
 
 
@@ -633,8 +724,10 @@ def more_recent(first: DurationPoint, second: DurationPoint) -> DurationPoint:
         return second
     times = [point.source.stat().st_mtime_ns if point.source.exists() else 0 for point in (first, second)]
     kept, left = (first, second) if times[0] > times[1] else (second, first)
-    print(f"warning: {first.source} and {second.source} both hold {first.trials} results at test duration "
-          f"{first.label}: drawn from {kept.source} (written last), not from {left.source}")
+    print(
+        f"warning: {first.source} and {second.source} both hold {first.trials} results at test duration "
+        f"{first.label}: drawn from {kept.source} (written last), not from {left.source}"
+    )
     return kept
 
 
@@ -651,13 +744,23 @@ def draw_duration(ax: Axes, points: Sequence[DurationPoint], title: str) -> None
     spread = 0.25 / max(len(keys) - 1, 1)
     for i, (system, backend) in enumerate(keys):
         x = np.arange(len(points)) + (i - (len(keys) - 1) / 2) * spread
-        found = [(xi, p.eers[(system, backend)]) for xi, p in zip(x, points, strict=True)
-                 if (system, backend) in p.eers]
+        found = [
+            (xi, p.eers[(system, backend)])
+            for xi, p in zip(x, points, strict=True)
+            if (system, backend) in p.eers
+        ]
         eer = np.array([value for _, value in found])
-        ax.errorbar([xi for xi, _ in found], eer[:, 0], yerr=[eer[:, 0] - eer[:, 1], eer[:, 2] - eer[:, 0]],
-                    color=f"C{backends.index(backend)}", linestyle=SYSTEM_STYLE.get(system, "-"),
-                    marker="o", markersize=4, capsize=3,
-                    label=system if backend == "none" else f"{system} + {backend}")
+        ax.errorbar(
+            [xi for xi, _ in found],
+            eer[:, 0],
+            yerr=[eer[:, 0] - eer[:, 1], eer[:, 2] - eer[:, 0]],
+            color=f"C{backends.index(backend)}",
+            linestyle=SYSTEM_STYLE.get(system, "-"),
+            marker="o",
+            markersize=4,
+            capsize=3,
+            label=system if backend == "none" else f"{system} + {backend}",
+        )
     ax.set_xticks(range(len(points)), [p.label for p in points])
     ax.set_xlabel("test duration")
     ax.set_ylabel("EER (%)")
@@ -680,12 +783,31 @@ def duration_rows(series: dict[tuple[str, str], list[DurationPoint]]) -> list[li
     for (run, trials), points in series.items():
         at = {p.label: p for p in points}
         for system, backend in duration_keys(points):
-            rows.append([run, trials, system, backend, *(cell(at[label].eers.get((system, backend)))
-                                                         if label in at else "-" for label in labels)])
+            rows.append(
+                [
+                    run,
+                    trials,
+                    system,
+                    backend,
+                    *(
+                        cell(at[label].eers.get((system, backend))) if label in at else "-"
+                        for label in labels
+                    ),
+                ]
+            )
         for backend in dict.fromkeys(b for p in points for b in p.differences):
-            rows.append([run, trials, "enhanced - original", backend,
-                         *(cell(at[label].differences.get(backend), signed=True) if label in at else "-"
-                           for label in labels)])
+            rows.append(
+                [
+                    run,
+                    trials,
+                    "enhanced - original",
+                    backend,
+                    *(
+                        cell(at[label].differences.get(backend), signed=True) if label in at else "-"
+                        for label in labels
+                    ),
+                ]
+            )
     return rows
 
 
@@ -703,12 +825,15 @@ def write_duration_figure(points: Sequence[DurationPoint], out_dir: Path) -> tup
     titles = {t.key: t.title for t in TRIAL_LISTS}
     for i, ((run, trials), found) in enumerate(series.items()):
         draw_duration(fig.add_subplot(1, len(series), i + 1), found, f"{run}: {titles.get(trials, trials)}")
-    fig.suptitle("EER against test duration, 95 % intervals\n(dotted: original, solid: enhanced; "
-                 "colour: back-end)")
+    fig.suptitle(
+        "EER against test duration, 95 % intervals\n(dotted: original, solid: enhanced; colour: back-end)"
+    )
     table = duration_table(series)
     sources = "\n".join(f"{p.source}: {p.trials} at {p.label}" for found in series.values() for p in found)
-    print(f"\nEER against test duration (EER in % [95 % interval]; enhanced - original: the paired "
-          f"difference):\n{table}")
+    print(
+        f"\nEER against test duration (EER in % [95 % interval]; enhanced - original: the paired "
+        f"difference):\n{table}"
+    )
     text_path = out_dir / f"{DURATION_NAME}.txt"
     write_text_atomic(text_path, f"results\n{sources}\n\n{table}\n")
     return save_figure(fig, out_dir / f"{DURATION_NAME}.png"), text_path
@@ -719,18 +844,27 @@ def write_duration_figure(points: Sequence[DurationPoint], out_dir: Path) -> tup
 
 
 OPTIONS: Options = {
-    "save_path": Option(None, list, f"run folder(s) holding result/scores.txt; several are compared (default "
-                        f"{SAVE_PATH}, none with --duration_results)"),
+    "save_path": Option(
+        None,
+        list,
+        f"run folder(s) holding result/scores.txt; several are compared (default "
+        f"{SAVE_PATH}, none with --duration_results)",
+    ),
     "out_dir": Option(None, str, "folder of the comparison figures (default: the first run's result folder)"),
     "dist_list": Option(None, str, "distribution list for the distance histograms"),
     "embed_dir": Option(None, str, "root of the original embeddings of --dist_list"),
     "enhanced_dir": Option(
-        None, str, "root of the enhanced embeddings (default <save_path>/enhanced, written by "
-        "m_trainer.py --generate)"),
+        None,
+        str,
+        "root of the enhanced embeddings (default <save_path>/enhanced, written by m_trainer.py --generate)",
+    ),
     "seed": Option(SEED, int, "seed of the different-speaker pairs"),
     "duration_results": Option(
-        None, list, "--check results (check*.json) of one model on test sets of several "
-        "durations: EER against duration in --out_dir (default: the first file's folder)"),
+        None,
+        list,
+        "--check results (check*.json) of one model on test sets of several "
+        "durations: EER against duration in --out_dir (default: the first file's folder)",
+    ),
 }
 
 
@@ -770,8 +904,9 @@ def check_args(args: argparse.Namespace) -> list[Path]:
     return run_dirs
 
 
-def curve_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str],
-                  other_inputs: bool) -> list[Path]:
+def curve_outputs(
+    args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str], other_inputs: bool
+) -> list[Path]:
     """fig/fig2 of one run, or the comparison figures of several runs."""
     score_files = [path / "result" / "scores.txt" for path in run_dirs]
     if len(run_dirs) == 1 and not score_files[0].exists() and other_inputs:
@@ -792,8 +927,10 @@ def distance_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: 
     for run_dir, name in zip(run_dirs, names, strict=True):
         enhanced = Path(args.enhanced_dir) if args.enhanced_dir else run_dir / "enhanced"
         if not enhanced.is_dir():
-            print(f"skipped {name} dist_hist.png: {enhanced} not found (m_trainer.py --generate "
-                  "writes it; or pass --enhanced_dir)")
+            print(
+                f"skipped {name} dist_hist.png: {enhanced} not found (m_trainer.py --generate "
+                "writes it; or pass --enhanced_dir)"
+            )
             continue
         study = study or pair_study(args.dist_list, args.embed_dir, args.seed)
         written += write_distance_figure(run_dir, name, study, enhanced)
@@ -819,17 +956,21 @@ def duration_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: 
         points = [p for path in found for p in readable_points(path, name)] if len(found) > 1 else []
         outputs = write_duration_figure(points, run_dir / "result") if points else None
         if outputs is None:
-            print(f"skipped {name} {DURATION_NAME}.png: {len(found)} --check result(s) in "
-                  f"{run_dir / 'result'}, no trial list at two test durations "
-                  "(run --check per duration with --result_tag)")
+            print(
+                f"skipped {name} {DURATION_NAME}.png: {len(found)} --check result(s) in "
+                f"{run_dir / 'result'}, no trial list at two test durations "
+                "(run --check per duration with --result_tag)"
+            )
         written += outputs or []
     if args.duration_results:
         paths = [Path(p) for p in args.duration_results]
         points = [p for path in paths for p in read_duration_points(path, path.resolve().parent.parent.name)]
         outputs = write_duration_figure(points, Path(args.out_dir) if args.out_dir else paths[0].parent)
         if outputs is None:
-            raise UserError(f"--duration_results: no trial list of one run at two test durations or more in "
-                            f"{', '.join(map(str, paths))}")
+            raise UserError(
+                f"--duration_results: no trial list of one run at two test durations or more in "
+                f"{', '.join(map(str, paths))}"
+            )
         written += outputs
     return written
 
@@ -856,8 +997,10 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
     for run_dir, name in zip(run_dirs, names, strict=True):
         det = write_det_figure(run_dir, name)
         if det is None:
-            print(f"skipped {name} det.png: no {run_dir / 'result'}/trials_*.npz "
-                  "(m_trainer.py --check or --eval writes them)")
+            print(
+                f"skipped {name} det.png: no {run_dir / 'result'}/trials_*.npz "
+                "(m_trainer.py --check or --eval writes them)"
+            )
         written += [det] if det else []
     if args.dist_list:
         written += distance_outputs(args, run_dirs, names)
@@ -868,9 +1011,11 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
     report_written(written)
     table = results_table(run_dirs, names)
     if table:
-        print(f"\nOriginal vs enhanced (EER in %; DCF: minDCF at P_target {P_TARGETS[0]:g}, DCF01 at "
-              f"{P_TARGETS[1]:g}; "
-              f"a back-end after the list's name):\n{table}")
+        print(
+            f"\nOriginal vs enhanced (EER in %; DCF: minDCF at P_target {P_TARGETS[0]:g}, DCF01 at "
+            f"{P_TARGETS[1]:g}; "
+            f"a back-end after the list's name):\n{table}"
+        )
     return written
 
 
@@ -892,28 +1037,47 @@ def results_table(run_dirs: Sequence[Path], names: Sequence[str]) -> str:
             trials = load_trial_scores(path)
             for backend in trials.backends():
                 original, enhanced = (trials.scores.get((system, backend)) for system in SYSTEMS)
-                rows.append(comparison_row(name, t.title if backend == "none" else f"{t.title}, {backend}",
-                                           original, enhanced, trials.labels))
+                rows.append(
+                    comparison_row(
+                        name,
+                        t.title if backend == "none" else f"{t.title}, {backend}",
+                        original,
+                        enhanced,
+                        trials.labels,
+                    )
+                )
     if not rows:
         return ""
-    header = (f"{'run':<28} {'trials':<26} {'EER orig':>8} {'EER enh':>8} {'DCF orig':>9} {'DCF enh':>9} "
-              f"{'DCF01 orig':>10} {'DCF01 enh':>10}")
+    header = (
+        f"{'run':<28} {'trials':<26} {'EER orig':>8} {'EER enh':>8} {'DCF orig':>9} {'DCF enh':>9} "
+        f"{'DCF01 orig':>10} {'DCF01 enh':>10}"
+    )
     return "\n".join([header, "-" * len(header), *rows])
 
 
-def comparison_row(run: str, label: str, original: np.ndarray | None, enhanced: np.ndarray | None,
-                   labels: np.ndarray) -> str:
+def comparison_row(
+    run: str, label: str, original: np.ndarray | None, enhanced: np.ndarray | None, labels: np.ndarray
+) -> str:
     """One row of results_table, and whether the enhanced system lowers EER and minDCF."""
-    before, after = (evaluate_scores(scores, labels) if scores is not None else None
-                     for scores in (original, enhanced))
+    before, after = (
+        evaluate_scores(scores, labels) if scores is not None else None for scores in (original, enhanced)
+    )
     cells = [f"{run:<28} {label:<26}"]
     columns = (("eer", 8, 2), (mindcf_key(P_TARGETS[0]), 9, 4), (mindcf_key(P_TARGETS[1]), 10, 4))
     for key, width, digits in columns:
-        cells += [f"{metrics[key]:>{width}.{digits}f}" if metrics else f"{'-':>{width}}"
-                  for metrics in (before, after)]
-    verdict = "" if before is None or after is None else "  " + ", ".join(
-        f"{what} {'better' if after[key] < before[key] else 'not better'}"
-        for what, key in (("EER", "eer"), ("minDCF", mindcf_key(P_TARGETS[0]))))
+        cells += [
+            f"{metrics[key]:>{width}.{digits}f}" if metrics else f"{'-':>{width}}"
+            for metrics in (before, after)
+        ]
+    verdict = (
+        ""
+        if before is None or after is None
+        else "  "
+        + ", ".join(
+            f"{what} {'better' if after[key] < before[key] else 'not better'}"
+            for what, key in (("EER", "eer"), ("minDCF", mindcf_key(P_TARGETS[0])))
+        )
+    )
     return " ".join(cells) + verdict
 
 

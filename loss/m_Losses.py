@@ -129,8 +129,10 @@ class MSE_Softmax(Softmax):
     def validation_sums(self, x, batch):
         entropy, correct, count = self.classifier_sums(x, batch)
         size = x.new_tensor(float(batch.size))
-        return (torch.stack([entropy, F.mse_loss(x, batch.targets) * size, correct]),
-                torch.stack([count, size, count]))
+        return (
+            torch.stack([entropy, F.mse_loss(x, batch.targets) * size, correct]),
+            torch.stack([count, size, count]),
+        )
 
 
 class MyTriplet_CS(EnhancementLoss):
@@ -174,13 +176,16 @@ class DA(EnhancementLoss):
         same = batch.pair_same.to(distance.dtype)
         other = 1 - same
         group = (batch.pair_speaker[:, None] == batch.pair_speaker[None, :]).to(distance.dtype)
-        kernel = torch.exp(-(distance[:, None] - distance[None, :]) ** 2 / (2 * self.sigma ** 2)) * group
+        kernel = torch.exp(-((distance[:, None] - distance[None, :]) ** 2) / (2 * self.sigma**2)) * group
         n_same, n_other = group @ same, group @ other
         valid = (n_same > 0) & (n_other > 0)
         n_same, n_other = n_same.clamp(min=1), n_other.clamp(min=1)
         to_same, to_other = kernel @ same, kernel @ other
-        per_pair = (same * to_same / n_same ** 2 + other * to_other / n_other ** 2
-                    - 2 * same * to_other / (n_same * n_other))
+        per_pair = (
+            same * to_same / n_same**2
+            + other * to_other / n_other**2
+            - 2 * same * to_other / (n_same * n_other)
+        )
         speakers = (valid.to(distance.dtype) / group.sum(dim=1)).sum().round()
         return torch.where(valid, per_pair, 0).sum() / speakers.clamp(min=1)
 
@@ -202,8 +207,7 @@ class DA_MSE(DA):
         return F.mse_loss(x, batch.targets)
 
 
-LOSSES = {cls.__name__: cls for cls in
-          (MSE, MAE, CS, MSE_CS, Softmax, MSE_Softmax, MyTriplet_CS, DA, DA_MSE)}
+LOSSES = {cls.__name__: cls for cls in (MSE, MAE, CS, MSE_CS, Softmax, MSE_Softmax, MyTriplet_CS, DA, DA_MSE)}
 
 
 def loss_class(name: str, source: str | None = None) -> type[EnhancementLoss]:
@@ -226,7 +230,9 @@ def classifier_from_checkpoint(path: str, fc: nn.Linear) -> dict[str, torch.Tens
         if key not in state:
             raise UserError(f"{path}: no '{key}' to initialise the Softmax layer")
         if tuple(state[key].shape) != expected:
-            raise UserError(f"{path}: '{key}' has shape {tuple(state[key].shape)}, the Softmax "
-                            f"layer (nOut, nClasses) needs {expected}")
+            raise UserError(
+                f"{path}: '{key}' has shape {tuple(state[key].shape)}, the Softmax "
+                f"layer (nOut, nClasses) needs {expected}"
+            )
         found[name] = state[key]
     return found

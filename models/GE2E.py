@@ -75,7 +75,7 @@ class GE2E(nn.Module):
         starts, padded_len = partial_starts(wave.shape[1])
         wave = F.pad(wave, (0, padded_len - wave.shape[1]))
         mels = self.features(wave)
-        partials = torch.stack([mels[:, s:s + PARTIAL_FRAMES] for s in starts], dim=1)
+        partials = torch.stack([mels[:, s : s + PARTIAL_FRAMES] for s in starts], dim=1)
         embeds = self.embed_frames(partials.flatten(0, 1)).view(wave.shape[0], len(starts), -1)
         return F.normalize(embeds.mean(dim=1), dim=1)
 
@@ -96,4 +96,3 @@ def select_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], list[str]
     unused = [key for key in state if key.startswith("similarity_")]
     unused += [key for key in checkpoint if key != "model_state"] if "model_state" in checkpoint else []
     return {key: value for key, value in state.items() if key not in unused}, sorted(unused)
-

@@ -25,8 +25,9 @@ def read_checkpoint(path: str | os.PathLike, what: str, device: Any = "cpu") -> 
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
         detail = " ".join(str(err).split())[:200]
-        raise UserError(f"{path}: not a readable {what}, truncated or foreign "
-                        f"({type(err).__name__}: {detail})") from None
+        raise UserError(
+            f"{path}: not a readable {what}, truncated or foreign ({type(err).__name__}: {detail})"
+        ) from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: a {what} holds a dict of tensors, this one a {type(state).__name__}")
     return state

@@ -28,11 +28,16 @@ class ExtractorEntry:
 
 
 EXTRACTORS: dict[str, ExtractorEntry] = {
-    "GE2E": ExtractorEntry(GE2E.GE2E, GE2E.select_weights, GE2E.packaged_weights,
-                           f"its pretrained weights ship with the resemblyzer wheel, which is not installed: "
-                           f"{GE2E.INSTALL_HINT}"),
-    "ResNetSE34V2": ExtractorEntry(ResNetSE34V2.ResNetSE34V2, ResNetSE34V2.select_weights,
-                                   lambda: None, ResNetSE34V2.WEIGHTS_HINT),
+    "GE2E": ExtractorEntry(
+        GE2E.GE2E,
+        GE2E.select_weights,
+        GE2E.packaged_weights,
+        f"its pretrained weights ship with the resemblyzer wheel, which is not installed: "
+        f"{GE2E.INSTALL_HINT}",
+    ),
+    "ResNetSE34V2": ExtractorEntry(
+        ResNetSE34V2.ResNetSE34V2, ResNetSE34V2.select_weights, lambda: None, ResNetSE34V2.WEIGHTS_HINT
+    ),
 }
 DEFAULT_EXTRACTOR = "GE2E"
 
@@ -43,8 +48,11 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
     expected = module.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
-    misshaped = [f"{key} {tuple(state[key].shape)} (expected {tuple(value.shape)})"
-                 for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    misshaped = [
+        f"{key} {tuple(state[key].shape)} (expected {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
     problems = []
     for label, keys in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)):
         if keys:
@@ -62,8 +70,9 @@ def extractor_entry(name: str, source: str | None = None) -> ExtractorEntry:
     return EXTRACTORS[name]
 
 
-def weights_path(name: str, initial_model: str | Path | None = None,
-                 random_init: bool = False) -> Path | None:
+def weights_path(
+    name: str, initial_model: str | Path | None = None, random_init: bool = False
+) -> Path | None:
     """The weights file load_extractor reads for these options: `initial_model`, else the extractor's
     default weights; None with `random_init` (and no `initial_model`)."""
     entry = extractor_entry(name)
@@ -77,8 +86,12 @@ def weights_path(name: str, initial_model: str | Path | None = None,
     return path
 
 
-def load_extractor(name: str, initial_model: str | Path | None = None, random_init: bool = False,
-                   device: torch.device | str = "cpu") -> nn.Module:
+def load_extractor(
+    name: str,
+    initial_model: str | Path | None = None,
+    random_init: bool = False,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
     """Build extractor `name` in eval mode on `device`, with weights from `initial_model`, else its
     default weights; untrained only with `random_init` (and no `initial_model`)."""
     path = weights_path(name, initial_model, random_init)

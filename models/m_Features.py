@@ -42,8 +42,9 @@ def mel_to_hz(mel: np.ndarray, scale: str) -> np.ndarray:
     raise ValueError(f"unknown mel scale {scale!r}")
 
 
-def mel_filterbank(n_fft: int, n_mels: int, scale: str, normalise: bool,
-                   sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def mel_filterbank(
+    n_fft: int, n_mels: int, scale: str, normalise: bool, sample_rate: int = SAMPLE_RATE
+) -> torch.Tensor:
     """Triangular mel filters from 0 Hz to Nyquist, shape (n_mels, n_fft // 2 + 1), float32.
 
     `normalise` scales each triangle to unit area (Slaney's normalisation); otherwise peaks are 1.
@@ -72,11 +73,20 @@ def pre_emphasis(wave: torch.Tensor, coef: float = 0.97) -> torch.Tensor:
     return padded[:, 1:] - coef * padded[:, :-1]
 
 
-def power_spectrogram(wave: torch.Tensor, n_fft: int, win_length: int, hop: int, window: torch.Tensor,
-                      pad_mode: str) -> torch.Tensor:
+def power_spectrogram(
+    wave: torch.Tensor, n_fft: int, win_length: int, hop: int, window: torch.Tensor, pad_mode: str
+) -> torch.Tensor:
     """|STFT|^2 of (B, N) with centred frames -> (B, n_fft // 2 + 1, frames)."""
-    spec = torch.stft(wave, n_fft=n_fft, hop_length=hop, win_length=win_length, window=window,
-                      center=True, pad_mode=pad_mode, return_complex=True)
+    spec = torch.stft(
+        wave,
+        n_fft=n_fft,
+        hop_length=hop,
+        win_length=win_length,
+        window=window,
+        center=True,
+        pad_mode=pad_mode,
+        return_complex=True,
+    )
     return spec.abs().pow(2.0)
 
 
@@ -92,8 +102,9 @@ class LogMelInstanceNorm(nn.Module):
         super().__init__()
         self.n_fft, self.win_length, self.hop = n_fft, win_length, hop
         self.register_buffer("window", torch.hamming_window(win_length), persistent=False)
-        self.register_buffer("mel_fb", mel_filterbank(n_fft, n_mels, "htk", normalise=False),
-                             persistent=False)
+        self.register_buffer(
+            "mel_fb", mel_filterbank(n_fft, n_mels, "htk", normalise=False), persistent=False
+        )
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         with full_precision(wave.device):
@@ -114,8 +125,9 @@ class PowerMel(nn.Module):
         super().__init__()
         self.n_fft, self.hop = n_fft, hop
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
-        self.register_buffer("mel_fb", mel_filterbank(n_fft, n_mels, "slaney", normalise=True),
-                             persistent=False)
+        self.register_buffer(
+            "mel_fb", mel_filterbank(n_fft, n_mels, "slaney", normalise=True), persistent=False
+        )
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         with full_precision(wave.device):

@@ -22,8 +22,9 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def stacked_linear(nOut: int, widths: Sequence[int], activation: str,
-                   dropout_after: Sequence[int] = ()) -> nn.Sequential:
+def stacked_linear(
+    nOut: int, widths: Sequence[int], activation: str, dropout_after: Sequence[int] = ()
+) -> nn.Sequential:
     """Linear layers nOut -> widths[0]*nOut -> ... , an activation after every layer and
     element-wise dropout after the layers numbered (from 1) in `dropout_after`."""
     layers: list[nn.Module] = []
@@ -94,8 +95,9 @@ class MyResidualNet(nn.Module):
         return x + self.out(self.activation(self.hidden(x)))
 
 
-MODELS = {cls.__name__: cls for cls in
-          (MyLinearNet, MyLinearNetv2, MyLinearNetv3, MyLinearNetv4, MyResidualNet)}
+MODELS = {
+    cls.__name__: cls for cls in (MyLinearNet, MyLinearNetv2, MyLinearNetv3, MyLinearNetv4, MyResidualNet)
+}
 
 
 def model_class(name: str, source: str | None = None) -> type[nn.Module]:

@@ -21,7 +21,7 @@ from torch import nn
 from m_utils import Option, Options, UserError, options_taken, unknown_name
 from scoring.metrics import check_rows, l2_normalize, pair_scores, score_trials
 
-MB = 2 ** 20
+MB = 2**20
 
 BACKEND_CHUNK_BYTES = 32 * MB  # float32 temporaries of one chunk of rows
 
@@ -48,8 +48,8 @@ def _on(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 class SpeakerMoments:
     """First and second moments of training embeddings (float64): per speaker and overall."""
 
-    counts: np.ndarray    # (S,) utterances of each speaker
-    sums: np.ndarray      # (S, D) sum of each speaker's embeddings
+    counts: np.ndarray  # (S,) utterances of each speaker
+    sums: np.ndarray  # (S, D) sum of each speaker's embeddings
     products: np.ndarray | None  # (D, D) sum of x x^T over all utterances, where asked for
 
     @property
@@ -69,9 +69,13 @@ class SpeakerMoments:
         return self.products - self.sums.T @ self.speaker_means
 
 
-def speaker_moments(table: torch.Tensor, labels: np.ndarray, speakers: int,
-                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    second: bool = True) -> SpeakerMoments:
+def speaker_moments(
+    table: torch.Tensor,
+    labels: np.ndarray,
+    speakers: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    second: bool = True,
+) -> SpeakerMoments:
     """The SpeakerMoments of the rows of `table` (labels: speaker index of each row), each row
     first passed through `transform` (in float64) when given; `second`: with the second moments.
     Chunked, on the table's device."""
@@ -87,21 +91,28 @@ def speaker_moments(table: torch.Tensor, labels: np.ndarray, speakers: int,
         sums.index_add_(0, index[rows], x)
         if second:
             products += x.T @ x
-    return SpeakerMoments(np.bincount(labels, minlength=speakers).astype(np.float64), sums.cpu().numpy(),
-                          products.cpu().numpy() if second else None)
+    return SpeakerMoments(
+        np.bincount(labels, minlength=speakers).astype(np.float64),
+        sums.cpu().numpy(),
+        products.cpu().numpy() if second else None,
+    )
 
 
-def _speaker_index(speakers: np.ndarray | Sequence, rows: int, needed: int,
-                   backend: str) -> tuple[np.ndarray, int]:
+def _speaker_index(
+    speakers: np.ndarray | Sequence, rows: int, needed: int, backend: str
+) -> tuple[np.ndarray, int]:
     """Each training row's speaker as an index 0..S-1, and S; a UserError for too few speakers."""
     speakers = np.asarray(speakers)
     if speakers.shape != (rows,):
-        raise UserError(f"the {backend} back-end got {rows} training embeddings but "
-                        f"{speakers.size} speaker labels")
+        raise UserError(
+            f"the {backend} back-end got {rows} training embeddings but {speakers.size} speaker labels"
+        )
     names, index = np.unique(speakers, return_inverse=True)
     if len(names) < needed:
-        raise UserError(f"the {backend} back-end needs training embeddings of at least {needed} "
-                        f"speakers, found {len(names)}")
+        raise UserError(
+            f"the {backend} back-end needs training embeddings of at least {needed} "
+            f"speakers, found {len(names)}"
+        )
     return index.astype(np.int64), len(names)
 
 
@@ -117,12 +128,17 @@ class Quality:
 
 # The back-ends' hyper-parameters: options of m_trainer (its OPTIONS table holds these rows).
 BACKEND_OPTIONS: Options = {
-    "asnorm_topk": Option(300, int, "AS-Norm: the top cohort scores averaged on each side of a trial",
-                          bounds=(2, None)),  # a standard deviation needs two scores
-    "lda_dim": Option(200, int, "PLDA: dimension of the LDA before it (at most nOut-1 and speakers-1)",
-                      bounds=(1, None)),
-    "qmf_base": Option(None, str, "QMF: the back-end whose score it rescores (default asnorm when among the "
-                       "back-ends, else none)"),
+    "asnorm_topk": Option(
+        300, int, "AS-Norm: the top cohort scores averaged on each side of a trial", bounds=(2, None)
+    ),  # a standard deviation needs two scores
+    "lda_dim": Option(
+        200, int, "PLDA: dimension of the LDA before it (at most nOut-1 and speakers-1)", bounds=(1, None)
+    ),
+    "qmf_base": Option(
+        None,
+        str,
+        "QMF: the back-end whose score it rescores (default asnorm when among the back-ends, else none)",
+    ),
     "qmf_norms": Option(False, bool, "QMF: the embedding norms before normalisation as quality measures too"),
 }
 
@@ -166,16 +182,23 @@ class Backend:
         self._fit(table, labels, count)
         return self
 
-    def score(self, embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right: np.ndarray,
-              quality: Quality | None = None) -> np.ndarray:
+    def score(
+        self,
+        embeddings: np.ndarray | torch.Tensor,
+        left: np.ndarray,
+        right: np.ndarray,
+        quality: Quality | None = None,
+    ) -> np.ndarray:
         table = _as_tensor(embeddings)
         left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
         check_rows(left, right, len(table))
         if self.needs_fit():
             raise RuntimeError(f"the {self.name} back-end must be fitted before it scores")
         if self.dim is not None and table.shape[1] != self.dim:
-            raise UserError(f"the {self.name} back-end was fitted on {self.dim}-dimensional embeddings, "
-                            f"these have {table.shape[1]}")
+            raise UserError(
+                f"the {self.name} back-end was fitted on {self.dim}-dimensional embeddings, "
+                f"these have {table.shape[1]}"
+            )
         return self._score(table, left, right, quality)
 
     def needs_fit(self) -> bool:
@@ -190,21 +213,29 @@ class Backend:
         """An embedding-level step: the embeddings the next step of a chain sees."""
         raise NotImplementedError(f"the {self.name} back-end does not transform embeddings")
 
-    def rescore(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
-                quality: Quality | None) -> np.ndarray:
+    def rescore(
+        self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         """A back-end with a `base_name`: its scores from those of its base back-end."""
         raise NotImplementedError(f"the {self.name} back-end does not rescore another's scores")
 
-    def fit_trials(self, table: torch.Tensor | np.ndarray, left: np.ndarray, right: np.ndarray,
-                   labels: np.ndarray, quality: Quality | None) -> Backend:
+    def fit_trials(
+        self,
+        table: torch.Tensor | np.ndarray,
+        left: np.ndarray,
+        right: np.ndarray,
+        labels: np.ndarray,
+        quality: Quality | None,
+    ) -> Backend:
         """A back-end that `fits_on_trials`: fitted on labelled trials instead of speakers."""
         raise NotImplementedError(f"the {self.name} back-end is not fitted on trials")
 
     def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
         pass
 
-    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
-               quality: Quality | None) -> np.ndarray:
+    def _score(
+        self, table: torch.Tensor, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         return score_trials(table, left, right, self.cosine)
 
 
@@ -227,8 +258,9 @@ class MeanBackend(Backend):
     def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
         self.mean = speaker_moments(table, labels, speakers, second=False).mean
 
-    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
-               quality: Quality | None) -> np.ndarray:
+    def _score(
+        self, table: torch.Tensor, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         mean = _on(self.mean, table)
         centred = torch.empty_like(table)
         for rows in _row_chunks(len(table), table.shape[1]):
@@ -252,7 +284,6 @@ class AsNormBackend(Backend):
     name = "asnorm"
     min_speakers = 2
 
-
     def __init__(self, cosine: bool, asnorm_topk: int = 300):
         self.asnorm_topk = asnorm_topk
         super().__init__(cosine)
@@ -263,8 +294,9 @@ class AsNormBackend(Backend):
             cohort = l2_normalize(cohort)
         self.cohort = cohort.astype(np.float32)
 
-    def cohort_statistics(self, embeddings: np.ndarray | torch.Tensor,
-                          rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def cohort_statistics(
+        self, embeddings: np.ndarray | torch.Tensor, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation (float64) of the top-k cohort scores of each of `rows`.
 
         Each chunk's rows, cohort scores and top-k land in buffers allocated once: fresh memory for
@@ -281,8 +313,10 @@ class AsNormBackend(Backend):
         size = chunks[0].stop if chunks else 0
         rows_buffer = table.new_empty((size, table.shape[1]))
         scores_buffer = table.new_empty((size, len(cohort)))
-        top_buffer = (table.new_empty((size, topk)),
-                      torch.empty((size, topk), dtype=torch.int64, device=table.device))
+        top_buffer = (
+            table.new_empty((size, topk)),
+            torch.empty((size, topk), dtype=torch.int64, device=table.device),
+        )
         for part in chunks:
             count = part.stop - part.start
             x = torch.index_select(table, 0, index[part], out=rows_buffer[:count])
@@ -292,8 +326,9 @@ class AsNormBackend(Backend):
             if not cosine:
                 # The highest scores -||x - c|| are those of the highest 2 x.c - |c|^2.
                 scores.mul_(2).sub_(cohort_norms)
-            top, _ = torch.topk(scores, topk, dim=1, sorted=False,
-                                out=(top_buffer[0][:count], top_buffer[1][:count]))
+            top, _ = torch.topk(
+                scores, topk, dim=1, sorted=False, out=(top_buffer[0][:count], top_buffer[1][:count])
+            )
             if cosine:
                 top.sub_(1)
             else:
@@ -302,8 +337,9 @@ class AsNormBackend(Backend):
             stds[part], means[part] = torch.std_mean(top, dim=1, correction=0)
         return means.cpu().numpy(), stds.cpu().numpy()
 
-    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
-               quality: Quality | None) -> np.ndarray:
+    def _score(
+        self, table: torch.Tensor, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         raw = score_trials(table, left, right, self.cosine).astype(np.float64)
         used = np.zeros(len(table), bool)
         used[left] = used[right] = True
@@ -312,7 +348,8 @@ class AsNormBackend(Backend):
         means[rows], stds[rows] = self.cohort_statistics(table, rows)
         stds = np.maximum(stds, 1e-12)  # a cohort of identical scores; does not occur in practice
         return (0.5 * ((raw - means[left]) / stds[left] + (raw - means[right]) / stds[right])).astype(
-            np.float32)
+            np.float32
+        )
 
 
 @dataclass
@@ -331,12 +368,14 @@ class TwoCovariance:
         between + within x mean(1 / utterances of a speaker), clipped to be positive semi-definite."""
         speakers, total = len(moments.counts), moments.total
         if total <= speakers:
-            raise UserError("PLDA needs a training speaker with at least two utterances (a "
-                            "within-speaker covariance)")
+            raise UserError(
+                "PLDA needs a training speaker with at least two utterances (a within-speaker covariance)"
+            )
         within = moments.within_scatter() / (total - speakers)
         means = moments.speaker_means
-        between = np.cov(means, rowvar=False, ddof=1).reshape(within.shape) \
-            - within * np.mean(1 / moments.counts)
+        between = np.cov(means, rowvar=False, ddof=1).reshape(within.shape) - within * np.mean(
+            1 / moments.counts
+        )
         values, vectors = np.linalg.eigh((between + between.T) / 2)
         between = (vectors * np.maximum(values, 0)) @ vectors.T
         return cls(means.mean(axis=0), between, (within + within.T) / 2)
@@ -351,17 +390,20 @@ class TwoCovariance:
         try:
             psi, transform = scipy.linalg.eigh(self.between, self.within)
         except np.linalg.LinAlgError:
-            raise UserError("PLDA: the within-speaker covariance is singular (too few training "
-                            "utterances for the dimension)") from None
+            raise UserError(
+                "PLDA: the within-speaker covariance is singular (too few training "
+                "utterances for the dimension)"
+            ) from None
         psi = np.maximum(psi, 0)
         product = psi / (1 + 2 * psi)
-        square = -psi ** 2 / ((1 + psi) * (1 + 2 * psi))
+        square = -(psi**2) / ((1 + psi) * (1 + 2 * psi))
         constant = float(np.sum(np.log1p(psi) - 0.5 * np.log1p(2 * psi)))
         return transform, product, square, constant
 
 
-def fit_two_covariance(embeddings: np.ndarray | torch.Tensor,
-                       speakers: np.ndarray | Sequence) -> TwoCovariance:
+def fit_two_covariance(
+    embeddings: np.ndarray | torch.Tensor, speakers: np.ndarray | Sequence
+) -> TwoCovariance:
     """TwoCovariance.from_moments of training embeddings (M, D) with their speaker labels (M,)."""
     table = _as_tensor(embeddings)
     labels, count = _speaker_index(speakers, len(table), 2, "plda")
@@ -394,7 +436,6 @@ class PldaBackend(Backend):
     first_only = True
     min_speakers = 2
 
-
     def __init__(self, cosine: bool, lda_dim: int = 200):
         self.lda_dim = lda_dim
         super().__init__(cosine)
@@ -412,8 +453,9 @@ class PldaBackend(Backend):
         """Rows centred, LDA-projected and length-normalised: the space the PLDA model lives in."""
         return nn.functional.normalize((x - _on(self.mean, x)) @ _on(self.lda, x), dim=1)
 
-    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
-               quality: Quality | None) -> np.ndarray:
+    def _score(
+        self, table: torch.Tensor, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         transform_array, product, square_array, constant = self._scoring
         mean, transform = _on(self.plda.mean, table), _on(transform_array, table)
         root_product, square = _on(np.sqrt(product), table), _on(square_array, table).double()
@@ -430,8 +472,9 @@ class PldaBackend(Backend):
         return (cross + own_terms[left] + own_terms[right] + constant).astype(np.float32)
 
 
-def quality_features(scores: np.ndarray, left: np.ndarray, right: np.ndarray, quality: Quality,
-                     norms: bool) -> np.ndarray:
+def quality_features(
+    scores: np.ndarray, left: np.ndarray, right: np.ndarray, quality: Quality, norms: bool
+) -> np.ndarray:
     """(trials, 3 or 5) float64 features of QMF: the score, the smaller and the larger log duration
     of the two sides (so that a trial and its mirror image agree), and with `norms` the smaller
     and the larger log embedding norm."""
@@ -491,8 +534,10 @@ class QmfBackend(Rescorer):
         base = options.get("qmf_base") or ("asnorm" if "asnorm" in backends else "none")
         allowed = [name for name in ("none", *backends) if not rescores(name)]
         if base not in allowed:
-            raise UserError(f"option 'qmf_base' must be one of the back-ends scored ({', '.join(allowed)}) "
-                            f"other than qmf, found {base!r}")
+            raise UserError(
+                f"option 'qmf_base' must be one of the back-ends scored ({', '.join(allowed)}) "
+                f"other than qmf, found {base!r}"
+            )
         return base
 
     def missing(self, quality: Quality | None) -> str | None:
@@ -502,40 +547,51 @@ class QmfBackend(Rescorer):
             return "embedding norms (qmf_norms)"
         return None
 
-    def fit_trials(self, table: torch.Tensor | np.ndarray, left: np.ndarray, right: np.ndarray,
-                   labels: np.ndarray, quality: Quality | None) -> QmfBackend:
+    def fit_trials(
+        self,
+        table: torch.Tensor | np.ndarray,
+        left: np.ndarray,
+        right: np.ndarray,
+        labels: np.ndarray,
+        quality: Quality | None,
+    ) -> QmfBackend:
         """Fit the regression on the trials (left[i], right[i]) of `table` with their labels."""
         labels = np.asarray(labels).astype(bool)
         if labels.all() or not labels.any():
             raise UserError("the qmf back-end needs target (1) and non-target (0) calibration trials")
         self.model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
-        self.model.fit(self._features(self._base_scores(table, left, right, quality), left, right, quality),
-                       labels)
+        self.model.fit(
+            self._features(self._base_scores(table, left, right, quality), left, right, quality), labels
+        )
         return self
 
-    def rescore(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
-                quality: Quality | None) -> np.ndarray:
+    def rescore(
+        self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         """The scores of trials whose base back-end's scores are at hand."""
         if self.model is None:
             raise RuntimeError("the qmf back-end must be fitted (fit_trials) before it scores")
         features = self._features(base_scores, left, right, quality)
         return self.model.decision_function(features).astype(np.float32)
 
-    def _base_scores(self, table: torch.Tensor | np.ndarray, left: np.ndarray, right: np.ndarray,
-                     quality: Quality | None) -> np.ndarray:
+    def _base_scores(
+        self, table: torch.Tensor | np.ndarray, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         if self.base is None:
             raise RuntimeError("the qmf back-end needs its base back-end (`base`) before it scores")
         return self.base.score(table, left, right, quality)
 
-    def _features(self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray,
-                  quality: Quality | None) -> np.ndarray:
+    def _features(
+        self, base_scores: np.ndarray, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         lacking = self.missing(quality)
         if lacking or quality is None:
             raise UserError(f"the qmf back-end needs {lacking}")
         return quality_features(base_scores, np.asarray(left), np.asarray(right), quality, self.norms)
 
-    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
-               quality: Quality | None) -> np.ndarray:
+    def _score(
+        self, table: torch.Tensor, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         return self.rescore(self._base_scores(table, left, right, quality), left, right, quality)
 
 
@@ -562,13 +618,15 @@ class Chain(Backend):
             table = step.fit(table, labels).transform(table)
         self.scorer.fit(table, labels)
 
-    def _score(self, table: torch.Tensor, left: np.ndarray, right: np.ndarray,
-               quality: Quality | None) -> np.ndarray:
+    def _score(
+        self, table: torch.Tensor, left: np.ndarray, right: np.ndarray, quality: Quality | None
+    ) -> np.ndarray:
         return self.scorer.score(self.transform(table), left, right, quality)
 
 
-BACKENDS: dict[str, type[Backend]] = {cls.name: cls for cls in (Backend, MeanBackend, AsNormBackend,
-                                                                  PldaBackend, QmfBackend)}
+BACKENDS: dict[str, type[Backend]] = {
+    cls.name: cls for cls in (Backend, MeanBackend, AsNormBackend, PldaBackend, QmfBackend)
+}
 SEPARATOR = "+"  # between the steps of a chain: mean+asnorm+qmf
 KIND_ORDER = ("embedding", "score", "rescore")  # the order of the steps of a chain
 
@@ -580,12 +638,16 @@ def step_names(name: str) -> list[str]:
 
 def chain_rule() -> str:
     """How a chain is built, in words, from the kinds of the steps in BACKENDS."""
+
     def named(kind: str) -> str:
         return ", ".join(step for step, cls in BACKENDS.items() if cls.kind == kind and step != "none")
+
     first = ", ".join(step for step, cls in BACKENDS.items() if cls.first_only)
-    return (f"a chain is steps that transform embeddings ({named('embedding')}), then at most one that "
-            f"scores them ({named('score')}; {first} only first), then those that rescore scores "
-            f"({named('rescore')}), each at most once, joined by '{SEPARATOR}'; none stands alone")
+    return (
+        f"a chain is steps that transform embeddings ({named('embedding')}), then at most one that "
+        f"scores them ({named('score')}; {first} only first), then those that rescore scores "
+        f"({named('rescore')}), each at most once, joined by '{SEPARATOR}'; none stands alone"
+    )
 
 
 def chain_steps(name: str, source: str | None = None) -> list[str]:
@@ -609,8 +671,14 @@ def chain_steps(name: str, source: str | None = None) -> list[str]:
 def chain_problem(steps: Sequence[str]) -> str | None:
     """Why known steps in this order cannot make a chain (chain_rule), in words; None when they can."""
     kinds = [BACKENDS[step].kind for step in steps]
-    late = next(((a, b) for a, b in pairwise(range(len(steps)))
-                 if KIND_ORDER.index(kinds[b]) < KIND_ORDER.index(kinds[a])), None)
+    late = next(
+        (
+            (a, b)
+            for a, b in pairwise(range(len(steps)))
+            if KIND_ORDER.index(kinds[b]) < KIND_ORDER.index(kinds[a])
+        ),
+        None,
+    )
     scorers = [step for step, kind in zip(steps, kinds, strict=True) if kind == "score"]
     if "none" in steps:
         return "none is the back-end of no step"
@@ -646,8 +714,9 @@ def make_backend(name: str, cosine: bool, **options) -> Backend:
 
 def needs_training_embeddings(names: Sequence[str]) -> bool:
     """Whether any of these back-ends (or a step of them) is fitted on training embeddings."""
-    return any(BACKENDS[step].min_speakers > 0 for name in names for step in step_names(name)
-               if step in BACKENDS)
+    return any(
+        BACKENDS[step].min_speakers > 0 for name in names for step in step_names(name) if step in BACKENDS
+    )
 
 
 def check_backend_names(names: Sequence[str], source: str | None = None) -> None:

@@ -40,11 +40,12 @@ class _RankedTrials:
         starts_group = np.append(True, ordered[1:] != ordered[:-1])
         self.group_start = np.maximum.accumulate(np.where(starts_group, np.arange(trials), 0))
         self.ends_group = np.append(starts_group[1:], True)
-        edges = np.unique(self.group_start[::math.isqrt(trials - 1) + 1])
+        edges = np.unique(self.group_start[:: math.isqrt(trials - 1) + 1])
         self.edges = np.append(edges, trials)  # bin b holds the trials edges[b]:edges[b + 1]
         bin_of = np.repeat(np.arange(len(edges)), np.diff(self.edges))
-        counts = np.bincount((self.speaker * len(edges) + bin_of) * 2 + self.target,
-                             minlength=speakers * len(edges) * 2).reshape(speakers, len(edges), 2)
+        counts = np.bincount(
+            (self.speaker * len(edges) + bin_of) * 2 + self.target, minlength=speakers * len(edges) * 2
+        ).reshape(speakers, len(edges), 2)
         self.largest = int(counts.sum(axis=(1, 2)).max())  # one speaker's trials
         self.counts = counts.cumsum(axis=1).reshape(speakers, -1)  # (non-target, target) at each bin end
 
@@ -54,7 +55,7 @@ class _RankedTrials:
         trial is repeated as often as its weight (NaN where a resample lacks a class)."""
         draws = np.asarray(draws, np.int64)
         # Sums of whole numbers are exact in float32 below 2 ** 24 (and twice as fast as float64).
-        exact32 = int(draws.sum(axis=1).max()) * self.largest < 2 ** 24
+        exact32 = int(draws.sum(axis=1).max()) * self.largest < 2**24
         weights = draws.astype(np.float32 if exact32 else np.float64)
         at_ends = (weights @ self.counts.astype(weights.dtype)).astype(np.int64).reshape(len(draws), -1, 2)
         # (resamples, 1 + bins, 2): accepted (non-targets, targets) before each bin and after the last
@@ -66,8 +67,9 @@ class _RankedTrials:
         # The first bin at whose end FNR < FPR: the curve crosses inside it.
         lo = hi = np.argmax(fnr - fpr < 0, axis=1)
         while len(rows):
-            eer, needs_left, needs_right = self._settle(draws[rows], accepted[rows, lo],
-                                                        accepted[rows, hi + 1], totals[rows], lo, hi)
+            eer, needs_left, needs_right = self._settle(
+                draws[rows], accepted[rows, lo], accepted[rows, hi + 1], totals[rows], lo, hi
+            )
             settled = ~(needs_left | needs_right)
             eers[rows[settled]] = eer[settled]
             # The window misses a kept point of the curve on one side: double it that way.
@@ -77,8 +79,15 @@ class _RankedTrials:
             rows = rows[~settled]
         return eers
 
-    def _settle(self, draws: np.ndarray, before: np.ndarray, after: np.ndarray, totals: np.ndarray,
-                lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _settle(
+        self,
+        draws: np.ndarray,
+        before: np.ndarray,
+        after: np.ndarray,
+        totals: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The EERs of resamples whose curve crosses FNR = FPR in bins lo..hi (`before`/`after`:
         the (non-targets, targets) accepted before and after those bins), with whether the window
         must grow left or right to reach the kept curve point on that side (EER NaN there).
@@ -96,8 +105,9 @@ class _RankedTrials:
         following = _next_moved(moved)
         has_next = following < len(columns)
         following = np.minimum(following, len(columns) - 1)
-        differs = ((step_t != np.take_along_axis(step_t, following, axis=1))
-                   | (step_n != np.take_along_axis(step_n, following, axis=1)))
+        differs = (step_t != np.take_along_axis(step_t, following, axis=1)) | (
+            step_n != np.take_along_axis(step_n, following, axis=1)
+        )
         ends_curve = (after == totals).all(axis=1)[:, None]  # nothing is accepted after the window
         kept = moved & np.where(has_next, differs, ends_curve)
         unknown = moved & ~has_next & ~ends_curve
@@ -157,8 +167,13 @@ def _next_moved(moved: np.ndarray) -> np.ndarray:
     return following
 
 
-def bootstrap_eer(scores: Sequence[np.ndarray] | np.ndarray, labels: np.ndarray, trial_speakers: np.ndarray,
-                  resamples: int = 1000, seed: int = 0) -> np.ndarray:
+def bootstrap_eer(
+    scores: Sequence[np.ndarray] | np.ndarray,
+    labels: np.ndarray,
+    trial_speakers: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> np.ndarray:
     """(systems, resamples) EERs (%) of a bootstrap over test speakers.
 
     `scores`: one system's scores, or a sequence of systems' scores of the same trials;
@@ -167,8 +182,11 @@ def bootstrap_eer(scores: Sequence[np.ndarray] | np.ndarray, labels: np.ndarray,
     trials k; every system sees the same resamples, so differences between systems are paired.
     The EER of a resample follows compute_eer's rule exactly (all weights 1 give compute_eer).
     """
-    systems = [np.asarray(scores)] if isinstance(scores, np.ndarray) and scores.ndim == 1 else \
-        [np.asarray(s) for s in scores]
+    systems = (
+        [np.asarray(scores)]
+        if isinstance(scores, np.ndarray) and scores.ndim == 1
+        else [np.asarray(s) for s in scores]
+    )
     labels = np.asarray(labels).astype(bool)
     trial_speakers = np.asarray(trial_speakers)
     if any(s.shape != labels.shape for s in systems) or trial_speakers.shape != labels.shape:
@@ -183,7 +201,7 @@ def bootstrap_eer(scores: Sequence[np.ndarray] | np.ndarray, labels: np.ndarray,
     eers = np.empty((len(systems), resamples))
     for start in range(0, resamples, RESAMPLE_BLOCK):
         for system, trials in enumerate(ranked):
-            eers[system, start:start + RESAMPLE_BLOCK] = trials.eers(draws[start:start + RESAMPLE_BLOCK])
+            eers[system, start : start + RESAMPLE_BLOCK] = trials.eers(draws[start : start + RESAMPLE_BLOCK])
     return eers
 
 
@@ -195,4 +213,3 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
         return float("nan"), float("nan")
     lo, hi = np.percentile(finite, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
-

@@ -21,8 +21,9 @@ def cllr(llr: np.ndarray, labels: np.ndarray) -> float:
     """Log-likelihood-ratio cost in bits: the mean of log2(1 + e^-llr) over target trials and of
     log2(1 + e^llr) over non-target trials, averaged over the two classes."""
     llr, labels = _two_classes(llr, labels, "Cllr")
-    return float((np.logaddexp(0, -llr[labels]).mean() + np.logaddexp(0, llr[~labels]).mean())
-                 / (2 * np.log(2)))
+    return float(
+        (np.logaddexp(0, -llr[labels]).mean() + np.logaddexp(0, llr[~labels]).mean()) / (2 * np.log(2))
+    )
 
 
 def min_cllr(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -71,8 +72,10 @@ class Calibration:
         model.fit(((scores - centre) / scale)[:, None], labels)
         slope = model.coef_[0, 0] / scale
         calibration = cls(slope, model.intercept_[0] - slope * centre)
-        calibration.thresholds = {"raw": decision_thresholds(scores, labels, far),
-                                  "llr": decision_thresholds(calibration.llr(scores), labels, far)}
+        calibration.thresholds = {
+            "raw": decision_thresholds(scores, labels, far),
+            "llr": decision_thresholds(calibration.llr(scores), labels, far),
+        }
         return calibration
 
     def llr(self, scores: np.ndarray) -> np.ndarray:
@@ -80,6 +83,3 @@ class Calibration:
 
     def as_dict(self) -> dict:
         return {"slope": self.slope, "offset": self.offset, "thresholds": self.thresholds}
-
-
-

@@ -22,9 +22,11 @@ from stores.open import open_embeddings
 
 # Per trial list (m_trainer.LISTS' names): the option of its enrolment list and of the store of
 # the enrolment utterances (default: the trial list's store).
-ENROLL_OPTIONS = {"test": ("enroll_list", "enroll_path"),
-                  "libri": ("enroll_list_libri", "enroll_path_libri"),
-                  "calib": ("calib_enroll_list", "calib_enroll_path")}
+ENROLL_OPTIONS = {
+    "test": ("enroll_list", "enroll_path"),
+    "libri": ("enroll_list_libri", "enroll_path_libri"),
+    "calib": ("calib_enroll_list", "calib_enroll_path"),
+}
 SPK2UTT_FORM = "'<model> <utt> [<utt> ...]'"
 
 
@@ -55,22 +57,32 @@ class ModelTrials:
     duration is the sum of its utterances', its norm their mean; its speaker its first
     utterance's."""
 
-    def __init__(self, list_path: str | os.PathLike, root: str | os.PathLike,
-                 enroll_list: str | os.PathLike, enroll_root: str | os.PathLike,
-                 embedding_type: str, dim: int | None, threads: int = 8):
+    def __init__(
+        self,
+        list_path: str | os.PathLike,
+        root: str | os.PathLike,
+        enroll_list: str | os.PathLike,
+        enroll_root: str | os.PathLike,
+        embedding_type: str,
+        dim: int | None,
+        threads: int = 8,
+    ):
         self.list_path = Path(list_path)
         self.labels, left, right, names = read_trials(list_path)
         if len(np.unique(self.labels)) < 2:
-            raise UserError(f"{self.list_path}: a trial list needs both target (1) and "
-                            "non-target (0) trials to compute an EER")
+            raise UserError(
+                f"{self.list_path}: a trial list needs both target (1) and "
+                "non-target (0) trials to compute an EER"
+            )
         spk2utt = read_spk2utt(enroll_list)
         model_rows, test_rows = np.unique(left), np.unique(right)
         model_names = [names[row] for row in model_rows]
         for name in model_names:
             if name not in spk2utt:
                 line = line_naming(list_path, name)
-                raise UserError(f"{list_path}:{line}: {name} is not a model of the enrolment list "
-                                f"{enroll_list}")
+                raise UserError(
+                    f"{list_path}:{line}: {name} is not a model of the enrolment list {enroll_list}"
+                )
         test_files = [names[row] for row in test_rows]
         self.left = len(test_files) + np.searchsorted(model_rows, left)
         self.right = np.searchsorted(test_rows, right)
@@ -84,12 +96,14 @@ class ModelTrials:
         utterances = [utt for name in model_names for utt in spk2utt[name]]
         counts = np.array([len(spk2utt[name]) for name in model_names])
         model_of = np.repeat(np.arange(len(model_names)), counts)
-        enrolled = enroll_store.utterances(utterances, dim, threads, desc="loading enrolment",
-                                           source=enroll_list)
+        enrolled = enroll_store.utterances(
+            utterances, dim, threads, desc="loading enrolment", source=enroll_list
+        )
         self.models = Models(np.asarray(enrolled.matrix()), model_of, embedding_type)
         self.model_speakers = enroll_store.speaker_of([spk2utt[name][0] for name in model_names])
-        self.durations = _with_models(store.durations(test_files), enroll_store.durations(utterances),
-                                      model_of, counts, total=True)
+        self.durations = _with_models(
+            store.durations(test_files), enroll_store.durations(utterances), model_of, counts, total=True
+        )
         self.norms = _with_models(tests.norms, enrolled.norms, model_of, counts, total=False)
 
     def __len__(self) -> int:
@@ -111,8 +125,13 @@ def trials_table(system: System, trials: TrialSet | ModelTrials) -> np.ndarray:
     return trial_table(system, trials.embeddings, models_of(trials))
 
 
-def _with_models(tests: np.ndarray | None, utterances: np.ndarray | None, model_of: np.ndarray,
-                 counts: np.ndarray, total: bool) -> np.ndarray | None:
+def _with_models(
+    tests: np.ndarray | None,
+    utterances: np.ndarray | None,
+    model_of: np.ndarray,
+    counts: np.ndarray,
+    total: bool,
+) -> np.ndarray | None:
     """A per-row value of the table: the test files', then per model the sum (`total`) or mean of
     its utterances'; None when either side's is unknown."""
     if tests is None or utterances is None:
@@ -131,5 +150,12 @@ def enrolled_trials(args: argparse.Namespace, name: str, list_path: str, root: s
     if not getattr(args, list_option, None):
         return None
     enroll_root = getattr(args, path_option) or root
-    return ModelTrials(list_path, root, getattr(args, list_option), enroll_root,
-                       args.multiple_embedding_flag, args.nOut, args.nDataLoaderThread)
+    return ModelTrials(
+        list_path,
+        root,
+        getattr(args, list_option),
+        enroll_root,
+        args.multiple_embedding_flag,
+        args.nOut,
+        args.nDataLoaderThread,
+    )

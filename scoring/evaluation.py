@@ -48,8 +48,9 @@ class Models:
         through a system)."""
         order = np.argsort(self.model_of, kind="stable")
         ends = np.cumsum(np.bincount(self.model_of))[:-1]
-        return np.stack([combine_speaker(rows, self.embedding_type)
-                         for rows in np.split(np.asarray(table)[order], ends)])
+        return np.stack(
+            [combine_speaker(rows, self.embedding_type) for rows in np.split(np.asarray(table)[order], ends)]
+        )
 
 
 @dataclass
@@ -138,39 +139,65 @@ def needs_training(backends: Sequence[str]) -> bool:
     return needs_training_embeddings(backends)
 
 
-def evaluate(lists: Sequence[TrialList], systems: Mapping[str, System], settings: Settings,
-             train: TrainingSet | None = None, calib: TrialList | None = None,
-             model: dict | None = None, is_main: bool = True) -> Results | None:
+def evaluate(
+    lists: Sequence[TrialList],
+    systems: Mapping[str, System],
+    settings: Settings,
+    train: TrainingSet | None = None,
+    calib: TrialList | None = None,
+    model: dict | None = None,
+    is_main: bool = True,
+) -> Results | None:
     """The results of `lists` for every system and back-end; None off the main rank. Without
     `train` the back-ends fitted on training embeddings are skipped, without `calib` (or its
     durations) qmf, each with a notice; `model` describes the model in the records' Sources."""
-    tables = {(system, name): table(apply)
-              for system, apply in systems.items() for name, table in _named(train, calib, lists)}
+    tables = {
+        (system, name): table(apply)
+        for system, apply in systems.items()
+        for name, table in _named(train, calib, lists)
+    }
     if not is_main:
         return None
     backends = _Fitter(settings, tables, train, calib).fit(systems)
-    calibrations = {} if calib is None else {
-        key: Calibration.fit(scores, calib.labels)
-        for key, scores in _scores(backends, tables, calib, set()).items()}
+    calibrations = (
+        {}
+        if calib is None
+        else {
+            key: Calibration.fit(scores, calib.labels)
+            for key, scores in _scores(backends, tables, calib, set()).items()
+        }
+    )
     results: dict[str, ListResult] = {}
     records: list[Record] = []
     said: set[tuple[str, str]] = set()
     for trials in lists:
         scores = _scores(backends, tables, trials, said)
         results[trials.name] = ListResult(trials, scores)
-        records += list_records(trials.name, scores, trials.labels, trials.speakers, calibrations,
-                                settings.resamples, settings.seed, settings.options.get("eer", "roc"))
+        records += list_records(
+            trials.name,
+            scores,
+            trials.labels,
+            trials.speakers,
+            calibrations,
+            settings.resamples,
+            settings.seed,
+            settings.options.get("eer", "roc"),
+        )
         records += decision_records(trials.name, scores, trials.labels, calibrations)
-    records += [CalibrationResult(system, backend, calibration)
-                for (system, backend), calibration in calibrations.items()]
+    records += [
+        CalibrationResult(system, backend, calibration)
+        for (system, backend), calibration in calibrations.items()
+    ]
     sources = {trials.name: trials.source() for trials in lists}
-    sources |= {name: data.source() for name, data in (("calib", calib), ("train", train))
-                if data is not None}
+    sources |= {
+        name: data.source() for name, data in (("calib", calib), ("train", train)) if data is not None
+    }
     return Results(results, records + [Sources(sources, model)])
 
 
-def _named(train: TrainingSet | None, calib: TrialList | None,
-           lists: Sequence[TrialList]) -> list[tuple[str, Callable[[System], np.ndarray]]]:
+def _named(
+    train: TrainingSet | None, calib: TrialList | None, lists: Sequence[TrialList]
+) -> list[tuple[str, Callable[[System], np.ndarray]]]:
     """The tables a run passes through each system, named, each as the function that makes it
     through a system: train, calib, then each trial list."""
     named = [("train", lambda system: system(train.embeddings))] if train is not None else []
@@ -178,8 +205,12 @@ def _named(train: TrainingSet | None, calib: TrialList | None,
     return named + [(trials.name, trials.table) for trials in lists]
 
 
-def _scores(backends: Mapping[Key, Backend], tables: Mapping[Key, np.ndarray], trials: TrialList,
-            said: set[tuple[str, str]]) -> dict[Key, np.ndarray]:
+def _scores(
+    backends: Mapping[Key, Backend],
+    tables: Mapping[Key, np.ndarray],
+    trials: TrialList,
+    said: set[tuple[str, str]],
+) -> dict[Key, np.ndarray]:
     """Scores of every (system, back-end) that can score this list; for one that lacks what it
     needs (qmf without the list's durations) a notice, once (`said`)."""
     scores: dict[Key, np.ndarray] = {}
@@ -192,19 +223,26 @@ def _scores(backends: Mapping[Key, Backend], tables: Mapping[Key, np.ndarray], t
             continue
         base = backend.base_name
         if base is not None and (system, base) in scores:  # over another's scores (qmf): as they are
-            scores[(system, name)] = backend.rescore(scores[(system, base)], trials.left, trials.right,
-                                                     trials.quality)
+            scores[(system, name)] = backend.rescore(
+                scores[(system, base)], trials.left, trials.right, trials.quality
+            )
         else:
-            scores[(system, name)] = backend.score(tables[(system, trials.name)], trials.left, trials.right,
-                                                   trials.quality)
+            scores[(system, name)] = backend.score(
+                tables[(system, trials.name)], trials.left, trials.right, trials.quality
+            )
     return scores
 
 
 class _Fitter:
     """Makes and fits every (system, back-end) that its data allows, saying which are skipped."""
 
-    def __init__(self, settings: Settings, tables: Mapping[Key, np.ndarray], train: TrainingSet | None,
-                 calib: TrialList | None):
+    def __init__(
+        self,
+        settings: Settings,
+        tables: Mapping[Key, np.ndarray],
+        train: TrainingSet | None,
+        calib: TrialList | None,
+    ):
         self.settings, self.tables, self.train, self.calib = settings, tables, train, calib
         self.options = {**settings.options, "backends": settings.names()}
         made = {name: make_backend(name, settings.cosine, **self.options) for name in settings.names()}
@@ -245,14 +283,24 @@ class _Fitter:
             for name in self.usable:
                 backend = fitted[(system, name)]
                 if backend.fits_on_trials and self.calib is not None:
-                    backend.fit_trials(self.tables[(system, "calib")], self.calib.left, self.calib.right,
-                                       self.calib.labels, self.calib.quality)
+                    backend.fit_trials(
+                        self.tables[(system, "calib")],
+                        self.calib.left,
+                        self.calib.right,
+                        self.calib.labels,
+                        self.calib.quality,
+                    )
         return fitted
 
     def _fit_on_training(self, system: str, backend: Backend, train: TrainingSet) -> None:
         began = time.perf_counter()
         speakers = train.speakers
         backend.fit(self.tables[(system, "train")], speakers)
-        log.info("%s back-end of the %s embeddings fitted on %d training utterances of %d speakers in "
-                 "%.1f s", backend.name, system, len(speakers), len(set(speakers.tolist())),
-                 time.perf_counter() - began)
+        log.info(
+            "%s back-end of the %s embeddings fitted on %d training utterances of %d speakers in %.1f s",
+            backend.name,
+            system,
+            len(speakers),
+            len(set(speakers.tolist())),
+            time.perf_counter() - began,
+        )

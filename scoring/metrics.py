@@ -27,8 +27,9 @@ def l2_normalize(array: np.ndarray) -> np.ndarray:
     return array / np.maximum(norm, 1e-12)
 
 
-def score_trials(embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right: np.ndarray,
-                 cosine: bool) -> np.ndarray:
+def score_trials(
+    embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right: np.ndarray, cosine: bool
+) -> np.ndarray:
     """Score trials (left[i], right[i]) between rows of `embeddings` -> float32 scores: with
     `cosine` -(1 - cos(a, b)) (cosine distance, embedding type C), else -||a - b|| (L2 distance,
     type B)."""
@@ -36,11 +37,13 @@ def score_trials(embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right:
         raise TypeError(f"cosine must be a bool, found {cosine!r}")
     return pair_scores(embeddings, left, right, "cosine" if cosine else "l2")
 
+
 PAIR_KINDS = ("cosine", "l2", "dot")
 
 
-def pair_scores(embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right: np.ndarray,
-                kind: str) -> np.ndarray:
+def pair_scores(
+    embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right: np.ndarray, kind: str
+) -> np.ndarray:
     """float32 value of each pair of rows (left[i], right[i]): `cosine` -(1 - cos(a, b)),
     `l2` -||a - b||, `dot` a.b.
 
@@ -72,8 +75,8 @@ def pair_scores(embeddings: np.ndarray | torch.Tensor, left: np.ndarray, right: 
         for start in starts[part::threads]:
             stop = min(start + SCORE_CHUNK, len(left))
             # mode="clip" (rows were checked above) lets take() write straight into the buffer
-            a = table.take(left[start:stop], axis=0, out=buffers[part, 0, :stop - start], mode="clip")
-            b = table.take(right[start:stop], axis=0, out=buffers[part, 1, :stop - start], mode="clip")
+            a = table.take(left[start:stop], axis=0, out=buffers[part, 0, : stop - start], mode="clip")
+            b = table.take(right[start:stop], axis=0, out=buffers[part, 1, : stop - start], mode="clip")
             if kind == "l2":
                 a -= b
                 out[start:stop] = -np.sqrt(np.einsum("ij,ij->i", a, a))
@@ -103,16 +106,16 @@ def _score_on_device(table: torch.Tensor, left: np.ndarray, right: np.ndarray, k
         table = nn.functional.normalize(table, dim=1)
     left_rows = torch.from_numpy(left).to(table.device)
     right_rows = torch.from_numpy(right).to(table.device)
-    chunk = max(SCORE_CHUNK, 2 ** 20 // max(1, table.shape[1]))
+    chunk = max(SCORE_CHUNK, 2**20 // max(1, table.shape[1]))
     out = torch.empty(len(left), dtype=table.dtype, device=table.device)
     for start in range(0, len(left), chunk):
-        a = table[left_rows[start:start + chunk]]
-        b = table[right_rows[start:start + chunk]]
+        a = table[left_rows[start : start + chunk]]
+        b = table[right_rows[start : start + chunk]]
         if kind == "l2":
-            out[start:start + len(a)] = -(a - b).norm(dim=1)
+            out[start : start + len(a)] = -(a - b).norm(dim=1)
         else:
             dots = (a * b).sum(dim=1)
-            out[start:start + len(a)] = dots - 1 if kind == "cosine" else dots
+            out[start : start + len(a)] = dots - 1 if kind == "cosine" else dots
     return out.cpu().numpy()
 
 
@@ -142,8 +145,7 @@ def _sorted_descending(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarr
     return bits.astype(np.int32).view(np.float32), (keys & 1).astype(bool)
 
 
-def _eer_of_curve(thresholds: np.ndarray, targets: np.ndarray,
-                  nontargets: np.ndarray) -> tuple[float, float]:
+def _eer_of_curve(thresholds: np.ndarray, targets: np.ndarray, nontargets: np.ndarray) -> tuple[float, float]:
     """voxceleb_trainer's EER: on sklearn's ROC curve (whose interior points on straight runs are
     dropped, and which starts at threshold +inf), the point where |FNR - FPR| is smallest,
     EER = max(FPR, FNR)."""
@@ -197,14 +199,16 @@ def interpolated_eer(scores: np.ndarray, labels: np.ndarray) -> float:
     return interpolated_eer_of_rates(miss, false_alarm)
 
 
-def min_dcf_of_rates(miss: np.ndarray, false_alarm: np.ndarray, p_target: float,
-                     c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+def min_dcf_of_rates(
+    miss: np.ndarray, false_alarm: np.ndarray, p_target: float, c_miss: float = 1.0, c_fa: float = 1.0
+) -> float:
     cost = c_miss * miss * p_target + c_fa * false_alarm * (1 - p_target)
     return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
 
 
-def compute_min_dcf(scores: np.ndarray, labels: np.ndarray, p_target: float = 0.05,
-                    c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+def compute_min_dcf(
+    scores: np.ndarray, labels: np.ndarray, p_target: float = 0.05, c_miss: float = 1.0, c_fa: float = 1.0
+) -> float:
     """Normalised minimum detection cost (NIST SRE)."""
     miss, false_alarm, _ = error_rates(scores, labels)
     return min_dcf_of_rates(miss, false_alarm, p_target, c_miss, c_fa)
@@ -216,6 +220,9 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     curve = score_curve(scores, labels)
     eer, threshold = _eer_of_curve(*curve)
     miss, false_alarm = _rates_of_curve(*curve[1:])
-    return {"eer": eer, "threshold": threshold,
-            "eer_interpolated": interpolated_eer_of_rates(miss, false_alarm),
-            **{mindcf_key(p): min_dcf_of_rates(miss, false_alarm, p) for p in P_TARGETS}}
+    return {
+        "eer": eer,
+        "threshold": threshold,
+        "eer_interpolated": interpolated_eer_of_rates(miss, false_alarm),
+        **{mindcf_key(p): min_dcf_of_rates(miss, false_alarm, p) for p in P_TARGETS},
+    }

@@ -47,9 +47,10 @@ class TrialListName:
     title: str
 
 
-TRIAL_LISTS = (TrialListName("test", "test_list", "test_path", "testset", "", "test list"),
-               TrialListName("libri", "test_list_libri", "test_path_libri", "libriset", "_LIBRI",
-                             "LibriSpeech list"))
+TRIAL_LISTS = (
+    TrialListName("test", "test_list", "test_path", "testset", "", "test list"),
+    TrialListName("libri", "test_list_libri", "test_path_libri", "libriset", "_LIBRI", "LibriSpeech list"),
+)
 
 
 @dataclass
@@ -81,9 +82,16 @@ class SystemResult(Record):
         return self.eer_interpolated if self.eer_shown == "interpolated" else self.eer
 
     def as_json(self) -> dict:
-        record = {"trials": self.trials, "system": self.system, "backend": self.backend, "eer": self.eer,
-                  "eer_ci95": self.eer_ci95, "eer_interpolated": self.eer_interpolated,
-                  "eer_shown": self.eer_shown, **{mindcf_key(p): self.mindcf[p] for p in P_TARGETS}}
+        record = {
+            "trials": self.trials,
+            "system": self.system,
+            "backend": self.backend,
+            "eer": self.eer,
+            "eer_ci95": self.eer_ci95,
+            "eer_interpolated": self.eer_interpolated,
+            "eer_shown": self.eer_shown,
+            **{mindcf_key(p): self.mindcf[p] for p in P_TARGETS},
+        }
         if self.cllr is not None:
             record.update(cllr=self.cllr, min_cllr=self.min_cllr)
         return record
@@ -128,8 +136,12 @@ class CalibrationResult(Record):
     calibration: Calibration
 
     def as_json(self) -> dict:
-        return {"trials": "calib", "system": self.system, "backend": self.backend,
-                **self.calibration.as_dict()}
+        return {
+            "trials": "calib",
+            "system": self.system,
+            "backend": self.backend,
+            **self.calibration.as_dict(),
+        }
 
 
 @dataclass
@@ -152,14 +164,23 @@ class Sources(Record):
     model: dict[str, Any] | None = None
 
     def as_json(self) -> dict:
-        return {"trials": None, "sources": {name: asdict(source) for name, source in self.lists.items()},
-                "model": self.model}
+        return {
+            "trials": None,
+            "sources": {name: asdict(source) for name, source in self.lists.items()},
+            "model": self.model,
+        }
 
 
-def list_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.ndarray,
-                 trial_speakers: np.ndarray, calibrations: Mapping[Key, Calibration] | None = None,
-                 resamples: int = 1000, seed: int = 0,
-                 eer_shown: str = "roc") -> list[SystemResult | Difference]:
+def list_records(
+    trials: str,
+    scores: Mapping[Key, np.ndarray],
+    labels: np.ndarray,
+    trial_speakers: np.ndarray,
+    calibrations: Mapping[Key, Calibration] | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    eer_shown: str = "roc",
+) -> list[SystemResult | Difference]:
     """The records of one trial list: per (system, back-end) of `scores` a SystemResult (Cllr
     where a calibration of it is given); then per back-end scored by both SYSTEMS the paired
     Difference enhanced - original (the same resamples for both). `eer_shown`: the EER
@@ -167,36 +188,67 @@ def list_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.ndarr
     records, differences = [], []
     for backend in dict.fromkeys(backend for _, backend in scores):
         systems = [system for system, name in scores if name == backend]
-        eers = bootstrap_eer([scores[(system, backend)] for system in systems], labels, trial_speakers,
-                             resamples, seed)
+        eers = bootstrap_eer(
+            [scores[(system, backend)] for system in systems], labels, trial_speakers, resamples, seed
+        )
         point = {}
         for system, sample in zip(systems, eers, strict=True):
-            records.append(system_result(trials, system, backend, scores[(system, backend)], labels, sample,
-                                         (calibrations or {}).get((system, backend))))
+            records.append(
+                system_result(
+                    trials,
+                    system,
+                    backend,
+                    scores[(system, backend)],
+                    labels,
+                    sample,
+                    (calibrations or {}).get((system, backend)),
+                )
+            )
             records[-1].eer_shown = eer_shown
             point[system] = records[-1]
         if all(system in systems for system in SYSTEMS):
             original, enhanced = (systems.index(system) for system in SYSTEMS)
             before, after = point[SYSTEMS[0]], point[SYSTEMS[1]]
-            differences.append(Difference(trials, backend, after.eer - before.eer,
-                                          list(interval(eers[enhanced] - eers[original])),
-                                          after.eer_interpolated - before.eer_interpolated, eer_shown))
+            differences.append(
+                Difference(
+                    trials,
+                    backend,
+                    after.eer - before.eer,
+                    list(interval(eers[enhanced] - eers[original])),
+                    after.eer_interpolated - before.eer_interpolated,
+                    eer_shown,
+                )
+            )
     return records + differences
 
 
-def system_result(trials: str, system: str, backend: str, scores: np.ndarray, labels: np.ndarray,
-                  resampled_eers: np.ndarray, calibration: Calibration | None) -> SystemResult:
+def system_result(
+    trials: str,
+    system: str,
+    backend: str,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    resampled_eers: np.ndarray,
+    calibration: Calibration | None,
+) -> SystemResult:
     metrics = evaluate_scores(scores, labels)
-    result = SystemResult(trials, system, backend, metrics["eer"], list(interval(resampled_eers)),
-                          {p: metrics[mindcf_key(p)] for p in P_TARGETS},
-                          eer_interpolated=metrics["eer_interpolated"])
+    result = SystemResult(
+        trials,
+        system,
+        backend,
+        metrics["eer"],
+        list(interval(resampled_eers)),
+        {p: metrics[mindcf_key(p)] for p in P_TARGETS},
+        eer_interpolated=metrics["eer_interpolated"],
+    )
     if calibration is not None:
         result.cllr, result.min_cllr = cllr(calibration.llr(scores), labels), min_cllr(scores, labels)
     return result
 
 
-def decision_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.ndarray,
-                     calibrations: Mapping[Key, Calibration]) -> list[Decision]:
+def decision_records(
+    trials: str, scores: Mapping[Key, np.ndarray], labels: np.ndarray, calibrations: Mapping[Key, Calibration]
+) -> list[Decision]:
     """How the thresholds chosen on the calibration list decide on this trial list: per calibrated
     (system, back-end) and per threshold (`eer`, `far`), the raw and calibrated (LLR) thresholds
     with the false-accept and miss rates they give here."""
@@ -209,9 +261,18 @@ def decision_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.n
             raw = calibration.thresholds["raw"][kind]
             # compared in float64, as the thresholds are (one may lie between two float32 values)
             accepted = np.asarray(scores[(system, backend)]) >= np.float64(raw)
-            records.append(Decision(trials, system, backend, kind, raw,
-                                    calibration.thresholds["llr"][kind], float(accepted[~targets].mean()),
-                                    float(1 - accepted[targets].mean())))
+            records.append(
+                Decision(
+                    trials,
+                    system,
+                    backend,
+                    kind,
+                    raw,
+                    calibration.thresholds["llr"][kind],
+                    float(accepted[~targets].mean()),
+                    float(1 - accepted[targets].mean()),
+                )
+            )
     return records
 
 
@@ -222,8 +283,9 @@ def decision_records(trials: str, scores: Mapping[Key, np.ndarray], labels: np.n
 def text_columns(rows: list[list[str]]) -> list[str]:
     """Rows of cells as lines of left-aligned columns, with a rule under the first (the header)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     return [lines[0], "-" * max(len(line) for line in lines), *lines[1:]]
 
 
@@ -237,12 +299,22 @@ def _optional(value: float | None) -> str:
 
 def _system_rows(results: list[SystemResult]) -> list[list[str]]:
     calibrated = any(r.cllr is not None for r in results)
-    rows = [["trials", "system", "back-end", "EER %", "[95 % CI]", *(f"minDCF {p:g}" for p in P_TARGETS)]
-            + (["Cllr", "min Cllr"] if calibrated else [])]
+    rows = [
+        ["trials", "system", "back-end", "EER %", "[95 % CI]", *(f"minDCF {p:g}" for p in P_TARGETS)]
+        + (["Cllr", "min Cllr"] if calibrated else [])
+    ]
     for r in results:
-        rows.append([r.trials, r.system, r.backend, f"{r.shown_eer():.2f}", _ci(r.eer_ci95),
-                     *(f"{r.mindcf[p]:.4f}" for p in P_TARGETS)]
-                    + ([_optional(r.cllr), _optional(r.min_cllr)] if calibrated else []))
+        rows.append(
+            [
+                r.trials,
+                r.system,
+                r.backend,
+                f"{r.shown_eer():.2f}",
+                _ci(r.eer_ci95),
+                *(f"{r.mindcf[p]:.4f}" for p in P_TARGETS),
+            ]
+            + ([_optional(r.cllr), _optional(r.min_cllr)] if calibrated else [])
+        )
     return rows
 
 
@@ -250,17 +322,44 @@ def _difference_rows(differences: list[Difference]) -> list[list[str]]:
     rows = [["trials", "back-end", "EER enhanced - original", "[95 % CI]", "excludes 0"]]
     for r in differences:
         lo, hi = r.eer_diff_ci95
-        rows.append([r.trials, r.backend, f"{r.shown_diff():+.2f}", _ci(r.eer_diff_ci95),
-                     "yes" if lo > 0 or hi < 0 else "no"])
+        rows.append(
+            [
+                r.trials,
+                r.backend,
+                f"{r.shown_diff():+.2f}",
+                _ci(r.eer_diff_ci95),
+                "yes" if lo > 0 or hi < 0 else "no",
+            ]
+        )
     return rows
 
 
 def _decision_rows(decisions: list[Decision]) -> list[list[str]]:
-    rows = [["trials", "system", "back-end", "threshold (chosen on calib_list)", "raw score", "LLR",
-             "false accepts %", "misses %"]]
+    rows = [
+        [
+            "trials",
+            "system",
+            "back-end",
+            "threshold (chosen on calib_list)",
+            "raw score",
+            "LLR",
+            "false accepts %",
+            "misses %",
+        ]
+    ]
     for r in decisions:
-        rows.append([r.trials, r.system, r.backend, THRESHOLD_NAMES[r.threshold], f"{r.raw_threshold:.4f}",
-                     f"{r.llr_threshold:.3f}", f"{100 * r.far:.2f}", f"{100 * r.miss:.2f}"])
+        rows.append(
+            [
+                r.trials,
+                r.system,
+                r.backend,
+                THRESHOLD_NAMES[r.threshold],
+                f"{r.raw_threshold:.4f}",
+                f"{r.llr_threshold:.3f}",
+                f"{100 * r.far:.2f}",
+                f"{100 * r.miss:.2f}",
+            ]
+        )
     return rows
 
 
@@ -269,8 +368,11 @@ def records_table(records: Sequence[Record]) -> str:
     P_TARGETS (and Cllr, min Cllr where calibrated); then the paired EER differences enhanced -
     original, their intervals and whether those exclude 0; then the calibration list's decisions."""
     lines: list[str] = []
-    for kind, rows_of in ((SystemResult, _system_rows), (Difference, _difference_rows),
-                          (Decision, _decision_rows)):
+    for kind, rows_of in (
+        (SystemResult, _system_rows),
+        (Difference, _difference_rows),
+        (Decision, _decision_rows),
+    ):
         chosen: list[Any] = [r for r in records if isinstance(r, kind)]
         if chosen:
             lines += ([""] if lines else []) + text_columns(rows_of(chosen))
@@ -279,10 +381,16 @@ def records_table(records: Sequence[Record]) -> str:
 
 def table_heading(resamples: int, eer_shown: str = "roc") -> str:
     targets = " and ".join(f"{p:g}" for p in P_TARGETS)
-    which = ("EER in % (interpolated where the miss and false-alarm rates cross; the interval is that of "
-             "voxceleb_trainer's EER)" if eer_shown == "interpolated" else "EER in %")
-    return (f"{which} with its 95 % interval over {resamples} resamples of the test speakers; "
-            f"minDCF at P_target {targets}:")
+    which = (
+        "EER in % (interpolated where the miss and false-alarm rates cross; the interval is that of "
+        "voxceleb_trainer's EER)"
+        if eer_shown == "interpolated"
+        else "EER in %"
+    )
+    return (
+        f"{which} with its 95 % interval over {resamples} resamples of the test speakers; "
+        f"minDCF at P_target {targets}:"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,8 +402,10 @@ TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 def check_result_tag(tag: str | None) -> None:
     """A result tag goes into file names: letters, digits, dots, underscores and dashes."""
     if tag is not None and not TAG_PATTERN.fullmatch(tag):
-        raise UserError(f"option 'result_tag' must be letters, digits, '.', '_' or '-' (starting with "
-                        f"a letter or digit), found {tag!r}")
+        raise UserError(
+            f"option 'result_tag' must be letters, digits, '.', '_' or '-' (starting with "
+            f"a letter or digit), found {tag!r}"
+        )
 
 
 def result_name(name: str, tag: str | None = None) -> str:
@@ -312,22 +422,35 @@ def write_records(path: Path, records: Sequence[Record]) -> None:
     write_text_atomic(path, json.dumps([r.as_json() for r in records], indent=1) + "\n")
 
 
-def save_trial_scores(path: Path, labels: np.ndarray, embedding_type: str,
-                      scores: Mapping[Key, np.ndarray], source: str = "") -> Path:
+def save_trial_scores(
+    path: Path, labels: np.ndarray, embedding_type: str, scores: Mapping[Key, np.ndarray], source: str = ""
+) -> Path:
     """trials_<list>.npz: labels, embedding type, the trial list's `source` (its list and
     embeddings), and the scores of every (system, back-end) as `<system>/<back-end>`; `original` and
     `processed` (NONE_ALIASES) are the none back-end's. The scores of the systems this run did not
     score are kept from the file it replaces when that one holds the same trials (--eval scores the
     enhanced system alone, and keeps the original scores of a --check before it)."""
     systems = {system for system, _ in scores}
-    kept = {key: values for key, values in earlier_scores(path, labels, embedding_type, source).items()
-            if key[0] not in systems}
+    kept = {
+        key: values
+        for key, values in earlier_scores(path, labels, embedding_type, source).items()
+        if key[0] not in systems
+    }
     every = {**kept, **scores}
     arrays: dict[str, Any] = {f"{system}/{backend}": values for (system, backend), values in every.items()}
-    arrays.update({alias: every[(system, "none")] for alias, system in NONE_ALIASES.items()
-                   if (system, "none") in every})
-    atomic_write(path, lambda handle: np.savez(handle, labels=labels, embedding_type=np.array(embedding_type),
-                                               source=np.array(source), **arrays))
+    arrays.update(
+        {
+            alias: every[(system, "none")]
+            for alias, system in NONE_ALIASES.items()
+            if (system, "none") in every
+        }
+    )
+    atomic_write(
+        path,
+        lambda handle: np.savez(
+            handle, labels=labels, embedding_type=np.array(embedding_type), source=np.array(source), **arrays
+        ),
+    )
     return path
 
 
@@ -339,18 +462,31 @@ def earlier_scores(path: Path, labels: np.ndarray, embedding_type: str, source: 
             arrays = {key: np.asarray(data[key]) for key in data.files}
     except (OSError, ValueError):
         return {}
-    same = (str(arrays.get("source", "")) == source
-            and str(arrays.get("embedding_type", "")) == embedding_type
-            and np.array_equal(arrays.get("labels", np.empty(0)), labels))
+    same = (
+        str(arrays.get("source", "")) == source
+        and str(arrays.get("embedding_type", "")) == embedding_type
+        and np.array_equal(arrays.get("labels", np.empty(0)), labels)
+    )
     if not same:
         return {}
-    return {tuple(key.split("/", 1)): values for key, values in arrays.items()
-            if "/" in key and len(values) == len(labels)}
+    return {
+        tuple(key.split("/", 1)): values
+        for key, values in arrays.items()
+        if "/" in key and len(values) == len(labels)
+    }
 
 
-def write_score_file(path: Path, scores: np.ndarray, labels: np.ndarray, left: np.ndarray,
-                     right: np.ndarray, files: Sequence[str]) -> None:
+def write_score_file(
+    path: Path,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    files: Sequence[str],
+) -> None:
     """One `score label path1 path2` line per trial (the original repository's eval format)."""
-    lines = [f"{score:.6f} {target} {files[i]} {files[j]}"
-             for score, target, i, j in zip(scores, labels, left, right, strict=True)]
+    lines = [
+        f"{score:.6f} {target} {files[i]} {files[j]}"
+        for score, target, i, j in zip(scores, labels, left, right, strict=True)
+    ]
     write_text_atomic(path, "\n".join(lines) + "\n")

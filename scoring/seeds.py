@@ -18,10 +18,28 @@ from scoring.report import SYSTEMS, text_columns
 
 SEEDS_NAME = "seeds"  # seeds.txt and seeds.md
 # Options that do not change what a run trains and scores: where it is, how it runs, which mode.
-IGNORED_OPTIONS = frozenset({
-    "seed", "save_path", "config", "initial_model", "check", "eval", "generate", "result_tag", "device",
-    "mixedprec", "distributed", "nprocs", "port", "nDataLoaderThread", "gen_list", "gen_path",
-    "gen_target_dir", "gen_format"})
+IGNORED_OPTIONS = frozenset(
+    {
+        "seed",
+        "save_path",
+        "config",
+        "initial_model",
+        "check",
+        "eval",
+        "generate",
+        "result_tag",
+        "device",
+        "mixedprec",
+        "distributed",
+        "nprocs",
+        "port",
+        "nDataLoaderThread",
+        "gen_list",
+        "gen_path",
+        "gen_target_dir",
+        "gen_format",
+    }
+)
 
 
 @dataclass
@@ -38,16 +56,25 @@ class SeedRun:
 def seed_run(name: str, records: list[dict]) -> SeedRun:
     model = next((r.get("model") for r in records if "sources" in r), None) or {}
     options = model.get("options")
-    config = None if options is None else json.dumps(
-        {key: value for key, value in options.items() if key not in IGNORED_OPTIONS}, sort_keys=True)
+    config = (
+        None
+        if options is None
+        else json.dumps(
+            {key: value for key, value in options.items() if key not in IGNORED_OPTIONS}, sort_keys=True
+        )
+    )
     return SeedRun(name, model.get("seed"), config, records)
 
 
 def seed_groups(runs: Sequence[SeedRun]) -> tuple[list[list[SeedRun]], list[str]]:
     """The runs grouped by config where a group holds two or more runs of distinct seeds; with
     notes on the runs left out."""
-    notes = [f"{run.name}: its check.json records no seed and options (written before they were "
-             "recorded): not pooled" for run in runs if run.seed is None or run.config is None]
+    notes = [
+        f"{run.name}: its check.json records no seed and options (written before they were "
+        "recorded): not pooled"
+        for run in runs
+        if run.seed is None or run.config is None
+    ]
     by_config: dict[str, list[SeedRun]] = {}
     for run in runs:
         if run.seed is not None and run.config is not None:
@@ -58,8 +85,10 @@ def seed_groups(runs: Sequence[SeedRun]) -> tuple[list[list[SeedRun]], list[str]
         if len(group) < 2:
             notes.append(f"{group[0].name}: no other run of its config: not pooled")
         elif len(set(seeds)) < len(seeds):
-            notes.append(f"{', '.join(run.name for run in group)}: one config, but a seed repeats "
-                         f"({', '.join(map(str, seeds))}): not pooled")
+            notes.append(
+                f"{', '.join(run.name for run in group)}: one config, but a seed repeats "
+                f"({', '.join(map(str, seeds))}): not pooled"
+            )
         else:
             groups.append(sorted(group, key=lambda run: run.seed or 0))  # every seed is set here
     return groups, notes
@@ -100,9 +129,18 @@ def summaries(group: Sequence[SeedRun], number: int) -> list[SeedSummary]:
     for trials, backend in keys:
         eer = {system: np.array([eers[(trials, system, backend)] for eers, _ in found]) for system in SYSTEMS}
         records = [diffs[(trials, backend)] for _, diffs in found]
-        result.append(SeedSummary(number, trials, backend, [run.seed or 0 for run in group], eer[SYSTEMS[0]],
-                                  eer[SYSTEMS[1]], np.array([_shown(r, "eer_diff") for r in records]),
-                                  [r["eer_diff_ci95"] for r in records]))
+        result.append(
+            SeedSummary(
+                number,
+                trials,
+                backend,
+                [run.seed or 0 for run in group],
+                eer[SYSTEMS[0]],
+                eer[SYSTEMS[1]],
+                np.array([_shown(r, "eer_diff") for r in records]),
+                [r["eer_diff_ci95"] for r in records],
+            )
+        )
     return result
 
 
@@ -111,14 +149,35 @@ def _spread(values: np.ndarray) -> str:
 
 
 def summary_rows(found: Sequence[SeedSummary]) -> list[list[str]]:
-    rows = [["group", "trials", "back-end", "seeds", "EER original", "EER enhanced", "enhanced - original",
-             "worst seed", "its difference [95 % CI]"]]
+    rows = [
+        [
+            "group",
+            "trials",
+            "back-end",
+            "seeds",
+            "EER original",
+            "EER enhanced",
+            "enhanced - original",
+            "worst seed",
+            "its difference [95 % CI]",
+        ]
+    ]
     for s in found:
         worst = s.worst()
         lo, hi = s.difference_ci95[worst]
-        rows.append([str(s.group), s.trials, s.backend, str(len(s.seeds)), _spread(s.original),
-                     _spread(s.enhanced), f"{s.difference.mean():+.2f} ± {s.difference.std(ddof=1):.2f}",
-                     str(s.seeds[worst]), f"{s.difference[worst]:+.2f} [{lo:.2f}, {hi:.2f}]"])
+        rows.append(
+            [
+                str(s.group),
+                s.trials,
+                s.backend,
+                str(len(s.seeds)),
+                _spread(s.original),
+                _spread(s.enhanced),
+                f"{s.difference.mean():+.2f} ± {s.difference.std(ddof=1):.2f}",
+                str(s.seeds[worst]),
+                f"{s.difference[worst]:+.2f} [{lo:.2f}, {hi:.2f}]",
+            ]
+        )
     return rows
 
 
@@ -127,9 +186,11 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join([lines[0], "|" + "---|" * len(rows[0]), *lines[1:]])
 
 
-HEADING = ("EER in % across training seeds: mean ± sample standard deviation over the seeds of one "
-           "config; the worst seed is the one whose difference enhanced - original is largest, with "
-           "its bootstrap interval over the test speakers.")
+HEADING = (
+    "EER in % across training seeds: mean ± sample standard deviation over the seeds of one "
+    "config; the worst seed is the one whose difference enhanced - original is largest, with "
+    "its bootstrap interval over the test speakers."
+)
 
 
 def seed_report(runs: Sequence[SeedRun]) -> tuple[list[SeedSummary], list[str]]:
@@ -148,8 +209,10 @@ def write_seed_summary(runs: Sequence[SeedRun], out_dir: Path) -> list[Path]:
     (with the reason printed) where no two runs of one config differ in their seed alone."""
     found, lines = seed_report(runs)
     if not found:
-        print("skipped seeds.txt: no two runs of one config trained with different seeds"
-              + "".join(f"\n  {line}" for line in lines))
+        print(
+            "skipped seeds.txt: no two runs of one config trained with different seeds"
+            + "".join(f"\n  {line}" for line in lines)
+        )
         return []
     rows = summary_rows(found)
     text = "\n".join([HEADING, *lines, "", *text_columns(rows)]) + "\n"
@@ -157,6 +220,8 @@ def write_seed_summary(runs: Sequence[SeedRun], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / f"{SEEDS_NAME}.txt", out_dir / f"{SEEDS_NAME}.md"]
     write_text_atomic(written[0], text)
-    write_text_atomic(written[1], "\n".join([HEADING, "", *(f"- {line}" for line in lines), "",
-                                             markdown_table(rows)]) + "\n")
+    write_text_atomic(
+        written[1],
+        "\n".join([HEADING, "", *(f"- {line}" for line in lines), "", markdown_table(rows)]) + "\n",
+    )
     return written

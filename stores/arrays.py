@@ -28,9 +28,9 @@ class EmbeddingType:
     """One value of the `multiple_embedding_flag` option: how a speaker's utterances combine into
     its multi-utterance embedding, the file that holds it, and how trials are scored."""
 
-    speaker_file: str   # name pattern beside the speaker folders
-    combine: str        # avg-norm-avg or avg-avg-norm
-    cosine: bool        # trials scored by cosine distance (else by L2 distance)
+    speaker_file: str  # name pattern beside the speaker folders
+    combine: str  # avg-norm-avg or avg-avg-norm
+    cosine: bool  # trials scored by cosine distance (else by L2 distance)
 
 
 EMBEDDING_TYPES = {
@@ -54,19 +54,26 @@ def combine_speaker(means: np.ndarray, embedding_type: str) -> np.ndarray:
     return l2_normalize(means.mean(axis=0)).astype(np.float32)
 
 
-def check_embedding(array: np.ndarray, path: Path | str, dim: int | None = None,
-                    finite: bool = True, expected: str | None = None) -> np.ndarray:
+def check_embedding(
+    array: np.ndarray,
+    path: Path | str,
+    dim: int | None = None,
+    finite: bool = True,
+    expected: str | None = None,
+) -> np.ndarray:
     """Validate an embedding file's array: floating point, (crops, D) or (D,), of dimension `dim`
     (`expected` says whose dimension that is; default "nOut <dim>"), finite (unless the caller
     checks that of many arrays at once)."""
     if not np.issubdtype(array.dtype, np.floating):
         raise UserError(f"{path}: embeddings must be floating point, found {array.dtype} values")
     if array.ndim not in (1, 2) or array.size == 0:
-        raise UserError(f"{path}: expected an embedding of shape (crops, D) or (D,), "
-                        f"found shape {array.shape}")
+        raise UserError(
+            f"{path}: expected an embedding of shape (crops, D) or (D,), found shape {array.shape}"
+        )
     if dim is not None and array.shape[-1] != dim:
-        raise UserError(f"{path}: embedding dimension {array.shape[-1]} does not match "
-                        f"{expected or f'nOut {dim}'}")
+        raise UserError(
+            f"{path}: embedding dimension {array.shape[-1]} does not match {expected or f'nOut {dim}'}"
+        )
     if finite and not np.isfinite(array).all():
         raise UserError(f"{path}: embedding holds NaN or infinite values")
     return array
@@ -85,8 +92,11 @@ def _npy_header(head: bytes) -> tuple[np.dtype, tuple, bool]:
         with _NPY_HEADER_LOCK:
             file = io.BytesIO(head)
             version = np.lib.format.read_magic(file)
-            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                      else np.lib.format.read_array_header_2_0)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, fortran_order, dtype = reader(file)
             found = (dtype, shape, fortran_order)
             if len(_NPY_HEADERS) < 4096:
@@ -118,8 +128,9 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
     return values.reshape(shape, order="F" if fortran_order else "C")
 
 
-def read_embedding(path: Path | str, dim: int | None = None, finite: bool = True,
-                   expected: str | None = None) -> np.ndarray:
+def read_embedding(
+    path: Path | str, dim: int | None = None, finite: bool = True, expected: str | None = None
+) -> np.ndarray:
     """The checked array of an embedding file (check_embedding); errors name the file."""
     try:
         array = read_npy(path)
@@ -160,9 +171,14 @@ def single_utterance_embedding(array: np.ndarray, path: Path | None = None) -> n
     return reduce_means(crop_mean(array)[None, :], [path])[0][0]
 
 
-def read_files(files: Sequence[Path], dim: int | None, threads: int, desc: str,
-               show_progress: bool, keep: Callable[[range, list[np.ndarray]], None] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def read_files(
+    files: Sequence[Path],
+    dim: int | None,
+    threads: int,
+    desc: str,
+    show_progress: bool,
+    keep: Callable[[range, list[np.ndarray]], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Read and reduce embedding files: (N, D) float32 single-utterance embeddings and their
     norms, in order; `threads` reader threads, none (the calling thread) for 0. `keep(rows,
     arrays)` is given each block's arrays as read (from its reader thread)."""
@@ -171,24 +187,33 @@ def read_files(files: Sequence[Path], dim: int | None, threads: int, desc: str,
     expected = None if dim is not None or not files else f"{width}, the dimension of {files[0]}"
     matrix = np.empty((len(files), width), np.float32)
     norms = np.empty(len(files), np.float32)
-    blocks = [range(start, min(start + LOAD_BLOCK, len(files)))
-              for start in range(0, len(files), LOAD_BLOCK)]
+    blocks = [range(start, min(start + LOAD_BLOCK, len(files))) for start in range(0, len(files), LOAD_BLOCK)]
 
     def load_block(rows: range) -> int:
         """Read a block of files straight into their rows of the matrix."""
-        arrays = [read_embedding(files[row], width, expected=expected) if row or first is None else first
-                  for row in rows]
-        matrix[rows.start:rows.stop], norms[rows.start:rows.stop] = reduce_means(
-            np.stack([crop_mean(a) for a in arrays]), [files[row] for row in rows])
+        arrays = [
+            read_embedding(files[row], width, expected=expected) if row or first is None else first
+            for row in rows
+        ]
+        matrix[rows.start : rows.stop], norms[rows.start : rows.stop] = reduce_means(
+            np.stack([crop_mean(a) for a in arrays]), [files[row] for row in rows]
+        )
         if keep is not None:
             keep(rows, arrays)
         return len(rows)
 
     # threads 0 (nDataLoaderThread 0): read in the calling thread, as the original's num_workers 0
     pool = ThreadPoolExecutor(threads) if threads > 0 else None
-    with pool or nullcontext(), \
-            tqdm(total=len(files), desc=desc, unit="file", leave=False,
-                 disable=not show_progress or len(files) < 2000) as bar:
+    with (
+        pool or nullcontext(),
+        tqdm(
+            total=len(files),
+            desc=desc,
+            unit="file",
+            leave=False,
+            disable=not show_progress or len(files) < 2000,
+        ) as bar,
+    ):
         for done in (pool.map if pool is not None else map)(load_block, blocks):
             bar.update(done)
     return matrix, norms

@@ -59,8 +59,10 @@ def record_sources(folder: Path, sources: Sources, hashes: Sequence[int] | np.nd
 
 
 def save_stamps(folder: Path, stats: np.ndarray, hashes: np.ndarray, stamped_ns: int) -> None:
-    atomic_write(folder / "sources.npz", lambda handle: np.savez(
-        handle, stats=stats, hashes=hashes, stamped_ns=np.int64(stamped_ns)))
+    atomic_write(
+        folder / "sources.npz",
+        lambda handle: np.savez(handle, stats=stats, hashes=hashes, stamped_ns=np.int64(stamped_ns)),
+    )
 
 
 def has_record(store: Path) -> bool:
@@ -70,7 +72,7 @@ def has_record(store: Path) -> bool:
 def read_record(store: Path) -> tuple[list[str], np.ndarray, np.ndarray, int]:
     with np.load(store / "sources.npz") as saved:
         stats, hashes, stamped = saved["stats"], saved["hashes"], int(saved["stamped_ns"])
-    names = (store / "sources.txt").read_text().split("\n")[:len(stats)]
+    names = (store / "sources.txt").read_text().split("\n")[: len(stats)]
     return names, stats, hashes, stamped
 
 
@@ -78,8 +80,9 @@ def check_store(store: Path, now: Sources, hash_of: Callable[[str], int]) -> Fre
     """Check `store` against its sources as found `now`; `hash_of(name)` hashes a source's content
     as packing did. A store with no record (older than this check) is stale."""
     if not has_record(store):
-        return Freshness(False, "it has no record of its files' stamps (packed by an older version)",
-                         set(now.names))
+        return Freshness(
+            False, "it has no record of its files' stamps (packed by an older version)", set(now.names)
+        )
     try:
         names, stats, hashes, stamped = read_record(store)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
@@ -95,18 +98,25 @@ def check_store(store: Path, now: Sources, hash_of: Callable[[str], int]) -> Fre
     undecided = np.flatnonzero(differs | racy)
     unproven = {*added, *(names[k] for k in undecided)}
     if added:
-        return Freshness(False, f"{len(added)} file(s) added since it was built (first: {added[0]})",
-                         unproven)
+        return Freshness(
+            False, f"{len(added)} file(s) added since it was built (first: {added[0]})", unproven
+        )
     resized = np.flatnonzero(current[:, 0] != stats[:, 0])
     if len(resized):
-        return Freshness(False, f"{len(resized)} file(s) changed or removed since it was built "
-                         f"(first: {names[resized[0]]})", unproven)
+        return Freshness(
+            False,
+            f"{len(resized)} file(s) changed or removed since it was built (first: {names[resized[0]]})",
+            unproven,
+        )
     if not len(undecided):
         return Freshness(True)
     mismatch = first_mismatch([names[k] for k in undecided], hashes[undecided], hash_of)
     if mismatch is not None:
-        return Freshness(False, f"{names[undecided[mismatch]]} holds other values than when it was "
-                         "built (its size kept)", unproven)
+        return Freshness(
+            False,
+            f"{names[undecided[mismatch]]} holds other values than when it was built (its size kept)",
+            unproven,
+        )
     still_racy = current[:, 2] >= now.taken_ns - RACY_NS
     if differs.any() or still_racy.sum() < racy.sum():
         restamp(store, current, hashes, now.taken_ns)
@@ -118,8 +128,9 @@ def first_mismatch(names: list[str], recorded: np.ndarray, hash_of: Callable[[st
     all agree; files hashed in blocks on threads, stopping after the first block that differs."""
     if len(names) > 1000:
         log.info("checking the content of %d files against the packed store", len(names))
-    blocks = [range(start, min(start + VERIFY_BLOCK, len(names)))
-              for start in range(0, len(names), VERIFY_BLOCK)]
+    blocks = [
+        range(start, min(start + VERIFY_BLOCK, len(names))) for start in range(0, len(names), VERIFY_BLOCK)
+    ]
 
     def agrees(k: int) -> bool:
         try:
@@ -144,5 +155,9 @@ def restamp(store: Path, stats: np.ndarray, hashes: np.ndarray, stamped_ns: int)
     try:
         save_stamps(store, stats, hashes, stamped_ns)
     except UserError as err:
-        log.info("%s: its files were verified by content, but the new stamps cannot be recorded "
-                 "(%s); the next run verifies them again", store, err)
+        log.info(
+            "%s: its files were verified by content, but the new stamps cannot be recorded "
+            "(%s); the next run verifies them again",
+            store,
+            err,
+        )

@@ -40,8 +40,10 @@ class KaldiSource(EmbeddingSource):
         if missing:
             line = line_naming(self.path, missing[0])
             more = f" (and {len(missing) - 1} more of its utterances)" if len(missing) > 1 else ""
-            raise UserError(f"{self.side_dir / 'utt2spk'}: no speaker for utterance {missing[0]} of "
-                            f"{self.path}{f':{line}' if line else ''}{more}")
+            raise UserError(
+                f"{self.side_dir / 'utt2spk'}: no speaker for utterance {missing[0]} of "
+                f"{self.path}{f':{line}' if line else ''}{more}"
+            )
 
     def read(self, utt: str, dim: int | None = None) -> np.ndarray:
         import kaldiio
@@ -56,13 +58,20 @@ class KaldiSource(EmbeddingSource):
         """(len(utts), D) float64 crop means, each utterance read from its ark once."""
         unread = [utt for utt in dict.fromkeys(utts) if utt not in self.read_means]
         if unread:
-            self.read_means.update(zip(unread, crop_means([self.read(utt, dim) for utt in unread]),
-                                       strict=True))
+            self.read_means.update(
+                zip(unread, crop_means([self.read(utt, dim) for utt in unread]), strict=True)
+            )
         return np.stack([self.read_means[utt] for utt in utts])
 
-    def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
-                   desc: str = "loading embeddings", show_progress: bool = True,
-                   source: str | os.PathLike = "the list") -> Utterances:
+    def utterances(
+        self,
+        rels: Sequence[str],
+        dim: int | None = None,
+        threads: int = 8,
+        desc: str = "loading embeddings",
+        show_progress: bool = True,
+        source: str | os.PathLike = "the list",
+    ) -> Utterances:
         utts = []
         for rel in rels:
             utt = self.key_of.get(store_key(rel))
@@ -75,8 +84,9 @@ class KaldiSource(EmbeddingSource):
     def speaker_of(self, rels: Sequence[str]) -> list[str]:
         return [key_speaker(store_key(rel), self.utt2spk) for rel in rels]
 
-    def speaker_embeddings(self, speakers: Sequence[str], embedding_type: str,
-                           dim: int | None = None) -> np.ndarray:
+    def speaker_embeddings(
+        self, speakers: Sequence[str], embedding_type: str, dim: int | None = None
+    ) -> np.ndarray:
         by_speaker: dict[str, list[str]] = {}
         for key, utt in self.key_of.items():
             by_speaker.setdefault(key_speaker(key, self.utt2spk), []).append(utt)

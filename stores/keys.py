@@ -37,8 +37,10 @@ _PLAIN_SUFFIXES = frozenset((".wav", ".npy"))
 
 def store_keys(paths: Iterable[str]) -> list[str]:
     """store_key of many paths; the common `x/y/z.wav` or `.npy` without a call each."""
-    return [path[:-4] if path[-4:] in _PLAIN_SUFFIXES and path[0] != "." and "\\" not in path
-            else store_key(path) for path in paths]
+    return [
+        path[:-4] if path[-4:] in _PLAIN_SUFFIXES and path[0] != "." and "\\" not in path else store_key(path)
+        for path in paths
+    ]
 
 
 def line_naming(list_path: str | os.PathLike, rel: str) -> int | None:
@@ -117,6 +119,7 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     if not isinstance(manifest, dict):
         raise UserError(f"{path}: a manifest is a JSON object")
     return manifest
+
 
 def key_speaker(key: str, utt2spk: dict[str, str] | None = None) -> str:
     """The speaker of a store key: from utt2spk when given, else the key's first path component

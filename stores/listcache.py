@@ -37,9 +37,9 @@ CACHE_VERSION = 1
 class ResolvedList:
     """A training list in a packed store: one entry per record, in the list's order."""
 
-    rows: np.ndarray      # (records,) int64: the store row of each record's file
-    speaker: np.ndarray   # (records,) int64: each record's speaker, an index into `speakers`
-    speakers: list[str]   # the list's distinct speakers, sorted
+    rows: np.ndarray  # (records,) int64: the store row of each record's file
+    speaker: np.ndarray  # (records,) int64: each record's speaker, an index into `speakers`
+    speakers: list[str]  # the list's distinct speakers, sorted
     store: PackedStore
 
     def utterances(self, dim: int | None = None) -> Utterances:
@@ -61,8 +61,9 @@ def list_stamps(list_path: Path) -> np.ndarray | None:
     return np.array([stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns], np.int64)
 
 
-def resolved_list(list_path: str | os.PathLike, store: PackedStore, kind: str,
-                  resolve: Callable[[], ResolvedList]) -> ResolvedList:
+def resolved_list(
+    list_path: str | os.PathLike, store: PackedStore, kind: str, resolve: Callable[[], ResolvedList]
+) -> ResolvedList:
     """The list at `list_path` (of `kind`) resolved in `store`: from the store's cache while the
     list is unchanged, else `resolve()`, kept for the next run where the store can be written."""
     list_path = Path(list_path)
@@ -79,26 +80,39 @@ def resolved_list(list_path: str | os.PathLike, store: PackedStore, kind: str,
     return resolved
 
 
-def read_cache(path: Path, store: PackedStore, list_path: Path, kind: str,
-               stamps: np.ndarray) -> ResolvedList | None:
+def read_cache(
+    path: Path, store: PackedStore, list_path: Path, kind: str, stamps: np.ndarray
+) -> ResolvedList | None:
     """The kept resolution when it is of this list as it is now and of this store, else None."""
     try:
         with np.load(path) as saved:
-            if (int(saved["version"]) != CACHE_VERSION or str(saved["list"]) != str(list_path.resolve())
-                    or str(saved["kind"]) != kind or str(saved["created"]) != store.header.get("created")
-                    or not np.array_equal(saved["stamps"], stamps)):
+            if (
+                int(saved["version"]) != CACHE_VERSION
+                or str(saved["list"]) != str(list_path.resolve())
+                or str(saved["kind"]) != kind
+                or str(saved["created"]) != store.header.get("created")
+                or not np.array_equal(saved["stamps"], stamps)
+            ):
                 return None
-            if stamps[2] >= int(saved["taken_ns"]) - RACY_NS and \
-                    content_hash(list_path.read_bytes()) != int(saved["list_hash"]):
+            if stamps[2] >= int(saved["taken_ns"]) - RACY_NS and content_hash(list_path.read_bytes()) != int(
+                saved["list_hash"]
+            ):
                 return None
-            speakers = saved["speakers"].tobytes().decode().split("\n")[:int(saved["speaker_count"])]
+            speakers = saved["speakers"].tobytes().decode().split("\n")[: int(saved["speaker_count"])]
             return ResolvedList(saved["rows"], saved["speaker"], speakers, store)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
 
 
-def keep(path: Path, store: PackedStore, list_path: Path, kind: str, stamps: np.ndarray,
-         taken_ns: int, resolved: ResolvedList) -> None:
+def keep(
+    path: Path,
+    store: PackedStore,
+    list_path: Path,
+    kind: str,
+    stamps: np.ndarray,
+    taken_ns: int,
+    resolved: ResolvedList,
+) -> None:
     """Write the cache of a resolution (the list's stamps from before it was read); a store that
     cannot be written is left without one."""
     try:
@@ -107,13 +121,18 @@ def keep(path: Path, store: PackedStore, list_path: Path, kind: str, stamps: np.
             return
         list_hash = content_hash(list_path.read_bytes())
         arrays: dict[str, Any] = {
-                  "version": np.int64(CACHE_VERSION), "list": str(list_path.resolve()), "kind": kind,
-                  "created": str(store.header.get("created")), "stamps": stamps,
-                  "taken_ns": np.int64(taken_ns), "list_hash": np.int64(list_hash),
-                  "rows": np.asarray(resolved.rows, np.int64),
-                  "speaker": np.asarray(resolved.speaker, np.int64),
-                  "speakers": np.frombuffer("\n".join(resolved.speakers).encode(), np.uint8),
-                  "speaker_count": np.int64(len(resolved.speakers))}
+            "version": np.int64(CACHE_VERSION),
+            "list": str(list_path.resolve()),
+            "kind": kind,
+            "created": str(store.header.get("created")),
+            "stamps": stamps,
+            "taken_ns": np.int64(taken_ns),
+            "list_hash": np.int64(list_hash),
+            "rows": np.asarray(resolved.rows, np.int64),
+            "speaker": np.asarray(resolved.speaker, np.int64),
+            "speakers": np.frombuffer("\n".join(resolved.speakers).encode(), np.uint8),
+            "speaker_count": np.int64(len(resolved.speakers)),
+        }
         atomic_write(path, lambda handle: np.savez(handle, **arrays))
     except (UserError, OSError) as err:
         log.debug("%s: the resolved list is not kept (%s)", path, err)

@@ -51,8 +51,9 @@ def open_store(path: str | os.PathLike) -> PackedStore:
     return _STORES[key]
 
 
-def fresh_store(store: Path, sources: Callable[[], Sources],
-                hash_of: Callable[[str], int]) -> tuple[PackedStore | None, Freshness | None]:
+def fresh_store(
+    store: Path, sources: Callable[[], Sources], hash_of: Callable[[str], int]
+) -> tuple[PackedStore | None, Freshness | None]:
     """The packed store built from a source and the check's outcome: the store when every file
     it was built from still holds what it held then (stores.fresh), else None (said once per
     process); (None, None) where there is no store."""
@@ -66,13 +67,20 @@ def fresh_store(store: Path, sources: Callable[[], Sources],
     if found.fresh:
         _FOUND_FRESH[key] = time.monotonic()
         if found.verified:
-            log.info("%s: %d file(s) verified by content (their times changed, not what they "
-                     "hold); the store is used", store, found.verified)
+            log.info(
+                "%s: %d file(s) verified by content (their times changed, not what they "
+                "hold); the store is used",
+                store,
+                found.verified,
+            )
         return opened, found
     if str(store) not in _SAID_STALE:
         _SAID_STALE.add(str(store))
-        log.warning("%s is not used: %s. Reading the files instead; run m_comb_embs.py again to "
-                    "rebuild it", store, found.reason)
+        log.warning(
+            "%s is not used: %s. Reading the files instead; run m_comb_embs.py again to rebuild it",
+            store,
+            found.reason,
+        )
     return None, found
 
 
@@ -120,12 +128,15 @@ def open_embeddings(path: str | os.PathLike) -> EmbeddingSource:
         return open_store(path)
     if path.suffix == ".scp":
         entries = scp_entries(path)
-        packed, _ = fresh_store(store_path_of(path), lambda: scp_sources(path, entries),
-                                scp_hash_of(path, entries))
+        packed, _ = fresh_store(
+            store_path_of(path), lambda: scp_sources(path, entries), scp_hash_of(path, entries)
+        )
         return packed if packed is not None else KaldiSource(path, entries)
     if not path.is_dir():
-        raise UserError(f"{path}: embedding store not found (a folder of .npy files, a Kaldi .scp "
-                        "or a packed .store; m_gen_embs.py and m_comb_embs.py write them)")
+        raise UserError(
+            f"{path}: embedding store not found (a folder of .npy files, a Kaldi .scp "
+            "or a packed .store; m_gen_embs.py and m_comb_embs.py write them)"
+        )
     store = store_path_of(path)
     packed, found = fresh_store(store, lambda: tree_sources(path), tree_hash_of(path))
     if packed is not None:

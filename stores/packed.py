@@ -50,12 +50,14 @@ class PackedStore(EmbeddingSource):
             raise UserError(f"{path}: not a packed embedding store (m_comb_embs.py writes them)")
         self.header = json.loads((path / "header.json").read_text())
         if self.header.get("version") != STORE_VERSION:
-            raise UserError(f"{path}: store format version {self.header.get('version')}, this "
-                            f"code reads version {STORE_VERSION}; run m_comb_embs.py again")
+            raise UserError(
+                f"{path}: store format version {self.header.get('version')}, this "
+                f"code reads version {STORE_VERSION}; run m_comb_embs.py again"
+            )
         # copy-on-write: a writable array for torch.from_numpy, never written back to the file
         self.matrix = np.load(path / "embeddings.npy", mmap_mode="c")
-        self.keys = (path / "keys.txt").read_text().split("\n")[:len(self.matrix)]
-        self.speakers = (path / "speakers.txt").read_text().split("\n")[:self.header["speakers"]]
+        self.keys = (path / "keys.txt").read_text().split("\n")[: len(self.matrix)]
+        self.speakers = (path / "speakers.txt").read_text().split("\n")[: self.header["speakers"]]
         self._index: dict[str, int] | None = None
         self._float32: np.ndarray | None = None
 
@@ -93,9 +95,15 @@ class PackedStore(EmbeddingSource):
             raise self.missing_key(rels[int(np.argmin(rows))], source)
         return rows
 
-    def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
-                   desc: str = "loading embeddings", show_progress: bool = True,
-                   source: str | os.PathLike = "the list") -> Utterances:
+    def utterances(
+        self,
+        rels: Sequence[str],
+        dim: int | None = None,
+        threads: int = 8,
+        desc: str = "loading embeddings",
+        show_progress: bool = True,
+        source: str | os.PathLike = "the list",
+    ) -> Utterances:
         return self.utterances_at(self.rows_of(rels, source), dim)
 
     def utterances_at(self, rows: np.ndarray, dim: int | None = None) -> Utterances:
@@ -116,12 +124,14 @@ class PackedStore(EmbeddingSource):
         of_rows = self.speaker_of_rows()
         return [self.speakers[of_rows[row]] for row in rows]
 
-    def speaker_embeddings(self, speakers: Sequence[str], embedding_type: str,
-                           dim: int | None = None) -> np.ndarray:
+    def speaker_embeddings(
+        self, speakers: Sequence[str], embedding_type: str, dim: int | None = None
+    ) -> np.ndarray:
         table = np.load(self.path / f"speakers_{embedding_type}.npy", mmap_mode="r")
         position = {name: k for k, name in enumerate(self.speakers)}
         missing = [spk for spk in speakers if spk not in position]
         if missing:
-            raise UserError(f"{self.path}: no speaker {missing[0]} in the store "
-                            f"({len(missing)} speaker(s) missing)")
+            raise UserError(
+                f"{self.path}: no speaker {missing[0]} in the store ({len(missing)} speaker(s) missing)"
+            )
         return np.asarray(table[[position[spk] for spk in speakers]], dtype=np.float32)

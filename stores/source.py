@@ -21,9 +21,9 @@ class Utterances:
     """Single-utterance embeddings of some list entries: entry i is table[rows[i]]. The table is a
     packed store's whole matrix when the entries cover it (no copy), else just their rows."""
 
-    native: np.ndarray         # (R, D) the table as stored: float32, or a float16 store's matrix
-    rows: np.ndarray           # (entries,) int64
-    norms: np.ndarray | None   # (entries,) crop-mean norms before normalisation
+    native: np.ndarray  # (R, D) the table as stored: float32, or a float16 store's matrix
+    rows: np.ndarray  # (entries,) int64
+    norms: np.ndarray | None  # (entries,) crop-mean norms before normalisation
     convert: Callable[[], np.ndarray] | None = None  # the float32 table, made once by its store
 
     @property
@@ -48,13 +48,20 @@ class EmbeddingSource:
     side_dir: Path  # where utt2dur and manifest.json lie
     own_rows = False  # whether utterances() gives rows of its own table whatever the entries' order
 
-    def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
-                   desc: str = "loading embeddings", show_progress: bool = True,
-                   source: str | os.PathLike = "the list") -> Utterances:
+    def utterances(
+        self,
+        rels: Sequence[str],
+        dim: int | None = None,
+        threads: int = 8,
+        desc: str = "loading embeddings",
+        show_progress: bool = True,
+        source: str | os.PathLike = "the list",
+    ) -> Utterances:
         raise NotImplementedError
 
-    def speaker_embeddings(self, speakers: Sequence[str], embedding_type: str,
-                           dim: int | None = None) -> np.ndarray:
+    def speaker_embeddings(
+        self, speakers: Sequence[str], embedding_type: str, dim: int | None = None
+    ) -> np.ndarray:
         raise NotImplementedError
 
     def speaker_of(self, rels: Sequence[str]) -> list[str]:
@@ -73,8 +80,13 @@ class EmbeddingSource:
         keys = [store_key(rel) for rel in rels]
         missing = [key for key in keys if key not in known]
         if missing:
-            log.warning("%s: utt2dur has no duration for %d of %d files (first: %s); durations "
-                        "unknown", self.side_dir / "utt2dur", len(missing), len(keys), missing[0])
+            log.warning(
+                "%s: utt2dur has no duration for %d of %d files (first: %s); durations unknown",
+                self.side_dir / "utt2dur",
+                len(missing),
+                len(keys),
+                missing[0],
+            )
             return None
         return np.array([known[key] for key in keys], np.float64)
 

@@ -18,7 +18,7 @@ from m_utils import LOCK_NAME, UserError, user_text_lines
 from stores.keys import store_key
 
 STORE_SUFFIX = ".store"
-TREE_STORE = "embeddings.store"       # the packed store of a tree, inside it
+TREE_STORE = "embeddings.store"  # the packed store of a tree, inside it
 SIDE_FILES = ("utt2dur", "manifest.json")  # carried into a packed store when the source has them
 KALDI_SIDE_FILES = ("utt2spk", *SIDE_FILES)  # beside a .scp: its speakers too
 IGNORED_NAMES = (LOCK_NAME, *SIDE_FILES)
@@ -60,8 +60,11 @@ def side_stats(folder: Path, names: Sequence[str]) -> list[tuple[int, int, int]]
 def speaker_folders(root: Path) -> list[Path]:
     """The speaker folders of a tree, sorted (hidden names and packed stores ignored)."""
     with os.scandir(root) as entries:
-        return sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")
-                      and not e.name.endswith(STORE_SUFFIX))
+        return sorted(
+            Path(e.path)
+            for e in entries
+            if e.is_dir() and not e.name.startswith(".") and not e.name.endswith(STORE_SUFFIX)
+        )
 
 
 def utterance_entries(folder: Path) -> Iterator[tuple[os.DirEntry, str]]:
@@ -120,12 +123,14 @@ def scp_entries(scp: Path) -> list[tuple[str, str]]:
         if not parts:
             continue
         if len(parts) != 2:
-            raise UserError(f"{scp}:{lineno}: a .scp line is `utterance-id ark-file:offset`, "
-                            f"found {line.strip()!r}")
+            raise UserError(
+                f"{scp}:{lineno}: a .scp line is `utterance-id ark-file:offset`, found {line.strip()!r}"
+            )
         key = store_key(parts[0])
         if key in first_line:
-            raise UserError(f"{scp}:{lineno}: utterance {parts[0]} is listed twice (first on line "
-                            f"{first_line[key]})")
+            raise UserError(
+                f"{scp}:{lineno}: utterance {parts[0]} is listed twice (first on line {first_line[key]})"
+            )
         first_line[key] = lineno
         entries.append((parts[0], parts[1]))
     if not entries:
@@ -148,8 +153,11 @@ def scp_sources(scp: Path, entries: Sequence[tuple[str, str]]) -> Sources:
     (utt2spk, utt2dur, manifest), with a stat each."""
     taken = time.time_ns()
     arks = scp_arks(entries)
-    rows = [stat_row(scp.stat()), *(stat_row(Path(ark).stat()) for ark in arks),
-            *side_stats(scp.parent, KALDI_SIDE_FILES)]
+    rows = [
+        stat_row(scp.stat()),
+        *(stat_row(Path(ark).stat()) for ark in arks),
+        *side_stats(scp.parent, KALDI_SIDE_FILES),
+    ]
     return Sources([scp.name, *arks, *KALDI_SIDE_FILES], stats_array(rows), taken)
 
 

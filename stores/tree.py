@@ -35,16 +35,21 @@ class TreeSource(EmbeddingSource):
     stale passes it with the files not shown unchanged (`unproven`): a speaker none of whose files
     is among them takes the store's B/C rows, equal to a new combination, without reading."""
 
-    def __init__(self, root: Path, stale_store: PackedStore | None = None,
-                 unproven: Iterable[str] = ()):
+    def __init__(self, root: Path, stale_store: PackedStore | None = None, unproven: Iterable[str] = ()):
         self.path = self.side_dir = root
         self.stale_store = stale_store
         self.changed_speakers = {name.split("/", 1)[0] for name in unproven}
         self.combined: dict[str, dict[str, np.ndarray]] = {}  # B/C of speakers whose files were read
 
-    def utterances(self, rels: Sequence[str], dim: int | None = None, threads: int = 8,
-                   desc: str = "loading embeddings", show_progress: bool = True,
-                   source: str | os.PathLike = "the list") -> Utterances:
+    def utterances(
+        self,
+        rels: Sequence[str],
+        dim: int | None = None,
+        threads: int = 8,
+        desc: str = "loading embeddings",
+        show_progress: bool = True,
+        source: str | os.PathLike = "the list",
+    ) -> Utterances:
         files = [embedding_file(self.path, rel) for rel in rels]
         missing = [k for k, f in enumerate(files) if not f.is_file()]
         if missing:
@@ -52,8 +57,10 @@ class TreeSource(EmbeddingSource):
             more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
             line = line_naming(source, rels[missing[0]]) if Path(str(source)).is_file() else None
             where = f"{source}:{line}" if line is not None else str(source)
-            raise UserError(f"{len(missing)} embedding file(s) named by {where} are missing under "
-                            f"{self.path}:\n  {shown}{more}\n(m_gen_embs.py writes them)")
+            raise UserError(
+                f"{len(missing)} embedding file(s) named by {where} are missing under "
+                f"{self.path}:\n  {shown}{more}\n(m_gen_embs.py writes them)"
+            )
         gathered = SpeakerGather(self.path, store_keys(rels), self.vouched_speakers())
         matrix, norms = read_files(files, dim, threads, desc, show_progress, gathered.keep)
         self.combined.update(gathered.combined)
@@ -65,20 +72,32 @@ class TreeSource(EmbeddingSource):
             return set()
         return set(self.stale_store.speakers) - self.changed_speakers
 
-    def speaker_embeddings(self, speakers: Sequence[str], embedding_type: str,
-                           dim: int | None = None) -> np.ndarray:
+    def speaker_embeddings(
+        self, speakers: Sequence[str], embedding_type: str, dim: int | None = None
+    ) -> np.ndarray:
         embedding_type_of(embedding_type)
         vouched = self.vouched_speakers()
         from_store = [spk for spk in speakers if spk in vouched]
         rows = {spk: self.combined[spk][embedding_type] for spk in speakers if spk in self.combined}
         unread = [spk for spk in speakers if spk not in vouched and spk not in rows]
         with ThreadPoolExecutor(SPEAKER_THREADS) as pool:
-            rows.update(zip(unread, pool.map(
-                lambda spk: combine_speaker(self.speaker_means(spk, dim), embedding_type), unread),
-                strict=True))
+            rows.update(
+                zip(
+                    unread,
+                    pool.map(
+                        lambda spk: combine_speaker(self.speaker_means(spk, dim), embedding_type), unread
+                    ),
+                    strict=True,
+                )
+            )
         if from_store and self.stale_store is not None:
-            rows.update(zip(from_store, self.stale_store.speaker_embeddings(from_store, embedding_type, dim),
-                            strict=True))
+            rows.update(
+                zip(
+                    from_store,
+                    self.stale_store.speaker_embeddings(from_store, embedding_type, dim),
+                    strict=True,
+                )
+            )
         return np.stack([rows[spk] for spk in speakers])
 
     def speaker_means(self, spk: str, dim: int | None) -> np.ndarray:
@@ -86,8 +105,9 @@ class TreeSource(EmbeddingSource):
         folder = self.path / spk
         rels = folder_files(folder) if folder.is_dir() else []
         if not rels:
-            raise UserError(f"{folder}: no utterance embeddings of speaker {spk} to combine into its "
-                            "speaker embeddings")
+            raise UserError(
+                f"{folder}: no utterance embeddings of speaker {spk} to combine into its speaker embeddings"
+            )
         return crop_means([read_embedding(self.path / rel, dim) for rel in rels])
 
 

@@ -41,8 +41,9 @@ class StoreBuilder:
         if dtype not in STORE_DTYPES:
             raise UserError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, found {dtype!r}")
         if target.exists() and not is_packed_store(target):
-            raise UserError(f"{target}: exists and is not a packed store this project wrote; "
-                            "not replaced (move it away)")
+            raise UserError(
+                f"{target}: exists and is not a packed store this project wrote; not replaced (move it away)"
+            )
         self.target = target
         self.dtype = np.dtype(dtype)
         try:
@@ -63,8 +64,8 @@ class StoreBuilder:
             shutil.rmtree(self.temp, ignore_errors=True)
 
     def put(self, start: int, embeddings: np.ndarray, norms: np.ndarray) -> None:
-        self.matrix[start:start + len(embeddings)] = embeddings
-        self.norms[start:start + len(embeddings)] = norms
+        self.matrix[start : start + len(embeddings)] = embeddings
+        self.norms[start : start + len(embeddings)] = norms
         fault_point("store.block")
         self.unreleased += embeddings.nbytes
         if self.unreleased >= RELEASE_BYTES:
@@ -80,9 +81,16 @@ class StoreBuilder:
             mapped.madvise(mmap.MADV_DONTNEED)
         self.unreleased = 0
 
-    def finish(self, keys: Sequence[str], speakers: Sequence[str], speaker_of: np.ndarray,
-               tables: dict[str, np.ndarray], header: dict, side_dir: Path | None = None,
-               sources: tuple[Sources, np.ndarray] | None = None) -> Path:
+    def finish(
+        self,
+        keys: Sequence[str],
+        speakers: Sequence[str],
+        speaker_of: np.ndarray,
+        tables: dict[str, np.ndarray],
+        header: dict,
+        side_dir: Path | None = None,
+        sources: tuple[Sources, np.ndarray] | None = None,
+    ) -> Path:
         """Write the index and header (and the record of the source files with their content
         hashes, stores.fresh), then rename the folder into place; returns the target."""
         try:
@@ -98,10 +106,16 @@ class StoreBuilder:
             for name in SIDE_FILES if side_dir is not None else ():
                 if side_dir is not None and (side_dir / name).is_file():
                     shutil.copyfile(side_dir / name, self.temp / name)
-            header = {"format": STORE_FORMAT, "version": STORE_VERSION, **header,
-                      "dtype": self.dtype.name, "utterances": rows,
-                      "speakers": len(speakers), "dim": dim,
-                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            header = {
+                "format": STORE_FORMAT,
+                "version": STORE_VERSION,
+                **header,
+                "dtype": self.dtype.name,
+                "utterances": rows,
+                "speakers": len(speakers),
+                "dim": dim,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             if sources is not None:
                 record_sources(self.temp, *sources)
             (self.temp / "header.json").write_text(json.dumps(header, indent=1) + "\n")
@@ -139,15 +153,20 @@ def speaker_tables(means: np.ndarray, speaker_of: np.ndarray, count: int) -> dic
     bounds = np.searchsorted(speaker_of[order], np.arange(count + 1))
     tables = {name: np.empty((count, means.shape[1]), np.float32) for name in EMBEDDING_TYPES}
     for s in range(count):
-        group = np.asarray(means[order[bounds[s]:bounds[s + 1]]], np.float64)
+        group = np.asarray(means[order[bounds[s] : bounds[s + 1]]], np.float64)
         for name, table in tables.items():
             table[s] = combine_speaker(group, name)
     return tables
 
 
-def pack_arrays(target: str | os.PathLike, keys: Sequence[str], means: np.ndarray,
-                speakers_of_keys: Sequence[str] | None = None, dtype: str = "float32",
-                source: str = "arrays") -> Path:
+def pack_arrays(
+    target: str | os.PathLike,
+    keys: Sequence[str],
+    means: np.ndarray,
+    speakers_of_keys: Sequence[str] | None = None,
+    dtype: str = "float32",
+    source: str = "arrays",
+) -> Path:
     """A packed store from per-utterance vectors (crop means, or embeddings): rows L2-normalised,
     norms kept, B/C speaker embeddings combined. Speakers default to the keys' first component.
     Rows keep their order; quick at scale (blocks of rows, no float64 copy of the whole matrix)."""
@@ -156,14 +175,23 @@ def pack_arrays(target: str | os.PathLike, keys: Sequence[str], means: np.ndarra
     speakers = sorted(set(names))
     position = {spk: k for k, spk in enumerate(speakers)}
     speaker_of = np.array([position[name] for name in names], np.int32)
-    return pack_means(target, keys, means, speakers, speaker_of, dtype,
-                      {"source": source, "source_kind": "arrays"})
+    return pack_means(
+        target, keys, means, speakers, speaker_of, dtype, {"source": source, "source_kind": "arrays"}
+    )
 
 
-def pack_means(target: str | os.PathLike, keys: Sequence[str], means: np.ndarray,
-               speakers: Sequence[str], speaker_of: np.ndarray, dtype: str, header: dict,
-               side_dir: Path | None = None, block: int = 65536,
-               sources: tuple[Sources, np.ndarray] | None = None) -> Path:
+def pack_means(
+    target: str | os.PathLike,
+    keys: Sequence[str],
+    means: np.ndarray,
+    speakers: Sequence[str],
+    speaker_of: np.ndarray,
+    dtype: str,
+    header: dict,
+    side_dir: Path | None = None,
+    block: int = 65536,
+    sources: tuple[Sources, np.ndarray] | None = None,
+) -> Path:
     """Write the packed store of crop means (N, D) under store `keys`, each row's speaker index
     into `speakers` in `speaker_of`; `header` says the source, `sources` the files it was built
     from with their content hashes."""
@@ -173,8 +201,8 @@ def pack_means(target: str | os.PathLike, keys: Sequence[str], means: np.ndarray
         raise UserError(f"{header.get('source')}: two utterances have the store key {twice}")
     with StoreBuilder(Path(target), len(keys), means.shape[1], dtype) as builder:
         for start in range(0, len(keys), block):
-            rows = np.asarray(means[start:start + block], np.float64)
-            builder.put(start, *reduce_means(rows, keys[start:start + block]))
+            rows = np.asarray(means[start : start + block], np.float64)
+            builder.put(start, *reduce_means(rows, keys[start : start + block]))
         tables = speaker_tables(means, speaker_of, len(speakers))
         return builder.finish(keys, speakers, speaker_of, tables, header, side_dir, sources)
 
@@ -204,8 +232,9 @@ def gen_target(folder: str | os.PathLike, gen_format: str) -> Path:
     return folder.with_name(folder.name + STORE_SUFFIX) if kind == "packed" else folder
 
 
-def write_embeddings(target: str | os.PathLike, keys: Sequence[str], matrix: np.ndarray,
-                     gen_format: str | None = None) -> Path:
+def write_embeddings(
+    target: str | os.PathLike, keys: Sequence[str], matrix: np.ndarray, gen_format: str | None = None
+) -> Path:
     """Write (N, D) embeddings under their keys (list paths) as a tree of (1, D) `.npy` files
     (`<target>/<key>.npy`), a Kaldi `.scp` + `.ark` (keys as given, as WeSpeaker reads them) or a
     packed store; the kind from `gen_format` or the target (gen_format_of). Returns the target."""
@@ -245,7 +274,8 @@ def write_kaldi(scp: Path, keys: Sequence[str], matrix: np.ndarray) -> Path:
         if isinstance(err, OSError):
             raise write_error(ark, err) from None
         raise
-    text = "".join(f"{line.split(' ', 1)[0]} {ark}:{line.rsplit(':', 1)[1]}\n"
-                   for line in lines.getvalue().splitlines())
+    text = "".join(
+        f"{line.split(' ', 1)[0]} {ark}:{line.rsplit(':', 1)[1]}\n" for line in lines.getvalue().splitlines()
+    )
     write_text_atomic(scp, text)
     return scp

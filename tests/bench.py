@@ -123,37 +123,68 @@ EXTRACT_SPEED = RatioGoal(gpu=1.5, cpu=1.0)
 # Issue 25: the VoxCeleb2-sized epoch within 1.15x its limit on either device; --check on the H list
 # within 90 s after the stores are open, the bootstrap at most 30 % of that.
 VOX2_EPOCH_TIME = StepTimeGoal(cpu=TRAIN_SLACK, gpu=TRAIN_SLACK)
-CHECK_TIME = AtMostGoal(CHECK_KEY, CHECK_SECONDS,
-                        "--check {value:.1f} s after the stores are open <= {limit:g} s")
+CHECK_TIME = AtMostGoal(
+    CHECK_KEY, CHECK_SECONDS, "--check {value:.1f} s after the stores are open <= {limit:g} s"
+)
 BOOTSTRAP_PART = AtMostGoal(SHARE_KEY, BOOTSTRAP_SHARE, "bootstrap {value:.0%} of it <= {limit:.0%}")
 # bfloat16 is meant for GPUs (a CPU without bfloat16 instructions emulates it): no goal on a CPU.
 STAGES: tuple[Stage, ...] = (
     Stage("load", "utt/s", stage_load, "tree", (MODEL_MEMORY,)),
     Stage("data_path", "batch/s", stage_data_path, "tree", (RatioGoal(50.0, 50.0), MODEL_MEMORY)),
-    Stage("train_mse", "utt/s", stage_train("train_mse", "normal", "MSE"), "tree",
-          (EPOCH_TIME, TRAINING_MEMORY)),
-    Stage("train_da_mse", "utt/s", stage_train("train_da_mse", "distribution", "DA_MSE"), "tree",
-          (EPOCH_TIME, TRAINING_MEMORY)),
+    Stage(
+        "train_mse", "utt/s", stage_train("train_mse", "normal", "MSE"), "tree", (EPOCH_TIME, TRAINING_MEMORY)
+    ),
+    Stage(
+        "train_da_mse",
+        "utt/s",
+        stage_train("train_da_mse", "distribution", "DA_MSE"),
+        "tree",
+        (EPOCH_TIME, TRAINING_MEMORY),
+    ),
     Stage("score", "trial/s", stage_score, "tree", (RatioGoal(100.0, 100.0), MODEL_MEMORY)),
     Stage("score_vox1e", "trial/s", stage_score_vox1e, "vox1e", (MemoryGoal(("vox1e_mb",)),)),
-    Stage("backend_asnorm", "trial/s", stage_backend_asnorm, "vox1e",
-          (MemoryGoal(("vox1e_mb", "cohort_mb")),)),
+    Stage(
+        "backend_asnorm", "trial/s", stage_backend_asnorm, "vox1e", (MemoryGoal(("vox1e_mb", "cohort_mb")),)
+    ),
     Stage("extract_ge2e", "utt/s", stage_extract("extract_ge2e", "GE2E"), goals=(EXTRACT_SPEED,)),
-    Stage("extract_resnetse34v2", "utt/s", stage_extract("extract_resnetse34v2", "ResNetSE34V2"),
-          goals=(EXTRACT_SPEED,)),
-    Stage("extract_ge2e_bf16", "utt/s", stage_extract("extract_ge2e_bf16", "GE2E", mixedprec=True),
-          goals=(RatioGoal(gpu=20.0, cpu=None),), bf16=True),
-    Stage("extract_resnetse34v2_bf16", "utt/s",
-          stage_extract("extract_resnetse34v2_bf16", "ResNetSE34V2", mixedprec=True),
-          goals=(RatioGoal(gpu=4.0, cpu=None),), bf16=True),
+    Stage(
+        "extract_resnetse34v2",
+        "utt/s",
+        stage_extract("extract_resnetse34v2", "ResNetSE34V2"),
+        goals=(EXTRACT_SPEED,),
+    ),
+    Stage(
+        "extract_ge2e_bf16",
+        "utt/s",
+        stage_extract("extract_ge2e_bf16", "GE2E", mixedprec=True),
+        goals=(RatioGoal(gpu=20.0, cpu=None),),
+        bf16=True,
+    ),
+    Stage(
+        "extract_resnetse34v2_bf16",
+        "utt/s",
+        stage_extract("extract_resnetse34v2_bf16", "ResNetSE34V2", mixedprec=True),
+        goals=(RatioGoal(gpu=4.0, cpu=None),),
+        bf16=True,
+    ),
     Stage("decode_wav", "file/s", stage_decode(".wav")),
     Stage("decode_m4a", "file/s", stage_decode(".m4a")),
     Stage("extract_resnetse34v2_m4a", "utt/s", stage_extract_m4a, goals=(RatioGoal(0.8, 0.8),)),
     Stage("pack_vox2", "file/s", stage_pack_vox2, "vox2"),
-    Stage("store_open", "utt/s", stage_store_open, "vox2",
-          (RatioGoal(100.0, 100.0), MemoryGoal(("vox2_matrix_mb",), STORE_OPEN_FACTOR))),
-    Stage("train_vox2_steps", "step/s", stage_train_vox2_steps, "blink",
-          (GrowthGoal(STEP_GROWTH), MemoryGoal(("step_limit_mb",), 1.0))),
+    Stage(
+        "store_open",
+        "utt/s",
+        stage_store_open,
+        "vox2",
+        (RatioGoal(100.0, 100.0), MemoryGoal(("vox2_matrix_mb",), STORE_OPEN_FACTOR)),
+    ),
+    Stage(
+        "train_vox2_steps",
+        "step/s",
+        stage_train_vox2_steps,
+        "blink",
+        (GrowthGoal(STEP_GROWTH), MemoryGoal(("step_limit_mb",), 1.0)),
+    ),
     Stage("train_vox2_epoch", "utt/s", stage_train_vox2_epoch, "vox2_store", (VOX2_EPOCH_TIME,)),
     Stage("check_vox1h", "trial/s", stage_check_vox1h, "vox1h", (CHECK_TIME, BOOTSTRAP_PART)),
 )
@@ -207,17 +238,22 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def table(records: list[dict]) -> str:
     gpu = any(GPU_KEY in r for r in records)
     peak = any(PEAK_KEY in r for r in records)
-    head = (f"{'name':<27}{'unit':>9}{'project/s':>14}{'baseline/s':>14}{'ratio':>9}"
-            f"{'compute-only/s':>16}{'peak MB':>10}" + (f"{'GPU MB':>10}" if gpu else "")
-            + (f"{'bf16 peak %':>13}" if peak else ""))
+    head = (
+        f"{'name':<27}{'unit':>9}{'project/s':>14}{'baseline/s':>14}{'ratio':>9}"
+        f"{'compute-only/s':>16}{'peak MB':>10}"
+        + (f"{'GPU MB':>10}" if gpu else "")
+        + (f"{'bf16 peak %':>13}" if peak else "")
+    )
     lines = [head, "-" * len(head)]
     for r in records:
         fraction = r.get(PEAK_KEY)
-        lines.append(f"{r['name']:<27}{STAGE[r['name']].unit:>9}{fmt(r['project_per_s']):>14}"
-                     f"{fmt(r['baseline_per_s']):>14}{fmt(r['ratio'], 2):>9}"
-                     f"{fmt(r.get(COMPUTE_KEY)):>16}{fmt(r['peak_rss_mb']):>10}"
-                     + (f"{fmt(r.get(GPU_KEY)):>10}" if gpu else "")
-                     + (f"{fmt(None if fraction is None else 100 * fraction, 2):>13}" if peak else ""))
+        lines.append(
+            f"{r['name']:<27}{STAGE[r['name']].unit:>9}{fmt(r['project_per_s']):>14}"
+            f"{fmt(r['baseline_per_s']):>14}{fmt(r['ratio'], 2):>9}"
+            f"{fmt(r.get(COMPUTE_KEY)):>16}{fmt(r['peak_rss_mb']):>10}"
+            + (f"{fmt(r.get(GPU_KEY)):>10}" if gpu else "")
+            + (f"{fmt(None if fraction is None else 100 * fraction, 2):>13}" if peak else "")
+        )
     return "\n".join(lines)
 
 
@@ -229,46 +265,70 @@ def verdicts(records: list[dict], budget: MemoryBudget) -> list[str]:
 
 def machine_line(args: argparse.Namespace, seconds: float, load: tuple[float, float]) -> str:
     device = resolve_device(args.device)
-    where = (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})" if device.type == "cuda"
-             else "CPU only")
+    where = (
+        f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+        if device.type == "cuda"
+        else "CPU only"
+    )
     threads = args.threads or torch.get_num_threads()
-    return (f"machine: {where}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {threads} "
-            f"intra-op threads, load average {load[0]:.1f} at start and {load[1]:.1f} at the end (other "
-            f"processes may be running); bench wall time {seconds:.0f} s")
+    return (
+        f"machine: {where}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {threads} "
+        f"intra-op threads, load average {load[0]:.1f} at start and {load[1]:.1f} at the end (other "
+        f"processes may be running); bench wall time {seconds:.0f} s"
+    )
 
 
 def memory_goal_lines(args: argparse.Namespace, records: list[dict], budget: MemoryBudget) -> list[str]:
     """What the memory goals are, in numbers."""
-    limit = {name: STAGE[name].memory_limit(budget) for name in
-             ("load", "train_mse", "score_vox1e", "backend_asnorm")}
-    lines = [f"memory goal: {MEMORY_FACTOR} x (reduced matrix {args.utterances} x {args.dim} float32 = "
-             f"{budget.matrix_mb:.1f} MB + {MODEL} parameters {budget.parameters_mb:.1f} MB) = "
-             f"{limit['load']:.1f} MB; while training the model counts with its gradients and Adam's two "
-             f"moments (4 x the parameters): {limit['train_mse']:.1f} MB"]
+    limit = {
+        name: STAGE[name].memory_limit(budget)
+        for name in ("load", "train_mse", "score_vox1e", "backend_asnorm")
+    }
+    lines = [
+        f"memory goal: {MEMORY_FACTOR} x (reduced matrix {args.utterances} x {args.dim} float32 = "
+        f"{budget.matrix_mb:.1f} MB + {MODEL} parameters {budget.parameters_mb:.1f} MB) = "
+        f"{limit['load']:.1f} MB; while training the model counts with its gradients and Adam's two "
+        f"moments (4 x the parameters): {limit['train_mse']:.1f} MB"
+    ]
     if any(r["name"] == "store_open" for r in records):
-        lines.append(f"memory goal of store_open: {STORE_OPEN_FACTOR} x the VoxCeleb2-shaped matrix "
-                     f"{args.vox2_utterances} x {args.vox2_dim} float32 = {budget.vox2_matrix_mb:.1f} MB: "
-                     f"{STAGE['store_open'].memory_limit(budget):.1f} MB; of train_vox2_steps: "
-                     f"{budget.step_limit_mb:.1f} MB (8 GB)")
+        lines.append(
+            f"memory goal of store_open: {STORE_OPEN_FACTOR} x the VoxCeleb2-shaped matrix "
+            f"{args.vox2_utterances} x {args.vox2_dim} float32 = {budget.vox2_matrix_mb:.1f} MB: "
+            f"{STAGE['store_open'].memory_limit(budget):.1f} MB; of train_vox2_steps: "
+            f"{budget.step_limit_mb:.1f} MB (8 GB)"
+        )
     if any(STAGE[r["name"]].needs == "vox1e" for r in records):
-        lines.append(f"memory goal of the VoxCeleb1-E stages: {MEMORY_FACTOR} x (matrix "
-                     f"{args.vox1e_utterances} x {args.dim} float32 = {budget.vox1e_mb:.1f} MB, for AS-Norm "
-                     f"+ cohort {args.cohort_speakers} x {args.dim} = {budget.cohort_mb:.1f} MB) = "
-                     f"{limit['score_vox1e']:.1f} MB, {limit['backend_asnorm']:.1f} MB")
+        lines.append(
+            f"memory goal of the VoxCeleb1-E stages: {MEMORY_FACTOR} x (matrix "
+            f"{args.vox1e_utterances} x {args.dim} float32 = {budget.vox1e_mb:.1f} MB, for AS-Norm "
+            f"+ cohort {args.cohort_speakers} x {args.dim} = {budget.cohort_mb:.1f} MB) = "
+            f"{limit['score_vox1e']:.1f} MB, {limit['backend_asnorm']:.1f} MB"
+        )
     return lines
 
 
-def report(args: argparse.Namespace, records: list[dict], notes: Iterable[str], base_rss: float,
-           seconds: float, load: tuple[float, float]) -> None:
+def report(
+    args: argparse.Namespace,
+    records: list[dict],
+    notes: Iterable[str],
+    base_rss: float,
+    seconds: float,
+    load: tuple[float, float],
+) -> None:
     budget = memory_budget(args)
     print()
     print(table(records))
     print()
     print(machine_line(args, seconds, load))
-    print(f"peak MB: peak RSS of the stage's project path above its process before the stage (torch and "
-          f"the project imported, one tiny Adam step taken: {base_rss:.0f} MB); the stage's data counts"
-          + ("; GPU MB: torch's peak GPU allocation in the project path" if any(GPU_KEY in r for r in records)
-             else ""))
+    print(
+        f"peak MB: peak RSS of the stage's project path above its process before the stage (torch and "
+        f"the project imported, one tiny Adam step taken: {base_rss:.0f} MB); the stage's data counts"
+        + (
+            "; GPU MB: torch's peak GPU allocation in the project path"
+            if any(GPU_KEY in r for r in records)
+            else ""
+        )
+    )
     for line in memory_goal_lines(args, records, budget):
         print(line)
     for note in notes:
@@ -300,8 +360,11 @@ OPTIONS: Options = {
     "extract_batch": Option(0, int, "utterances per extractor pass; 0: m_gen_embs' choice for the device"),
     "baseline_utterances": Option(4, int, "utterances timed one at a time"),
     "audio_files": Option(
-        4000, int, f"files of each format (links to the synthetic utterances) in the decode and "
-        f"m4a stages; the m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU"),
+        4000,
+        int,
+        f"files of each format (links to the synthetic utterances) in the decode and "
+        f"m4a stages; the m4a stage takes at most {CPU_EXTRACT_FILES} of them on a CPU",
+    ),
     "vox2_utterances": Option(1_092_009, int, "files of the VoxCeleb2-shaped tree"),
     "vox2_speakers": Option(5_994, int, "speakers of the VoxCeleb2-shaped tree"),
     "vox2_videos": Option(145_000, int, "videos (folders) of the VoxCeleb2-shaped tree"),
@@ -313,8 +376,9 @@ OPTIONS: Options = {
     "blink_speakers": Option(111_284, int, "speakers of the VoxBlink2-sized store"),
     "blink_small_rows": Option(100_000, int, "rows of train_vox2_steps' small store"),
     "steps": Option(500, int, "training steps timed by train_vox2_steps"),
-    "step_batch": Option(1_000, int,
-                         "batch size of train_vox2_steps, train_vox2_epoch and check_vox1h's model"),
+    "step_batch": Option(
+        1_000, int, "batch size of train_vox2_steps, train_vox2_epoch and check_vox1h's model"
+    ),
     "vox1h_utterances": Option(153_516, int, "utterances of check_vox1h's VoxCeleb1-shaped store"),
     "vox1h_speakers": Option(1_251, int, "speakers of check_vox1h's VoxCeleb1-shaped store"),
     "vox1h_trial_speakers": Option(1_190, int, "speakers whose utterances check_vox1h's H-sized list pairs"),
@@ -337,24 +401,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGE)}")
     if args.utterances < 2 * args.speakers or args.sessions < 2:
         parser.error("need at least 2 utterances per speaker and 2 sessions")
-    if (args.vox2_utterances < 2 * args.vox2_speakers or not 0 < args.file_part <= args.vox2_utterances
-            or args.blink_rows < 2 * args.blink_speakers or args.blink_small_rows > args.blink_rows
-            or args.blink_small_rows < args.step_batch):
-        parser.error("need --vox2_utterances >= 2 x --vox2_speakers, 0 < --file_part <= "
-                     "--vox2_utterances, --blink_rows >= 2 x --blink_speakers, --step_batch <= "
-                     "--blink_small_rows <= --blink_rows")
-    for name in ("baseline_batches", "compute_batches", "baseline_trials", "baseline_utterances", "trials",
-                 "workers", "audio_files", "audio_utterances", "vox2_videos", "vox2_crops", "vox2_processes",
-                 "steps", "vox1h_trials", "check_resamples", "check_model_steps"):
+    if (
+        args.vox2_utterances < 2 * args.vox2_speakers
+        or not 0 < args.file_part <= args.vox2_utterances
+        or args.blink_rows < 2 * args.blink_speakers
+        or args.blink_small_rows > args.blink_rows
+        or args.blink_small_rows < args.step_batch
+    ):
+        parser.error(
+            "need --vox2_utterances >= 2 x --vox2_speakers, 0 < --file_part <= "
+            "--vox2_utterances, --blink_rows >= 2 x --blink_speakers, --step_batch <= "
+            "--blink_small_rows <= --blink_rows"
+        )
+    for name in (
+        "baseline_batches",
+        "compute_batches",
+        "baseline_trials",
+        "baseline_utterances",
+        "trials",
+        "workers",
+        "audio_files",
+        "audio_utterances",
+        "vox2_videos",
+        "vox2_crops",
+        "vox2_processes",
+        "steps",
+        "vox1h_trials",
+        "check_resamples",
+        "check_model_steps",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.vox1e_utterances < 4 or args.vox1e_trials < args.vox1e_utterances or args.cohort_speakers < 2:
-        parser.error("need --vox1e_utterances >= 4, --vox1e_trials >= --vox1e_utterances (each utterance "
-                     "enrols) and --cohort_speakers >= 2")
-    if (not 2 <= args.vox1h_trial_speakers <= args.vox1h_speakers
-            or args.vox1h_utterances < 2 * args.vox1h_speakers):
-        parser.error("need 2 <= --vox1h_trial_speakers <= --vox1h_speakers and --vox1h_utterances >= 2 x "
-                     "--vox1h_speakers")
+        parser.error(
+            "need --vox1e_utterances >= 4, --vox1e_trials >= --vox1e_utterances (each utterance "
+            "enrols) and --cohort_speakers >= 2"
+        )
+    if (
+        not 2 <= args.vox1h_trial_speakers <= args.vox1h_speakers
+        or args.vox1h_utterances < 2 * args.vox1h_speakers
+    ):
+        parser.error(
+            "need 2 <= --vox1h_trial_speakers <= --vox1h_speakers and --vox1h_utterances >= 2 x "
+            "--vox1h_speakers"
+        )
     return args
 
 
@@ -374,9 +464,11 @@ def main(argv: list[str] | None = None) -> None:
     tree = made.get("tree")
     records, notes, base_rss = [], [], 0.0
     for name in skipped_bf16_stages(args):
-        notes.append(f"{name}: skipped: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where "
-                     "bfloat16 is emulated and many times slower than float32 (m_gen_embs --mixedprec "
-                     "runs float32 there)")
+        notes.append(
+            f"{name}: skipped: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where "
+            "bfloat16 is emulated and many times slower than float32 (m_gen_embs --mixedprec "
+            "runs float32 there)"
+        )
         args.stages = [stage for stage in args.stages if stage != name]
     for name in (stage.name for stage in STAGES if stage.name in args.stages):
         say(f"stage {name} ...")

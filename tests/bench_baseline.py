@@ -61,27 +61,41 @@ class SpeakerPairsDataset(Dataset):
     def __getitem__(self, k: int) -> Batch:
         pairs = self.pairs[self.speakers[k]]
         rows = [reduce_file(self.root / rel) for a, b, _ in pairs for rel in (a, b)]
-        return Batch(inputs=torch.from_numpy(np.stack(rows)),
-                     targets=self.targets[k].expand(len(rows), -1).clone(),
-                     labels=torch.full((len(rows),), k), pair_same=torch.tensor([f == 1 for *_, f in pairs]),
-                     pair_speaker=torch.full((len(pairs),), k))
+        return Batch(
+            inputs=torch.from_numpy(np.stack(rows)),
+            targets=self.targets[k].expand(len(rows), -1).clone(),
+            labels=torch.full((len(rows),), k),
+            pair_same=torch.tensor([f == 1 for *_, f in pairs]),
+            pair_speaker=torch.full((len(pairs),), k),
+        )
 
 
 def per_file_loader(args: argparse.Namespace, tree: Tree, kind: str) -> DataLoader:
     """A one-file-per-sample DataLoader over the same list, with nDataLoaderThread workers."""
     records = read_list(tree.list_path(kind), kind)
     speakers = sorted({r[0] for r in records})
-    targets = torch.from_numpy(load_speaker_embeddings(tree.embed_dir, speakers, EMBEDDING_TYPE[kind],
-                                                       args.dim))
+    targets = torch.from_numpy(
+        load_speaker_embeddings(tree.embed_dir, speakers, EMBEDDING_TYPE[kind], args.dim)
+    )
     if kind == "distribution":
-        return DataLoader(SpeakerPairsDataset(tree, records, targets, speakers), batch_size=None,
-                          shuffle=True, num_workers=args.workers)
-    return DataLoader(PerFileDataset(tree, records, targets, speakers), batch_size=args.batch_size,
-                      shuffle=True, num_workers=args.workers, collate_fn=collate_batch)
+        return DataLoader(
+            SpeakerPairsDataset(tree, records, targets, speakers),
+            batch_size=None,
+            shuffle=True,
+            num_workers=args.workers,
+        )
+    return DataLoader(
+        PerFileDataset(tree, records, targets, speakers),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        collate_fn=collate_batch,
+    )
 
 
-def per_trial_scores(matrix: np.ndarray, left: np.ndarray, right: np.ndarray,
-                    device: torch.device) -> list[float]:
+def per_trial_scores(
+    matrix: np.ndarray, left: np.ndarray, right: np.ndarray, device: torch.device
+) -> list[float]:
     """One Python iteration and one device transfer per trial, as the original repository scored."""
     scores = []
     for i, j in zip(left.tolist(), right.tolist(), strict=True):
@@ -126,5 +140,3 @@ def per_trial_metrics(scores: np.ndarray, labels: np.ndarray) -> tuple[float, fl
     """EER on sklearn's ROC curve and minDCF(0.05, 0.01) from Python-list error rates."""
     fnrs, fprs = python_error_rates(scores.tolist(), labels.tolist())
     return compute_eer(scores, labels)[0], python_min_dcf(fnrs, fprs, 0.05), python_min_dcf(fnrs, fprs, 0.01)
-
-

@@ -71,8 +71,10 @@ def ensure_tree(args: argparse.Namespace) -> Tree:
     tree = Tree(Path(args.out) / "data" / "_".join(f"{key}{value}" for key, value in shape.items()))
 
     def write() -> None:
-        say(f"writing a synthetic tree of {args.utterances} utterances ({args.crops}, {args.dim}) "
-            f"under {tree.root} (once)")
+        say(
+            f"writing a synthetic tree of {args.utterances} utterances ({args.crops}, {args.dim}) "
+            f"under {tree.root} (once)"
+        )
         write_embeddings(tree.embed_dir, args)
         make_lists(tree.embed_dir, LIST_NAME, tree.root / "lists", SEED, kinds=("normal", "distribution"))
 
@@ -88,8 +90,11 @@ def write_embeddings(embed_dir: Path, args: argparse.Namespace) -> None:
         name = f"id{10000 + index:05d}"
         session = np.arange(count) * args.sessions // count
         offsets = rng.standard_normal((args.sessions, args.dim))
-        block = (rng.standard_normal(args.dim) + offsets[session][:, None]
-                 + rng.standard_normal((count, args.crops, args.dim))).astype(np.float32)
+        block = (
+            rng.standard_normal(args.dim)
+            + offsets[session][:, None]
+            + rng.standard_normal((count, args.crops, args.dim))
+        ).astype(np.float32)
         for u in range(count):
             first = int(np.searchsorted(session, session[u]))
             path = embed_dir / name / f"sess{session[u]:07d}" / f"{u - first + 1:05d}.npy"
@@ -103,8 +108,11 @@ def synthetic_audio(count: int, seconds: float) -> list[np.ndarray]:
     """`count` waveforms of three random tones plus a little noise, 16 kHz float64."""
     rng = np.random.default_rng(SEED)
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    return [0.1 * np.sin(2 * np.pi * rng.uniform(100, 3000, (3, 1)) * t).sum(axis=0)
-            + 0.02 * rng.standard_normal(len(t)) for _ in range(count)]
+    return [
+        0.1 * np.sin(2 * np.pi * rng.uniform(100, 3000, (3, 1)) * t).sum(axis=0)
+        + 0.02 * rng.standard_normal(len(t))
+        for _ in range(count)
+    ]
 
 
 def ensure_audio_trees(args: argparse.Namespace) -> dict[str, Path]:
@@ -133,8 +141,9 @@ def ensure_audio_trees(args: argparse.Namespace) -> dict[str, Path]:
     return trees
 
 
-def make_trials(speaker: np.ndarray, count: int, rng: np.random.Generator,
-                every_utterance: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_trials(
+    speaker: np.ndarray, count: int, rng: np.random.Generator, every_utterance: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Trials alternately of the same speaker (another utterance) and of a random utterance; the
     enrolment (left) utterances at random, or with `every_utterance` each in turn, in random order."""
     order = np.argsort(speaker, kind="stable")
@@ -142,8 +151,11 @@ def make_trials(speaker: np.ndarray, count: int, rng: np.random.Generator,
     starts = np.cumsum(sizes) - sizes
     position = np.empty(len(speaker), np.int64)
     position[order] = np.arange(len(speaker)) - starts[speaker[order]]
-    left = (rng.permutation(np.arange(count) % len(speaker)) if every_utterance
-            else rng.integers(len(speaker), size=count))
+    left = (
+        rng.permutation(np.arange(count) % len(speaker))
+        if every_utterance
+        else rng.integers(len(speaker), size=count)
+    )
     own = speaker[left]
     shift = rng.integers(1, np.maximum(sizes[own], 2))
     same = order[starts[own] + (position[left] + shift) % sizes[own]]
@@ -185,8 +197,10 @@ def ensure_vox1e(args: argparse.Namespace) -> Vox1e:
     if marker.is_file():
         say(f"reusing the VoxCeleb1-E-sized data {data.root}")
         return data
-    say(f"writing a trial list of {args.vox1e_trials} lines over {args.vox1e_utterances} utterances "
-        f"under {data.root} (once)")
+    say(
+        f"writing a trial list of {args.vox1e_trials} lines over {args.vox1e_utterances} utterances "
+        f"under {data.root} (once)"
+    )
     rng = np.random.default_rng(SEED)
     speakers = vox1e_speakers(args.vox1e_utterances)
     counts = np.diff(np.linspace(0, args.vox1e_utterances, speakers + 1).astype(np.int64))
@@ -194,19 +208,23 @@ def ensure_vox1e(args: argparse.Namespace) -> Vox1e:
     video_ids = ["".join(chars) for chars in VIDEO_ID[rng.integers(len(VIDEO_ID), size=(videos.sum(), 11))]]
     first_video = np.cumsum(videos) - videos
     # Sorted as TrialSet orders its rows; the speaker's id leads, so each speaker's rows stay together.
-    names = sorted(f"id{10270 + index:05d}/{video_ids[first_video[index] + u // 8]}/{u % 8 + 1:05d}.wav"
-                   for index, count in enumerate(counts) for u in range(count))
+    names = sorted(
+        f"id{10270 + index:05d}/{video_ids[first_video[index] + u // 8]}/{u % 8 + 1:05d}.wav"
+        for index, count in enumerate(counts)
+        for u in range(count)
+    )
     speaker = np.repeat(np.arange(speakers), counts)
     left, right, labels = make_trials(speaker, args.vox1e_trials, rng, every_utterance=True)
     data.root.mkdir(parents=True, exist_ok=True)
     with open(data.list_path, "w") as file:
-        file.writelines(f"{label} {names[i]} {names[j]}\n"
-                        for label, i, j in zip(labels, left, right, strict=True))
+        file.writelines(
+            f"{label} {names[i]} {names[j]}\n" for label, i, j in zip(labels, left, right, strict=True)
+        )
     matrix = rng.standard_normal((len(names), args.dim), dtype=np.float32)
     centres = rng.standard_normal((speakers, args.dim), dtype=np.float32)
     for start in range(0, len(matrix), 4096):
-        block = matrix[start:start + 4096]
-        block += centres[speaker[start:start + 4096]]
+        block = matrix[start : start + 4096]
+        block += centres[speaker[start : start + 4096]]
         block /= np.linalg.norm(block, axis=1, keepdims=True)
     np.save(data.matrix_path, matrix)
     marker.write_text("complete\n")
@@ -274,8 +292,10 @@ def write_vox2_speaker(task: tuple[Path, int, int, int, int, int]) -> list[str]:
     video = np.arange(count) * videos // count
     first = np.searchsorted(video, video)
     block = rng.standard_normal((count, crops, dim), dtype=np.float32)
-    block += (rng.standard_normal(dim, dtype=np.float32)
-              + rng.standard_normal((videos, dim), dtype=np.float32)[video])[:, None]
+    block += (
+        rng.standard_normal(dim, dtype=np.float32)
+        + rng.standard_normal((videos, dim), dtype=np.float32)[video]
+    )[:, None]
     header = npy_header((crops, dim))
     for video_id in video_ids:
         (embed_dir / name / video_id).mkdir(parents=True, exist_ok=True)
@@ -294,8 +314,10 @@ def check_disk(folder: Path, needed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed * 1.2 > free:
-        raise SystemExit(f"bench: {folder} has {free / 2 ** 30:.1f} GiB free, the data needs about "
-                         f"{needed / 2 ** 30:.1f} GiB; make the size smaller")
+        raise SystemExit(
+            f"bench: {folder} has {free / 2**30:.1f} GiB free, the data needs about "
+            f"{needed / 2**30:.1f} GiB; make the size smaller"
+        )
 
 
 def ensure_vox2(args: argparse.Namespace) -> Vox2:
@@ -309,16 +331,27 @@ def write_vox2(data: Vox2, args: argparse.Namespace) -> None:
     """Write the VoxCeleb2-shaped tree, its normal list and the per-file part (--vox2_processes writers)."""
     size = args.vox2_utterances * 4096 * (-(-(128 + 4 * args.vox2_crops * args.vox2_dim) // 4096))
     check_disk(data.root, size)
-    say(f"writing a VoxCeleb2-shaped tree of {args.vox2_utterances} files ({args.vox2_crops}, "
-        f"{args.vox2_dim}) under {data.root} (once, {size / 2 ** 30:.1f} GiB)")
+    say(
+        f"writing a VoxCeleb2-shaped tree of {args.vox2_utterances} files ({args.vox2_crops}, "
+        f"{args.vox2_dim}) under {data.root} (once, {size / 2**30:.1f} GiB)"
+    )
     counts = spread(args.vox2_utterances, args.vox2_speakers)
     videos = spread(args.vox2_videos, args.vox2_speakers)
-    tasks = [(data.embed_dir, args.vox2_crops, args.vox2_dim, k, int(n), int(max(1, min(v, n))))
-             for k, (n, v) in enumerate(zip(counts, videos, strict=True))]
-    with multiprocessing.get_context("fork").Pool(args.vox2_processes) as pool, \
-            open(data.list_path, "w") as listed:
-        for lines in tqdm(pool.imap(write_vox2_speaker, tasks, chunksize=4), total=len(tasks),
-                          desc="speakers", unit="spk", leave=False):
+    tasks = [
+        (data.embed_dir, args.vox2_crops, args.vox2_dim, k, int(n), int(max(1, min(v, n))))
+        for k, (n, v) in enumerate(zip(counts, videos, strict=True))
+    ]
+    with (
+        multiprocessing.get_context("fork").Pool(args.vox2_processes) as pool,
+        open(data.list_path, "w") as listed,
+    ):
+        for lines in tqdm(
+            pool.imap(write_vox2_speaker, tasks, chunksize=4),
+            total=len(tasks),
+            desc="speakers",
+            unit="spk",
+            leave=False,
+        ):
             listed.writelines(lines)
     write_part(data, counts, args.file_part)
 
@@ -358,8 +391,10 @@ def blink_sizes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
 
 
 def blink_of(args: argparse.Namespace) -> Blink:
-    return Blink(Path(args.out) / "data" / f"blink_r{args.blink_rows}_s{args.blink_speakers}_"
-                                           f"small{args.blink_small_rows}_dim{args.vox2_dim}")
+    return Blink(
+        Path(args.out) / "data" / f"blink_r{args.blink_rows}_s{args.blink_speakers}_"
+        f"small{args.blink_small_rows}_dim{args.vox2_dim}"
+    )
 
 
 def ensure_blink(args: argparse.Namespace) -> Blink:
@@ -371,8 +406,10 @@ def ensure_blink(args: argparse.Namespace) -> Blink:
             say(f"reusing the {rows}-row float16 store {data.store(size)}")
             continue
         check_disk(data.root, rows * (args.vox2_dim * 2 + 60))
-        say(f"writing a {rows} x {args.vox2_dim} float16 store of {speakers} speakers, "
-            f"{data.store(size)} (once)")
+        say(
+            f"writing a {rows} x {args.vox2_dim} float16 store of {speakers} speakers, "
+            f"{data.store(size)} (once)"
+        )
         write_in_child(data.store(size), data.list_path(size), rows, speakers, args.vox2_dim, "float16")
         (data.root / f".{size}_complete").touch()
     return data
@@ -381,7 +418,8 @@ def ensure_blink(args: argparse.Namespace) -> Blink:
 def write_in_child(store: Path, list_path: Path, rows: int, speakers: int, dim: int, dtype: str) -> None:
     """write_store in a forked child process: what it holds is freed with the process."""
     process = multiprocessing.get_context("fork").Process(
-        target=write_store, args=(store, list_path, rows, speakers, dim, dtype))
+        target=write_store, args=(store, list_path, rows, speakers, dim, dtype)
+    )
     process.start()
     process.join()
     if process.exitcode != 0:
@@ -398,8 +436,10 @@ def store_rows(rows: int, speakers: int) -> tuple[list[str], np.ndarray, list[st
     speaker_of = np.repeat(np.arange(speakers, dtype=np.int32), counts)
     within = np.arange(rows) - np.repeat(np.cumsum(counts) - counts, counts)
     names = [f"id{k:06d}" for k in range(speakers)]
-    keys = [f"{names[s]}/v{w // 8:04d}/{w % 8 + 1:05d}" for s, w in zip(speaker_of.tolist(), within.tolist(),
-                                                                         strict=True)]
+    keys = [
+        f"{names[s]}/v{w // 8:04d}/{w % 8 + 1:05d}"
+        for s, w in zip(speaker_of.tolist(), within.tolist(), strict=True)
+    ]
     return names, speaker_of, keys
 
 
@@ -412,15 +452,20 @@ def write_store(store: Path, list_path: Path, rows: int, speakers: int, dim: int
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     with StoreBuilder(store, rows, dim, dtype) as builder:
         for start in tqdm(range(0, rows, STORE_BLOCK), desc="rows", unit="block", leave=False):
-            block = centres[speaker_of[start:start + STORE_BLOCK]]
+            block = centres[speaker_of[start : start + STORE_BLOCK]]
             block += 0.1 * rng.standard_normal(block.shape, dtype=np.float32)
             block /= np.linalg.norm(block, axis=1, keepdims=True)
             builder.put(start, block, np.ones(len(block), np.float32))
-        builder.finish(keys, names, speaker_of, {name: centres for name in EMBEDDING_TYPES},
-                       {"source": "bench (random unit vectors)", "source_kind": "arrays", "stamp": None})
+        builder.finish(
+            keys,
+            names,
+            speaker_of,
+            {name: centres for name in EMBEDDING_TYPES},
+            {"source": "bench (random unit vectors)", "source_kind": "arrays", "stamp": None},
+        )
     with open(list_path, "w") as listed:
         for start in range(0, rows, STORE_BLOCK):
-            listed.writelines(f"{key.split('/', 1)[0]} {key}\n" for key in keys[start:start + STORE_BLOCK])
+            listed.writelines(f"{key.split('/', 1)[0]} {key}\n" for key in keys[start : start + STORE_BLOCK])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,8 +507,13 @@ def vox2_store_shape(args: argparse.Namespace) -> dict[str, int]:
 
 
 def vox1h_shape(args: argparse.Namespace) -> dict[str, int]:
-    return {"rows": args.vox1h_utterances, "speakers": args.vox1h_speakers,
-            "trial_speakers": args.vox1h_trial_speakers, "trials": args.vox1h_trials, "dim": args.vox2_dim}
+    return {
+        "rows": args.vox1h_utterances,
+        "speakers": args.vox1h_speakers,
+        "trial_speakers": args.vox1h_trial_speakers,
+        "trials": args.vox1h_trials,
+        "dim": args.vox2_dim,
+    }
 
 
 def folder_of(args: argparse.Namespace, prefix: str, shape: dict[str, int]) -> Path:
@@ -486,8 +536,10 @@ def ensure_vox2_store(args: argparse.Namespace) -> StoreData:
 
     def write() -> None:
         check_disk(data.root, shape["rows"] * (shape["dim"] * 4 + 60))
-        say(f"writing a {shape['rows']} x {shape['dim']} float32 store of {shape['speakers']} speakers, "
-            f"{data.store} (once)")
+        say(
+            f"writing a {shape['rows']} x {shape['dim']} float32 store of {shape['speakers']} speakers, "
+            f"{data.store} (once)"
+        )
         write_in_child(data.store, data.list_path, shape["rows"], shape["speakers"], shape["dim"], "float32")
 
     written_once(data.root, shape, "the VoxCeleb2-sized store", write)
@@ -502,13 +554,17 @@ def ensure_vox1h(args: argparse.Namespace) -> Vox1h:
     shape = vox1h_shape(args)
 
     def write() -> None:
-        say(f"writing a {shape['rows']} x {shape['dim']} float32 store of {shape['speakers']} speakers "
+        say(
+            f"writing a {shape['rows']} x {shape['dim']} float32 store of {shape['speakers']} speakers "
             f"and a list of {shape['trials']} trials over {shape['trial_speakers']} of them, "
-            f"under {data.test.root} (once)")
-        write_in_child(data.test.store, data.test.list_path, shape["rows"], shape["speakers"], shape["dim"],
-                       "float32")
-        write_trial_list(data.trial_list, shape["rows"], shape["speakers"], shape["trial_speakers"],
-                         shape["trials"])
+            f"under {data.test.root} (once)"
+        )
+        write_in_child(
+            data.test.store, data.test.list_path, shape["rows"], shape["speakers"], shape["dim"], "float32"
+        )
+        write_trial_list(
+            data.trial_list, shape["rows"], shape["speakers"], shape["trial_speakers"], shape["trials"]
+        )
 
     written_once(data.test.root, shape, "the VoxCeleb1-shaped store and its H-sized list", write)
     return data
@@ -520,11 +576,14 @@ def write_trial_list(path: Path, rows: int, speakers: int, trial_speakers: int, 
     utterance of its speaker and a random one of theirs (make_trials)."""
     _, speaker_of, keys = store_rows(rows, speakers)
     used = int(np.searchsorted(speaker_of, trial_speakers))
-    left, right, labels = make_trials(speaker_of[:used], trials, np.random.default_rng(SEED),
-                                      every_utterance=True)
+    left, right, labels = make_trials(
+        speaker_of[:used], trials, np.random.default_rng(SEED), every_utterance=True
+    )
     with open(path, "w") as file:
-        file.writelines(f"{label} {keys[a]}.wav {keys[b]}.wav\n"
-                        for label, a, b in zip(labels.tolist(), left.tolist(), right.tolist(), strict=True))
+        file.writelines(
+            f"{label} {keys[a]}.wav {keys[b]}.wav\n"
+            for label, a, b in zip(labels.tolist(), left.tolist(), right.tolist(), strict=True)
+        )
 
 
 # The data stages share, written once before the first stage (in this order) and reused by size:
@@ -532,5 +591,10 @@ def write_trial_list(path: Path, rows: int, speakers: int, trial_speakers: int, 
 # VoxCeleb2-shaped tree, the VoxBlink2-sized stores, the VoxCeleb2-sized store and the
 # VoxCeleb1-shaped one.
 DATA_MAKERS: dict[str, Callable[[argparse.Namespace], object]] = {
-    "tree": ensure_tree, "vox1e": ensure_vox1e, "vox2": ensure_vox2, "blink": ensure_blink,
-    "vox2_store": ensure_vox2_store, "vox1h": ensure_vox1h}
+    "tree": ensure_tree,
+    "vox1e": ensure_vox1e,
+    "vox2": ensure_vox2,
+    "blink": ensure_blink,
+    "vox2_store": ensure_vox2_store,
+    "vox1h": ensure_vox1h,
+}

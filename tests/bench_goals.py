@@ -49,9 +49,13 @@ class MemoryBudget:
 
 def memory_budget(args: argparse.Namespace) -> MemoryBudget:
     parameters = sum(p.numel() for p in get_model(MODEL, nOut=args.dim).parameters())
-    return MemoryBudget(args.utterances * args.dim * 4 / MB, parameters * 4 / MB,
-                        args.vox1e_utterances * args.dim * 4 / MB, args.cohort_speakers * args.dim * 4 / MB,
-                        args.vox2_utterances * args.vox2_dim * 4 / MB)
+    return MemoryBudget(
+        args.utterances * args.dim * 4 / MB,
+        parameters * 4 / MB,
+        args.vox1e_utterances * args.dim * 4 / MB,
+        args.cohort_speakers * args.dim * 4 / MB,
+        args.vox2_utterances * args.vox2_dim * 4 / MB,
+    )
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,9 @@ class StepTimeGoal:
             return None
         slowdown = record[COMPUTE_KEY] / record["project_per_s"]
         slack = self.gpu if GPU_KEY in record else self.cpu
-        return goal_line(f"{record['name']} epoch at {slowdown:.3f}x its arithmetic limit <= {slack}",
-                         slowdown <= slack)
+        return goal_line(
+            f"{record['name']} epoch at {slowdown:.3f}x its arithmetic limit <= {slack}", slowdown <= slack
+        )
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,10 @@ class GrowthGoal:
 
     def verdict(self, record: dict, budget: MemoryBudget) -> str | None:
         growth = record["baseline_per_s"] / record["project_per_s"]
-        return goal_line(f"{record['name']} step time {growth:.3f}x the small store's <= {self.limit}",
-                         growth <= self.limit)
+        return goal_line(
+            f"{record['name']} step time {growth:.3f}x the small store's <= {self.limit}",
+            growth <= self.limit,
+        )
 
 
 @dataclass(frozen=True)
@@ -129,8 +136,9 @@ class AtMostGoal:
         if self.key not in record:
             return None
         value = record[self.key]
-        return goal_line(f"{record['name']} {self.text.format(value=value, limit=self.limit)}",
-                         value <= self.limit)
+        return goal_line(
+            f"{record['name']} {self.text.format(value=value, limit=self.limit)}", value <= self.limit
+        )
 
 
 Goal = RatioGoal | StepTimeGoal | MemoryGoal | GrowthGoal | AtMostGoal

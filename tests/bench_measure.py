@@ -25,7 +25,7 @@ CHECK_KEY = "check_seconds"  # check_vox1h: seconds of --check after the stores 
 SHARE_KEY = "bootstrap_share"  # check_vox1h: the bootstrap's share of them
 MODEL = "MyLinearNetv2"
 SEED = 10
-MB = 2 ** 20
+MB = 2**20
 
 
 def say(message: str) -> None:
@@ -117,8 +117,9 @@ def sampled_epoch_seconds(loader: DataLoader, sample: int, step: Callable[[Batch
     return first + per_batch * (total - 1)
 
 
-def train_step(net: SpeakerNet, optimizer: torch.optim.Optimizer, batch: Batch,
-               baseline: bool = False) -> None:
+def train_step(
+    net: SpeakerNet, optimizer: torch.optim.Optimizer, batch: Batch, baseline: bool = False
+) -> None:
     """One optimiser step of `net` on `batch`, and nothing else. The baseline zeroes gradients with
     torch's default (set_to_none), as the original repository did; the project as its Trainer does."""
     if baseline:
@@ -137,9 +138,14 @@ def new_trainer(loss: str, dim: int, device: torch.device, model: str = MODEL) -
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
     """The batch's tensors moved to `device`, as the original repository moved each batch (.cuda())."""
-    return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)
-                             if isinstance(getattr(batch, f.name), torch.Tensor)})
-
+    return replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name).to(device)
+            for f in fields(batch)
+            if isinstance(getattr(batch, f.name), torch.Tensor)
+        },
+    )
 
 
 def in_child(work: Callable[[], object]) -> object:
@@ -165,13 +171,20 @@ class StageResult:
     notes: list[str]
 
 
-def make_record(name: str, project: float, baseline: float | None, peaks: dict[str, float],
-                compute_only: float | None = None) -> dict:
-    record = {"name": name, "project_per_s": round(project, 3),
-              "baseline_per_s": None if baseline is None else round(baseline, 3),
-              "ratio": None if baseline is None else round(project / baseline, 2), **peaks}
+def make_record(
+    name: str,
+    project: float,
+    baseline: float | None,
+    peaks: dict[str, float],
+    compute_only: float | None = None,
+) -> dict:
+    record = {
+        "name": name,
+        "project_per_s": round(project, 3),
+        "baseline_per_s": None if baseline is None else round(baseline, 3),
+        "ratio": None if baseline is None else round(project / baseline, 2),
+        **peaks,
+    }
     if compute_only is not None:
         record[COMPUTE_KEY] = round(compute_only, 3)
     return record
-
-

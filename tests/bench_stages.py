@@ -85,8 +85,13 @@ from stores.packed import is_packed_store
 from stores.stamps import TREE_STORE, store_path_of, tree_sources
 
 # Dense bfloat16 tensor-core peak in TFLOP/s by a fragment of the CUDA device's name (first match).
-BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                    ("A100", 312.0))
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
 # The m4a stage runs ResNetSE34V2 on at most this many files of each format on a CPU (about 0.3 s an
 # utterance there); on a GPU on all --audio_files.
 CPU_EXTRACT_FILES = 32
@@ -96,8 +101,15 @@ ASNORM_TOPK = 300
 
 
 def load_list(args: argparse.Namespace, tree: Tree, kind: str) -> EmbeddingData:
-    return EmbeddingData(tree.list_path(kind), tree.embed_dir, kind, EMBEDDING_TYPE[kind], args.dim,
-                         args.device, threads=args.workers)
+    return EmbeddingData(
+        tree.list_path(kind),
+        tree.embed_dir,
+        kind,
+        EMBEDDING_TYPE[kind],
+        args.dim,
+        args.device,
+        threads=args.workers,
+    )
 
 
 def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
@@ -105,9 +117,13 @@ def stage_load(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageR
     start = time.perf_counter()
     data = load_list(args, tree, "normal")
     seconds = time.perf_counter() - start
-    return StageResult(make_record("load", len(data) / seconds, None, meter.peaks()),
-                       ["load: first load of the normal list (page cache warm); the baseline has no "
-                        "load step (it read files every epoch: see data_path), so no ratio"])
+    return StageResult(
+        make_record("load", len(data) / seconds, None, meter.peaks()),
+        [
+            "load: first load of the normal list (page cache warm); the baseline has no "
+            "load step (it read files every epoch: see data_path), so no ratio"
+        ],
+    )
 
 
 def stage_data_path(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
@@ -119,8 +135,10 @@ def stage_data_path(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> S
     peak = meter.peaks()
     loader = per_file_loader(args, tree, "normal")
     baseline = len(loader) / sampled_epoch_seconds(loader, args.baseline_batches, lambda batch: None)
-    return StageResult(make_record("data_path", project, baseline, peak),
-                       [sampled_note("data_path", args.baseline_batches, len(loader), "batches")])
+    return StageResult(
+        make_record("data_path", project, baseline, peak),
+        [sampled_note("data_path", args.baseline_batches, len(loader), "batches")],
+    )
 
 
 def sampled_note(name: str, sample: int, total: int, what: str) -> str:
@@ -141,8 +159,14 @@ class EpochRates:
     notes: list[str]
 
 
-def epoch_rates(name: str, data: EmbeddingData, trainer: Trainer, sampling: Sampling, compute_batches: int,
-                meter: PeakMeter) -> EpochRates:
+def epoch_rates(
+    name: str,
+    data: EmbeddingData,
+    trainer: Trainer,
+    sampling: Sampling,
+    compute_batches: int,
+    meter: PeakMeter,
+) -> EpochRates:
     """Two epochs of `trainer` on `data` and, twice, its arithmetic limit: some of the epoch's
     batches, built beforehand, pushed through the same model and optimiser."""
     sizes = [batch.size for batch in data.batches(1, sampling)]
@@ -169,10 +193,12 @@ def epoch_rates(name: str, data: EmbeddingData, trainer: Trainer, sampling: Samp
     seconds = min(first_epoch, epoch_time(2))
     compute_seconds.append(compute_time())
     compute = sum(batch.size for batch in batches) / min(compute_seconds)
-    notes = [f"{name}: project time is the better of epochs 1 and 2, compute-only the better of "
-             f"two runs, one after each epoch",
-             f"{name}: compute-only timed on {len(batches)} of the epoch's {total} batches (every "
-             f"{stride}th), built beforehand, pushed through the project epoch's model and optimiser"]
+    notes = [
+        f"{name}: project time is the better of epochs 1 and 2, compute-only the better of "
+        f"two runs, one after each epoch",
+        f"{name}: compute-only timed on {len(batches)} of the epoch's {total} batches (every "
+        f"{stride}th), built beforehand, pushed through the project epoch's model and optimiser",
+    ]
     return EpochRates(rows, rows / seconds, compute, peak, notes)
 
 
@@ -187,36 +213,48 @@ def stage_train(name: str, kind: str, loss: str) -> Callable[..., StageResult]:
         baseline = new_trainer(loss, args.dim, args.device)
         loader = per_file_loader(args, tree, kind)
         baseline_seconds = sampled_epoch_seconds(
-            loader, args.baseline_batches,
-            lambda batch: train_step(baseline.net, baseline.optimizer, batch_to(batch, args.device), True))
+            loader,
+            args.baseline_batches,
+            lambda batch: train_step(baseline.net, baseline.optimizer, batch_to(batch, args.device), True),
+        )
         notes = [sampled_note(name, args.baseline_batches, len(loader), "steps"), *rates.notes]
-        return StageResult(make_record(name, rates.rows_per_s, rates.rows / baseline_seconds, rates.peak,
-                                       rates.compute_per_s), notes)
+        return StageResult(
+            make_record(
+                name, rates.rows_per_s, rates.rows / baseline_seconds, rates.peak, rates.compute_per_s
+            ),
+            notes,
+        )
 
     return run
 
 
 def stage_score(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
     records = read_list(tree.list_path("normal"), "normal")
-    matrix = load_embeddings(tree.embed_dir, [rel for _, rel in records], args.dim, args.workers,
-                             show_progress=False)
+    matrix = load_embeddings(
+        tree.embed_dir, [rel for _, rel in records], args.dim, args.workers, show_progress=False
+    )
     index = {spk: i for i, spk in enumerate(sorted({spk for spk, _ in records}))}
     speaker = np.array([index[spk] for spk, _ in records], np.int64)
     left, right, labels = make_trials(speaker, args.trials, np.random.default_rng(SEED))
     # Held where training keeps its embeddings: on the GPU when there is one.
     table = matrix if args.device.type == "cpu" else torch.from_numpy(matrix).to(args.device)
     meter.start()
-    project = repeated_rate(lambda: evaluate_scores(score_trials(table, left, right, cosine=False), labels),
-                            args.trials, args.min_seconds)
+    project = repeated_rate(
+        lambda: evaluate_scores(score_trials(table, left, right, cosine=False), labels),
+        args.trials,
+        args.min_seconds,
+    )
     peak = meter.peaks()
     scores = score_trials(table, left, right, cosine=False)
     sample = min(args.baseline_trials, args.trials)
     loop = timed(lambda: per_trial_scores(matrix, left[:sample], right[:sample], args.device))
     metrics = timed(lambda: per_trial_metrics(scores, labels))
     baseline = args.trials / (loop * args.trials / sample + metrics)
-    note = (f"score: baseline per-trial loop timed on {sample} of {args.trials} trials and extrapolated, "
-            f"its EER/minDCF on all {args.trials}" + ("; on CPU its per-trial device transfer is a no-op"
-                                                     if args.device.type == "cpu" else ""))
+    note = (
+        f"score: baseline per-trial loop timed on {sample} of {args.trials} trials and extrapolated, "
+        f"its EER/minDCF on all {args.trials}"
+        + ("; on CPU its per-trial device transfer is a no-op" if args.device.type == "cpu" else "")
+    )
     return StageResult(make_record("score", project, baseline, peak), [note])
 
 
@@ -245,15 +283,18 @@ def stage_score_vox1e(args: argparse.Namespace, tree: Tree | None, meter: PeakMe
     peak = meter.peaks()
     parse = timed(lambda: original_trial_parse(data.list_path))
     sample = min(args.baseline_trials, len(trials))
-    loop = timed(lambda: per_trial_scores(trials.embeddings, trials.left[:sample], trials.right[:sample],
-                                          args.device))
+    loop = timed(
+        lambda: per_trial_scores(trials.embeddings, trials.left[:sample], trials.right[:sample], args.device)
+    )
     metrics = timed(lambda: per_trial_metrics(scores, trials.labels))
     baseline = len(trials) / (parse + loop * len(trials) / sample + metrics)
-    notes = [f"score_vox1e: {len(trials)} trials over {len(trials.files)} utterances ({args.dim}-dim, type "
-             f"{VOX1E_TYPE}); project: the list parsed and indexed by TrialSet (embeddings supplied from one "
-             f"matrix, loaded before the timing, counted in the peak), scored, EER and minDCF; baseline: the "
-             f"list read whole and split, the per-trial loop timed on {sample} trials and extrapolated, its "
-             f"EER/minDCF"]
+    notes = [
+        f"score_vox1e: {len(trials)} trials over {len(trials.files)} utterances ({args.dim}-dim, type "
+        f"{VOX1E_TYPE}); project: the list parsed and indexed by TrialSet (embeddings supplied from one "
+        f"matrix, loaded before the timing, counted in the peak), scored, EER and minDCF; baseline: the "
+        f"list read whole and split, the per-trial loop timed on {sample} trials and extrapolated, its "
+        f"EER/minDCF"
+    ]
     return StageResult(make_record("score_vox1e", len(trials) / seconds, baseline, peak), notes)
 
 
@@ -272,9 +313,11 @@ def stage_backend_asnorm(args: argparse.Namespace, tree: Tree | None, meter: Pea
     del training
     score = timed(lambda: backend.score(table, trials.left, trials.right))
     peak = meter.peaks()
-    note = (f"backend_asnorm: AS-Norm (top {ASNORM_TOPK}) of {len(trials)} trials over {len(trials.files)} "
-            f"utterances against {args.cohort_speakers} cohort speakers (fitted on 2 utterances each in "
-            f"{fit:.2f} s); time: the scoring; peak: the trial set, the fit and the scoring; no baseline")
+    note = (
+        f"backend_asnorm: AS-Norm (top {ASNORM_TOPK}) of {len(trials)} trials over {len(trials.files)} "
+        f"utterances against {args.cohort_speakers} cohort speakers (fitted on 2 utterances each in "
+        f"{fit:.2f} s); time: the scoring; peak: the trial set, the fit and the scoring; no baseline"
+    )
     return StageResult(make_record("backend_asnorm", len(trials) / score, None, peak), [note])
 
 
@@ -304,37 +347,52 @@ def stage_extract(name: str, extractor: str, mixedprec: bool = False) -> Callabl
         model = load_extractor(extractor, random_init=random_init).to(args.device)
         if random_init:
             notes.append(f"{name}: random weights (the speed does not depend on them)")
-        items = [Item(i, torch.from_numpy(make_crops(audio, args.eval_frames, args.num_eval)))
-                 for i, audio in enumerate(synthetic_audio(args.audio_utterances, args.audio_seconds))]
-        sample = items[:args.baseline_utterances]
+        items = [
+            Item(i, torch.from_numpy(make_crops(audio, args.eval_frames, args.num_eval)))
+            for i, audio in enumerate(synthetic_audio(args.audio_utterances, args.audio_seconds))
+        ]
+        sample = items[: args.baseline_utterances]
         size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval, mixedprec)
         with torch.inference_mode():
             # The baseline first: m_gen_embs then changes how this process's malloc keeps memory (on
             # a CPU) or lets cuDNN autotune (on CUDA).
             embed_batch(model, items[:1], args.device)
-            baseline = len(sample) / timed(lambda: [embed_batch(model, [item], args.device)
-                                                    for item in sample])
+            baseline = len(sample) / timed(
+                lambda: [embed_batch(model, [item], args.device) for item in sample]
+            )
             prepare_device(args.device)
-            notes.append(f"{name}: the project's passes run with m_gen_embs' settings for the device "
-                         + ("(cuDNN's autotuner)" if args.device.type == "cuda" else
-                            "(malloc keeps freed memory)"))
+            notes.append(
+                f"{name}: the project's passes run with m_gen_embs' settings for the device "
+                + ("(cuDNN's autotuner)" if args.device.type == "cuda" else "(malloc keeps freed memory)")
+            )
             embed_batch(model, items[:size], args.device, mixedprec)
             meter.start()
-            project = len(items) / timed(lambda: [embed_batch(model, items[i:i + size], args.device,
-                                                              mixedprec) for i in range(0, len(items), size)])
+            project = len(items) / timed(
+                lambda: [
+                    embed_batch(model, items[i : i + size], args.device, mixedprec)
+                    for i in range(0, len(items), size)
+                ]
+            )
             peak = meter.peaks()
             flops = flops_per_utterance(model, items[0], args.device) if extractor == "ResNetSE34V2" else None
-        notes.append(f"{name}: {len(items)} utterances of {args.audio_seconds:g} s, {args.num_eval} crops of "
-                     f"{args.eval_frames} frames each, {min(size, len(items))} utterance(s) per pass"
-                     f"{' in bfloat16 autocast' if mixedprec else ''}; baseline (one utterance per pass, "
-                     f"float32) timed on {len(sample)} of them")
+        notes.append(
+            f"{name}: {len(items)} utterances of {args.audio_seconds:g} s, {args.num_eval} crops of "
+            f"{args.eval_frames} frames each, {min(size, len(items))} utterance(s) per pass"
+            f"{' in bfloat16 autocast' if mixedprec else ''}; baseline (one utterance per pass, "
+            f"float32) timed on {len(sample)} of them"
+        )
         record = make_record(name, project, baseline, peak)
         if flops is not None:
             peak_flops = bf16_peak_flops(args.device)
             record[PEAK_KEY] = None if peak_flops is None else round(project * flops / peak_flops, 4)
-            notes.append(f"{name}: {flops / 1e9:.1f} GFLOP per utterance (FlopCounterMode), "
-                         + (f"{project * flops / 1e12:.1f} TFLOP/s of the card's {peak_flops / 1e12:g}"
-                            if peak_flops else "no bfloat16 peak known for this device"))
+            notes.append(
+                f"{name}: {flops / 1e9:.1f} GFLOP per utterance (FlopCounterMode), "
+                + (
+                    f"{project * flops / 1e12:.1f} TFLOP/s of the card's {peak_flops / 1e12:g}"
+                    if peak_flops
+                    else "no bfloat16 peak known for this device"
+                )
+            )
         return StageResult(record, notes)
 
     return run
@@ -347,6 +405,7 @@ def stage_decode(suffix: str) -> Callable[..., StageResult]:
     def run(args: argparse.Namespace, tree: Tree, meter: PeakMeter) -> StageResult:
         root = ensure_audio_trees(args)[suffix]
         paths = [root / rel for rel in find_audio(root)]
+
         def decode_all() -> None:
             for path in paths:
                 read_audio(path)  # each result dropped before the next, as a worker hands it on
@@ -355,9 +414,13 @@ def stage_decode(suffix: str) -> Callable[..., StageResult]:
         meter.start()
         rate = len(paths) / timed(decode_all)
         name = f"decode_{suffix.lstrip('.')}"
-        return StageResult(make_record(name, rate, None, meter.peaks()),
-                           [f"{name}: {len(paths)} files of {args.audio_seconds:g} s, decoded one after the "
-                            f"other in one process on one core (the crops excluded); no baseline"])
+        return StageResult(
+            make_record(name, rate, None, meter.peaks()),
+            [
+                f"{name}: {len(paths)} files of {args.audio_seconds:g} s, decoded one after the "
+                f"other in one process on one core (the crops excluded); no baseline"
+            ],
+        )
 
     return run
 
@@ -375,9 +438,17 @@ def stage_extract_m4a(args: argparse.Namespace, tree: Tree, meter: PeakMeter) ->
 
     def files_per_second(suffix: str, files: int) -> float:
         root = trees[suffix]
-        job = Job(db_path=root, embed_dir=root.parent / f"embeddings_{root.name}",
-                  files=tuple(find_audio(root)[:files]), eval_frames=args.eval_frames, num_eval=args.num_eval,
-                  batch_size=args.extract_batch, device=args.device.type, overwrite=True, mixedprec=mixedprec)
+        job = Job(
+            db_path=root,
+            embed_dir=root.parent / f"embeddings_{root.name}",
+            files=tuple(find_audio(root)[:files]),
+            eval_frames=args.eval_frames,
+            num_eval=args.num_eval,
+            batch_size=args.extract_batch,
+            device=args.device.type,
+            overwrite=True,
+            mixedprec=mixedprec,
+        )
         return files / timed(lambda: extract(DistContext(), job, model, failed))
 
     size = batch_size_for(args.extract_batch, args.device, args.eval_frames, args.num_eval, mixedprec)
@@ -390,11 +461,14 @@ def stage_extract_m4a(args: argparse.Namespace, tree: Tree, meter: PeakMeter) ->
     if failed.value:
         raise RuntimeError(f"extract_resnetse34v2_m4a: {failed.value} file(s) failed")
     workers = workers_for(None, args.device)
-    return StageResult(make_record("extract_resnetse34v2_m4a", m4a, wav, peak),
-                       [f"extract_resnetse34v2_m4a: m_gen_embs' path on {count} .m4a files (project) and "
-                        f"the same on .wav files of the same audio (baseline): {workers} decoding workers, "
-                        f"random weights{', --mixedprec' if mixedprec else ''}; ratio = m4a / wav"])
-
+    return StageResult(
+        make_record("extract_resnetse34v2_m4a", m4a, wav, peak),
+        [
+            f"extract_resnetse34v2_m4a: m_gen_embs' path on {count} .m4a files (project) and "
+            f"the same on .wav files of the same audio (baseline): {workers} decoding workers, "
+            f"random weights{', --mixedprec' if mixedprec else ''}; ratio = m4a / wav"
+        ],
+    )
 
 
 def ready_seconds(list_path: Path, root: Path, dim: int, threads: int) -> tuple[float, float, int]:
@@ -431,8 +505,9 @@ def evict(paths: Iterable[Path]) -> None:
 def store_is_fresh(embed_dir: Path) -> bool:
     """Whether the tree's packed store exists and matches its files (no process cache involved)."""
     store = store_path_of(embed_dir)
-    return (is_packed_store(store)
-            and check_store(store, tree_sources(embed_dir), tree_hash_of(embed_dir)).fresh)
+    return (
+        is_packed_store(store) and check_store(store, tree_sources(embed_dir), tree_hash_of(embed_dir)).fresh
+    )
 
 
 def open_times(data: Vox2, args: argparse.Namespace, cache: str) -> dict[str, tuple[float, float, int]]:
@@ -440,9 +515,11 @@ def open_times(data: Vox2, args: argparse.Namespace, cache: str) -> dict[str, tu
     process, with the page cache `warm` (every file read once before) or `cold` (evicted)."""
     store = store_path_of(data.embed_dir)
     part_files = [data.part_dir / line.split()[1] for line in data.part_list.read_text().splitlines()]
-    sides = {"store": (data.list_path, store, [*store.iterdir(), data.list_path]),
-             "tree": (data.list_path, data.embed_dir, [*store.iterdir(), data.list_path]),
-             "files": (data.part_list, data.part_dir, [*part_files, data.part_list])}
+    sides = {
+        "store": (data.list_path, store, [*store.iterdir(), data.list_path]),
+        "tree": (data.list_path, data.embed_dir, [*store.iterdir(), data.list_path]),
+        "files": (data.part_list, data.part_dir, [*part_files, data.part_list]),
+    }
     times = {}
     for side, (list_path, root, files) in sides.items():
         (read_through if cache == "warm" else evict)(files)
@@ -463,16 +540,21 @@ def stage_store_open(args: argparse.Namespace, tree: Tree | None, meter: PeakMet
         times = open_times(data, args, cache)
         (packed, peak, rows), (via_tree, _, _), (files, _, part_rows) = times.values()
         scaled = files * rows / part_rows
-        notes.append(f"store_open ({cache} page cache): {rows} utterances ({args.vox2_speakers} speakers, "
-                     f"{args.vox2_dim}-dim): packed store (train_path = {TREE_STORE}) "
-                     f"{packed:.2f} s, peak {peak:.0f} MB; the tree's path (its freshness check stats every "
-                     f"file) {via_tree:.2f} s; files: a {part_rows}-file part {files:.2f} s ({args.workers} "
-                     f"reader threads), scaled linearly to {rows}: {scaled:.1f} s; ratios "
-                     f"{scaled / packed:.1f}x (store), {scaled / via_tree:.1f}x (tree's path)")
-    notes.append("store_open: each side in a fresh process (no store or freshness cache); ready = the "
-                 "trainer's EmbeddingData plus every row read once; record: the cold run")
-    return StageResult(make_record("store_open", rows / packed, part_rows / files,
-                                   {"peak_rss_mb": round(peak, 1)}), notes)
+        notes.append(
+            f"store_open ({cache} page cache): {rows} utterances ({args.vox2_speakers} speakers, "
+            f"{args.vox2_dim}-dim): packed store (train_path = {TREE_STORE}) "
+            f"{packed:.2f} s, peak {peak:.0f} MB; the tree's path (its freshness check stats every "
+            f"file) {via_tree:.2f} s; files: a {part_rows}-file part {files:.2f} s ({args.workers} "
+            f"reader threads), scaled linearly to {rows}: {scaled:.1f} s; ratios "
+            f"{scaled / packed:.1f}x (store), {scaled / via_tree:.1f}x (tree's path)"
+        )
+    notes.append(
+        "store_open: each side in a fresh process (no store or freshness cache); ready = the "
+        "trainer's EmbeddingData plus every row read once; record: the cold run"
+    )
+    return StageResult(
+        make_record("store_open", rows / packed, part_rows / files, {"peak_rss_mb": round(peak, 1)}), notes
+    )
 
 
 def stage_pack_vox2(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
@@ -487,12 +569,16 @@ def stage_pack_vox2(args: argparse.Namespace, tree: Tree | None, meter: PeakMete
     if header["utterances"] != args.vox2_utterances or len(speaker_files) != 2 * args.vox2_speakers:
         raise RuntimeError(f"pack_vox2: {header['utterances']} rows, {len(speaker_files)} B/C files")
     size = sum(path.stat().st_size for path in store.iterdir()) / MB
-    return StageResult(make_record("pack_vox2", args.vox2_utterances / seconds, None, peak),
-                       [f"pack_vox2: m_comb_embs.combine(pack=True, {THREADS} reader threads) over "
-                        f"{args.vox2_utterances} files of ({args.vox2_crops}, {args.vox2_dim}) float32, "
-                        f"{args.vox2_speakers} speakers, {args.vox2_videos} videos: {seconds:.1f} s; wrote "
-                        f"{len(speaker_files)} B/C files and the {header['dtype']} store ({size:.0f} MB); "
-                        f"no baseline"])
+    return StageResult(
+        make_record("pack_vox2", args.vox2_utterances / seconds, None, peak),
+        [
+            f"pack_vox2: m_comb_embs.combine(pack=True, {THREADS} reader threads) over "
+            f"{args.vox2_utterances} files of ({args.vox2_crops}, {args.vox2_dim}) float32, "
+            f"{args.vox2_speakers} speakers, {args.vox2_videos} videos: {seconds:.1f} s; wrote "
+            f"{len(speaker_files)} B/C files and the {header['dtype']} store ({size:.0f} MB); "
+            f"no baseline"
+        ],
+    )
 
 
 def endless_batches(data: EmbeddingData, batch_size: int) -> Iterator[Batch]:
@@ -552,8 +638,18 @@ def stage_train_vox2_steps(args: argparse.Namespace, tree: Tree | None, meter: P
     read_through([blink.store(size) / "embeddings.npy" for size in ("small", "big")])
 
     def stepper(size: str) -> Stepper:
-        return Stepper(args, EmbeddingData(blink.list_path(size), blink.store(size), "normal", "B",
-                                           args.vox2_dim, args.device, threads=args.workers))
+        return Stepper(
+            args,
+            EmbeddingData(
+                blink.list_path(size),
+                blink.store(size),
+                "normal",
+                "B",
+                args.vox2_dim,
+                args.device,
+                threads=args.workers,
+            ),
+        )
 
     small = stepper("small")
     base_anon = status_mb("RssAnon") or 0.0
@@ -573,22 +669,22 @@ def stage_train_vox2_steps(args: argparse.Namespace, tree: Tree | None, meter: P
     def per_step(stepper: Stepper) -> str:
         return ", ".join(f"{1000 * t * STEP_ROUNDS / args.steps:.1f}" for t in stepper.seconds)
 
-    notes = [f"train_vox2_steps: {args.steps} steps of {STEP_MODEL} (MSE, batch {args.step_batch}) "
-             f"from a {rows['big']} x {args.vox2_dim} float16 store and from a {rows['small']}-row one, "
-             f"alternating in {STEP_ROUNDS} rounds; ms a step by round: big {per_step(big)}; small "
-             f"{per_step(small)}; page cache warm (the stores read once before)",
-             f"train_vox2_steps: the big store's EmbeddingData (its list of {rows['big']} lines "
-             f"resolved, or read back from the store's list cache, the store mapped) took {ready:.0f} s; "
-             f"peak RSS {peak['peak_rss_mb']:.0f} MB above the start, of which the process's own "
-             f"(anonymous) memory peaked at {anon.peak - base_anon:.0f} MB; at the end {file_mb:.0f} MB "
-             f"of RSS were the store's pages mapped from the page cache (shared, reclaimable; the "
-             f"kernel maps 64 KB around each faulting row, so a few hundred random batches map nearly "
-             f"the whole file)"]
+    notes = [
+        f"train_vox2_steps: {args.steps} steps of {STEP_MODEL} (MSE, batch {args.step_batch}) "
+        f"from a {rows['big']} x {args.vox2_dim} float16 store and from a {rows['small']}-row one, "
+        f"alternating in {STEP_ROUNDS} rounds; ms a step by round: big {per_step(big)}; small "
+        f"{per_step(small)}; page cache warm (the stores read once before)",
+        f"train_vox2_steps: the big store's EmbeddingData (its list of {rows['big']} lines "
+        f"resolved, or read back from the store's list cache, the store mapped) took {ready:.0f} s; "
+        f"peak RSS {peak['peak_rss_mb']:.0f} MB above the start, of which the process's own "
+        f"(anonymous) memory peaked at {anon.peak - base_anon:.0f} MB; at the end {file_mb:.0f} MB "
+        f"of RSS were the store's pages mapped from the page cache (shared, reclaimable; the "
+        f"kernel maps 64 KB around each faulting row, so a few hundred random batches map nearly "
+        f"the whole file)",
+    ]
     rates = (args.steps / sum(big.seconds), args.steps / sum(small.seconds))
     record = make_record("train_vox2_steps", *rates, peak)
     return StageResult(record, notes)
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,8 +696,9 @@ CHECK_BACKENDS = ("none", "mean", "asnorm", "plda")
 
 def store_data(args: argparse.Namespace, data: StoreData) -> EmbeddingData:
     """The trainer's EmbeddingData of a bench store's normal list (type B)."""
-    return EmbeddingData(data.list_path, data.store, "normal", "B", args.vox2_dim, args.device,
-                         threads=args.workers)
+    return EmbeddingData(
+        data.list_path, data.store, "normal", "B", args.vox2_dim, args.device, threads=args.workers
+    )
 
 
 def stage_train_vox2_epoch(args: argparse.Namespace, tree: Tree | None, meter: PeakMeter) -> StageResult:
@@ -611,8 +708,10 @@ def stage_train_vox2_epoch(args: argparse.Namespace, tree: Tree | None, meter: P
     trainer = new_trainer(VOX2_LOSS, args.vox2_dim, args.device, STEP_MODEL)
     sampling = Sampling(batch_size=args.step_batch, seed=SEED)
     rates = epoch_rates("train_vox2_epoch", data, trainer, sampling, args.compute_batches, meter)
-    note = (f"train_vox2_epoch: an epoch of {STEP_MODEL} ({VOX2_LOSS}, batch {args.step_batch}) from a "
-            f"{len(data)} x {args.vox2_dim} float32 store of {args.vox2_speakers} speakers; no baseline")
+    note = (
+        f"train_vox2_epoch: an epoch of {STEP_MODEL} ({VOX2_LOSS}, batch {args.step_batch}) from a "
+        f"{len(data)} x {args.vox2_dim} float32 store of {args.vox2_speakers} speakers; no baseline"
+    )
     record = make_record("train_vox2_epoch", rates.rows_per_s, None, rates.peak, rates.compute_per_s)
     return StageResult(record, [note, *rates.notes])
 
@@ -626,15 +725,41 @@ def trained_model(args: argparse.Namespace, train: StoreData, path: Path) -> Pat
     return path
 
 
-def check_argv(args: argparse.Namespace, data: Vox1h, model: Path, save_path: Path,
-               resamples: int) -> list[str]:
+def check_argv(
+    args: argparse.Namespace, data: Vox1h, model: Path, save_path: Path, resamples: int
+) -> list[str]:
     """The options of m_trainer.py --check on the H-sized list with a back-end of each kind."""
-    return ["--check", "--model", STEP_MODEL, "--trainfunc", VOX2_LOSS, "--nOut", str(args.vox2_dim),
-            "--backends", *CHECK_BACKENDS, "--bootstrap", str(resamples),
-            "--test_list", str(data.trial_list), "--test_path", str(data.test.store),
-            "--train_list", str(data.train.list_path), "--train_path", str(data.train.store),
-            "--initial_model", str(model), "--save_path", str(save_path), "--result_tag", f"r{resamples}",
-            "--device", args.device.type, "--nDataLoaderThread", str(args.workers)]
+    return [
+        "--check",
+        "--model",
+        STEP_MODEL,
+        "--trainfunc",
+        VOX2_LOSS,
+        "--nOut",
+        str(args.vox2_dim),
+        "--backends",
+        *CHECK_BACKENDS,
+        "--bootstrap",
+        str(resamples),
+        "--test_list",
+        str(data.trial_list),
+        "--test_path",
+        str(data.test.store),
+        "--train_list",
+        str(data.train.list_path),
+        "--train_path",
+        str(data.train.store),
+        "--initial_model",
+        str(model),
+        "--save_path",
+        str(save_path),
+        "--result_tag",
+        f"r{resamples}",
+        "--device",
+        args.device.type,
+        "--nDataLoaderThread",
+        str(args.workers),
+    ]
 
 
 @dataclass(frozen=True)
@@ -686,28 +811,36 @@ def stage_check_vox1h(args: argparse.Namespace, tree: Tree | None, meter: PeakMe
     work.mkdir(parents=True, exist_ok=True)
     model = in_child(partial(trained_model, args, data.train, work / "model.model"))
     opened = in_child(partial(open_seconds, args, data))
-    runs = {resamples: in_child(partial(timed_check, check_argv(args, data, model, work, resamples),
-                                        work / f"check_r{resamples}.log"))
-            for resamples in (1, args.check_resamples)}
+    runs = {
+        resamples: in_child(
+            partial(
+                timed_check, check_argv(args, data, model, work, resamples), work / f"check_r{resamples}.log"
+            )
+        )
+        for resamples in (1, args.check_resamples)
+    }
     once, full = runs[1], runs[args.check_resamples]
     after_open = full.seconds - opened
-    record = make_record("check_vox1h", args.vox1h_trials / after_open, None,
-                         {"peak_rss_mb": round(full.peak_mb, 1)})
+    record = make_record(
+        "check_vox1h", args.vox1h_trials / after_open, None, {"peak_rss_mb": round(full.peak_mb, 1)}
+    )
     bootstrap = full.seconds - once.seconds
     record.update({CHECK_KEY: round(after_open, 2), SHARE_KEY: round(bootstrap / after_open, 4)})
-    notes = [f"check_vox1h: m_trainer.py --check of {STEP_MODEL} ({VOX2_LOSS}, trained "
-             f"{args.check_model_steps} steps of {args.step_batch}) on {args.vox1h_trials} trials over the "
-             f"utterances of {args.vox1h_trial_speakers} speakers of a {args.vox1h_utterances} x "
-             f"{args.vox2_dim} float32 store; back-ends {', '.join(CHECK_BACKENDS)} fitted on the "
-             f"{args.vox2_utterances}-row store; each run in a fresh process, page cache warm, "
-             f"output in {work}",
-             f"check_vox1h: opening the stores (TrialSet of the list, EmbeddingData of the training list) "
-             f"{opened:.1f} s; the check with {args.check_resamples} resamples {full.seconds:.1f} s "
-             f"({after_open:.1f} s after the opening), with 1 resample {once.seconds:.1f} s: the bootstrap "
-             f"{bootstrap:.1f} s; peak RSS (the {args.check_resamples}-resample check) "
-             f"{full.peak_mb:.0f} MB",
-             f"check_vox1h: CPU time (user + system, all threads) of the checks: {full.cpu_seconds:.1f} s "
-             f"with "
-             f"{args.check_resamples} resamples, {once.cpu_seconds:.1f} s with 1 (on a busy machine the wall "
-             f"times include waiting for a core; these do not)"]
+    notes = [
+        f"check_vox1h: m_trainer.py --check of {STEP_MODEL} ({VOX2_LOSS}, trained "
+        f"{args.check_model_steps} steps of {args.step_batch}) on {args.vox1h_trials} trials over the "
+        f"utterances of {args.vox1h_trial_speakers} speakers of a {args.vox1h_utterances} x "
+        f"{args.vox2_dim} float32 store; back-ends {', '.join(CHECK_BACKENDS)} fitted on the "
+        f"{args.vox2_utterances}-row store; each run in a fresh process, page cache warm, "
+        f"output in {work}",
+        f"check_vox1h: opening the stores (TrialSet of the list, EmbeddingData of the training list) "
+        f"{opened:.1f} s; the check with {args.check_resamples} resamples {full.seconds:.1f} s "
+        f"({after_open:.1f} s after the opening), with 1 resample {once.seconds:.1f} s: the bootstrap "
+        f"{bootstrap:.1f} s; peak RSS (the {args.check_resamples}-resample check) "
+        f"{full.peak_mb:.0f} MB",
+        f"check_vox1h: CPU time (user + system, all threads) of the checks: {full.cpu_seconds:.1f} s "
+        f"with "
+        f"{args.check_resamples} resamples, {once.cpu_seconds:.1f} s with 1 (on a busy machine the wall "
+        f"times include waiting for a core; these do not)",
+    ]
     return StageResult(record, notes)

@@ -23,10 +23,20 @@ if not REFERENCE.is_dir():
 KEYS_FILE = REFERENCE / "ResNetSE34V2_ASP_nOut512_nmels64.keys.txt"
 
 
-def make_embedding_tree(root: Path, speakers: int = 8, sessions: int = 3, utterances: int = 4,
-                        dim: int = 24, crops: int = 3, seed: int = 0, channels: int = 4,
-                        channel_scale: float = 1.0, noise: float = 0.3, prefix: str = "id",
-                        libri: bool = False) -> Path:
+def make_embedding_tree(
+    root: Path,
+    speakers: int = 8,
+    sessions: int = 3,
+    utterances: int = 4,
+    dim: int = 24,
+    crops: int = 3,
+    seed: int = 0,
+    channels: int = 4,
+    channel_scale: float = 1.0,
+    noise: float = 0.3,
+    prefix: str = "id",
+    libri: bool = False,
+) -> Path:
     """Write `<spk>/<session>/<file>.npy` embeddings of shape (crops, dim).
 
     Each utterance = speaker vector + a channel offset (one of `channels`, shared by all
@@ -67,13 +77,23 @@ def config(data: Path, tmp_path: Path, **options) -> Path:
     """An experiment yaml over the `data` fixture's trees (MyLinearNetv2 defaults, nOut 24, two
     epochs on the CPU), `options` overriding; written to tmp_path/exp.yaml."""
     lists = data / "lists"
-    values = {"train_list": str(lists / "train_normal_list.txt"), "train_path": str(data / "train"),
-              "valid_list": str(lists / "train_normal_list.txt"), "valid_path": str(data / "train"),
-              "test_list": str(lists / "test_test_list.txt"), "test_path": str(data / "test"),
-              "test_list_libri": str(lists / "libri_test_list.txt"),
-              "test_path_libri": str(data / "libri"),
-              "nOut": 24, "batch_size": 32, "max_epoch": 2, "test_interval": 1, "nClasses": 40,
-              "device": "cpu", **options}
+    values = {
+        "train_list": str(lists / "train_normal_list.txt"),
+        "train_path": str(data / "train"),
+        "valid_list": str(lists / "train_normal_list.txt"),
+        "valid_path": str(data / "train"),
+        "test_list": str(lists / "test_test_list.txt"),
+        "test_path": str(data / "test"),
+        "test_list_libri": str(lists / "libri_test_list.txt"),
+        "test_path_libri": str(data / "libri"),
+        "nOut": 24,
+        "batch_size": 32,
+        "max_epoch": 2,
+        "test_interval": 1,
+        "nClasses": 40,
+        "device": "cpu",
+        **options,
+    }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
@@ -99,16 +119,20 @@ def reference_keys() -> dict[str, tuple[int, ...]]:
 
 def random_checkpoint(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return {name: torch.rand(shape, generator=generator) + 0.5 if shape else torch.tensor(7)
-            for name, shape in keys.items()}
+    return {
+        name: torch.rand(shape, generator=generator) + 0.5 if shape else torch.tensor(7)
+        for name, shape in keys.items()
+    }
 
 
-def run_script(*args: str, cwd: Path | None = None, check: bool = True,
-               timeout: float = 300) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str, cwd: Path | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would: `python ./m_x.py ...`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True,
-                            text=True, env=env, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True, env=env, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

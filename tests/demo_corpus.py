@@ -116,28 +116,136 @@ class ChannelType:
 
 #: Channel types of the VoxCeleb-layout sets (shared by vox_train and vox_test).
 VOX_CHANNELS: tuple[ChannelType, ...] = (
-    ChannelType("studio", (50, 90), (7000, 7800), 2, (1, 2), 2.0, 0.1, (0.2, 0.35), (0.75, 0.9),
-                ("white", "pink"), (32, 40), (1.0, 1.1)),
-    ChannelType("interview_room", (80, 150), (6000, 7600), 2, (1, 3), 3.0, 0.5, (0.25, 0.5),
-                (0.5, 0.8), ("pink", "babble"), (24, 34), (1.0, 1.2)),
-    ChannelType("phone", (150, 250), (4000, 4800), 2, (1, 2), 4.0, 0.1, (0.2, 0.3), (0.7, 0.85),
-                ("white", "pink"), (24, 32), (1.0, 1.3)),
-    ChannelType("outdoor_lapel", (100, 180), (5500, 7200), 2, (1, 2), 3.0, 0.0, (0.2, 0.3), (1.0, 1.0),
-                ("brown", "pink"), (20, 28), (1.0, 1.2)),
-    ChannelType("laptop", (150, 250), (5000, 7000), 2, (1, 3), 4.0, 0.3, (0.2, 0.4), (0.6, 0.85),
-                ("hum", "white"), (24, 32), (1.0, 1.3)),
-    ChannelType("broadcast", (60, 120), (6500, 7800), 2, (1, 2), 3.0, 0.2, (0.25, 0.45), (0.65, 0.85),
-                ("babble", "white"), (26, 34), (1.0, 1.3)),
+    ChannelType(
+        "studio",
+        (50, 90),
+        (7000, 7800),
+        2,
+        (1, 2),
+        2.0,
+        0.1,
+        (0.2, 0.35),
+        (0.75, 0.9),
+        ("white", "pink"),
+        (32, 40),
+        (1.0, 1.1),
+    ),
+    ChannelType(
+        "interview_room",
+        (80, 150),
+        (6000, 7600),
+        2,
+        (1, 3),
+        3.0,
+        0.5,
+        (0.25, 0.5),
+        (0.5, 0.8),
+        ("pink", "babble"),
+        (24, 34),
+        (1.0, 1.2),
+    ),
+    ChannelType(
+        "phone",
+        (150, 250),
+        (4000, 4800),
+        2,
+        (1, 2),
+        4.0,
+        0.1,
+        (0.2, 0.3),
+        (0.7, 0.85),
+        ("white", "pink"),
+        (24, 32),
+        (1.0, 1.3),
+    ),
+    ChannelType(
+        "outdoor_lapel",
+        (100, 180),
+        (5500, 7200),
+        2,
+        (1, 2),
+        3.0,
+        0.0,
+        (0.2, 0.3),
+        (1.0, 1.0),
+        ("brown", "pink"),
+        (20, 28),
+        (1.0, 1.2),
+    ),
+    ChannelType(
+        "laptop",
+        (150, 250),
+        (5000, 7000),
+        2,
+        (1, 3),
+        4.0,
+        0.3,
+        (0.2, 0.4),
+        (0.6, 0.85),
+        ("hum", "white"),
+        (24, 32),
+        (1.0, 1.3),
+    ),
+    ChannelType(
+        "broadcast",
+        (60, 120),
+        (6500, 7800),
+        2,
+        (1, 2),
+        3.0,
+        0.2,
+        (0.25, 0.45),
+        (0.65, 0.85),
+        ("babble", "white"),
+        (26, 34),
+        (1.0, 1.3),
+    ),
 )
 
 #: Channel types of the LibriSpeech-layout set: read speech at home, none of them in VOX_CHANNELS.
 LIBRI_CHANNELS: tuple[ChannelType, ...] = (
-    ChannelType("audiobook_condenser", (30, 60), (7600, 7900), 2, (1, 2), 2.0, 0.2, (0.15, 0.3),
-                (0.75, 0.9), ("white",), (28, 38), (1.0, 1.1)),
-    ChannelType("usb_headset", (100, 180), (6000, 7200), 3, (2, 3), 5.0, 0.0, (0.2, 0.3), (1.0, 1.0),
-                ("white", "hum"), (20, 30), (1.0, 1.3)),
-    ChannelType("home_office", (70, 130), (6500, 7600), 2, (1, 3), 4.0, 0.6, (0.25, 0.5), (0.55, 0.8),
-                ("pink", "brown"), (20, 30), (1.0, 1.2)),
+    ChannelType(
+        "audiobook_condenser",
+        (30, 60),
+        (7600, 7900),
+        2,
+        (1, 2),
+        2.0,
+        0.2,
+        (0.15, 0.3),
+        (0.75, 0.9),
+        ("white",),
+        (28, 38),
+        (1.0, 1.1),
+    ),
+    ChannelType(
+        "usb_headset",
+        (100, 180),
+        (6000, 7200),
+        3,
+        (2, 3),
+        5.0,
+        0.0,
+        (0.2, 0.3),
+        (1.0, 1.0),
+        ("white", "hum"),
+        (20, 30),
+        (1.0, 1.3),
+    ),
+    ChannelType(
+        "home_office",
+        (70, 130),
+        (6500, 7600),
+        2,
+        (1, 3),
+        4.0,
+        0.6,
+        (0.25, 0.5),
+        (0.55, 0.8),
+        ("pink", "brown"),
+        (20, 30),
+        (1.0, 1.2),
+    ),
 )
 
 
@@ -279,8 +387,9 @@ def draw_voice(rng: np.random.Generator, p: SynthParams) -> Voice:
         vowel_weights=tuple(float(x) for x in rng.dirichlet([p.vowel_preference] * len(VOWELS))),
         bandwidth_scale=uniform(rng, p.bandwidth_scale),
         rate=uniform(rng, p.rate),
-        timbre=random_peaks(rng, p.timbre_peaks, p.timbre_peaks, p.timbre_gain_db, p.timbre_hz,
-                            p.sample_rate),
+        timbre=random_peaks(
+            rng, p.timbre_peaks, p.timbre_peaks, p.timbre_gain_db, p.timbre_hz, p.sample_rate
+        ),
     )
 
 
@@ -316,12 +425,17 @@ def peaking_eq(freq: float, gain_db: float, q: float, fs: int) -> np.ndarray:
     return np.concatenate([b / a[0], a / a[0]])
 
 
-def random_peaks(rng: np.random.Generator, lo: int, hi: int, gain_db: float, hz: Range,
-                 fs: int) -> np.ndarray:
+def random_peaks(
+    rng: np.random.Generator, lo: int, hi: int, gain_db: float, hz: Range, fs: int
+) -> np.ndarray:
     """Between lo and hi peaking-EQ bands at log-uniform frequencies, as (n, 6) sections."""
     peaks = [
-        peaking_eq(float(np.exp(rng.uniform(np.log(hz[0]), np.log(hz[1])))),
-                   float(rng.uniform(-gain_db, gain_db)), float(rng.uniform(0.7, 3.0)), fs)
+        peaking_eq(
+            float(np.exp(rng.uniform(np.log(hz[0]), np.log(hz[1])))),
+            float(rng.uniform(-gain_db, gain_db)),
+            float(rng.uniform(0.7, 3.0)),
+            fs,
+        )
         for _ in range(int(rng.integers(lo, hi + 1)))
     ]
     return np.array(peaks).reshape(-1, 6)
@@ -345,16 +459,23 @@ def draw_channel(rng: np.random.Generator, types: Sequence[ChannelType], p: Synt
     kind = types[int(rng.integers(len(types)))]
     fs = p.sample_rate
     bandpass = signal.butter(
-        kind.bandpass_order, [uniform(rng, kind.low_hz), uniform(rng, kind.high_hz)],
-        btype="bandpass", fs=fs, output="sos",
+        kind.bandpass_order,
+        [uniform(rng, kind.low_hz), uniform(rng, kind.high_hz)],
+        btype="bandpass",
+        fs=fs,
+        output="sos",
     )
     eq = random_peaks(rng, kind.eq_peaks[0], kind.eq_peaks[1], kind.eq_gain_db, p.eq_hz, fs)
     reverberant = rng.random() < kind.reverb_prob
     rt60, direct = uniform(rng, kind.rt60_s), uniform(rng, kind.direct_ratio)
     impulse = room_impulse(rng, rt60, direct, p) if reverberant else None
     return Channel(
-        bandpass=bandpass, eq=eq, impulse=impulse, noise=str(rng.choice(kind.noise)),
-        snr_db=uniform(rng, kind.snr_db), drive=uniform(rng, kind.drive),
+        bandpass=bandpass,
+        eq=eq,
+        impulse=impulse,
+        noise=str(rng.choice(kind.noise)),
+        snr_db=uniform(rng, kind.snr_db),
+        drive=uniform(rng, kind.drive),
     )
 
 
@@ -399,13 +520,23 @@ def plan_segments(rng: np.random.Generator, voice: Voice, n_frames: int, p: Synt
         if rng.random() < p.sonorant_share:
             name = sonorants[int(rng.integers(len(sonorants)))]
             amp = SONORANTS[name][3]
-            return [(_ms_frames(rng, p.sonorant_ms, voice.rate, fm), sonorant_formants(voice, name, p),
-                     amp, None, 0.0, 0.0)]
+            return [
+                (
+                    _ms_frames(rng, p.sonorant_ms, voice.rate, fm),
+                    sonorant_formants(voice, name, p),
+                    amp,
+                    None,
+                    0.0,
+                    0.0,
+                )
+            ]
         band, voiced, stop = OBSTRUENTS[obstruents[int(rng.integers(len(obstruents)))]]
         level = NOISE_BANDS[band][2]
         if stop:
-            return [(_ms_frames(rng, p.closure_ms, voice.rate, fm), None, 0.08 * voiced, None, 0.0, 0.0),
-                    (_ms_frames(rng, p.burst_ms, voice.rate, fm), None, 0.0, band, 2.0 * level, 0.0)]
+            return [
+                (_ms_frames(rng, p.closure_ms, voice.rate, fm), None, 0.08 * voiced, None, 0.0, 0.0),
+                (_ms_frames(rng, p.burst_ms, voice.rate, fm), None, 0.0, band, 2.0 * level, 0.0),
+            ]
         return [(_ms_frames(rng, p.fricative_ms, voice.rate, fm), None, 0.25 * voiced, band, level, 0.0)]
 
     total = segs[0][0]
@@ -415,12 +546,28 @@ def plan_segments(rng: np.random.Generator, voice: Voice, n_frames: int, p: Synt
             syllable += consonant()
             if rng.random() < p.cluster_prob:
                 name = ("l", "r", "w", "y")[int(rng.integers(4))]
-                syllable.append((_ms_frames(rng, p.sonorant_ms, voice.rate, fm),
-                                 sonorant_formants(voice, name, p), SONORANTS[name][3], None, 0.0, 0.0))
+                syllable.append(
+                    (
+                        _ms_frames(rng, p.sonorant_ms, voice.rate, fm),
+                        sonorant_formants(voice, name, p),
+                        SONORANTS[name][3],
+                        None,
+                        0.0,
+                        0.0,
+                    )
+                )
         vowel = vowels[int(rng.choice(len(vowels), p=weights))]
         accent = float(rng.random() ** 2)
-        syllable.append((_ms_frames(rng, p.vowel_ms, voice.rate, fm), vowel_formants(voice, vowel, p),
-                         1.0, None, 0.0, accent))
+        syllable.append(
+            (
+                _ms_frames(rng, p.vowel_ms, voice.rate, fm),
+                vowel_formants(voice, vowel, p),
+                1.0,
+                None,
+                0.0,
+                accent,
+            )
+        )
         if rng.random() < p.coda_prob:
             syllable += consonant()
         if rng.random() < p.pause_prob:
@@ -440,17 +587,19 @@ def segments_to_tracks(segs: list[tuple], n_frames: int, p: SynthParams) -> Trac
     noise = {band: np.zeros(total) for band in NOISE_BANDS}
     for (length, f, v, band, level, acc), s in zip(segs, starts[:-1], strict=True):
         if f is not None:
-            formants[s:s + length] = f
-        voicing[s:s + length] = v
-        accent[s:s + length] = acc
+            formants[s : s + length] = f
+        voicing[s : s + length] = v
+        accent[s : s + length] = acc
         if band is not None:
-            noise[band][s:s + length] = level
+            noise[band][s : s + length] = level
     formants = _fill_gaps(formants)
     win = np.hanning(max(3, int(p.smoothing_ms / p.frame_ms)) + 2)[1:-1]
     win /= win.sum()
     log_f = np.log(formants)
-    smooth = np.stack([np.convolve(np.pad(c, len(win), mode="edge"), win, "same")[len(win):-len(win)]
-                       for c in log_f.T], axis=1)
+    smooth = np.stack(
+        [np.convolve(np.pad(c, len(win), mode="edge"), win, "same")[len(win) : -len(win)] for c in log_f.T],
+        axis=1,
+    )
     ramp = np.hanning(5)[1:-1] / np.hanning(5)[1:-1].sum()
 
     def soften(x: np.ndarray) -> np.ndarray:
@@ -516,8 +665,9 @@ def glottal_source(rng: np.random.Generator, voice: Voice, f0: np.ndarray, n: in
     return np.diff(flow * amps_a[k], prepend=0.0)
 
 
-def formant_filter(x: np.ndarray, formants: np.ndarray, bandwidths: np.ndarray, hop: int,
-                   fs: int, nfft: int = 1024) -> np.ndarray:
+def formant_filter(
+    x: np.ndarray, formants: np.ndarray, bandwidths: np.ndarray, hop: int, fs: int, nfft: int = 1024
+) -> np.ndarray:
     """Cascade of five Klatt resonators whose settings change every `hop` samples.
 
     Applied frame by frame in the frequency domain: each Hann-windowed frame of 4 hops (the frames
@@ -538,14 +688,14 @@ def formant_filter(x: np.ndarray, formants: np.ndarray, bandwidths: np.ndarray, 
     denominator[:, 0] = 1.0
     for k in range(5):
         prev = denominator.copy()
-        denominator[:, 1:] -= b[:, k:k + 1] * prev[:, :-1]
-        denominator[:, 2:] -= c[:, k:k + 1] * prev[:, :-2]
+        denominator[:, 1:] -= b[:, k : k + 1] * prev[:, :-1]
+        denominator[:, 2:] -= c[:, k : k + 1] * prev[:, :-2]
     gain = np.prod(1.0 - b - c, axis=1, keepdims=True)
     frames = fft.irfft(spectra * gain / fft.rfft(denominator, nfft), nfft)
     y = np.zeros(len(padded) + nfft)
     for i, frame in enumerate(frames):
-        y[i * hop:i * hop + nfft] += frame
-    return y[3 * hop:3 * hop + len(x)] * hop / window.sum()
+        y[i * hop : i * hop + nfft] += frame
+    return y[3 * hop : 3 * hop + len(x)] * hop / window.sum()
 
 
 @lru_cache(maxsize=16)
@@ -590,8 +740,9 @@ def coloured_noise(rng: np.random.Generator, colour: str, n: int, fs: int) -> np
     if colour == "white":
         out = white
     elif colour == "pink":
-        out = signal.lfilter([0.049922, -0.095993, 0.050612, -0.004408],
-                             [1.0, -2.494956, 2.017265, -0.522189], white)
+        out = signal.lfilter(
+            [0.049922, -0.095993, 0.050612, -0.004408], [1.0, -2.494956, 2.017265, -0.522189], white
+        )
     elif colour == "brown":
         out = signal.lfilter([1.0], [1.0, -0.995], white)
     elif colour == "hum":
@@ -727,8 +878,14 @@ def _run_job(args: tuple[Job, SynthParams]) -> str:
     return job.path
 
 
-def generate(out: str | os.PathLike, sizes: CorpusSizes | None = None, seed: int = 0, workers: int = 2,
-             params: SynthParams | None = None, progress: bool = True) -> list[str]:
+def generate(
+    out: str | os.PathLike,
+    sizes: CorpusSizes | None = None,
+    seed: int = 0,
+    workers: int = 2,
+    params: SynthParams | None = None,
+    progress: bool = True,
+) -> list[str]:
     """Write the missing files of the corpus under `out`; returns the paths written this time."""
     sizes, params = sizes or CorpusSizes(), params or SynthParams()
     todo = [job for job in corpus_jobs(Path(out), sizes, seed) if not os.path.exists(job.path)]
@@ -750,26 +907,43 @@ def generate(out: str | os.PathLike, sizes: CorpusSizes | None = None, seed: int
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = CorpusSizes()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", default="demo_out/audio", help="output root")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
     parser.add_argument("--train_speakers", type=int, default=d.train_speakers)
     parser.add_argument("--test_speakers", type=int, default=d.test_speakers)
     parser.add_argument("--libri_speakers", type=int, default=d.libri_speakers)
-    parser.add_argument("--calib_speakers", type=int, default=d.calib_speakers,
-                        help="speakers of vox_calib (held out, utterances of varied length)")
-    parser.add_argument("--sessions", type=int, default=d.train_sessions,
-                        help="sessions per vox_train speaker")
-    parser.add_argument("--test_sessions", type=int, default=d.test_sessions,
-                        help="sessions (chapters) per vox_test and libri speaker")
+    parser.add_argument(
+        "--calib_speakers",
+        type=int,
+        default=d.calib_speakers,
+        help="speakers of vox_calib (held out, utterances of varied length)",
+    )
+    parser.add_argument(
+        "--sessions", type=int, default=d.train_sessions, help="sessions per vox_train speaker"
+    )
+    parser.add_argument(
+        "--test_sessions",
+        type=int,
+        default=d.test_sessions,
+        help="sessions (chapters) per vox_test and libri speaker",
+    )
     parser.add_argument("--utterances", type=int, default=d.utterances, help="utterances per session")
     parser.add_argument("--min_seconds", type=float, default=SynthParams().utt_seconds[0])
     parser.add_argument("--max_seconds", type=float, default=SynthParams().utt_seconds[1])
     args = parser.parse_args(argv)
-    counts = ("train_speakers", "test_speakers", "libri_speakers", "calib_speakers", "sessions",
-              "test_sessions", "utterances")
+    counts = (
+        "train_speakers",
+        "test_speakers",
+        "libri_speakers",
+        "calib_speakers",
+        "sessions",
+        "test_sessions",
+        "utterances",
+    )
     for name in counts:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
@@ -781,10 +955,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = CorpusSizes(
-        train_speakers=args.train_speakers, train_sessions=args.sessions,
-        test_speakers=args.test_speakers, test_sessions=args.test_sessions,
-        libri_speakers=args.libri_speakers, libri_sessions=args.test_sessions,
-        calib_speakers=args.calib_speakers, calib_sessions=args.test_sessions,
+        train_speakers=args.train_speakers,
+        train_sessions=args.sessions,
+        test_speakers=args.test_speakers,
+        test_sessions=args.test_sessions,
+        libri_speakers=args.libri_speakers,
+        libri_sessions=args.test_sessions,
+        calib_speakers=args.calib_speakers,
+        calib_sessions=args.test_sessions,
         utterances=args.utterances,
     )
     params = SynthParams(utt_seconds=(args.min_seconds, args.max_seconds))

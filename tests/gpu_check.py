@@ -64,11 +64,23 @@ def build_data(out: Path) -> Path:
             combine(tree)
             make_lists(tree, name, out / "lists", seed=10, kinds=("normal", "test"))
     config = out / "gpu_check.yaml"
-    config.write_text(yaml.safe_dump({
-        "train_list": str(out / "lists" / "train_normal_list.txt"), "train_path": str(out / "train"),
-        "test_list": str(out / "lists" / "test_test_list.txt"), "test_path": str(out / "test"),
-        "nOut": 256, "batch_size": 200, "max_epoch": EPOCHS, "test_interval": 1,
-        "trainfunc": "MSE_CS", "model": "MyLinearNetv2", "multiple_embedding_flag": "C"}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "train_list": str(out / "lists" / "train_normal_list.txt"),
+                "train_path": str(out / "train"),
+                "test_list": str(out / "lists" / "test_test_list.txt"),
+                "test_path": str(out / "test"),
+                "nOut": 256,
+                "batch_size": 200,
+                "max_epoch": EPOCHS,
+                "test_interval": 1,
+                "trainfunc": "MSE_CS",
+                "model": "MyLinearNetv2",
+                "multiple_embedding_flag": "C",
+            }
+        )
+    )
     return config
 
 
@@ -109,18 +121,34 @@ def check_same_training(config: Path, out: Path, cuda: bool) -> None:
     grown through Adam (after 50 steps they reach 1e-2 between thread counts or devices)."""
     one = ("--max_epoch", "1", "--batch_size", "1200")
     _, cpu = train(config, out / "same_cpu", "--device", "cpu", *one)
-    _, gloo = train(config, out / "same_gloo2", "--device", "cpu", *one[:2], "--batch_size", "600",
-                    "--distributed", "--nprocs", "2", "--port", "29531")
+    _, gloo = train(
+        config,
+        out / "same_gloo2",
+        "--device",
+        "cpu",
+        *one[:2],
+        "--batch_size",
+        "600",
+        "--distributed",
+        "--nprocs",
+        "2",
+        "--port",
+        "29531",
+    )
     if cpu and gloo:
         gap = weight_gap(cpu, gloo)
-        check("DDP 2 CPU processes (Gloo, batch 2x600) = 1 process (batch 1200)", gap < 1e-4,
-              f"max weight difference after 8 steps {gap:.2e}")
+        check(
+            "DDP 2 CPU processes (Gloo, batch 2x600) = 1 process (batch 1200)",
+            gap < 1e-4,
+            f"max weight difference after 8 steps {gap:.2e}",
+        )
     if cuda:
         _, on_gpu = train(config, out / "same_cuda", "--device", "cuda", *one)
         if cpu and on_gpu:
             gap = weight_gap(cpu, on_gpu)
-            check("CUDA training = CPU training", gap < 1e-4,
-                  f"max weight difference after 8 steps {gap:.2e}")
+            check(
+                "CUDA training = CPU training", gap < 1e-4, f"max weight difference after 8 steps {gap:.2e}"
+            )
 
 
 def check_training(out: Path, cuda: bool) -> None:
@@ -130,13 +158,32 @@ def check_training(out: Path, cuda: bool) -> None:
     if not cuda:
         return
     cuda_eer, _ = train(config, out / "run_cuda", "--device", "cuda")
-    amp_eer, _ = train(config, out / "run_cuda_ddp_amp", "--device", "cuda", "--distributed", "--mixedprec",
-                       "--port", "29533")
+    amp_eer, _ = train(
+        config,
+        out / "run_cuda_ddp_amp",
+        "--device",
+        "cuda",
+        "--distributed",
+        "--mixedprec",
+        "--port",
+        "29533",
+    )
     if None not in (cpu_eer, cuda_eer, amp_eer):
-        check("3 epochs: EER on CPU, CUDA, CUDA DDP (NCCL) + mixed precision", max(cpu_eer, cuda_eer, amp_eer)
-              < 1.0, f"EER {cpu_eer} / {cuda_eer} / {amp_eer} (original about 17)")
-    checked = run(str(ROOT / "m_trainer.py"), "--config", str(config), "--save_path", str(out / "run_cuda"),
-                  "--check", "--device", "cuda")
+        check(
+            "3 epochs: EER on CPU, CUDA, CUDA DDP (NCCL) + mixed precision",
+            max(cpu_eer, cuda_eer, amp_eer) < 1.0,
+            f"EER {cpu_eer} / {cuda_eer} / {amp_eer} (original about 17)",
+        )
+    checked = run(
+        str(ROOT / "m_trainer.py"),
+        "--config",
+        str(config),
+        "--save_path",
+        str(out / "run_cuda"),
+        "--check",
+        "--device",
+        "cuda",
+    )
     lines = [line.split("INFO ")[-1] for line in checked.stdout.splitlines() if "EER" in line]
     check("--check on CUDA", checked.returncode == 0 and bool(lines), " | ".join(lines[:2]))
 
@@ -153,8 +200,11 @@ def check_scoring() -> None:
         cpu_s = min(timed(lambda m=cosine: score_trials(table, left, right, m)) for _ in range(3))
         gpu_s = min(timed(lambda m=cosine: score_trials(on_gpu, left, right, m)) for _ in range(3))
         gap = float(np.abs(cpu - gpu).max())
-        check(f"scoring type {embedding_type} on the GPU = CPU", gap < 1e-3,
-              f"max difference {gap:.2e}; 200,000 trials: CPU {cpu_s * 1e3:.1f} ms, GPU {gpu_s * 1e3:.1f} ms")
+        check(
+            f"scoring type {embedding_type} on the GPU = CPU",
+            gap < 1e-3,
+            f"max difference {gap:.2e}; 200,000 trials: CPU {cpu_s * 1e3:.1f} ms, GPU {gpu_s * 1e3:.1f} ms",
+        )
 
 
 def write_audio(folder: Path, count: int, suffix: str = ".wav") -> None:
@@ -174,8 +224,11 @@ def write_audio(folder: Path, count: int, suffix: str = ".wav") -> None:
 
 def min_crop_cosine(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     """The lowest cosine between matching crops of two (..., crops, D) embedding arrays."""
-    return float(torch.nn.functional.cosine_similarity(torch.as_tensor(a).float(), torch.as_tensor(b).float(),
-                                                       dim=-1).min())
+    return float(
+        torch.nn.functional.cosine_similarity(
+            torch.as_tensor(a).float(), torch.as_tensor(b).float(), dim=-1
+        ).min()
+    )
 
 
 def check_ge2e_precision() -> None:
@@ -198,10 +251,15 @@ def check_ge2e_precision() -> None:
             results.append(("cuDNN TF32 LSTM", gpu_model(gpu_crops).cpu()))
     for label, result in results:
         cosine = float(torch.nn.functional.cosine_similarity(cpu, result).min())
-        print(f"    GE2E CUDA {label}: lowest cosine to CPU {cosine:.6f}, max difference "
-              f"{float((cpu - result).abs().max()):.2e}")
-    check("GE2E forward on CUDA = CPU", float((cpu - exact).abs().max()) < 1e-3,
-          f"max difference {float((cpu - exact).abs().max()):.2e}")
+        print(
+            f"    GE2E CUDA {label}: lowest cosine to CPU {cosine:.6f}, max difference "
+            f"{float((cpu - result).abs().max()):.2e}"
+        )
+    check(
+        "GE2E forward on CUDA = CPU",
+        float((cpu - exact).abs().max()) < 1e-3,
+        f"max difference {float((cpu - exact).abs().max()):.2e}",
+    )
 
 
 def tf32_lstm(forward, *args, **kwargs):
@@ -217,9 +275,23 @@ def tf32_lstm(forward, *args, **kwargs):
 
 def gen_embs(audio: Path, target: Path, device: str, *options: str) -> dict[Path, np.ndarray]:
     """m_gen_embs with GE2E on `device`: relative path -> embeddings of every file it wrote."""
-    result = run(str(ROOT / "m_gen_embs.py"), "--model", "GE2E", "--db_path", str(audio), "--embed_dir",
-                 str(target), "--device", device, "--overwrite", "--eval_frames", "160", "--num_eval", "5",
-                 *options)
+    result = run(
+        str(ROOT / "m_gen_embs.py"),
+        "--model",
+        "GE2E",
+        "--db_path",
+        str(audio),
+        "--embed_dir",
+        str(target),
+        "--device",
+        device,
+        "--overwrite",
+        "--eval_frames",
+        "160",
+        "--num_eval",
+        "5",
+        *options,
+    )
     if result.returncode:
         check(f"m_gen_embs on {device} {' '.join(options)}", False, f"exit code {result.returncode}")
     return {p.relative_to(target): np.load(p) for p in sorted(target.rglob("*.npy"))}
@@ -234,17 +306,24 @@ def check_gen_embs(out: Path, suffix: str) -> None:
     mixed = gen_embs(audio, out / f"emb_{suffix.lstrip('.')}_cuda_bf16", "cuda", "--mixedprec")
     if cpu and cpu.keys() == cuda.keys() == mixed.keys():
         gap = max(float(np.abs(cpu[k] - cuda[k]).max()) for k in cpu)
-        check(f"m_gen_embs GE2E on CUDA = CPU ({suffix})", gap < 1e-3,
-              f"{len(cpu)} files, max difference {gap:.2e}")
+        check(
+            f"m_gen_embs GE2E on CUDA = CPU ({suffix})",
+            gap < 1e-3,
+            f"{len(cpu)} files, max difference {gap:.2e}",
+        )
         cosine = min(min_crop_cosine(cpu[k], mixed[k]) for k in cpu)
-        check(f"m_gen_embs GE2E --mixedprec on CUDA ~ CPU float32 ({suffix})", cosine >= 0.999,
-              f"lowest cosine per crop {cosine:.6f}")
+        check(
+            f"m_gen_embs GE2E --mixedprec on CUDA ~ CPU float32 ({suffix})",
+            cosine >= 0.999,
+            f"lowest cosine per crop {cosine:.6f}",
+        )
     else:
         check(f"m_gen_embs GE2E ({suffix})", False, "the runs wrote different files")
 
 
-def check_mixedprec(model: torch.nn.Module, name: str, crops: torch.Tensor, utterances: int,
-                    device: torch.device = CUDA) -> None:
+def check_mixedprec(
+    model: torch.nn.Module, name: str, crops: torch.Tensor, utterances: int, device: torch.device = CUDA
+) -> None:
     """`model` under bfloat16 autocast against float32 on `device`, per crop; and its speed with
     `utterances` utterances a pass."""
     items = [Item(0, crops)]
@@ -252,12 +331,17 @@ def check_mixedprec(model: torch.nn.Module, name: str, crops: torch.Tensor, utte
         exact = embed_batch(model, items, device)
         mixed = embed_batch(model, items, device, mixedprec=True)
         batch = [Item(i, crops) for i in range(utterances)]
-        seconds = {mp: min(timed(lambda m=mp: embed_batch(model, batch, device, m)) for _ in range(3))
-                   for mp in (False, True)}
+        seconds = {
+            mp: min(timed(lambda m=mp: embed_batch(model, batch, device, m)) for _ in range(3))
+            for mp in (False, True)
+        }
     cosine = min_crop_cosine(exact, mixed)
-    check(f"{name} bfloat16 ~ float32 on {device.type}", cosine >= 0.999,
-          f"lowest cosine per crop {cosine:.6f}; {utterances} utterances a pass: float32 "
-          f"{utterances / seconds[False]:.0f} utt/s, bfloat16 {utterances / seconds[True]:.0f} utt/s")
+    check(
+        f"{name} bfloat16 ~ float32 on {device.type}",
+        cosine >= 0.999,
+        f"lowest cosine per crop {cosine:.6f}; {utterances} utterances a pass: float32 "
+        f"{utterances / seconds[False]:.0f} utt/s, bfloat16 {utterances / seconds[True]:.0f} utt/s",
+    )
 
 
 def bf16_lstm_cosine(model: torch.nn.Module, crops: torch.Tensor, device: torch.device = CUDA) -> float:
@@ -285,8 +369,10 @@ def check_extraction(out: Path) -> None:
         ge2e = load_extractor("GE2E").cuda()
         voice = torch.from_numpy(make_crops(voice_like(8.0), 160, 5))
         check_mixedprec(ge2e, "GE2E", voice, 64)
-        print(f"    GE2E with a bfloat16 LSTM too on CUDA: lowest cosine per crop to float32 "
-              f"{bf16_lstm_cosine(ge2e, voice):.6f}")
+        print(
+            f"    GE2E with a bfloat16 LSTM too on CUDA: lowest cosine per crop to float32 "
+            f"{bf16_lstm_cosine(ge2e, voice):.6f}"
+        )
     torch.manual_seed(0)
     model = load_extractor("ResNetSE34V2", random_init=True)
     crops = torch.from_numpy(make_crops(np.random.default_rng(1).standard_normal(16000 * 8) * 0.1, 400, 10))
@@ -295,8 +381,12 @@ def check_extraction(out: Path) -> None:
         gpu = model.cuda()(crops.cuda()).cpu()
         cosine = float(torch.nn.functional.cosine_similarity(cpu, gpu).min())
         per_pass = min(timed(lambda: model(torch.cat([crops] * 16).cuda())) for _ in range(3))
-    check("ResNetSE34V2 forward on CUDA = CPU", cosine > 0.999, f"lowest cosine {cosine:.6f} (cuDNN may "
-          f"use TF32); 16 utterances x 10 crops in {per_pass * 1e3:.0f} ms")
+    check(
+        "ResNetSE34V2 forward on CUDA = CPU",
+        cosine > 0.999,
+        f"lowest cosine {cosine:.6f} (cuDNN may "
+        f"use TF32); 16 utterances x 10 crops in {per_pass * 1e3:.0f} ms",
+    )
     check_mixedprec(model, "ResNetSE34V2", crops, 64)
 
 
@@ -305,8 +395,11 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_check_out")
     out = Path(parser.parse_args().out)
     cuda = torch.cuda.is_available()
-    print(f"torch {torch.__version__}, CUDA available: {cuda}, "
-          f"devices: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}", flush=True)
+    print(
+        f"torch {torch.__version__}, CUDA available: {cuda}, "
+        f"devices: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}",
+        flush=True,
+    )
     check_training(out, cuda)
     if cuda:
         check_scoring()

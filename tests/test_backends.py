@@ -48,8 +48,9 @@ def test_none_is_score_trials(embedding_type):
     table, _ = speaker_data(rng, 5, 4, 8)
     left, right = random_trials(rng, len(table), 50)
     backend = make_backend("none", COSINE[embedding_type])
-    np.testing.assert_array_equal(backend.score(table, left, right),
-                                  score_trials(table, left, right, COSINE[embedding_type]))
+    np.testing.assert_array_equal(
+        backend.score(table, left, right), score_trials(table, left, right, COSINE[embedding_type])
+    )
 
 
 @pytest.mark.parametrize("embedding_type", ["B", "C"])
@@ -124,12 +125,17 @@ def test_plda_llr_is_the_gaussian_likelihood_ratio():
     got = backend.score(table, left, right)
     model = backend.plda
     total = model.between + model.within
-    same = multivariate_normal(np.concatenate([model.mean, model.mean]),
-                               np.block([[total, model.between], [model.between, total]]))
+    same = multivariate_normal(
+        np.concatenate([model.mean, model.mean]), np.block([[total, model.between], [model.between, total]])
+    )
     apart = multivariate_normal(model.mean, total)
     projected = backend.project(torch.from_numpy(table).double()).numpy()
-    expected = [same.logpdf(np.concatenate([projected[i], projected[j]])) - apart.logpdf(projected[i])
-                - apart.logpdf(projected[j]) for i, j in zip(left, right, strict=True)]
+    expected = [
+        same.logpdf(np.concatenate([projected[i], projected[j]]))
+        - apart.logpdf(projected[i])
+        - apart.logpdf(projected[j])
+        for i, j in zip(left, right, strict=True)
+    ]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
     assert np.ptp(got) > 1  # the LLRs vary: the test compares something
 
@@ -164,12 +170,15 @@ def test_plda_beats_raw_scores_where_a_nuisance_dominates():
     train, speakers = draw(200, 6)
     table, test_speakers = draw(50, 6)
     left, right = random_trials(rng, len(table), 4000)
-    right[::2] = np.array([rng.choice(np.flatnonzero(test_speakers == test_speakers[i]))
-                           for i in left[::2]])
+    right[::2] = np.array([rng.choice(np.flatnonzero(test_speakers == test_speakers[i])) for i in left[::2]])
     labels = (test_speakers[left] == test_speakers[right]).astype(int)
     keep = left != right
-    eer = {name: compute_eer(make_backend(name, True).fit(train, speakers).score(table, left, right)[keep],
-                             labels[keep])[0] for name in ("none", "plda")}
+    eer = {
+        name: compute_eer(
+            make_backend(name, True).fit(train, speakers).score(table, left, right)[keep], labels[keep]
+        )[0]
+        for name in ("none", "plda")
+    }
     assert eer["none"] > 20 and eer["plda"] < 0.2 * eer["none"], eer
 
 
@@ -281,8 +290,11 @@ def test_calibration_recovers_the_llr_whatever_the_target_share():
     for targets, nontargets in ((2000, 18000), (10000, 10000)):
         scores, labels = gaussian_trials(rng, targets, nontargets, 2.0)
         calibration = Calibration.fit(3 * scores - 1, labels)  # a mis-scaled system
-        np.testing.assert_allclose(calibration.llr(3 * np.array([-1.0, 1.0, 3.0]) - 1),
-                                   2.0 * (np.array([-1.0, 1.0, 3.0]) - 1.0), atol=0.15)
+        np.testing.assert_allclose(
+            calibration.llr(3 * np.array([-1.0, 1.0, 3.0]) - 1),
+            2.0 * (np.array([-1.0, 1.0, 3.0]) - 1.0),
+            atol=0.15,
+        )
 
 
 def test_cllr_of_calibrated_llrs_beats_mis_scaled_and_min_cllr_is_a_floor():
@@ -311,7 +323,8 @@ def test_far_threshold_gives_the_stated_false_accept_rate(far):
         assert calibration.thresholds[kind]["eer"] == compute_eer(values, labels)[1]
     # the LLR thresholds are the raw ones mapped through the calibration
     assert calibration.thresholds["llr"]["far"] == pytest.approx(
-        calibration.llr(calibration.thresholds["raw"]["far"]), abs=1e-9)
+        calibration.llr(calibration.thresholds["raw"]["far"]), abs=1e-9
+    )
     # a highest score that is a non-target's: the threshold accepts nothing
     assert decision_thresholds(np.array([0.0, 1.0, 2.0]), np.array([1, 0, 0]), 0.01)["far"] > 2.0
 
@@ -384,10 +397,15 @@ def test_qmf_equals_a_direct_logistic_regression():
         assert qmf.base_name == "asnorm"
         qmf.base = base
         qmf.fit_trials(table, left[:400], right[:400], labels[:400], quality)
-        logs = [np.log(values) for values in (quality.durations, quality.norms if norms else None)
-                if values is not None]
-        features = np.column_stack([base.score(table, left, right).astype(np.float64)]
-                                   + [f(x[left], x[right]) for x in logs for f in (np.minimum, np.maximum)])
+        logs = [
+            np.log(values)
+            for values in (quality.durations, quality.norms if norms else None)
+            if values is not None
+        ]
+        features = np.column_stack(
+            [base.score(table, left, right).astype(np.float64)]
+            + [f(x[left], x[right]) for x in logs for f in (np.minimum, np.maximum)]
+        )
         centre, scale = features[:400].mean(axis=0), features[:400].std(axis=0)
         direct = LogisticRegression(class_weight="balanced")
         direct.fit((features[:400] - centre) / scale, labels[:400])
@@ -420,8 +438,17 @@ def test_hyper_parameter_bounds_are_one_rule_for_the_class_and_the_config():
 def plain_trial_list(rng, name, durations=True):
     table, left, right, labels, speakers = speaker_trials(rng, 8, 6, 8, 300)
     quality = Quality(rng.uniform(1, 20, len(table)) if durations else None)
-    return TrialList(name, f"{name}.txt", labels, left, right, [f"f{i}" for i in range(len(table))], table,
-                     speakers, quality)
+    return TrialList(
+        name,
+        f"{name}.txt",
+        labels,
+        left,
+        right,
+        [f"f{i}" for i in range(len(table))],
+        table,
+        speakers,
+        quality,
+    )
 
 
 def evaluated(calib_durations=True, with_calib=True, test_durations=True):
@@ -430,8 +457,9 @@ def evaluated(calib_durations=True, with_calib=True, test_durations=True):
     lists = [plain_trial_list(rng, "test", test_durations), plain_trial_list(rng, "libri")]
     calib = plain_trial_list(rng, "calib", calib_durations) if with_calib else None
     settings = Settings(["none", "asnorm", "qmf"], {"asnorm_topk": 5}, cosine=True, resamples=20)
-    results = evaluate(lists, {"original": lambda table: table}, settings, TrainingSet(train, speakers),
-                       calib)
+    results = evaluate(
+        lists, {"original": lambda table: table}, settings, TrainingSet(train, speakers), calib
+    )
     return results, lists, calib
 
 
@@ -444,9 +472,12 @@ def test_evaluation_scores_qmf_like_the_other_back_ends():
     for trials in lists:
         scores = results.lists[trials.name].scores
         assert list(scores) == [("original", name) for name in ("none", "asnorm", "qmf")]
-        np.testing.assert_allclose(scores[("original", "qmf")],
-                                   qmf.score(trials.embeddings, trials.left, trials.right, trials.quality),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            scores[("original", "qmf")],
+            qmf.score(trials.embeddings, trials.left, trials.right, trials.quality),
+            rtol=1e-6,
+            atol=1e-6,
+        )
     rows = {(r.trials, r.backend) for r in results.records if isinstance(r, SystemResult)}
     assert rows == {(t, b) for t in ("test", "libri") for b in ("none", "asnorm", "qmf")}
     sources = next(r for r in results.records if isinstance(r, Sources)).as_json()
@@ -458,9 +489,11 @@ def test_evaluation_scores_qmf_like_the_other_back_ends():
 @pytest.mark.parametrize("case", ["no calib_list", "calib without durations", "test without durations"])
 def test_qmf_without_calibration_or_durations_is_skipped_with_a_notice(case, caplog):
     caplog.set_level("INFO", logger="scoring")
-    results, _, _ = evaluated(with_calib=case != "no calib_list",
-                              calib_durations=case != "calib without durations",
-                              test_durations=case != "test without durations")
+    results, _, _ = evaluated(
+        with_calib=case != "no calib_list",
+        calib_durations=case != "calib without durations",
+        test_durations=case != "test without durations",
+    )
     scored = {name: {backend for _, backend in result.scores} for name, result in results.lists.items()}
     if case == "test without durations":
         assert scored == {"test": {"none", "asnorm"}, "libri": {"none", "asnorm", "qmf"}}

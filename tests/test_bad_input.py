@@ -24,21 +24,30 @@ def trainer_error(argv: list[str]) -> str:
     return str(err.value)
 
 
-def run_trainer(cfg: Path, save: Path, *extra: str, env: dict[str, str] | None = None
-                ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "m_trainer.py", "--config", str(cfg), "--save_path",
-                           str(save), *extra], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+def run_trainer(
+    cfg: Path, save: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "m_trainer.py", "--config", str(cfg), "--save_path", str(save), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
-@pytest.mark.parametrize("content, kind, message", [
-    ("id1 a/b/1.npy extra\n", "normal", ":1: a normal list line has 2 fields"),
-    ("1 a.npy\n", "test", ":1: a test list line has 3 fields"),
-    ("2 a.npy b.npy\n", "test", ":1: label must be 0 or 1, found '2'"),
-    ("1 a.npy b.npy\nyes a.npy b.npy\n", "test", ":2: label must be 0 or 1"),
-    ("s a b 3\n", "distribution", ":1: flag must be 0 or 1"),
-    ("\n# only a comment\n", "normal", "list is empty"),
-])
+@pytest.mark.parametrize(
+    "content, kind, message",
+    [
+        ("id1 a/b/1.npy extra\n", "normal", ":1: a normal list line has 2 fields"),
+        ("1 a.npy\n", "test", ":1: a test list line has 3 fields"),
+        ("2 a.npy b.npy\n", "test", ":1: label must be 0 or 1, found '2'"),
+        ("1 a.npy b.npy\nyes a.npy b.npy\n", "test", ":2: label must be 0 or 1"),
+        ("s a b 3\n", "distribution", ":1: flag must be 0 or 1"),
+        ("\n# only a comment\n", "normal", "list is empty"),
+    ],
+)
 def test_list_errors_name_file_and_line(tmp_path, content, kind, message):
     path = tmp_path / "my_list.txt"
     path.write_text(content)
@@ -48,14 +57,19 @@ def test_list_errors_name_file_and_line(tmp_path, content, kind, message):
 
 
 def exp_config(data, tmp_path, **options):
-    return ["--config", str(config(data, tmp_path, max_epoch=1, **options)),
-            "--save_path", str(tmp_path / "exp")]
+    return [
+        "--config",
+        str(config(data, tmp_path, max_epoch=1, **options)),
+        "--save_path",
+        str(tmp_path / "exp"),
+    ]
 
 
 def test_missing_npy_named_with_its_list(data, tmp_path):
     listed = tmp_path / "train.txt"
-    listed.write_text((data / "lists" / "train_normal_list.txt").read_text()
-                      + "id10000 id10000/sess0000000/99999.npy\n")
+    listed.write_text(
+        (data / "lists" / "train_normal_list.txt").read_text() + "id10000 id10000/sess0000000/99999.npy\n"
+    )
     message = trainer_error(exp_config(data, tmp_path, train_list=str(listed)))
     assert "train.txt" in message and "99999.npy" in message
 
@@ -66,17 +80,22 @@ def corrupt_tree(tmp_path: Path, array: np.ndarray) -> Path:
     return root
 
 
-@pytest.mark.parametrize("array, message", [
-    (np.ones((3, 16), np.float32), "embedding dimension 16 does not match nOut 24"),
-    (np.ones((2, 3, 24), np.float32), "expected an embedding of shape"),
-    (np.full((3, 24), np.nan, np.float32), "NaN or infinite"),
-    (np.array([[np.inf] * 24], np.float32), "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.ones((3, 16), np.float32), "embedding dimension 16 does not match nOut 24"),
+        (np.ones((2, 3, 24), np.float32), "expected an embedding of shape"),
+        (np.full((3, 24), np.nan, np.float32), "NaN or infinite"),
+        (np.array([[np.inf] * 24], np.float32), "NaN or infinite"),
+    ],
+)
 def test_bad_embedding_files(data, tmp_path, array, message):
     root = corrupt_tree(tmp_path, array)
     trials = tmp_path / "trials.txt"
-    trials.write_text("1 id10001/sess0000001/00002.npy id10001/sess0000001/00001.npy\n"
-                      "0 id10000/sess0000001/00001.npy id10001/sess0000001/00001.npy\n")
+    trials.write_text(
+        "1 id10001/sess0000001/00002.npy id10001/sess0000001/00001.npy\n"
+        "0 id10000/sess0000001/00001.npy id10001/sess0000001/00001.npy\n"
+    )
     error = trainer_error(exp_config(data, tmp_path, test_list=str(trials), test_path=str(root)))
     assert "00002.npy" in error and message in error
 
@@ -88,15 +107,18 @@ def test_test_list_naming_missing_files(data, tmp_path):
     assert "trials.txt" in error and "id99999/x/00001.npy" in error
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("model", "MyLinearNetv9", "unknown model 'MyLinearNetv9'"),
-    ("trainfunc", "MSE_XX", "unknown loss (trainfunc) 'MSE_XX'"),
-    ("optimizer", "adagrad", "unknown optimizer 'adagrad'"),
-    ("scheduler", "exp", "unknown scheduler 'exp'"),
-    ("activation", "tanh", "unknown activation 'tanh'"),
-    ("multiple_embedding_flag", "A", "must be B or C"),
-    ("batch_size", 0, "'batch_size' must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("model", "MyLinearNetv9", "unknown model 'MyLinearNetv9'"),
+        ("trainfunc", "MSE_XX", "unknown loss (trainfunc) 'MSE_XX'"),
+        ("optimizer", "adagrad", "unknown optimizer 'adagrad'"),
+        ("scheduler", "exp", "unknown scheduler 'exp'"),
+        ("activation", "tanh", "unknown activation 'tanh'"),
+        ("multiple_embedding_flag", "A", "must be B or C"),
+        ("batch_size", 0, "'batch_size' must be at least 1"),
+    ],
+)
 def test_unknown_names_and_bad_values(data, tmp_path, option, value, message):
     assert message in trainer_error(exp_config(data, tmp_path, **{option: value}))
     assert not (tmp_path / "exp").exists()
@@ -163,8 +185,29 @@ def test_training_stopped_hard_resumes_from_its_last_checkpoint(data, tmp_path):
         assert torch.equal(ours[key], theirs[key]), key
 
 
-TOKENS = ["1", "0", "2", "-1", "id1", "a/b/c.npy", "x.wav", "", " ", "\t", "#", "nan", "é", "\x00",
-          "1.0", "yes", "\\", "'", '"', "a b", "\n"]
+TOKENS = [
+    "1",
+    "0",
+    "2",
+    "-1",
+    "id1",
+    "a/b/c.npy",
+    "x.wav",
+    "",
+    " ",
+    "\t",
+    "#",
+    "nan",
+    "é",
+    "\x00",
+    "1.0",
+    "yes",
+    "\\",
+    "'",
+    '"',
+    "a b",
+    "\n",
+]
 
 
 def random_line(rng: random.Random) -> str:
@@ -192,8 +235,28 @@ def test_fuzz_list_parser(tmp_path):
     assert outcomes["ok"] > 10 and outcomes["error"] > 1000
 
 
-YAML_VALUES = ["1", "-3", "0.5", "true", "null", "[1, 2]", "{a: 1}", "abc", "'5'", "1e-3",
-               "2020-01-01", ".inf", "~", "!!binary aGk=", "*x", "&x 1", "{", "[", ":", "- a"]
+YAML_VALUES = [
+    "1",
+    "-3",
+    "0.5",
+    "true",
+    "null",
+    "[1, 2]",
+    "{a: 1}",
+    "abc",
+    "'5'",
+    "1e-3",
+    "2020-01-01",
+    ".inf",
+    "~",
+    "!!binary aGk=",
+    "*x",
+    "&x 1",
+    "{",
+    "[",
+    ":",
+    "- a",
+]
 
 
 def test_fuzz_config_parser(tmp_path):

@@ -30,8 +30,7 @@ def data(tmp_path_factory) -> Path:
     return make_experiment_data(tmp_path_factory.mktemp("data"), 8, 4, 4)
 
 
-def script_error(main: Callable[[list[str]], object], argv: list[str],
-                 capsys: pytest.CaptureFixture) -> str:
+def script_error(main: Callable[[list[str]], object], argv: list[str], capsys: pytest.CaptureFixture) -> str:
     """Run a script's main as its command line does (run_main); it must exit with status 2 and end
     its stderr with one `error: ` line, no traceback. Returns the message."""
     with pytest.raises(SystemExit) as exited:
@@ -41,7 +40,7 @@ def script_error(main: Callable[[list[str]], object], argv: list[str],
     assert "Traceback" not in err
     last = err.rstrip("\n").split("\n")[-1]
     assert last.startswith("error: "), err
-    return last[len("error: "):]
+    return last[len("error: ") :]
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -53,11 +52,14 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 # Embedding files
 
 
-@pytest.mark.parametrize("array, found", [
-    (np.ones((3, 24), np.int32), "int32"),
-    (np.ones((3, 24), np.int64), "int64"),
-    (np.full((3, 24), "x"), "<U1"),
-])
+@pytest.mark.parametrize(
+    "array, found",
+    [
+        (np.ones((3, 24), np.int32), "int32"),
+        (np.ones((3, 24), np.int64), "int64"),
+        (np.full((3, 24), "x"), "<U1"),
+    ],
+)
 def test_embeddings_that_are_not_floating_point_name_the_file(tmp_path, capsys, array, found):
     root = make_embedding_tree(tmp_path / "emb", speakers=3, dim=24)
     bad = root / "id10001" / "sess0000001" / "00002.npy"
@@ -68,8 +70,11 @@ def test_embeddings_that_are_not_floating_point_name_the_file(tmp_path, capsys, 
     assert bad.read_bytes() == before and not (root / "embeddings.store").exists()
 
 
-@pytest.mark.parametrize("odd", [["00002.npy"], ["00001.npy", "00002.npy", "00003.npy", "00004.npy"]],
-                         ids=["one file", "every file of a session"])
+@pytest.mark.parametrize(
+    "odd",
+    [["00002.npy"], ["00001.npy", "00002.npy", "00003.npy", "00004.npy"]],
+    ids=["one file", "every file of a session"],
+)
 def test_an_embedding_of_another_dimension_names_the_file(tmp_path, capsys, odd):
     root = make_embedding_tree(tmp_path / "emb", speakers=3, sessions=1, dim=24)
     for name in odd:
@@ -77,8 +82,10 @@ def test_an_embedding_of_another_dimension_names_the_file(tmp_path, capsys, odd)
     before = tree_bytes(root)
     error = script_error(m_comb_embs.main, ["--embed_dir", str(root)], capsys)
     first = root / "id10000" / "sess0000000" / "00001.npy"
-    assert error == (f"{root / 'id10001' / 'sess0000000' / odd[0]}: embedding dimension 16 does not "
-                     f"match 24, the dimension of {first}")
+    assert error == (
+        f"{root / 'id10001' / 'sess0000000' / odd[0]}: embedding dimension 16 does not "
+        f"match 24, the dimension of {first}"
+    )
     assert all(tree_bytes(root)[rel] == content for rel, content in before.items())
     assert not (root / "embeddings.store").exists()
 
@@ -142,8 +149,15 @@ def config_line(path: Path, key: str) -> int:
     return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(f"{key}:"))
 
 
-@pytest.mark.parametrize("option, kind", [("model", "model"), ("trainfunc", "loss (trainfunc)"),
-                                          ("optimizer", "optimizer"), ("scheduler", "scheduler")])
+@pytest.mark.parametrize(
+    "option, kind",
+    [
+        ("model", "model"),
+        ("trainfunc", "loss (trainfunc)"),
+        ("optimizer", "optimizer"),
+        ("scheduler", "scheduler"),
+    ],
+)
 @pytest.mark.parametrize("given_by", ["config", "flag"])
 def test_an_unknown_name_says_where_it_was_given(data, tmp_path, capsys, option, kind, given_by):
     save = tmp_path / "exp"
@@ -162,10 +176,14 @@ def test_an_unknown_name_says_where_it_was_given(data, tmp_path, capsys, option,
 
 def test_an_unknown_extractor_names_its_flag(tmp_path, capsys):
     write_wav(tmp_path / "db" / "s" / "v" / "1.wav", tone(0.1, 0))
-    error = script_error(m_gen_embs.main, ["--db_path", str(tmp_path / "db"), "--embed_dir",
-                                           str(tmp_path / "emb"), "--model", "ResNet34"], capsys)
-    assert error == ("--model: unknown extractor 'ResNet34' (did you mean ResNetSE34V2?); "
-                     "known: GE2E, ResNetSE34V2")
+    error = script_error(
+        m_gen_embs.main,
+        ["--db_path", str(tmp_path / "db"), "--embed_dir", str(tmp_path / "emb"), "--model", "ResNet34"],
+        capsys,
+    )
+    assert error == (
+        "--model: unknown extractor 'ResNet34' (did you mean ResNetSE34V2?); known: GE2E, ResNetSE34V2"
+    )
     assert not (tmp_path / "emb").exists()
 
 
@@ -208,8 +226,10 @@ def npy_mtimes(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*.npy")}
 
 
-@pytest.mark.parametrize("spoil, reason", [(not_audio, "cannot decode"), (zero_length, "cannot decode"),
-                                           (no_samples, "no samples")])
+@pytest.mark.parametrize(
+    "spoil, reason",
+    [(not_audio, "cannot decode"), (zero_length, "cannot decode"), (no_samples, "no samples")],
+)
 def test_unreadable_audio_is_listed_and_the_run_exits_2(tmp_path, capsys, caplog, spoil, reason):
     db, emb = tmp_path / "db", tmp_path / "emb"
     audio_tree(db)
@@ -218,8 +238,10 @@ def test_unreadable_audio_is_listed_and_the_run_exits_2(tmp_path, capsys, caplog
     before = bad.read_bytes()
     caplog.set_level(logging.INFO)
     error = script_error(m_gen_embs.main, ["--db_path", str(db), "--embed_dir", str(emb), *GEN_FAST], capsys)
-    assert error.startswith("1 audio file(s) could not be read (the log above says why) and have no "
-                            f"embedding; {emb / 'failed_audio.txt'} lists them")
+    assert error.startswith(
+        "1 audio file(s) could not be read (the log above says why) and have no "
+        f"embedding; {emb / 'failed_audio.txt'} lists them"
+    )
     assert (emb / "failed_audio.txt").read_text() == f"{bad}\n"
     assert f"failed: {bad}: {reason}" in caplog.text
     assert set(npy_mtimes(emb)) == {rel.replace(".wav", ".npy") for rel in GOOD}
@@ -257,9 +279,12 @@ def test_the_script_itself_exits_2_naming_the_list(tmp_path):
     db, emb = tmp_path / "db", tmp_path / "emb"
     audio_tree(db)
     zero_length(db / "id00001" / "v" / "00002.wav")
-    result = run_script("m_gen_embs.py", "--db_path", str(db), "--embed_dir", str(emb), *GEN_FAST,
-                        check=False)
+    result = run_script(
+        "m_gen_embs.py", "--db_path", str(db), "--embed_dir", str(emb), *GEN_FAST, check=False
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.rstrip("\n").split("\n")[-1]
-    assert last.startswith(f"error: 1 audio file(s) could not be read (the log above says why) and have no "
-                           f"embedding; {emb / 'failed_audio.txt'} lists them")
+    assert last.startswith(
+        f"error: 1 audio file(s) could not be read (the log above says why) and have no "
+        f"embedding; {emb / 'failed_audio.txt'} lists them"
+    )

@@ -22,8 +22,12 @@ def resampled_eers(scores, labels, trial_speakers, resamples, seed):
     """The definition: per resample, the EER of the list with each trial repeated by its speaker's draws."""
     speakers, speaker = np.unique(trial_speakers, return_inverse=True)
     draws = speaker_resamples(len(speakers), resamples, seed)
-    return np.array([sklearn_eer(np.repeat(scores, weights[speaker]), np.repeat(labels, weights[speaker]))
-                     for weights in draws])
+    return np.array(
+        [
+            sklearn_eer(np.repeat(scores, weights[speaker]), np.repeat(labels, weights[speaker]))
+            for weights in draws
+        ]
+    )
 
 
 def trial_list(kind, rng):
@@ -87,4 +91,4 @@ def test_weights_too_large_for_float32_sums_give_the_same_eers():
     speakers, speaker = np.unique(speaker, return_inverse=True)
     ranked = _RankedTrials(scores, labels, speaker, len(speakers))
     draws = speaker_resamples(len(speakers), 30, 1)
-    np.testing.assert_array_equal(ranked.eers(draws * 2 ** 20), ranked.eers(draws))
+    np.testing.assert_array_equal(ranked.eers(draws * 2**20), ranked.eers(draws))

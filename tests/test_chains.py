@@ -31,8 +31,9 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def mean_asnorm_by_hand(train: np.ndarray, speakers: np.ndarray, table: np.ndarray, left: np.ndarray,
-                        right: np.ndarray, topk: int) -> np.ndarray:
+def mean_asnorm_by_hand(
+    train: np.ndarray, speakers: np.ndarray, table: np.ndarray, left: np.ndarray, right: np.ndarray, topk: int
+) -> np.ndarray:
     """WeSpeaker's recipe: subtract the training mean from every embedding and from the cohort
     (one mean embedding per training speaker), then AS-Norm of cosine scores -(1 - cos)."""
     mean = train.astype(np.float64).mean(axis=0)
@@ -70,19 +71,36 @@ def test_mean_asnorm_qmf_is_a_logistic_regression_on_the_chain_scores():
     chain.fit(train_table, speakers)
     chain.fit_trials(table, left[:400], right[:400], labels[:400], quality)
     logs = np.log(quality.durations)
-    features = np.column_stack([mean_asnorm_by_hand(train_table, speakers, table, left, right, TOPK),
-                                np.minimum(logs[left], logs[right]), np.maximum(logs[left], logs[right])])
+    features = np.column_stack(
+        [
+            mean_asnorm_by_hand(train_table, speakers, table, left, right, TOPK),
+            np.minimum(logs[left], logs[right]),
+            np.maximum(logs[left], logs[right]),
+        ]
+    )
     centre, scale = features[:400].mean(axis=0), features[:400].std(axis=0)
     direct = LogisticRegression(class_weight="balanced").fit((features[:400] - centre) / scale, labels[:400])
-    np.testing.assert_allclose(chain.score(table, left[400:], right[400:], quality),
-                               direct.decision_function((features[400:] - centre) / scale), rtol=1e-3,
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        chain.score(table, left[400:], right[400:], quality),
+        direct.decision_function((features[400:] - centre) / scale),
+        rtol=1e-3,
+        atol=1e-3,
+    )
 
 
 def trial_list(rng: np.random.Generator, name: str) -> TrialList:
     table, left, right, labels, speakers = speaker_trials(rng, 8, 6, 8, 300)
-    return TrialList(name, f"{name}.txt", labels, left, right, [f"f{i}" for i in range(len(table))],
-                     table + 0.3, speakers, Quality(rng.uniform(1, 20, len(table))))
+    return TrialList(
+        name,
+        f"{name}.txt",
+        labels,
+        left,
+        right,
+        [f"f{i}" for i in range(len(table))],
+        table + 0.3,
+        speakers,
+        Quality(rng.uniform(1, 20, len(table))),
+    )
 
 
 def evaluated(backends: list[str]):
@@ -101,30 +119,41 @@ def test_evaluate_scores_chains_with_their_bases_shared_or_their_own():
     scores = {name: values for (_, name), values in results.lists["test"].scores.items()}
     assert set(scores) == {"none", *chains}
     np.testing.assert_array_equal(scores["asnorm+qmf"], scores["qmf"])  # qmf_base asnorm by default
-    expected = mean_asnorm_by_hand(training.embeddings, training.speakers, test.embeddings, test.left,
-                                   test.right, TOPK)
+    expected = mean_asnorm_by_hand(
+        training.embeddings, training.speakers, test.embeddings, test.left, test.right, TOPK
+    )
     np.testing.assert_allclose(scores["mean+asnorm"], expected, rtol=1e-4, atol=1e-4)
     alone, *_ = evaluated(["none", "mean+asnorm+qmf", "plda+qmf"])  # bases not scored: fitted by the chains
     for name in ("mean+asnorm+qmf", "plda+qmf"):
-        np.testing.assert_allclose(alone.lists["test"].scores[("original", name)], scores[name], rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            alone.lists["test"].scores[("original", name)], scores[name], rtol=1e-5, atol=1e-5
+        )
     rows = {r.backend for r in alone.records if isinstance(r, SystemResult)}
     assert rows == {"none", "mean+asnorm+qmf", "plda+qmf"}
-    without_training = evaluate([test], {"original": lambda table: table},
-                                Settings(["none", "mean+asnorm+qmf"], {"asnorm_topk": TOPK}, cosine=True,
-                                         resamples=20), None, calib)
+    without_training = evaluate(
+        [test],
+        {"original": lambda table: table},
+        Settings(["none", "mean+asnorm+qmf"], {"asnorm_topk": TOPK}, cosine=True, resamples=20),
+        None,
+        calib,
+    )
     assert [name for _, name in without_training.lists["test"].scores] == ["none"]
 
 
 KNOWN = "known steps: asnorm, mean, none, plda, qmf"
 
 
-@pytest.mark.parametrize(("name", "problem"), [
-    ("asnorm+mean", "the score-level step asnorm before the embedding-level step mean"),
-    ("mean+qmf+asnorm", "the rescore-level step qmf before the score-level step asnorm"),
-    ("mean+plda", "plda not first"), ("plda+asnorm", "two steps that score embeddings (plda, asnorm)"),
-    ("mean+mean", "mean twice"), ("none+qmf", "none is the back-end of no step"),
-])
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("asnorm+mean", "the score-level step asnorm before the embedding-level step mean"),
+        ("mean+qmf+asnorm", "the rescore-level step qmf before the score-level step asnorm"),
+        ("mean+plda", "plda not first"),
+        ("plda+asnorm", "two steps that score embeddings (plda, asnorm)"),
+        ("mean+mean", "mean twice"),
+        ("none+qmf", "none is the back-end of no step"),
+    ],
+)
 def test_a_chain_that_cannot_be_fitted_is_an_error_listing_the_steps(name, problem):
     message = f"x.yaml:3: backends: back-end '{name}': {problem}; "
     with pytest.raises(UserError, match=f"{re.escape(message)}.*{KNOWN}"):
@@ -136,8 +165,11 @@ def test_a_chain_that_cannot_be_fitted_is_an_error_listing_the_steps(name, probl
 def test_an_unknown_step_names_the_config_file_and_line(tmp_path):
     cfg = tmp_path / "chains.yaml"
     cfg.write_text(yaml.safe_dump({"nOut": 24, "backends": ["none", "mean+znorm"]}))
-    with pytest.raises(UserError, match=rf"{cfg}:1: backends: back-end 'mean\+znorm': unknown step 'znorm' "
-                                        r"\(did you mean asnorm\?\); known: asnorm, mean, none, plda, qmf"):
+    with pytest.raises(
+        UserError,
+        match=rf"{cfg}:1: backends: back-end 'mean\+znorm': unknown step 'znorm' "
+        r"\(did you mean asnorm\?\); known: asnorm, mean, none, plda, qmf",
+    ):
         m_trainer.parse_options(["--config", str(cfg)])
     cfg.write_text(yaml.safe_dump({"backends": ["none", "asnorm+mean"]}))
     with pytest.raises(UserError, match=rf"{cfg}:1: backends: .*{KNOWN}"):
@@ -152,9 +184,18 @@ def test_check_records_a_chain_like_any_backend(data, tmp_path):
     difference, their scores in trials_test.npz equal to the chain fitted by hand on the enhanced
     embeddings, their rows in the table, and the viewer's labels."""
     lists = data / "lists"
-    cfg = config(data, tmp_path, trainfunc="MSE_CS", multiple_embedding_flag="C", backends=CHECKED,
-                 max_epoch=1, bootstrap=50, asnorm_topk=10, calib_list=str(lists / "train_test_list.txt"),
-                 calib_path=str(data / "train"))
+    cfg = config(
+        data,
+        tmp_path,
+        trainfunc="MSE_CS",
+        multiple_embedding_flag="C",
+        backends=CHECKED,
+        max_epoch=1,
+        bootstrap=50,
+        asnorm_topk=10,
+        calib_list=str(lists / "train_test_list.txt"),
+        calib_path=str(data / "train"),
+    )
     save = tmp_path / "exp"
     train(cfg, save)
     out = m_trainer_output(["--config", str(cfg), "--save_path", str(save), "--check"])
@@ -162,7 +203,8 @@ def test_check_records_a_chain_like_any_backend(data, tmp_path):
     rows = {(r["trials"], r["system"], r["backend"]) for r in records if "eer" in r}
     assert rows == {(t, s, b) for t in ("test", "libri") for s in ("original", "enhanced") for b in CHECKED}
     assert {(r["trials"], r["backend"]) for r in records if "eer_diff" in r} == {
-        (t, b) for t in ("test", "libri") for b in CHECKED}
+        (t, b) for t in ("test", "libri") for b in CHECKED
+    }
     assert any(line.split()[:3] == ["test", "enhanced", "mean+asnorm"] for line in out.splitlines())
     trainer = enhancer(save)
     training = EmbeddingData(lists / "train_normal_list.txt", data / "train", "normal", "C", DIM)
@@ -170,11 +212,15 @@ def test_check_records_a_chain_like_any_backend(data, tmp_path):
     chain = make_backend("mean+asnorm", True, asnorm_topk=10)
     chain.fit(trainer.enhance(training.embeddings.numpy()), training.row_speakers())
     saved = np.load(save / "result" / "trials_test.npz")
-    np.testing.assert_allclose(saved["enhanced/mean+asnorm"],
-                               chain.score(trainer.enhance(trials.embeddings), trials.left, trials.right),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        saved["enhanced/mean+asnorm"],
+        chain.score(trainer.enhance(trials.embeddings), trials.left, trials.right),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     viewed = m_viewer.load_trial_scores(save / "result" / "trials_test.npz")
     assert viewed.backends() == CHECKED
     assert m_viewer.score_meanings(viewed.backends(), "C")[1:] == [
         "asnorm: AS-Norm of -(cosine distance)",
-        "mean+asnorm: AS-Norm of -(cosine distance) after subtracting the training mean"]
+        "mean+asnorm: AS-Norm of -(cosine distance) after subtracting the training mean",
+    ]

@@ -26,9 +26,18 @@ BACKENDS = ["none", "mean", "asnorm", "plda"]
 
 def backend_config(data: Path, tmp_path: Path, **options) -> Path:
     lists = data / "lists"
-    values = {"trainfunc": "MSE_CS", "multiple_embedding_flag": "C", "max_epoch": 2, "backends": BACKENDS,
-              "bootstrap": 100, "asnorm_topk": 10, "lda_dim": 8,
-              "calib_list": str(lists / "train_test_list.txt"), "calib_path": str(data / "train"), **options}
+    values = {
+        "trainfunc": "MSE_CS",
+        "multiple_embedding_flag": "C",
+        "max_epoch": 2,
+        "backends": BACKENDS,
+        "bootstrap": 100,
+        "asnorm_topk": 10,
+        "lda_dim": 8,
+        "calib_list": str(lists / "train_test_list.txt"),
+        "calib_path": str(data / "train"),
+        **options,
+    }
     return config(data, tmp_path, **values)
 
 
@@ -65,7 +74,8 @@ def test_check_records_cover_every_system_and_backend(checked):
     records = json.loads((save / "result" / "check.json").read_text())
     rows = [r for r in records if "eer" in r]
     assert {(r["trials"], r["system"], r["backend"]) for r in rows} == {
-        (t, s, b) for t in ("test", "libri") for s in ("original", "enhanced") for b in BACKENDS}
+        (t, s, b) for t in ("test", "libri") for s in ("original", "enhanced") for b in BACKENDS
+    }
     for r in rows:
         lo, hi = r["eer_ci95"]
         assert lo <= r["eer"] <= hi and 0 <= r["mindcf_p01"] and 0 <= r["mindcf_p05"]
@@ -74,8 +84,9 @@ def test_check_records_cover_every_system_and_backend(checked):
     assert len(differences) == 8
     point = {(r["trials"], r["system"], r["backend"]): r["eer"] for r in rows}
     for r in differences:
-        assert r["eer_diff"] == pytest.approx(point[(r["trials"], "enhanced", r["backend"])]
-                                              - point[(r["trials"], "original", r["backend"])])
+        assert r["eer_diff"] == pytest.approx(
+            point[(r["trials"], "enhanced", r["backend"])] - point[(r["trials"], "original", r["backend"])]
+        )
     calibrations = [r for r in records if r["trials"] == "calib"]
     assert len(calibrations) == 8 and all(set(c["thresholds"]) == {"raw", "llr"} for c in calibrations)
     # the lines scripts parse are unchanged, and they are the none back-end's
@@ -94,14 +105,17 @@ def test_check_records_both_eer_definitions_and_the_seed(checked):
         saved = np.load(save / "result" / f"trials_{trials}.npz")
         rows = {(r["system"], r["backend"]): r for r in records if "eer" in r and r["trials"] == trials}
         for (system, backend), r in rows.items():
-            assert r["eer_interpolated"] == pytest.approx(interpolated_eer(saved[f"{system}/{backend}"],
-                                                                           saved["labels"]), abs=1e-9)
+            assert r["eer_interpolated"] == pytest.approx(
+                interpolated_eer(saved[f"{system}/{backend}"], saved["labels"]), abs=1e-9
+            )
             assert r["eer_shown"] == "roc"
         for r in (r for r in records if "eer_diff" in r and r["trials"] == trials):
             assert r["eer_diff_interpolated"] == pytest.approx(
                 rows[("enhanced", r["backend"])]["eer_interpolated"]
-                - rows[("original", r["backend"])]["eer_interpolated"])
+                - rows[("original", r["backend"])]["eer_interpolated"]
+            )
     assert next(r for r in records if r["trials"] is None)["model"]["seed"] == 10
+
 
 def test_saved_backend_scores_equal_a_direct_fit(data, checked):
     """The enhanced PLDA and AS-Norm scores are those of the back-ends fitted on the enhanced
@@ -117,9 +131,12 @@ def test_saved_backend_scores_equal_a_direct_fit(data, checked):
         expected = backend.score(trainer.enhance(trials.embeddings), trials.left, trials.right)
         np.testing.assert_allclose(saved[f"enhanced/{name}"], expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(saved["processed"], saved["enhanced/none"])
-    np.testing.assert_allclose(saved["original/none"],
-                               score_trials(trials.embeddings, trials.left, trials.right, cosine=True),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        saved["original/none"],
+        score_trials(trials.embeddings, trials.left, trials.right, cosine=True),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_thresholds_from_the_calibration_list_hold_on_it(data, checked):
@@ -127,8 +144,9 @@ def test_thresholds_from_the_calibration_list_hold_on_it(data, checked):
     records = json.loads((save / "result" / "check.json").read_text())
     calib = TrialSet(data / "lists" / "train_test_list.txt", data / "train", DIM)
     nontargets = int((calib.labels == 0).sum())
-    for record in (r for r in records if r["trials"] == "calib" and r["system"] == "original"
-                   and r["backend"] == "none"):
+    for record in (
+        r for r in records if r["trials"] == "calib" and r["system"] == "original" and r["backend"] == "none"
+    ):
         scores = -(1 - np.sum(l2(calib.embeddings[calib.left]) * l2(calib.embeddings[calib.right]), axis=1))
         accepted = scores >= record["thresholds"]["raw"]["far"] - 1e-6
         assert accepted[calib.labels == 0].sum() <= 0.01 * nontargets + 1
@@ -157,8 +175,9 @@ def test_eval_scores_every_backend(checked, capsys):
     assert re.search(r"\[test plda\] EER [\d.]+, minDCF\(0.05\) [\d.]+", out)
     lines = (save / "result" / "eval_scores_test_asnorm.txt").read_text().splitlines()
     saved = np.load(save / "result" / "trials_test.npz")
-    assert [float(line.split()[0]) for line in lines[:5]] == pytest.approx(saved["enhanced/asnorm"][:5],
-                                                                           abs=2e-6)
+    assert [float(line.split()[0]) for line in lines[:5]] == pytest.approx(
+        saved["enhanced/asnorm"][:5], abs=2e-6
+    )
     records = json.loads((save / "result" / "eval.json").read_text())
     assert {r["system"] for r in records if "eer" in r} == {"enhanced"}
 
@@ -187,27 +206,50 @@ def test_records_name_their_sources_and_an_assumed_model(data, checked, tmp_path
     records = json.loads((save / "result" / "check.json").read_text())
     sources = next(r for r in records if r["trials"] is None)
     lists = data / "lists"
-    assert sources["sources"]["test"] == {"path": str(lists / "test_test_list.txt"), "count": len(
-        TrialSet(lists / "test_test_list.txt", data / "test", DIM)), "embeddings": str(data / "test"),
-        "manifest": None}
+    assert sources["sources"]["test"] == {
+        "path": str(lists / "test_test_list.txt"),
+        "count": len(TrialSet(lists / "test_test_list.txt", data / "test", DIM)),
+        "embeddings": str(data / "test"),
+        "manifest": None,
+    }
     assert sources["sources"]["calib"]["path"] == str(lists / "train_test_list.txt")
-    assert sources["sources"]["train"]["count"] == len(EmbeddingData(
-        lists / "train_normal_list.txt", data / "train", "normal", "C", DIM))
+    assert sources["sources"]["train"]["count"] == len(
+        EmbeddingData(lists / "train_normal_list.txt", data / "train", "normal", "C", DIM)
+    )
     assert sources["model"]["format"] == "m_trainer" and sources["model"]["assumed"] is False
     # the trained weights in the original repository's format: __S__.l1 ... onto the linear layers
     network = torch.load(sorted((save / "model").glob("model*.model"))[-1], weights_only=True)["network"]
-    linear = [name for name, module in enhancer(save).net.model.named_modules()
-              if isinstance(module, torch.nn.Linear)]
-    original = {f"__S__.l{number}.{part}": network[f"model.{name}.{part}"]
-                for number, name in enumerate(linear, start=1) for part in ("weight", "bias")}
+    linear = [
+        name
+        for name, module in enhancer(save).net.model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    original = {
+        f"__S__.l{number}.{part}": network[f"model.{name}.{part}"]
+        for number, name in enumerate(linear, start=1)
+        for part in ("weight", "bias")
+    }
     torch.save(original, tmp_path / "model000000002.model")
-    m_trainer_output(["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check",
-                      "--initial_model", str(tmp_path / "model000000002.model"), "--backends", "none"])
+    m_trainer_output(
+        [
+            "--config",
+            str(cfg),
+            "--save_path",
+            str(tmp_path / "exp"),
+            "--check",
+            "--initial_model",
+            str(tmp_path / "model000000002.model"),
+            "--backends",
+            "none",
+        ]
+    )
     again = json.loads((tmp_path / "exp" / "result" / "check.json").read_text())
     model = next(r for r in again if r["trials"] is None)["model"]
     assert model["format"] == "original repository" and model["assumed"] is True
     assert (model["model"], model["trainfunc"], model["nOut"]) == ("MyLinearNetv2", "MSE_CS", DIM)
     eer = {(r["trials"], r["system"]): r["eer"] for r in again if r.get("backend") == "none" and "eer" in r}
-    assert eer[("test", "enhanced")] == next(r["eer"] for r in records if "eer" in r and r["trials"] == "test"
-                                            and r["system"] == "enhanced" and r["backend"] == "none")
-
+    assert eer[("test", "enhanced")] == next(
+        r["eer"]
+        for r in records
+        if "eer" in r and r["trials"] == "test" and r["system"] == "enhanced" and r["backend"] == "none"
+    )

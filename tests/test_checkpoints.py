@@ -28,13 +28,14 @@ DIM = 24
 WIDTHS = {"MyLinearNetv2": (2, 4, 4, 2, 1), "MyLinearNetv3": (2, 2, 1)}
 
 
-def original_checkpoint(path: Path, model: str = "MyLinearNetv2", dim: int = DIM, classes: int = 0,
-                        seed: int = 0) -> dict[str, torch.Tensor]:
+def original_checkpoint(
+    path: Path, model: str = "MyLinearNetv2", dim: int = DIM, classes: int = 0, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """A bare state dict with the original's names, as its trainer saved model/model%09d.model."""
     generator = torch.Generator().manual_seed(seed)
     state, size = {}, dim
     for number, width in enumerate(WIDTHS[model], start=1):
-        state[f"__S__.l{number}.weight"] = torch.randn(width * dim, size, generator=generator) / size ** 0.5
+        state[f"__S__.l{number}.weight"] = torch.randn(width * dim, size, generator=generator) / size**0.5
         state[f"__S__.l{number}.bias"] = torch.randn(width * dim, generator=generator) * 0.1
         size = width * dim
     if classes:
@@ -56,8 +57,12 @@ def direct_mlp(state: dict[str, torch.Tensor], x: np.ndarray) -> np.ndarray:
 
 
 def printed_eers(output: str) -> dict[str, tuple[float, float]]:
-    return {name: (float(original), float(processed)) for name, original, processed in re.findall(
-        r"\[(\w+) original EER\] ([\d.]+), \[\w+ processed EER\] ([\d.]+)", output)}
+    return {
+        name: (float(original), float(processed))
+        for name, original, processed in re.findall(
+            r"\[(\w+) original EER\] ([\d.]+), \[\w+ processed EER\] ([\d.]+)", output
+        )
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,8 +73,9 @@ def test_check_with_an_original_checkpoint_equals_the_direct_mlp(data, tmp_path,
     path = tmp_path / "model000000020.model"
     state = original_checkpoint(path)
     cfg = config(data, tmp_path, trainfunc="MSE", model="MyLinearNetv2")
-    m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check",
-                    "--initial_model", str(path)])
+    m_trainer.main(
+        ["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check", "--initial_model", str(path)]
+    )
     found = printed_eers(capsys.readouterr().out)
     for name, folder in (("testset", "test"), ("libriset", "libri")):
         trials = TrialSet(data / "lists" / f"{folder}_test_list.txt", data / folder, DIM)
@@ -86,11 +92,17 @@ def test_check_with_an_original_checkpoint_equals_the_direct_mlp(data, tmp_path,
 def test_generate_and_eval_with_an_original_checkpoint(data, tmp_path, capsys):
     path = tmp_path / "model000000005.model"
     state = original_checkpoint(path, seed=3)
-    cfg = config(data, tmp_path, trainfunc="MSE", gen_list=str(data / "lists" / "libri_normal_list.txt"),
-                 gen_path=str(data / "libri"))
+    cfg = config(
+        data,
+        tmp_path,
+        trainfunc="MSE",
+        gen_list=str(data / "lists" / "libri_normal_list.txt"),
+        gen_path=str(data / "libri"),
+    )
     save = tmp_path / "exp"
-    m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--generate",
-                    "--initial_model", str(path)])
+    m_trainer.main(
+        ["--config", str(cfg), "--save_path", str(save), "--generate", "--initial_model", str(path)]
+    )
     rel = (data / "lists" / "libri_normal_list.txt").read_text().split()[1]
     written = np.load((save / "enhanced" / rel).with_suffix(".npy"))
     trials = TrialSet(data / "lists" / "libri_test_list.txt", data / "libri", DIM)
@@ -123,18 +135,31 @@ def test_an_original_run_folder_resumes_after_its_last_checkpoint(data, tmp_path
     assert [parse_score_line(line)[1]["Epoch"] for line in lines] == [3, 3]
 
 
-@pytest.mark.parametrize("model, dim, message", [
-    ("MyLinearNetv2", 32, "'__S__.l1.weight' has shape (64, 32), MyLinearNetv2 (nOut 24) needs (48, 24)"),
-    ("MyLinearNetv3", DIM, "linear layers l1, l2, l3; MyLinearNetv2 has 5"),
-])
+@pytest.mark.parametrize(
+    "model, dim, message",
+    [
+        ("MyLinearNetv2", 32, "'__S__.l1.weight' has shape (64, 32), MyLinearNetv2 (nOut 24) needs (48, 24)"),
+        ("MyLinearNetv3", DIM, "linear layers l1, l2, l3; MyLinearNetv2 has 5"),
+    ],
+)
 def test_an_original_checkpoint_that_does_not_fit_names_key_shapes_and_model(
-        data, tmp_path, model, dim, message):
+    data, tmp_path, model, dim, message
+):
     path = tmp_path / "original.model"
     original_checkpoint(path, model=model, dim=dim)
     cfg = config(data, tmp_path, trainfunc="MSE", model="MyLinearNetv2")
     with pytest.raises(UserError) as error:
-        m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check",
-                        "--initial_model", str(path)])
+        m_trainer.main(
+            [
+                "--config",
+                str(cfg),
+                "--save_path",
+                str(tmp_path / "exp"),
+                "--check",
+                "--initial_model",
+                str(path),
+            ]
+        )
     assert "original.model" in str(error.value) and message in str(error.value)
 
 
@@ -147,8 +172,12 @@ def test_every_voxceleb_trainer_format_loads_the_same_weights(tmp_path, caplog, 
     bare = random_checkpoint(reference_keys())
     bare["__L__.softmax.fc.weight"] = torch.zeros(4, 512)
     if form == "model_state_dict":
-        stored = {"model_state_dict": bare, "optimizer_state_dict": {"state": {}},
-                  "scheduler_state_dict": {"last_epoch": 3}, "epoch": 3}
+        stored = {
+            "model_state_dict": bare,
+            "optimizer_state_dict": {"state": {}},
+            "scheduler_state_dict": {"last_epoch": 3},
+            "epoch": 3,
+        }
     elif form == "legacy":
         stored = {"model": {key.removeprefix("__S__."): value for key, value in bare.items()}}
     else:
@@ -159,8 +188,9 @@ def test_every_voxceleb_trainer_format_loads_the_same_weights(tmp_path, caplog, 
         model = load_extractor("ResNetSE34V2", path)
     for name, value in model.state_dict().items():
         assert torch.equal(value, bare["__S__." + name]), name
-    unused = ["__L__.*"] + (["epoch", "optimizer_state_dict", "scheduler_state_dict"]
-                            if form == "model_state_dict" else [])
+    unused = ["__L__.*"] + (
+        ["epoch", "optimizer_state_dict", "scheduler_state_dict"] if form == "model_state_dict" else []
+    )
     assert ResNetSE34V2.select_weights(torch.load(path, weights_only=True))[1] == unused
     said = [record.getMessage() for record in caplog.records if "not used" in record.getMessage()]
     assert said == [f"{path}: loading the ResNetSE34V2 weights; not used: {', '.join(unused)}"]
@@ -175,8 +205,10 @@ def test_check_before_training_prints_the_original_eer(data, tmp_path, capsys, c
     with caplog.at_level(logging.INFO):
         m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check"])
     out = capsys.readouterr().out
-    for label, folder, listed in (("testset", "test", "test_test_list.txt"),
-                                  ("libriset", "libri", "libri_test_list.txt")):
+    for label, folder, listed in (
+        ("testset", "test", "test_test_list.txt"),
+        ("libriset", "libri", "libri_test_list.txt"),
+    ):
         line = re.search(rf"\[{label} original EER\] ([\d.]+), \[{label} original minDCF\] ([\d.]+)", out)
         trials = TrialSet(data / "lists" / listed, data / folder, DIM)
         scores = -np.linalg.norm(trials.embeddings[trials.left] - trials.embeddings[trials.right], axis=1)
@@ -203,8 +235,9 @@ def test_validation_on_speakers_without_a_class_is_not_made_up(data, tmp_path):
     lists = data / "lists"
     root = unseen_speakers(tmp_path)
     train_data = EmbeddingData(lists / "train_normal_list.txt", data / "train", "normal", "B", DIM)
-    unseen = EmbeddingData(tmp_path / "lists" / "unseen_normal_list.txt", root, "normal", "B", DIM,
-                           speakers=train_data.speakers)
+    unseen = EmbeddingData(
+        tmp_path / "lists" / "unseen_normal_list.txt", root, "normal", "B", DIM, speakers=train_data.speakers
+    )
     assert (unseen.records.labels == -1).all()
     trainer = mse_softmax_trainer()
     result = trainer.validate(unseen, Sampling(batch_size=32, seed=1))
@@ -226,8 +259,14 @@ def test_validation_classifier_term_counts_only_speakers_with_a_class(data, tmp_
     for item in (speaker, f"{speaker}.npy", f"{speaker}_type2.npy"):
         (root / item).symlink_to(data / "train" / item)
     mixed = tmp_path / "mixed.txt"
-    mixed.write_text(known + "\n" + "".join(
-        line + "\n" for line in (tmp_path / "lists" / "unseen_normal_list.txt").read_text().splitlines()[:5]))
+    mixed.write_text(
+        known
+        + "\n"
+        + "".join(
+            line + "\n"
+            for line in (tmp_path / "lists" / "unseen_normal_list.txt").read_text().splitlines()[:5]
+        )
+    )
     train_data = EmbeddingData(lists / "train_normal_list.txt", data / "train", "normal", "B", DIM)
     valid = EmbeddingData(mixed, root, "normal", "B", DIM, speakers=train_data.speakers)
     trainer = mse_softmax_trainer()
@@ -246,8 +285,14 @@ def test_validation_classifier_term_counts_only_speakers_with_a_class(data, tmp_
 
 def test_training_log_says_once_what_validation_left_out(data, tmp_path, caplog):
     root = unseen_speakers(tmp_path)
-    cfg = config(data, tmp_path, trainfunc="MSE_Softmax", max_epoch=2,
-                 valid_list=str(tmp_path / "lists" / "unseen_normal_list.txt"), valid_path=str(root))
+    cfg = config(
+        data,
+        tmp_path,
+        trainfunc="MSE_Softmax",
+        max_epoch=2,
+        valid_list=str(tmp_path / "lists" / "unseen_normal_list.txt"),
+        valid_path=str(root),
+    )
     with caplog.at_level(logging.INFO):
         lines = train(cfg, tmp_path / "exp")
     said = [r.getMessage() for r in caplog.records if "left out of VLoss" in r.getMessage()]

@@ -58,8 +58,10 @@ def test_script_packs_the_tree_and_replaces_only_its_own_store(tmp_path):
     assert sorted(store.keys) == [store_key(rel) for rel in files]
     assert store.speakers == ["id10000", "id10001", "id10002"]
     for kind, pattern in (("B", "{}.npy"), ("C", "{}_type2.npy")):
-        np.testing.assert_array_equal(store.speaker_embeddings(store.speakers, kind),
-                                      np.stack([np.load(root / pattern.format(s)) for s in store.speakers]))
+        np.testing.assert_array_equal(
+            store.speaker_embeddings(store.speakers, kind),
+            np.stack([np.load(root / pattern.format(s)) for s in store.speakers]),
+        )
     assert combine(root) == 3  # the store inside the tree is not a speaker folder
     run_script("m_comb_embs.py", "--embed_dir", str(root), "--store_dtype", "float16")
     assert open_store(root / "embeddings.store").matrix.dtype == np.float16

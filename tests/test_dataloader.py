@@ -35,6 +35,7 @@ def test_each_file_read_once_per_run(tree, monkeypatch):
         def load(path, *args, **kwargs):
             calls[str(path)] += 1
             return real(path, *args, **kwargs)
+
         return load
 
     monkeypatch.setattr(np, "load", counting(np.load))
@@ -83,10 +84,16 @@ def test_epochs_reshuffle_reproducibly(tree):
     assert sum(in_order, []) == list(range(len(train)))
 
 
-@pytest.mark.parametrize(("kind", "sampling"), [
-    ("normal", {}), ("triplet", {}), ("normal", {"n_per_speaker": 2}),
-    ("distribution", {"speakers_per_step": 1}), ("distribution", {"speakers_per_step": 2}),
-])
+@pytest.mark.parametrize(
+    ("kind", "sampling"),
+    [
+        ("normal", {}),
+        ("triplet", {}),
+        ("normal", {"n_per_speaker": 2}),
+        ("distribution", {"speakers_per_step": 1}),
+        ("distribution", {"speakers_per_step": 2}),
+    ],
+)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_split_each_global_batch(tree, kind, sampling, world_size):
     """The processes' batches of a step, put together, are the batch one process draws with the
@@ -95,13 +102,22 @@ def test_ranks_split_each_global_batch(tree, kind, sampling, world_size):
     would get nothing of is left out by all."""
     train = data(tree, kind)
     size = sampling.get("speakers_per_step", 5)
-    ranks = [list(train.batches(2, Sampling(batch_size=5, seed=3, **sampling),
-                                DistContext(rank=r, world_size=world_size)))
-             for r in range(world_size)]
+    ranks = [
+        list(
+            train.batches(
+                2, Sampling(batch_size=5, seed=3, **sampling), DistContext(rank=r, world_size=world_size)
+            )
+        )
+        for r in range(world_size)
+    ]
     bigger = {"speakers_per_step": size * world_size} if kind == "distribution" else {}
     single = list(train.batches(2, Sampling(batch_size=5 * world_size, seed=3, **{**sampling, **bigger})))
-    kept = [whole for whole in single if whole.size >= world_size * (2 if kind == "distribution" else 1)
-            and (kind != "distribution" or len(torch.unique(whole.pair_speaker)) >= world_size)]
+    kept = [
+        whole
+        for whole in single
+        if whole.size >= world_size * (2 if kind == "distribution" else 1)
+        and (kind != "distribution" or len(torch.unique(whole.pair_speaker)) >= world_size)
+    ]
     assert all(len(batches) == len(kept) for batches in ranks) and kept
     for step, whole in enumerate(kept):
         parts = [ranks[r][step] for r in range(world_size)]
@@ -118,29 +134,34 @@ def test_ranks_split_each_global_batch(tree, kind, sampling, world_size):
 def test_a_global_batch_too_small_to_split_is_left_out_and_the_rest_split_as_before(tree):
     train = data(tree)  # 90 records: global batches of 44, 44 and 2
     single = list(train.batches(1, Sampling(batch_size=44, seed=1)))
-    ranks = [list(train.batches(1, Sampling(batch_size=11, seed=1), DistContext(rank=r, world_size=4)))
-             for r in range(4)]
+    ranks = [
+        list(train.batches(1, Sampling(batch_size=11, seed=1), DistContext(rank=r, world_size=4)))
+        for r in range(4)
+    ]
     assert [batch.size for batch in single] == [44, 44, 2]
     assert [[batch.size for batch in batches] for batches in ranks] == [[11, 11]] * 4
     # a global batch that does not split evenly: the first processes take one more (numpy's
     # array_split, as before: DDP runs keep their exact weights)
-    ranks = [list(train.batches(1, Sampling(batch_size=10, seed=1), DistContext(rank=r, world_size=4)))
-             for r in range(4)]
+    ranks = [
+        list(train.batches(1, Sampling(batch_size=10, seed=1), DistContext(rank=r, world_size=4)))
+        for r in range(4)
+    ]
     assert [[batch.size for batch in batches] for batches in ranks] == [[10, 10, 3]] * 2 + [[10, 10, 2]] * 2
 
 
 def test_n_per_speaker_sampler():
     rng = np.random.default_rng(0)
     speaker = np.repeat(np.arange(10), [3, 5, 8, 2, 9, 4, 6, 7, 1, 12])
-    batches = speaker_grouped_batches(speaker, groups_per_batch=4, n_per_speaker=2,
-                                      max_seg_per_spk=6, rng=rng)
+    batches = speaker_grouped_batches(
+        speaker, groups_per_batch=4, n_per_speaker=2, max_seg_per_spk=6, rng=rng
+    )
     used = np.concatenate(batches)
     assert len(set(used.tolist())) == len(used)
     per_speaker = Counter(speaker[used].tolist())
     assert max(per_speaker.values()) <= 6 and 8 not in per_speaker  # one utterance: no pair
     for batch in batches:
         groups = speaker[batch].reshape(-1, 2)
-        assert (groups[:, 0] == groups[:, 1]).all()          # a group is one speaker
+        assert (groups[:, 0] == groups[:, 1]).all()  # a group is one speaker
         assert len(set(groups[:, 0].tolist())) == len(groups)  # no speaker twice in a batch
         assert len(groups) <= 4
     again = speaker_grouped_batches(speaker, 4, 2, 6, np.random.default_rng(0))
@@ -152,8 +173,7 @@ def test_n_per_speaker_labels_every_item(tree):
     for batch in train.batches(1, Sampling(batch_size=3, seed=1, n_per_speaker=2, max_seg_per_spk=10)):
         labels = batch.labels.view(-1, 2)
         assert (labels[:, 0] == labels[:, 1]).all() and len(set(labels[:, 0].tolist())) == len(labels)
-        np.testing.assert_allclose(batch.targets.numpy(),
-                                   train.speaker_embeddings[batch.labels].numpy())
+        np.testing.assert_allclose(batch.targets.numpy(), train.speaker_embeddings[batch.labels].numpy())
 
 
 def test_distribution_batches_are_whole_speakers_same_pairs_first(tree):
@@ -179,8 +199,14 @@ def test_distribution_batches_are_whole_speakers_same_pairs_first(tree):
             assert batch.inputs.shape[0] == 2 * len(speakers)
             torch.testing.assert_close(batch.targets, train.speaker_embeddings[batch.labels])
             for p, spk in enumerate(speakers):
-                found[key(train.speakers[spk], batch.inputs[2 * p].numpy(), batch.inputs[2 * p + 1].numpy(),
-                          bool(batch.pair_same[p]))] += 1
+                found[
+                    key(
+                        train.speakers[spk],
+                        batch.inputs[2 * p].numpy(),
+                        batch.inputs[2 * p + 1].numpy(),
+                        bool(batch.pair_same[p]),
+                    )
+                ] += 1
         assert found == listed
 
 
@@ -190,9 +216,13 @@ def test_read_npy_equals_np_load_and_survives_many_threads(tmp_path):
     from stores.arrays import read_npy
 
     rng = np.random.default_rng(0)
-    arrays = [rng.normal(size=(3, 8)).astype(np.float32), rng.normal(size=7),
-              np.asfortranarray(rng.normal(size=(4, 5)).astype(np.float32)), np.zeros((0, 4), np.float32),
-              np.arange(6, dtype=np.int16).reshape(2, 3)]
+    arrays = [
+        rng.normal(size=(3, 8)).astype(np.float32),
+        rng.normal(size=7),
+        np.asfortranarray(rng.normal(size=(4, 5)).astype(np.float32)),
+        np.zeros((0, 4), np.float32),
+        np.arange(6, dtype=np.int16).reshape(2, 3),
+    ]
     for k, array in enumerate(arrays):
         np.save(tmp_path / f"{k}.npy", array)
         loaded = read_npy(tmp_path / f"{k}.npy")
@@ -219,8 +249,9 @@ def test_trial_set_rows_name_the_listed_files_and_take_supplied_embeddings(tree,
     audio suffixes as in any list); a supplied loader gives the same TrialSet as the files."""
     lines = (tree / "lists" / "t_test_list.txt").read_text().splitlines()
     listed = tmp_path / "trials.txt"
-    listed.write_text("# a comment\n\n" + "\n".join(lines[:30]).replace(".npy", ".wav") + "\n"
-                      + "\n".join(lines[:5]) + "\n")
+    listed.write_text(
+        "# a comment\n\n" + "\n".join(lines[:30]).replace(".npy", ".wav") + "\n" + "\n".join(lines[:5]) + "\n"
+    )
     records = [line.split() for line in listed.read_text().splitlines()[2:]]
     from_files = m_DataLoader.TrialSet(listed, tree / "emb", 8)
     assert from_files.files == sorted({rel for r in records for rel in r[1:]})

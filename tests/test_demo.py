@@ -8,17 +8,40 @@ from pathlib import Path
 
 from conftest import ROOT
 
-TINY_CORPUS = ("--train_speakers 5 --test_speakers 3 --libri_speakers 3 --sessions 2 "
-               "--test_sessions 2 --utterances 2 --min_seconds 1.5 --max_seconds 2 --calib_speakers 2")
-IGNORED = shutil.ignore_patterns(".git", ".venv*", "demo_out", "bench_out", "exp_emb", "__pycache__",
-                                 ".pytest_cache", ".ruff_cache", ".mypy_cache", "gpu_check_out")
+TINY_CORPUS = (
+    "--train_speakers 5 --test_speakers 3 --libri_speakers 3 --sessions 2 "
+    "--test_sessions 2 --utterances 2 --min_seconds 1.5 --max_seconds 2 --calib_speakers 2"
+)
+IGNORED = shutil.ignore_patterns(
+    ".git",
+    ".venv*",
+    "demo_out",
+    "bench_out",
+    "exp_emb",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "gpu_check_out",
+)
 
 
 def make_demo(repo: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "demo", "INSTALL=", f"PY={sys.executable}",
-                           f"CORPUS_FLAGS={TINY_CORPUS}", "TRAIN_FLAGS=--max_epoch 1",
-                           "DEMO_RUNS=demo_MyResidualNet"],
-                          cwd=repo, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            "make",
+            "demo",
+            "INSTALL=",
+            f"PY={sys.executable}",
+            f"CORPUS_FLAGS={TINY_CORPUS}",
+            "TRAIN_FLAGS=--max_epoch 1",
+            "DEMO_RUNS=demo_MyResidualNet",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_tiny_demo_runs_end_to_end(tmp_path):
@@ -29,8 +52,11 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
     demo = repo / "demo_out"
     assert len(list((demo / "audio" / "vox_train").rglob("*.wav"))) == 5 * 2 * 2
     assert len(list((demo / "audio" / "libri").rglob("*.flac"))) == 3 * 2 * 2
-    embeddings = sorted(p for p in (demo / "embeddings").rglob("*.npy")
-                        if not any(part.endswith(".store") for part in p.parts))  # packed stores aside
+    embeddings = sorted(
+        p
+        for p in (demo / "embeddings").rglob("*.npy")
+        if not any(part.endswith(".store") for part in p.parts)
+    )  # packed stores aside
     assert len(list((demo / "audio" / "vox_calib").rglob("*.wav"))) == 2 * 2 * 2
     # utterances (vox_train, vox_test, libri, vox_calib, vox_test at 1 and 2 s) + B and C files
     assert len(embeddings) == (20 + 12 + 12 + 8 + 2 * 12) + 2 * (5 + 3 + 3 + 2 + 2 * 3)
@@ -43,8 +69,13 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
         assert (result / "scores.txt").read_text().startswith("Epoch 1, TLOSS")
         for png in ("fig.png", "fig2.png", "det.png", "dist_hist.png", "eer_duration.png"):
             assert (result / png).stat().st_size > 10_000
-        for name in ("check.json", "check_1s.json", "check_2s.json", "trials_test_1s.npz",
-                     "trials_test_2s.npz"):
+        for name in (
+            "check.json",
+            "check_1s.json",
+            "check_2s.json",
+            "trials_test_1s.npz",
+            "trials_test_2s.npz",
+        ):
             assert (result / name).is_file(), name
         duration_table = (result / "eer_duration.txt").read_text().split("\n\n", 1)[1]
         assert duration_table in first.stdout

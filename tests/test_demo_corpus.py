@@ -21,8 +21,17 @@ from tests.demo_corpus import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = CorpusSizes(train_speakers=2, train_sessions=2, test_speakers=2, test_sessions=2,
-                    libri_speakers=2, libri_sessions=2, utterances=2, calib_speakers=2, calib_sessions=2)
+SIZES = CorpusSizes(
+    train_speakers=2,
+    train_sessions=2,
+    test_speakers=2,
+    test_sessions=2,
+    libri_speakers=2,
+    libri_sessions=2,
+    utterances=2,
+    calib_speakers=2,
+    calib_sessions=2,
+)
 PARAMS = SynthParams(utt_seconds=(0.5, 0.8), calib_seconds=(0.3, 1.2))
 N_FILES = 4 * 2 * 2 * 2
 
@@ -128,11 +137,34 @@ def test_out_of_domain_channels_are_other_types() -> None:
 
 def test_command_line(tmp_path: Path) -> None:
     out = tmp_path / "audio"
-    cmd = [sys.executable, str(ROOT / "tests" / "demo_corpus.py"), "--out", str(out), "--seed", "3",
-           "--train_speakers", "1", "--test_speakers", "1", "--libri_speakers", "1", "--calib_speakers", "1",
-           "--sessions", "1",
-           "--test_sessions", "1", "--utterances", "1", "--workers", "1",
-           "--min_seconds", "0.4", "--max_seconds", "0.5"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "demo_corpus.py"),
+        "--out",
+        str(out),
+        "--seed",
+        "3",
+        "--train_speakers",
+        "1",
+        "--test_speakers",
+        "1",
+        "--libri_speakers",
+        "1",
+        "--calib_speakers",
+        "1",
+        "--sessions",
+        "1",
+        "--test_sessions",
+        "1",
+        "--utterances",
+        "1",
+        "--workers",
+        "1",
+        "--min_seconds",
+        "0.4",
+        "--max_seconds",
+        "0.5",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
     assert len(list(out.rglob("*.wav"))) == 3 and len(list(out.rglob("*.flac"))) == 1

@@ -39,21 +39,45 @@ def checked(data, tmp_path_factory):
     (short / "manifest.json").write_text(json.dumps({"extractor": "test", "max_seconds": 1.0}))
     combine(short)
     lists = data / "lists"
-    cfg = config(data, tmp, trainfunc="MSE_CS", multiple_embedding_flag="C", max_epoch=1, backends=BACKENDS,
-                 bootstrap=50, asnorm_topk=10, calib_list=str(lists / "train_test_list.txt"),
-                 calib_path=str(data / "train"))
+    cfg = config(
+        data,
+        tmp,
+        trainfunc="MSE_CS",
+        multiple_embedding_flag="C",
+        max_epoch=1,
+        backends=BACKENDS,
+        bootstrap=50,
+        asnorm_topk=10,
+        calib_list=str(lists / "train_test_list.txt"),
+        calib_path=str(data / "train"),
+    )
     save = tmp / "exp"
     train(cfg, save)
     run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--check")
-    out = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--check",
-                     "--test_path", str(short), "--result_tag", "1s", "--test_list_libri", "").stdout
+    out = run_script(
+        "m_trainer.py",
+        "--config",
+        str(cfg),
+        "--save_path",
+        str(save),
+        "--check",
+        "--test_path",
+        str(short),
+        "--result_tag",
+        "1s",
+        "--test_list_libri",
+        "",
+    ).stdout
     return save, out, cfg
 
 
 def records(path: Path) -> dict[tuple[str, str], list[float]]:
     """(system, back-end) -> [eer, low, high] of the test list's records of a check*.json."""
-    return {(r["system"], r["backend"]): [r["eer"], *r["eer_ci95"]]
-            for r in json.loads(path.read_text()) if r.get("trials") == "test" and "eer" in r}
+    return {
+        (r["system"], r["backend"]): [r["eer"], *r["eer_ci95"]]
+        for r in json.loads(path.read_text())
+        if r.get("trials") == "test" and "eer" in r
+    }
 
 
 def test_result_tag_keeps_both_results(checked):
@@ -74,8 +98,11 @@ def test_duration_rows_equal_the_check_results(checked, capsys):
     written = m_viewer.make_figures(["--save_path", str(save)])
     result = save / "result"
     assert result / "eer_duration.png" in written and (result / "eer_duration.png").stat().st_size > 10_000
-    points = [p for name in ("check.json", "check_1s.json")
-              for p in m_viewer.read_duration_points(result / name, "exp")]
+    points = [
+        p
+        for name in ("check.json", "check_1s.json")
+        for p in m_viewer.read_duration_points(result / name, "exp")
+    ]
     series = m_viewer.duration_series(points)
     assert list(series) == [("exp", "test")]  # libri was checked at one duration only
     short, full = series[("exp", "test")]
@@ -106,19 +133,37 @@ def test_full_duration_is_the_mean_of_the_list_durations(checked, data):
 def test_duration_results_option_and_errors(checked, tmp_path, capsys):
     save, *_ = checked
     result = save / "result"
-    written = m_viewer.make_figures(["--duration_results", str(result / "check_1s.json"),
-                                     str(result / "check.json"), "--out_dir", str(tmp_path)])
+    written = m_viewer.make_figures(
+        [
+            "--duration_results",
+            str(result / "check_1s.json"),
+            str(result / "check.json"),
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
     assert written == [tmp_path / "eer_duration.png", tmp_path / "eer_duration.txt"]
-    assert (tmp_path / "eer_duration.txt").read_text().split("\n\n", 1)[1] == \
-        (result / "eer_duration.txt").read_text().split("\n\n", 1)[1]
+    assert (tmp_path / "eer_duration.txt").read_text().split("\n\n", 1)[1] == (
+        result / "eer_duration.txt"
+    ).read_text().split("\n\n", 1)[1]
     with pytest.raises(UserError, match="no trial list of one run at two test durations"):  # one file twice
-        m_viewer.make_figures(["--duration_results", str(result / "check_1s.json"),
-                               str(result / "check_1s.json"), "--out_dir", str(tmp_path)])
+        m_viewer.make_figures(
+            [
+                "--duration_results",
+                str(result / "check_1s.json"),
+                str(result / "check_1s.json"),
+                "--out_dir",
+                str(tmp_path),
+            ]
+        )
     with pytest.raises(UserError, match="no trial list of one run at two test durations"):
         m_viewer.make_figures(["--duration_results", str(result / "check.json"), "--out_dir", str(tmp_path)])
     old = tmp_path / "old.json"
-    old.write_text(json.dumps([r for r in json.loads((result / "check.json").read_text())
-                               if r.get("trials") is not None]))
+    old.write_text(
+        json.dumps(
+            [r for r in json.loads((result / "check.json").read_text()) if r.get("trials") is not None]
+        )
+    )
     with pytest.raises(UserError, match="old.json: no sources record"):
         m_viewer.read_duration_points(old, "exp")
     run = tmp_path / "run"
@@ -133,12 +178,25 @@ def test_eval_with_a_result_tag_keeps_the_untagged_files(checked, tmp_path):
     save, _, cfg = checked
     result = save / "result"
     before = {path.name: path.stat().st_mtime_ns for path in result.iterdir()}
-    run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--eval", "--backends", "none",
-               "--result_tag", "v2", "--test_list_libri", "")
+    run_script(
+        "m_trainer.py",
+        "--config",
+        str(cfg),
+        "--save_path",
+        str(save),
+        "--eval",
+        "--backends",
+        "none",
+        "--result_tag",
+        "v2",
+        "--test_list_libri",
+        "",
+    )
     new = sorted(path.name for path in result.iterdir() if path.name not in before)
     assert new == ["eval_scores_test_v2.txt", "eval_v2.json", "trials_test_v2.npz"]
-    assert all(path.stat().st_mtime_ns == before[path.name]
-               for path in result.iterdir() if path.name in before)
+    assert all(
+        path.stat().st_mtime_ns == before[path.name] for path in result.iterdir() if path.name in before
+    )
 
 
 def test_result_names():
@@ -153,18 +211,31 @@ def test_result_names():
 def test_result_tag_must_fit_a_file_name(data, tmp_path):
     cfg = config(data, tmp_path)
     with pytest.raises(UserError, match="result_tag"):
-        m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check",
-                        "--result_tag", "../x"])
+        m_trainer.main(
+            ["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check", "--result_tag", "../x"]
+        )
 
 
 def test_points_are_ordered_by_duration_with_full_length_last(tmp_path):
     def point(seconds: float | None, cropped: bool) -> m_viewer.DurationPoint:
-        return m_viewer.DurationPoint(tmp_path / f"{seconds}.json", "exp", "test", seconds, cropped,
-                                      {("original", "none"): (10.0, 8.0, 12.0)}, {})
+        return m_viewer.DurationPoint(
+            tmp_path / f"{seconds}.json",
+            "exp",
+            "test",
+            seconds,
+            cropped,
+            {("original", "none"): (10.0, 8.0, 12.0)},
+            {},
+        )
 
     points = [point(None, False), point(2.0, True), point(3.5, False), point(1.0, True)]
     assert m_viewer.duration_series(points + [point(None, False)]) == m_viewer.duration_series(points)
     found = m_viewer.duration_series(points)[("exp", "test")]
     assert [p.label for p in found] == ["1 s", "2 s", "full (3.5 s mean)", "full"]
-    assert m_viewer.duration_rows({("exp", "test"): found})[1] == ["exp", "test", "original", "none",
-                                                                   *["10.00 [8.00, 12.00]"] * 4]
+    assert m_viewer.duration_rows({("exp", "test"): found})[1] == [
+        "exp",
+        "test",
+        "original",
+        "none",
+        *["10.00 [8.00, 12.00]"] * 4,
+    ]

@@ -24,14 +24,20 @@ from stores.keys import key_category
 
 DIM = 8
 # Models of 1 to 3 utterances; trials name each model on their left side.
-SPK2UTT = {"a": ["id10000/sess0000000/00001.npy", "id10000/sess0000000/00002.npy",
-                 "id10000/sess0000001/00001.npy"],
-           "b": ["id10001/sess0000000/00001.npy"],
-           "c": ["id10002/sess0000001/00002.npy", "id10002/sess0000001/00003.npy"]}
-TRIALS = [(1, "a", "id10000/sess0000002/00001.npy"), (0, "a", "id10001/sess0000002/00003.npy"),
-          (1, "b", "id10001/sess0000002/00002.npy"), (0, "b", "id10002/sess0000002/00001.npy"),
-          (1, "c", "id10002/sess0000000/00004.npy"), (0, "c", "id10000/sess0000002/00001.npy"),
-          (0, "a", "id10002/sess0000002/00001.npy")]
+SPK2UTT = {
+    "a": ["id10000/sess0000000/00001.npy", "id10000/sess0000000/00002.npy", "id10000/sess0000001/00001.npy"],
+    "b": ["id10001/sess0000000/00001.npy"],
+    "c": ["id10002/sess0000001/00002.npy", "id10002/sess0000001/00003.npy"],
+}
+TRIALS = [
+    (1, "a", "id10000/sess0000002/00001.npy"),
+    (0, "a", "id10001/sess0000002/00003.npy"),
+    (1, "b", "id10001/sess0000002/00002.npy"),
+    (0, "b", "id10002/sess0000002/00001.npy"),
+    (1, "c", "id10002/sess0000000/00004.npy"),
+    (0, "c", "id10000/sess0000002/00001.npy"),
+    (0, "a", "id10002/sess0000002/00001.npy"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +49,12 @@ def write_lists(folder: Path, kaldi: bool = False) -> tuple[Path, Path]:
     spk2utt = folder / "models.spk2utt"
     spk2utt.write_text("".join(f"{model} {' '.join(utts)}\n" for model, utts in SPK2UTT.items()))
     trials = folder / ("trials.kaldi" if kaldi else "trials.txt")
-    trials.write_text("".join(f"{m} {t} {'target' if label else 'nontarget'}\n" if kaldi
-                              else f"{label} {m} {t}\n" for label, m, t in TRIALS))
+    trials.write_text(
+        "".join(
+            f"{m} {t} {'target' if label else 'nontarget'}\n" if kaldi else f"{label} {m} {t}\n"
+            for label, m, t in TRIALS
+        )
+    )
     return spk2utt, trials
 
 
@@ -73,8 +83,17 @@ def direct_scores(tree: Path, embedding_type: str, system=lambda x: x) -> np.nda
 def trial_list(tree: Path, folder: Path, embedding_type: str, kaldi: bool = False) -> TrialList:
     spk2utt, trials = write_lists(folder, kaldi)
     read = ModelTrials(trials, tree, spk2utt, tree, embedding_type, DIM, threads=0)
-    return TrialList("test", str(trials), read.labels, read.left, read.right, read.files, read.embeddings,
-                     read.speaker_of_trials(), models=read.models)
+    return TrialList(
+        "test",
+        str(trials),
+        read.labels,
+        read.left,
+        read.right,
+        read.files,
+        read.embeddings,
+        read.speaker_of_trials(),
+        models=read.models,
+    )
 
 
 @pytest.mark.parametrize("embedding_type", ["B", "C"])
@@ -84,13 +103,18 @@ def test_model_scores_equal_a_direct_computation(tree, tmp_path, embedding_type,
     assert trials.labels.tolist() == [label for label, *_ in TRIALS]
     # the enhanced system: a fixed nonlinear map, applied to the utterances before the model is pooled
     weights = np.random.default_rng(1).standard_normal((DIM, DIM)).astype(np.float32)
-    systems = {"original": lambda table: table,
-               "enhanced": lambda table: np.tanh(np.asarray(table) @ weights)}
+    systems = {
+        "original": lambda table: table,
+        "enhanced": lambda table: np.tanh(np.asarray(table) @ weights),
+    }
     results = evaluate([trials], systems, Settings(["none"], cosine=embedding_type == "C", resamples=10))
     scores = results.lists["test"].scores
     np.testing.assert_allclose(scores[("original", "none")], direct_scores(tree, embedding_type), atol=1e-5)
-    np.testing.assert_allclose(scores[("enhanced", "none")],
-                               direct_scores(tree, embedding_type, lambda x: np.tanh(x @ weights)), atol=1e-4)
+    np.testing.assert_allclose(
+        scores[("enhanced", "none")],
+        direct_scores(tree, embedding_type, lambda x: np.tanh(x @ weights)),
+        atol=1e-4,
+    )
     # the bootstrap's speaker of each trial is its model's speaker
     speakers = [SPK2UTT[model][0].split("/")[0] for _, model, _ in TRIALS]
     assert trials.speakers.tolist() == np.unique(speakers, return_inverse=True)[1].tolist()
@@ -102,8 +126,10 @@ def test_asnorm_scores_models_as_rows_of_their_embeddings(tree, tmp_path):
     trials = trial_list(tree, tmp_path, "C")
     cohort = make_embedding_tree(tmp_path / "cohort", speakers=6, dim=DIM, seed=5)
     files = sorted(cohort.glob("*/*/*.npy"))
-    train = TrainingSet(np.stack([single(cohort, f.relative_to(cohort)) for f in files]).astype(np.float32),
-                        np.array([f.relative_to(cohort).parts[0] for f in files]))
+    train = TrainingSet(
+        np.stack([single(cohort, f.relative_to(cohort)) for f in files]).astype(np.float32),
+        np.array([f.relative_to(cohort).parts[0] for f in files]),
+    )
     settings = Settings(["asnorm"], {"asnorm_topk": 5}, cosine=True, resamples=10)
     got = evaluate([trials], {"original": lambda table: table}, settings, train).lists["test"].scores
     # by hand: the models' embeddings as rows of one table, scored by the same back-end
@@ -155,8 +181,11 @@ def test_enrolment_lists(tmp_path):
                 np.save(path, np.full((2, 4), s + 1.0, np.float32))
     written = make_lists(root, "vox", tmp_path / "lists", seed=4, kinds=("enroll",), enroll_utts=(2, 7))
     assert sorted(p.name for p in written.values()) == [
-        "vox_enroll2.spk2utt", "vox_enroll2_test_list.txt",
-        "vox_enroll7.spk2utt", "vox_enroll7_test_list.txt"]
+        "vox_enroll2.spk2utt",
+        "vox_enroll2_test_list.txt",
+        "vox_enroll7.spk2utt",
+        "vox_enroll7_test_list.txt",
+    ]
     every = sorted(str(p.relative_to(root)) for p in root.glob("*/*/*.npy"))
     tests_of = {}
     for k in (2, 7):
@@ -177,8 +206,9 @@ def test_enrolment_lists(tmp_path):
         tests_of[k] = [(label, model.split("-")[0], test) for label, model, test in trials]
     assert tests_of[2] == tests_of[7]  # the same test utterances and trials for every K
     # no target test utterance from a category that any K's model of its speaker draws from
-    pools = {m.split("-")[0]: {key_category(u) for u in us}
-             for m, us in read_spk2utt(written["enroll7"]).items()}
+    pools = {
+        m.split("-")[0]: {key_category(u) for u in us} for m, us in read_spk2utt(written["enroll7"]).items()
+    }
     assert all(key_category(test) not in pools[spk] for label, spk, test in tests_of[7] if label == "1")
     again = make_lists(root, "vox", tmp_path / "again", seed=4, kinds=("enroll",), enroll_utts=(2, 7))
     assert all(again[k].read_bytes() == written[k].read_bytes() for k in written)
@@ -191,9 +221,19 @@ def test_check_over_enrolment_models(tmp_path, one_thread):
         combine(tree)
         make_lists(tree, name, data / "lists", seed=10)
     written = make_lists(data / "test", "test", data / "lists", seed=10, kinds=("enroll",), enroll_utts=(3,))
-    cfg = config(data, tmp_path, test_list=str(written["enroll3_test"]), enroll_list=str(written["enroll3"]),
-                 nClasses=12, max_epoch=1, backends=["none", "asnorm"], asnorm_topk=5, bootstrap=20,
-                 multiple_embedding_flag="C", trainfunc="MSE_CS")
+    cfg = config(
+        data,
+        tmp_path,
+        test_list=str(written["enroll3_test"]),
+        enroll_list=str(written["enroll3"]),
+        nClasses=12,
+        max_epoch=1,
+        backends=["none", "asnorm"],
+        asnorm_topk=5,
+        bootstrap=20,
+        multiple_embedding_flag="C",
+        trainfunc="MSE_CS",
+    )
     save = tmp_path / "exp"
     validations = [values for is_val, values in map(parse_score_line, train(cfg, save)) if is_val]
     assert len(validations) == 1 and 0 <= validations[0]["VEER"] <= 100  # scored over the models
@@ -219,9 +259,13 @@ def test_model_quality_sums_durations_and_averages_norms(tmp_path):
     (tree / "utt2dur").write_text("".join(f"{rel} {s}\n" for rel, s in seconds.items()))
     spk2utt, trials = write_lists(tmp_path)
     read = ModelTrials(trials, tree, spk2utt, tree, "C", DIM, threads=0)
-    tests = read.files[:len(read.embeddings)]
+    tests = read.files[: len(read.embeddings)]
     assert read.durations.tolist() == [seconds[t] for t in tests] + [
-        sum(seconds[u] for u in SPK2UTT[m]) for m in ("a", "b", "c")]
+        sum(seconds[u] for u in SPK2UTT[m]) for m in ("a", "b", "c")
+    ]
     norm = {rel: np.linalg.norm(np.load(tree / rel).astype(np.float64).mean(axis=0)) for rel in files}
-    np.testing.assert_allclose(read.norms, [norm[t] for t in tests] + [
-        np.mean([norm[u] for u in SPK2UTT[m]]) for m in ("a", "b", "c")], rtol=1e-5)
+    np.testing.assert_allclose(
+        read.norms,
+        [norm[t] for t in tests] + [np.mean([norm[u] for u in SPK2UTT[m]]) for m in ("a", "b", "c")],
+        rtol=1e-5,
+    )

@@ -18,11 +18,13 @@ from models.m_Extractors import EXTRACTORS, load_extractor
 from models.m_Features import LogMelInstanceNorm, mel_filterbank
 from models.ResNetSE34V2 import ResNetSE34V2
 
-needs_resemblyzer = pytest.mark.skipif(importlib.util.find_spec("resemblyzer") is None,
-                                       reason="resemblyzer wheel not installed")
+needs_resemblyzer = pytest.mark.skipif(
+    importlib.util.find_spec("resemblyzer") is None, reason="resemblyzer wheel not installed"
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def ge2e() -> GE2E:
@@ -66,10 +68,11 @@ def test_resnet_front_end_matches_numpy_recipe():
     padded = np.pad(emphasised, 256, mode="reflect")
     window = np.zeros(512)
     window[56:456] = 0.54 - 0.46 * np.cos(2 * np.pi * np.arange(400) / 400)
-    frames = np.stack([padded[i:i + 512] * window for i in range(0, len(padded) - 511, 160)])
+    frames = np.stack([padded[i : i + 512] * window for i in range(0, len(padded) - 511, 160)])
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
-    logmel = np.log(mel_filterbank(512, 64, "htk", normalise=False).numpy().astype(np.float64) @ power.T
-                    + 1e-6)
+    logmel = np.log(
+        mel_filterbank(512, 64, "htk", normalise=False).numpy().astype(np.float64) @ power.T + 1e-6
+    )
     expected = (logmel - logmel.mean(1, keepdims=True)) / np.sqrt(logmel.var(1, keepdims=True) + 1e-5)
     got = LogMelInstanceNorm()(torch.from_numpy(wave).float()[None])[0].numpy()
     assert got.shape == (64, 1 + 4000 // 160)
@@ -117,8 +120,11 @@ def test_missing_resemblyzer_says_how_to_install(monkeypatch):
 
 
 def test_resnet_exposes_exactly_the_reference_names():
-    expected = {name.removeprefix("__S__."): shape for name, shape in reference_keys().items()
-                if name.startswith("__S__.") and not name.startswith("__S__.torchfb.")}
+    expected = {
+        name.removeprefix("__S__."): shape
+        for name, shape in reference_keys().items()
+        if name.startswith("__S__.") and not name.startswith("__S__.torchfb.")
+    }
     own = {name: tuple(value.shape) for name, value in ResNetSE34V2().state_dict().items()}
     assert own == expected
 
@@ -134,10 +140,13 @@ def test_resnet_loads_a_checkpoint_with_the_reference_names(tmp_path):
         assert model(torch.randn(2, 20 * 160 + 240)).shape == (2, 512)
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    ("missing", "1 missing: layer3.2.bn2.running_var"),
-    ("misshaped", "1 mis-shaped: fc.weight (256, 4096) (expected (512, 4096))"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("missing", "1 missing: layer3.2.bn2.running_var"),
+        ("misshaped", "1 mis-shaped: fc.weight (256, 4096) (expected (512, 4096))"),
+    ],
+)
 def test_resnet_refuses_a_partial_or_misshaped_checkpoint(tmp_path, damage, message):
     checkpoint = random_checkpoint(reference_keys())
     if damage == "missing":

@@ -88,7 +88,7 @@ def test_same_size_with_the_mtime_kept_is_seen(tree, tmp_path):
         np.testing.assert_array_equal(stale, recombined_targets(tree, listed, kind))
 
 
-@pytest.mark.parametrize("shift_ns", [-10**9, 1])
+@pytest.mark.parametrize("shift_ns", [-(10**9), 1])
 def test_an_older_or_a_newer_mtime_is_seen(tree, tmp_path, shift_ns):
     """Newer by 1 ns, so the tree's newest mtime (the old whole-tree stamp) does not move."""
     rel = rels_of(tree)[0]
@@ -108,8 +108,16 @@ def test_a_file_added_or_removed_changes_the_speaker_targets(tree, tmp_path):
     source = open_embeddings(tree)
     assert isinstance(source, TreeSource)
     for kind in ("B", "C"):
-        fresh = combine_speaker(np.stack([np.load(tree / rel).mean(axis=0, dtype=np.float64)
-                                          for rel in rels_of(tree) if rel.startswith(speakers[0])]), kind)
+        fresh = combine_speaker(
+            np.stack(
+                [
+                    np.load(tree / rel).mean(axis=0, dtype=np.float64)
+                    for rel in rels_of(tree)
+                    if rel.startswith(speakers[0])
+                ]
+            ),
+            kind,
+        )
         np.testing.assert_array_equal(source.speaker_embeddings(speakers, kind)[0], fresh)
     kept = [line for line in listed.read_text().splitlines() if rels[-1] not in line]
     listed.write_text("\n".join(kept) + "\n")
@@ -143,8 +151,11 @@ def test_a_stale_store_gives_the_b_c_rows_of_speakers_it_shows_unchanged(tree, t
     np.save(tree / rel, np.full((5, DIM), 1.0, np.float32))
     combined = []
     speaker_means = TreeSource.speaker_means
-    monkeypatch.setattr(TreeSource, "speaker_means",
-                        lambda self, spk, dim: combined.append(spk) or speaker_means(self, spk, dim))
+    monkeypatch.setattr(
+        TreeSource,
+        "speaker_means",
+        lambda self, spk, dim: combined.append(spk) or speaker_means(self, spk, dim),
+    )
     forget_freshness()
     source = open_embeddings(tree)
     speakers = sorted({r.split("/")[0] for r in rels_of(tree)})
@@ -162,8 +173,11 @@ def test_a_tree_copied_with_its_store_is_verified_and_kept(tree, tmp_path, monke
     shutil.copytree(tree, copy)
     checks = []
     first_mismatch = stores.fresh.first_mismatch
-    monkeypatch.setattr(stores.fresh, "first_mismatch",
-                        lambda names, *rest: checks.append(len(names)) or first_mismatch(names, *rest))
+    monkeypatch.setattr(
+        stores.fresh,
+        "first_mismatch",
+        lambda names, *rest: checks.append(len(names)) or first_mismatch(names, *rest),
+    )
     forget_freshness()
     opened = open_embeddings(copy)
     assert isinstance(opened, PackedStore) and opened.path == copy / "embeddings.store"
@@ -207,8 +221,9 @@ def keys_of(scp: Path) -> list[str]:
 
 def test_an_ark_rewritten_with_its_size_and_mtime_kept_is_seen(tmp_path):
     rng = np.random.default_rng(3)
-    arrays = {f"s{k % 3}/v{k % 2}/{k:05d}": rng.standard_normal((2, DIM)).astype(np.float32)
-              for k in range(12)}
+    arrays = {
+        f"s{k % 3}/v{k % 2}/{k:05d}": rng.standard_normal((2, DIM)).astype(np.float32) for k in range(12)
+    }
     folder = tmp_path / "kaldi"
     folder.mkdir()
     scp, ark = folder / "xvector.scp", folder / "xvector.ark"
@@ -236,8 +251,9 @@ def test_check_numbers_come_from_the_files(tree, tmp_path):
     rewrite(tree / rels[1], -1.0)
     forget_freshness()
     trial_set = TrialSet(trials, tree, DIM)
-    np.testing.assert_array_equal(trial_set.embeddings,
-                                  TreeSource(tree).utterances(trial_set.files, threads=0).matrix())
+    np.testing.assert_array_equal(
+        trial_set.embeddings, TreeSource(tree).utterances(trial_set.files, threads=0).matrix()
+    )
 
 
 def test_an_scp_side_file_rewritten_with_its_size_and_mtime_kept_is_seen(tmp_path):

@@ -43,19 +43,29 @@ from models.m_Extractors import load_extractor
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--eval_frames", "20", "--num_eval", "3", "--nDataLoaderThread", "0", "--batch_size", "4"]
-GOOD = ["19/198/19-198-0001.flac", "19/198/19-198-0002.flac", "26/495/26-495-0001.flac",
-        "id10001/sessA/00001.wav", "id10001/sessA/00002.wav", "id10001/sessB/00001.WAV",
-        "id10002/sessC/00001.wav", "id10002/sessC/00002.wav", "id10002/sessC/00003.wav"]
+GOOD = [
+    "19/198/19-198-0001.flac",
+    "19/198/19-198-0002.flac",
+    "26/495/26-495-0001.flac",
+    "id10001/sessA/00001.wav",
+    "id10001/sessA/00002.wav",
+    "id10001/sessB/00001.WAV",
+    "id10002/sessC/00001.wav",
+    "id10002/sessC/00002.wav",
+    "id10002/sessC/00003.wav",
+]
 BAD = ["id10002/sessC/00004.wav", "id10002/sessC/00005.wav"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def tone(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
     return (0.3 * np.sin(2 * np.pi * (120 + 40 * seed) * t) + 0.05 * rng.standard_normal(t.size)).astype(
-        np.float32)
+        np.float32
+    )
 
 
 def write(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
@@ -113,8 +123,9 @@ def test_find_audio_is_sorted_any_case_and_follows_links(tmp_path):
     (db / "id10003").symlink_to(linked / "id10001", target_is_directory=True)
     (db / "id10002" / "loop").symlink_to(db, target_is_directory=True)
     found = [p.as_posix() for p in find_audio(db)]
-    expected = sorted(GOOD + BAD + ["id10003/sessA/00001.wav", "id10003/sessA/00002.wav",
-                                    "id10003/sessB/00001.WAV"])
+    expected = sorted(
+        GOOD + BAD + ["id10003/sessA/00001.wav", "id10003/sessA/00002.wav", "id10003/sessB/00001.WAV"]
+    )
     assert found == expected
 
 
@@ -123,7 +134,7 @@ def test_crop_positions_follow_linspace():
     crops = make_crops(audio, eval_frames=100, num_eval=5)
     assert crops.shape == (5, 100 * 160 + 240) and crops.dtype == np.float32
     assert crops[:, 0].tolist() == [0, 8440, 16880, 25320, 33761]
-    np.testing.assert_array_equal(crops[3], audio[25320:25320 + 16240])
+    np.testing.assert_array_equal(crops[3], audio[25320 : 25320 + 16240])
 
 
 def test_short_audio_is_wrap_padded():
@@ -173,15 +184,20 @@ def test_rerun_writes_nothing_and_keeps_user_files(tree):
     db, emb = tree
     run(db, emb)
     before = npy_files(emb)
-    written = {name: (emb / name).stat().st_mtime_ns for name in ("manifest.json", "utt2dur",
-                                                                  "failed_audio.txt")}
+    written = {
+        name: (emb / name).stat().st_mtime_ns for name in ("manifest.json", "utt2dur", "failed_audio.txt")
+    }
     assert run(db, emb) == 2
     assert npy_files(emb) == before
     assert {name: (emb / name).stat().st_mtime_ns for name in written} == written
     assert (emb / "notes.txt").read_text() == "the user's own notes"
     np.testing.assert_array_equal(np.load(emb / "id10001" / "mine.npy"), np.arange(3.0))
     assert sorted(p.name for p in emb.rglob("*") if p.is_file() and p.suffix != ".npy") == [
-        "failed_audio.txt", "manifest.json", "notes.txt", "utt2dur"]
+        "failed_audio.txt",
+        "manifest.json",
+        "notes.txt",
+        "utt2dur",
+    ]
 
 
 def npy_inodes(root: Path) -> dict[str, int]:
@@ -236,8 +252,10 @@ def test_automatic_workers_follow_the_device(monkeypatch):
     assert workers_for(None, cpu) == 2 and workers_for(None, cuda) == 1
 
 
-@pytest.mark.parametrize(("extractor", "extra"), [
-    ("GE2E", ["--eval_frames", "160"]), ("ResNetSE34V2", ["--random_init", "--eval_frames", "100"])])
+@pytest.mark.parametrize(
+    ("extractor", "extra"),
+    [("GE2E", ["--eval_frames", "160"]), ("ResNetSE34V2", ["--random_init", "--eval_frames", "100"])],
+)
 def test_mixedprec_stays_within_cosine_0999_of_float32(tree, caplog, extractor, extra):
     """bfloat16 autocast (CPU autocast here; CUDA's in gpu_check): float32 files of the same tree and
     shapes, every crop's embedding within cosine 0.999 of float32's. The ResNet's weights are random,
@@ -290,22 +308,29 @@ def test_mixedprec_runs_float32_on_a_cpu_without_bfloat16(tree, caplog, monkeypa
 def test_bfloat16_is_native_only_with_cpu_instructions(monkeypatch):
     """CUDA always; a CPU only with AVX512-BF16 or AMX and oneDNN's own check."""
     assert bf16_is_native("cuda")
-    for avx512_bf16, amx, onednn, native in [(True, False, True, True), (False, True, True, True),
-                                             (False, False, True, False), (True, True, False, False)]:
+    for avx512_bf16, amx, onednn, native in [
+        (True, False, True, True),
+        (False, True, True, True),
+        (False, False, True, False),
+        (True, True, False, False),
+    ]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda v=onednn: v)
         assert bf16_is_native("cpu") is native
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--model", "ResNet34"], "known: GE2E, ResNetSE34V2"),
-    (["--model", "ResNetSE34V2"], "baseline_v2_ap.model"),
-    (["--num_eval", "0"], "--num_eval must be at least 1"),
-    (["--batch_size", "-1"], "--batch_size must be 0 or more"),
-    (["--max_seconds", "0"], "--max_seconds must be a number of seconds above 0"),
-    (["--max_seconds", "nan"], "--max_seconds must be a number of seconds above 0"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "ResNet34"], "known: GE2E, ResNetSE34V2"),
+        (["--model", "ResNetSE34V2"], "baseline_v2_ap.model"),
+        (["--num_eval", "0"], "--num_eval must be at least 1"),
+        (["--batch_size", "-1"], "--batch_size must be 0 or more"),
+        (["--max_seconds", "0"], "--max_seconds must be a number of seconds above 0"),
+        (["--max_seconds", "nan"], "--max_seconds must be a number of seconds above 0"),
+    ],
+)
 def test_bad_options_are_user_errors(tree, extra, message):
     db, emb = tree
     with pytest.raises(UserError, match=message):
@@ -334,8 +359,17 @@ def test_run_stopped_hard_resumes_without_truncated_files(tmp_path, caplog):
     count = 24
     for index in range(count):
         write(db / f"id{index % 4:05d}" / "sess" / f"{index:05d}.wav", tone(0.3, seed=index))
-    command = [sys.executable, "m_gen_embs.py", "--db_path", str(db), "--embed_dir", str(emb), *FAST,
-               "--batch_size", "1"]
+    command = [
+        sys.executable,
+        "m_gen_embs.py",
+        "--db_path",
+        str(db),
+        "--embed_dir",
+        str(emb),
+        *FAST,
+        "--batch_size",
+        "1",
+    ]
     fault = {"OMP_NUM_THREADS": "1", FAULT_VARIABLE: "exit_after:gen_embs.file:3"}
     stopped = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **fault})
     assert stopped.returncode == FAULT_EXIT_STATUS, stopped.stderr
@@ -358,8 +392,16 @@ def test_run_stopped_hard_resumes_without_truncated_files(tmp_path, caplog):
 def test_ranks_take_disjoint_shares(tree):
     db, emb = tree
     files = tuple(find_audio(db))
-    job = Job(db_path=db, embed_dir=emb, files=files, eval_frames=20, num_eval=3, batch_size=4,
-              nDataLoaderThread=0, device="cpu")
+    job = Job(
+        db_path=db,
+        embed_dir=emb,
+        files=files,
+        eval_frames=20,
+        num_eval=3,
+        batch_size=4,
+        nDataLoaderThread=0,
+        device="cpu",
+    )
     failed = multiprocessing.get_context("spawn").Value("i", 0)
     extract(DistContext(rank=1, world_size=3), job, load_extractor("GE2E"), failed)
     written = set(npy_files(emb)) - {"id10001/mine.npy"}
@@ -406,6 +448,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_freed_memory_is_reused_without_page_faults():
     """keep_freed_memory: a 64 MB tensor allocated again reuses the freed one; by default each one
     is fresh memory (16,384 page faults of 4 KB)."""
+
     def faults(mode: str) -> str:
         return run_script("-c", FAULTS_OF_REUSE, mode).stdout.strip()
 
@@ -423,8 +466,11 @@ def test_freed_memory_is_reused_without_page_faults():
 def written_seconds() -> dict[str, float]:
     """utt -> seconds of the audio make_tree writes for GOOD (its sample counts over its rates)."""
     lengths = [len(tone(0.4 + 0.1 * seed, seed=seed)) / 16000 for seed in range(6)]
-    lengths += [len(tone(0.5, rate=8000, seed=6)) / 8000, len(tone(0.5, seed=7)) / 16000,
-                len(tone(0.1, seed=9)) / 16000]
+    lengths += [
+        len(tone(0.5, rate=8000, seed=6)) / 8000,
+        len(tone(0.5, seed=7)) / 16000,
+        len(tone(0.1, seed=9)) / 16000,
+    ]
     return {str(Path(rel).with_suffix("")): seconds for rel, seconds in zip(GOOD, lengths, strict=True)}
 
 
@@ -509,10 +555,17 @@ def test_manifest_records_the_weights_and_settings(tree, tmp_path):
     manifest = json.loads((emb / "manifest.json").read_text())
     created = manifest.pop("created")
     assert abs((datetime.fromisoformat(created) - datetime.now().astimezone()).total_seconds()) < 600
-    assert manifest == {"extractor": "GE2E", "checkpoint": str(checkpoint),
-                        "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
-                        "eval_frames": 20, "num_eval": 3, "sample_rate": 16000, "max_seconds": 2.0,
-                        "mixedprec": False, "git_commit": git_head()}
+    assert manifest == {
+        "extractor": "GE2E",
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+        "eval_frames": 20,
+        "num_eval": 3,
+        "sample_rate": 16000,
+        "max_seconds": 2.0,
+        "mixedprec": False,
+        "git_commit": git_head(),
+    }
     packaged = db.parent / "packaged"
     run(db, packaged)
     manifest = json.loads((packaged / "manifest.json").read_text())
@@ -525,26 +578,34 @@ def test_manifest_records_the_weights_and_settings(tree, tmp_path):
     assert manifest["checkpoint_sha256"] is None and manifest["max_seconds"] is None
 
 
-@pytest.mark.parametrize(("extra", "differs"), [
-    (["--num_eval", "2"], "num_eval 3 (this run: 2)"),
-    (["--max_seconds", "1"], "max_seconds None (this run: 1.0)"),
-    (["--model", "ResNetSE34V2", "--random_init"], "extractor 'GE2E' (this run: 'ResNetSE34V2')"),
-])
+@pytest.mark.parametrize(
+    ("extra", "differs"),
+    [
+        (["--num_eval", "2"], "num_eval 3 (this run: 2)"),
+        (["--max_seconds", "1"], "max_seconds None (this run: 1.0)"),
+        (["--model", "ResNetSE34V2", "--random_init"], "extractor 'GE2E' (this run: 'ResNetSE34V2')"),
+    ],
+)
 def test_a_tree_made_with_other_settings_is_refused_unless_overwrite(tree, extra, differs):
     db, emb = tree
     run(db, emb)
     before = npy_files(emb)
     manifest = (emb / "manifest.json").read_text()
-    with pytest.raises(UserError, match=re.escape(f"{emb / 'manifest.json'}: the embeddings in {emb} were "
-                                                  f"made with other settings: {differs}")):
+    with pytest.raises(
+        UserError,
+        match=re.escape(
+            f"{emb / 'manifest.json'}: the embeddings in {emb} were made with other settings: {differs}"
+        ),
+    ):
         run(db, emb, *extra)
     assert npy_files(emb) == before and (emb / "manifest.json").read_text() == manifest
     assert run(db, emb, *extra, "--overwrite") == 2
     after = npy_files(emb)
     assert all(after[rel] != before[rel] for rel in expected_outputs())
     rewritten = json.loads((emb / "manifest.json").read_text())
-    assert [rewritten[key] for key in ("num_eval", "max_seconds", "extractor")] != \
-        [json.loads(manifest)[key] for key in ("num_eval", "max_seconds", "extractor")]
+    assert [rewritten[key] for key in ("num_eval", "max_seconds", "extractor")] != [
+        json.loads(manifest)[key] for key in ("num_eval", "max_seconds", "extractor")
+    ]
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -555,8 +616,12 @@ def test_git_commit_names_the_checked_out_commit(tmp_path):
     root.mkdir()
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
 
     assert m_gen_embs.git_commit(root) is None
     git("init", "-q")

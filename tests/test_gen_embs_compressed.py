@@ -30,12 +30,12 @@ def best_lag(decoded: np.ndarray, source: np.ndarray) -> int:
     """The shift (samples) of `decoded` against `source` that correlates best, within MAX_LAG."""
     full = correlate(decoded, source, mode="full", method="fft")
     zero = len(source) - 1
-    return int(np.argmax(full[zero - MAX_LAG:zero + MAX_LAG + 1])) - MAX_LAG
+    return int(np.argmax(full[zero - MAX_LAG : zero + MAX_LAG + 1])) - MAX_LAG
 
 
 def snr_db(decoded: np.ndarray, source: np.ndarray) -> float:
     """Signal-to-noise ratio of `decoded` as a copy of `source` (same length, aligned)."""
-    return float(10 * np.log10(np.sum(source ** 2) / np.sum((decoded - source) ** 2)))
+    return float(10 * np.log10(np.sum(source**2) / np.sum((decoded - source) ** 2)))
 
 
 def resampled(audio: np.ndarray, rate: int) -> np.ndarray:
@@ -78,8 +78,9 @@ def test_m4a_at_other_rates_is_resampled(tmp_path, rate):
 
 # SNR floors a few dB under what each encoder gives at its default bitrate; FFmpeg's experimental
 # Vorbis encoder keeps the spectrum far better than the waveform.
-@pytest.mark.parametrize(("suffix", "channels", "min_snr"), [
-    (".mp3", 1, 15.0), (".opus", 1, 20.0), (".ogg", 2, 4.0)])
+@pytest.mark.parametrize(
+    ("suffix", "channels", "min_snr"), [(".mp3", 1, 15.0), (".opus", 1, 20.0), (".ogg", 2, 4.0)]
+)
 def test_other_compressed_formats(tmp_path, suffix, channels, min_snr):
     reason = missing_encoder(suffix)
     if reason:
@@ -93,7 +94,7 @@ def test_other_compressed_formats(tmp_path, suffix, channels, min_snr):
 def test_broken_m4a_files_are_audio_errors(tmp_path):
     write_encoded(tmp_path / "good.m4a", voice_like(SECONDS), 16000)
     data = (tmp_path / "good.m4a").read_bytes()
-    (tmp_path / "truncated.m4a").write_bytes(data[:len(data) // 2])
+    (tmp_path / "truncated.m4a").write_bytes(data[: len(data) // 2])
     (tmp_path / "garbage.m4a").write_bytes(np.random.default_rng(0).bytes(4000))
     (tmp_path / "empty.m4a").touch()
     for name in ("truncated", "garbage", "empty"):
@@ -120,8 +121,9 @@ def embed_tree(db: Path, emb: Path, *extra: str) -> int:
 def test_m4a_tree_gives_the_wav_tree_embeddings(tmp_path):
     """The same <spk>/<video>/<nnnnn>.npy layout from an m4a tree as from its wav tree, and per crop
     embeddings within cosine 0.99 (crops start at the same samples: the m4a has the wav's length)."""
-    for seed, rel in enumerate(["id00012/21Uxsk56VDQ/00001", "id00012/21Uxsk56VDQ/00002",
-                                "id00015/0fijmz4vTVU/00001"]):
+    for seed, rel in enumerate(
+        ["id00012/21Uxsk56VDQ/00001", "id00012/21Uxsk56VDQ/00002", "id00015/0fijmz4vTVU/00001"]
+    ):
         source = voice_like(SECONDS, seed=seed)
         path = tmp_path / "wav" / f"{rel}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,7 @@ def test_broken_m4a_files_are_skipped_named_and_counted(tmp_path, caplog):
     db = tmp_path / "db"
     write_encoded(db / "id00001" / "v" / "00001.m4a", voice_like(SECONDS), 16000)
     data = (db / "id00001" / "v" / "00001.m4a").read_bytes()
-    (db / "id00001" / "v" / "00002.m4a").write_bytes(data[:len(data) // 2])
+    (db / "id00001" / "v" / "00002.m4a").write_bytes(data[: len(data) // 2])
     (db / "id00001" / "v" / "00003.m4a").write_bytes(data[:200] + bytes(4000))
     caplog.set_level(logging.INFO)
     assert embed_tree(db, tmp_path / "emb", "--nDataLoaderThread", "1") == 2
@@ -170,7 +172,8 @@ def test_broken_m4a_files_are_skipped_named_and_counted(tmp_path, caplog):
     for name in ("00002.m4a", "00003.m4a"):
         assert f"skipped {db / 'id00001' / 'v' / name}: cannot decode" in caplog.text
     assert (tmp_path / "emb" / "failed_audio.txt").read_text() == "".join(
-        f"{db / 'id00001' / 'v' / name}\n" for name in ("00002.m4a", "00003.m4a"))
+        f"{db / 'id00001' / 'v' / name}\n" for name in ("00002.m4a", "00003.m4a")
+    )
 
 
 def test_no_audio_message_names_the_compressed_suffixes(tmp_path):

@@ -18,7 +18,11 @@ def test_four_lists_formats_and_labels(tmp_path):
     root = make_embedding_tree(tmp_path / "emb", speakers=6, sessions=3, utterances=4)
     paths = make_lists(root, "vox", tmp_path / "lists", seed=3)
     assert sorted(p.name for p in paths.values()) == [
-        "vox_distribution_list.txt", "vox_normal_list.txt", "vox_test_list.txt", "vox_triplet_list.txt"]
+        "vox_distribution_list.txt",
+        "vox_normal_list.txt",
+        "vox_test_list.txt",
+        "vox_triplet_list.txt",
+    ]
     normal = read_list(paths["normal"], "normal")
     assert len(normal) == 6 * 3 * 4
     assert all(path.startswith(spk + "/") and path.endswith(".npy") for spk, path in normal)
@@ -65,12 +69,26 @@ def test_distribution_pairing_rule():
 
 def test_small_speakers_get_what_is_possible(tmp_path):
     root = tmp_path / "emb"
-    for rel in ["s1/c1/1.npy", "s1/c1/2.npy",          # one category, two files
-                "s2/c1/1.npy",                         # a single utterance
-                "s3/c1/1.npy", "s3/c2/1.npy", "s3/c2/2.npy"]:
+    for rel in [
+        "s1/c1/1.npy",
+        "s1/c1/2.npy",  # one category, two files
+        "s2/c1/1.npy",  # a single utterance
+        "s3/c1/1.npy",
+        "s3/c2/1.npy",
+        "s3/c2/2.npy",
+    ]:
         write(root, rel)
-    result = run_script("m_gen_list.py", "--embed_dir", str(root), "--filename", "tiny",
-                        "--list_dir", str(tmp_path / "lists"), "--seed", "1")
+    result = run_script(
+        "m_gen_list.py",
+        "--embed_dir",
+        str(root),
+        "--filename",
+        "tiny",
+        "--list_dir",
+        str(tmp_path / "lists"),
+        "--seed",
+        "1",
+    )
     assert "could not make" in result.stdout + result.stderr
     test = read_list(tmp_path / "lists" / "tiny_test_list.txt", "test")
     by_file = defaultdict(Counter)
@@ -85,8 +103,18 @@ def test_small_speakers_get_what_is_possible(tmp_path):
 
 def test_only_chosen_lists_and_error_without_tree(tmp_path):
     root = make_embedding_tree(tmp_path / "emb", speakers=2)
-    run_script("m_gen_list.py", "--embed_dir", str(root), "--filename", "x", "--list_dir",
-               str(tmp_path / "l"), "--lists", "normal", "test")
+    run_script(
+        "m_gen_list.py",
+        "--embed_dir",
+        str(root),
+        "--filename",
+        "x",
+        "--list_dir",
+        str(tmp_path / "l"),
+        "--lists",
+        "normal",
+        "test",
+    )
     assert sorted(p.name for p in (tmp_path / "l").iterdir()) == ["x_normal_list.txt", "x_test_list.txt"]
     result = run_script("m_gen_list.py", "--embed_dir", str(tmp_path / "none"), check=False)
     assert result.returncode == 2 and str(tmp_path / "none") in result.stderr

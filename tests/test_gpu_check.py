@@ -35,12 +35,15 @@ def test_m4a_files_it_writes_decode(tmp_path):
 def test_min_crop_cosine_takes_the_worst_crop():
     a = np.array([[[1.0, 0.0], [0.0, 1.0]]])
     b = np.array([[[1.0, 0.0], [1.0, 1.0]]])
-    assert gpu_check.min_crop_cosine(a, b) == pytest.approx(2 ** -0.5)
+    assert gpu_check.min_crop_cosine(a, b) == pytest.approx(2**-0.5)
 
 
 @pytest.mark.skipif(packaged_weights() is None, reason="GE2E's weights (resemblyzer) are not installed")
-@pytest.mark.skipif(not bf16_is_native(CPU), reason="this CPU has no bfloat16 instructions (AVX512-BF16 or "
-                    "AMX): oneDNN has no bfloat16 LSTM for GE2E here")
+@pytest.mark.skipif(
+    not bf16_is_native(CPU),
+    reason="this CPU has no bfloat16 instructions (AVX512-BF16 or "
+    "AMX): oneDNN has no bfloat16 LSTM for GE2E here",
+)
 def test_mixedprec_checks_run_on_a_cpu(capsys):
     model = load_extractor("GE2E")
     crops = torch.from_numpy(make_crops(voice_like(2.0), 160, 2))

@@ -49,11 +49,23 @@ def test_trainer_accepts_zero_and_refuses_negative(tmp_path, reader_threads):
     data = make_experiment_data(tmp_path / "data", 6, 4, 2)
     lists = data / "lists"
     cfg = tmp_path / "exp.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "train_list": str(lists / "train_normal_list.txt"), "train_path": str(data / "train"),
-        "test_list": str(lists / "test_test_list.txt"), "test_path": str(data / "test"),
-        "nOut": 24, "batch_size": 16, "max_epoch": 1, "nClasses": 6, "device": "cpu",
-        "nDataLoaderThread": 0}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "train_list": str(lists / "train_normal_list.txt"),
+                "train_path": str(data / "train"),
+                "test_list": str(lists / "test_test_list.txt"),
+                "test_path": str(data / "test"),
+                "nOut": 24,
+                "batch_size": 16,
+                "max_epoch": 1,
+                "nClasses": 6,
+                "device": "cpu",
+                "nDataLoaderThread": 0,
+            }
+        )
+    )
+
     def train(run: str, *extra: str) -> None:
         m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / run), *extra])
 

@@ -45,8 +45,14 @@ def test_softmax_losses(name, extra):
 def test_softmax_init_from_extractor_checkpoint(tmp_path):
     weight, bias = torch.randn(3, 2), torch.randn(3)
     path = tmp_path / "extractor.model"
-    torch.save({"__S__.conv1.weight": torch.zeros(1), "__L__.softmax.fc.weight": weight,
-                "__L__.softmax.fc.bias": bias}, path)
+    torch.save(
+        {
+            "__S__.conv1.weight": torch.zeros(1),
+            "__L__.softmax.fc.weight": weight,
+            "__L__.softmax.fc.bias": bias,
+        },
+        path,
+    )
     loss = loss_class("Softmax")(nOut=2, nClasses=3, softmax_init=str(path))
     assert torch.equal(loss.fc.weight.data, weight) and torch.equal(loss.fc.bias.data, bias)
     with pytest.raises(UserError, match="needs"):
@@ -54,7 +60,7 @@ def test_softmax_init_from_extractor_checkpoint(tmp_path):
 
 
 def rbf(a, b, sigma):
-    return np.exp(-(np.subtract.outer(a, b) ** 2) / (2 * sigma ** 2)).mean()
+    return np.exp(-(np.subtract.outer(a, b) ** 2) / (2 * sigma**2)).mean()
 
 
 def mmd(same, other, sigma):
@@ -63,13 +69,25 @@ def mmd(same, other, sigma):
 
 def pair_batch(x: torch.Tensor, same: list[bool], speaker: list[int]) -> Batch:
     target = torch.tensor([[1.0, 0.0, 0.0]]).repeat(len(x), 1)
-    return Batch(inputs=x, targets=target, labels=torch.zeros(len(x), dtype=torch.long),
-                 pair_same=torch.tensor(same), pair_speaker=torch.tensor(speaker))
+    return Batch(
+        inputs=x,
+        targets=target,
+        labels=torch.zeros(len(x), dtype=torch.long),
+        pair_same=torch.tensor(same),
+        pair_speaker=torch.tensor(speaker),
+    )
 
 
-PAIRS = torch.tensor([[1.0, 0.2, 0.0], [0.9, 0.1, 0.3],     # same-category pair
-                      [1.0, 0.0, 0.5], [0.0, 1.0, 0.2],     # same-category pair
-                      [0.5, 0.5, 0.0], [0.1, -1.0, 0.4]])   # different-category pair
+PAIRS = torch.tensor(
+    [
+        [1.0, 0.2, 0.0],
+        [0.9, 0.1, 0.3],  # same-category pair
+        [1.0, 0.0, 0.5],
+        [0.0, 1.0, 0.2],  # same-category pair
+        [0.5, 0.5, 0.0],
+        [0.1, -1.0, 0.4],
+    ]
+)  # different-category pair
 
 
 def cos(a, b):
@@ -127,7 +145,7 @@ def test_da_mmd_equals_a_loop_over_speakers_value_and_gradient(name):
         for g in torch.unique(speaker):
             a, b = distance[(speaker == g) & same], distance[(speaker == g) & ~same]
             if len(a) and len(b):
-                k = lambda u, v: torch.exp(-(u[:, None] - v[None, :]) ** 2 / (2 * 0.8 ** 2)).mean()  # noqa: E731
+                k = lambda u, v: torch.exp(-((u[:, None] - v[None, :]) ** 2) / (2 * 0.8**2)).mean()  # noqa: E731
                 terms.append(k(a, a) + k(b, b) - 2 * k(a, b))
         expected = torch.stack(terms).mean() if terms else torch.zeros((), dtype=x.dtype)
         got = loss.mmd(x, pair_batch(x, same.tolist(), speaker.tolist()))

@@ -98,9 +98,12 @@ def sklearn_eer(scores, labels):
 def random_trials(rng, tied):
     n = int(rng.integers(2, 80))
     labels = rng.integers(0, 2, n)
-    labels[: 2] = [0, 1]
-    scores = rng.integers(0, int(rng.integers(1, 6)), n).astype(np.float32) if tied else \
-        rng.normal(size=n) + labels
+    labels[:2] = [0, 1]
+    scores = (
+        rng.integers(0, int(rng.integers(1, 6)), n).astype(np.float32)
+        if tied
+        else rng.normal(size=n) + labels
+    )
     return scores, labels
 
 
@@ -143,8 +146,9 @@ def test_threaded_scoring_equals_one_thread_and_direct_formula(embedding_type):
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(single, threaded)
     # The GPU path, run on CPU tensors (same code), in chunks smaller than the trial list.
-    on_device = _score_on_device(torch.from_numpy(table), left, right,
-                                 "cosine" if embedding_type == "C" else "l2")
+    on_device = _score_on_device(
+        torch.from_numpy(table), left, right, "cosine" if embedding_type == "C" else "l2"
+    )
     np.testing.assert_allclose(on_device, single, atol=1e-5)
     a, b = table[left].astype(np.float64), table[right].astype(np.float64)
     if embedding_type == "B":

@@ -10,12 +10,15 @@ def linear_widths(model: nn.Module) -> list[tuple[int, int]]:
     return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-@pytest.mark.parametrize("name, widths", [
-    ("MyLinearNet", [1, 2, 4, 4, 2, 1]),
-    ("MyLinearNetv2", [1, 2, 4, 4, 2, 1]),
-    ("MyLinearNetv3", [1, 2, 2, 1]),
-    ("MyLinearNetv4", [1, 2, 2, 4, 4, 2, 2, 1]),
-])
+@pytest.mark.parametrize(
+    "name, widths",
+    [
+        ("MyLinearNet", [1, 2, 4, 4, 2, 1]),
+        ("MyLinearNetv2", [1, 2, 4, 4, 2, 1]),
+        ("MyLinearNetv3", [1, 2, 2, 1]),
+        ("MyLinearNetv4", [1, 2, 2, 4, 4, 2, 2, 1]),
+    ],
+)
 @pytest.mark.parametrize("n_out", [7, 32])
 def test_layer_widths(name, widths, n_out):
     model = get_model(name, nOut=n_out)
@@ -36,24 +39,39 @@ def test_every_model_maps_d_to_d_and_learns(name):
         x = torch.randn(5, n_out)
         y = model(x)
         assert y.shape == (5, n_out) and y.dtype == x.dtype and torch.isfinite(y).all()
-        alone = torch.cat([model(x[i:i + 1]) for i in range(5)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(5)])
         torch.testing.assert_close(alone, y, rtol=1e-5, atol=1e-6)
-        (y ** 2).sum().backward()
+        (y**2).sum().backward()
         assert all(p.grad is not None for p in model.parameters())
 
 
 def test_dropout_placement_and_last_activation():
     layers = list(get_model("MyLinearNet", nOut=4).layers)
     kinds = [type(m).__name__ for m in layers]
-    assert kinds == ["Linear", "ReLU", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout",
-                     "Linear", "ReLU", "Dropout", "Linear", "ReLU"]
+    assert kinds == [
+        "Linear",
+        "ReLU",
+        "Linear",
+        "ReLU",
+        "Dropout",
+        "Linear",
+        "ReLU",
+        "Dropout",
+        "Linear",
+        "ReLU",
+        "Dropout",
+        "Linear",
+        "ReLU",
+    ]
     assert [m.p for m in layers if isinstance(m, nn.Dropout)] == [0.2] * 3  # the original's rate
     assert not any(isinstance(m, nn.Dropout) for m in get_model("MyLinearNetv2", nOut=4).modules())
     assert isinstance(get_model("MyLinearNetv3", nOut=4, activation="ELU").layers[-1], nn.ELU)
 
 
-@pytest.mark.parametrize("name, drops", [("MyLinearNet", True), ("MyLinearNetv3", True),
-                                         ("MyLinearNetv2", False), ("MyLinearNetv4", False)])
+@pytest.mark.parametrize(
+    "name, drops",
+    [("MyLinearNet", True), ("MyLinearNetv3", True), ("MyLinearNetv2", False), ("MyLinearNetv4", False)],
+)
 def test_dropout_acts_in_training_alone(name, drops):
     """A model with dropout gives other outputs at each training call and the same ones in eval
     mode (where scoring runs); one without gives the eval outputs in training too."""

@@ -25,8 +25,9 @@ ORIGINAL_EER = re.compile(r"\[testset original EER\] (\d+\.\d{4}),")
 
 @pytest.fixture(scope="module")
 def vox1(tmp_path_factory) -> Path:
-    return make_embedding_tree(tmp_path_factory.mktemp("vox1") / "wav", speakers=5, sessions=2,
-                               utterances=3, dim=DIM)
+    return make_embedding_tree(
+        tmp_path_factory.mktemp("vox1") / "wav", speakers=5, sessions=2, utterances=3, dim=DIM
+    )
 
 
 def official_trials(root: Path) -> list[tuple[int, str, str]]:
@@ -52,6 +53,7 @@ def trial_text(trials: list[tuple[int, str, str]], layout: str) -> str:
 def direct_scores(root: Path, trials: list[tuple[int, str, str]], cosine: bool) -> np.ndarray:
     """Each trial scored from the .npy files themselves: crop mean, L2 norm, then -L2 distance or
     cosine - 1."""
+
     def embedding(rel: str) -> np.ndarray:
         mean = np.load(root / Path(rel).with_suffix(".npy")).astype(np.float64).mean(axis=0)
         return mean / np.linalg.norm(mean)
@@ -80,8 +82,17 @@ def check_config(vox1: Path, tmp_path: Path, trials: list[tuple[int, str, str]])
     model = tmp_path / "initial.model"
     Trainer(SpeakerNet("MyLinearNetv2", "MSE", nOut=DIM), torch.device("cpu")).save(model, 0)
     cfg = tmp_path / "check.yaml"
-    cfg.write_text(yaml.safe_dump({"test_list": str(trial_list), "test_path": str(vox1), "nOut": DIM,
-                                   "initial_model": str(model), "device": "cpu"}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "test_list": str(trial_list),
+                "test_path": str(vox1),
+                "nOut": DIM,
+                "initial_model": str(model),
+                "device": "cpu",
+            }
+        )
+    )
     return cfg, tmp_path / "exp"
 
 
@@ -104,7 +115,18 @@ def test_check_scores_an_official_list_by_l2(vox1, tmp_path):
 def test_check_scores_an_official_list_by_cosine(vox1, tmp_path, capsys):
     trials = official_trials(vox1)
     cfg, save = check_config(vox1, tmp_path, trials)
-    m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--check",
-                    "--multiple_embedding_flag", "C", "--nDataLoaderThread", "0"])
+    m_trainer.main(
+        [
+            "--config",
+            str(cfg),
+            "--save_path",
+            str(save),
+            "--check",
+            "--multiple_embedding_flag",
+            "C",
+            "--nDataLoaderThread",
+            "0",
+        ]
+    )
     labels = np.array([label for label, _, _ in trials])
     assert_original_scores(save, capsys.readouterr().out, direct_scores(vox1, trials, cosine=True), labels)

@@ -56,19 +56,30 @@ def expected_store(scp: Path, target: Path, dtype: str) -> Path:
     """The store by the plain definition: every crop mean in memory, packed at once."""
     entries = scp_entries(scp)
     utt2spk = read_utt2spk(scp.parent / "utt2spk")
-    mean = {utt: np.asarray(kaldiio.load_mat(loc)).reshape(-1, dim_of(scp)).astype(np.float64).mean(axis=0)
-            for utt, loc in entries}
+    mean = {
+        utt: np.asarray(kaldiio.load_mat(loc)).reshape(-1, dim_of(scp)).astype(np.float64).mean(axis=0)
+        for utt, loc in entries
+    }
     names = {utt: key_speaker(store_key(utt), utt2spk) for utt, _ in entries}
     order = sorted(mean, key=lambda utt: (names[utt], store_key(utt).split("/")))
     speakers = sorted(set(names.values()))
     speaker_of = np.array([speakers.index(names[utt]) for utt in order], np.int32)
     arks = sorted({ark_of(loc) for _, loc in entries})
-    ark_hashes = [content_hash(np.stack([mean[utt] for utt, loc in entries if ark_of(loc) == ark]))
-                  for ark in arks]
+    ark_hashes = [
+        content_hash(np.stack([mean[utt] for utt, loc in entries if ark_of(loc) == ark])) for ark in arks
+    ]
     hashes = [file_hash(scp), *ark_hashes, *side_hashes(scp.parent, KALDI_SIDE_FILES)]
-    return pack_means(target, [store_key(utt) for utt in order], np.stack([mean[utt] for utt in order]),
-                      speakers, speaker_of, dtype, {"source": str(scp), "source_kind": "kaldi"},
-                      side_dir=scp.parent, sources=(scp_sources(scp, entries), np.array(hashes, np.int64)))
+    return pack_means(
+        target,
+        [store_key(utt) for utt in order],
+        np.stack([mean[utt] for utt in order]),
+        speakers,
+        speaker_of,
+        dtype,
+        {"source": str(scp), "source_kind": "kaldi"},
+        side_dir=scp.parent,
+        sources=(scp_sources(scp, entries), np.array(hashes, np.int64)),
+    )
 
 
 def dim_of(scp: Path) -> int:
@@ -91,8 +102,9 @@ def assert_same_store(built: Path, expected: Path) -> None:
             assert path.read_bytes() == other.read_bytes(), path.name
 
 
-@pytest.mark.parametrize(("dtype", "reverse_last"),
-                         [("float32", False), ("float32", True), ("float16", True)])
+@pytest.mark.parametrize(
+    ("dtype", "reverse_last"), [("float32", False), ("float32", True), ("float16", True)]
+)
 def test_streaming_pack_equals_packing_the_whole_matrix(tmp_path, monkeypatch, dtype, reverse_last):
     monkeypatch.setattr(stores.write, "RELEASE_BYTES", 1000)  # rows written out many times
     scp = write_scp(tmp_path / "emb", count=300, dim=12, speakers=9, arks=3, reverse_last=reverse_last)

@@ -43,8 +43,12 @@ from stores.write import write_embeddings
 
 def disk_full(path: Path) -> str:
     """The message of a write of `path` that found the disk full."""
-    return (f"{path}: the disk is full (no space left while writing it); earlier files are intact, "
-            "free some space and run again")
+    return (
+        f"{path}: the disk is full (no space left while writing it); earlier files are intact, "
+        "free some space and run again"
+    )
+
+
 GEN_FAST = ["--eval_frames", "20", "--num_eval", "2", "--nDataLoaderThread", "0", "--batch_size", "4"]
 
 
@@ -94,8 +98,13 @@ with folder_lock(sys.argv[1], "save_path"):
 
 def lock_holder_process(folder: Path) -> subprocess.Popen:
     """A child process that holds folder's lock until its stdin closes (or it is killed)."""
-    child = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], cwd=ROOT, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder)],
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     assert child.stdout.readline().strip() == "locked"
     return child
 
@@ -125,8 +134,9 @@ def test_second_trainer_is_refused_and_the_first_run_untouched(data, tmp_path, c
     m_trainer.main(["--config", str(cfg), "--save_path", str(save)])
     before = contents(save)
     with folder_lock(save, "save_path"):  # this test process plays the first run, still going
-        result = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(save),
-                            "--max_epoch", "2", check=False)
+        result = run_script(
+            "m_trainer.py", "--config", str(cfg), "--save_path", str(save), "--max_epoch", "2", check=False
+        )
         assert result.returncode == 2
         assert f"error: {save} is in use by process {os.getpid()} (" in result.stderr
         assert "use another save_path" in result.stderr and "Traceback" not in result.stderr
@@ -263,12 +273,13 @@ def test_full_disk_while_appending_to_scores_stops_training(data, tmp_path, monk
         if not bytes(data).startswith(b"Epoch 2,"):
             return write(fd, data)
         cut.append(fd)
-        return write(fd, bytes(data[:len(data) // 2]))
+        return write(fd, bytes(data[: len(data) // 2]))
 
     monkeypatch.setattr(os, "write", half_then_full)
     scores = save / "result" / "scores.txt"
-    error = script_error(lambda: m_trainer.main(["--config", str(cfg), "--save_path", str(save),
-                                                 "--max_epoch", "2"]), capsys)
+    error = script_error(
+        lambda: m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--max_epoch", "2"]), capsys
+    )
     assert error == f"error: {disk_full(scores)}"
     assert len(cut) == 1
     assert contents(save) == before  # the half epoch-2 line cut back off, the lock released
@@ -324,8 +335,19 @@ def test_a_write_failure_in_a_distributed_extraction_stops_it_with_the_message(t
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
-    args = ["--db_path", str(db), "--embed_dir", str(emb), *GEN_FAST, "--overwrite", "--distributed",
-            "--nprocs", "2", "--port", str(port)]
+    args = [
+        "--db_path",
+        str(db),
+        "--embed_dir",
+        str(emb),
+        *GEN_FAST,
+        "--overwrite",
+        "--distributed",
+        "--nprocs",
+        "2",
+        "--port",
+        str(port),
+    ]
     error = script_error(lambda: m_gen_embs.main(args), capsys)
     assert error == f"error: {blocked}: cannot write it (Is a directory) (distributed process 0)"
     assert not (emb / LOCK_NAME).exists()
@@ -403,9 +425,14 @@ with folder_lock(sys.argv[1], "embed_dir"):
 def test_the_lock_of_a_run_killed_hard_dies_with_it_whatever_its_workers_do(tmp_path):
     """The process that locked a folder forked a worker, then stopped hard; the worker is still
     alive (blocked on its stdin, which this test holds open), and the folder is free."""
-    child = subprocess.Popen([sys.executable, "-c", LOCK_AND_FORK, str(tmp_path), "stop"], cwd=ROOT,
-                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             env={**os.environ, **faulty("locked", 1)})
+    child = subprocess.Popen(
+        [sys.executable, "-c", LOCK_AND_FORK, str(tmp_path), "stop"],
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, **faulty("locked", 1)},
+    )
     worker = int(child.stdout.readline())
     assert child.wait() == m_utils.FAULT_EXIT_STATUS
     try:
@@ -418,12 +445,19 @@ def test_the_lock_of_a_run_killed_hard_dies_with_it_whatever_its_workers_do(tmp_
 
 def test_a_worker_does_not_hold_its_parents_lock(tmp_path):
     """While the run that took the lock lives, it holds it (a worker of it changes nothing)."""
-    child = subprocess.Popen([sys.executable, "-c", LOCK_AND_FORK, str(tmp_path), "wait"], cwd=ROOT,
-                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", LOCK_AND_FORK, str(tmp_path), "wait"],
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
         child.stdout.readline()
-        with pytest.raises(UserError, match=f"is in use by process {child.pid} "), \
-                folder_lock(tmp_path, "embed_dir"):
+        with (
+            pytest.raises(UserError, match=f"is in use by process {child.pid} "),
+            folder_lock(tmp_path, "embed_dir"),
+        ):
             pass
     finally:
         child.stdin.close()
@@ -434,8 +468,9 @@ def test_a_worker_does_not_hold_its_parents_lock(tmp_path):
 
 def temporaries(root: Path) -> list[str]:
     """The project's temporaries (m_utils.TEMPORARY_NAME) below root."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob(".*")
-                  if m_utils.TEMPORARY_NAME.fullmatch(p.name))
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob(".*") if m_utils.TEMPORARY_NAME.fullmatch(p.name)
+    )
 
 
 USER_LOOKALIKES = (".notes.tmp", ".mine.npy.1234.tmp", ".id10000.npy.backup.tmp", ".x.abcdefgh.tmp.keep")
@@ -457,9 +492,14 @@ def test_a_gen_embs_run_stopped_with_its_workers_alive_is_finished_by_the_next(t
     assert m_gen_embs.main(["--db_path", str(db), "--embed_dir", str(reference), *args]) == 0
     emb = tmp_path / "emb"
     command = [sys.executable, "m_gen_embs.py", "--db_path", str(db), "--embed_dir", str(emb), *args]
-    stopped = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", **faulty("gen_embs.file", 2)},
-                               start_new_session=True)
+    stopped = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **faulty("gen_embs.file", 2)},
+        start_new_session=True,
+    )
     try:
         assert stopped.wait() == m_utils.FAULT_EXIT_STATUS
         assert len(list(emb.rglob("*.npy"))) == 2
@@ -491,8 +531,10 @@ def test_comb_embs_stopped_hard_while_packing_leaves_nothing_after_the_next_run(
     caplog.set_level("INFO")
     m_comb_embs.main(["--embed_dir", str(tree)])
     assert not temporaries(tree)
-    assert f"removed {len([n for n in left if '/' not in n])} temporary file(s) left by an interrupted run" \
+    assert (
+        f"removed {len([n for n in left if '/' not in n])} temporary file(s) left by an interrupted run"
         in caplog.text
+    )
     assert all((tree / name).read_text() == "the user's" for name in USER_LOOKALIKES)
     ours, theirs = contents(tree), contents(reference)
     assert ours.keys() - set(USER_LOOKALIKES) == theirs.keys()
@@ -509,8 +551,10 @@ def test_training_stopped_hard_leaves_no_temporaries_after_the_next_run(data, tm
     save = tmp_path / "exp"
     run_faulty("trainer.checkpoint", 1, "m_trainer.py", "--config", str(cfg), "--save_path", str(save))
     assert sorted(checkpoints(save / "model")) == [1]
-    dead = [save / "model" / ".model000000002.model.k2j4_x9a.tmp",
-            save / "result" / ".scores.txt.a1b2c3d4.tmp"]
+    dead = [
+        save / "model" / ".model000000002.model.k2j4_x9a.tmp",
+        save / "result" / ".scores.txt.a1b2c3d4.tmp",
+    ]
     live = save / "result" / ".trials_test.npz.abcd1234.tmp"
     for path in [*dead, live]:
         path.write_bytes(b"partial")
@@ -530,12 +574,25 @@ def test_training_stopped_hard_leaves_no_temporaries_after_the_next_run(data, tm
 def test_generate_stopped_hard_is_finished_by_the_next_run(data, tmp_path, gen_format, point):
     """--generate stopped hard (in its store's first block; after its third file): the re-run leaves
     no temporary and writes what an uninterrupted one writes."""
-    cfg = config(data, tmp_path, gen_list=str(data / "lists" / "libri_normal_list.txt"),
-                 gen_path=str(data / "libri"), gen_format=gen_format)
+    cfg = config(
+        data,
+        tmp_path,
+        gen_list=str(data / "lists" / "libri_normal_list.txt"),
+        gen_path=str(data / "libri"),
+        gen_format=gen_format,
+    )
     save = tmp_path / "exp"
     m_trainer.main(["--config", str(cfg), "--save_path", str(save)])
-    run_faulty(point, 1 if gen_format == "packed" else 3, "m_trainer.py", "--config", str(cfg),
-               "--save_path", str(save), "--generate")
+    run_faulty(
+        point,
+        1 if gen_format == "packed" else 3,
+        "m_trainer.py",
+        "--config",
+        str(cfg),
+        "--save_path",
+        str(save),
+        "--generate",
+    )
     assert bool(temporaries(save)) == (gen_format == "packed")
     m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--generate"])
     assert not temporaries(save)
@@ -549,14 +606,16 @@ def test_generate_stopped_hard_is_finished_by_the_next_run(data, tmp_path, gen_f
 
 
 def test_two_generates_into_one_folder_are_refused(data, tmp_path, capsys):
-    cfg = config(data, tmp_path, gen_list=str(data / "lists" / "libri_normal_list.txt"),
-                 gen_path=str(data / "libri"))
+    cfg = config(
+        data, tmp_path, gen_list=str(data / "lists" / "libri_normal_list.txt"), gen_path=str(data / "libri")
+    )
     save = tmp_path / "exp"
     m_trainer.main(["--config", str(cfg), "--save_path", str(save)])
     (save / "enhanced").mkdir()
     with folder_lock(save / "enhanced", "gen_target_dir"):
-        error = script_error(lambda: m_trainer.main(["--config", str(cfg), "--save_path", str(save),
-                                                     "--generate"]), capsys)
+        error = script_error(
+            lambda: m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--generate"]), capsys
+        )
     assert error.startswith(f"error: {save / 'enhanced'} is in use by process {os.getpid()} (")
     assert not list((save / "enhanced").rglob("*.npy"))
 
@@ -588,10 +647,16 @@ def test_files_and_stores_are_created_with_the_umask(tmp_path, umask, mask):
     write_embeddings(tmp_path / "gen" / "xvector.scp", ["a", "b"], np.ones((2, 3), np.float32))
     with folder_lock(tmp_path, "save_path"):
         lock = (tmp_path / LOCK_NAME).stat().st_mode & 0o777
-    files = [tmp_path / "list.txt", tmp_path / "model.model", tree / "id10000.npy",
-             tree / "embeddings.store" / "embeddings.npy", tmp_path / "gen" / "xvector.ark",
-             tmp_path / "gen" / "xvector.scp"]
-    assert {path.name: path.stat().st_mode & 0o777 for path in files} == \
-        {path.name: 0o666 & ~mask for path in files}
+    files = [
+        tmp_path / "list.txt",
+        tmp_path / "model.model",
+        tree / "id10000.npy",
+        tree / "embeddings.store" / "embeddings.npy",
+        tmp_path / "gen" / "xvector.ark",
+        tmp_path / "gen" / "xvector.scp",
+    ]
+    assert {path.name: path.stat().st_mode & 0o777 for path in files} == {
+        path.name: 0o666 & ~mask for path in files
+    }
     assert (tree / "embeddings.store").stat().st_mode & 0o777 == 0o777 & ~mask
     assert lock == 0o666 & ~mask

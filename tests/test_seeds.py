@@ -24,8 +24,15 @@ def checked_run(data: Path, root: Path, name: str, seed: int, **options) -> Path
     """A run trained with `seed` and checked: its save_path."""
     folder = root / f"cfg_{name}"
     folder.mkdir()
-    cfg = config(data, folder, trainfunc="MSE_CS", multiple_embedding_flag="C", backends=["none", "mean"],
-                 bootstrap=50, **options)
+    cfg = config(
+        data,
+        folder,
+        trainfunc="MSE_CS",
+        multiple_embedding_flag="C",
+        backends=["none", "mean"],
+        bootstrap=50,
+        **options,
+    )
     save = root / name
     train(cfg, save, "--seed", str(seed))
     output(["--config", str(cfg), "--save_path", str(save), "--seed", str(seed), "--check"])
@@ -61,15 +68,31 @@ def test_seed_summary_against_the_check_files(runs, tmp_path, capsys):
     assert "other_lr: no other run of its config: not pooled" in text
     records = [records_of(save) for save in sorted(pooled)]  # s1, s2, s3
     assert [next(r for r in rs if r["trials"] is None)["model"]["seed"] for rs in records] == [1, 2, 3]
-    rows = {tuple(line.split()[1:3]): line for line in text.splitlines()
-            if re.match(r"1\s+(test|libri)\s", line)}
+    rows = {
+        tuple(line.split()[1:3]): line for line in text.splitlines() if re.match(r"1\s+(test|libri)\s", line)
+    }
     assert set(rows) == {(t, b) for t in ("test", "libri") for b in ("none", "mean")}
     for (trials, backend), line in rows.items():
-        eer = {system: np.array([next(r["eer"] for r in rs if r.get("system") == system and "eer" in r
-                                      and r["trials"] == trials and r["backend"] == backend)
-                                 for rs in records]) for system in ("original", "enhanced")}
-        diffs = [next(r for r in rs if "eer_diff" in r and r["trials"] == trials and r["backend"] == backend)
-                 for rs in records]
+        eer = {
+            system: np.array(
+                [
+                    next(
+                        r["eer"]
+                        for r in rs
+                        if r.get("system") == system
+                        and "eer" in r
+                        and r["trials"] == trials
+                        and r["backend"] == backend
+                    )
+                    for rs in records
+                ]
+            )
+            for system in ("original", "enhanced")
+        }
+        diffs = [
+            next(r for r in rs if "eer_diff" in r and r["trials"] == trials and r["backend"] == backend)
+            for rs in records
+        ]
         diff = np.array([r["eer_diff"] for r in diffs])
         worst = int(np.argmax(diff))
         expected = [f"{values.mean():.2f} ± {values.std(ddof=1):.2f}" for values in eer.values()]
@@ -99,12 +122,27 @@ def test_the_eer_option_switches_what_the_tables_show(runs):
     save = pooled[1]  # seed 1
     cfg = save.parent / "cfg_s1" / "exp.yaml"
     records = records_of(save)
-    default = output(["--config", str(cfg), "--save_path", str(save), "--seed", "1", "--check",
-                      "--result_tag", "again"])
-    switched = output(["--config", str(cfg), "--save_path", str(save), "--seed", "1", "--check",
-                       "--eer", "interpolated", "--result_tag", "interp"])
-    none = {r["system"]: r for r in records
-            if "eer" in r and r["trials"] == "test" and r["backend"] == "none"}
+    default = output(
+        ["--config", str(cfg), "--save_path", str(save), "--seed", "1", "--check", "--result_tag", "again"]
+    )
+    switched = output(
+        [
+            "--config",
+            str(cfg),
+            "--save_path",
+            str(save),
+            "--seed",
+            "1",
+            "--check",
+            "--eer",
+            "interpolated",
+            "--result_tag",
+            "interp",
+        ]
+    )
+    none = {
+        r["system"]: r for r in records if "eer" in r and r["trials"] == "test" and r["backend"] == "none"
+    }
     line = r"\[testset original EER\] ([\d.]+), \[testset processed EER\] ([\d.]+)"
     for out, key in ((default, "eer"), (switched, "eer_interpolated")):
         found = re.search(line, out)
@@ -121,5 +159,14 @@ def test_the_eer_option_switches_what_the_tables_show(runs):
 def test_an_unknown_eer_definition_is_a_user_error(runs):
     save = runs[0][0]
     with pytest.raises(UserError, match="^--eer: unknown eer 'det'; known: interpolated, roc$"):
-        m_trainer.main(["--config", str(save.parent / "cfg_s3" / "exp.yaml"), "--save_path", str(save),
-                        "--check", "--eer", "det"])
+        m_trainer.main(
+            [
+                "--config",
+                str(save.parent / "cfg_s3" / "exp.yaml"),
+                "--save_path",
+                str(save),
+                "--check",
+                "--eer",
+                "det",
+            ]
+        )

@@ -48,8 +48,9 @@ def rels_of(tree: Path) -> list[str]:
 def packed(tmp_path) -> Path:
     tree = make_embedding_tree(tmp_path / "emb", speakers=4, sessions=2, utterances=3, dim=DIM)
     np.save(tree / "id10001" / "sess0000001" / "00009.npy", np.arange(1, DIM + 1, dtype=np.float32))  # (D,)
-    (tree / "utt2dur").write_text("".join(f"{store_key(rel)} {k + 1.5:.3f}\n"
-                                          for k, rel in enumerate(rels_of(tree))))
+    (tree / "utt2dur").write_text(
+        "".join(f"{store_key(rel)} {k + 1.5:.3f}\n" for k, rel in enumerate(rels_of(tree)))
+    )
     (tree / "manifest.json").write_text(json.dumps({"extractor": "GE2E", "eval_frames": 300}))
     combine(tree, pack=True)
     forget_freshness()
@@ -57,8 +58,12 @@ def packed(tmp_path) -> Path:
 
 
 def test_store_keys_map_list_paths_and_kaldi_ids_alike():
-    for name in ("id10270/x6uYqmx31kE/00001.wav", "id10270/x6uYqmx31kE/00001.npy",
-                 "./id10270/x6uYqmx31kE/00001.flac", "id10270\\x6uYqmx31kE\\00001.M4A"):
+    for name in (
+        "id10270/x6uYqmx31kE/00001.wav",
+        "id10270/x6uYqmx31kE/00001.npy",
+        "./id10270/x6uYqmx31kE/00001.flac",
+        "id10270\\x6uYqmx31kE\\00001.M4A",
+    ):
         assert store_key(name) == "id10270/x6uYqmx31kE/00001"
     assert store_key("a.b/c") == "a.b/c" and store_key("spk-utt") == "spk-utt"
 
@@ -75,8 +80,9 @@ def test_packed_store_equals_the_files_exactly(packed):
     assert store.header["dtype"] == "float32" and store.header["dim"] == DIM
     for kind in ("B", "C"):
         speakers = sorted(p.name for p in packed.iterdir() if p.is_dir() and not p.name.endswith(".store"))
-        np.testing.assert_array_equal(store.speaker_embeddings(speakers, kind),
-                                      TreeSource(packed).speaker_embeddings(speakers, kind))
+        np.testing.assert_array_equal(
+            store.speaker_embeddings(speakers, kind), TreeSource(packed).speaker_embeddings(speakers, kind)
+        )
     assert (packed / "embeddings.store" / "utt2dur").read_text() == (packed / "utt2dur").read_text()
     trials = packed / "trials.txt"
     trials.write_text(f"1 {rels[0]} {rels[1]}\n0 {rels[0]} {rels[-1]}\n")
@@ -147,8 +153,10 @@ def test_float16_store_converts_once(tmp_path):
     np.testing.assert_array_equal(data.embeddings.numpy(), expected.astype(np.float32))
     again = EmbeddingData(listed, tmp_path / "x.store", "normal", "C", DIM)
     assert again.embeddings.data_ptr() == data.embeddings.data_ptr()  # converted once
-    np.testing.assert_allclose(load_speaker_embeddings(tmp_path / "x.store", ["s1"], "C")[0],
-                               combine_speaker(means[1::3].astype(np.float64), "C"))
+    np.testing.assert_allclose(
+        load_speaker_embeddings(tmp_path / "x.store", ["s1"], "C")[0],
+        combine_speaker(means[1::3].astype(np.float64), "C"),
+    )
 
 
 def test_float16_store_epoch_gathers_rows_without_a_float32_copy(tmp_path):
@@ -190,8 +198,9 @@ def test_an_unpacked_scp_reads_each_utterance_once(tmp_path, monkeypatch):
     """A list's embeddings and then its speakers' (B and C) come from one read of each utterance,
     with the values a fresh read gives."""
     rng = np.random.default_rng(2)
-    arrays = {f"s{k % 3}/v{k % 2}/{k:05d}.wav": rng.standard_normal((2, DIM)).astype(np.float32)
-              for k in range(12)}
+    arrays = {
+        f"s{k % 3}/v{k % 2}/{k:05d}.wav": rng.standard_normal((2, DIM)).astype(np.float32) for k in range(12)
+    }
     scp = write_scp(tmp_path / "kaldi", arrays)
     make_lists(scp, "k", tmp_path / "lists", seed=1, kinds=("normal",))
     reads = []
@@ -256,8 +265,10 @@ def test_generate_writers_read_back(tmp_path, target):
         assert np.load(tmp_path / "tree" / "s1" / "v0" / "00001.npy").shape == (1, DIM)
     np.testing.assert_allclose(load_embeddings(written, keys), rows, atol=1e-7)
     kind = gen_format_of(written)
-    assert gen_target(tmp_path / "enhanced", kind).name == {
-        "tree": "enhanced", "kaldi": "xvector.scp", "packed": "enhanced.store"}[kind]
+    assert (
+        gen_target(tmp_path / "enhanced", kind).name
+        == {"tree": "enhanced", "kaldi": "xvector.scp", "packed": "enhanced.store"}[kind]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,29 +315,61 @@ def run_layout(root: Path, layout: str) -> dict[str, object]:
     for name, speakers, seed in (("train", 8, 0), ("test", 5, 1)):
         stores[name] = write_layout(root / name, utterance_arrays(speakers, seed), layout)
         m_comb_embs.main(["--embed_dir", str(stores[name])])
-        m_gen_list.main(["--embed_dir", str(stores[name]), "--filename", name,
-                         "--list_dir", str(root / "lists"), "--seed", "3"])
+        m_gen_list.main(
+            [
+                "--embed_dir",
+                str(stores[name]),
+                "--filename",
+                name,
+                "--list_dir",
+                str(root / "lists"),
+                "--seed",
+                "3",
+            ]
+        )
     test_list = root / "lists" / "test_test_list.txt"
     if layout == "kaldi":  # WeSpeaker's trial format
         test_list = root / "lists" / "vox_test.kaldi"
         trials = read_list(root / "lists" / "test_test_list.txt", "test")
-        test_list.write_text("".join(f"{a} {b} {'target' if label else 'nontarget'}\n"
-                                     for label, a, b in trials))
+        test_list.write_text(
+            "".join(f"{a} {b} {'target' if label else 'nontarget'}\n" for label, a, b in trials)
+        )
     cfg = root / "exp.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "train_list": str(root / "lists" / "train_normal_list.txt"), "train_path": str(stores["train"]),
-        "test_list": str(test_list), "test_path": str(stores["test"]), "nOut": DIM, "batch_size": 8,
-        "max_epoch": 2, "test_interval": 1, "nClasses": 8, "device": "cpu", "bootstrap": 20,
-        "backends": ["none", "asnorm", "mean"], "asnorm_topk": 5}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "train_list": str(root / "lists" / "train_normal_list.txt"),
+                "train_path": str(stores["train"]),
+                "test_list": str(test_list),
+                "test_path": str(stores["test"]),
+                "nOut": DIM,
+                "batch_size": 8,
+                "max_epoch": 2,
+                "test_interval": 1,
+                "nClasses": 8,
+                "device": "cpu",
+                "bootstrap": 20,
+                "backends": ["none", "asnorm", "mean"],
+                "asnorm_topk": 5,
+            }
+        )
+    )
     save = root / "exp"
     m_trainer.main(["--config", str(cfg), "--save_path", str(save)])
     m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--check"])
-    lists = {path.name.split("_", 1)[1]: sorted(" ".join(store_key(f) for f in line.split())
-                                                for line in path.read_text().splitlines())
-             for path in sorted((root / "lists").glob("*_list.txt"))}
+    lists = {
+        path.name.split("_", 1)[1]: sorted(
+            " ".join(store_key(f) for f in line.split()) for line in path.read_text().splitlines()
+        )
+        for path in sorted((root / "lists").glob("*_list.txt"))
+    }
     check = json.loads((save / "result" / "check.json").read_text())
-    return {"lists": lists, "scores": numbers((save / "result" / "scores.txt").read_text()),
-            "check": json_numbers(check), "trials": np.load(save / "result" / "trials_test.npz")["original"]}
+    return {
+        "lists": lists,
+        "scores": numbers((save / "result" / "scores.txt").read_text()),
+        "check": json_numbers(check),
+        "trials": np.load(save / "result" / "trials_test.npz")["original"],
+    }
 
 
 def test_kaldi_and_vector_trees_give_the_same_lists_losses_and_eer(tmp_path):
@@ -347,11 +390,21 @@ def test_trainer_reads_a_store_path_in_process(packed, tmp_path):
     """m_trainer's reading needs no change: a packed store path stands in for the tree."""
     make_lists(packed, "p", tmp_path / "lists", seed=1, kinds=("normal", "test"))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "train_list": str(tmp_path / "lists" / "p_normal_list.txt"),
-        "train_path": str(packed / "embeddings.store"),
-        "test_list": str(tmp_path / "lists" / "p_test_list.txt"), "test_path": str(packed),
-        "nOut": DIM, "batch_size": 4, "max_epoch": 1, "nClasses": 4, "device": "cpu"}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "train_list": str(tmp_path / "lists" / "p_normal_list.txt"),
+                "train_path": str(packed / "embeddings.store"),
+                "test_list": str(tmp_path / "lists" / "p_test_list.txt"),
+                "test_path": str(packed),
+                "nOut": DIM,
+                "batch_size": 4,
+                "max_epoch": 1,
+                "nClasses": 4,
+                "device": "cpu",
+            }
+        )
+    )
     torch.manual_seed(0)
     m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "exp")])
     assert "Epoch 1" in (tmp_path / "exp" / "result" / "scores.txt").read_text()

@@ -13,8 +13,22 @@ import m_gen_list
 import m_trainer
 
 # The toy embeddings are 24-dimensional; one short epoch and few resamples keep the test fast.
-SMALL = ["--nOut", "24", "--max_epoch", "1", "--test_interval", "1", "--batch_size", "32",
-         "--bootstrap", "20", "--device", "cpu", "--nDataLoaderThread", "0"]
+SMALL = [
+    "--nOut",
+    "24",
+    "--max_epoch",
+    "1",
+    "--test_interval",
+    "1",
+    "--batch_size",
+    "32",
+    "--bootstrap",
+    "20",
+    "--device",
+    "cpu",
+    "--nDataLoaderThread",
+    "0",
+]
 
 
 def run_template(name: str, *mode: str) -> None:
@@ -28,12 +42,23 @@ def list_sources(run: Path) -> dict:
 
 def test_voxceleb_template(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
-    trees = {"vox2": ("voxceleb2", 10), "vox1_dev": ("voxceleb1_dev", 4),
-             "vox1_test": ("voxceleb1_test", 4), "libri": ("librispeech", 4)}
+    trees = {
+        "vox2": ("voxceleb2", 10),
+        "vox1_dev": ("voxceleb1_dev", 4),
+        "vox1_test": ("voxceleb1_test", 4),
+        "libri": ("librispeech", 4),
+    }
     for seed, (name, (tree, speakers)) in enumerate(trees.items()):
         embed_dir = f"data/embeddings/{tree}"
-        make_embedding_tree(Path(embed_dir), speakers=speakers, sessions=2, utterances=3, seed=seed,
-                            prefix=f"i{seed}", libri=name == "libri")
+        make_embedding_tree(
+            Path(embed_dir),
+            speakers=speakers,
+            sessions=2,
+            utterances=3,
+            seed=seed,
+            prefix=f"i{seed}",
+            libri=name == "libri",
+        )
         m_comb_embs.main(["--embed_dir", embed_dir])
         m_gen_list.main(["--embed_dir", embed_dir, "--filename", name])
     # The official VoxCeleb1-O list names audio files: the same trials with .wav paths
@@ -54,8 +79,10 @@ def test_voxceleb_template(tmp_path, monkeypatch, one_thread):
 
 def write_xvectors(tree: Path, folder: Path) -> list[str]:
     """A WeSpeaker embedding folder (xvector.scp + .ark, utt2spk) of a tree's crop means; its keys."""
-    arrays = {str(path.relative_to(tree).with_suffix(".wav")): np.load(path).mean(axis=0)
-              for path in sorted(tree.rglob("*.npy"))}
+    arrays = {
+        str(path.relative_to(tree).with_suffix(".wav")): np.load(path).mean(axis=0)
+        for path in sorted(tree.rglob("*.npy"))
+    }
     folder.mkdir(parents=True)
     kaldiio.save_ark(str((folder / "xvector.ark").resolve()), arrays, scp=str(folder / "xvector.scp"))
     (folder / "utt2spk").write_text("".join(f"{key} {key.split('/')[0]}\n" for key in arrays))
@@ -66,15 +93,25 @@ def test_wespeaker_template(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     embeddings = Path("exp/resnet34/embeddings")
     for seed, (name, speakers) in enumerate((("vox2_dev", 10), ("vox1", 4))):
-        tree = make_embedding_tree(tmp_path / "trees" / name, speakers=speakers, sessions=2, utterances=3,
-                                   seed=seed, prefix=f"i{seed}")
+        tree = make_embedding_tree(
+            tmp_path / "trees" / name,
+            speakers=speakers,
+            sessions=2,
+            utterances=3,
+            seed=seed,
+            prefix=f"i{seed}",
+        )
         keys = write_xvectors(tree, embeddings / name)
         scp = str(embeddings / name / "xvector.scp")
         m_comb_embs.main(["--embed_dir", scp])
-        m_gen_list.main(["--embed_dir", scp, "--filename", f"wespeaker_{name.split('_')[0]}",
-                         "--lists", "normal"])
-    trials = [f"{a} {b} {'target' if a.split('/')[0] == b.split('/')[0] else 'nontarget'}"
-              for i, a in enumerate(keys) for b in keys[i + 1:i + 4]]
+        m_gen_list.main(
+            ["--embed_dir", scp, "--filename", f"wespeaker_{name.split('_')[0]}", "--lists", "normal"]
+        )
+    trials = [
+        f"{a} {b} {'target' if a.split('/')[0] == b.split('/')[0] else 'nontarget'}"
+        for i, a in enumerate(keys)
+        for b in keys[i + 1 : i + 4]
+    ]
     Path("data/vox1/trials").mkdir(parents=True)
     Path("data/vox1/trials/vox1_O_cleaned.kaldi").write_text("\n".join(trials) + "\n")
 
@@ -88,4 +125,3 @@ def test_wespeaker_template(tmp_path, monkeypatch, one_thread):
     enhanced = dict(kaldiio.load_scp(str(run / "enhanced" / "xvector.scp")))
     assert sorted(enhanced) == sorted(keys)
     assert {value.shape for value in enhanced.values()} == {(24,)}
-

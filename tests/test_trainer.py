@@ -18,9 +18,14 @@ from m_utils import FAULT_EXIT_STATUS, FAULT_VARIABLE, UserError, hyper_paramete
 def test_every_loss_trains_an_epoch(data, tmp_path, trainfunc):
     kind = LOSSES[trainfunc].list_kind
     lists = data / "lists"
-    cfg = config(data, tmp_path, trainfunc=trainfunc, max_epoch=1,
-                 train_list=str(lists / f"train_{kind}_list.txt"),
-                 valid_list=str(lists / f"train_{kind}_list.txt"))
+    cfg = config(
+        data,
+        tmp_path,
+        trainfunc=trainfunc,
+        max_epoch=1,
+        train_list=str(lists / f"train_{kind}_list.txt"),
+        valid_list=str(lists / f"train_{kind}_list.txt"),
+    )
     lines = train(cfg, tmp_path / "exp")
     assert len(lines) == 2
     assert parse_score_line(lines[0])[0] is False
@@ -72,10 +77,22 @@ def test_trainer_epochs_equal_a_plain_loop(data, trainfunc):
 def test_score_lines_keep_the_original_format():
     train = score_line({"Epoch": 7, "TLOSS": 0.25, "LR": 0.00095}, validation=False)
     assert train == "Epoch 7, TLOSS 0.250000, LR 0.000950"
-    val = score_line({"Epoch": 10, "VLoss": 0.5, "VEER": 3.14159, "VEER_LIBRI": float("nan"),
-                      "Vacc": -0.0, "VMINDCF": 0.41234, "VMINDCF_LIBRI": 0.5}, validation=True)
-    assert val == ("--Val-- Epoch 10, VLoss 0.500000, VEER 3.1416, VEER_LIBRI nan, Vacc 0.0000, "
-                   "VMINDCF 0.4123, VMINDCF_LIBRI 0.5000")
+    val = score_line(
+        {
+            "Epoch": 10,
+            "VLoss": 0.5,
+            "VEER": 3.14159,
+            "VEER_LIBRI": float("nan"),
+            "Vacc": -0.0,
+            "VMINDCF": 0.41234,
+            "VMINDCF_LIBRI": 0.5,
+        },
+        validation=True,
+    )
+    assert val == (
+        "--Val-- Epoch 10, VLoss 0.500000, VEER 3.1416, VEER_LIBRI nan, Vacc 0.0000, "
+        "VMINDCF 0.4123, VMINDCF_LIBRI 0.5000"
+    )
     assert parse_score_line(train) == (False, {"Epoch": 7.0, "TLOSS": 0.25, "LR": 0.00095})
     _, values = parse_score_line("--Val-- Epoch 2, VLoss 1.1, VEER 20.0, VEER_LIBRI 25.5, Vacc -1.0000")
     assert values["Vacc"] == -1.0 and np.isnan(values["VMINDCF"])  # the original's line, no minDCF
@@ -86,14 +103,22 @@ def test_score_lines_keep_the_original_format():
 def check_lines(output: str) -> dict[str, tuple[float, float]]:
     found = {}
     for name, original, processed in re.findall(
-            r"\[(\w+) original EER\] ([\d.]+), \[\w+ processed EER\] ([\d.]+)", output):
+        r"\[(\w+) original EER\] ([\d.]+), \[\w+ processed EER\] ([\d.]+)", output
+    ):
         found[name] = (float(original), float(processed))
     return found
 
 
 def test_mse_cs_learns_the_session_offset(data, tmp_path, capsys):
-    cfg = config(data, tmp_path, trainfunc="MSE_CS", max_epoch=20, test_interval=20,
-                 multiple_embedding_flag="C", batch_size=8)
+    cfg = config(
+        data,
+        tmp_path,
+        trainfunc="MSE_CS",
+        max_epoch=20,
+        test_interval=20,
+        multiple_embedding_flag="C",
+        batch_size=8,
+    )
     train(cfg, tmp_path / "exp")
     capsys.readouterr()
     m_trainer.main(["--config", str(cfg), "--save_path", str(tmp_path / "exp"), "--check"])
@@ -127,8 +152,13 @@ def test_identical_runs_and_resume_after_interruption(data, tmp_path):
 
 
 def test_generate_and_eval(data, tmp_path, capsys):
-    cfg = config(data, tmp_path, trainfunc="CS", gen_list=str(data / "lists" / "libri_normal_list.txt"),
-                 gen_path=str(data / "libri"))
+    cfg = config(
+        data,
+        tmp_path,
+        trainfunc="CS",
+        gen_list=str(data / "lists" / "libri_normal_list.txt"),
+        gen_path=str(data / "libri"),
+    )
     save = tmp_path / "exp"
     train(cfg, save, "--max_epoch", "1")
     m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--generate"])
@@ -154,15 +184,33 @@ def test_generate_writes_kaldi_and_packed_stores_with_the_tree_values(data, tmp_
     from stores.keys import store_key
     from stores.open import open_store
 
-    cfg = config(data, tmp_path, trainfunc="CS", gen_list=str(data / "lists" / "libri_normal_list.txt"),
-                 gen_path=str(data / "libri"))
+    cfg = config(
+        data,
+        tmp_path,
+        trainfunc="CS",
+        gen_list=str(data / "lists" / "libri_normal_list.txt"),
+        gen_path=str(data / "libri"),
+    )
     save = tmp_path / "exp"
     train(cfg, save, "--max_epoch", "1")
     for kind in ("tree", "kaldi", "packed"):
-        m_trainer.main(["--config", str(cfg), "--save_path", str(save), "--generate", "--gen_format", kind,
-                        "--gen_target_dir", f"enhanced_{kind}"])
-    tree = {store_key(path.relative_to(save / "enhanced_tree").as_posix()): np.load(path)[0]
-            for path in (save / "enhanced_tree").rglob("*.npy")}
+        m_trainer.main(
+            [
+                "--config",
+                str(cfg),
+                "--save_path",
+                str(save),
+                "--generate",
+                "--gen_format",
+                kind,
+                "--gen_target_dir",
+                f"enhanced_{kind}",
+            ]
+        )
+    tree = {
+        store_key(path.relative_to(save / "enhanced_tree").as_posix()): np.load(path)[0]
+        for path in (save / "enhanced_tree").rglob("*.npy")
+    }
     scp = dict(kaldiio.load_scp(str(save / "enhanced_kaldi" / "xvector.scp")))
     entries = (data / "lists" / "libri_normal_list.txt").read_text().split()[1::2]
     assert {store_key(key) for key in scp} == tree.keys() == {store_key(rel) for rel in entries}
@@ -242,8 +290,9 @@ def test_every_hyper_parameter_is_an_option():
         assert not missing, f"{cls.__name__}: {missing}"
 
 
-def test_a_hyper_parameter_without_an_option_is_an_error_and_an_unused_one_is_said(tmp_path, monkeypatch,
-                                                                                    caplog):
+def test_a_hyper_parameter_without_an_option_is_an_error_and_an_unused_one_is_said(
+    tmp_path, monkeypatch, caplog
+):
     import models.m_Models
 
     class Widened(models.m_Models.MyLinearNetv2):
@@ -276,10 +325,11 @@ def test_trainer_options_reach_the_trainer_by_name(data, tmp_path):
 
 def test_missing_data_says_which_script_makes_it(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"train_list: {tmp_path}/none_normal_list.txt\ntrain_path: {tmp_path}\n"
-                   f"test_list: {tmp_path}/none_test.txt\ntest_path: {tmp_path}\n")
-    result = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(tmp_path / "x"),
-                        check=False)
+    cfg.write_text(
+        f"train_list: {tmp_path}/none_normal_list.txt\ntrain_path: {tmp_path}\n"
+        f"test_list: {tmp_path}/none_test.txt\ntest_path: {tmp_path}\n"
+    )
+    result = run_script("m_trainer.py", "--config", str(cfg), "--save_path", str(tmp_path / "x"), check=False)
     assert result.returncode == 2
     assert "none_test.txt does not exist (m_gen_list.py makes it)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -316,8 +366,9 @@ def test_other_training_data_is_refused_unless_restart_says_what_to_do(data, tmp
     with pytest.raises(UserError) as refused:
         train(cfg, save, "--train_list", str(other_list), "--lr", "0.01")
     message = str(refused.value)
-    assert message.startswith(f"{save / 'model' / 'training.json'}: {save} was trained with other data or "
-                              "settings: train_list ")
+    assert message.startswith(
+        f"{save / 'model' / 'training.json'}: {save} was trained with other data or settings: train_list "
+    )
     assert f"(this run: '{other_list}')" in message and "lr 0.001 (this run: 0.01)" in message
     assert "train_list content (sha256)" in message and "--restart resume" in message
     assert (save / "model" / "model000000001.model").read_bytes() == weights
@@ -332,7 +383,7 @@ def test_restart_resume_goes_on_and_restart_new_moves_the_old_run_aside(data, tm
     first = train(cfg, save)
     weights = (save / "model" / "model000000001.model").read_bytes()
     resumed = train(cfg, save, "--lr", "0.01", "--max_epoch", "2", "--restart", "resume")
-    assert resumed[:len(first)] == first and len(resumed) == len(first) + 2
+    assert resumed[: len(first)] == first and len(resumed) == len(first) + 2
     assert train(cfg, save, "--lr", "0.01", "--max_epoch", "2") == resumed  # recorded: no question now
     anew = train(cfg, save, "--restart", "new")
     assert anew == train(cfg, tmp_path / "fresh")

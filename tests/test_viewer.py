@@ -50,10 +50,12 @@ def long_scores(epochs: int = 40, interval: int = 5, offset: float = 0.0) -> str
         lr = 0.001 * 0.95 ** (e // interval)
         lines.append(f"Epoch {e}, TLOSS {1 / (1 + 0.2 * e) + offset:f}, LR {lr:f}")
         if e % interval == 0:
-            lines.append(f"--Val-- Epoch {e}, VLoss {1.1 / (1 + 0.2 * e) + offset:f}, "
-                         f"VEER {8 + 10 / (1 + 0.3 * e) + offset:2.4f}, "
-                         f"VEER_LIBRI {12 + 12 / (1 + 0.2 * e) + offset:2.4f}, Vacc 0.0000, "
-                         f"VMINDCF 0.5000, VMINDCF_LIBRI 0.6000")
+            lines.append(
+                f"--Val-- Epoch {e}, VLoss {1.1 / (1 + 0.2 * e) + offset:f}, "
+                f"VEER {8 + 10 / (1 + 0.3 * e) + offset:2.4f}, "
+                f"VEER_LIBRI {12 + 12 / (1 + 0.2 * e) + offset:2.4f}, Vacc 0.0000, "
+                f"VMINDCF 0.5000, VMINDCF_LIBRI 0.6000"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -86,18 +88,22 @@ def test_parse_old_format_has_no_mindcf(tmp_path):
     np.testing.assert_array_equal(scores.epoch, [1, 2])
     np.testing.assert_allclose(scores.tloss, [1.25, 1.0])
     np.testing.assert_array_equal(scores.val_epoch, [2])
-    np.testing.assert_allclose([scores.vloss[0], scores.veer[0], scores.veer_libri[0], scores.vacc[0]],
-                               [1.1, 20.0, 25.5, 0.1])
+    np.testing.assert_allclose(
+        [scores.vloss[0], scores.veer[0], scores.veer_libri[0], scores.vacc[0]], [1.1, 20.0, 25.5, 0.1]
+    )
     assert np.isnan(scores.vmindcf).all() and np.isnan(scores.vmindcf_libri).all()
 
 
-@pytest.mark.parametrize("bad_line, hint", [
-    ("Epoch 3, TLOSS 0.1", "Epoch N, TLOSS x, LR x"),
-    ("Epoch three, TLOSS 0.1, LR 0.001", "Epoch must be an integer"),
-    ("--Val-- Epoch 3, VLoss 0.1, VEER abc, VEER_LIBRI 1, Vacc 0", "VEER must be a number"),
-    ("--Val-- Epoch 3, VLoss 0.1, VEER 1, VEER_LIBRI 1, Vacc 0, VMINDCF 0.4", "VMINDCF_LIBRI x"),
-    ("some text", "Epoch N"),
-])
+@pytest.mark.parametrize(
+    "bad_line, hint",
+    [
+        ("Epoch 3, TLOSS 0.1", "Epoch N, TLOSS x, LR x"),
+        ("Epoch three, TLOSS 0.1, LR 0.001", "Epoch must be an integer"),
+        ("--Val-- Epoch 3, VLoss 0.1, VEER abc, VEER_LIBRI 1, Vacc 0", "VEER must be a number"),
+        ("--Val-- Epoch 3, VLoss 0.1, VEER 1, VEER_LIBRI 1, Vacc 0, VMINDCF 0.4", "VMINDCF_LIBRI x"),
+        ("some text", "Epoch N"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, bad_line, hint):
     text = NEW_FORMAT.replace("Epoch 4, TLOSS 0.500000, LR 0.000950", bad_line)
     path = write_scores(tmp_path / "run", text)
@@ -118,8 +124,13 @@ def test_missing_and_empty_scores_file(tmp_path):
 def test_script_exits_2_with_error_on_malformed_line(tmp_path):
     run = tmp_path / "run"
     write_scores(run, "Epoch 1, TLOSS 0.5, LR 0.001\nEpoch 2, TLOSS oops, LR 0.001\n")
-    done = subprocess.run([sys.executable, str(ROOT / "m_viewer.py"), "--save_path", str(run)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "m_viewer.py"), "--save_path", str(run)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.startswith("error: ")
     assert "scores.txt:2:" in done.stderr and "TLOSS must be a number" in done.stderr
@@ -188,16 +199,18 @@ def test_comparison_defaults_to_first_run_result(tmp_path):
 # DET curves
 
 
-def write_trials(path: Path, embedding_type: str = "C", n: int = 2000,
-                 seed: int = 0) -> tuple[np.ndarray, ...]:
+def write_trials(
+    path: Path, embedding_type: str = "C", n: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, ...]:
     """Labels, overlapping original scores and separable processed scores, saved as the trainer does."""
     rng = np.random.default_rng(seed)
     labels = (np.arange(n) % 2).astype(np.int8)
-    original = rng.normal(labels * 1.5, 1.0).astype(np.float32)     # overlapping classes
+    original = rng.normal(labels * 1.5, 1.0).astype(np.float32)  # overlapping classes
     processed = (labels * 10.0 + rng.uniform(0, 1, n)).astype(np.float32)  # separable
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, labels=labels, original=original, processed=processed,
-             embedding_type=np.array(embedding_type))
+    np.savez(
+        path, labels=labels, original=original, processed=processed, embedding_type=np.array(embedding_type)
+    )
     return labels, original, processed
 
 
@@ -213,11 +226,15 @@ def test_det_figure_from_saved_trial_scores(tmp_path, capsys):
 
 def test_det_titles_say_what_each_back_ends_scores_are():
     assert m_viewer.score_meanings(["none", "asnorm", "plda", "qmf"], "C") == [
-        "none: -(cosine distance)", "asnorm: AS-Norm of -(cosine distance)",
+        "none: -(cosine distance)",
+        "asnorm: AS-Norm of -(cosine distance)",
         "plda: PLDA log-likelihood ratio (after LDA and length norm)",
-        "qmf: QMF log-odds (base back-end's score and durations)"]
+        "qmf: QMF log-odds (base back-end's score and durations)",
+    ]
     assert m_viewer.score_meanings(["none", "mean"], "B") == [
-        "none: -(L2 distance)", "mean: -(cosine distance) after subtracting the training mean"]
+        "none: -(L2 distance)",
+        "mean: -(cosine distance) after subtracting the training mean",
+    ]
 
 
 def test_results_table_of_original_and_enhanced(tmp_path, capsys):
@@ -250,14 +267,20 @@ def test_det_legend_and_eer_point(tmp_path):
 
 
 def test_probit_axis():
-    np.testing.assert_allclose(m_viewer.probit([50, 15.865525393145708, 97.72498680518208]),
-                               [0, -1, 2], atol=1e-9)
+    np.testing.assert_allclose(
+        m_viewer.probit([50, 15.865525393145708, 97.72498680518208]), [0, -1, 2], atol=1e-9
+    )
     assert np.isfinite(m_viewer.probit([0, 100])).all()
 
 
 def test_bad_trial_file(tmp_path):
-    np.savez(tmp_path / "t.npz", labels=np.ones(3, np.int8), original=np.zeros(3), processed=np.zeros(3),
-             metric=np.array("C"))
+    np.savez(
+        tmp_path / "t.npz",
+        labels=np.ones(3, np.int8),
+        original=np.zeros(3),
+        processed=np.zeros(3),
+        metric=np.array("C"),
+    )
     with pytest.raises(UserError, match="non-target"):
         m_viewer.load_trial_scores(tmp_path / "t.npz")
     np.savez(tmp_path / "u.npz", labels=np.ones(3, np.int8))
@@ -339,8 +362,18 @@ def test_pair_distances_match_numpy(embedding_tree):
 
 def test_histogram_script_prints_the_means(embedding_tree, capsys):
     t = embedding_tree
-    written = m_viewer.make_figures(["--save_path", str(t["run"]), "--dist_list", str(t["list"]),
-                                     "--embed_dir", str(t["embed"]), "--seed", "3"])
+    written = m_viewer.make_figures(
+        [
+            "--save_path",
+            str(t["run"]),
+            "--dist_list",
+            str(t["list"]),
+            "--embed_dir",
+            str(t["embed"]),
+            "--seed",
+            "3",
+        ]
+    )
     result = t["run"] / "result"
     assert written == [result / "dist_hist.png", result / "dist_hist.txt"]
     assert_png(result / "dist_hist.png", min_kb=30)
@@ -363,8 +396,9 @@ def test_histograms_skipped_without_enhanced_tree(embedding_tree, capsys, tmp_pa
     t = embedding_tree
     run = tmp_path / "bare"
     write_scores(run, long_scores())
-    m_viewer.make_figures(["--save_path", str(run), "--dist_list", str(t["list"]),
-                           "--embed_dir", str(t["embed"])])
+    m_viewer.make_figures(
+        ["--save_path", str(run), "--dist_list", str(t["list"]), "--embed_dir", str(t["embed"])]
+    )
     assert "skipped bare dist_hist.png" in capsys.readouterr().out
     assert not (run / "result" / "dist_hist.png").exists()
 
@@ -378,8 +412,9 @@ def test_incomplete_enhanced_tree_is_a_clear_error(embedding_tree):
 
 def test_dist_list_needs_embed_dir(embedding_tree):
     with pytest.raises(UserError, match="--embed_dir"):
-        m_viewer.make_figures(["--save_path", str(embedding_tree["run"]),
-                               "--dist_list", str(embedding_tree["list"])])
+        m_viewer.make_figures(
+            ["--save_path", str(embedding_tree["run"]), "--dist_list", str(embedding_tree["list"])]
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,8 +441,11 @@ def test_eval_after_check_keeps_the_original_scores(data, tmp_path, capsys):
     np.testing.assert_allclose(saved.enhanced, evaluated, atol=1e-6)
     capsys.readouterr()
     m_viewer.main(["--save_path", str(save)])
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("exp ")
-               and "test list" in line)
+    row = next(
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("exp ") and "test list" in line
+    )
     eer = m_viewer.compute_eer(checked.original, checked.labels)[0]
     assert f"{eer:.2f}" in row.split() and row.endswith("better")
 
@@ -415,12 +453,21 @@ def test_eval_after_check_keeps_the_original_scores(data, tmp_path, capsys):
 def write_check(path: Path, seconds: dict[str, float | None], eer: float) -> None:
     """A check*.json with the test and libri lists' none-back-end EERs, their durations
     (a manifest's max_seconds, or none: full length) in its sources record."""
-    sources = {trials: {"manifest": {"max_seconds": value} if value else None}
-               for trials, value in seconds.items()}
+    sources = {
+        trials: {"manifest": {"max_seconds": value} if value else None} for trials, value in seconds.items()
+    }
     records = [{"trials": None, "sources": sources}]
-    records += [{"trials": trials, "system": system, "backend": "none", "eer": eer + k,
-                 "eer_ci95": [eer + k - 1, eer + k + 1]}
-                for trials in seconds for k, system in enumerate(("original", "enhanced"))]
+    records += [
+        {
+            "trials": trials,
+            "system": system,
+            "backend": "none",
+            "eer": eer + k,
+            "eer_ci95": [eer + k - 1, eer + k + 1],
+        }
+        for trials in seconds
+        for k, system in enumerate(("original", "enhanced"))
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records))
 
@@ -437,8 +484,10 @@ def test_two_results_at_one_duration_keep_the_more_recent_and_draw_the_rest(tmp_
     written = m_viewer.make_figures(["--save_path", str(run)])
     assert run / "result" / "eer_duration.png" in written and run / "result" / "fig.png" in written
     out = capsys.readouterr().out
-    assert (f"warning: {run / 'result' / 'check.json'} and {run / 'result' / 'check_2s.json'} both hold "
-            f"libri results at test duration full: drawn from {run / 'result' / 'check_2s.json'} (written "
-            f"last), not from {run / 'result' / 'check.json'}") in out
+    assert (
+        f"warning: {run / 'result' / 'check.json'} and {run / 'result' / 'check_2s.json'} both hold "
+        f"libri results at test duration full: drawn from {run / 'result' / 'check_2s.json'} (written "
+        f"last), not from {run / 'result' / 'check.json'}"
+    ) in out
     table = (run / "result" / "eer_duration.txt").read_text()
     assert "test" in table and "libri" not in table.split("\n\n", 1)[1]  # one duration: not a series

@@ -27,8 +27,9 @@ VOX1H_SPEAKERS = 1_190
 PER_SPEAKER = 116  # utterances of each test speaker: 138,040 in all (the H list uses about 137,000)
 
 
-def vox1h_list(seed: int = 0, trials: int = VOX1H_TRIALS, speakers: int = VOX1H_SPEAKERS,
-               per_speaker: int = PER_SPEAKER) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def vox1h_list(
+    seed: int = 0, trials: int = VOX1H_TRIALS, speakers: int = VOX1H_SPEAKERS, per_speaker: int = PER_SPEAKER
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(utterance_speaker, left, right, labels): `speakers` speakers with `per_speaker` utterances
     each (rows grouped by speaker); half the trials target (two different utterances of the left
     utterance's speaker), half non-target (an utterance of another speaker)."""
@@ -72,20 +73,28 @@ def enhanced(table: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timings of each case (the best is shown)")
-    parser.add_argument("--backends", nargs="+", default=["none"],
-                        help="back-ends of the evaluation timed (fitted on 5,994 speakers x 10 utterances)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["none"],
+        help="back-ends of the evaluation timed (fitted on 5,994 speakers x 10 utterances)",
+    )
     args = parser.parse_args()
     utterance_speaker, left, right, labels = vox1h_list()
     embeddings = vox1h_embeddings(utterance_speaker)
     scores = [score_trials(table, left, right, cosine=True) for table in (embeddings, enhanced(embeddings))]
     speakers = utterance_speaker[left]
-    print(f"{len(labels):,} trials, {len(np.unique(speakers)):,} speakers; EER original "
-          f"{compute_eer(scores[0], labels)[0]:.4f}, enhanced {compute_eer(scores[1], labels)[0]:.4f}")
+    print(
+        f"{len(labels):,} trials, {len(np.unique(speakers)):,} speakers; EER original "
+        f"{compute_eer(scores[0], labels)[0]:.4f}, enhanced {compute_eer(scores[1], labels)[0]:.4f}"
+    )
     for resamples in (1, 1000):
         one = best_seconds(partial(bootstrap_eer, scores[0], labels, speakers, resamples), args.repeats)
         paired = best_seconds(partial(bootstrap_eer, scores, labels, speakers, resamples), args.repeats)
-        print(f"bootstrap_eer, {resamples} resamples: one system {one:.2f} s, "
-              f"two systems (paired) {paired:.2f} s")
+        print(
+            f"bootstrap_eer, {resamples} resamples: one system {one:.2f} s, "
+            f"two systems (paired) {paired:.2f} s"
+        )
     trials = TrialList("vox1h", "vox1h.txt", labels, left, right, [], embeddings, speakers)
     systems = {"original": np.asarray, "enhanced": enhanced}
     training_speakers = np.repeat(np.arange(5_994), 10)
@@ -93,8 +102,10 @@ def main() -> None:
     for resamples in (1, 1000):
         settings = Settings(args.backends, cosine=True, resamples=resamples)
         seconds = best_seconds(partial(evaluate, [trials], systems, settings, train), args.repeats)
-        print(f"evaluate (two systems, back-ends {' '.join(settings.names())}), {resamples} resamples: "
-              f"{seconds:.2f} s")
+        print(
+            f"evaluate (two systems, back-ends {' '.join(settings.names())}), {resamples} resamples: "
+            f"{seconds:.2f} s"
+        )
 
 
 if __name__ == "__main__":
