@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -70,6 +69,7 @@ from bench_measure import (
     SHARE_KEY,
     PeakMeter,
     StageResult,
+    in_child,
     say,
 )
 from bench_stages import (
@@ -200,31 +200,22 @@ def warm_up(device: torch.device) -> None:
     optimizer.step()
 
 
-def stage_child(name: str, args: argparse.Namespace, tree: Tree | None, send) -> None:
+def stage_child(name: str, args: argparse.Namespace, tree: Tree | None) -> tuple[StageResult, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
     warm_up(args.device)
     meter = PeakMeter()
     result = STAGE[name].runner(args, tree, meter)
-    send.send((result, meter.base))
+    return result, meter.base
 
 
 def run_isolated(name: str, args: argparse.Namespace, tree: Tree | None) -> tuple[StageResult, float]:
     """Run one stage in a forked child (its own peak memory); returns its result and base RSS."""
-    context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=stage_child, args=(name, args, tree, send))
-    process.start()
-    send.close()
     try:
-        result = receive.recv()
-    except EOFError:
-        result = None
-    process.join()
-    if process.exitcode != 0 or result is None:
-        raise SystemExit(f"bench: stage {name} failed (exit code {process.exitcode})")
-    return result
+        return in_child(lambda: stage_child(name, args, tree))  # (StageResult, base RSS)
+    except RuntimeError as err:
+        raise SystemExit(f"bench: stage {name} failed ({err})") from None
 
 
 # ----------------------------------------------------------------------------------------------

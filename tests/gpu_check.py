@@ -30,11 +30,12 @@ import soundfile
 import torch
 import yaml
 from audio_files import voice_like, write_encoded
-from bench import timed
 from conftest import make_embedding_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_measure import timed  # noqa: E402 (it imports the project's modules)
 
 import models.GE2E  # noqa: E402
 from m_comb_embs import combine  # noqa: E402
