@@ -21,8 +21,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --no-deps resemblyzer==0.1.4
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
-	$(PY) -m pip install -q -r requirements-dev.txt
+# The test and lint tools, pinned so that a format or type check gives the same verdict everywhere
+DEV_TOOLS := "pytest>=8" ruff==0.17.6 mypy==2.4.1 types-PyYAML==6.0.12.20261122
+
+$(VENV)/.installed-dev: $(VENV)/.installed Makefile
+	$(PY) -m pip install -q $(DEV_TOOLS)
 	touch $@
 
 test: install-dev
