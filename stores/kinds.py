@@ -24,6 +24,8 @@ from stores.write import beside, kaldi_written, pack_arrays, tree_written, write
 
 @dataclass(frozen=True)
 class StoreKind:
+    """A kind of embedding store: a row of KINDS (the functions it names take the store's path)."""
+
     name: str  # as gen_format names it
     suffix: str | None  # the suffix of its path; None: a folder (any path no other kind claims)
     open: Callable[[Path], EmbeddingSource]  # what runs read (a source through its fresh packed store)

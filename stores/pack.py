@@ -158,8 +158,9 @@ class TreePacker:
 
 
 def pack_tree(embed_dir: Path, dtype: str, threads: int, pack: bool) -> int:
-    """Write the B and C files of every speaker folder of a tree beside it and, with `pack`, the
-    tree's packed store, reading files on `threads` threads. Returns the number of speakers."""
+    """Write the B and C files of every speaker folder of a tree beside the folders and, with
+    `pack`, the tree's packed store, reading files on `threads` threads. Returns the number of
+    speakers."""
     folders = tree_speakers(embed_dir)
     sources = tree_sources(embed_dir)  # stamped before reading: a file changed later is seen
     files_of: dict[str, list[str]] = {folder.name: [] for folder in folders}
