@@ -26,10 +26,8 @@ import numpy as np
 
 from m_DataLoader import LIST_KINDS, Corpus, list_kind
 from m_utils import Option, Options, UserError, add_options, run_main, setup_logging, write_text_atomic
-from stores.kaldi import KaldiSource
-from stores.keys import key_category, key_speaker, store_key
-from stores.open import open_store
-from stores.stamps import STORE_SUFFIX, folder_files, scp_entries, speaker_folders
+from stores.keys import key_category, store_key
+from stores.kinds import kind_of
 
 EMBED_DIR = "data/embeddings/voxceleb1"
 FILENAME = "vox1"
@@ -62,17 +60,6 @@ ENROLL_STREAM = 100  # the seed stream of the enrolment lists (LIST_KINDS use th
 log = logging.getLogger("m_gen_list")
 
 
-def tree_paths(embed_dir: Path) -> list[str]:
-    """Every `<spk>/<category>/.../<file>.npy` below embed_dir (speaker files, hidden names and
-    packed stores ignored), relative to it."""
-    paths = []
-    for folder in speaker_folders(embed_dir):
-        paths += [rel for rel in folder_files(folder) if rel.count("/") >= 2]
-    if not paths:
-        raise UserError(f"{embed_dir}: no <speaker>/<category>/<file>.npy embeddings found")
-    return paths
-
-
 def corpus_of(paths: list[str], speaker_names: list[str]) -> Corpus:
     """The Corpus of list paths and their speakers, sorted by speaker, then as a tree's paths."""
     order = sorted(
@@ -89,19 +76,9 @@ def corpus_of(paths: list[str], speaker_names: list[str]) -> Corpus:
 
 
 def scan(embed_dir: Path) -> Corpus:
-    """The utterances of a tree, a Kaldi .scp or a packed store."""
-    if embed_dir.suffix == ".scp":
-        source = KaldiSource(embed_dir, scp_entries(embed_dir))
-        paths = [utt for utt, _ in source.entries]
-        return corpus_of(paths, source.speaker_of(paths))
-    if embed_dir.suffix == STORE_SUFFIX:
-        store = open_store(embed_dir)
-        of_rows = store.speaker_of_rows()
-        return corpus_of(list(store.keys), [store.speakers[s] for s in of_rows])
-    if not embed_dir.is_dir():
-        raise UserError(f"{embed_dir}: embedding folder not found (m_gen_embs.py writes it)")
-    paths = tree_paths(embed_dir)
-    return corpus_of(paths, [key_speaker(path) for path in paths])
+    """The utterances of a store (a tree, a Kaldi .scp, a packed store...), as its kind lists them."""
+    paths, speakers = kind_of(embed_dir).scan(embed_dir)
+    return corpus_of(paths, speakers)
 
 
 def make_lists(

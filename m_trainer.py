@@ -83,7 +83,7 @@ from scoring.report import (
     write_score_file,
 )
 from stores.arrays import embedding_type_of
-from stores.write import GEN_FORMATS, gen_format_of, gen_target, write_embeddings
+from stores.kinds import KINDS, generated_kind
 
 log = logging.getLogger("m_trainer")
 
@@ -177,7 +177,7 @@ OPTIONS: Options = {
         str,
         "what --generate writes: tree (one .npy per entry), kaldi (<gen_target_dir>/"
         "xvector.scp + .ark) or packed (<gen_target_dir>.store); default: the kind of gen_path",
-        choices=GEN_FORMATS,
+        choices=tuple(kind.name for kind in KINDS),
     ),
     "restart": Option(
         None,
@@ -931,40 +931,33 @@ def generate_mode(run: Run) -> None:
     enhanced = run.trainer.enhance(embeddings)
     if not run.ctx.is_main:
         return
-    kind = gen_format_of(a.gen_path, a.gen_format)
+    kind = generated_kind(a.gen_path, a.gen_format)
     target = generated_target(a)
-    folders = {target.parent} if kind != "tree" else {target} | {(target / rel).parent for rel in files}
-    clear_leftovers(sorted(folders), generated_names(target, kind), target)
-    target = write_embeddings(target, files, enhanced.astype(np.float32), kind)
-    log.info("wrote %d enhanced embeddings (%s) to %s", len(files), kind, target)
+    folders, names = kind.gen_written(target, files)
+    clear_leftovers(sorted(folders), names, target)
+    target = kind.write(target, files, enhanced.astype(np.float32))
+    log.info("wrote %d enhanced embeddings (%s) to %s", len(files), kind.name, target)
 
 
 def generated_target(args: argparse.Namespace) -> Path:
     """Where --generate writes: <gen_target_dir> (a tree), its xvector.scp or <gen_target_dir>.store."""
-    kind = gen_format_of(args.gen_path, args.gen_format)
-    return gen_target(Path(args.save_path) / args.gen_target_dir, kind)
-
-
-def generated_names(target: Path, kind: str) -> str:
-    """The pattern of the names --generate writes in its folders (their temporaries are leftovers)."""
-    if kind == "tree":
-        return r"[^/]+\.npy"
-    if kind == "kaldi":
-        return f"{re.escape(target.name)}|{re.escape(target.with_suffix('.ark').name)}"
-    return re.escape(target.name)
+    return generated_kind(args.gen_path, args.gen_format).gen_target(
+        Path(args.save_path) / args.gen_target_dir
+    )
 
 
 def generate_lock(args: argparse.Namespace) -> AbstractContextManager:
-    """One --generate at a time writes into a target: the lock of its folder (a tree's, a .scp's), or
-    for a packed store (a folder replaced whole) a lock file named after it beside it."""
+    """One --generate at a time writes into a target: the lock of gen_target_dir where the target is
+    that folder or in it (a tree, a .scp), else (a packed store, a folder replaced whole, beside
+    gen_target_dir in save_path) a lock file named after the target beside it."""
+    gen_dir = Path(args.save_path) / args.gen_target_dir
     target = generated_target(args)
-    kind = gen_format_of(args.gen_path, args.gen_format)
-    folder = target if kind == "tree" else target.parent
+    folder = target if target == gen_dir else target.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{folder}: cannot create the folder of --generate ({err.strerror})") from None
-    name = f".{target.name}{LOCK_NAME}" if kind == "packed" else LOCK_NAME
+    name = LOCK_NAME if folder == gen_dir else f".{target.name}{LOCK_NAME}"
     return run_lock(folder, "gen_target_dir", name)
 
 

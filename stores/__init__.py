@@ -18,17 +18,33 @@ Modules, by job:
   `embedding_type_of`, `combine_speaker`).
 - `stamps`: the files a store is built from and their stamps (`Sources`: size, mtime_ns,
   ctime_ns of each) and content hashes: speaker folders and files of a tree, `.scp` entries and
-  ark files, `store_path_of`.
+  ark files.
 - `fresh`: a store's record of its sources and the check of it (`check_store`): unchanged
   stamps, else the content hashed again; a verified store records the new stamps.
+  `fresh_store`: that check, once a minute per process (`forget_freshness`).
 - `source`: `EmbeddingSource`, what every store answers, and `Utterances`, what it gives.
-- `tree`, `kaldi`, `packed`: the three kinds (`TreeSource`, `KaldiSource`, `PackedStore` and the
-  packed layout).
-- `open`: `open_embeddings` (any kind, by path), `open_store` (a packed store, once per process),
-  `fresh_store` (the check, once a minute per process; `forget_freshness`). A tree read from its
-  files combines its speakers' B/C from them (stores.tree), never from the `<spk>.npy` files.
+- `tree`, `kaldi`, `packed`: the three kinds, each with its source (`TreeSource`, `KaldiSource`,
+  `PackedStore` and the packed layout), its open (`open_tree`, `open_scp`: through the packed
+  store while it is fresh; `open_store`: a packed store, once per process), what m_gen_list lists
+  of it (`tree_names`, `scp_names`, `store_names`) and, for a tree and a .scp, its freshness
+  stamp's hashes (`tree_hash_of`, `scp_hash_of`) and where its packed store lies. A tree read
+  from its files combines its speakers' B/C from them, never from the `<spk>.npy` files.
+- `kinds`: `KINDS`, one `StoreKind` row per kind (how its path is identified, open, scan, pack,
+  --generate's writer, target and written names), and the look-ups `kind_of` (by path),
+  `kind_named` (gen_format), `store_path_of`. Every choice that depends on a store's kind goes
+  through it.
+- `open`: `open_embeddings` (any kind, by path: its row's open).
+- `pack`: m_comb_embs.py's packers, `pack_tree` (B/C files and the store, on reader threads) and
+  `pack_scp` (streamed speaker by speaker).
 - `listcache`: what a normal training list resolves to in a packed store (`resolved_list`: each
   record's row and speaker), kept in the store while the list is unchanged.
-- `write`: `StoreBuilder`, `pack_arrays`/`pack_means`, and --generate's writers (`gen_format_of`,
-  `gen_target`, `write_embeddings`, `write_kaldi`).
+- `write`: `StoreBuilder`, `pack_arrays`/`pack_means`, and --generate's writers (`write_tree`,
+  `write_kaldi`; `gen_format_of`, `gen_target`, `write_embeddings` dispatch through `kinds`).
+
+Adding a kind (say HDF5): one module with its `EmbeddingSource`, an open (path -> source), a scan
+(path -> the utterances as lists name them and their speakers) and a --generate writer, and one
+`StoreKind` row in `kinds.KINDS` naming them with the suffix that identifies its paths and where
+--generate writes it; a kind that m_comb_embs.py packs names its packer and packed store path too.
+Nothing else changes: runs, m_gen_list.py, m_comb_embs.py and --generate dispatch through the row
+(tests/test_store_kinds.py adds a `.npz` kind this way).
 """

@@ -19,6 +19,7 @@ enough after, records it as settled.
 from __future__ import annotations
 
 import logging
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from m_utils import UserError, atomic_write
+from stores.packed import PackedStore, is_packed_store, open_store
 from stores.stamps import Sources
 
 log = logging.getLogger("stores")
@@ -36,6 +38,11 @@ RACY_NS = 2_000_000_000  # 2 s: more than the timestamp step of ext4, XFS, NFS a
 VERIFY_THREADS = 8
 VERIFY_BLOCK = 256  # files hashed by one thread at a time
 GONE = -2  # the stamp row of a recorded file no longer there
+# A store found fresh is not checked again for this long in one process: a run opens its tree for
+# training, validation and trials within seconds, and the check stats every file.
+FRESH_FOR_S = 60.0
+_FOUND_FRESH: dict[tuple[str, int], float] = {}
+_SAID_STALE: set[str] = set()
 
 
 @dataclass
@@ -161,3 +168,42 @@ def restamp(store: Path, stats: np.ndarray, hashes: np.ndarray, stamped_ns: int)
             store,
             err,
         )
+
+
+def fresh_store(
+    store: Path, sources: Callable[[], Sources], hash_of: Callable[[str], int]
+) -> tuple[PackedStore | None, Freshness | None]:
+    """The packed store built from a source and the check's outcome: the store when every file
+    it was built from still holds what it held then (check_store), else None (said once per
+    process); (None, None) where there is no store."""
+    if not is_packed_store(store):
+        return None, None
+    opened = open_store(store)
+    key = (str(store.resolve()), (store / "header.json").stat().st_mtime_ns)
+    if time.monotonic() - _FOUND_FRESH.get(key, -FRESH_FOR_S) < FRESH_FOR_S:
+        return opened, Freshness(True)
+    found = check_store(store, sources(), hash_of)
+    if found.fresh:
+        _FOUND_FRESH[key] = time.monotonic()
+        if found.verified:
+            log.info(
+                "%s: %d file(s) verified by content (their times changed, not what they "
+                "hold); the store is used",
+                store,
+                found.verified,
+            )
+        return opened, found
+    if str(store) not in _SAID_STALE:
+        _SAID_STALE.add(str(store))
+        log.warning(
+            "%s is not used: %s. Reading the files instead; run m_comb_embs.py again to rebuild it",
+            store,
+            found.reason,
+        )
+    return None, found
+
+
+def forget_freshness() -> None:
+    """Check every store's freshness again on its next use (after files changed in this process)."""
+    _FOUND_FRESH.clear()
+    _SAID_STALE.clear()

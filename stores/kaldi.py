@@ -1,18 +1,21 @@
-"""A Kaldi `.scp` with its `.ark` files (WeSpeaker, 3D-Speaker) as an embedding store."""
+"""A Kaldi `.scp` with its `.ark` files (WeSpeaker, 3D-Speaker) as an embedding store: reading it
+(through its packed store while that is fresh), where its packed store lies and what m_gen_list
+lists."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from m_utils import UserError
 from stores.arrays import check_embedding, combine_speaker, crop_means, reduce_means
+from stores.fresh import fresh_store
 from stores.keys import key_speaker, line_naming, read_utt2spk, store_key
 from stores.source import EmbeddingSource, Utterances
-from stores.stamps import scp_entries
+from stores.stamps import STORE_SUFFIX, ark_of, content_hash, file_hash, scp_entries, scp_sources
 
 
 class KaldiSource(EmbeddingSource):
@@ -96,3 +99,40 @@ class KaldiSource(EmbeddingSource):
                 raise UserError(f"{self.path}: no utterance of speaker {spk}")
             rows.append(combine_speaker(self.means(by_speaker[spk], dim), embedding_type))
         return np.stack(rows)
+
+
+def scp_store_path(scp: Path) -> Path:
+    """Where m_comb_embs.py writes the packed store of a .scp: `<stem>.store` beside it."""
+    return scp.with_name(scp.stem + STORE_SUFFIX)
+
+
+def scp_hash_of(scp: Path, entries: Sequence[tuple[str, str]]) -> Callable[[str], int]:
+    """How packing hashed a .scp's source file: an ark by the float64 crop means of its
+    utterances in the .scp's order, the .scp and its side files by their bytes."""
+    utts_of: dict[str, list[str]] = {}
+    for utt, location in entries:
+        utts_of.setdefault(ark_of(location), []).append(utt)
+    reader: list[KaldiSource] = []
+
+    def hash_of(name: str) -> int:
+        if name not in utts_of:
+            return file_hash(scp if name == scp.name else scp.parent / name)
+        if not reader:
+            reader.append(KaldiSource(scp, list(entries)))
+        return content_hash(reader[0].means(utts_of[name]))
+
+    return hash_of
+
+
+def open_scp(scp: Path) -> EmbeddingSource:
+    """A Kaldi .scp: its packed store while that is fresh, else its arks."""
+    entries = scp_entries(scp)
+    packed, _ = fresh_store(scp_store_path(scp), lambda: scp_sources(scp, entries), scp_hash_of(scp, entries))
+    return packed if packed is not None else KaldiSource(scp, entries)
+
+
+def scp_names(scp: Path) -> tuple[list[str], list[str]]:
+    """The utterance ids of a .scp as it writes them and their speakers (what m_gen_list lists)."""
+    source = KaldiSource(scp)
+    names = [utt for utt, _ in source.entries]
+    return names, source.speaker_of(names)

@@ -1,5 +1,6 @@
 """Packed stores: one memory-mapped matrix of single-utterance embeddings with its index, norms
-and speaker embeddings (the layout below); m_comb_embs.py and stores.write write them."""
+and speaker embeddings (the layout below), opened once per process (`open_store`);
+m_comb_embs.py and stores.write write them."""
 
 from __future__ import annotations
 
@@ -135,3 +136,25 @@ class PackedStore(EmbeddingSource):
                 f"{self.path}: no speaker {missing[0]} in the store ({len(missing)} speaker(s) missing)"
             )
         return np.asarray(table[[position[spk] for spk in speakers]], dtype=np.float32)
+
+
+_STORES: dict[tuple[str, int], PackedStore] = {}
+
+
+def open_store(path: str | os.PathLike) -> PackedStore:
+    """The packed store at `path` (a `*.store` folder), opened once per process. Named directly,
+    a store is used as it is (it may have no source: --generate writes them)."""
+    path = Path(path)
+    try:
+        key = (str(path.resolve()), (path / "header.json").stat().st_mtime_ns)
+    except OSError:
+        raise UserError(f"{path}: packed store not found (m_comb_embs.py writes it)") from None
+    if key not in _STORES:
+        _STORES[key] = PackedStore(path)
+    return _STORES[key]
+
+
+def store_names(path: Path) -> tuple[list[str], list[str]]:
+    """The keys of a packed store and their speakers, in row order (what m_gen_list lists)."""
+    store = open_store(path)
+    return list(store.keys), [store.speakers[s] for s in store.speaker_of_rows()]

@@ -1,6 +1,6 @@
 """The files a packed store is built from and their stamps (what shows a store fresh): the
 speaker folders and `.npy` files of a tree, the lines and ark files of a Kaldi `.scp`, each
-file's size, mtime and ctime, a hash of what it holds, and where the packed store of each lies."""
+file's size, mtime and ctime, and a hash of what it holds."""
 
 from __future__ import annotations
 
@@ -190,10 +190,3 @@ def file_hash(path: Path) -> int:
 
 def side_hashes(folder: Path, names: Sequence[str]) -> list[int]:
     return [file_hash(folder / name) for name in names]
-
-
-def store_path_of(source: Path) -> Path:
-    """Where m_comb_embs.py writes the packed store of a tree (inside it) or of a .scp (beside it)."""
-    if source.suffix == ".scp":
-        return source.with_name(source.stem + STORE_SUFFIX)
-    return source / TREE_STORE

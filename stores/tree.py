@@ -1,10 +1,11 @@
-"""The project's tree of per-utterance `.npy` files as an embedding store."""
+"""The project's tree of per-utterance `.npy` files as an embedding store: reading it (through
+its packed store while that is fresh), where its packed store lies and what m_gen_list lists."""
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from stores.arrays import (
     read_embedding,
     read_files,
 )
-from stores.keys import embedding_file, line_naming, store_keys
-from stores.packed import PackedStore
+from stores.fresh import fresh_store
+from stores.keys import embedding_file, key_speaker, line_naming, store_keys
+from stores.packed import PackedStore, open_store
 from stores.source import EmbeddingSource, Utterances
-from stores.stamps import folder_files
+from stores.stamps import TREE_STORE, content_hash, file_hash, folder_files, speaker_folders, tree_sources
 
 SPEAKER_THREADS = 4  # speakers whose files are read at once to combine them
 
@@ -146,3 +148,50 @@ class SpeakerGather:
                 if not self.left[spk]:
                     done = self.means.pop(spk)
                     self.combined[spk] = {name: combine_speaker(done, name) for name in EMBEDDING_TYPES}
+
+
+def tree_store_path(root: Path) -> Path:
+    """Where m_comb_embs.py writes the packed store of a tree: inside it."""
+    return root / TREE_STORE
+
+
+def tree_hash_of(root: Path) -> Callable[[str], int]:
+    """How packing hashed a tree's source file: an utterance file by its float64 crop mean, a side
+    file (no `/` in its name) by its bytes."""
+
+    def hash_of(name: str) -> int:
+        if "/" not in name:
+            return file_hash(root / name)
+        return content_hash(crop_mean(read_embedding(root / name)))
+
+    return hash_of
+
+
+def open_tree(root: Path) -> EmbeddingSource:
+    """A tree of `.npy` files: its packed store while that is fresh, else its files (passing a
+    stale store, whose rows of unchanged speakers still serve)."""
+    if not root.is_dir():
+        raise UserError(
+            f"{root}: embedding store not found (a folder of .npy files, a Kaldi .scp "
+            "or a packed .store; m_gen_embs.py and m_comb_embs.py write them)"
+        )
+    store = tree_store_path(root)
+    packed, found = fresh_store(store, lambda: tree_sources(root), tree_hash_of(root))
+    if packed is not None:
+        return packed
+    if found is None:
+        return TreeSource(root)
+    return TreeSource(root, open_store(store), found.unproven)
+
+
+def tree_names(root: Path) -> tuple[list[str], list[str]]:
+    """Every `<spk>/<category>/.../<file>.npy` below root (speaker files, hidden names and packed
+    stores ignored), relative to it, and its speaker (what m_gen_list lists)."""
+    if not root.is_dir():
+        raise UserError(f"{root}: embedding folder not found (m_gen_embs.py writes it)")
+    paths = []
+    for folder in speaker_folders(root):
+        paths += [rel for rel in folder_files(folder) if rel.count("/") >= 2]
+    if not paths:
+        raise UserError(f"{root}: no <speaker>/<category>/<file>.npy embeddings found")
+    return paths, [key_speaker(path) for path in paths]

@@ -1,5 +1,6 @@
 """Writing stores: a packed store built row block by row block and renamed into place
-(StoreBuilder, pack_*), and --generate's writers of the three kinds (tree, Kaldi, packed)."""
+(StoreBuilder, pack_*), and --generate's writers (of a tree, a Kaldi .scp; a packed store is
+pack_arrays) with the folders and names each writes; stores.kinds says which kind uses which."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import io
 import json
 import mmap
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,7 +30,10 @@ from stores.arrays import EMBEDDING_TYPES, combine_speaker, reduce_means
 from stores.fresh import record_sources
 from stores.keys import key_speaker, store_key
 from stores.packed import STORE_DTYPES, STORE_FORMAT, STORE_VERSION, is_packed_store
-from stores.stamps import SIDE_FILES, STORE_SUFFIX, Sources
+from stores.stamps import SIDE_FILES, Sources
+
+if TYPE_CHECKING:
+    from stores.kinds import StoreKind
 
 RELEASE_BYTES = 64 << 20  # rows a StoreBuilder holds in memory before writing them out
 
@@ -207,47 +213,54 @@ def pack_means(
         return builder.finish(keys, speakers, speaker_of, tables, header, side_dir, sources)
 
 
-GEN_FORMATS = ("tree", "kaldi", "packed")
-
-
 def gen_format_of(target: str | os.PathLike, gen_format: str | None = None) -> str:
-    """tree, kaldi or packed: `gen_format` when given, else from the target (`.scp` -> kaldi,
-    `.store` -> packed, anything else a tree)."""
-    if gen_format:
-        if gen_format not in GEN_FORMATS:
-            raise UserError(f"gen_format must be one of {', '.join(GEN_FORMATS)}, found {gen_format!r}")
-        return gen_format
-    suffix = Path(target).suffix
-    return {".scp": "kaldi", STORE_SUFFIX: "packed"}.get(suffix, "tree")
+    """The name of the kind --generate writes: `gen_format` when given, else the kind of the target
+    (stores.kinds)."""
+    return kind_written(target, gen_format).name
 
 
 def gen_target(folder: str | os.PathLike, gen_format: str) -> Path:
     """Where --generate writes embeddings of `gen_format` for the folder gen_target_dir names:
-    the folder itself (tree), `<folder>/xvector.scp` (kaldi, WeSpeaker's name) or
-    `<folder>.store` (packed)."""
-    folder = Path(folder)
-    kind = gen_format_of(folder, gen_format)
-    if kind == "kaldi":
-        return folder / "xvector.scp"
-    return folder.with_name(folder.name + STORE_SUFFIX) if kind == "packed" else folder
+    the folder itself (tree), `<folder>/xvector.scp` (kaldi) or `<folder>.store` (packed)."""
+    return kind_written(folder, gen_format).gen_target(Path(folder))
 
 
 def write_embeddings(
     target: str | os.PathLike, keys: Sequence[str], matrix: np.ndarray, gen_format: str | None = None
 ) -> Path:
-    """Write (N, D) embeddings under their keys (list paths) as a tree of (1, D) `.npy` files
-    (`<target>/<key>.npy`), a Kaldi `.scp` + `.ark` (keys as given, as WeSpeaker reads them) or a
-    packed store; the kind from `gen_format` or the target (gen_format_of). Returns the target."""
-    target = Path(target)
-    kind = gen_format_of(target, gen_format)
-    if kind == "packed":
-        return pack_arrays(target, keys, matrix, source="generated")
-    if kind == "kaldi":
-        return write_kaldi(target, keys, matrix)
+    """Write (N, D) embeddings under their keys (list paths) in the kind `gen_format` names, else
+    the kind of the target (a tree, a Kaldi .scp + .ark, a packed store...). Returns the target."""
+    return kind_written(target, gen_format).write(Path(target), keys, matrix)
+
+
+def kind_written(target: str | os.PathLike, gen_format: str | None) -> StoreKind:
+    """stores.kinds.generated_kind (imported here: the table names this module's writers)."""
+    from stores.kinds import generated_kind
+
+    return generated_kind(target, gen_format)
+
+
+def write_tree(root: Path, keys: Sequence[str], matrix: np.ndarray) -> Path:
+    """A tree of (1, D) `.npy` files, `<root>/<key>.npy`, each written atomically."""
     for rel, row in zip(keys, matrix, strict=True):
-        save_npy_atomic((target / rel).with_suffix(".npy"), np.asarray(row[None, :], np.float32))
+        save_npy_atomic((root / rel).with_suffix(".npy"), np.asarray(row[None, :], np.float32))
         fault_point("generate.entry")
-    return target
+    return root
+
+
+def tree_written(root: Path, keys: Sequence[str]) -> tuple[set[Path], str]:
+    """The folders write_tree writes into (the root and each key's) and the names it writes there."""
+    return {root, *((root / rel).parent for rel in keys)}, r"[^/]+\.npy"
+
+
+def kaldi_written(scp: Path, keys: Sequence[str]) -> tuple[set[Path], str]:
+    """The folder write_kaldi writes into and the names it writes there (the .scp and its .ark)."""
+    return {scp.parent}, f"{re.escape(scp.name)}|{re.escape(scp.with_suffix('.ark').name)}"
+
+
+def beside(target: Path, keys: Sequence[str]) -> tuple[set[Path], str]:
+    """The folder of a target written as one file or folder, and its name."""
+    return {target.parent}, re.escape(target.name)
 
 
 def write_kaldi(scp: Path, keys: Sequence[str], matrix: np.ndarray) -> Path:

@@ -80,9 +80,10 @@ from models.m_Extractors import load_extractor
 from scoring.backends import make_backend
 from scoring.metrics import evaluate_scores, score_trials
 from stores.fresh import check_store
+from stores.kinds import store_path_of
 from stores.open import forget_freshness, tree_hash_of
 from stores.packed import is_packed_store
-from stores.stamps import TREE_STORE, store_path_of, tree_sources
+from stores.stamps import TREE_STORE, tree_sources
 
 # Dense bfloat16 tensor-core peak in TFLOP/s by a fragment of the CUDA device's name (first match).
 BF16_PEAK_TFLOPS = (
