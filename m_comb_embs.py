@@ -59,6 +59,7 @@ from stores.arrays import (
 )
 from stores.kaldi import KaldiSource
 from stores.keys import key_speaker, store_key
+from stores.open import fresh_store, tree_hash_of
 from stores.packed import STORE_DTYPES
 from stores.stamps import (
     KALDI_SIDE_FILES,
@@ -347,6 +348,21 @@ class ArkHashes:
         return found
 
 
+def up_to_date(embed_dir: Path, dtype: str) -> bool:
+    """A tree's packed store (of `dtype`) is fresh, every file it was packed from unchanged, and
+    every speaker folder has its B and C files: a run would write what is there."""
+    if embed_dir.suffix == ".scp" or not embed_dir.is_dir():
+        return False
+    store, _ = fresh_store(store_path_of(embed_dir), lambda: tree_sources(embed_dir), tree_hash_of(embed_dir))
+    if store is None or store.header.get("dtype") != dtype:
+        return False
+    return all(
+        folder.with_name(folder.name + suffix).is_file()
+        for folder in tree_speakers(embed_dir)
+        for suffix in (".npy", "_type2.npy")
+    )
+
+
 def written_names(embed_dir: Path) -> str:
     """The pattern of the names combine writes beside a tree's speaker folders (B and C files, the
     store) or beside a .scp (its store): their temporaries are a killed run's leftovers."""
@@ -368,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     folder = embed_dir.parent if embed_dir.suffix == ".scp" else embed_dir
     with run_lock(folder, "embed_dir") if folder.is_dir() else nullcontext():
         clear_leftovers([folder], written_names(embed_dir), folder)
+        if args.pack and up_to_date(embed_dir, args.store_dtype):
+            log.info("%s: up to date (no file changed since it was packed): nothing written", embed_dir)
+            return
         count = combine(embed_dir, max(1, args.threads), args.pack, args.store_dtype)
     log.info("wrote type B and C embeddings of %d speakers for %s", count, args.embed_dir)
 
