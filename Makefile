@@ -87,8 +87,8 @@ demo: $(INSTALL)
 # lists (lists/README.md), checked one by one; their speakers are the test speakers, and the other
 # VoxCeleb1 speakers validate and calibrate (none are left with the E or H list: then no
 # validation, calibration or QMF). VoxCeleb2 dev trains configs/voxceleb.yaml, whose paths are
-# these with VOXOUT=exp_voxceleb. Ends with <VOXOUT>/voxceleb/result/check_<list>.json,
-# results.md and results.tex (the table), and the figures.
+# these with VOXOUT=exp_voxceleb. Ends with <VOXOUT>/voxceleb/result/check.json (the first
+# list; check_<name>.json each other), results.md and results.tex (the table), and the figures.
 VOX1   ?=
 VOX2   ?=
 CKPT   ?=
@@ -109,6 +109,8 @@ VOX_TRAINER = $(PY) m_trainer.py --config configs/voxceleb.yaml --save_path $(VO
   --gen_list $(VOX_LISTS)/vox1_normal_list.txt --gen_path $(VOX_EMB)/voxceleb1 $(VOX_TRAIN_FLAGS)
 # No held-out speaker left (empty lists): no validation and no calibration
 VOX_HELDOUT = $$(test -s $(VOX_LISTS)/vox1_heldout_normal_list.txt || echo --valid_list= --calib_list=)
+# The first trial list's results are result/check.json, each other's result/check_<its name>.json
+VOX_CHECKS = $(foreach list,$(wordlist 2,$(words $(TRIALS)),$(TRIALS)),$(VOX_RUN)/result/check_$(basename $(notdir $(list))).json)
 # A result (or the enhanced tree's manifest.json) older than a checkpoint is made again
 VOX_STALE = test -n "$$(find $(VOX_RUN)/model -name '*.model' -newer $$out)"
 voxceleb: $(INSTALL)
@@ -125,13 +127,14 @@ voxceleb: $(INSTALL)
 	  --lists normal test --exclude_speakers_of $(TRIALS)
 	$(VOX_TRAINER) $(VOX_HELDOUT)
 	for list in $(TRIALS); do \
-	  name=$$(basename $$list); tag=$${name%.*}; out=$(VOX_RUN)/result/check_$$tag.json; \
+	  name=$$(basename $$list); tag=$${name%.*}; out=$(VOX_RUN)/result/check_$$tag.json; flags="--result_tag $$tag"; \
+	  if [ $$list = $(firstword $(TRIALS)) ]; then out=$(VOX_RUN)/result/check.json; flags=; fi; \
 	  if [ -f $$out ] && [ $$out -nt $$list ] && ! $(VOX_STALE); then echo "$$out: up to date"; continue; fi; \
-	  $(VOX_TRAINER) $(VOX_HELDOUT) --check --test_list $$list --result_tag $$tag || exit 1; \
+	  $(VOX_TRAINER) $(VOX_HELDOUT) --check --test_list $$list $$flags || exit 1; \
 	done
 	out=$(VOX_RUN)/enhanced/manifest.json; \
 	if [ -f $$out ] && ! $(VOX_STALE); then echo "$(VOX_RUN)/enhanced: up to date"; \
 	else $(VOX_TRAINER) --generate; fi
 	$(PY) m_viewer.py --save_path $(VOX_RUN) \
-	  --table_results $(foreach list,$(TRIALS),$(VOX_RUN)/result/check_$(basename $(notdir $(list))).json) \
+	  --table_results $(VOX_RUN)/result/check.json $(VOX_CHECKS) \
 	  --dist_list $(VOX_LISTS)/vox1_distribution_list.txt --embed_dir $(VOX_EMB)/voxceleb1

@@ -83,7 +83,7 @@ from scoring.report import (
     write_score_file,
 )
 from stores.arrays import embedding_type_of
-from stores.write import GEN_FORMATS, gen_format_of, gen_target, write_embeddings
+from stores.write import GEN_FORMATS, gen_format_of, gen_target, kaldi_key, write_embeddings, write_side_files
 
 log = logging.getLogger("m_trainer")
 
@@ -923,7 +923,9 @@ def eval_mode(run: Run) -> None:
 
 def generate_mode(run: Run) -> None:
     """The enhanced embedding of every gen_list entry, written in the kind gen_format names (by
-    default gen_path's kind): <gen_target_dir>/<entry>.npy, a Kaldi .scp/.ark or a packed store."""
+    default gen_path's kind): <gen_target_dir>/<entry>.npy, a Kaldi .scp/.ark (a tree's entries
+    keyed `.wav`, as the trial lists name them) or a packed store; then gen_path's utt2dur and
+    manifest.json beside them, so that QMF and the viewer know what the embeddings saw."""
     a = run.args
     run.load_trained_model()
     files = [rel for _, rel in read_list(a.gen_list, "normal")]
@@ -935,8 +937,13 @@ def generate_mode(run: Run) -> None:
     target = generated_target(a)
     folders = {target.parent} if kind != "tree" else {target} | {(target / rel).parent for rel in files}
     clear_leftovers(sorted(folders), generated_names(target, kind), target)
-    target = write_embeddings(target, files, enhanced.astype(np.float32), kind)
+    keys = [kaldi_key(rel) for rel in files] if kind == "kaldi" else files
+    target = write_embeddings(target, keys, enhanced.astype(np.float32), kind)
     log.info("wrote %d enhanced embeddings (%s) to %s", len(files), kind, target)
+    checkpoint = (run.model_record or {}).get("checkpoint")
+    write_side_files(
+        a.gen_path, target, files, keys, {"enhanced_by": checkpoint, "enhanced_from": a.gen_path}
+    )
 
 
 def generated_target(args: argparse.Namespace) -> Path:
@@ -948,9 +955,11 @@ def generated_target(args: argparse.Namespace) -> Path:
 def generated_names(target: Path, kind: str) -> str:
     """The pattern of the names --generate writes in its folders (their temporaries are leftovers)."""
     if kind == "tree":
-        return r"[^/]+\.npy"
+        return r"[^/]+\.npy|utt2dur|manifest\.json"
     if kind == "kaldi":
-        return f"{re.escape(target.name)}|{re.escape(target.with_suffix('.ark').name)}"
+        return (
+            f"{re.escape(target.name)}|{re.escape(target.with_suffix('.ark').name)}|utt2dur|manifest\\.json"
+        )
     return re.escape(target.name)
 
 
