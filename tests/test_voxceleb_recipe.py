@@ -11,14 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import demo_corpus
 import numpy as np
 import pytest
 import soundfile as sf
 from audio_files import missing_encoder, write_encoded
 from conftest import ROOT
 from test_tables import expected_cells, markdown_rows
-
-import demo_corpus
 
 SIZES = demo_corpus.CorpusSizes(
     train_speakers=4,
@@ -53,7 +52,10 @@ def voxceleb_layout(root: Path) -> tuple[Path, Path, Path]:
     tests = sorted(p.relative_to(wav_root).as_posix() for p in wav_root.glob("id9*/*/*.wav"))
     trials = root / "veri_test2.txt"
     trials.write_text(
-        "".join(f"{int(a.split('/')[0] == b.split('/')[0])} {a} {b}\n" for a, b in itertools.combinations(tests, 2))
+        "".join(
+            f"{int(a.split('/')[0] == b.split('/')[0])} {a} {b}\n"
+            for a, b in itertools.combinations(tests, 2)
+        )
     )
     return aac, wav_root, trials
 
