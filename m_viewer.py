@@ -23,6 +23,11 @@ difference enhanced - original per back-end). --duration_results takes such file
 (one figure in --out_dir, default the first file's folder). A result's duration is the crop of its
 embeddings (their manifest.json's max_seconds: "1 s"); at full length it is the mean of the list's
 durations from utt2dur ("full (3.8 s mean)"), or "full" when those are unknown.
+
+The results table (scoring.tables): results.md and results.tex (a LaTeX booktabs table) beside
+check.json (in --out_dir with several runs), one row per back-end (and run), per trial list the
+original and enhanced EER with their intervals, the paired difference and minDCF; from every
+result/check*.json, or from --table_results in the order given.
 """
 
 from __future__ import annotations
