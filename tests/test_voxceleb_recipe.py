@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from audio_files import missing_encoder, write_encoded
-from conftest import ROOT
+from conftest import ROOT, make_embedding_tree
 from test_tables import expected_cells, markdown_rows
+
+import m_gen_list
 
 SIZES = demo_corpus.CorpusSizes(
     train_speakers=4,
@@ -82,6 +84,30 @@ def make_voxceleb(root: Path, *variables: str) -> subprocess.CompletedProcess:
 
 def stamps(folder: Path) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def test_held_out_lists_leave_out_every_speaker_of_the_trial_lists(tmp_path):
+    tree = make_embedding_tree(tmp_path / "vox1", speakers=6, sessions=2, utterances=2)
+    speakers = sorted(p.name for p in tree.iterdir())
+    official = tmp_path / "veri_test2.txt"  # VoxCeleb's format, speakers 0 and 1
+    official.write_text(f"1 {speakers[0]}/sess0000000/00001.wav {speakers[0]}/sess0000001/00001.wav\n")
+    wespeaker = tmp_path / "vox1_x.kaldi"  # WeSpeaker's format, speaker 1 and 2
+    wespeaker.write_text(
+        f"{speakers[1]}/sess0000000/00001.wav {speakers[2]}/sess0000000/00002.wav nontarget\n"
+    )
+    lists = tmp_path / "lists"
+    base = ["--embed_dir", str(tree), "--list_dir", str(lists), "--lists", "normal", "test"]
+    m_gen_list.main([*base, "--filename", "held", "--exclude_speakers_of", str(official), str(wespeaker)])
+    normal = (lists / "held_normal_list.txt").read_text().splitlines()
+    assert {line.split()[0] for line in normal} == set(speakers[3:]) and len(normal) == 3 * 4
+    trials = (lists / "held_test_list.txt").read_text().split()
+    assert trials and {path.split("/")[0] for path in trials if "/" in path} <= set(speakers[3:])
+    # every speaker named: the lists are written empty (the recipe then neither validates nor calibrates)
+    every = tmp_path / "list_test_all2.txt"
+    pairs = zip(speakers, speakers[1:], strict=False)
+    every.write_text("".join(f"0 {a}/sess0000000/00001.wav {b}/sess0000000/00001.wav\n" for a, b in pairs))
+    m_gen_list.main([*base, "--filename", "none", "--exclude_speakers_of", str(every)])
+    assert (lists / "none_normal_list.txt").read_text() == (lists / "none_test_list.txt").read_text() == ""
 
 
 def test_make_voxceleb_refuses_without_a_checkpoint(tmp_path):
