@@ -61,12 +61,17 @@ def result_tag(path: Path) -> str | None:
     return stem.split("_", 1)[1] if "_" in stem else None
 
 
-def _interval(value: float, bounds: Sequence[float], sign: str = "") -> str:
-    return f"{value:{sign}.2f} [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+def _interval(value: float, bounds: Sequence[float] | None, sign: str = "") -> str:
+    """A value with its interval (none where a record of an earlier version lacks it)."""
+    return f"{value:{sign}.2f}" + (f" [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else "")
+
+
+def _number(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.4f}"
 
 
 def shown_eer(record: dict) -> float:
-    interpolated = record.get("eer_shown") == "interpolated"
+    interpolated = record.get("eer_shown") == "interpolated" and "eer_interpolated" in record
     return float(record["eer_interpolated"] if interpolated else record["eer"])
 
 
@@ -81,15 +86,18 @@ def list_cells(records: Sequence[dict], trials: str, backend: str, p_target: flo
         (r for r in records if r.get("trials") == trials and r.get("backend") == backend and "eer_diff" in r),
         None,
     )
-    cells = [_interval(shown_eer(found[s]), found[s]["eer_ci95"]) if s in found else MISSING for s in SYSTEMS]
+    cells = [
+        _interval(shown_eer(found[s]), found[s].get("eer_ci95")) if s in found else MISSING for s in SYSTEMS
+    ]
     if difference is None:
         cells.append(MISSING)
     else:
         interpolated = difference.get("eer_shown") == "interpolated"
-        value = difference["eer_diff_interpolated" if interpolated else "eer_diff"]
-        cells.append(_interval(value, difference["eer_diff_ci95"], "+"))
+        value = difference.get("eer_diff_interpolated") if interpolated else None
+        value = difference["eer_diff"] if value is None else value
+        cells.append(_interval(value, difference.get("eer_diff_ci95"), "+"))
     key = mindcf_key(p_target)
-    cells += [f"{found[s][key]:.4f}" if s in found else MISSING for s in SYSTEMS]
+    cells += [_number(found[s].get(key)) if s in found else MISSING for s in SYSTEMS]
     return cells
 
 

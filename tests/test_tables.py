@@ -156,3 +156,14 @@ def test_viewer_writes_the_tables_beside_check_json(tmp_path, capsys):
     assert re.search(r"\\begin\{tabular\}", (result / "results.tex").read_text())
     assert f"wrote {result / 'results.tex'}" in capsys.readouterr().out
     assert len(COLUMNS) == 5
+
+
+def test_records_of_an_earlier_version_leave_what_they_lack_empty(tmp_path):
+    records = [
+        {"trials": "test", "system": "original", "backend": "none", "eer": 12.5},
+        {"trials": "test", "system": "enhanced", "backend": "none", "eer": 6.25, "eer_ci95": [5.0, 7.5]},
+        {"trials": "test", "backend": "none", "eer_diff": -6.25, "eer_diff_ci95": [-7.0, -5.0]},
+    ]
+    table = results_table([("run", tmp_path / "check.json", records)])
+    assert table.groups == ["test"]
+    assert table.rows == [["none", "12.50", "6.25 [5.00, 7.50]", "-6.25 [-7.00, -5.00]", "-", "-"]]
