@@ -59,7 +59,6 @@ from stores.arrays import (
 )
 from stores.kaldi import KaldiSource
 from stores.keys import key_speaker, store_key
-from stores.open import fresh_store, tree_hash_of
 from stores.packed import STORE_DTYPES
 from stores.stamps import (
     KALDI_SIDE_FILES,
@@ -348,21 +347,6 @@ class ArkHashes:
         return found
 
 
-def up_to_date(embed_dir: Path, dtype: str) -> bool:
-    """A tree's packed store (of `dtype`) is fresh, every file it was packed from unchanged, and
-    every speaker folder has its B and C files: a run would write what is there."""
-    if embed_dir.suffix == ".scp" or not embed_dir.is_dir():
-        return False
-    store, _ = fresh_store(store_path_of(embed_dir), lambda: tree_sources(embed_dir), tree_hash_of(embed_dir))
-    if store is None or store.header.get("dtype") != dtype:
-        return False
-    return all(
-        folder.with_name(folder.name + suffix).is_file()
-        for folder in tree_speakers(embed_dir)
-        for suffix in (".npy", "_type2.npy")
-    )
-
-
 def written_names(embed_dir: Path) -> str:
     """The pattern of the names combine writes beside a tree's speaker folders (B and C files, the
     store) or beside a .scp (its store): their temporaries are a killed run's leftovers."""
@@ -389,6 +373,24 @@ def main(argv: list[str] | None = None) -> None:
             return
         count = combine(embed_dir, max(1, args.threads), args.pack, args.store_dtype)
     log.info("wrote type B and C embeddings of %d speakers for %s", count, args.embed_dir)
+
+
+def up_to_date(embed_dir: Path, dtype: str) -> bool:
+    """A tree whose packed store (of `dtype`) is fresh, every file it was packed from unchanged,
+    and whose speakers all have their B and C files: a run would write what is there."""
+    from stores.arrays import EMBEDDING_TYPES
+    from stores.open import open_embeddings
+    from stores.packed import PackedStore
+
+    if embed_dir.suffix == ".scp" or not embed_dir.is_dir():
+        return False
+    found = open_embeddings(embed_dir)
+    if not isinstance(found, PackedStore) or found.header.get("dtype") != dtype:
+        return False
+    files = (
+        EMBEDDING_TYPES[name].speaker_file.format(spk) for spk in found.speakers for name in EMBEDDING_TYPES
+    )
+    return all((embed_dir / name).is_file() for name in files)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from m_utils import (
 from stores.arrays import EMBEDDING_TYPES, combine_speaker, reduce_means
 from stores.fresh import record_sources
 from stores.keys import key_speaker, store_key
-from stores.open import open_embeddings
 from stores.packed import STORE_DTYPES, STORE_FORMAT, STORE_VERSION, is_packed_store
 from stores.stamps import SIDE_FILES, STORE_SUFFIX, Sources
 
@@ -297,6 +296,8 @@ def write_side_files(
     under the `keys` written, and its manifest with `note` added; each where the source has
     it, so that what reads the written embeddings (QMF, the viewer) knows what they saw.
     manifest.json is written last."""
+    from stores.open import open_embeddings  # stores.open reaches this module through the kinds
+
     found = open_embeddings(source)
     kaldi = not target.is_dir()  # a .scp file, else a tree's or a packed store's folder
     side_dir = target.parent if kaldi else target
