@@ -87,8 +87,11 @@ demo: $(INSTALL)
 # lists (lists/README.md), checked one by one; their speakers are the test speakers, and the other
 # VoxCeleb1 speakers validate and calibrate (none are left with the E or H list: then no
 # validation, calibration or QMF). VoxCeleb2 dev trains configs/voxceleb.yaml, whose paths are
-# these with VOXOUT=exp_voxceleb. Ends with <VOXOUT>/voxceleb/result/check.json (the first
-# list; check_<name>.json each other), results.md and results.tex (the table), and the figures.
+# these with VOXOUT=exp_voxceleb. Stages, in order: 1 embeddings (m_gen_embs.py), 2 speaker files
+# and packed stores (m_comb_embs.py), 3 lists (m_gen_list.py), 4 training, 5 --check of each
+# trial list, 6 --generate, 7 figures and tables (m_viewer.py). Ends with
+# <VOXOUT>/voxceleb/result/check.json (the first list; check_<name>.json each other), results.md
+# and results.tex (the table) and the figures.
 VOX1   ?=
 VOX2   ?=
 CKPT   ?=
