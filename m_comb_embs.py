@@ -88,8 +88,29 @@ def main(argv: list[str] | None = None) -> None:
     folder = store_path_of(embed_dir).parent
     with run_lock(folder, "embed_dir") if folder.is_dir() else nullcontext():
         clear_leftovers([folder], written_names(embed_dir), folder)
+        if args.pack and up_to_date(embed_dir, args.store_dtype):
+            log.info("%s: up to date (no file changed since it was packed): nothing written", embed_dir)
+            return
         count = combine(embed_dir, max(1, args.threads), args.pack, args.store_dtype)
     log.info("wrote type B and C embeddings of %d speakers for %s", count, args.embed_dir)
+
+
+def up_to_date(embed_dir: Path, dtype: str) -> bool:
+    """A tree whose packed store (of `dtype`) is fresh, every file it was packed from unchanged,
+    and whose speakers all have their B and C files: a run would write what is there."""
+    from stores.arrays import EMBEDDING_TYPES
+    from stores.open import open_embeddings
+    from stores.packed import PackedStore
+
+    if embed_dir.suffix == ".scp" or not embed_dir.is_dir():
+        return False
+    found = open_embeddings(embed_dir)
+    if not isinstance(found, PackedStore) or found.header.get("dtype") != dtype:
+        return False
+    files = (
+        EMBEDDING_TYPES[name].speaker_file.format(spk) for spk in found.speakers for name in EMBEDDING_TYPES
+    )
+    return all((embed_dir / name).is_file() for name in files)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from m_DataLoader import LIST_KINDS, Corpus, list_kind
+from m_DataLoader import LIST_KINDS, Corpus, list_kind, read_trials
 from m_utils import Option, Options, UserError, add_options, run_main, setup_logging, write_text_atomic
-from stores.keys import key_category, store_key
+from stores.keys import key_category, key_speaker, store_key
 from stores.kinds import kind_of
 
 EMBED_DIR = "data/embeddings/voxceleb1"
@@ -52,6 +52,12 @@ OPTIONS: Options = {
         list,
         "--lists enroll: utterances K of each model, a pair of files per K; "
         "give every K in one call (the largest sets the test utterances of all)",
+    ),
+    "exclude_speakers_of": Option(
+        None,
+        list,
+        "trial lists (official VoxCeleb1 ones, say) whose speakers are left out: lists of the "
+        "held-out speakers (empty files where none is left)",
     ),
 }
 ENROLL = "enroll"  # the kind of --lists that writes enrolment models (not a LIST_KINDS list)
@@ -81,6 +87,21 @@ def scan(embed_dir: Path) -> Corpus:
     return corpus_of(paths, speakers)
 
 
+def without_speakers_of(corpus: Corpus, trial_lists: list[str]) -> Corpus:
+    """The corpus without the speakers the trial lists name (of either side of a trial)."""
+    named = {key_speaker(store_key(path)) for trials in trial_lists for path in read_trials(trials)[3]}
+    kept = [row for row, index in enumerate(corpus.speaker) if corpus.speakers[index] not in named]
+    log.info(
+        "%d of %d speakers left out: those of %s",
+        len(set(corpus.speakers) & named),
+        len(corpus.speakers),
+        ", ".join(trial_lists),
+    )
+    return corpus_of(
+        [corpus.paths[row] for row in kept], [corpus.speakers[corpus.speaker[row]] for row in kept]
+    )
+
+
 def make_lists(
     embed_dir: Path,
     name: str,
@@ -88,13 +109,23 @@ def make_lists(
     seed: int,
     kinds: tuple[str, ...] = tuple(LIST_KINDS),
     enroll_utts: tuple[int, ...] = (3,),
+    exclude_speakers_of: list[str] | None = None,
 ) -> dict[str, Path]:
     """Write the chosen lists; returns their paths (enrolment lists as `enroll<K>` and
-    `enroll<K>_test`). Each list draws from its own seeded stream."""
+    `enroll<K>_test`). Each list draws from its own seeded stream. Without the speakers of
+    `exclude_speakers_of` (trial lists); where none is left, the lists are written empty."""
     chosen = [list_kind(kind) for kind in kinds if kind != ENROLL]
     corpus = scan(Path(embed_dir))
+    if exclude_speakers_of:
+        corpus = without_speakers_of(corpus, exclude_speakers_of)
     log.info("%s: %d utterances of %d speakers", embed_dir, len(corpus.paths), len(corpus.speakers))
     written = {}
+    if not corpus.paths:
+        for kind in chosen:
+            written[kind.name] = list_dir / f"{name}_{kind.name}_list.txt"
+            write_text_atomic(written[kind.name], "")
+            log.warning("%s: no speaker left, written empty", written[kind.name])
+        return written
     for kind in chosen:
         missing: Counter = Counter()
         rng = np.random.default_rng([seed, list(LIST_KINDS).index(kind.name)])
@@ -212,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         tuple(args.lists),
         enrollment_sizes(args.enroll_utts),
+        args.exclude_speakers_of,
     )
 
 

@@ -84,6 +84,7 @@ from scoring.report import (
 )
 from stores.arrays import embedding_type_of
 from stores.kinds import KINDS, generated_kind
+from stores.write import kaldi_key, write_side_files
 
 log = logging.getLogger("m_trainer")
 
@@ -923,7 +924,9 @@ def eval_mode(run: Run) -> None:
 
 def generate_mode(run: Run) -> None:
     """The enhanced embedding of every gen_list entry, written in the kind gen_format names (by
-    default gen_path's kind): <gen_target_dir>/<entry>.npy, a Kaldi .scp/.ark or a packed store."""
+    default gen_path's kind): <gen_target_dir>/<entry>.npy, a Kaldi .scp/.ark (a tree's entries
+    keyed `.wav`, as the trial lists name them) or a packed store; then gen_path's utt2dur and
+    manifest.json beside them, so that QMF and the viewer know what the embeddings saw."""
     a = run.args
     run.load_trained_model()
     files = [rel for _, rel in read_list(a.gen_list, "normal")]
@@ -934,9 +937,14 @@ def generate_mode(run: Run) -> None:
     kind = generated_kind(a.gen_path, a.gen_format)
     target = generated_target(a)
     folders, names = kind.gen_written(target, files)
-    clear_leftovers(sorted(folders), names, target)
-    target = kind.write(target, files, enhanced.astype(np.float32))
+    clear_leftovers(sorted(folders), f"{names}|utt2dur|manifest\\.json", target)
+    keys = [kaldi_key(rel) for rel in files] if kind.name == "kaldi" else files
+    target = kind.write(target, keys, enhanced.astype(np.float32))
     log.info("wrote %d enhanced embeddings (%s) to %s", len(files), kind.name, target)
+    checkpoint = (run.model_record or {}).get("checkpoint")
+    write_side_files(
+        a.gen_path, target, files, keys, {"enhanced_by": checkpoint, "enhanced_from": a.gen_path}
+    )
 
 
 def generated_target(args: argparse.Namespace) -> Path:

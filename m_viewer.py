@@ -23,6 +23,11 @@ difference enhanced - original per back-end). --duration_results takes such file
 (one figure in --out_dir, default the first file's folder). A result's duration is the crop of its
 embeddings (their manifest.json's max_seconds: "1 s"); at full length it is the mean of the list's
 durations from utt2dur ("full (3.8 s mean)"), or "full" when those are unknown.
+
+The results table (scoring.tables): results.md and results.tex (a LaTeX booktabs table) beside
+check.json (in --out_dir with several runs), one row per back-end (and run), per trial list the
+original and enhanced EER with their intervals, the paired difference and minDCF; from every
+result/check*.json, or from --table_results in the order given.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ from scoring.metrics import (
 )
 from scoring.report import NONE_ALIASES, SYSTEMS, TRIAL_LISTS, text_columns
 from scoring.seeds import seed_run, write_seed_summary
+from scoring.tables import results_table as check_table
+from scoring.tables import write_tables
 from stores.arrays import EMBEDDING_TYPES
 from stores.keys import embedding_file
 from stores.open import open_embeddings
@@ -627,6 +634,7 @@ class DurationPoint:
     cropped: bool
     eers: dict[Key, Interval]
     differences: dict[str, Interval]
+    list_path: str = ""  # the trial list's file: other lists of one key are other series
 
     @property
     def label(self) -> str:
@@ -693,19 +701,31 @@ def read_duration_points(path: Path, run: str) -> list[DurationPoint]:
             if r.get("trials") == trials and "eer_diff" in r
         }
         points.append(
-            DurationPoint(path, run, trials, *list_duration(sources.get(trials)), eers, differences)
+            DurationPoint(
+                path,
+                run,
+                trials,
+                *list_duration(sources.get(trials)),
+                eers,
+                differences,
+                str((sources.get(trials) or {}).get("path") or ""),
+            )
         )
     return points
 
 
 def duration_series(points: Sequence[DurationPoint]) -> dict[tuple[str, str], list[DurationPoint]]:
     """The points by (run, trial list), ordered by duration (full length last); only the lists
-    seen at two durations or more. Of two results of one list at one duration (a --check with a
+    seen at two durations or more (two list files of one key, the recipe's VoxCeleb1-O and -E, are
+    two series named by their files). Of two results of one list at one duration (a --check with a
     result tag that scored an untagged list again, say) the more recent file's is drawn, with a
     warning; the others are drawn all the same."""
     series: dict[tuple[str, str], list[DurationPoint]] = {}
+    lists = {(p.run, p.trials, Path(p.list_path).name) for p in points}
     for point in points:
-        series.setdefault((point.run, point.trials), []).append(point)
+        several = sum(key[:2] == (point.run, point.trials) for key in lists) > 1
+        trials = f"{point.trials} {Path(point.list_path).name}" if several else point.trials
+        series.setdefault((point.run, trials), []).append(point)
     kept = {}
     for key, found in series.items():
         by_label: dict[str, DurationPoint] = {}
@@ -865,6 +885,12 @@ OPTIONS: Options = {
         "--check results (check*.json) of one model on test sets of several "
         "durations: EER against duration in --out_dir (default: the first file's folder)",
     ),
+    "table_results": Option(
+        None,
+        list,
+        "--check results (check*.json) of the results table (results.md, results.tex in --out_dir), "
+        "in the order of its columns (default: every result/check*.json of each run)",
+    ),
 }
 
 
@@ -885,9 +911,10 @@ def check_args(args: argparse.Namespace) -> list[Path]:
     """The run folders, after checking the options that go together."""
     if args.save_path is None:
         args.save_path = [] if args.duration_results else [SAVE_PATH]
-    for path in args.duration_results or []:
-        if not Path(path).is_file():
-            raise UserError(f"--duration_results: {path} not found (m_trainer.py --check writes it)")
+    for option in ("duration_results", "table_results"):
+        for path in getattr(args, option) or []:
+            if not Path(path).is_file():
+                raise UserError(f"--{option}: {path} not found (m_trainer.py --check writes it)")
     run_dirs = [Path(p) for p in args.save_path]
     for path in run_dirs:
         if not path.is_dir():
@@ -985,6 +1012,26 @@ def seed_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequ
     return write_seed_summary(runs, Path(args.out_dir) if args.out_dir else run_dirs[0] / "result")
 
 
+def table_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str]) -> list[Path]:
+    """results.md and results.tex (scoring.tables) of the --check results of --table_results (their
+    run: the folder above result/), else of every run's result/check*.json, in --out_dir (default
+    the first run's result folder, or the first file's)."""
+    if args.table_results:
+        files = [(Path(p).resolve().parent.parent.name, Path(p)) for p in args.table_results]
+    else:
+        files = [
+            (name, path)
+            for run_dir, name in zip(run_dirs, names, strict=True)
+            for path in sorted((run_dir / "result").glob(CHECK_GLOB))
+        ]
+    if not files:
+        print("skipped results.md and results.tex: no --check results (result/check*.json)")
+        return []
+    default = run_dirs[0] / "result" if run_dirs else files[0][1].parent
+    table = check_table([(name, path, read_records(path)) for name, path in files])
+    return write_tables(table, Path(args.out_dir) if args.out_dir else default)
+
+
 def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
     """Every figure whose inputs exist; returns the paths written."""
     args = build_parser().parse_args(argv)
@@ -1008,6 +1055,7 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
         print("skipped dist_hist.png: no --dist_list (with --embed_dir)")
     written += duration_outputs(args, run_dirs, names)
     written += seed_outputs(args, run_dirs, names)
+    written += table_outputs(args, run_dirs, names)
     report_written(written)
     table = results_table(run_dirs, names)
     if table:

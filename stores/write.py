@@ -292,3 +292,38 @@ def write_kaldi(scp: Path, keys: Sequence[str], matrix: np.ndarray) -> Path:
     )
     write_text_atomic(scp, text)
     return scp
+
+
+def kaldi_key(rel: str) -> str:
+    """The key --generate writes in a Kaldi .scp for a list path: a tree's `<spk>/<video>/<n>.npy`
+    as `<spk>/<video>/<n>.wav`, the form VoxCeleb's trial lists and WeSpeaker's use; any other
+    path (a .scp's own key) as written."""
+    return rel[: -len(".npy")] + ".wav" if rel.endswith(".npy") else rel
+
+
+def write_side_files(
+    source: str | os.PathLike, target: Path, rels: Sequence[str], keys: Sequence[str], note: dict
+) -> list[Path]:
+    """utt2dur and manifest.json beside embeddings written from a store (a tree's folder, a
+    .scp's folder, a packed store's own): the durations of the entries `rels` of `source`
+    under the `keys` written, and its manifest with `note` added; each where the source has
+    it, so that what reads the written embeddings (QMF, the viewer) knows what they saw.
+    manifest.json is written last."""
+    from stores.open import open_embeddings  # stores.open reaches this module through the kinds
+
+    found = open_embeddings(source)
+    kaldi = not target.is_dir()  # a .scp file, else a tree's or a packed store's folder
+    side_dir = target.parent if kaldi else target
+    written = []
+    durations = found.durations(rels)
+    if durations is not None:
+        # the .scp's keys as written there, else store keys as m_gen_embs.py writes them
+        names = list(keys) if kaldi else [store_key(key) for key in keys]
+        lines = sorted(f"{name} {seconds:.3f}\n" for name, seconds in zip(names, durations, strict=True))
+        written.append(side_dir / "utt2dur")
+        write_text_atomic(written[-1], "".join(lines))
+    manifest = found.manifest
+    if manifest is not None:
+        written.append(side_dir / "manifest.json")
+        write_text_atomic(written[-1], json.dumps({**manifest, **note}, indent=1) + "\n")
+    return written

@@ -42,38 +42,45 @@ def list_sources(run: Path) -> dict:
 
 def test_voxceleb_template(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
-    trees = {
-        "vox2": ("voxceleb2", 10),
-        "vox1_dev": ("voxceleb1_dev", 4),
-        "vox1_test": ("voxceleb1_test", 4),
-        "libri": ("librispeech", 4),
-    }
-    for seed, (name, (tree, speakers)) in enumerate(trees.items()):
-        embed_dir = f"data/embeddings/{tree}"
-        make_embedding_tree(
-            Path(embed_dir),
-            speakers=speakers,
-            sessions=2,
-            utterances=3,
-            seed=seed,
-            prefix=f"i{seed}",
-            libri=name == "libri",
-        )
-        m_comb_embs.main(["--embed_dir", embed_dir])
-        m_gen_list.main(["--embed_dir", embed_dir, "--filename", name])
-    # The official VoxCeleb1-O list names audio files: the same trials with .wav paths
-    ours = Path("lists/vox1_test_test_list.txt").read_text()
-    trials = [line.replace(".npy", ".wav") for line in ours.splitlines()]
+    emb, lists = Path("exp_voxceleb/embeddings"), "exp_voxceleb/lists"
+    make_embedding_tree(emb / "voxceleb2", speakers=10, sessions=2, utterances=3, seed=0, prefix="i0")
+    make_embedding_tree(emb / "librispeech", speakers=4, sessions=2, utterances=3, seed=1, libri=True)
+    # VoxCeleb1 in one tree: 4 speakers the trial list names, 4 held out
+    make_embedding_tree(emb / "voxceleb1", speakers=8, sessions=2, utterances=3, seed=2, prefix="i2")
+    for tree in ("voxceleb2", "voxceleb1", "librispeech"):
+        m_comb_embs.main(["--embed_dir", str(emb / tree)])
+    m_gen_list.main(["--embed_dir", str(emb / "voxceleb2"), "--filename", "vox2", "--list_dir", lists])
+    m_gen_list.main(["--embed_dir", str(emb / "librispeech"), "--filename", "libri", "--list_dir", lists])
+    m_gen_list.main(["--embed_dir", str(emb / "voxceleb1"), "--filename", "vox1", "--list_dir", lists])
+    # The official VoxCeleb1-O list names audio files: trials of the first 4 speakers, .wav paths
+    ours = Path(lists, "vox1_test_list.txt").read_text().splitlines()
+    test_speakers = {f"i2{10000 + s:05d}" for s in range(4)}
+    trials = [
+        line.replace(".npy", ".wav")
+        for line in ours
+        if {path.split("/")[0] for path in line.split()[1:]} <= test_speakers
+    ]
+    Path("lists").mkdir()
     Path("lists/veri_test2.txt").write_text("\n".join(trials) + "\n")
+    m_gen_list.main(
+        [
+            *("--embed_dir", str(emb / "voxceleb1"), "--filename", "vox1_heldout", "--list_dir", lists),
+            *("--lists", "normal", "test", "--exclude_speakers_of", "lists/veri_test2.txt"),
+        ]
+    )
+    held_out = {
+        line.split()[0] for line in Path(lists, "vox1_heldout_normal_list.txt").read_text().splitlines()
+    }
+    assert len(held_out) == 4 and not held_out & test_speakers
 
     run_template("voxceleb")
     run_template("voxceleb", "--check")
-    run = tmp_path / "exp_emb" / "voxceleb"
+    run = tmp_path / "exp_voxceleb" / "voxceleb"
     assert (run / "result" / "scores.txt").read_text().startswith("Epoch 1, TLOSS")
     sources = list_sources(run)
     assert sources["test"]["path"].endswith("lists/veri_test2.txt")
     assert sources["test"]["count"] == len(trials)
-    assert sources["calib"]["path"].endswith("lists/vox1_dev_test_list.txt")
+    assert sources["calib"]["path"].endswith("lists/vox1_heldout_test_list.txt")
     assert (run / "result" / "trials_libri.npz").is_file()
 
 
