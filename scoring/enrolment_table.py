@@ -27,6 +27,8 @@ from stores.open import open_embeddings
 
 ENROLMENT_NAME = "enrolment"  # enrolment.txt, .md and .png
 FULL = "full length"
+# EERs closer than this (in %) are equal (a difference of rounding): no gap to close
+NO_GAP = 1e-9
 Interval = tuple[float, float, float]  # value, low, high
 
 
@@ -122,14 +124,15 @@ def read_enrolment_check(path: Path) -> EnrolmentCheck | None:
 
 def gap_share(
     single: EnrolmentCheck, several: EnrolmentCheck, backend: str, resamples: int, seed: int
-) -> Interval:
+) -> tuple[Interval, Interval]:
     """The share of the gap between single-utterance (K = 1) and K-utterance original EER that the
-    enhanced single utterance closes, with its 95 % interval from resamples of the speakers drawn
-    alike for both lists (NaN where a list lacks the scores)."""
+    enhanced single utterance closes, and the EER difference enhanced K=1 - original K, each with
+    its 95 % interval from resamples of the speakers drawn alike for both lists (NaN where a list
+    lacks the scores)."""
     original, enhanced = (single.scores.get((system, backend)) for system in SYSTEMS)
     enrolled = several.scores.get((SYSTEMS[0], backend))
     if original is None or enhanced is None or enrolled is None:
-        return (np.nan, np.nan, np.nan)
+        return (np.nan, np.nan, np.nan), (np.nan, np.nan, np.nan)
     if set(np.unique(single.speakers)) != set(np.unique(several.speakers)):
         raise UserError(
             f"{single.source} and {several.source}: their models' speakers differ: the share of "
@@ -137,20 +140,22 @@ def gap_share(
         )
     one = bootstrap_eer([original, enhanced], single.labels, single.speakers, resamples, seed)
     (many,) = bootstrap_eer([enrolled], several.labels, several.speakers, resamples, seed)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shares = (one[0] - one[1]) / (one[0] - many)
-    point = share_of(
+    gaps = one[0] - many
+    no_gap = np.abs(gaps) < NO_GAP
+    shares = np.where(no_gap, np.nan, (one[0] - one[1]) / np.where(no_gap, 1.0, gaps))
+    original_1, enhanced_1, original_k = (
         single.eers[(SYSTEMS[0], backend)][0],
         single.eers[(SYSTEMS[1], backend)][0],
         several.eers[(SYSTEMS[0], backend)][0],
     )
-    return (point, *interval(shares[np.isfinite(shares)]))
+    share = (share_of(original_1, enhanced_1, original_k), *interval(shares))
+    return share, (enhanced_1 - original_k, *interval(one[1] - many))
 
 
 def share_of(original_1: float, enhanced_1: float, original_k: float) -> float:
     """(EER_orig_1 - EER_enh_1) / (EER_orig_1 - EER_orig_K); NaN where there is no gap."""
     gap = original_1 - original_k
-    return (original_1 - enhanced_1) / gap if gap != 0 else float("nan")
+    return (original_1 - enhanced_1) / gap if abs(gap) >= NO_GAP else float("nan")
 
 
 @dataclass
@@ -160,6 +165,7 @@ class EnrolmentTable:
     sizes: list[int]
     eers: dict[tuple[str, str, str], dict[int, Interval]]  # (condition, back-end, system) -> K -> EER
     shares: dict[tuple[str, str], dict[int, Interval]]  # (condition, back-end) -> K -> share
+    against: dict[tuple[str, str], dict[int, Interval]]  # ... -> K -> EER enhanced K=1 - original K
 
 
 def enrolment_table(checks: Sequence[EnrolmentCheck], resamples: int = 1000, seed: int = 0) -> EnrolmentTable:
@@ -174,6 +180,7 @@ def enrolment_table(checks: Sequence[EnrolmentCheck], resamples: int = 1000, see
         )
     eers: dict[tuple[str, str, str], dict[int, Interval]] = {}
     shares: dict[tuple[str, str], dict[int, Interval]] = {}
+    against: dict[tuple[str, str], dict[int, Interval]] = {}
     for check in checks:
         for (system, backend), value in check.eers.items():
             eers.setdefault((check.condition, backend, system), {})[check.k] = value
@@ -182,10 +189,10 @@ def enrolment_table(checks: Sequence[EnrolmentCheck], resamples: int = 1000, see
         if single is None or k == 1:
             continue
         for backend in dict.fromkeys(b for _, b in single.eers):
-            shares.setdefault((condition, backend), {})[k] = gap_share(
-                single, check, backend, resamples, seed
-            )
-    return EnrolmentTable(sizes, eers, shares)
+            share, difference = gap_share(single, check, backend, resamples, seed)
+            shares.setdefault((condition, backend), {})[k] = share
+            against.setdefault((condition, backend), {})[k] = difference
+    return EnrolmentTable(sizes, eers, shares, against)
 
 
 def _cell(value: Interval | None, digits: int = 2) -> str:
@@ -209,17 +216,20 @@ def table_rows(table: EnrolmentTable, seed_spread: Mapping[str, str] | None = No
                 rows.append(
                     [condition, backend, f"EER {system}", *(_cell(found.get(k)) for k in table.sizes), extra]
                 )
-            if (condition, backend) in table.shares:
-                share = table.shares[(condition, backend)]
-                rows.append(
-                    [condition, backend, "gap closed", *(_cell(share.get(k)) for k in table.sizes), "-"]
-                )
+            for label, joint in (("enh. 1 - orig. K", table.against), ("gap closed", table.shares)):
+                if (condition, backend) in joint:
+                    values = joint[(condition, backend)]
+                    rows.append(
+                        [condition, backend, label, *(_cell(values.get(k)) for k in table.sizes), "-"]
+                    )
     return rows
 
 
 HEADING = """\
 Enrolment: EER in % [95 % interval over resamples of the test speakers] of models of K utterances
 against the same test utterances (K = 1: single utterances).
+enh. 1 - orig. K: EER enhanced K=1 - EER original K, its interval from resamples that draw the
+  same speakers for both lists (below 0: one enhanced utterance beats K original ones).
 gap closed: (EER original K=1 - EER enhanced K=1) / (EER original K=1 - EER original K), the share
   of the single-to-multi-utterance gap the enhancer closes (1: an enhanced single utterance
   verifies like K original ones; above 1, better), with its interval from resamples that draw the

@@ -116,8 +116,8 @@ def test_tiny_demo_runs_end_to_end(tmp_path):
     rows = enrolment.split("\n\n", 1)[1].splitlines()
     assert "K = 1" in rows[0] and "K = 2" in rows[0]
     for condition in ("full length", "test 2 s, enrolment full length"):
-        # four back-ends (none, asnorm, plda, qmf): original, enhanced, gap closed
-        assert sum(row.startswith(condition + " ") for row in rows) == 3 * 4, condition
+        # four back-ends (none, asnorm, plda, qmf): original, enhanced, enh. 1 - orig. K, gap closed
+        assert sum(row.startswith(condition + " ") for row in rows) == 4 * 4, condition
 
     utterances = [path for path in embeddings if path.parent.parent != demo / "embeddings"]
     stamps = {path: path.stat().st_mtime_ns for path in utterances}

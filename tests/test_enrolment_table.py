@@ -45,7 +45,7 @@ def test_share_and_interval_against_a_direct_computation():
         },
     )
     several = toy_check(3, labels, speakers, {("original", "none"): toy_scores(rng, labels, 2.5)})
-    point, lo, hi = gap_share(single, several, "none", resamples=200, seed=7)
+    (point, lo, hi), difference = gap_share(single, several, "none", resamples=200, seed=7)
 
     eer = {
         name: check.eers[key][0]
@@ -60,7 +60,7 @@ def test_share_and_interval_against_a_direct_computation():
     # By hand: each resample repeats every trial as often as its speaker is drawn (speakers in
     # sorted order, as the bootstrap numbers them), the same draws for both lists.
     index = np.unique(speakers, return_inverse=True)[1]
-    shares = []
+    shares, differences = [], []
     for draw in speaker_resamples(7, 200, 7):
         weight = draw[index]
         o1, e1, ok = (
@@ -71,15 +71,19 @@ def test_share_and_interval_against_a_direct_computation():
                 several.scores[("original", "none")],
             )
         )
-        shares.append((o1 - e1) / (o1 - ok) if o1 != ok else np.nan)
+        shares.append((o1 - e1) / (o1 - ok) if abs(o1 - ok) > 1e-9 else np.nan)
+        differences.append(e1 - ok)
     shares = np.array(shares)
-    expected = np.percentile(shares[np.isfinite(shares)], [2.5, 97.5])
+    expected = np.nanpercentile(shares, [2.5, 97.5])
     np.testing.assert_allclose([lo, hi], expected, rtol=1e-9)
     assert lo < point < hi
+    assert difference[0] == pytest.approx(eer["e1"] - eer["oK"])
+    np.testing.assert_allclose(difference[1:], np.percentile(differences, [2.5, 97.5]), rtol=1e-9)
 
 
 def test_no_gap_gives_no_share():
-    assert np.isnan(share_of(10.0, 8.0, 10.0))
+    assert np.isnan(share_of(10.0, 8.0, 10.0)) and np.isnan(share_of(10.0, 8.0, 10.0 + 1e-13))
+    assert share_of(10.0, 8.0, 6.0) == 0.5
 
 
 def fake_check(run: Path, tree: Path, lists: dict[str, Path], k: int, seed: int, rng) -> dict:
@@ -152,6 +156,9 @@ def test_table_numbers_are_those_of_the_check_files(tmp_path, capsys):
             )
         )
         assert share[0] == "-" and share[1] == f"{expected:.2f}"
+        against = table_line(text, backend, "enh. 1 - orig. K").split("orig. K")[1].split()
+        expected = eer[(1, "enhanced", backend)]["eer"] - eer[(3, "original", backend)]["eer"]
+        assert against[0] == "-" and against[1] == f"{expected:.2f}"
     check = read_enrolment_check(run / "result" / "check_enroll3.json")
     assert check is not None and check.k == 3 and check.condition == FULL
     assert read_enrolment_check(run / "result" / "check.json") is None
