@@ -42,18 +42,28 @@ bench: install
 
 # The demo's steps, each a script run as a user would. Sizes and epochs can be changed, e.g.
 # make demo CORPUS_FLAGS="--train_speakers 20" TRAIN_FLAGS="--max_epoch 2" (the tests do so).
-# vox_calib (held-out speakers of varied length) calibrates the scores and trains QMF; each run is
-# checked on the full vox_test and on its SHORT_SECONDS versions (result/check_<S>s.json), and the
-# viewer draws EER against test duration (result/eer_duration.png and .txt).
+# vox_calib (held-out speakers of varied length) validates the training runs, calibrates the
+# scores and trains QMF. Each run of DEMO_RUNS is trained once per seed of DEMO_SEEDS (into
+# demo_out/exp/<run>_seed<S>) and checked on the full vox_test; the first seed's run is also
+# checked on vox_test's SHORT_SECONDS versions (result/check_<S>s.json: EER against duration) and
+# against enrolment models of ENROLL_UTTS utterances (result/check_enroll<K>.json, and with
+# ENROLL_SHORT-second tests against full-length enrolment check_enroll<K>_<S>s.json). The viewer
+# writes the seed table (seeds.txt), the enrolment table and figure (enrolment.txt, .png) and the
+# other figures.
 CORPUS_FLAGS ?=
 # GE2E works on 1.6 s windows: crops of 160 frames keep the demo fast
 EMBED_FLAGS  ?= --eval_frames 160 --num_eval 5
 TRAIN_FLAGS  ?=
-# configs/<run>.yaml; each run's results go to demo_out/exp/<run>
-DEMO_RUNS    ?= demo_MyLinearNetv2 demo_MyResidualNet
+# configs/<run>.yaml; each run's results go to demo_out/exp/<run>_seed<S>
+DEMO_RUNS    ?= demo_MyResidualNet
+DEMO_SEEDS   ?= 1 2 3
 INSTALL      ?= install
 # Short test sets: vox_test's first 1 and 2 seconds, checked beside the full length (EER against duration)
 SHORT_SECONDS ?= 1 2
+# Enrolment models of K utterances (K = 1: single-utterance models on the same test utterances)
+ENROLL_UTTS  ?= 1 3 5
+ENROLL_SHORT ?= 2
+ENROLL_BACKENDS ?= none asnorm plda qmf
 demo: $(INSTALL)
 	$(PY) tests/demo_corpus.py --out $(DEMO)/audio $(CORPUS_FLAGS)
 	for set in vox_train vox_test libri vox_calib; do \
@@ -61,21 +71,40 @@ demo: $(INSTALL)
 	  $(PY) m_comb_embs.py --embed_dir $(DEMO)/embeddings/$$set || exit 1; \
 	  $(PY) m_gen_list.py --embed_dir $(DEMO)/embeddings/$$set --filename $$set --list_dir $(DEMO)/lists || exit 1; \
 	done
+	$(PY) m_gen_list.py --embed_dir $(DEMO)/embeddings/vox_test --filename vox_test --list_dir $(DEMO)/lists \
+	  --lists enroll --enroll_utts $(ENROLL_UTTS)
 	for s in $(SHORT_SECONDS); do \
 	  $(PY) m_gen_embs.py --model GE2E --db_path $(DEMO)/audio/vox_test --embed_dir $(DEMO)/embeddings/vox_test_$${s}s $(EMBED_FLAGS) --max_seconds $$s || exit 1; \
 	  $(PY) m_comb_embs.py --embed_dir $(DEMO)/embeddings/vox_test_$${s}s || exit 1; \
 	done
 	for run in $(DEMO_RUNS); do \
-	  $(PY) m_trainer.py --config configs/$$run.yaml $(TRAIN_FLAGS) || exit 1; \
-	  $(PY) m_trainer.py --config configs/$$run.yaml --check || exit 1; \
-	  for s in $(SHORT_SECONDS); do \
-	    $(PY) m_trainer.py --config configs/$$run.yaml --check --test_path $(DEMO)/embeddings/vox_test_$${s}s \
-	      --result_tag $${s}s --test_list_libri "" || exit 1; \
+	  first=yes; \
+	  for seed in $(DEMO_SEEDS); do \
+	    this="--config configs/$$run.yaml --seed $$seed --save_path $(DEMO)/exp/$${run}_seed$$seed"; \
+	    $(PY) m_trainer.py $$this $(TRAIN_FLAGS) || exit 1; \
+	    $(PY) m_trainer.py $$this --check || exit 1; \
+	    if [ $$first = yes ]; then \
+	      for s in $(SHORT_SECONDS); do \
+	        $(PY) m_trainer.py $$this --check --test_path $(DEMO)/embeddings/vox_test_$${s}s \
+	          --result_tag $${s}s --test_list_libri "" || exit 1; \
+	      done; \
+	      for k in $(ENROLL_UTTS); do \
+	        enroll="--test_list $(DEMO)/lists/vox_test_enroll$${k}_test_list.txt --enroll_list $(DEMO)/lists/vox_test_enroll$$k.spk2utt"; \
+	        $(PY) m_trainer.py $$this --check $$enroll --test_list_libri "" --backends $(ENROLL_BACKENDS) \
+	          --result_tag enroll$$k || exit 1; \
+	        for s in $(ENROLL_SHORT); do \
+	          $(PY) m_trainer.py $$this --check $$enroll --test_list_libri "" --backends $(ENROLL_BACKENDS) \
+	            --test_path $(DEMO)/embeddings/vox_test_$${s}s --enroll_path $(DEMO)/embeddings/vox_test \
+	            --result_tag enroll$${k}_$${s}s || exit 1; \
+	        done; \
+	      done; \
+	      $(PY) m_trainer.py $$this --generate || exit 1; \
+	    fi; \
+	    first=no; \
 	  done; \
-	  $(PY) m_trainer.py --config configs/$$run.yaml --generate || exit 1; \
 	done
-	$(PY) m_viewer.py --save_path $(addprefix $(DEMO)/exp/,$(DEMO_RUNS)) --out_dir $(DEMO)/plots \
-	  --dist_list $(DEMO)/lists/vox_test_distribution_list.txt --embed_dir $(DEMO)/embeddings/vox_test
+	$(PY) m_viewer.py --save_path $(foreach run,$(DEMO_RUNS),$(foreach seed,$(DEMO_SEEDS),$(DEMO)/exp/$(run)_seed$(seed))) \
+	  --out_dir $(DEMO)/plots --dist_list $(DEMO)/lists/vox_test_distribution_list.txt --embed_dir $(DEMO)/embeddings/vox_test
 
 # make voxceleb VOX1=data/voxceleb1/wav VOX2=data/voxceleb2/aac CKPT=baseline_v2_ap.model \
 #     [TRIALS="lists/veri_test2.txt lists/list_test_all2.txt"] [VOXOUT=exp_voxceleb]

@@ -495,8 +495,10 @@ class Run:
                 )
             return False
         self.trainer.load(path, weights_only=True)
-        self.say("model loaded from %s", path)
+        epoch, chosen = model_choice(self.args, found)
+        self.say("model loaded from %s (%s)", path, chosen)
         self.model_record = model_record(self.args, path, self.trainer.loaded_original)
+        self.model_record |= {"epoch": epoch, "chosen": chosen}
         if self.trainer.loaded_original and self.ctx.is_main:
             log.warning(
                 "%s: a checkpoint of the original repository records neither its model nor its "
@@ -520,6 +522,19 @@ class Run:
         cosine = embedding_type_of(self.args.multiple_embedding_flag).cosine
         enhanced = score_trials(trials_table(self.trainer.enhance, trials), trials.left, trials.right, cosine)
         return evaluate_scores(enhanced, trials.labels) if self.ctx.is_main else None
+
+
+def model_choice(args: argparse.Namespace, found: dict[int, Path]) -> tuple[int | None, str]:
+    """The epoch of the model --check/--eval/--generate uses and how it was chosen: the newest
+    checkpoint (the last epoch trained), chosen without any trial list or validation score; or
+    initial_model (epoch unknown)."""
+    if args.initial_model:
+        return None, "initial_model, as given"
+    valid = f"; validation list {args.valid_list}" if args.valid_list else ""
+    return max(found), (
+        f"epoch {max(found)}, the newest checkpoint: the last epoch trained, chosen without "
+        f"looking at any trial list{valid}"
+    )
 
 
 def model_record(args: argparse.Namespace, path: Path, original: bool) -> dict[str, Any]:

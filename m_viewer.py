@@ -61,6 +61,7 @@ from m_utils import (
     write_text_atomic,
 )
 from scoring.backends import BACKENDS, step_names
+from scoring.enrolment_table import read_enrolment_check, scored_enrolment, write_enrolment_table
 from scoring.metrics import (
     P_TARGETS,
     compute_eer,
@@ -71,7 +72,7 @@ from scoring.metrics import (
     score_trials,
 )
 from scoring.report import NONE_ALIASES, SYSTEMS, TRIAL_LISTS, text_columns
-from scoring.seeds import seed_run, write_seed_summary
+from scoring.seeds import seed_groups, seed_run, summaries, write_seed_summary
 from scoring.tables import results_table as check_table
 from scoring.tables import write_tables
 from stores.arrays import EMBEDDING_TYPES
@@ -979,7 +980,7 @@ def duration_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: 
     --duration_results (their run: the folder above result/)."""
     written: list[Path] = []
     for run_dir, name in zip(run_dirs, names, strict=True):
-        found = sorted((run_dir / "result").glob(CHECK_GLOB))
+        found = [p for p in sorted((run_dir / "result").glob(CHECK_GLOB)) if not scored_enrolment(p)]
         points = [p for path in found for p in readable_points(path, name)] if len(found) > 1 else []
         outputs = write_duration_figure(points, run_dir / "result") if points else None
         if outputs is None:
@@ -1014,22 +1015,53 @@ def seed_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequ
 
 def table_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str]) -> list[Path]:
     """results.md and results.tex (scoring.tables) of the --check results of --table_results (their
-    run: the folder above result/), else of every run's result/check*.json, in --out_dir (default
-    the first run's result folder, or the first file's)."""
+    run: the folder above result/), else of every run's result/check.json (its full-length check;
+    the tagged ones are in the duration, enrolment and seed tables), in --out_dir (default the
+    first run's result folder, or the first file's)."""
     if args.table_results:
         files = [(Path(p).resolve().parent.parent.name, Path(p)) for p in args.table_results]
     else:
         files = [
             (name, path)
             for run_dir, name in zip(run_dirs, names, strict=True)
-            for path in sorted((run_dir / "result").glob(CHECK_GLOB))
+            if (path := run_dir / "result" / "check.json").is_file()
         ]
     if not files:
-        print("skipped results.md and results.tex: no --check results (result/check*.json)")
+        print("skipped results.md and results.tex: no --check results (result/check.json)")
         return []
     default = run_dirs[0] / "result" if run_dirs else files[0][1].parent
     table = check_table([(name, path, read_records(path)) for name, path in files])
     return write_tables(table, Path(args.out_dir) if args.out_dir else default)
+
+
+def seed_spread(run_dirs: Sequence[Path], names: Sequence[str], run: str) -> dict[str, str]:
+    """Per back-end, the across-seed mean ± sd of enhanced - original EER on the test list of the
+    runs pooled with `run` (scoring.seeds; none where it is pooled with no other run)."""
+    found = [(name, path / "result" / "check.json") for path, name in zip(run_dirs, names, strict=True)]
+    groups, _ = seed_groups([seed_run(name, read_records(path)) for name, path in found if path.is_file()])
+    group = next((g for g in groups if any(r.name == run for r in g)), None)
+    return {
+        s.backend: f"{s.difference.mean():+.2f} ± {s.difference.std(ddof=1):.2f} ({len(s.seeds)} seeds)"
+        for s in (summaries(group, 1) if group else [])
+        if s.trials == "test"
+    }
+
+
+def enrolment_outputs(args: argparse.Namespace, run_dirs: Sequence[Path], names: Sequence[str]) -> list[Path]:
+    """The enrolment table and figure (scoring.enrolment_table) of each run whose result/ holds
+    --check results over enrolment lists: in --out_dir where one run has them, else in each
+    run's result folder."""
+    runs = []
+    for run_dir, name in zip(run_dirs, names, strict=True):
+        read = [read_enrolment_check(p) for p in sorted((run_dir / "result").glob(CHECK_GLOB))]
+        checks = [c for c in read if c is not None]
+        if checks:
+            runs.append((run_dir, name, checks))
+    written: list[Path] = []
+    for run_dir, name, checks in runs:
+        out_dir = Path(args.out_dir) if args.out_dir and len(runs) == 1 else run_dir / "result"
+        written += write_enrolment_table(checks, out_dir, name, seed_spread(run_dirs, names, name))
+    return written
 
 
 def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
@@ -1055,6 +1087,7 @@ def make_figures(argv: Sequence[str] | None = None) -> list[Path]:
         print("skipped dist_hist.png: no --dist_list (with --embed_dir)")
     written += duration_outputs(args, run_dirs, names)
     written += seed_outputs(args, run_dirs, names)
+    written += enrolment_outputs(args, run_dirs, names)
     written += table_outputs(args, run_dirs, names)
     report_written(written)
     table = results_table(run_dirs, names)
