@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-from scoring.backends import Backend, Quality, make_backend, needs_training_embeddings
+from scoring.backends import Backend, Quality, TrainingRows, make_backend, needs_training_embeddings
 from scoring.calibration import Calibration
 from scoring.report import (
     CalibrationResult,
@@ -158,6 +159,23 @@ def evaluate(
     }
     if not is_main:
         return None
+    # numpy's BLAS (OpenBLAS) on one thread: here it does small products (D x D, the bootstrap's
+    # blocks) between torch's operations, whose OpenMP threads spin on the cores for a while after
+    # each; two BLAS threads competing with them made a 256 x 256 eigh take 10x its CPU time.
+    with threadpool_limits(1, user_api="blas"):
+        return _results(lists, systems, settings, tables, train, calib, model)
+
+
+def _results(
+    lists: Sequence[TrialList],
+    systems: Mapping[str, System],
+    settings: Settings,
+    tables: Mapping[Key, np.ndarray],
+    train: TrainingSet | None,
+    calib: TrialList | None,
+    model: dict | None,
+) -> Results:
+    """evaluate's results from the tables of every system."""
     backends = _Fitter(settings, tables, train, calib).fit(systems)
     calibrations = (
         {}
@@ -244,6 +262,7 @@ class _Fitter:
         calib: TrialList | None,
     ):
         self.settings, self.tables, self.train, self.calib = settings, tables, train, calib
+        self.rows: dict[str, TrainingRows] = {}  # per system: its training rows, shared by its back-ends
         self.options = {**settings.options, "backends": settings.names()}
         made = {name: make_backend(name, settings.cosine, **self.options) for name in settings.names()}
         # Those fitted on training embeddings (or nothing) first: qmf's base is one of them.
@@ -293,14 +312,18 @@ class _Fitter:
         return fitted
 
     def _fit_on_training(self, system: str, backend: Backend, train: TrainingSet) -> None:
+        """Fit `backend` on the system's training rows, one TrainingRows for all its back-ends
+        (their speaker moments computed once)."""
         began = time.perf_counter()
-        speakers = train.speakers
-        backend.fit(self.tables[(system, "train")], speakers)
+        if system not in self.rows:
+            self.rows[system] = TrainingRows.of(self.tables[(system, "train")], train.speakers, backend.name)
+        rows = self.rows[system]
+        backend.fit_rows(rows)
         log.info(
             "%s back-end of the %s embeddings fitted on %d training utterances of %d speakers in %.1f s",
             backend.name,
             system,
-            len(speakers),
-            len(set(speakers.tolist())),
+            len(rows.labels),
+            rows.speakers,
             time.perf_counter() - began,
         )
