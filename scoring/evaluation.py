@@ -262,7 +262,6 @@ class _Fitter:
         calib: TrialList | None,
     ):
         self.settings, self.tables, self.train, self.calib = settings, tables, train, calib
-        self.rows: dict[str, TrainingRows] = {}  # per system: its training rows, shared by its back-ends
         self.options = {**settings.options, "backends": settings.names()}
         made = {name: make_backend(name, settings.cosine, **self.options) for name in settings.names()}
         # Those fitted on training embeddings (or nothing) first: qmf's base is one of them.
@@ -297,8 +296,9 @@ class _Fitter:
                 fitted[(system, name)] = backend = make_backend(name, self.settings.cosine, **self.options)
                 if (system, backend.base_name) in fitted:
                     backend.base = fitted[(system, str(backend.base_name))]
-                if backend.needs_fit() and self.train is not None:
-                    self._fit_on_training(system, backend, self.train)
+            made = [fitted[(system, name)] for name in self.usable]
+            if self.train is not None and any(backend.needs_fit() for backend in made):
+                self._fit_on_training(system, made, self.train)
             for name in self.usable:
                 backend = fitted[(system, name)]
                 if backend.fits_on_trials and self.calib is not None:
@@ -311,19 +311,24 @@ class _Fitter:
                     )
         return fitted
 
-    def _fit_on_training(self, system: str, backend: Backend, train: TrainingSet) -> None:
-        """Fit `backend` on the system's training rows, one TrainingRows for all its back-ends
-        (their speaker moments computed once)."""
-        began = time.perf_counter()
-        if system not in self.rows:
-            self.rows[system] = TrainingRows.of(self.tables[(system, "train")], train.speakers, backend.name)
-        rows = self.rows[system]
-        backend.fit_rows(rows)
-        log.info(
-            "%s back-end of the %s embeddings fitted on %d training utterances of %d speakers in %.1f s",
-            backend.name,
-            system,
-            len(rows.labels),
-            rows.speakers,
-            time.perf_counter() - began,
+    def _fit_on_training(self, system: str, backends: Sequence[Backend], train: TrainingSet) -> None:
+        """Fit those of `backends` that need it (in order: a rescorer's base, fitted, is shared) on
+        the system's training rows, all on one TrainingRows (their speaker moments computed once,
+        by the first to use them)."""
+        rows = TrainingRows.of(
+            self.tables[(system, "train")],
+            train.speakers,
+            next(backend.name for backend in backends if backend.needs_fit()),
+            products=any(backend.uses_products() for backend in backends),
         )
+        for backend in filter(Backend.needs_fit, backends):
+            began = time.perf_counter()
+            backend.fit_rows(rows)
+            log.info(
+                "%s back-end of the %s embeddings fitted on %d training utterances of %d speakers in %.1f s",
+                backend.name,
+                system,
+                len(rows.labels),
+                rows.speakers,
+                time.perf_counter() - began,
+            )
