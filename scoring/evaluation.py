@@ -159,9 +159,10 @@ def evaluate(
     }
     if not is_main:
         return None
-    # numpy's BLAS (OpenBLAS) on one thread: here it does small products (D x D, the bootstrap's
-    # blocks) between torch's operations, whose OpenMP threads spin on the cores for a while after
-    # each; two BLAS threads competing with them made a 256 x 256 eigh take 10x its CPU time.
+    # numpy's BLAS (OpenBLAS) on one thread: here it does PLDA's products and small ones (D x D,
+    # the bootstrap's blocks) between torch's operations, whose OpenMP threads spin on the cores
+    # for a while after each; two BLAS threads competing with them made a 256 x 256 eigh take 10x
+    # its CPU time, and the large products took more CPU time on two threads than on one.
     with threadpool_limits(1, user_api="blas"):
         return _results(lists, systems, settings, tables, train, calib, model)
 
