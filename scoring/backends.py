@@ -39,6 +39,25 @@ def _row_chunks(rows: int, width: int, itemsize: int = 4) -> list[slice]:
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a @ b written to `out`. On a CPU by numpy's BLAS (OpenBLAS): torch's (MKL) ran these
+    products at 55-65 % of its speed per core on the AMD EPYC cores of tests/BENCHMARK.md."""
+    if a.device.type != "cpu":
+        return torch.matmul(a, b, out=out)
+    np.matmul(a.numpy(), b.numpy(), out=out.numpy())
+    return out
+
+
+def _add_gram(products: torch.Tensor, x: torch.Tensor) -> None:
+    """products += x^T x. On a CPU by numpy, whose x.T @ x is BLAS's syrk (half the arithmetic of
+    a product; with OpenBLAS a third of the CPU time of torch's addmm_ there)."""
+    if x.device.type != "cpu":
+        products.addmm_(x.T, x)
+        return
+    rows = x.numpy()
+    products.numpy()[...] += rows.T @ rows
+
+
 def _on(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A fitted parameter as a tensor of `like`'s dtype and device."""
     return torch.as_tensor(array, dtype=like.dtype, device=like.device)
@@ -78,19 +97,23 @@ def speaker_moments(
 ) -> SpeakerMoments:
     """The SpeakerMoments of the rows of `table` (labels: speaker index of each row), each row
     first passed through `transform` (in float64) when given; `second`: with the second moments.
-    Chunked, on the table's device."""
+    Chunked, on the table's device: each chunk is copied into one float64 buffer, which
+    `transform` may overwrite (fresh memory for every chunk costs a page fault per 4 KB)."""
     first = table[:1].double()
     width = (transform(first) if transform is not None else first).shape[1]
     sums = torch.zeros((speakers, width), dtype=torch.float64, device=table.device)
     products = torch.zeros((width, width) if second else (0, 0), dtype=torch.float64, device=table.device)
-    index = torch.from_numpy(labels).to(table.device)
-    for rows in _row_chunks(len(table), max(width, table.shape[1]), itemsize=8):
-        x = table[rows].double()
+    chunks = _row_chunks(len(table), max(width, table.shape[1]), itemsize=8)
+    buffer = torch.empty(
+        (chunks[0].stop if chunks else 0, table.shape[1]), dtype=torch.float64, device=table.device
+    )
+    for rows in chunks:
+        x = buffer[: rows.stop - rows.start].copy_(table[rows])
         if transform is not None:
             x = transform(x)
-        sums.index_add_(0, index[rows], x)
+        add_speaker_sums(sums, x, labels[rows])
         if second:
-            products += x.T @ x
+            _add_gram(products, x)
     return SpeakerMoments(
         np.bincount(labels, minlength=speakers).astype(np.float64),
         sums.cpu().numpy(),
@@ -98,22 +121,71 @@ def speaker_moments(
     )
 
 
-def _speaker_index(
-    speakers: np.ndarray | Sequence, rows: int, needed: int, backend: str
-) -> tuple[np.ndarray, int]:
-    """Each training row's speaker as an index 0..S-1, and S; a UserError for too few speakers."""
-    speakers = np.asarray(speakers)
-    if speakers.shape != (rows,):
-        raise UserError(
-            f"the {backend} back-end got {rows} training embeddings but {speakers.size} speaker labels"
-        )
-    names, index = np.unique(speakers, return_inverse=True)
-    if len(names) < needed:
-        raise UserError(
-            f"the {backend} back-end needs training embeddings of at least {needed} "
-            f"speakers, found {len(names)}"
-        )
-    return index.astype(np.int64), len(names)
+def add_speaker_sums(sums: torch.Tensor, x: torch.Tensor, labels: np.ndarray) -> None:
+    """sums[s] += the sum of the rows of `x` whose label is s. On a CPU as one product of a sparse
+    speaker-by-row indicator matrix with `x` (each speaker's rows added in order, as index_add_
+    adds them, about 3x faster than it there)."""
+    if x.device.type != "cpu":
+        sums.index_add_(0, torch.from_numpy(labels).to(x.device), x)
+        return
+    order = np.argsort(labels, kind="stable")
+    ends = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=len(sums)))])
+    indicator = scipy.sparse.csr_array(
+        (np.ones(len(labels), x.numpy().dtype), order, ends), shape=(len(sums), len(labels))
+    )
+    sums.numpy()[...] += indicator @ x.numpy()
+
+
+class TrainingRows:
+    """Training embeddings (a float32 tensor where they live) with each row's speaker as an index
+    0..speakers-1: what a back-end is fitted on. Their SpeakerMoments are computed on first use
+    and kept, so that the back-ends fitted on the same rows (the mean, AS-Norm and PLDA of one
+    system) share one pass over them; with `products` that pass computes the second moments too,
+    for a back-end among them that will want them (uses_products)."""
+
+    def __init__(self, table: torch.Tensor, labels: np.ndarray, speakers: int, products: bool = False):
+        self.table, self.labels, self.speakers, self.products = table, labels, speakers, products
+        self._moments: SpeakerMoments | None = None
+
+    @classmethod
+    def of(
+        cls,
+        embeddings: np.ndarray | torch.Tensor,
+        speakers: np.ndarray | Sequence,
+        backend: str,
+        products: bool = False,
+    ) -> TrainingRows:
+        """The rows of `embeddings` (M, D) with their speaker labels (M,); a UserError naming
+        `backend` where the numbers differ."""
+        table = _as_tensor(embeddings)
+        speakers = np.asarray(speakers)
+        if speakers.shape != (len(table),):
+            raise UserError(
+                f"the {backend} back-end got {len(table)} training embeddings but {speakers.size} "
+                "speaker labels"
+            )
+        names, index = np.unique(speakers, return_inverse=True)
+        return cls(table, index.astype(np.int64).reshape(-1), len(names), products)
+
+    def check_speakers(self, needed: int, backend: str) -> None:
+        """A UserError naming `backend` where these rows have fewer than `needed` speakers."""
+        if self.speakers < needed:
+            raise UserError(
+                f"the {backend} back-end needs training embeddings of at least {needed} "
+                f"speakers, found {self.speakers}"
+            )
+
+    def moments(self, second: bool = False) -> SpeakerMoments:
+        """Their SpeakerMoments (`second`: with the second moments), computed once."""
+        if self._moments is None or (second and self._moments.products is None):
+            self._moments = speaker_moments(
+                self.table, self.labels, self.speakers, second=second or self.products
+            )
+        return self._moments
+
+    def through(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> TrainingRows:
+        """The same speakers' rows passed through `transform`."""
+        return TrainingRows(transform(self.table), self.labels, self.speakers)
 
 
 @dataclass
@@ -176,10 +248,13 @@ class Backend:
         check_limits(type(self), {key: getattr(self, key) for key in BACKEND_OPTIONS if hasattr(self, key)})
 
     def fit(self, embeddings: np.ndarray | torch.Tensor, speakers: np.ndarray | Sequence) -> Backend:
-        table = _as_tensor(embeddings)
-        labels, count = _speaker_index(speakers, len(table), self.min_speakers, self.name)
-        self.dim = int(table.shape[1])
-        self._fit(table, labels, count)
+        return self.fit_rows(TrainingRows.of(embeddings, speakers, self.name))
+
+    def fit_rows(self, rows: TrainingRows) -> Backend:
+        """fit on training rows that other back-ends may share (and with them their moments)."""
+        rows.check_speakers(self.min_speakers, self.name)
+        self.dim = int(rows.table.shape[1])
+        self._fit(rows)
         return self
 
     def score(
@@ -204,6 +279,10 @@ class Backend:
     def needs_fit(self) -> bool:
         """Whether it must still be fitted on training embeddings before it scores."""
         return bool(self.min_speakers) and self.dim is None
+
+    def uses_products(self) -> bool:
+        """Whether its fit uses the second moments of the training rows it is given."""
+        return False
 
     def missing(self, quality: Quality | None) -> str | None:
         """What this back-end lacks to score trials with `quality`; None when nothing."""
@@ -230,7 +309,7 @@ class Backend:
         """A back-end that `fits_on_trials`: fitted on labelled trials instead of speakers."""
         raise NotImplementedError(f"the {self.name} back-end is not fitted on trials")
 
-    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
+    def _fit(self, rows: TrainingRows) -> None:
         pass
 
     def _score(
@@ -255,8 +334,8 @@ class MeanBackend(Backend):
     kind = "embedding"
     min_speakers = 1
 
-    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
-        self.mean = speaker_moments(table, labels, speakers, second=False).mean
+    def _fit(self, rows: TrainingRows) -> None:
+        self.mean = rows.moments().mean
 
     def _score(
         self, table: torch.Tensor, left: np.ndarray, right: np.ndarray, quality: Quality | None
@@ -269,6 +348,17 @@ class MeanBackend(Backend):
 
     def transform(self, table: torch.Tensor) -> torch.Tensor:
         return table - _on(self.mean, table)
+
+
+def top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest values of each row of `scores`, in no order. On a CPU numpy's partition in
+    place (`scores` is overwritten; the result is a view of its last k columns), several times
+    faster than torch.topk there and with no memory of its own; elsewhere torch.topk."""
+    if scores.device.type != "cpu":
+        return torch.topk(scores, k, dim=1, sorted=False)[0]
+    array = scores.numpy()
+    array.partition(array.shape[1] - k, axis=1)
+    return scores[:, array.shape[1] - k :]
 
 
 class AsNormBackend(Backend):
@@ -288,8 +378,8 @@ class AsNormBackend(Backend):
         self.asnorm_topk = asnorm_topk
         super().__init__(cosine)
 
-    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
-        cohort = speaker_moments(table, labels, speakers, second=False).speaker_means
+    def _fit(self, rows: TrainingRows) -> None:
+        cohort = rows.moments().speaker_means
         if self.cosine:
             cohort = l2_normalize(cohort)
         self.cohort = cohort.astype(np.float32)
@@ -300,12 +390,15 @@ class AsNormBackend(Backend):
         """Mean and standard deviation (float64) of the top-k cohort scores of each of `rows`.
 
         Each chunk's rows, cohort scores and top-k land in buffers allocated once: fresh memory for
-        every chunk costs a page fault per 4 KB, which took as long as the arithmetic."""
+        every chunk costs a page fault per 4 KB, which took as long as the arithmetic. The top-k
+        are worked on as a contiguous copy (on a strided view of the scores, 4x slower)."""
         table = _as_tensor(embeddings)
         cohort = _on(self.cohort, table)
         topk = min(self.asnorm_topk, len(cohort))
         cosine = self.cosine
         cohort_norms = (cohort * cohort).sum(dim=1)  # L2 scoring only
+        if not cosine:
+            cohort = cohort * 2  # x.(2c) is 2 x.c exactly: one pass over the scores less
         index = torch.from_numpy(np.asarray(rows, np.int64)).to(table.device)
         means = torch.empty(len(index), dtype=torch.float64, device=table.device)
         stds = torch.empty_like(means)
@@ -313,22 +406,19 @@ class AsNormBackend(Backend):
         size = chunks[0].stop if chunks else 0
         rows_buffer = table.new_empty((size, table.shape[1]))
         scores_buffer = table.new_empty((size, len(cohort)))
-        top_buffer = (
-            table.new_empty((size, topk)),
-            torch.empty((size, topk), dtype=torch.int64, device=table.device),
-        )
+        top_buffer = table.new_empty((size, topk))
         for part in chunks:
             count = part.stop - part.start
             x = torch.index_select(table, 0, index[part], out=rows_buffer[:count])
             if cosine:
                 x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_(min=1e-12))
+            # torch's product, not _matmul's: OpenBLAS rounds these float32 sums otherwise, which
+            # moved an EER of the issue's check by a trial.
             scores = torch.matmul(x, cohort.T, out=scores_buffer[:count])
             if not cosine:
                 # The highest scores -||x - c|| are those of the highest 2 x.c - |c|^2.
-                scores.mul_(2).sub_(cohort_norms)
-            top, _ = torch.topk(
-                scores, topk, dim=1, sorted=False, out=(top_buffer[0][:count], top_buffer[1][:count])
-            )
+                scores.sub_(cohort_norms)
+            top = top_buffer[:count].copy_(top_scores(scores, topk))
             if cosine:
                 top.sub_(1)
             else:
@@ -405,9 +495,9 @@ def fit_two_covariance(
     embeddings: np.ndarray | torch.Tensor, speakers: np.ndarray | Sequence
 ) -> TwoCovariance:
     """TwoCovariance.from_moments of training embeddings (M, D) with their speaker labels (M,)."""
-    table = _as_tensor(embeddings)
-    labels, count = _speaker_index(speakers, len(table), 2, "plda")
-    return TwoCovariance.from_moments(speaker_moments(table, labels, count))
+    rows = TrainingRows.of(embeddings, speakers, "plda")
+    rows.check_speakers(2, "plda")
+    return TwoCovariance.from_moments(rows.moments(second=True))
 
 
 def lda_projection(moments: SpeakerMoments, dim: int) -> np.ndarray:
@@ -440,18 +530,38 @@ class PldaBackend(Backend):
         self.lda_dim = lda_dim
         super().__init__(cosine)
 
-    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
-        if table.shape[1] < 2:
+    def uses_products(self) -> bool:
+        return True
+
+    def _fit(self, rows: TrainingRows) -> None:
+        dim = rows.table.shape[1]
+        if dim < 2:
             raise UserError("the plda back-end needs embeddings of at least 2 dimensions")
-        moments = speaker_moments(table, labels, speakers)
+        moments = rows.moments(second=True)
         self.mean = moments.mean
-        self.lda = lda_projection(moments, min(self.lda_dim, table.shape[1] - 1, speakers - 1))
-        self.plda = TwoCovariance.from_moments(speaker_moments(table, labels, speakers, self.project))
+        self.lda = lda_projection(moments, min(self.lda_dim, dim - 1, rows.speakers - 1))
+        self.plda = TwoCovariance.from_moments(
+            speaker_moments(rows.table, rows.labels, rows.speakers, self._project_in_place())
+        )
         self._scoring = self.plda.scoring()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Rows centred, LDA-projected and length-normalised: the space the PLDA model lives in."""
         return nn.functional.normalize((x - _on(self.mean, x)) @ _on(self.lda, x), dim=1)
+
+    def _project_in_place(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`project` for speaker_moments' chunks: it centres a chunk where it lies and projects it
+        into one buffer, kept from chunk to chunk; the same values as `project`."""
+        kept: list[torch.Tensor] = []
+
+        def project(x: torch.Tensor) -> torch.Tensor:
+            mean, lda = _on(self.mean, x), _on(self.lda, x)
+            if not kept or len(kept[0]) < len(x):
+                kept[:] = [x.new_empty((len(x), lda.shape[1]))]
+            out = _matmul(x.sub_(mean), lda, out=kept[0][: len(x)])
+            return out.div_(torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_(min=1e-12))
+
+        return project
 
     def _score(
         self, table: torch.Tensor, left: np.ndarray, right: np.ndarray, quality: Quality | None
@@ -506,9 +616,12 @@ class Rescorer(Backend):
     def needs_fit(self) -> bool:
         return self.base is not None and self.base.needs_fit()
 
-    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
+    def uses_products(self) -> bool:
+        return self.base is not None and self.base.uses_products()
+
+    def _fit(self, rows: TrainingRows) -> None:
         if self.base is not None:
-            self.base.fit(table, labels)
+            self.base.fit_rows(rows)
 
 
 class QmfBackend(Rescorer):
@@ -605,6 +718,9 @@ class Chain(Backend):
         self.name, self.transforms, self.scorer = name, list(transforms), scorer
         self.min_speakers = max(step.min_speakers for step in (*self.transforms, scorer))
 
+    def uses_products(self) -> bool:
+        return self.transforms[0].uses_products()
+
     def transform(self, table: torch.Tensor) -> torch.Tensor:
         for step in self.transforms:
             table = step.transform(table)
@@ -613,10 +729,10 @@ class Chain(Backend):
     def missing(self, quality: Quality | None) -> str | None:
         return self.scorer.missing(quality)
 
-    def _fit(self, table: torch.Tensor, labels: np.ndarray, speakers: int) -> None:
+    def _fit(self, rows: TrainingRows) -> None:
         for step in self.transforms:
-            table = step.fit(table, labels).transform(table)
-        self.scorer.fit(table, labels)
+            rows = rows.through(step.fit_rows(rows).transform)
+        self.scorer.fit_rows(rows)
 
     def _score(
         self, table: torch.Tensor, left: np.ndarray, right: np.ndarray, quality: Quality | None

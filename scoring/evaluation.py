@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-from scoring.backends import Backend, Quality, make_backend, needs_training_embeddings
+from scoring.backends import Backend, Quality, TrainingRows, make_backend, needs_training_embeddings
 from scoring.calibration import Calibration
 from scoring.report import (
     CalibrationResult,
@@ -158,6 +159,24 @@ def evaluate(
     }
     if not is_main:
         return None
+    # numpy's BLAS (OpenBLAS) on one thread: here it does PLDA's products and small ones (D x D,
+    # the bootstrap's blocks) between torch's operations, whose OpenMP threads spin on the cores
+    # for a while after each; two BLAS threads competing with them made a 256 x 256 eigh take 10x
+    # its CPU time, and the large products took more CPU time on two threads than on one.
+    with threadpool_limits(1, user_api="blas"):
+        return _results(lists, systems, settings, tables, train, calib, model)
+
+
+def _results(
+    lists: Sequence[TrialList],
+    systems: Mapping[str, System],
+    settings: Settings,
+    tables: Mapping[Key, np.ndarray],
+    train: TrainingSet | None,
+    calib: TrialList | None,
+    model: dict | None,
+) -> Results:
+    """evaluate's results from the tables of every system."""
     backends = _Fitter(settings, tables, train, calib).fit(systems)
     calibrations = (
         {}
@@ -278,8 +297,9 @@ class _Fitter:
                 fitted[(system, name)] = backend = make_backend(name, self.settings.cosine, **self.options)
                 if (system, backend.base_name) in fitted:
                     backend.base = fitted[(system, str(backend.base_name))]
-                if backend.needs_fit() and self.train is not None:
-                    self._fit_on_training(system, backend, self.train)
+            made = [fitted[(system, name)] for name in self.usable]
+            if self.train is not None and any(backend.needs_fit() for backend in made):
+                self._fit_on_training(system, made, self.train)
             for name in self.usable:
                 backend = fitted[(system, name)]
                 if backend.fits_on_trials and self.calib is not None:
@@ -292,15 +312,24 @@ class _Fitter:
                     )
         return fitted
 
-    def _fit_on_training(self, system: str, backend: Backend, train: TrainingSet) -> None:
-        began = time.perf_counter()
-        speakers = train.speakers
-        backend.fit(self.tables[(system, "train")], speakers)
-        log.info(
-            "%s back-end of the %s embeddings fitted on %d training utterances of %d speakers in %.1f s",
-            backend.name,
-            system,
-            len(speakers),
-            len(set(speakers.tolist())),
-            time.perf_counter() - began,
+    def _fit_on_training(self, system: str, backends: Sequence[Backend], train: TrainingSet) -> None:
+        """Fit those of `backends` that need it (in order: a rescorer's base, fitted, is shared) on
+        the system's training rows, all on one TrainingRows (their speaker moments computed once,
+        by the first to use them)."""
+        rows = TrainingRows.of(
+            self.tables[(system, "train")],
+            train.speakers,
+            next(backend.name for backend in backends if backend.needs_fit()),
+            products=any(backend.uses_products() for backend in backends),
         )
+        for backend in filter(Backend.needs_fit, backends):
+            began = time.perf_counter()
+            backend.fit_rows(rows)
+            log.info(
+                "%s back-end of the %s embeddings fitted on %d training utterances of %d speakers in %.1f s",
+                backend.name,
+                system,
+                len(rows.labels),
+                rows.speakers,
+                time.perf_counter() - began,
+            )
