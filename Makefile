@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO   := demo_out
 
-.PHONY: install install-dev demo test bench lint voxceleb
+.PHONY: install install-dev demo demo-data test bench lint voxceleb
 
 # install: what the scripts and the demo run on; install-dev adds the test and lint tools
 install: $(VENV)/.installed
@@ -64,7 +64,8 @@ SHORT_SECONDS ?= 1 2
 ENROLL_UTTS  ?= 1 3 5
 ENROLL_SHORT ?= 2
 ENROLL_BACKENDS ?= none asnorm plda qmf
-demo: $(INSTALL)
+# demo-data: the corpus, its embeddings and lists (each step skips what it finds done)
+demo-data: $(INSTALL)
 	$(PY) tests/demo_corpus.py --out $(DEMO)/audio $(CORPUS_FLAGS)
 	for set in vox_train vox_test libri vox_calib; do \
 	  $(PY) m_gen_embs.py --model GE2E --db_path $(DEMO)/audio/$$set --embed_dir $(DEMO)/embeddings/$$set $(EMBED_FLAGS) || exit 1; \
@@ -77,6 +78,8 @@ demo: $(INSTALL)
 	  $(PY) m_gen_embs.py --model GE2E --db_path $(DEMO)/audio/vox_test --embed_dir $(DEMO)/embeddings/vox_test_$${s}s $(EMBED_FLAGS) --max_seconds $$s || exit 1; \
 	  $(PY) m_comb_embs.py --embed_dir $(DEMO)/embeddings/vox_test_$${s}s || exit 1; \
 	done
+
+demo: demo-data
 	for run in $(DEMO_RUNS); do \
 	  first=yes; \
 	  for seed in $(DEMO_SEEDS); do \
