@@ -38,8 +38,6 @@ from m_utils import (
     setup_logging,
 )
 from stores.kinds import kind_of, not_packed, store_path_of
-from stores.pack import pack_scp as pack_scp  # its tests import it from here
-from stores.pack import speaker_embeddings as speaker_embeddings  # as the bench's data maker does
 from stores.packed import STORE_DTYPES
 
 EMBED_DIR = "data/embeddings/voxceleb2"

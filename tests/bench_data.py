@@ -20,10 +20,10 @@ from audio_files import write_encoded
 from bench_measure import SEED, say
 from tqdm import tqdm
 
-from m_comb_embs import speaker_embeddings
 from m_gen_list import make_lists
 from models.m_Features import SAMPLE_RATE
 from stores.arrays import EMBEDDING_TYPES
+from stores.pack import speaker_embeddings
 from stores.write import StoreBuilder
 
 LIST_NAME = "bench"

@@ -1,4 +1,4 @@
-"""The streaming pack of a Kaldi .scp (m_comb_embs.pack_scp) writes the same store as packing the
+"""The streaming pack of a Kaldi .scp (stores.pack.pack_scp) writes the same store as packing the
 whole (N, D) float64 matrix of crop means at once (stores.write.pack_means), with the ark hashes
 of the plain definition (each ark's crop means in the .scp's order, hashed at once)."""
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import stores.write
-from m_comb_embs import pack_scp
 from m_utils import UserError
 from stores.keys import key_speaker, read_utt2spk, store_key
 from stores.open import forget_freshness, open_embeddings
+from stores.pack import pack_scp
 from stores.packed import PackedStore
 from stores.stamps import (
     KALDI_SIDE_FILES,
